@@ -1,0 +1,32 @@
+"""slca-peft: SLCA++ continual learning (Slow Learner + Classifier Alignment) for Hugging Face ViTs."""
+
+from .alignment import AlignmentSettings, ClassifierAligner
+from .config import SLCAConfig
+from .continual import ContinualLearner, ContinualResult
+from .head import ContinualClassifier
+from .losses import symmetric_cross_entropy
+from .model import SLCAModel
+from .statistics import ClassStatistics
+from .tasks import Task, TaskSequence
+from .trainer import SLCATrainer
+from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignmentSettings",
+    "ClassStatistics",
+    "ClassifierAligner",
+    "ContinualClassifier",
+    "ContinualLearner",
+    "ContinualResult",
+    "EvalTransform",
+    "ImageTransformConfig",
+    "SLCAConfig",
+    "SLCAModel",
+    "SLCATrainer",
+    "Task",
+    "TaskSequence",
+    "TrainTransform",
+    "symmetric_cross_entropy",
+]

@@ -1,0 +1,132 @@
+"""`SLCAConfig`: the SLCA++ knobs on top of `TrainingArguments`.
+
+Defaults reproduce the paper's CIFAR-100 / ImageNet-21K setting (see docs/method.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+METHODS = ("slca++", "slca", "sl", "seq_ft")
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
+
+# What each method changes relative to SLCA++ (Hybrid-SL + SCE + CA).
+_METHOD_DEFAULTS = {
+    "slca++": {"backbone_lr_scale": 0.1, "use_lora": True, "use_sce": True, "align": True},
+    "sl": {"backbone_lr_scale": 0.1, "use_lora": True, "use_sce": True, "align": False},
+    "slca": {"backbone_lr_scale": 0.01, "use_lora": False, "use_sce": False, "align": True},
+    "seq_ft": {"backbone_lr_scale": 1.0, "use_lora": False, "use_sce": False, "align": False},
+}
+
+
+@dataclass
+class SLCAConfig(TrainingArguments):
+    """Training arguments for slow learning with classifier alignment.
+
+    Everything `TrainingArguments` offers still applies (logging, `report_to`, `use_cpu`, precision);
+    the fields below add the method. `learning_rate` is the head's rate; every other group is a
+    multiple of it.
+    """
+
+    method: str = field(
+        default="slca++",
+        metadata={
+            "help": "slca++ (Hybrid-SL: LoRA+norms+biases+cls token, SCE, CA), slca (full fine-tuning, "
+            "backbone lr x0.01, CE, CA with mean decay), sl (slca++ without CA), seq_ft (all at the "
+            "head's lr, CE, no CA)."
+        },
+    )
+    backbone_lr_scale: float | None = field(
+        default=None,
+        metadata={"help": "Backbone lr = learning_rate x this (`bcb_lrscale`). Default per method: "
+                  "0.1 for slca++/sl, 0.01 for slca, 1.0 for seq_ft."},
+    )
+    first_task_lora_lr_scale: float = field(
+        default=0.5, metadata={"help": "LoRA lr = learning_rate x this on the first task only (slca++/sl)."}
+    )
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
+    lora_scale: float = field(default=0.8, metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Module names that get LoRA (transformers v5 ViT: q_proj k_proj v_proj fc1 fc2)."},
+    )
+    lora_svd_init: bool = field(
+        default=True, metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."}
+    )
+    sce_alpha: float = field(default=1.0, metadata={"help": "Symmetric CE: weight of cross-entropy."})
+    sce_beta: float = field(default=0.1, metadata={"help": "Symmetric CE: weight of reverse cross-entropy."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (representation learning and CA)."})
+    lr_floor_decay: float = field(
+        default=0.1,
+        metadata={"help": "Cosine floor = learning_rate x backbone_lr_scale x this "
+                  "(0.1**len(milestones) in the reference code)."},
+    )
+    ca_epochs: int = field(default=5, metadata={"help": "Classifier-alignment epochs (0 disables CA)."})
+    ca_samples_per_class: int = field(default=256, metadata={"help": "Gaussian samples per class per CA epoch."})
+    ca_batch_size: int = field(default=256, metadata={"help": "CA batch size."})
+    ca_lr: float = field(default=0.01, metadata={"help": "CA learning rate (cosine to 0 over ca_epochs)."})
+    ca_temperature: float = field(
+        default=0.1, metadata={"help": "Logit-normalisation temperature tau (0.05 for Cars-196)."}
+    )
+    ca_ridge: float = field(default=1e-4, metadata={"help": "Ridge added to every class covariance."})
+    fc_scale_mu: float = field(
+        default=0.02, metadata={"help": "SLCA++ feature/head scale step mu_s (0 disables the scaling)."}
+    )
+    class_order_seed: int = field(
+        default=1993, metadata={"help": "Seed of the class order (numpy.random.permutation)."}
+    )
+    init_cls: int = field(default=10, metadata={"help": "Classes in the first task."})
+    increment: int = field(default=10, metadata={"help": "Classes in each later task (last takes the rest)."})
+
+    # Paper defaults for inherited arguments.
+    learning_rate: float = field(default=0.01, metadata={"help": "Head learning rate (SGD)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay (0 for ImageNet-R, Cars)."})
+    num_train_epochs: float = field(default=20.0, metadata={"help": "Epochs per task."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Eval batch size per device."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "cosine = the spec's epoch-wise cosine down to the floor."}
+    )
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (off in the reference)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: images are transformed lazily with `with_transform`."}
+    )
+    save_strategy: str = field(
+        default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}; pick one of them.")
+        if self.backbone_lr_scale is None:
+            self.backbone_lr_scale = _METHOD_DEFAULTS[self.method]["backbone_lr_scale"]
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}.")
+        if self.init_cls < 1 or self.increment < 1:
+            raise ValueError(f"init_cls and increment must be >= 1, got {self.init_cls} and {self.increment}.")
+        if self.ca_temperature <= 0:
+            raise ValueError(f"ca_temperature must be > 0, got {self.ca_temperature}.")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+        super().__post_init__()
+
+    @property
+    def use_lora(self) -> bool:
+        """Hybrid-SL (LoRA + norms + biases + class token) versus full fine-tuning."""
+        return _METHOD_DEFAULTS[self.method]["use_lora"]
+
+    @property
+    def use_sce(self) -> bool:
+        return _METHOD_DEFAULTS[self.method]["use_sce"]
+
+    @property
+    def align(self) -> bool:
+        """Whether classifier alignment runs after each task."""
+        return _METHOD_DEFAULTS[self.method]["align"] and self.ca_epochs > 0
+
+    @property
+    def slca_plus_plus_scaling(self) -> bool:
+        """SLCA++ scales sampled features and old heads; SLCA decays class means instead."""
+        return self.method in ("slca++", "sl")

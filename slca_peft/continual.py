@@ -1,0 +1,209 @@
+"""`ContinualLearner`: the SLCA task loop.
+
+grow head -> train (SLCATrainer) -> statistics of the new classes -> align -> evaluate all seen
+classes -> checkpoint -> restore the unaligned head for the next task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from .alignment import AlignmentSettings, ClassifierAligner
+from .checkpoint import atomic_write_text
+from .config import SLCAConfig
+from .metrics import summarize_accuracy_matrix
+from .model import SLCAModel
+from .statistics import ClassStatistics
+from .tasks import Task, TaskSequence
+from .trainer import SLCATrainer
+from .transforms import collate_fn, make_batch_transform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ContinualResult:
+    """Accuracies in percent. `accuracy_matrix[t][j]`: task j's test classes after task t."""
+
+    accuracy_matrix: list[list[float]] = field(default_factory=list)
+    seen_accuracy: list[float] = field(default_factory=list)
+    task_test_sizes: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return summarize_accuracy_matrix(self.accuracy_matrix, self.task_test_sizes)
+
+
+class ContinualLearner:
+    """Runs a `TaskSequence` through an `SLCAModel` with the method `args.method` selects."""
+
+    def __init__(
+        self,
+        model: SLCAModel,
+        args: SLCAConfig,
+        tasks: TaskSequence,
+        *,
+        train_transform,
+        eval_transform,
+        callbacks: list[TrainerCallback] | None = None,
+        statistics: ClassStatistics | None = None,
+        result: ContinualResult | None = None,
+        unaligned_head: dict[str, torch.Tensor] | None = None,
+    ):
+        self.model, self.args, self.tasks = model, args, tasks
+        self.train_transform = make_batch_transform(train_transform, tasks.image_column, tasks.label_column)
+        self.eval_transform = make_batch_transform(eval_transform, tasks.image_column, tasks.label_column)
+        self.callbacks = callbacks
+        self.statistics = statistics or ClassStatistics(model.feature_dim, ridge=args.ca_ridge)
+        self.result = result or ContinualResult()
+        self.aligner = ClassifierAligner(AlignmentSettings.from_config(args), seed=args.seed)
+        self._unaligned = unaligned_head
+        self.trainer: SLCATrainer | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def run(self) -> ContinualResult:
+        """Learn every task not yet learned and return the accuracies."""
+        start = len(self.result.accuracy_matrix)
+        if self._unaligned is not None:
+            self.model.classifier.restore(self._unaligned)
+        for task in list(self.tasks)[start:]:
+            self.learn_task(task)
+        self._write_metrics()
+        return self.result
+
+    def learn_task(self, task: Task) -> list[float]:
+        t = task.task_id
+        if self.model.classifier.num_tasks != t:
+            raise RuntimeError(
+                f"the classifier has {self.model.classifier.num_tasks} heads but task {t} is next; resume "
+                "from the checkpoint of task {t - 1} with its model."
+            )
+        self.model.grow(len(task.classes))
+        self.trainer = SLCATrainer(
+            model=self.model,
+            args=self.args,
+            train_dataset=task.train.with_transform(self.train_transform),
+            data_collator=collate_fn,
+            callbacks=self.callbacks,
+        )
+        self.trainer.train()
+        self.compute_statistics(task)
+        unaligned = self.model.classifier.snapshot()
+        if self.args.align and t > 0:
+            losses = self.aligner.align(self.model.classifier, self.statistics, t)
+            logger.info("task %d: classifier alignment losses %s", t, [round(v, 4) for v in losses])
+        row, seen, sizes = self.evaluate(t)
+        self.result.accuracy_matrix.append(row)
+        self.result.seen_accuracy.append(seen)
+        self.result.task_test_sizes = sizes
+        self._report(t, row, seen)
+        self.save(self.output_dir / f"task_{t}", unaligned)
+        self.model.classifier.restore(unaligned)
+        return row
+
+    @torch.inference_mode()
+    def compute_statistics(self, task: Task) -> None:
+        """One pass over the task's training images with eval transforms; sums reduced across
+        processes so every process holds the same statistics."""
+        trainer = self.trainer
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        loader = trainer.get_eval_dataloader(task.train.with_transform(self.eval_transform))
+        for batch in loader:
+            feats = trainer.accelerator.unwrap_model(model).features(batch["pixel_values"])
+            self.statistics.update(feats, batch["labels"])
+        reduce = None
+        if trainer.accelerator.num_processes > 1:
+            def reduce(x):
+                return trainer.accelerator.reduce(x, reduction="sum")
+        self.statistics.finalize(task.task_id, task.classes, reduce=reduce)
+        model.train(was_training)
+
+    @torch.inference_mode()
+    def evaluate(self, task_id: int) -> tuple[list[float], float, list[int]]:
+        """Accuracy per seen task and over all seen classes (micro), predicting among all of them."""
+        trainer = self.trainer
+        model = trainer.model
+        model.eval()
+        offsets = self.tasks.offsets()
+        correct = np.zeros(task_id + 1)
+        total = np.zeros(task_id + 1)
+        loader = trainer.get_eval_dataloader(self.tasks.seen_test(task_id).with_transform(self.eval_transform))
+        for batch in loader:
+            preds = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=1)
+            preds, labels = trainer.accelerator.gather_for_metrics((preds, batch["labels"]))
+            task_of = np.searchsorted(offsets, labels.cpu().numpy(), side="right") - 1
+            hit = (preds == labels).cpu().numpy()
+            np.add.at(correct, task_of, hit)
+            np.add.at(total, task_of, 1)
+        if (total == 0).any():
+            empty = np.nonzero(total == 0)[0].tolist()
+            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
+        row = (100.0 * correct / total).tolist()
+        return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+
+    def state(self) -> dict[str, Any]:
+        """The task history a checkpoint records."""
+        return {
+            "method": self.args.method,
+            "tasks_learned": len(self.result.accuracy_matrix),
+            **self.tasks.describe(),
+            "accuracy_matrix": self.result.accuracy_matrix,
+            "seen_accuracy": self.result.seen_accuracy,
+            "task_test_sizes": self.result.task_test_sizes,
+            "training_seed": self.args.seed,
+        }
+
+    def save(self, directory: Path, unaligned: dict[str, torch.Tensor]) -> None:
+        if self.trainer is not None and not self.trainer.is_world_process_zero():
+            return
+        self.model.save_pretrained(
+            str(directory), statistics=self.statistics, state=self.state(), unaligned_head=unaligned
+        )
+
+    def _report(self, t: int, row: list[float], seen: float) -> None:
+        per_task = " ".join(f"{a:5.1f}" for a in row)
+        message = f"task {t + 1}/{len(self.tasks)} | seen classes {seen:5.1f}% | per task: {per_task}"
+        logger.info(message)
+        if self.trainer is not None and self.trainer.is_world_process_zero():
+            print(message, flush=True)
+            self.trainer.log({"continual/seen_accuracy": seen, "continual/task": t})
+
+    def _write_metrics(self) -> dict[str, Any]:
+        summary = self.result.summary()
+        metrics = {
+            "accuracy_matrix": self.result.accuracy_matrix,
+            "last_accuracy": summary["last_accuracy"],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+            "average_forgetting": summary["average_forgetting"],
+            "backward_transfer": summary["backward_transfer"],
+            "seen_accuracy": self.result.seen_accuracy,
+            "class_order": self.tasks.order,
+            "task_sizes": self.tasks.task_sizes,
+            "method": self.args.method,
+        }
+        if self.trainer is None or self.trainer.is_world_process_zero():
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+
+def format_accuracy_table(matrix: list[list[float]], seen: list[float]) -> str:
+    """The accuracy matrix as a text table (rows: after task t; columns: task j; last: all seen)."""
+    n = len(matrix)
+    header = "after \\ on " + " ".join(f"T{j + 1:<5d}" for j in range(n)) + "  all seen"
+    lines = [header]
+    for t, row in enumerate(matrix):
+        cells = " ".join(f"{a:6.1f}" for a in row) + "       " * (n - len(row))
+        lines.append(f"task {t + 1:<6d}" + cells + f"  {seen[t]:8.1f}")
+    return "\n".join(lines)

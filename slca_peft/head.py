@@ -1,0 +1,78 @@
+"""`ContinualClassifier`: one linear head per task, with SLCA++'s per-task input scales."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ContinualClassifier(nn.Module):
+    """Concatenated per-task linear heads.
+
+    Heads are separate so old ones can be frozen while a new task trains, and so alignment can
+    scale each task's input independently (SLCA++). Scales are buffers: saved, never trained.
+    """
+
+    def __init__(self, feature_dim: int, task_sizes: list[int] | None = None):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.heads = nn.ModuleList()
+        self.register_buffer("scales", torch.ones(0))
+        for size in task_sizes or []:
+            self.grow(size)
+
+    @property
+    def task_sizes(self) -> list[int]:
+        return [head.out_features for head in self.heads]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.task_sizes)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.heads)
+
+    def grow(self, num_new_classes: int) -> nn.Linear:
+        """Add a head for a new task and freeze the old ones (representation learning only updates
+        the current task's head)."""
+        if num_new_classes < 1:
+            raise ValueError(f"a task needs at least one class, got {num_new_classes}.")
+        for head in self.heads:
+            head.requires_grad_(False)
+        ref = self.scales if len(self.heads) == 0 else self.heads[0].weight
+        head = nn.Linear(self.feature_dim, num_new_classes, device=ref.device, dtype=ref.dtype)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.heads.append(head)
+        self.scales = torch.cat([self.scales, torch.ones(1, device=self.scales.device, dtype=self.scales.dtype)])
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.heads:
+            raise RuntimeError("the classifier has no heads yet; call grow(num_classes) for the first task.")
+        return torch.cat(
+            [head(features * self.scales[i].to(features.dtype)) for i, head in enumerate(self.heads)], dim=1
+        )
+
+    def task_offsets(self) -> list[int]:
+        """Start index of each task's logits (and one past the end)."""
+        offsets = [0]
+        for size in self.task_sizes:
+            offsets.append(offsets[-1] + size)
+        return offsets
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A detached copy of heads and scales: SLCA evaluates with aligned heads but keeps
+        learning representations from the unaligned ones."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Load a snapshot taken with the same number of heads."""
+        expected = set(self.state_dict())
+        if set(snapshot) != expected:
+            raise ValueError(
+                f"snapshot keys {sorted(snapshot)} do not match this classifier {sorted(expected)}; "
+                "restore a snapshot taken after the same number of grow() calls."
+            )
+        self.load_state_dict(snapshot)

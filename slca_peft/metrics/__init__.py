@@ -1,0 +1,45 @@
+"""Continual-learning metrics, shipped as a local `evaluate` module.
+
+The metric lives in ``continual_accuracy/continual_accuracy.py`` so it loads with ``evaluate.load`` from a
+folder path, with no Hugging Face Hub access. Everything in the library that summarises an accuracy
+matrix goes through that module, so there is a single implementation of the formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import evaluate
+
+__all__ = ["CONTINUAL_ACCURACY_PATH", "load_continual_accuracy", "summarize_accuracy_matrix"]
+
+#: Folder of the local ``continual_accuracy`` evaluate module; pass it to ``evaluate.load``.
+CONTINUAL_ACCURACY_PATH: str = str(Path(__file__).resolve().parent / "continual_accuracy")
+
+
+def load_continual_accuracy(**kwargs) -> evaluate.EvaluationModule:
+    """Load the continual-accuracy metric from the package (works offline, ``HF_HUB_OFFLINE=1``).
+
+    ``kwargs`` go to ``evaluate.load`` (e.g. ``keep_in_memory=True``, ``experiment_id=...``).
+    """
+    return evaluate.load(CONTINUAL_ACCURACY_PATH, **kwargs)
+
+
+def summarize_accuracy_matrix(
+    matrix: Sequence[Sequence[float]],
+    task_test_sizes: Sequence[int] | None = None,
+) -> dict:
+    """Summarise a lower-triangular accuracy matrix (percent) with the continual-accuracy metric.
+
+    ``matrix[t][j]`` is the accuracy on task ``j`` after learning task ``t``; row ``t`` has ``t + 1``
+    entries. ``task_test_sizes`` weights the micro average over seen classes; ``None`` weights every
+    task equally, which is exact for the usual equal-sized class-incremental splits with balanced
+    test sets. Returns the metric's dict (``accuracy_per_step``, ``last_accuracy``,
+    ``average_incremental_accuracy``, ``average_forgetting``, ``backward_transfer``).
+    """
+    rows = [[float(v) for v in row] for row in matrix]
+    sizes = [1] * len(rows) if task_test_sizes is None else [int(n) for n in task_test_sizes]
+    # keep_in_memory avoids cache files and lock contention between concurrent callers.
+    metric = load_continual_accuracy(keep_in_memory=True)
+    return metric.compute(accuracy_row=rows, task_test_size=sizes)

@@ -1,0 +1,233 @@
+"""`TaskSequence`: split a labelled image dataset into class-incremental tasks.
+
+The class order follows the reference exactly (`np.random.seed(seed); np.random.permutation(n)`)
+so that a seed here gives the same tasks as the published runs. Labels are remapped to positions
+in that order, which makes task t own the contiguous range `[offset_t, offset_t + size_t)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+
+
+def class_order(num_classes: int, seed: int | None) -> list[int]:
+    """The reference's class permutation; `seed=None` keeps the natural order."""
+    if seed is None:
+        return list(range(num_classes))
+    np.random.seed(seed)
+    return np.random.permutation(num_classes).tolist()
+
+
+def split_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
+    """Classes per task: `init_cls`, then `increment` each, the last task taking the remainder."""
+    if init_cls > num_classes:
+        raise ValueError(
+            f"init_cls={init_cls} is larger than the {num_classes} classes of the dataset; lower init_cls."
+        )
+    if init_cls < 1 or increment < 1:
+        raise ValueError(f"init_cls and increment must be >= 1, got {init_cls} and {increment}.")
+    sizes = [init_cls]
+    remaining = num_classes - init_cls
+    while remaining > 0:
+        sizes.append(min(increment, remaining))
+        remaining -= sizes[-1]
+    if len(sizes) > 1 and sizes[-1] < increment:
+        # The reference folds a short remainder into the last task (e.g. Cars-196: 9 x 20 + 16).
+        pass
+    return sizes
+
+
+@dataclass
+class Task:
+    """One step of the stream: its classes (positions in the class order) and their data."""
+
+    task_id: int
+    classes: list[int]
+    train: Dataset
+    test: Dataset
+
+    @property
+    def offset(self) -> int:
+        return self.classes[0]
+
+
+class TaskSequence:
+    """Class-incremental tasks over a train/test pair of `datasets.Dataset`s.
+
+    Each dataset needs an image column and an integer (or `ClassLabel`) or string label column.
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        test: Dataset,
+        *,
+        init_cls: int,
+        increment: int,
+        seed: int | None = 1993,
+        image_column: str = "image",
+        label_column: str = "label",
+    ):
+        for name, ds in (("train", train), ("test", test)):
+            for column in (image_column, label_column):
+                if column not in ds.column_names:
+                    raise ValueError(
+                        f"the {name} split has no column {column!r} (columns: {ds.column_names}); "
+                        "set image_column/label_column."
+                    )
+        self.image_column, self.label_column = image_column, label_column
+        names, train_ids, test_ids = _label_ids(train, test, label_column)
+        num_classes = len(names)
+        if num_classes < 2:
+            raise ValueError(f"the training data has {num_classes} class; continual learning needs at least 2.")
+        missing = sorted(set(range(num_classes)) - set(np.unique(train_ids).tolist()))
+        if missing:
+            raise ValueError(f"class(es) {[names[i] for i in missing]} have no training image.")
+        self.seed = seed
+        self.order = class_order(num_classes, seed)
+        position = np.empty(num_classes, dtype=np.int64)
+        position[self.order] = np.arange(num_classes)
+        self.label_names = [names[c] for c in self.order]
+        self.task_sizes = split_sizes(num_classes, init_cls, increment)
+        self.init_cls, self.increment = init_cls, increment
+        self._train_labels = position[train_ids]
+        self._test_labels = position[test_ids]
+        feature = ClassLabel(names=self.label_names)
+        self.train = _with_labels(train, label_column, self._train_labels, feature)
+        self.test = _with_labels(test, label_column, self._test_labels, feature)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dataset_dict(
+        cls, data: DatasetDict, *, train_split: str = "train", test_split: str = "test", **kwargs
+    ) -> TaskSequence:
+        for split in (train_split, test_split):
+            if split not in data:
+                raise ValueError(f"the dataset has no {split!r} split (splits: {list(data)}).")
+        return cls(data[train_split], data[test_split], **kwargs)
+
+    @classmethod
+    def from_image_folders(cls, train_dir: str | Path, test_dir: str | Path, **kwargs) -> TaskSequence:
+        """One sub-folder per class in each directory, loaded with `datasets`' imagefolder builder.
+        Every file is checked to be a readable image first, so a bad file fails before training."""
+        for directory in (train_dir, test_dir):
+            verify_image_folder(directory)
+        train = load_dataset("imagefolder", data_dir=str(train_dir), split="train")
+        test = load_dataset("imagefolder", data_dir=str(test_dir), split="train")
+        return cls(train, test, **kwargs)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def __len__(self) -> int:
+        return len(self.task_sizes)
+
+    def offsets(self) -> list[int]:
+        return np.concatenate([[0], np.cumsum(self.task_sizes)]).tolist()
+
+    def classes_of(self, task_id: int) -> list[int]:
+        offsets = self.offsets()
+        return list(range(offsets[task_id], offsets[task_id + 1]))
+
+    def task_of_class(self, cls: int) -> int:
+        return int(np.searchsorted(self.offsets(), cls, side="right") - 1)
+
+    def __getitem__(self, task_id: int) -> Task:
+        if not 0 <= task_id < len(self):
+            raise IndexError(f"task {task_id} out of range; the sequence has {len(self)} tasks.")
+        classes = self.classes_of(task_id)
+        lo, hi = classes[0], classes[-1] + 1
+        train_idx = np.nonzero((self._train_labels >= lo) & (self._train_labels < hi))[0]
+        test_idx = np.nonzero((self._test_labels >= lo) & (self._test_labels < hi))[0]
+        return Task(task_id, classes, self.train.select(train_idx), self.test.select(test_idx))
+
+    def __iter__(self) -> Iterator[Task]:
+        return (self[t] for t in range(len(self)))
+
+    def seen_test(self, task_id: int) -> Dataset:
+        """Test data of every class seen up to and including `task_id`."""
+        hi = self.offsets()[task_id + 1]
+        return self.test.select(np.nonzero(self._test_labels < hi)[0])
+
+    def describe(self) -> dict:
+        """What a checkpoint records to rebuild the same stream."""
+        return {
+            "seed": self.seed,
+            "init_cls": self.init_cls,
+            "increment": self.increment,
+            "class_order": self.order,
+            "task_sizes": self.task_sizes,
+            "label_names": self.label_names,
+        }
+
+
+def _label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Integer ids and names for both splits, matched by name so folder-built splits agree."""
+    feature = train.features[column]
+    train_raw, test_raw = train[column], test[column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        test_feature = test.features[column]
+        if isinstance(test_feature, ClassLabel) and list(test_feature.names) != names:
+            unknown = sorted(set(test_feature.names) - set(names))
+            if unknown:
+                raise ValueError(f"test class(es) {unknown} are absent from the training data.")
+            lookup = {n: i for i, n in enumerate(names)}
+            test_raw = [lookup[test_feature.names[i]] for i in test_raw]
+        train_ids, test_ids = np.asarray(train_raw, dtype=np.int64), np.asarray(test_raw, dtype=np.int64)
+    elif all(isinstance(v, str) for v in train_raw):
+        if len(set(train_raw) | set(test_raw)) and not all(isinstance(v, str) for v in test_raw):
+            raise ValueError("train labels are strings but test labels are not; use one label type.")
+        names = sorted(set(train_raw))
+        unknown = sorted(set(test_raw) - set(names))
+        if unknown:
+            raise ValueError(f"test class(es) {unknown} are absent from the training data.")
+        lookup = {n: i for i, n in enumerate(names)}
+        train_ids = np.array([lookup[v] for v in train_raw], dtype=np.int64)
+        test_ids = np.array([lookup[v] for v in test_raw], dtype=np.int64)
+    else:
+        train_ids, test_ids = np.asarray(train_raw, dtype=np.int64), np.asarray(test_raw, dtype=np.int64)
+        if train_ids.size and train_ids.min() < 0:
+            raise ValueError(f"labels must be >= 0, found {int(train_ids.min())} in the training data.")
+        num_classes = int(train_ids.max()) + 1 if train_ids.size else 0
+        names = [str(i) for i in range(num_classes)]
+    if test_ids.size and (test_ids.min() < 0 or test_ids.max() >= len(names)):
+        bad = sorted(set(test_ids[(test_ids < 0) | (test_ids >= len(names))].tolist()))
+        raise ValueError(f"test label(s) {bad} are absent from the training data ({len(names)} classes).")
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate class names in the label feature; make every class name unique.")
+    return names, train_ids, test_ids
+
+
+def _with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLabel) -> Dataset:
+    ds = ds.remove_columns(column)
+    return ds.add_column(column, labels.tolist(), feature=feature)
+
+
+def verify_image_folder(directory: str | Path) -> None:
+    """Fail early on a missing folder, fewer than two classes, or a file PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist.")
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(
+            f"image folder {root} has {len(classes)} class sub-folder(s); put each class's images in its "
+            "own sub-folder, with at least two classes."
+        )
+    for class_dir in classes:
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError) as err:
+                raise ValueError(f"unreadable image {path}: {err}. Remove or replace the file.") from err
