@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny ViTs built from configs and small on-disk image data, never the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+import torch
+from transformers import ViTConfig, ViTModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def tiny_vit_config(**overrides) -> ViTConfig:
+    values = dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, hidden_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return ViTConfig(**values)
+
+
+@pytest.fixture
+def vit_config() -> ViTConfig:
+    return tiny_vit_config()
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny ViT that checkpoints reference by path, as they would a Hub id.
+
+    It stands in for a pre-trained backbone: with a wide initialisation (std 1.0) its class token
+    varies between images, while at the usual 0.02 a random ViT's class token is nearly constant.
+    """
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "tiny-vit"
+    ViTModel(tiny_vit_config(initializer_range=1.0), add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+def write_image_folder(root: Path, num_classes: int, per_class: int, seed: int = 0, size: int = 32) -> Path:
+    """Class k is a bright square at a class-specific position with noise: learnable, not trivial."""
+    rng = np.random.RandomState(seed)
+    for k in range(num_classes):
+        folder = root / f"class_{k:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.randint(0, 60, size=(size, size, 3)).astype(np.uint8)
+            row, col = divmod(k, 4)
+            img[row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] = 255
+            Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("images")
+    return (
+        write_image_folder(root / "train", num_classes=6, per_class=12, seed=1),
+        write_image_folder(root / "test", num_classes=6, per_class=5, seed=2),
+    )
