@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 from transformers import ViTConfig, ViTModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

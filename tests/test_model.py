@@ -2,13 +2,12 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_vit_config
 from peft.tuners.lora import LoraLayer
 from transformers import ViTModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from slca_peft import SLCAConfig, SLCAModel
-
-from conftest import tiny_vit_config
 
 
 def test_svd_init_sets_a_to_top_right_singular_vectors_and_b_to_zero(vit_config):
