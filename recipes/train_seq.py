@@ -43,6 +43,12 @@ class ModelArguments:
         default=None, metadata={"help": "A config JSON to build a randomly initialised backbone (demo, tests)."}
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the backbone."})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue after the last task of a checkpoint: a task_<t> directory, a Hub repo id, "
+                  "or `auto` (the newest complete checkpoint in --output_dir, if any)."},
+    )
+    resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
 
 
 @dataclass
@@ -109,7 +115,7 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence:
     )
 
 
-def build_model(model_args: ModelArguments, args: SLCAConfig) -> tuple[SLCAModel, ImageTransformConfig]:
+def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
     source = model_args.model_name_or_path
     if source is None:
         # A random backbone has no Hub reference: save it so checkpoints can point at it.
@@ -119,13 +125,16 @@ def build_model(model_args: ModelArguments, args: SLCAConfig) -> tuple[SLCAModel
         if args.process_index == 0:
             AutoModel.from_config(config).save_pretrained(source)
     with args.main_process_first(desc="backbone"):
-        model = SLCAModel.from_backbone(source, args, revision=model_args.model_revision)
+        return SLCAModel.from_backbone(source, args, revision=model_args.model_revision)
+
+
+def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformConfig:
+    """The base model's image processor statistics, or ViT's defaults when it ships none."""
     try:
-        processor = AutoImageProcessor.from_pretrained(source, revision=model_args.model_revision)
-        transform_config = ImageTransformConfig.from_image_processor(processor)
-    except (OSError, ValueError):
-        transform_config = ImageTransformConfig.from_model_config(model.config)
-    return model, transform_config
+        processor = AutoImageProcessor.from_pretrained(model.base_model_name_or_path, revision=model.revision)
+        return ImageTransformConfig.from_image_processor(processor, brightness=brightness)
+    except (OSError, ValueError, TypeError):
+        return ImageTransformConfig.from_model_config(model.config, brightness=brightness)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,14 +143,23 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
-    model, transform_config = build_model(model_args, args)
-    transform_config.brightness = data_args.brightness_jitter
-    learner = ContinualLearner(
-        model, args, tasks,
-        train_transform=TrainTransform(
-            transform_config, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0
-        ),
-        eval_transform=EvalTransform(transform_config),
+    resume = model_args.resume_from
+    if resume == "auto":
+        resume = ContinualLearner.latest_checkpoint(args.output_dir)
+        logger.info("resume auto: %s", resume or "no complete checkpoint, starting from the first task")
+    if resume:
+        learner = ContinualLearner.from_checkpoint(
+            resume, args, tasks, revision=model_args.resume_revision,
+            expected_base=model_args.model_name_or_path, train_transform=None, eval_transform=None,
+        )
+        logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
+    else:
+        learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
+                                   eval_transform=None)
+    tc = transform_config_for(learner.model, data_args.brightness_jitter)
+    learner.set_transforms(
+        TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0),
+        EvalTransform(tc),
     )
     result = learner.run()
     summary = result.summary()

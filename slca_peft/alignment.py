@@ -6,6 +6,7 @@ calibrated against each other, which undoes the bias toward the newest task.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,32 +72,31 @@ class ClassifierAligner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw `samples_per_class` features of every seen class, scaled as the method requires.
 
-        All classes are sampled in one batched product with their cached Cholesky factors.
+        Factors are stacked once per finalize (`ClassStatistics.sampling_plan`, on the generator's
+        device); all classes are drawn in a few batched products, with no loop over classes.
         """
         s = self.settings
-        classes = stats.classes
+        plan = stats.sampling_plan(generator.device)
         n = s.samples_per_class
-        means = torch.stack([stats.means[c] for c in classes]).to(torch.float32)
-        factors = torch.stack([stats.cholesky(c) for c in classes]).to(torch.float32)
-        task_gap = torch.tensor([task_id - stats.task_of_class[c] for c in classes], dtype=torch.float32)
+        task_gap = (task_id - plan.tasks).to(plan.means.dtype)
+        mean_scale = None
         if not s.slca_plus_plus:
             # SLCA: older classes' means shrink toward the origin.
-            decay = 0.9 + 0.1 * (task_id - task_gap + 1) / (task_id + 1)
-            means = means * decay[:, None]
-        noise = torch.randn(len(classes), n, stats.feature_dim, generator=generator)
-        feats = means[:, None, :] + torch.bmm(noise, factors.transpose(1, 2))
+            mean_scale = 0.9 + 0.1 * (task_id - task_gap + 1) / (task_id + 1)
+        feats = plan.sample(n, generator, mean_scale)
         if s.slca_plus_plus and s.fc_scale_mu:
-            jitter = torch.rand(len(classes), n, generator=generator)
+            jitter = torch.rand(len(task_gap), n, generator=generator, device=feats.device, dtype=feats.dtype)
             step = s.fc_scale_mu + 0.02 * (jitter - 0.5)
-            feats = feats / (1.0 + step * task_gap[:, None])[..., None]
-        labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(n)
+            feats.div_((1.0 + step * task_gap[:, None])[..., None])
+        labels = plan.classes.repeat_interleave(n)
         return feats.reshape(-1, stats.feature_dim), labels
 
     def align(self, classifier: ContinualClassifier, stats: ClassStatistics, task_id: int) -> list[float]:
         """Retrain all heads in place; returns the mean loss of each epoch.
 
         Scales are set to 1 first (they are never trained) and, for SLCA++, old heads get
-        `1 + mu_s * (T_old - j)` afterwards.
+        `1 + mu_s * (T_old - j)` afterwards. Features are sampled on the classifier's device. If the
+        loss becomes non-finite the heads are restored as they were and a `RuntimeError` is raised.
         """
         s = self.settings
         missing = [c for c in range(classifier.num_classes) if c not in stats.means]
@@ -106,6 +106,8 @@ class ClassifierAligner:
                 "for every task before aligning."
             )
         device = classifier.heads[0].weight.device
+        dtype = classifier.heads[0].weight.dtype
+        before = classifier.snapshot()
         classifier.scales.fill_(1.0)
         requires_grad = [p.requires_grad for p in classifier.parameters()]
         params = list(classifier.heads.parameters())
@@ -113,33 +115,38 @@ class ClassifierAligner:
             p.requires_grad_(True)
         optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, s.epochs))
-        generator = torch.Generator().manual_seed(self.seed + task_id)
+        generator = torch.Generator(device=device).manual_seed(self.seed + task_id)
         offsets = classifier.task_offsets()
         losses = []
         try:
             for _ in range(s.epochs):
                 feats, labels = self.sample(stats, task_id, generator)
-                order = torch.randperm(len(labels), generator=generator)
-                feats, labels = feats[order].to(device), labels[order].to(device)
-                total, batches = 0.0, 0
+                order = torch.randperm(len(labels), generator=generator, device=generator.device)
+                total = torch.zeros((), device=device)
+                batches = 0
+                # Batches are gathered through the permutation: no shuffled copy of all samples.
                 for start in range(0, len(labels), s.batch_size):
-                    x, y = feats[start : start + s.batch_size], labels[start : start + s.batch_size]
-                    logits = classifier(x.to(classifier.heads[0].weight.dtype))
+                    index = order[start : start + s.batch_size]
+                    x = feats.index_select(0, index).to(device=device, dtype=dtype)
+                    y = labels.index_select(0, index).to(device)
+                    logits = classifier(x)
                     loss = F.cross_entropy(normalized_logits(logits.float(), offsets, s.temperature), y)
-                    if not torch.isfinite(loss):
-                        bad = [c for c in stats.classes if not torch.isfinite(stats.means[c]).all()]
-                        raise RuntimeError(
-                            f"classifier alignment loss became {loss.item()} after task {task_id} "
-                            f"(classes with non-finite means: {bad or 'none'}); lower ca_lr or check the "
-                            "class statistics."
-                        )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    total += loss.item()
+                    total += loss.detach()
                     batches += 1
+                mean_loss = (total / max(1, batches)).item()  # one device sync per epoch
+                if not math.isfinite(mean_loss):
+                    classifier.restore(before)
+                    bad = [c for c in stats.classes if not torch.isfinite(stats.means[c]).all()]
+                    raise RuntimeError(
+                        f"classifier alignment loss became {mean_loss} after task {task_id} "
+                        f"(classes with non-finite means: {bad or 'none'}); lower ca_lr or check the "
+                        "class statistics. The heads were restored to their state before alignment."
+                    )
                 scheduler.step()
-                losses.append(total / max(1, batches))
+                losses.append(mean_loss)
         finally:
             for p, flag in zip(classifier.parameters(), requires_grad, strict=True):
                 p.requires_grad_(flag)

@@ -3,13 +3,16 @@
 Layout:
   slca_config.json              model settings and the referenced base model
   adapter_config.json,
-  adapter_model.safetensors     PEFT adapter: LoRA, biases, LayerNorms (Hybrid-SL)
-  backbone_extras.safetensors   trainable backbone tensors PEFT does not save (the class token)
+  adapter_model.safetensors     PEFT adapter: LoRA, biases, LayerNorms and the class token
+                                (Hybrid-SL); `PeftModel.from_pretrained` loads it onto the base
   backbone.safetensors,
   backbone_config.json          the whole backbone, for full fine-tuning
   classifier.safetensors        aligned heads + scales, and the unaligned ones under `unaligned.`
   class_statistics.safetensors  per-class Gaussians
   continual_state.json          task history: class order, task sizes, names, accuracy matrix
+  README.md                     model card
+
+Only these files are ever read; pickle-based files are refused.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ CONFIG_FILE = "slca_config.json"
 STATE_FILE = "continual_state.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
-EXTRAS_FILE = "backbone_extras.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_CONFIG_FILE = "backbone_config.json"
 FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @contextlib.contextmanager
@@ -124,7 +127,11 @@ def save_checkpoint(
             adapter_state = get_peft_model_state_dict(model.backbone)
             extras = _backbone_extras(model, adapter_state)
             if extras:
-                save_file(extras, str(tmp / EXTRAS_FILE))
+                # PEFT loads any key of the adapter file that names a model tensor, so the class token
+                # rides along and `PeftModel.from_pretrained` restores the whole trained backbone.
+                merged = load_file(str(tmp / ADAPTER_FILE))
+                merged.update({f"base_model.model.{k}": v for k, v in extras.items()})
+                save_file(merged, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         else:
             backbone = model.base_backbone
             save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
@@ -138,32 +145,97 @@ def save_checkpoint(
             statistics.save(tmp)
         if state is not None:
             _write_json(tmp / STATE_FILE, state)
+        from .hub import write_model_card
+
+        write_model_card(tmp, settings, state)
     return Path(directory)
 
 
 def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     """A local directory as is, otherwise a Hub repo id fetched (or read from the local cache)."""
     path = Path(path_or_repo_id)
+    if path.is_file():
+        hint = " Pickle files are never loaded." if path.suffix in PICKLE_SUFFIXES else ""
+        raise ValueError(f"{path} is a file; pass the checkpoint directory (or a Hub repo id).{hint}")
     if path.is_dir():
         return path
+    if str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision))
 
 
+def read_safetensors(path: Path, expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning truncation and layout mismatches into errors that name it.
+
+    With `expected`, every tensor's name and shape is checked against the model before loading.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+            if expected is not None:
+                unknown = [k for k in keys if k not in expected]
+                if unknown:
+                    raise ValueError(f"{path} holds tensors this model does not have: {unknown[:5]}.")
+                for key in keys:
+                    shape = tuple(fh.get_slice(key).get_shape())
+                    if shape != tuple(expected[key]):
+                        raise ValueError(
+                            f"{path}: tensor {key} has shape {shape}, the model expects {tuple(expected[key])}; "
+                            "the checkpoint was made for a different base model or configuration."
+                        )
+            tensors = {k: fh.get_tensor(k) for k in keys}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
+    for key, tensor in tensors.items():
+        if not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool)):
+            raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}.")
+    return tensors
+
+
+def _check_no_pickle(root: Path) -> None:
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{root} contains pickle-based files {pickles}; slca-peft only reads safetensors and JSON and "
+            "refuses them because loading pickle can run code. Remove them or convert to safetensors."
+        )
+
+
 def load_checkpoint(
-    path_or_repo_id: str | Path, revision: str | None = None
+    path_or_repo_id: str | Path, revision: str | None = None, expected_base: str | None = None
 ) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
-    """Rebuild model, statistics, task history and unaligned head from a checkpoint."""
+    """Rebuild model, statistics, task history and unaligned head from a checkpoint.
+
+    `expected_base` (a Hub id or path) refuses a checkpoint that was trained on another backbone.
+    """
     from .model import SLCAModel
 
     root = resolve_checkpoint(path_or_repo_id, revision)
+    _check_no_pickle(root)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; {root} is not an slca-peft checkpoint.")
-    settings = json.loads(config_path.read_text())
-    if settings.get("use_lora"):
-        base = settings.get("base_model_name_or_path")
+    try:
+        settings = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); the file is damaged.") from err
+    required = {"use_lora", "lora_rank", "lora_scale", "lora_target_modules", "task_sizes", "feature_dim"}
+    missing_fields = sorted(required - set(settings))
+    if missing_fields:
+        raise ValueError(f"{config_path} lacks the field(s) {missing_fields}.")
+    base = settings.get("base_model_name_or_path")
+    if expected_base is not None and base is not None and str(expected_base) != str(base):
+        raise ValueError(
+            f"{config_path}: base_model_name_or_path is {base!r} but this run uses {expected_base!r}; "
+            "resume with the base model the checkpoint was trained on."
+        )
+    if settings["use_lora"]:
         backbone = AutoModel.from_pretrained(base, revision=settings.get("revision"))
     else:
         config_dict = json.loads((root / BACKBONE_CONFIG_FILE).read_text())
@@ -176,20 +248,29 @@ def load_checkpoint(
         lora_scale=settings["lora_scale"],
         lora_target_modules=settings["lora_target_modules"],
         lora_svd_init=False,
-        base_model_name_or_path=settings.get("base_model_name_or_path"),
+        base_model_name_or_path=base,
         revision=settings.get("revision"),
         task_sizes=settings["task_sizes"],
     )
+    if model.feature_dim != settings["feature_dim"]:
+        raise ValueError(
+            f"{config_path}: feature_dim {settings['feature_dim']} but the base model {base!r} gives "
+            f"{model.feature_dim}; the checkpoint belongs to a different base model."
+        )
     if model.use_lora:
-        result = set_peft_model_state_dict(model.backbone, load_file(str(root / ADAPTER_FILE)))
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if missing:
-            raise ValueError(f"{root / ADAPTER_FILE} has keys this model lacks: {missing[:5]}.")
-        if (root / EXTRAS_FILE).is_file():
-            model.base_backbone.load_state_dict(load_file(str(root / EXTRAS_FILE)), strict=False)
+        # PEFT stores adapter tensors without the adapter name ("lora_A.weight") and the trained copy
+        # of a `modules_to_save` module under the module's own name.
+        expected = {}
+        for key, value in model.base_backbone.state_dict().items():
+            for variant in (key, key.replace(".default.", "."), key.replace(".modules_to_save.default.", ".")):
+                expected[f"base_model.model.{variant}"] = value.shape
+        set_peft_model_state_dict(model.backbone, read_safetensors(root / ADAPTER_FILE, expected))
     else:
-        model.base_backbone.load_state_dict(load_file(str(root / BACKBONE_FILE)), strict=True)
-    head = load_file(str(root / CLASSIFIER_FILE))
+        expected = {k: v.shape for k, v in model.base_backbone.state_dict().items()}
+        model.base_backbone.load_state_dict(read_safetensors(root / BACKBONE_FILE, expected), strict=True)
+    head_expected = {k: v.shape for k, v in model.classifier.state_dict().items()}
+    head_expected.update({f"unaligned.{k}": v for k, v in list(head_expected.items())})
+    head = read_safetensors(root / CLASSIFIER_FILE, head_expected)
     aligned = {k: v for k, v in head.items() if not k.startswith("unaligned.")}
     unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")}
     model.classifier.restore(aligned)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from .alignment import AlignmentSettings, ClassifierAligner
 from .checkpoint import atomic_write_text
@@ -50,16 +50,15 @@ class ContinualLearner:
         args: SLCAConfig,
         tasks: TaskSequence,
         *,
-        train_transform,
-        eval_transform,
+        train_transform=None,
+        eval_transform=None,
         callbacks: list[TrainerCallback] | None = None,
         statistics: ClassStatistics | None = None,
         result: ContinualResult | None = None,
         unaligned_head: dict[str, torch.Tensor] | None = None,
     ):
         self.model, self.args, self.tasks = model, args, tasks
-        self.train_transform = make_batch_transform(train_transform, tasks.image_column, tasks.label_column)
-        self.eval_transform = make_batch_transform(eval_transform, tasks.image_column, tasks.label_column)
+        self.set_transforms(train_transform, eval_transform)
         self.callbacks = callbacks
         self.statistics = statistics or ClassStatistics(model.feature_dim, ridge=args.ca_ridge)
         self.result = result or ContinualResult()
@@ -67,12 +66,66 @@ class ContinualLearner:
         self._unaligned = unaligned_head
         self.trainer: SLCATrainer | None = None
 
+    def set_transforms(self, train_transform, eval_transform) -> None:
+        """Image -> tensor callables for training and for statistics/evaluation."""
+        cols = (self.tasks.image_column, self.tasks.label_column)
+        self.train_transform = make_batch_transform(train_transform, *cols) if train_transform else None
+        self.eval_transform = make_batch_transform(eval_transform, *cols) if eval_transform else None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        args: SLCAConfig,
+        tasks: TaskSequence,
+        *,
+        revision: str | None = None,
+        expected_base: str | None = None,
+        **kwargs: Any,
+    ) -> ContinualLearner:
+        """Continue after the last task a checkpoint (directory or Hub repo) has learned.
+
+        The checkpoint must describe the same stream: class order, split and label names.
+        """
+        from .checkpoint import load_checkpoint
+
+        model, statistics, state, unaligned = load_checkpoint(checkpoint, revision, expected_base=expected_base)
+        if state is None or statistics is None:
+            raise ValueError(f"{checkpoint} has no task history or class statistics; it cannot be resumed.")
+        current = tasks.describe()
+        for key in ("class_order", "task_sizes", "label_names"):
+            if state.get(key) != current[key]:
+                raise ValueError(
+                    f"{checkpoint}: {key} differs from this run's ({state.get(key)} vs {current[key]}); resume "
+                    "with the same dataset, class_order_seed, init_cls and increment."
+                )
+        if state.get("method") != args.method:
+            raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")
+        result = ContinualResult(
+            accuracy_matrix=state["accuracy_matrix"],
+            seen_accuracy=state["seen_accuracy"],
+            task_test_sizes=state["task_test_sizes"],
+        )
+        return cls(model, args, tasks, statistics=statistics, result=result, unaligned_head=unaligned, **kwargs)
+
+    @staticmethod
+    def latest_checkpoint(output_dir: str | Path) -> Path | None:
+        """The newest complete `task_<t>` checkpoint in a run's output directory (for `auto`)."""
+        candidates = []
+        for path in Path(output_dir).glob("task_*"):
+            suffix = path.name.removeprefix("task_")
+            if path.is_dir() and suffix.isdigit() and (path / "continual_state.json").is_file():
+                candidates.append((int(suffix), path))
+        return max(candidates)[1] if candidates else None
+
     @property
     def output_dir(self) -> Path:
         return Path(self.args.output_dir)
 
     def run(self) -> ContinualResult:
         """Learn every task not yet learned and return the accuracies."""
+        if self.train_transform is None or self.eval_transform is None:
+            raise ValueError("set the train and eval transforms (set_transforms) before run().")
         start = len(self.result.accuracy_matrix)
         if self._unaligned is not None:
             self.model.classifier.restore(self._unaligned)
@@ -88,6 +141,9 @@ class ContinualLearner:
                 f"the classifier has {self.model.classifier.num_tasks} heads but task {t} is next; resume "
                 "from the checkpoint of task {t - 1} with its model."
             )
+        # Everything a task does is a function of (seed, task id, model state), so a run resumed from a
+        # checkpoint repeats an uninterrupted one exactly.
+        set_seed(self.args.seed + t)
         self.model.grow(len(task.classes))
         self.trainer = SLCATrainer(
             model=self.model,

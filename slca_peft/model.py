@@ -226,8 +226,30 @@ class SLCAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, revision: str | None = None) -> SLCAModel:
-        """Load a checkpoint directory or Hub repo written by `save_pretrained`."""
+        """Load a checkpoint directory or Hub repo written by `save_pretrained` (the base model is
+        loaded from the id or path the checkpoint references)."""
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(path_or_repo_id, revision)[0]
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, commit_message: str = "Upload SLCA++ checkpoint",
+        token: str | None = None, **parts: Any,
+    ) -> Any:
+        """Save to a temporary directory and upload it as one commit (the base model is referenced)."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = f"{tmp}/checkpoint"
+            self.save_pretrained(target, **parts)
+            return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token)
+
+    def export(self, save_directory: str, label_names: list[str] | None = None, image_processor=None) -> None:
+        """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
+        folded) that `pipeline("image-classification")` loads without slca-peft."""
+        from .export import export_model
+
+        export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
 

@@ -1,23 +1,207 @@
 """`ClassStatistics`: per-class Gaussian feature statistics for classifier alignment.
 
-Features are streamed in batches and accumulated as float64 counts, sums and outer-product sums.
-Those three are additive, so shards on several processes reduce exactly with one all-reduce and no
-feature matrix is ever gathered.
+Accumulation: features are streamed in batches and accumulated as float64 counts, sums and
+outer-product sums (the outer sums packed as their lower triangle). Those three are additive, so
+shards on several processes reduce exactly with one all-reduce and no feature matrix is ever
+gathered.
+
+Storage: `finalize` factorises each class covariance once, into the most compact form the
+`covariance_form` allows, and keeps only the factor:
+
+* ``"exact"`` (default): a class with n samples has a scatter matrix of rank r <= min(n - 1, d).
+  When r * d is smaller than the d(d+1)/2 entries of a triangular factor (n - 1 < (d + 1) / 2, the
+  usual case on CUB-200 and ImageNet-R) it stores a d x r factor F with Sigma = F F^T + ridge * I
+  (pivoted Cholesky, exact up to rounding); otherwise the packed lower Cholesky factor L of
+  Sigma = L L^T. Either way `covariances[c]` is the same matrix as the plain formula.
+* ``"full"``: always the packed Cholesky factor of the full covariance.
+* ``"low_rank"``: a factor of rank at most `covariance_rank` (the top principal directions) plus the
+  ridge and, when directions are dropped, their mean variance spread isotropically (probabilistic
+  PCA: the trace is kept). With ``covariance_rank=None`` the factor is exact (rank up to d).
+* ``"diagonal"``: the per-dimension variances only (plus the ridge); correlations are dropped.
+
+Sampling (`sampling_plan(...).sample`) stacks the factors once per device and draws every class in
+a few batched matrix products: ``mu + F z1 + sqrt(noise) * z2``.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
 STATISTICS_FILE = "class_statistics.safetensors"
+COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
+FORMAT_VERSION = "2"
+
+# How one class is stored: the packed lower Cholesky factor of its covariance, or a d x r factor
+# plus a diagonal (ridge, residual or per-dimension variance).
+KIND_CHOLESKY, KIND_FACTOR = 0, 1
+
+_V2_TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks", "factors", "noise"}
+_V1_TENSORS = {"classes", "tasks", "counts", "means", "covariances", "ridge"}
+
+# Work sizes (elements): classes per finalize block, per sampling chunk and per sampling step.
+_FINALIZE_BLOCK_ELEMENTS = 1 << 25
+_PLAN_CHUNK_ELEMENTS = 1 << 25
+_SAMPLE_STEP_ELEMENTS = 1 << 25
+
+
+def _tril_indices(d: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.tril_indices(d, d, device=device)
+    return rows, cols
+
+
+def packed_size(d: int) -> int:
+    """Entries of a packed lower triangle of a d x d matrix."""
+    return d * (d + 1) // 2
+
+
+def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """[..., d(d+1)/2] row-major lower triangles -> [..., d, d] lower-triangular matrices."""
+    rows, cols = _tril_indices(d, packed.device)
+    out = packed.new_zeros(*packed.shape[:-1], d, d)
+    out[..., rows, cols] = packed
+    return out
+
+
+def _symmetric_from_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
+    rows, cols = _tril_indices(d, packed.device)
+    out = packed.new_empty(*packed.shape[:-1], d, d)
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
+
+
+def pivoted_cholesky(
+    matrix: torch.Tensor, max_rank: torch.Tensor, tol: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched pivoted Cholesky of positive semi-definite [k, d, d] matrices.
+
+    Returns F [k, d, R] (R = max(max_rank), columns past a matrix's rank are zero) and the ranks,
+    with ``matrix ~= F F^T``: each step takes the largest remaining diagonal entry as pivot and
+    stops at `max_rank` or when no remaining diagonal entry exceeds `tol`. Costs O(d r^2) per
+    matrix instead of the O(d^3) of an eigendecomposition.
+    """
+    k, d, _ = matrix.shape
+    steps = int(max_rank.max()) if k else 0
+    factor_t = matrix.new_zeros(k, steps, d)  # F transposed: each step fills one contiguous row
+    residual = matrix.diagonal(dim1=1, dim2=2).clone()
+    rows = torch.arange(k, device=matrix.device)
+    active = torch.ones(k, dtype=torch.bool, device=matrix.device)
+    ranks = torch.zeros(k, dtype=torch.int64, device=matrix.device)
+    for i in range(steps):
+        value, pivot = residual.max(dim=1)
+        active &= (value > tol) & (max_rank > i)
+        if not bool(active.any()):
+            break
+        col = matrix[rows, pivot, :]  # symmetric: the pivot row is the pivot column
+        if i:
+            col = col - torch.bmm(factor_t[rows, :i, pivot].unsqueeze(1), factor_t[:, :i, :]).squeeze(1)
+        col = col / value.clamp_min(torch.finfo(matrix.dtype).tiny).sqrt()[:, None]
+        col = torch.where(active[:, None], col, torch.zeros_like(col))
+        factor_t[:, i, :] = col
+        residual -= col.square()
+        residual[rows[active], pivot[active]] = 0.0
+        ranks += active
+    factor = factor_t.transpose(1, 2)
+    return factor, ranks
+
+
+class _CovarianceView(Mapping):
+    """Read-only mapping class -> float64 [d, d] covariance, materialised from the factor on access."""
+
+    def __init__(self, stats: ClassStatistics):
+        self._stats = stats
+
+    def __getitem__(self, cls: int) -> torch.Tensor:
+        if cls not in self._stats._factors:
+            raise KeyError(cls)
+        return self._stats.covariance(cls)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._stats.classes)
+
+    def __len__(self) -> int:
+        return len(self._stats._factors)
+
+    def __contains__(self, cls: object) -> bool:
+        return cls in self._stats._factors
+
+
+@dataclass
+class _Chunk:
+    """Classes sampled together: `index` into the plan's class order, factors transposed [k, r, d]
+    and noise standard deviations [k, 1, d] (None when none of them has a diagonal term)."""
+
+    index: torch.Tensor
+    classes: list[int]
+    rank: int
+    has_noise: bool
+    factors_t: torch.Tensor | None = None
+    noise_std: torch.Tensor | None = None
+
+
+@dataclass
+class SamplingPlan:
+    """Everything the sampler needs, stacked once per statistics version, device and dtype."""
+
+    key: tuple
+    classes: torch.Tensor  # [C] int64, sorted
+    tasks: torch.Tensor  # [C] int64, the task of each class
+    means: torch.Tensor  # [C, d]
+    chunks: list[_Chunk] = field(default_factory=list)
+    cached: bool = True
+    stats: ClassStatistics | None = None
+
+    @property
+    def nbytes(self) -> int:
+        total = self.means.numel() * self.means.element_size()
+        for chunk in self.chunks:
+            for t in (chunk.factors_t, chunk.noise_std):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
+    def sample(
+        self, samples_per_class: int, generator: torch.Generator, mean_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[C, n, d] draws of every class (plan order): ``mean_scale * mu + F z1 + sqrt(noise) * z2``.
+
+        A few batched products per chunk of classes; no Python loop over classes.
+        """
+        means = self.means
+        device, dtype = means.device, means.dtype
+        if mean_scale is not None:
+            means = means * mean_scale.to(device=device, dtype=dtype)[:, None]
+        num, dim = means.shape
+        n = samples_per_class
+        out = torch.empty(num, n, dim, device=device, dtype=dtype)
+        for chunk in self.chunks:
+            factors_t, noise_std = chunk.factors_t, chunk.noise_std
+            if factors_t is None:  # over the cache budget: materialise this chunk for this call only
+                factors_t, noise_std = self.stats._chunk_tensors(chunk, device, dtype)
+            step = max(1, _SAMPLE_STEP_ELEMENTS // max(1, n * max(dim, chunk.rank)))
+            for lo in range(0, len(chunk.classes), step):
+                hi = min(lo + step, len(chunk.classes))
+                index = chunk.index[lo:hi]
+                mu = means.index_select(0, index)[:, None, :]
+                if chunk.rank:
+                    z = torch.randn(hi - lo, n, chunk.rank, generator=generator, device=device, dtype=dtype)
+                    x = torch.baddbmm(mu, z, factors_t[lo:hi])
+                else:
+                    x = mu.expand(hi - lo, n, dim).clone()
+                if noise_std is not None:
+                    z = torch.randn(hi - lo, n, dim, generator=generator, device=device, dtype=dtype)
+                    x.addcmul_(z, noise_std[lo:hi])
+                out.index_copy_(0, index, x)
+        return out
 
 
 class ClassStatistics:
@@ -25,48 +209,90 @@ class ClassStatistics:
 
     Old classes are never recomputed: their data is gone once their task ends, so updating one
     raises instead of silently mixing new-task features into an old Gaussian.
+
+    Args:
+        feature_dim: d, the feature size.
+        ridge: added to every covariance's diagonal.
+        covariance_form: how covariances are stored after `finalize` (module docstring): "exact"
+            (default; low-rank factor + ridge or full Cholesky, whichever is smaller), "full",
+            "low_rank" (with `covariance_rank`, truncated) or "diagonal".
+        covariance_rank: maximum factor rank for ``covariance_form="low_rank"`` (None: exact).
     """
 
-    def __init__(self, feature_dim: int, ridge: float = 1e-4):
+    #: Largest sampling plan (stacked factors on the sampling device) kept between calls.
+    sampling_cache_bytes: int = 2 << 30
+
+    def __init__(
+        self,
+        feature_dim: int,
+        ridge: float = 1e-4,
+        covariance_form: str = "exact",
+        covariance_rank: int | None = None,
+    ):
+        if covariance_form not in COVARIANCE_FORMS:
+            raise ValueError(f"covariance_form={covariance_form!r} is not one of {COVARIANCE_FORMS}.")
+        if covariance_rank is not None:
+            if covariance_form != "low_rank":
+                raise ValueError(
+                    f"covariance_rank applies to covariance_form='low_rank', not {covariance_form!r}."
+                )
+            if int(covariance_rank) < 1:
+                raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}.")
+            covariance_rank = int(covariance_rank)
         self.feature_dim = feature_dim
         self.ridge = ridge
+        self.covariance_form = covariance_form
+        self.covariance_rank = covariance_rank
         self.means: dict[int, torch.Tensor] = {}
-        self.covariances: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.task_of_class: dict[int, int] = {}
-        self._pending: dict[int, list[torch.Tensor]] = {}  # class -> [count, sum, outer-sum]
-        self._cholesky: dict[int, torch.Tensor] = {}
+        # class -> float64 factor: packed lower Cholesky [d(d+1)/2] (KIND_CHOLESKY) or [d, r] (KIND_FACTOR)
+        self._factors: dict[int, torch.Tensor] = {}
+        self._noise: dict[int, torch.Tensor] = {}  # class -> float64 [d] diagonal added to F F^T
+        # class -> [count, sum (d), packed outer-sum (d(d+1)/2)], float64, additive across processes
+        self._pending: dict[int, torch.Tensor] = {}
+        self._version = 0
+        self._plan: SamplingPlan | None = None
 
     # ------------------------------------------------------------------ accumulate
-    @torch.no_grad()
+    @torch.inference_mode()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch of features of the task being learned."""
-        if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(f"features must be [batch, {self.feature_dim}], got {tuple(features.shape)}.")
+        """Add a batch of features of the task being learned (float64 accumulation)."""
+        d = self.feature_dim
+        if features.ndim != 2 or features.shape[1] != d:
+            raise ValueError(f"features must be [batch, {d}], got {tuple(features.shape)}.")
         feats = features.detach().to(torch.float64)
-        if not torch.isfinite(feats).all():
-            bad = sorted({int(c) for c in labels[~torch.isfinite(feats).all(dim=1)].tolist()})
+        labels = labels.detach().reshape(-1).to(feats.device)
+        if labels.shape[0] != feats.shape[0]:
+            raise ValueError(f"{feats.shape[0]} features but {labels.shape[0]} labels.")
+        finite = torch.isfinite(feats).all(dim=1)
+        if not bool(finite.all()):
+            bad = sorted({int(c) for c in labels[~finite].tolist()})
             raise ValueError(f"non-finite features for class(es) {bad}; check the inputs and the backbone.")
-        labels = labels.detach().to(feats.device)
-        for cls in torch.unique(labels).tolist():
-            cls = int(cls)
+        if labels.numel() == 0:
+            return
+        sorted_labels, order = torch.sort(labels)
+        classes, sizes = torch.unique_consecutive(sorted_labels, return_counts=True)
+        classes, sizes = [int(c) for c in classes.tolist()], sizes.tolist()
+        for cls in classes:
             if cls in self.means:
                 raise ValueError(
                     f"class {cls} already has statistics from task {self.task_of_class[cls]}; statistics of "
                     "old classes are never recomputed. Feed only the current task's classes."
                 )
-            x = feats[labels == cls]
+        feats = feats.index_select(0, order)
+        rows, cols = _tril_indices(d, feats.device)
+        start = 0
+        for cls, size in zip(classes, sizes, strict=True):
+            x = feats[start : start + size]
+            start += size
             acc = self._pending.get(cls)
             if acc is None:
-                acc = [
-                    torch.zeros((), dtype=torch.float64, device=feats.device),
-                    torch.zeros(self.feature_dim, dtype=torch.float64, device=feats.device),
-                    torch.zeros(self.feature_dim, self.feature_dim, dtype=torch.float64, device=feats.device),
-                ]
+                acc = torch.zeros(1 + d + packed_size(d), dtype=torch.float64, device=feats.device)
                 self._pending[cls] = acc
-            acc[0] += x.shape[0]
-            acc[1] += x.sum(dim=0)
-            acc[2] += x.T @ x
+            acc[0] += size
+            acc[1 : 1 + d] += x.sum(dim=0)
+            acc[1 + d :] += (x.T @ x)[rows, cols]
 
     def pending_classes(self) -> list[int]:
         return sorted(self._pending)
@@ -78,93 +304,313 @@ class ClassStatistics:
         classes: list[int] | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> list[int]:
-        """Turn the accumulated sums into means and covariances for `task_id`'s classes.
+        """Turn the accumulated sums into means and factorised covariances for `task_id`'s classes.
 
         `classes` lists every class of the task so that all processes reduce the same tensors even
-        when a shard saw no sample of some class; `reduce` sums a tensor across processes.
+        when a shard saw no sample of some class; `reduce` sums a tensor across processes (called
+        once for the counts, then once per block of classes, in the same order on every process).
         """
         classes = sorted(classes if classes is not None else self._pending)
         if not classes:
             return []
         d = self.feature_dim
-        device = next(iter(self._pending.values()))[0].device if self._pending else torch.device("cpu")
+        width = d + packed_size(d)
+        device = next(iter(self._pending.values())).device if self._pending else torch.device("cpu")
         counts = torch.zeros(len(classes), dtype=torch.float64, device=device)
-        sums = torch.zeros(len(classes), d, dtype=torch.float64, device=device)
-        outer = torch.zeros(len(classes), d, d, dtype=torch.float64, device=device)
         for i, cls in enumerate(classes):
             if cls in self._pending:
-                counts[i], sums[i], outer[i] = self._pending[cls]
+                counts[i] = self._pending[cls][0]
         if reduce is not None:
-            counts, sums, outer = reduce(counts), reduce(sums), reduce(outer)
-        eye = torch.eye(d, dtype=torch.float64, device=device)
-        for i, cls in enumerate(classes):
-            n = int(round(counts[i].item()))
+            counts = reduce(counts)
+        counts_list = [int(round(c)) for c in counts.tolist()]
+        for cls, n in zip(classes, counts_list, strict=True):
             if n == 0:
                 raise ValueError(
                     f"class {cls} of task {task_id} has no training sample; every class of a task needs "
                     "at least one image to get alignment statistics."
                 )
-            mean = sums[i] / n
             if n == 1:
                 warnings.warn(
                     f"class {cls} has a single training image: its covariance is undefined, so only the "
                     f"ridge {self.ridge}*I is used. Add images of this class for a meaningful Gaussian.",
                     stacklevel=2,
                 )
-                cov = torch.zeros(d, d, dtype=torch.float64, device=device)
-            else:
-                cov = (outer[i] - n * torch.outer(mean, mean)) / (n - 1)
-                cov = 0.5 * (cov + cov.T)
-            self.means[cls] = mean.cpu()
-            self.covariances[cls] = (cov + self.ridge * eye).cpu()
-            self.counts[cls] = n
-            self.task_of_class[cls] = task_id
-            self._pending.pop(cls, None)
+        block = max(1, _FINALIZE_BLOCK_ELEMENTS // (d * d))
+        for lo in range(0, len(classes), block):
+            names = classes[lo : lo + block]
+            acc = torch.zeros(len(names), width, dtype=torch.float64, device=device)
+            for i, cls in enumerate(names):
+                if cls in self._pending:
+                    acc[i] = self._pending[cls][1:]
+            if reduce is not None:
+                acc = reduce(acc)
+            n = torch.tensor(counts_list[lo : lo + block], dtype=torch.float64, device=device)
+            means = acc[:, :d] / n[:, None]
+            rows, cols = _tril_indices(d, device)
+            scatter = acc[:, d:] - n[:, None] * means[:, rows] * means[:, cols]
+            cov = _symmetric_from_tril(scatter / (n - 1).clamp_min(1)[:, None], d)
+            cov[n < 2] = 0.0  # a single sample has no spread: only the ridge remains
+            factors, noise = self._factorise(cov, n.long())
+            for i, cls in enumerate(names):
+                self.means[cls] = means[i].cpu()
+                self._factors[cls] = factors[i].cpu()
+                self._noise[cls] = noise[i].cpu()
+                self.counts[cls] = counts_list[lo + i]
+                self.task_of_class[cls] = task_id
+                self._pending.pop(cls, None)
+            del acc, scatter, cov
+        self._changed()
         return classes
+
+    def _factorise(self, cov: torch.Tensor, n: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stored factor and diagonal of each [d, d] covariance (without ridge) of a block."""
+        k, d, _ = cov.shape
+        ridge = torch.full((d,), self.ridge, dtype=cov.dtype, device=cov.device)
+        form = self.covariance_form
+        if form == "diagonal":
+            return [cov.new_zeros(d, 0)] * k, list(cov.diagonal(dim1=1, dim2=2) + ridge)
+        max_rank = (n - 1).clamp(min=0, max=d)
+        if form == "full":
+            low = torch.zeros(k, dtype=torch.bool, device=cov.device)
+        elif form == "exact":
+            low = max_rank * d < packed_size(d)
+        else:
+            low = torch.ones(k, dtype=torch.bool, device=cov.device)
+        factors: list[torch.Tensor | None] = [None] * k
+        noise: list[torch.Tensor | None] = [None] * k
+        full_idx = (~low).nonzero().flatten().tolist()
+        if full_idx:
+            rows, cols = _tril_indices(d, cov.device)
+            chol = self._cholesky_with_ridge(cov[full_idx], [None] * len(full_idx))
+            for j, i in enumerate(full_idx):
+                factors[i] = chol[j][rows, cols]
+                noise[i] = torch.zeros_like(ridge)
+        low_idx = low.nonzero().flatten().tolist()
+        if low_idx:
+            sub = cov[low_idx]
+            sub_rank = max_rank[low_idx]
+            truncate = self.covariance_rank if form == "low_rank" else None
+            # Rounding level of the cancellation in outer - n mu mu^T: below it there is no signal.
+            scale = sub.diagonal(dim1=1, dim2=2).amax(dim=1)
+            tol = scale * d * torch.finfo(cov.dtype).eps
+            if truncate is None:
+                f, ranks = pivoted_cholesky(sub, sub_rank, tol)
+                for j, i in enumerate(low_idx):
+                    factors[i] = f[j, :, : int(ranks[j])].clone()
+                    noise[i] = ridge.clone()
+            else:
+                for j, i in enumerate(low_idx):
+                    factors[i], noise[i] = self._truncated(sub[j], int(sub_rank[j]), truncate, tol[j], ridge)
+        return factors, noise
+
+    @staticmethod
+    def _truncated(
+        cov: torch.Tensor, max_rank: int, rank: int, tol: torch.Tensor, ridge: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-`rank` principal factor; the dropped variance is spread isotropically (PPCA)."""
+        d = cov.shape[0]
+        if max_rank < d:
+            f, r = pivoted_cholesky(cov[None], torch.tensor([max_rank], device=cov.device), tol.reshape(1))
+            f = f[0, :, : int(r[0])]
+            if f.shape[1] <= rank:
+                return f.clone(), ridge.clone()
+            u, s, _ = torch.linalg.svd(f, full_matrices=False)
+            eigvals, eigvecs = s.square(), u
+        else:
+            eigvals, eigvecs = torch.linalg.eigh(cov)
+            eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+            if int((eigvals > tol).sum()) <= rank:
+                keep = eigvals > tol
+                return eigvecs[:, keep] * eigvals[keep].sqrt(), ridge.clone()
+        if rank >= d:
+            return eigvecs * eigvals.sqrt(), ridge.clone()
+        residual = (cov.diagonal().sum() - eigvals[:rank].sum()).clamp_min(0) / (d - rank)
+        factor = eigvecs[:, :rank] * (eigvals[:rank] - residual).clamp_min(0).sqrt()
+        return factor, ridge + residual
+
+    def _cholesky_with_ridge(self, cov: torch.Tensor, names: list[int | None]) -> torch.Tensor:
+        """Lower Cholesky factors of ``cov + ridge * I``; a matrix that is not numerically positive
+        definite gets a growing ridge, with a warning."""
+        d = cov.shape[-1]
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        factor, info = torch.linalg.cholesky_ex(cov + self.ridge * eye)
+        for j in (info != 0).nonzero().flatten().tolist():
+            extra = self.ridge
+            label = f"class {names[j]}" if names[j] is not None else "a class"
+            while True:
+                warnings.warn(
+                    f"covariance of {label} is not positive definite; adding ridge {extra:g}*I.", stacklevel=3
+                )
+                extra *= 10
+                factor[j], bad = torch.linalg.cholesky_ex(cov[j] + (self.ridge + extra) * eye)
+                if int(bad) == 0:
+                    break
+        return factor
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._plan = None
 
     # ------------------------------------------------------------------ access
     @property
     def classes(self) -> list[int]:
         return sorted(self.means)
 
-    def cholesky(self, cls: int) -> torch.Tensor:
-        """Lower Cholesky factor of a class covariance, computed once (statistics never change).
+    @property
+    def covariances(self) -> Mapping[int, torch.Tensor]:
+        """class -> float64 [d, d] covariance (ridge included), materialised from its factor on access."""
+        return _CovarianceView(self)
 
-        A covariance that is not numerically positive definite gets a growing ridge, with a warning.
-        """
-        factor = self._cholesky.get(cls)
-        if factor is None:
-            cov = self.covariances[cls]
-            factor, info = torch.linalg.cholesky_ex(cov)
-            extra = self.ridge
-            while info.item() != 0:
-                warnings.warn(
-                    f"covariance of class {cls} is not positive definite; adding ridge {extra:g}*I.",
-                    stacklevel=2,
+    @property
+    def ranks(self) -> dict[int, int]:
+        """class -> rank of its stored factor (d for a full Cholesky factor, 0 for a diagonal)."""
+        return {c: self.feature_dim if f.ndim == 1 else f.shape[1] for c, f in self._factors.items()}
+
+    def covariance(self, cls: int) -> torch.Tensor:
+        """The float64 [d, d] covariance of a class: ``L L^T`` or ``F F^T + diag(noise)``."""
+        factor = self._factors[cls]
+        if factor.ndim == 1:
+            lower = unpack_tril(factor, self.feature_dim)
+            return lower @ lower.T
+        return factor @ factor.T + torch.diag(self._noise[cls])
+
+    def cholesky(self, cls: int) -> torch.Tensor:
+        """Lower Cholesky factor of a class covariance (float64 [d, d])."""
+        factor = self._factors[cls]
+        if factor.ndim == 1:
+            return unpack_tril(factor, self.feature_dim)
+        without_ridge = self.covariance(cls) - self.ridge * torch.eye(self.feature_dim, dtype=torch.float64)
+        return self._cholesky_with_ridge(without_ridge[None], [cls])[0]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: finalised statistics, pending accumulators, and the cached sampling plan."""
+
+        def size(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        stored = size(self.means.values()) + size(self._factors.values()) + size(self._noise.values())
+        plan = self._plan.nbytes if self._plan is not None else 0
+        return {"statistics": stored, "pending": size(self._pending.values()), "sampling_plan": plan}
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_plan(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> SamplingPlan:
+        """Stacked means and factors of all classes on `device`, built once per finalize (cached
+        while its factors fit in `sampling_cache_bytes`; larger ones are stacked chunk by chunk at
+        every `sample` call instead)."""
+        device = torch.device(device)
+        key = (self._version, str(device), dtype)
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        self._plan = None
+        classes = self.classes
+        d = self.feature_dim
+        cls_t = torch.tensor(classes, dtype=torch.int64)
+        means = torch.stack([self.means[c] for c in classes]) if classes else torch.zeros(0, d)
+        plan = SamplingPlan(
+            key=key,
+            classes=cls_t.to(device),
+            tasks=torch.tensor([self.task_of_class[c] for c in classes], dtype=torch.int64).to(device),
+            means=means.to(device=device, dtype=dtype),
+            stats=self,
+        )
+        ranks = self.ranks
+        kinds = {c: KIND_CHOLESKY if self._factors[c].ndim == 1 else KIND_FACTOR for c in classes}
+        has_noise = {c: bool((self._noise[c] != 0).any()) for c in classes}
+        order = sorted(range(len(classes)), key=lambda i: (kinds[classes[i]], ranks[classes[i]]))
+        groups: list[list[int]] = []
+        for i in order:
+            c = classes[i]
+            if groups:
+                first = classes[groups[-1][0]]
+                r_max = max(ranks[c], 1)
+                if (
+                    kinds[c] == kinds[first]
+                    and ranks[c] <= 1.25 * ranks[first] + 8
+                    and (len(groups[-1]) + 1) * r_max * d <= _PLAN_CHUNK_ELEMENTS
+                ):
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
+        total = 0
+        for group in groups:
+            names = [classes[i] for i in group]
+            rank = max(ranks[c] for c in names)
+            plan.chunks.append(
+                _Chunk(
+                    index=torch.tensor(group, dtype=torch.int64, device=device),
+                    classes=names,
+                    rank=rank,
+                    has_noise=any(has_noise[c] for c in names),
                 )
-                factor, info = torch.linalg.cholesky_ex(cov + extra * torch.eye(len(cov), dtype=cov.dtype))
-                extra *= 10
-            self._cholesky[cls] = factor
-        return factor
+            )
+            total += len(names) * d * (rank + 1) * torch.finfo(dtype).bits // 8
+        plan.cached = total <= self.sampling_cache_bytes
+        if plan.cached:
+            for chunk in plan.chunks:
+                chunk.factors_t, chunk.noise_std = self._chunk_tensors(chunk, device, dtype)
+        self._plan = plan
+        return plan
+
+    def _chunk_tensors(
+        self, chunk: _Chunk, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d = self.feature_dim
+        k = len(chunk.classes)
+        factors_t = torch.zeros(k, chunk.rank, d, dtype=torch.float64)
+        noise = torch.zeros(k, 1, d, dtype=torch.float64) if chunk.has_noise else None
+        for i, c in enumerate(chunk.classes):
+            f = self._factors[c]
+            if f.ndim == 1:
+                factors_t[i] = unpack_tril(f, d).T
+            else:
+                factors_t[i, : f.shape[1]] = f.T
+            if noise is not None:
+                noise[i, 0] = self._noise[c].sqrt()
+        factors_t = factors_t.to(device=device, dtype=dtype)
+        return factors_t, None if noise is None else noise.to(device=device, dtype=dtype)
+
+    def sample(
+        self,
+        samples_per_class: int,
+        generator: torch.Generator,
+        mean_scale: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """[C, n, d] samples of every class (`classes` order) on the generator's device."""
+        return self.sampling_plan(generator.device, dtype).sample(samples_per_class, generator, mean_scale)
 
     # ------------------------------------------------------------------ files
     def state_dict(self) -> dict[str, torch.Tensor]:
         classes = self.classes
         d = self.feature_dim
+        factors = [self._factors[c].reshape(-1) for c in classes]
+        ranks = self.ranks
+        empty = torch.zeros(0, d, dtype=torch.float64)
         return {
             "classes": torch.tensor(classes, dtype=torch.int64),
             "tasks": torch.tensor([self.task_of_class[c] for c in classes], dtype=torch.int64),
             "counts": torch.tensor([self.counts[c] for c in classes], dtype=torch.int64),
-            "means": torch.stack([self.means[c] for c in classes]) if classes else torch.zeros(0, d),
-            "covariances": (
-                torch.stack([self.covariances[c] for c in classes]) if classes else torch.zeros(0, d, d)
-            ),
+            "means": torch.stack([self.means[c] for c in classes]) if classes else empty,
             "ridge": torch.tensor(self.ridge, dtype=torch.float64),
+            "kinds": torch.tensor(
+                [KIND_CHOLESKY if self._factors[c].ndim == 1 else KIND_FACTOR for c in classes], dtype=torch.int64
+            ),
+            "ranks": torch.tensor([ranks[c] for c in classes], dtype=torch.int64),
+            "factors": torch.cat(factors) if factors else torch.zeros(0, dtype=torch.float64),
+            "noise": torch.stack([self._noise[c] for c in classes]) if classes else empty,
+        }
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": "slca-peft class statistics",
+            "version": FORMAT_VERSION,
+            "covariance_form": self.covariance_form,
+            "covariance_rank": "" if self.covariance_rank is None else str(self.covariance_rank),
         }
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / STATISTICS_FILE
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=self.metadata())
         return path
 
     @classmethod
@@ -172,20 +618,75 @@ class ClassStatistics:
         path = Path(directory) / STATISTICS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the checkpoint has no class statistics.")
-        state = load_file(str(path))
-        expected = {"classes", "tasks", "counts", "means", "covariances", "ridge"}
-        if set(state) != expected:
-            raise ValueError(f"{path} holds tensors {sorted(state)}, expected {sorted(expected)}.")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if set(state) == _V1_TENSORS:
+            return cls._load_v1(path, state, feature_dim)
+        if set(state) != _V2_TENSORS:
+            raise ValueError(f"{path} holds tensors {sorted(state)}, expected {sorted(_V2_TENSORS)}.")
+        means = state["means"]
+        if means.ndim != 2:
+            raise ValueError(f"{path} has means of shape {tuple(means.shape)}; the file is damaged.")
+        num, dim = means.shape
+        if feature_dim is not None and dim != feature_dim:
+            raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
+        form = metadata.get("covariance_form", "exact")
+        rank = metadata.get("covariance_rank", "")
+        if form not in COVARIANCE_FORMS or (rank and not rank.isdigit()):
+            raise ValueError(f"{path} records covariance_form={form!r}, covariance_rank={rank!r}; not supported.")
+        kinds, ranks = state["kinds"], state["ranks"]
+        if (
+            any(state[k].shape != (num,) for k in ("classes", "tasks", "counts", "kinds", "ranks"))
+            or state["noise"].shape != (num, dim)
+            or state["factors"].ndim != 1
+            or state["ridge"].numel() != 1
+        ):
+            raise ValueError(f"{path} has inconsistent tensor shapes; the file is damaged.")
+        if not bool(((kinds == KIND_CHOLESKY) & (ranks == dim) | (kinds == KIND_FACTOR) & (ranks >= 0)
+                     & (ranks <= dim)).all()):
+            raise ValueError(f"{path} has invalid factor kinds or ranks; the file is damaged.")
+        sizes = torch.where(kinds == KIND_CHOLESKY, packed_size(dim), ranks * dim).tolist()
+        if sum(sizes) != state["factors"].numel():
+            raise ValueError(
+                f"{path} has {state['factors'].numel()} factor entries, its ranks need {sum(sizes)}; "
+                "the file is damaged."
+            )
+        if len(set(state["classes"].tolist())) != num:
+            raise ValueError(f"{path} lists a class twice; the file is damaged.")
+        stats = cls(dim, ridge=float(state["ridge"]), covariance_form=form,
+                    covariance_rank=int(rank) if rank and form == "low_rank" else None)
+        flat = state["factors"].to(torch.float64)
+        start = 0
+        for i, c in enumerate(state["classes"].tolist()):
+            chunk = flat[start : start + sizes[i]]
+            start += sizes[i]
+            stats._factors[c] = chunk.clone() if int(kinds[i]) == KIND_CHOLESKY else chunk.reshape(dim, -1).clone()
+            stats._noise[c] = state["noise"][i].to(torch.float64).clone()
+            stats._set_class(c, means[i], int(state["counts"][i]), int(state["tasks"][i]))
+        stats._changed()
+        return stats
+
+    def _set_class(self, cls: int, mean: torch.Tensor, count: int, task: int) -> None:
+        self.means[cls] = mean.to(torch.float64).clone()
+        self.counts[cls] = count
+        self.task_of_class[cls] = task
+
+    @classmethod
+    def _load_v1(cls, path: Path, state: dict[str, torch.Tensor], feature_dim: int | None) -> ClassStatistics:
+        """Files written before factorised storage hold dense covariances: factorise them now."""
         means, covs = state["means"], state["covariances"]
         num, dim = means.shape
         if feature_dim is not None and dim != feature_dim:
             raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
         if covs.shape != (num, dim, dim) or any(state[k].shape != (num,) for k in ("classes", "tasks", "counts")):
             raise ValueError(f"{path} has inconsistent tensor shapes; the file is damaged.")
-        stats = cls(dim, ridge=float(state["ridge"]))
+        stats = cls(dim, ridge=float(state["ridge"]), covariance_form="full")
+        rows, cols = _tril_indices(dim)
         for i, c in enumerate(state["classes"].tolist()):
-            stats.means[c] = means[i].to(torch.float64)
-            stats.covariances[c] = covs[i].to(torch.float64)
-            stats.counts[c] = int(state["counts"][i])
-            stats.task_of_class[c] = int(state["tasks"][i])
+            cov = covs[i].to(torch.float64) - stats.ridge * torch.eye(dim, dtype=torch.float64)
+            stats._factors[c] = stats._cholesky_with_ridge(cov[None], [c])[0][rows, cols].clone()
+            stats._noise[c] = torch.zeros(dim, dtype=torch.float64)
+            stats._set_class(c, means[i], int(state["counts"][i]), int(state["tasks"][i]))
+        stats._changed()
         return stats

@@ -1,0 +1,94 @@
+"""Export to a plain `AutoModelForImageClassification` checkpoint that needs no slca-peft.
+
+LoRA is merged into the frozen weights, the trained LayerNorms/biases/class token are taken over,
+and the per-task heads with their scales are folded into one linear layer:
+`head_j(s_j * f) = (s_j W_j) f + b_j`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import PeftModel
+from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPImageProcessor
+
+from .checkpoint import atomic_directory
+
+if TYPE_CHECKING:
+    from .model import SLCAModel
+
+# Model types whose *ForImageClassification head reads the class token after the final LayerNorm,
+# the same feature SLCA trains its heads on.
+CLS_TOKEN_HEADS = ("vit", "deit")
+
+
+def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight and bias equal to the concatenated, scaled task heads."""
+    clf = model.classifier
+    weight = torch.cat([head.weight.detach() * clf.scales[i] for i, head in enumerate(clf.heads)])
+    bias = torch.cat([head.bias.detach() for head in clf.heads])
+    return weight, bias
+
+
+def export_model(
+    model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None
+) -> Path:
+    """Write `directory` for `pipeline("image-classification", model=directory)`."""
+    config = copy.deepcopy(model.config)
+    if config.model_type not in CLS_TOKEN_HEADS:
+        raise NotImplementedError(
+            f"export supports {CLS_TOKEN_HEADS} backbones, whose classification head reads the class token; "
+            f"{config.model_type} heads read another feature. Save with save_pretrained instead."
+        )
+    num_classes = model.classifier.num_classes
+    names = list(label_names) if label_names else [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
+    config.num_labels = num_classes
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+    config.architectures = None
+
+    backbone = copy.deepcopy(model.backbone)
+    if isinstance(backbone, PeftModel):
+        backbone = backbone.merge_and_unload()
+    classifier = AutoModelForImageClassification.from_config(config)
+    base_prefix = classifier.base_model_prefix
+    missing, unexpected = getattr(classifier, base_prefix).load_state_dict(backbone.state_dict(), strict=False)
+    missing = [k for k in missing if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise RuntimeError(f"backbone weights do not fit the exported model: missing {missing}, "
+                           f"unexpected {unexpected}.")
+    weight, bias = folded_head(model)
+    with torch.no_grad():
+        classifier.classifier.weight.copy_(weight)
+        classifier.classifier.bias.copy_(bias)
+    processor = image_processor or default_image_processor(model)
+    with atomic_directory(directory) as tmp:
+        classifier.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(directory)
+
+
+def default_image_processor(model: SLCAModel):
+    """The base model's processor if it has one, else the spec's eval transform: shorter side to
+    size*256/224 (bicubic), center crop, normalise with 0.5."""
+    base = model.base_model_name_or_path
+    if base:
+        try:
+            return AutoImageProcessor.from_pretrained(base, revision=model.revision)
+        except (OSError, ValueError):
+            pass
+    size = model.config.image_size
+    size = size if isinstance(size, int) else size[0]
+    return CLIPImageProcessor(
+        size={"shortest_edge": round(size * 256 / 224)},
+        crop_size={"height": size, "width": size},
+        resample=3,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        do_convert_rgb=True,
+    )
