@@ -142,3 +142,169 @@ def test_alignment_needs_statistics_of_every_class():
     stats.finalize(0)
     with pytest.raises(ValueError, match=r"classes \[2, 3\] have no statistics"):
         ClassifierAligner().align(clf, stats, task_id=1)
+
+
+# ---------------------------------------------------------------------------- fast sampling
+def _mixed_statistics(dim=24, **kw):
+    """Classes stored in every way the exact form uses: rank 0, low rank, full Cholesky."""
+    gen = torch.Generator().manual_seed(5)
+    stats = ClassStatistics(dim, ridge=1e-3, **kw)
+    for c, n in enumerate([1, 4, 9, 60, 300]):
+        mix = torch.randn(dim, dim, generator=gen) / dim**0.5
+        x = torch.randn(n, dim, generator=gen) @ mix.T * (1 + c) + torch.randn(dim, generator=gen) * 2
+        stats.update(x, torch.full((n,), c))
+    with pytest.warns(UserWarning, match="single training image"):
+        stats.finalize(0)
+    return stats
+
+
+def _assert_moments(samples, mean, cov, sigmas=5.0):
+    """Sample mean and covariance within `sigmas` standard errors of the target, entry by entry."""
+    n = samples.shape[0]
+    s = samples.double()
+    var = cov.diagonal()
+    mean_err = (s.mean(0) - mean).abs()
+    assert (mean_err <= sigmas * (var / n).sqrt() + 1e-6).all(), mean_err.max()
+    cov_err = (torch.cov(s.T) - cov).abs()
+    cov_se = ((cov.square() + var[:, None] * var[None, :]) / n).sqrt()
+    assert (cov_err <= sigmas * cov_se + 1e-6).all(), (cov_err / cov_se).max()
+
+
+@pytest.mark.parametrize(("form", "rank"), [("exact", None), ("full", None), ("low_rank", 3), ("diagonal", None)])
+def test_fast_sampler_draws_the_covariance_each_class_stores(form, rank):
+    stats = _mixed_statistics(covariance_form=form, covariance_rank=rank)
+    if form == "exact":
+        assert [stats.ranks[c] for c in range(5)] == [0, 3, 8, 24, 24]
+    aligner = ClassifierAligner(AlignmentSettings(samples_per_class=40000, fc_scale_mu=0.0))
+    feats, labels = aligner.sample(stats, task_id=0, generator=torch.Generator().manual_seed(0))
+    assert feats.dtype == torch.float32 and feats.shape == (5 * 40000, 24)
+    for c in range(5):
+        _assert_moments(feats[labels == c], stats.means[c], stats.covariances[c])
+
+
+def test_sampling_plan_is_built_once_and_rebuilt_after_finalize():
+    stats = _mixed_statistics()
+    plan = stats.sampling_plan("cpu")
+    assert stats.sampling_plan("cpu") is plan
+    assert stats.memory_bytes()["sampling_plan"] == plan.nbytes > 0
+    stats.update(torch.randn(5, 24), torch.full((5,), 7))
+    stats.finalize(1)
+    new = stats.sampling_plan("cpu")
+    assert new is not plan and new.classes.tolist() == [0, 1, 2, 3, 4, 7]
+
+
+def test_plans_over_the_cache_budget_and_in_many_chunks_draw_the_same_samples(monkeypatch):
+    import slca_peft.statistics as module
+
+    stats = _mixed_statistics()
+    reference = stats.sample(16, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ClassStatistics, "sampling_cache_bytes", 0)
+    stats._changed()
+    plan = stats.sampling_plan("cpu")
+    assert not plan.cached and plan.nbytes == plan.means.numel() * 4
+    torch.testing.assert_close(stats.sample(16, torch.Generator().manual_seed(3)), reference, rtol=0, atol=0)
+    # Chunks of one class each, drawn one by one, follow the same Gaussians.
+    monkeypatch.setattr(module, "_PLAN_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(module, "_SAMPLE_STEP_ELEMENTS", 1)
+    stats._changed()
+    assert len(stats.sampling_plan("cpu").chunks) == 5
+    feats = stats.sample(30000, torch.Generator().manual_seed(4))
+    for i, c in enumerate(stats.classes):
+        _assert_moments(feats[i], stats.means[c], stats.covariances[c])
+
+
+def test_fast_sampler_matches_the_per_class_formula_for_the_same_noise():
+    """mu + F z1 + sqrt(noise) z2 with z drawn chunk by chunk, written out class by class."""
+    stats = _mixed_statistics()
+    n = 7
+    feats = stats.sample(n, torch.Generator().manual_seed(9))
+    plan = stats.sampling_plan("cpu")
+    gen = torch.Generator().manual_seed(9)
+    expected = {}
+    for chunk in plan.chunks:
+        k = len(chunk.classes)
+        z1 = torch.randn(k, n, chunk.rank, generator=gen) if chunk.rank else None
+        z2 = torch.randn(k, n, 24, generator=gen) if chunk.has_noise else None
+        for i, c in enumerate(chunk.classes):
+            factor = stats.cholesky(c) if stats.ranks[c] == 24 and stats._noise[c].eq(0).all() else stats._factors[c]
+            x = stats.means[c].expand(n, 24).clone()
+            if factor.shape[1]:
+                x += z1[i, :, : factor.shape[1]].double() @ factor.T
+            if z2 is not None:
+                x += z2[i].double() * stats._noise[c].sqrt()
+            expected[c] = x
+    for i, c in enumerate(stats.classes):
+        torch.testing.assert_close(feats[i].double(), expected[c], rtol=1e-5, atol=1e-4)
+
+
+def _straightforward_align(classifier, settings, task_id, seed, samples):
+    """The loop written plainly (shuffled copy, per-batch loss check), fed the given samples."""
+    classifier.scales.fill_(1.0)
+    params = list(classifier.heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    generator = torch.Generator().manual_seed(seed + task_id)
+    offsets = classifier.task_offsets()
+    losses = []
+    for epoch in range(settings.epochs):
+        feats, labels = samples[epoch]
+        order = torch.randperm(len(labels), generator=generator)
+        feats, labels = feats[order], labels[order]
+        total = []
+        for start in range(0, len(labels), settings.batch_size):
+            x, y = feats[start : start + settings.batch_size], labels[start : start + settings.batch_size]
+            logits = classifier(x)
+            pairs = zip(offsets[:-1], offsets[1:], strict=True)
+            norms = torch.stack([logits[:, a:b].norm(dim=1) + 1e-7 for a, b in pairs], 1)
+            loss = F.cross_entropy(logits / norms.mean(1, keepdim=True) / settings.temperature, y)
+            assert torch.isfinite(loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total.append(loss.item())
+        scheduler.step()
+        losses.append(float(np.mean(total)))
+    num_old = classifier.num_tasks - 1
+    with torch.no_grad():
+        for j in range(num_old):
+            classifier.scales[j] = 1.0 + settings.fc_scale_mu * (num_old - j)
+    return losses
+
+
+def test_fast_alignment_equals_the_straightforward_loop_given_the_same_samples():
+    sizes = [3, 2, 3]
+    _, data = gaussian_tasks(sizes)
+    clf, stats = sequential_heads(sizes, data)
+    reference = ContinualClassifier(16, sizes)
+    reference.load_state_dict(clf.state_dict())
+    settings = AlignmentSettings(epochs=3, samples_per_class=50, batch_size=64)
+    aligner = ClassifierAligner(settings, seed=4)
+    drawn = [aligner.sample(stats, 2, torch.Generator().manual_seed(100 + e)) for e in range(3)]
+    calls = iter(drawn)
+    aligner.sample = lambda stats, task_id, generator: next(calls)
+    losses = aligner.align(clf, stats, task_id=2)
+    expected_losses = _straightforward_align(reference, settings, 2, 4, drawn)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(clf.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_alignment_loss_restores_the_heads():
+    sizes = [2, 2]
+    _, data = gaussian_tasks(sizes)
+    clf, stats = sequential_heads(sizes, data)
+    before = clf.snapshot()
+    aligner = ClassifierAligner(AlignmentSettings(epochs=2))
+    good = aligner.sample(stats, 1, torch.Generator().manual_seed(0))
+    broken = (good[0].clone(), good[1])
+    broken[0][5, 3] = float("nan")  # the first epoch trains, the second one diverges
+    calls = iter([good, broken])
+    aligner.sample = lambda stats, task_id, generator: next(calls)
+    with pytest.raises(RuntimeError, match="restored"):
+        aligner.align(clf, stats, task_id=1)
+    for key, value in before.items():
+        torch.testing.assert_close(clf.state_dict()[key], value, rtol=0, atol=0)
+    assert [p.requires_grad for p in clf.heads.parameters()] == [False, False, True, True]

@@ -1,0 +1,206 @@
+"""Continual checkpoints: files, PEFT compatibility, the Hub cache path, push, export, bad input."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageClassification, ViTModel
+
+from slca_peft import ClassStatistics, SLCAModel
+from slca_peft.checkpoint import load_checkpoint
+
+
+def trained_model(base_model_dir) -> SLCAModel:
+    """A model with two tasks whose every trainable tensor and head differs from its initial value."""
+    torch.manual_seed(0)
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    model.grow(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad or "heads" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        model.classifier.scales[0] = 1.02
+    return model.eval()
+
+
+def stats_for(model) -> ClassStatistics:
+    stats = ClassStatistics(model.feature_dim)
+    stats.update(torch.randn(20, model.feature_dim), torch.arange(5).repeat(4))
+    stats.finalize(0)
+    return stats
+
+
+def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_model_dir):
+    model = trained_model(base_model_dir)
+    unaligned = model.classifier.snapshot()
+    unaligned["scales"] = torch.ones(2)
+    x = torch.randn(3, 3, 32, 32)
+    expected = model(x).logits
+    model.save_pretrained(tmp_path / "ckpt", statistics=stats_for(model), state={"accuracy_matrix": [[90.0]]},
+                          unaligned_head=unaligned)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
+                     "classifier.safetensors", "continual_state.json", "slca_config.json"]
+    loaded, stats, state, restored_unaligned = load_checkpoint(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.eval()(x).logits, expected, rtol=0, atol=0)
+    assert stats.classes == [0, 1, 2, 3, 4] and state == {"accuracy_matrix": [[90.0]]}
+    assert restored_unaligned["scales"].tolist() == [1.0, 1.0]
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_adapter_directory_loads_with_peft_onto_the_base_model(tmp_path, base_model_dir):
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    base = ViTModel.from_pretrained(base_model_dir, add_pooling_layer=False)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "ckpt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    # LoRA, LayerNorms, biases and the class token all come back through PEFT's own loader.
+    torch.testing.assert_close(peft_model(pixel_values=x).last_hidden_state[:, 0], model.features(x))
+
+
+def lay_out_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef") -> None:
+    """The on-disk layout huggingface_hub uses: models--owner--name/{refs/main, snapshots/<rev>/...}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(folder, repo / "snapshots" / revision)
+
+
+def test_loading_by_repo_id_from_an_offline_hub_cache(tmp_path, base_model_dir, monkeypatch):
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    cache = tmp_path / "hub"
+    lay_out_hub_cache(cache, "someone/tiny-slca", tmp_path / "ckpt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    loaded = SLCAModel.from_pretrained("someone/tiny-slca")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class RecorderApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
+            files = sorted(p.name for p in Path(folder_path).iterdir())
+            card = (Path(folder_path) / "README.md").read_text()
+            calls.append(("upload_folder", repo_id, commit_message, files, card))
+            return "commit-url"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
+    model = trained_model(base_model_dir)
+    out = model.push_to_hub("me/slca-tiny", private=True, commit_message="task 2", statistics=stats_for(model),
+                            state={"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0],
+                                   "method": "slca++", "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993})
+    assert out == "commit-url"
+    uploads = [c for c in calls if c[0] == "upload_folder"]
+    assert len(uploads) == 1 and ("create_repo", "me/slca-tiny", True, True) in calls
+    _, repo, message, files, card = uploads[0]
+    assert repo == "me/slca-tiny" and message == "task 2"
+    assert {"adapter_model.safetensors", "classifier.safetensors", "class_statistics.safetensors",
+            "slca_config.json", "continual_state.json", "README.md"} <= set(files)
+    assert "library_name: slca-peft" in card and "- continual-learning" in card and "| 2 | 70.0 | 60.0 |" in card
+    assert f"base_model: {base_model_dir}" in card
+
+
+def test_export_matches_the_model_and_needs_no_slca_peft(tmp_path, base_model_dir):
+    model = trained_model(base_model_dir)
+    names = ["ant", "bee", "cat", "dog", "eel"]
+    model.export(str(tmp_path / "exported"), label_names=names)
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(plain(pixel_values=x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    assert plain.config.id2label == dict(enumerate(names))
+    # pipeline() in a fresh interpreter where importing slca_peft fails.
+    from PIL import Image
+
+    images = []
+    for i in range(3):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()).save(path)
+        images.append(str(path))
+    script = f"""
+import sys, json
+sys.modules["slca_peft"] = None
+from transformers import pipeline
+pipe = pipeline("image-classification", model={str(tmp_path / 'exported')!r}, device="cpu")
+print(json.dumps([r[0]["label"] for r in pipe({images!r}, top_k=1)]))
+assert not any(m.startswith("slca_peft") and sys.modules[m] is not None for m in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    predicted = json.loads(out.stdout.strip().splitlines()[-1])
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "exported")
+    pixels = processor([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    assert predicted == [names[i] for i in model(pixels).logits.argmax(1).tolist()]
+
+
+def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path, base_model_dir):
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    # A truncated tensor file.
+    broken = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "ckpt", broken)
+    data = (broken / "classifier.safetensors").read_bytes()
+    (broken / "classifier.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="classifier.safetensors is not a valid safetensors file"):
+        load_checkpoint(broken)
+    # A missing file.
+    missing = tmp_path / "missing"
+    shutil.copytree(tmp_path / "ckpt", missing)
+    (missing / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+        load_checkpoint(missing)
+    # Pickle offered as a checkpoint, as a file or inside the directory.
+    (tmp_path / "model.bin").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(ValueError, match="Pickle files are never loaded"):
+        load_checkpoint(tmp_path / "model.bin")
+    with_pickle = tmp_path / "with_pickle"
+    shutil.copytree(tmp_path / "ckpt", with_pickle)
+    (with_pickle / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(ValueError, match=r"pickle-based files \['pytorch_model.bin'\]"):
+        load_checkpoint(with_pickle)
+    # A checkpoint of another base model.
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        load_checkpoint(tmp_path / "ckpt", expected_base="google/vit-base-patch16-224-in21k")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, base_model_dir, monkeypatch):
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    import slca_peft.hub
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(slca_peft.hub, "write_model_card", boom)
+    with torch.no_grad():
+        model.classifier.heads[0].bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

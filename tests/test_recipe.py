@@ -1,0 +1,77 @@
+"""recipes/train_seq.py end to end: YAML config, CLI overrides, resume."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("train_seq", ROOT / "recipes" / "train_seq.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_seq"] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def common_args(base_model_dir, image_folders, out):
+    train_dir, test_dir = image_folders
+    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
+            "--init_cls", "2", "--increment", "2", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+            "--learning_rate", "0.05", "--ca_samples_per_class", "64", "--ca_batch_size", "32",
+            "--crop_scale_min", "0.8", "--horizontal_flip", "false", "--use_cpu", "true", "--disable_tqdm", "true",
+            "--seed", "3", "--output_dir", str(out)]
+
+
+def test_yaml_config_is_overridden_by_the_command_line(tmp_path):
+    recipe = load_recipe()
+    config = tmp_path / "c.yaml"
+    config.write_text("model_config: m.json\ndataset: digits\nmethod: slca\nlearning_rate: 0.1\n"
+                      "lora_target_modules: [q_proj, v_proj]\noutput_dir: out\n")
+    model_args, data_args, args = recipe.parse_args(["--config", str(config), "--learning_rate", "0.02"])
+    assert (args.method, args.learning_rate, args.backbone_lr_scale) == ("slca", 0.02, 0.01)
+    assert args.lora_target_modules == ["q_proj", "v_proj"] and data_args.dataset == "digits"
+    assert model_args.model_config == "m.json"
+    with pytest.raises(SystemExit, match="--dataset NAME or both --train_dir and --test_dir"):
+        recipe.parse_args(["--model_config", "m.json", "--output_dir", "o"])
+
+
+def test_resume_after_an_interruption_gives_the_same_metrics(tmp_path, base_model_dir, image_folders, capsys):
+    recipe = load_recipe()
+    full = tmp_path / "full"
+    recipe.main(common_args(base_model_dir, image_folders, full))
+    out = capsys.readouterr().out
+    assert "Last-Acc" in out and "task 3/3" in out
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
+    assert sorted(p.name for p in full.glob("task_*")) == ["task_0", "task_1", "task_2"]
+
+    # An interrupted run: only the first two tasks finished.
+    partial = tmp_path / "partial"
+    shutil.copytree(full, partial)
+    shutil.rmtree(partial / "task_2")
+    (partial / "metrics.json").unlink()
+    recipe.main(common_args(base_model_dir, image_folders, partial) + ["--resume_from", "auto"])
+    resumed = json.loads((partial / "metrics.json").read_text())
+    assert resumed["accuracy_matrix"] == metrics["accuracy_matrix"]
+    assert resumed["last_accuracy"] == metrics["last_accuracy"]
+
+
+def test_resume_with_another_class_order_is_refused_and_writes_nothing(tmp_path, base_model_dir, image_folders):
+    recipe = load_recipe()
+    out = tmp_path / "run"
+    args = common_args(base_model_dir, image_folders, out)
+    args[args.index("--num_train_epochs") + 1] = "1"
+    args += ["--init_cls", "4"]  # two tasks: 4 + 2
+    recipe.main(args)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match="class_order differs"):
+        recipe.main(args + ["--class_order_seed", "7", "--resume_from", str(out / "task_0")])
+    with pytest.raises(ValueError, match="task_sizes differs"):
+        recipe.main(args + ["--increment", "1", "--resume_from", str(out / "task_0")])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
