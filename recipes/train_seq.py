@@ -11,6 +11,7 @@ supplies defaults that flags on the command line override.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,12 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
     parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise SystemExit(
+            f"the launcher started {launched} processes but each would train alone on all the data (no GPU "
+            "backend was found). Pass --use_cpu true for CPU processes (gloo), or check that the GPUs are visible."
+        )
     if not (model_args.model_name_or_path or model_args.model_config):
         raise SystemExit("give --model_name_or_path (pre-trained backbone) or --model_config (random init).")
     if not (data_args.dataset or (data_args.train_dir and data_args.test_dir)):

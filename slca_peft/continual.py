@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
 
 from .alignment import AlignmentSettings, ClassifierAligner
@@ -167,42 +168,53 @@ class ContinualLearner:
         self.model.classifier.restore(unaligned)
         return row
 
+    def _shard_loader(self, dataset) -> DataLoader:
+        """This process's exact share (every `world`-th sample): no sampler padding, so sums and
+        counts reduced across processes count every sample once."""
+        acc = self.trainer.accelerator
+        shard = dataset.select(range(acc.process_index, len(dataset), acc.num_processes))
+        return DataLoader(
+            shard.with_transform(self.eval_transform),
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=collate_fn,
+            num_workers=self.args.dataloader_num_workers,
+        )
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        acc = self.trainer.accelerator
+        return acc.reduce(tensor, reduction="sum") if acc.num_processes > 1 else tensor
+
     @torch.inference_mode()
     def compute_statistics(self, task: Task) -> None:
-        """One pass over the task's training images with eval transforms; sums reduced across
-        processes so every process holds the same statistics."""
-        trainer = self.trainer
-        model = trainer.model
+        """One batched pass over the task's training images with eval transforms; float64 sums are
+        reduced across processes so every process holds the same, exact statistics."""
+        model = self.model
         was_training = model.training
         model.eval()
-        loader = trainer.get_eval_dataloader(task.train.with_transform(self.eval_transform))
-        for batch in loader:
-            feats = trainer.accelerator.unwrap_model(model).features(batch["pixel_values"])
-            self.statistics.update(feats, batch["labels"])
-        reduce = None
-        if trainer.accelerator.num_processes > 1:
-            def reduce(x):
-                return trainer.accelerator.reduce(x, reduction="sum")
-        self.statistics.finalize(task.task_id, task.classes, reduce=reduce)
+        device = self.args.device
+        for batch in self._shard_loader(task.train):
+            feats = model.features(batch["pixel_values"].to(device))
+            self.statistics.update(feats, batch["labels"].to(device))
+        self.statistics.finalize(task.task_id, task.classes, reduce=self._reduce)
         model.train(was_training)
 
     @torch.inference_mode()
     def evaluate(self, task_id: int) -> tuple[list[float], float, list[int]]:
-        """Accuracy per seen task and over all seen classes (micro), predicting among all of them."""
-        trainer = self.trainer
-        model = trainer.model
+        """Accuracy per seen task and over all seen classes (micro), predicting among all of them;
+        every test sample is counted exactly once whatever the number of processes."""
+        model = self.model
         model.eval()
-        offsets = self.tasks.offsets()
-        correct = np.zeros(task_id + 1)
-        total = np.zeros(task_id + 1)
-        loader = trainer.get_eval_dataloader(self.tasks.seen_test(task_id).with_transform(self.eval_transform))
-        for batch in loader:
-            preds = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=1)
-            preds, labels = trainer.accelerator.gather_for_metrics((preds, batch["labels"]))
-            task_of = np.searchsorted(offsets, labels.cpu().numpy(), side="right") - 1
-            hit = (preds == labels).cpu().numpy()
-            np.add.at(correct, task_of, hit)
-            np.add.at(total, task_of, 1)
+        device = self.args.device
+        offsets = torch.tensor(self.tasks.offsets(), device=device)
+        correct = torch.zeros(task_id + 1, dtype=torch.float64, device=device)
+        total = torch.zeros(task_id + 1, dtype=torch.float64, device=device)
+        for batch in self._shard_loader(self.tasks.seen_test(task_id)):
+            labels = batch["labels"].to(device)
+            preds = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(dim=1)
+            task_of = torch.searchsorted(offsets, labels, right=True) - 1
+            correct.index_add_(0, task_of, (preds == labels).to(torch.float64))
+            total.index_add_(0, task_of, torch.ones_like(labels, dtype=torch.float64))
+        correct, total = self._reduce(correct).cpu().numpy(), self._reduce(total).cpu().numpy()
         if (total == 0).any():
             empty = np.nonzero(total == 0)[0].tolist()
             raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
@@ -222,11 +234,13 @@ class ContinualLearner:
         }
 
     def save(self, directory: Path, unaligned: dict[str, torch.Tensor]) -> None:
-        if self.trainer is not None and not self.trainer.is_world_process_zero():
-            return
-        self.model.save_pretrained(
-            str(directory), statistics=self.statistics, state=self.state(), unaligned_head=unaligned
-        )
+        """The main process writes; the others wait so nobody reads a checkpoint being written."""
+        if self.trainer is None or self.trainer.is_world_process_zero():
+            self.model.save_pretrained(
+                str(directory), statistics=self.statistics, state=self.state(), unaligned_head=unaligned
+            )
+        if self.trainer is not None:
+            self.trainer.accelerator.wait_for_everyone()
 
     def _report(self, t: int, row: list[float], seen: float) -> None:
         per_task = " ".join(f"{a:5.1f}" for a in row)

@@ -1,0 +1,77 @@
+"""`slca-peft` command line: train, export, push, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_seq.py"
+
+
+def _export(ns: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+
+    model, _, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
+    names = None
+    if state and state.get("label_names"):
+        names = state["label_names"][: model.classifier.num_classes]
+    model.export(ns.output_dir, label_names=names)
+    print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes)")
+
+
+def _push(ns: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .hub import push_to_hub
+
+    load_checkpoint(ns.checkpoint)  # refuse to upload a checkpoint that does not load
+    print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=ns.commit_message))
+
+
+def _info(ns: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+
+    model, stats, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
+    print(json.dumps({
+        "base_model": model.base_model_name_or_path,
+        "task_sizes": model.classifier.task_sizes,
+        "classes_with_statistics": len(stats.classes) if stats else 0,
+        "accuracy_matrix": (state or {}).get("accuracy_matrix"),
+    }, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # The recipe owns the training arguments (HfArgumentParser over SLCAConfig).
+        if not RECIPE.is_file():
+            raise SystemExit(f"{RECIPE} not found; run recipes/train_seq.py from a source checkout.")
+        sys.argv = [str(RECIPE), *argv[1:]]
+        runpy.run_path(str(RECIPE), run_name="__main__")
+        return
+    parser = argparse.ArgumentParser(prog="slca-peft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="run recipes/train_seq.py with the remaining arguments")
+    p = sub.add_parser("export", help="write a plain transformers checkpoint for pipeline()")
+    p.add_argument("checkpoint")
+    p.add_argument("output_dir")
+    p.add_argument("--revision")
+    p.set_defaults(func=_export)
+    p = sub.add_parser("push", help="upload a checkpoint directory to the Hub as one commit")
+    p.add_argument("checkpoint")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--commit_message", default="Upload SLCA++ continual checkpoint")
+    p.set_defaults(func=_push)
+    p = sub.add_parser("info", help="print what a checkpoint holds")
+    p.add_argument("checkpoint")
+    p.add_argument("--revision")
+    p.set_defaults(func=_info)
+    ns = parser.parse_args(argv)
+    ns.func(ns)
+
+
+if __name__ == "__main__":
+    main()
