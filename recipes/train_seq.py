@@ -1,7 +1,7 @@
 """Train a ViT over a sequence of tasks with SLCA++ (or SLCA / SL / Seq-FT) and report accuracies.
 
     python recipes/train_seq.py                      # offline demo: digits, tiny ViT
-    python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml
+    python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml   # the paper's CIFAR-100 row
     accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar
 
 Any SLCAConfig / TrainingArguments field is a flag (`--learning_rate 0.01`); `--config file.yaml`

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-.venv/bin/python recipes/train_seq.py "$@"
+.venv/bin/python recipes/train_seq.py --config recipes/configs/demo_digits.yaml "$@"

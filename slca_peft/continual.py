@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
 
@@ -171,8 +173,8 @@ class ContinualLearner:
     def _shard_loader(self, dataset) -> DataLoader:
         """This process's exact share (every `world`-th sample): no sampler padding, so sums and
         counts reduced across processes count every sample once."""
-        acc = self.trainer.accelerator
-        shard = dataset.select(range(acc.process_index, len(dataset), acc.num_processes))
+        state = PartialState()
+        shard = dataset.select(range(state.process_index, len(dataset), state.num_processes))
         return DataLoader(
             shard.with_transform(self.eval_transform),
             batch_size=self.args.per_device_eval_batch_size,
@@ -180,9 +182,9 @@ class ContinualLearner:
             num_workers=self.args.dataloader_num_workers,
         )
 
-    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        acc = self.trainer.accelerator
-        return acc.reduce(tensor, reduction="sum") if acc.num_processes > 1 else tensor
+    @staticmethod
+    def _reduce(tensor: torch.Tensor) -> torch.Tensor:
+        return reduce(tensor, reduction="sum") if PartialState().num_processes > 1 else tensor
 
     @torch.inference_mode()
     def compute_statistics(self, task: Task) -> None:

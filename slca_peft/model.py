@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,7 +102,8 @@ class SLCAModel(nn.Module):
         settings.update(kwargs)
         name = None
         if isinstance(model, str):
-            name = model
+            # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
+            name = str(Path(model).resolve()) if Path(model).is_dir() else model
             backbone = AutoModel.from_pretrained(model, revision=revision)
         elif isinstance(model, PretrainedConfig):
             backbone = AutoModel.from_config(model)

@@ -51,7 +51,7 @@ _V1_TENSORS = {"classes", "tasks", "counts", "means", "covariances", "ridge"}
 # Work sizes (elements): classes per finalize block, per sampling chunk and per sampling step.
 _FINALIZE_BLOCK_ELEMENTS = 1 << 25
 _PLAN_CHUNK_ELEMENTS = 1 << 25
-_SAMPLE_STEP_ELEMENTS = 1 << 25
+_SAMPLE_STEP_ELEMENTS = 1 << 23
 
 
 def _tril_indices(d: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +138,12 @@ class _CovarianceView(Mapping):
 
 @dataclass
 class _Chunk:
-    """Classes sampled together: `index` into the plan's class order, factors transposed [k, r, d]
-    and noise standard deviations [k, 1, d] (None when none of them has a diagonal term)."""
+    """Consecutive classes [start, stop) of the plan sampled together: factors transposed and padded
+    to the chunk's largest rank [k, r, d], noise standard deviations [k, 1, d] (None when no class of
+    the chunk has a diagonal term)."""
 
-    index: torch.Tensor
+    start: int
+    stop: int
     classes: list[int]
     rank: int
     has_noise: bool
@@ -154,7 +156,7 @@ class SamplingPlan:
     """Everything the sampler needs, stacked once per statistics version, device and dtype."""
 
     key: tuple
-    classes: torch.Tensor  # [C] int64, sorted
+    classes: torch.Tensor  # [C] int64: the class of each row of `means` and of `sample`'s output
     tasks: torch.Tensor  # [C] int64, the task of each class
     means: torch.Tensor  # [C, d]
     chunks: list[_Chunk] = field(default_factory=list)
@@ -172,7 +174,8 @@ class SamplingPlan:
     def sample(
         self, samples_per_class: int, generator: torch.Generator, mean_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[C, n, d] draws of every class (plan order): ``mean_scale * mu + F z1 + sqrt(noise) * z2``.
+        """[C, n, d] draws of every class, row i of class `classes[i]`:
+        ``mean_scale * mu + F z1 + sqrt(noise) * z2`` (`mean_scale` is in the same order).
 
         A few batched products per chunk of classes; no Python loop over classes.
         """
@@ -188,19 +191,21 @@ class SamplingPlan:
             if factors_t is None:  # over the cache budget: materialise this chunk for this call only
                 factors_t, noise_std = self.stats._chunk_tensors(chunk, device, dtype)
             step = max(1, _SAMPLE_STEP_ELEMENTS // max(1, n * max(dim, chunk.rank)))
-            for lo in range(0, len(chunk.classes), step):
-                hi = min(lo + step, len(chunk.classes))
-                index = chunk.index[lo:hi]
-                mu = means.index_select(0, index)[:, None, :]
+            for lo in range(0, chunk.stop - chunk.start, step):
+                hi = min(lo + step, chunk.stop - chunk.start)
+                target = out[chunk.start + lo : chunk.start + hi]
+                mu = means[chunk.start + lo : chunk.start + hi, None, :]
                 if chunk.rank:
                     z = torch.randn(hi - lo, n, chunk.rank, generator=generator, device=device, dtype=dtype)
-                    x = torch.baddbmm(mu, z, factors_t[lo:hi])
+                    torch.baddbmm(mu, z, factors_t[lo:hi], out=target)
+                    del z
                 else:
-                    x = mu.expand(hi - lo, n, dim).clone()
+                    target.copy_(mu.expand(hi - lo, n, dim))
                 if noise_std is not None:
-                    z = torch.randn(hi - lo, n, dim, generator=generator, device=device, dtype=dtype)
-                    x.addcmul_(z, noise_std[lo:hi])
-                out.index_copy_(0, index, x)
+                    target.addcmul_(
+                        torch.randn(hi - lo, n, dim, generator=generator, device=device, dtype=dtype),
+                        noise_std[lo:hi],
+                    )
         return out
 
 
@@ -502,48 +507,44 @@ class ClassStatistics:
         if self._plan is not None and self._plan.key == key:
             return self._plan
         self._plan = None
-        classes = self.classes
         d = self.feature_dim
-        cls_t = torch.tensor(classes, dtype=torch.int64)
+        ranks = self.ranks
+        kinds = {c: KIND_CHOLESKY if f.ndim == 1 else KIND_FACTOR for c, f in self._factors.items()}
+        has_noise = {c: bool((self._noise[c] != 0).any()) for c in self._factors}
+        # Plan order: classes sorted by (kind, rank), so that runs of the same kind and similar rank
+        # share a chunk (padding bounded to about 25% of the chunk's factor) and every chunk is a
+        # contiguous block of the output. One batched product per chunk, no per-class loop.
+        classes = sorted(self.classes, key=lambda c: (kinds[c], ranks[c]))
         means = torch.stack([self.means[c] for c in classes]) if classes else torch.zeros(0, d)
         plan = SamplingPlan(
             key=key,
-            classes=cls_t.to(device),
+            classes=torch.tensor(classes, dtype=torch.int64).to(device),
             tasks=torch.tensor([self.task_of_class[c] for c in classes], dtype=torch.int64).to(device),
             means=means.to(device=device, dtype=dtype),
             stats=self,
         )
-        ranks = self.ranks
-        kinds = {c: KIND_CHOLESKY if self._factors[c].ndim == 1 else KIND_FACTOR for c in classes}
-        has_noise = {c: bool((self._noise[c] != 0).any()) for c in classes}
-        order = sorted(range(len(classes)), key=lambda i: (kinds[classes[i]], ranks[classes[i]]))
-        groups: list[list[int]] = []
-        for i in order:
-            c = classes[i]
-            if groups:
-                first = classes[groups[-1][0]]
-                r_max = max(ranks[c], 1)
-                if (
-                    kinds[c] == kinds[first]
-                    and ranks[c] <= 1.25 * ranks[first] + 8
-                    and (len(groups[-1]) + 1) * r_max * d <= _PLAN_CHUNK_ELEMENTS
-                ):
-                    groups[-1].append(i)
-                    continue
-            groups.append([i])
         total = 0
-        for group in groups:
-            names = [classes[i] for i in group]
-            rank = max(ranks[c] for c in names)
+        start = 0
+        while start < len(classes):
+            first = classes[start]
+            low = high = ranks[first]
+            stop = start + 1
+            while stop < len(classes):
+                c = classes[stop]
+                lo, hi = min(low, ranks[c]), max(high, ranks[c])
+                if (
+                    kinds[c] != kinds[first]
+                    or hi > 1.25 * lo + 8
+                    or (stop - start + 1) * max(hi, 1) * d > _PLAN_CHUNK_ELEMENTS
+                ):
+                    break
+                low, high, stop = lo, hi, stop + 1
+            names = classes[start:stop]
             plan.chunks.append(
-                _Chunk(
-                    index=torch.tensor(group, dtype=torch.int64, device=device),
-                    classes=names,
-                    rank=rank,
-                    has_noise=any(has_noise[c] for c in names),
-                )
+                _Chunk(start=start, stop=stop, classes=names, rank=high, has_noise=any(has_noise[c] for c in names))
             )
-            total += len(names) * d * (rank + 1) * torch.finfo(dtype).bits // 8
+            total += len(names) * d * (high + 1) * torch.finfo(dtype).bits // 8
+            start = stop
         plan.cached = total <= self.sampling_cache_bytes
         if plan.cached:
             for chunk in plan.chunks:
@@ -556,9 +557,9 @@ class ClassStatistics:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         d = self.feature_dim
         k = len(chunk.classes)
-        factors_t = torch.zeros(k, chunk.rank, d, dtype=torch.float64)
-        noise = torch.zeros(k, 1, d, dtype=torch.float64) if chunk.has_noise else None
-        for i, c in enumerate(chunk.classes):
+        factors_t = torch.zeros(k, chunk.rank, d, dtype=dtype)
+        noise = torch.zeros(k, 1, d, dtype=dtype) if chunk.has_noise else None
+        for i, c in enumerate(chunk.classes):  # once per plan, not per epoch (unless over the cache budget)
             f = self._factors[c]
             if f.ndim == 1:
                 factors_t[i] = unpack_tril(f, d).T
@@ -566,8 +567,7 @@ class ClassStatistics:
                 factors_t[i, : f.shape[1]] = f.T
             if noise is not None:
                 noise[i, 0] = self._noise[c].sqrt()
-        factors_t = factors_t.to(device=device, dtype=dtype)
-        return factors_t, None if noise is None else noise.to(device=device, dtype=dtype)
+        return factors_t.to(device), None if noise is None else noise.to(device)
 
     def sample(
         self,
@@ -576,7 +576,8 @@ class ClassStatistics:
         mean_scale: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """[C, n, d] samples of every class (`classes` order) on the generator's device."""
+        """[C, n, d] samples of every class on the generator's device, in the order of
+        ``sampling_plan(generator.device).classes``."""
         return self.sampling_plan(generator.device, dtype).sample(samples_per_class, generator, mean_scale)
 
     # ------------------------------------------------------------------ files
