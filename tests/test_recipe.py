@@ -75,3 +75,17 @@ def test_resume_with_another_class_order_is_refused_and_writes_nothing(tmp_path,
     with pytest.raises(ValueError, match="task_sizes differs"):
         recipe.main(args + ["--increment", "1", "--resume_from", str(out / "task_0")])
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("method", ["slca++", "slca", "sl", "seq_ft"])
+def test_cifar100_configs_match_the_spec(method):
+    recipe = load_recipe()
+    config = ROOT / f"recipes/configs/cifar100_in21k_{method}.yaml"
+    model_args, data_args, args = recipe.parse_args(["--config", str(config)])
+    assert model_args.model_name_or_path == "google/vit-base-patch16-224-in21k" and data_args.dataset == "cifar100"
+    assert (args.init_cls, args.increment, args.class_order_seed, args.num_train_epochs) == (10, 10, 1993, 20)
+    assert (args.learning_rate, args.weight_decay, args.per_device_train_batch_size) == (0.01, 5e-4, 128)
+    assert (args.sce_alpha, args.sce_beta, args.ca_temperature, args.ca_epochs) == (1.0, 0.1, 0.1, 5)
+    assert data_args.brightness_jitter == pytest.approx(63 / 255)
+    assert args.backbone_lr_scale == {"slca++": 0.1, "sl": 0.1, "slca": 0.01, "seq_ft": 1.0}[method]
+    assert args.align == (method in ("slca++", "slca"))
