@@ -204,3 +204,42 @@ def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, base_m
         model.save_pretrained(tmp_path / "ckpt")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_tampered_safetensors_are_refused(tmp_path, base_model_dir):
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    # A well-formed file whose tensor does not have the layout the model expects.
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tmp_path / "ckpt", reshaped)
+    head = load_file(reshaped / "classifier.safetensors")
+    head["heads.0.weight"] = torch.zeros(7, 32)
+    save_file(head, reshaped / "classifier.safetensors")
+    with pytest.raises(ValueError, match=r"heads.0.weight has shape \(7, 32\), the model expects \(2, 32\)"):
+        load_checkpoint(reshaped)
+    # A header whose offsets point past the end of the data.
+    lying = tmp_path / "lying"
+    shutil.copytree(tmp_path / "ckpt", lying)
+    raw = (lying / "classifier.safetensors").read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10**9]
+    encoded = json.dumps(header).encode()
+    (lying / "classifier.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size :])
+    with pytest.raises(ValueError, match="classifier.safetensors is not a valid safetensors file"):
+        load_checkpoint(lying)
+
+
+def test_cli_export_uses_the_real_class_names(tmp_path, base_model_dir):
+    from slca_peft.cli import main
+
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt", state={"label_names": ["a", "b", "c", "d", "e", "f"]})
+    main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"}
