@@ -52,6 +52,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     checkpoint directory is either complete or absent (an older one is replaced at the end)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
