@@ -96,3 +96,85 @@ def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch):
 
     with pytest.raises(SystemExit, match="--use_cpu true"):
         module.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o"])
+
+
+def test_statistics_reduced_over_three_fake_processes_equal_the_all_data_computation():
+    import threading
+
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    feats = torch.tensor(rng.randn(101, 5) * 3 + 1)  # 101 samples: uneven shards of 34, 34, 33
+    labels = torch.tensor(rng.randint(0, 4, size=101))
+    reference = ClassStatistics(5)
+    reference.update(feats, labels)
+    reference.finalize(0, classes=[0, 1, 2, 3])
+
+    world = 3
+    barrier = threading.Barrier(world)
+    slots: list = [None] * world
+    shards = [ClassStatistics(5) for _ in range(world)]
+    errors = []
+
+    def process(rank: int) -> None:
+        def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+
+        try:
+            shards[rank].update(feats[rank::world], labels[rank::world])
+            shards[rank].finalize(0, classes=[0, 1, 2, 3], reduce=all_reduce)
+        except Exception as err:  # pragma: no cover - surfaced below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for shard in shards:
+        for c in range(4):
+            assert shard.counts[c] == reference.counts[c]
+            torch.testing.assert_close(shard.means[c], reference.means[c], rtol=0, atol=1e-12)
+            torch.testing.assert_close(shard.covariances[c], reference.covariances[c], rtol=0, atol=1e-10)
+
+
+def test_two_process_training_writes_one_set_of_checkpoints(tmp_path, base_model_dir):
+    from conftest import write_image_folder
+
+    # 7 images per class and a first task of 3 classes: 21 images, uneven across the two processes.
+    train_dir = write_image_folder(tmp_path / "train", num_classes=5, per_class=7, seed=3)
+    test_dir = write_image_folder(tmp_path / "test", num_classes=5, per_class=3, seed=4)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    recipe = Path(__file__).parents[1] / "recipes" / "train_seq.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+           str(recipe), "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir),
+           "--test_dir", str(test_dir), "--init_cls", "3", "--increment", "2", "--num_train_epochs", "1",
+           "--per_device_train_batch_size", "4", "--ca_samples_per_class", "32", "--ca_batch_size", "32",
+           "--use_cpu", "true", "--disable_tqdm", "true", "--output_dir", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Last-Acc") == 1  # the summary is printed by the main process only
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "task_0", "task_1"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2]
+    stats = ClassStatistics.load(out / "task_1")
+    # 21 and 14 training images over 2 shards (11 + 10 for the first task): none padded, none lost.
+    assert [stats.counts[c] for c in range(5)] == [7, 7, 7, 7, 7]
+
+
+def test_duplicate_launch_without_use_cpu_is_refused_in_both_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    recipe = Path(__file__).parents[1] / "recipes" / "train_seq.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529",
+           str(recipe), "--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Pass --use_cpu true" in done.stderr + done.stdout
+    assert not (tmp_path / "o").exists()
