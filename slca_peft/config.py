@@ -77,6 +77,11 @@ class SLCAConfig(TrainingArguments):
     class_order_seed: int = field(
         default=1993, metadata={"help": "Seed of the class order (numpy.random.permutation)."}
     )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "If set, per_device_train_batch_size x processes x gradient_accumulation_steps must "
+                  "equal it (128 in the paper); checked at start so the spec's batch survives any launch."},
+    )
     init_cls: int = field(default=10, metadata={"help": "Classes in the first task."})
     increment: int = field(default=10, metadata={"help": "Classes in each later task (last takes the rest)."})
 
@@ -111,6 +116,15 @@ class SLCAConfig(TrainingArguments):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
         super().__post_init__()
+        if self.global_batch_size is not None:
+            per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+            if per_step != self.global_batch_size:
+                raise ValueError(
+                    f"per_device_train_batch_size {self.per_device_train_batch_size} x {self.world_size} "
+                    f"process(es) x gradient_accumulation_steps {self.gradient_accumulation_steps} = {per_step}, "
+                    f"not global_batch_size {self.global_batch_size}; set per_device_train_batch_size to "
+                    f"{self.global_batch_size} / ({self.world_size} x gradient_accumulation_steps)."
+                )
 
     @property
     def use_lora(self) -> bool:

@@ -110,3 +110,10 @@ def test_wrong_model_or_args_type_is_explained(tmp_path, vit_config):
         SLCATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="no task head"):
         SLCATrainer(model=SLCAModel.from_backbone(vit_config), args=make_args(tmp_path))
+
+
+def test_global_batch_size_is_checked_against_the_launch(tmp_path):
+    assert make_args(tmp_path, per_device_train_batch_size=32, gradient_accumulation_steps=4,
+                     global_batch_size=128).global_batch_size == 128
+    with pytest.raises(ValueError, match=r"= 96, not global_batch_size 128.*per_device_train_batch_size to"):
+        make_args(tmp_path, per_device_train_batch_size=32, gradient_accumulation_steps=3, global_batch_size=128)
