@@ -2,7 +2,8 @@
 
     python recipes/train_seq.py                      # offline demo: digits, tiny ViT
     python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml   # the paper's CIFAR-100 row
-    accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar
+    python recipes/train_seq.py --config recipes/configs/cub200_in21k_slca++.yaml --data_dir data/CUB_200_2011
+    accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar --seeds 1993 1996 1997
 
 Any SLCAConfig / TrainingArguments field is a flag (`--learning_rate 0.01`); `--config file.yaml`
 supplies defaults that flags on the command line override.
@@ -10,8 +11,11 @@ supplies defaults that flags on the command line override.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +32,9 @@ from slca_peft import (
     TaskSequence,
     TrainTransform,
 )
+from slca_peft.checkpoint import atomic_write_text
 from slca_peft.continual import format_accuracy_table
-from slca_peft.data import load_named_dataset
+from slca_peft.data import load_benchmark
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_digits.yaml"
 logger = logging.getLogger("train_seq")
@@ -55,9 +60,17 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str | None = field(
-        default=None, metadata={"help": "A `datasets` name (cifar100, digits, or any Hub image dataset)."}
+        default=None,
+        metadata={"help": "A benchmark (cifar100, imagenet_r, cub200, cars196, digits) or any Hub image dataset id."},
     )
-    dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision of the dataset."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Read --dataset from this local copy instead of the Hub: the benchmark's usual layout "
+                  "(cifar-100-python/, imagenet-r/<wnid>/, CUB_200_2011/) or train/<class>/ + test/<class>/ folders."},
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of the dataset (default: the commit the benchmark is pinned to)."}
+    )
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
     test_dir: str | None = field(default=None, metadata={"help": "Image folder with the same class names."})
     image_column: str | None = field(default=None, metadata={"help": "Override the image column name."})
@@ -67,6 +80,11 @@ class DataArguments:
         default=0.08, metadata={"help": "Smallest area fraction of RandomResizedCrop (0.08 in the paper)."}
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Class-order seeds to run one after another (the paper: 1993 1996 1997), each into "
+                  "OUTPUT_DIR/seed_<s>/, with a summary in OUTPUT_DIR/seeds.json. Overrides --class_order_seed."},
+    )
 
 
 def yaml_to_argv(path: str) -> list[str]:
@@ -104,6 +122,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         raise SystemExit("give --model_name_or_path (pre-trained backbone) or --model_config (random init).")
     if not (data_args.dataset or (data_args.train_dir and data_args.test_dir)):
         raise SystemExit("give --dataset NAME or both --train_dir and --test_dir.")
+    if data_args.data_dir and not data_args.dataset:
+        raise SystemExit("--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011).")
+    if data_args.seeds and model_args.resume_from not in (None, "auto"):
+        raise SystemExit("with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/).")
     return model_args, data_args, args
 
 
@@ -111,7 +133,7 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence:
     split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
     if data_args.train_dir:
         return TaskSequence.from_image_folders(data_args.train_dir, data_args.test_dir, **split)
-    data, spec = load_named_dataset(data_args.dataset, data_args.dataset_revision)
+    data, spec = load_benchmark(data_args.dataset, data_args.data_dir, data_args.dataset_revision)
     return TaskSequence.from_dataset_dict(
         data,
         train_split=spec.train_split,
@@ -144,9 +166,45 @@ def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformC
         return ImageTransformConfig.from_model_config(model.config, brightness=brightness)
 
 
+def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    """Train once per class-order seed, each into OUTPUT_DIR/seed_<s>/, then write OUTPUT_DIR/seeds.json
+    with every seed's Last-Acc / Inc-Acc and their mean and sample standard deviation."""
+    root = Path(args.output_dir)
+    runs = {}
+    for seed in data_args.seeds:
+        seed_args = copy.copy(args)
+        seed_args.class_order_seed, seed_args.output_dir = seed, str(root / f"seed_{seed}")
+        logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
+        summary = train(model_args, data_args, seed_args)
+        runs[str(seed)] = {
+            "output_dir": f"seed_{seed}",
+            "last_accuracy": summary["last_accuracy"],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+        }
+    result = {"method": args.method, "seeds": list(data_args.seeds), "runs": runs}
+    for key in ("last_accuracy", "average_incremental_accuracy"):
+        values = [run[key] for run in runs.values()]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        result[key] = {"mean": statistics.fmean(values), "std": std}
+    if args.process_index == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "seeds.json", json.dumps(result, indent=2) + "\n")
+        last, inc = result["last_accuracy"], result["average_incremental_accuracy"]
+        print(f"\nseeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
+              f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / 'seeds.json'})")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if data_args.seeds:
+        return run_seeds(model_args, data_args, args)
+    return train(model_args, data_args, args)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    """One run over the task sequence of `args.class_order_seed`; returns the metrics summary."""
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)

@@ -1,4 +1,4 @@
-"""`slca-peft` command line: train, export, push, info."""
+"""`slca-peft` command line: train, export, push, info, convert, report."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ def _info(ns: argparse.Namespace) -> None:
     }, indent=2))
 
 
+def _convert(ns: argparse.Namespace) -> None:
+    from .convert import convert_checkpoint
+
+    out = convert_checkpoint(ns.input, ns.output_dir, num_attention_heads=ns.num_attention_heads,
+                             layer_norm_eps=ns.layer_norm_eps)
+    print(f"converted {ns.input} -> {out} (transformers ViTModel, safetensors)")
+
+
+def _report(ns: argparse.Namespace) -> None:
+    from .plotting import write_report
+
+    for path in write_report(ns.output_dir):
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -69,6 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--revision")
     p.set_defaults(func=_info)
+    p = sub.add_parser("convert", help="timm / MoCo v3 ViT checkpoint (.pth) -> transformers ViTModel directory")
+    p.add_argument("input", help="checkpoint file, read with torch.load(weights_only=True)")
+    p.add_argument("output_dir")
+    p.add_argument("--num_attention_heads", type=int, default=None, help="default: hidden size // 64")
+    p.add_argument("--layer_norm_eps", type=float, default=1e-6, help="timm's ViT uses 1e-6")
+    p.set_defaults(func=_convert)
+    p = sub.add_parser("report", help="plots and a results table from a finished run's metrics.json / seeds.json")
+    p.add_argument("output_dir")
+    p.set_defaults(func=_report)
     ns = parser.parse_args(argv)
     ns.func(ns)
 

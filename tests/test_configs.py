@@ -1,0 +1,80 @@
+"""Every YAML in recipes/configs parses into SLCAConfig through recipes/train_seq.py and, for the published
+settings, carries the numbers of SLCA_SPEC.md sections 3-4 and the reference configs."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+
+# benchmark: (init_cls, increment, IN21K epochs, sce_alpha, sce_beta, SLCA++ weight decay, CA temperature)
+BENCHMARKS = {
+    "cifar100": (10, 10, 20, 1.0, 0.1, 5e-4, 0.1),
+    "imagenet_r": (20, 20, 50, 0.5, 0.5, 0.0, 0.1),
+    "cub200": (20, 20, 50, 1.0, 0.1, 5e-4, 0.1),
+    "cars196": (20, 20, 50, 0.5, 0.5, 0.0, 0.05),
+}
+BACKBONES = {"in21k": "google/vit-base-patch16-224-in21k", "mocov3": "checkpoints/mocov3-vit-base-hf"}
+METHODS = ("slca++", "slca")
+PUBLISHED = [(b, bb, m) for b in BENCHMARKS for bb in BACKBONES for m in METHODS]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("train_seq", ROOT / "recipes" / "train_seq.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_seq"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(recipe, path):
+    model_args, data_args, args = recipe.parse_args(["--config", str(path)])
+    assert args.method in ("slca++", "slca", "sl", "seq_ft")
+    assert data_args.dataset and (model_args.model_name_or_path or model_args.model_config)
+    assert args.output_dir
+
+
+def test_all_published_settings_have_a_config():
+    missing = [f"{b}_{bb}_{m}.yaml" for b, bb, m in PUBLISHED if not (CONFIGS / f"{b}_{bb}_{m}.yaml").is_file()]
+    assert not missing
+
+
+@pytest.mark.parametrize(("benchmark", "backbone", "method"), PUBLISHED, ids=lambda v: str(v))
+def test_published_config_matches_the_spec(recipe, benchmark, backbone, method):
+    path = CONFIGS / f"{benchmark}_{backbone}_{method}.yaml"
+    model_args, data_args, args = recipe.parse_args(["--config", str(path)])
+    init_cls, increment, in21k_epochs, alpha, beta, weight_decay, tau = BENCHMARKS[benchmark]
+    assert model_args.model_name_or_path == BACKBONES[backbone]
+    assert data_args.dataset == benchmark and args.method == method
+    assert (args.init_cls, args.increment, args.class_order_seed) == (init_cls, increment, 1993)
+    assert args.num_train_epochs == (in21k_epochs if backbone == "in21k" else 90)
+    assert (args.learning_rate, args.per_device_train_batch_size, args.momentum) == (0.01, 128, 0.9)
+    assert args.weight_decay == (weight_decay if method == "slca++" else 5e-4)
+    assert (args.sce_alpha, args.sce_beta) == (alpha, beta)
+    assert (args.ca_epochs, args.ca_samples_per_class, args.ca_batch_size, args.ca_lr) == (5, 256, 256, 0.01)
+    assert (args.ca_temperature, args.fc_scale_mu, args.ca_ridge) == (tau, 0.02, 1e-4)
+    assert args.backbone_lr_scale == {"slca++": 0.1, "slca": 0.01}[method]
+    assert args.use_lora == (method == "slca++") and args.use_sce == (method == "slca++") and args.align
+    assert (args.lora_rank, args.lora_scale, args.first_task_lora_lr_scale) == (4, 0.8, 0.5)
+    # Cosine floor 0.1**len(milestones): two milestones in the reference's SLCA++ MoCo v3 configs, else one.
+    assert args.lr_floor_decay == pytest.approx(0.01 if (method, backbone) == ("slca++", "mocov3") else 0.1)
+    assert data_args.brightness_jitter == pytest.approx(63 / 255 if benchmark == "cifar100" else 0.0)
+    if not path.name.startswith("cifar100_in21k"):  # the older CIFAR-100 IN21K configs run one seed
+        assert data_args.seeds == [1993, 1996, 1997]
+    if backbone == "mocov3":
+        assert "slca-peft convert" in path.read_text()
+
+
+def test_seeds_from_a_config_are_overridden_on_the_command_line(recipe):
+    path = CONFIGS / "cub200_in21k_slca++.yaml"
+    _, data_args, args = recipe.parse_args(["--config", str(path), "--seeds", "1996", "--data_dir", "/data/cub"])
+    assert data_args.seeds == [1996] and data_args.data_dir == "/data/cub"

@@ -1,0 +1,124 @@
+"""Reports from finished runs: PNG figures of the expected size and a results table matching the metrics."""
+
+import importlib.util
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402
+
+from slca_peft.cli import main as cli_main  # noqa: E402
+from slca_peft.plotting import FIGURE_SIZE, write_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_metrics(shift: float) -> dict:
+    matrix = [[98.0 - shift], [95.5 - shift, 92.25], [90.0, 88.5 - shift, 91.0]]
+    seen = [98.0 - shift, 93.875 - shift / 2, 89.8]
+    return {
+        "accuracy_matrix": matrix, "seen_accuracy": seen, "task_sizes": [4, 4, 2], "method": "slca++",
+        "last_accuracy": seen[-1], "average_incremental_accuracy": sum(seen) / 3,
+        "average_forgetting": 3.0, "backward_transfer": -2.0, "class_order": list(range(10)),
+    }
+
+
+def assert_png(path: Path, size=FIGURE_SIZE):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as img:
+        assert img.size == size
+
+
+def table_rows(results: Path) -> dict[str, list[str]]:
+    rows = {}
+    for line in results.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.match(r"^[\d.]+", cells[1]):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_single_run_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = fake_metrics(0.0)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    cli_main(["report", str(run)])
+    assert "results.md" in capsys.readouterr().out
+    assert_png(run / "accuracy_matrix.png")
+    assert_png(run / "accuracy_curve.png")
+    rows = table_rows(run / "results.md")
+    assert rows == {"run": [f"{metrics['last_accuracy']:.2f}", f"{metrics['average_incremental_accuracy']:.2f}"]}
+
+
+def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path):
+    root = tmp_path / "seeds"
+    runs = {}
+    for seed, shift in ((1993, 0.0), (1996, 1.5), (1997, 3.0)):
+        (root / f"seed_{seed}").mkdir(parents=True)
+        metrics = fake_metrics(shift)
+        (root / f"seed_{seed}" / "metrics.json").write_text(json.dumps(metrics))
+        runs[str(seed)] = {"output_dir": f"seed_{seed}", "last_accuracy": metrics["last_accuracy"],
+                           "average_incremental_accuracy": metrics["average_incremental_accuracy"]}
+    (root / "seeds.json").write_text(json.dumps({"method": "slca++", "seeds": [1993, 1996, 1997], "runs": runs}))
+    report = load_script("report")
+    written = report.main([str(root), ])
+    assert str(root / "results.md") in written
+    for directory in (root, root / "seed_1996"):
+        assert_png(directory / "accuracy_matrix.png")
+        assert_png(directory / "accuracy_curve.png")
+    rows = table_rows(root / "results.md")
+    for seed, run in runs.items():
+        assert rows[seed] == [f"{run['last_accuracy']:.2f}", f"{run['average_incremental_accuracy']:.2f}"]
+    inc = [run["average_incremental_accuracy"] for run in runs.values()]
+    last = [run["last_accuracy"] for run in runs.values()]
+    assert rows["mean ± std"] == [f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f}",
+                                  f"{statistics.mean(inc):.2f} ± {statistics.stdev(inc):.2f}"]
+
+
+def test_report_size_is_configurable_and_missing_metrics_are_explained(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(fake_metrics(0.0)))
+    write_report(run, size=(400, 300))
+    assert_png(run / "accuracy_curve.png", size=(400, 300))
+    with pytest.raises(FileNotFoundError, match="finished run"):
+        write_report(tmp_path / "empty")
+
+
+def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_model_dir, image_folders):
+    recipe = load_script("train_seq")
+    train_dir, test_dir = image_folders
+    out = tmp_path / "runs"
+    result = recipe.main([
+        "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
+        "--init_cls", "6", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
+        "--ca_samples_per_class", "16", "--ca_batch_size", "32", "--ca_epochs", "1", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--output_dir", str(out), "--seeds", "5", "7",
+    ])
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert seeds == result and seeds["seeds"] == [5, 7] and set(seeds["runs"]) == {"5", "7"}
+    for seed in ("5", "7"):
+        metrics = json.loads((out / f"seed_{seed}" / "metrics.json").read_text())
+        assert seeds["runs"][seed]["last_accuracy"] == metrics["last_accuracy"]
+        state = json.loads((out / f"seed_{seed}" / "task_0" / "continual_state.json").read_text())
+        assert state["seed"] == int(seed)
+    last = [seeds["runs"][s]["last_accuracy"] for s in ("5", "7")]
+    assert seeds["last_accuracy"]["mean"] == pytest.approx(statistics.mean(last))
+    assert seeds["last_accuracy"]["std"] == pytest.approx(statistics.stdev(last))
+    write_report(out)
+    assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
