@@ -71,6 +71,15 @@ class SLCAConfig(TrainingArguments):
         default=0.1, metadata={"help": "Logit-normalisation temperature tau (0.05 for Cars-196)."}
     )
     ca_ridge: float = field(default=1e-4, metadata={"help": "Ridge added to every class covariance."})
+    ca_covariance_form: str = field(
+        default="exact",
+        metadata={"help": "How class covariances are stored: exact (low-rank factor + ridge when a class has "
+                  "fewer samples than dimensions, else Cholesky), full, low_rank (with ca_covariance_rank), "
+                  "diagonal. See docs/benchmarks.md for the accuracy cost of the approximate forms."},
+    )
+    ca_covariance_rank: int | None = field(
+        default=None, metadata={"help": "Rank kept by ca_covariance_form=low_rank."}
+    )
     fc_scale_mu: float = field(
         default=0.02, metadata={"help": "SLCA++ feature/head scale step mu_s (0 disables the scaling)."}
     )

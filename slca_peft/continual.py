@@ -63,7 +63,12 @@ class ContinualLearner:
         self.model, self.args, self.tasks = model, args, tasks
         self.set_transforms(train_transform, eval_transform)
         self.callbacks = callbacks
-        self.statistics = statistics or ClassStatistics(model.feature_dim, ridge=args.ca_ridge)
+        self.statistics = statistics or ClassStatistics(
+            model.feature_dim,
+            ridge=args.ca_ridge,
+            covariance_form=args.ca_covariance_form,
+            covariance_rank=args.ca_covariance_rank,
+        )
         self.result = result or ContinualResult()
         self.aligner = ClassifierAligner(AlignmentSettings.from_config(args), seed=args.seed)
         self._unaligned = unaligned_head

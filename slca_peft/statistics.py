@@ -1,9 +1,9 @@
 """`ClassStatistics`: per-class Gaussian feature statistics for classifier alignment.
 
 Accumulation: features are streamed in batches and accumulated as float64 counts, sums and
-outer-product sums (the outer sums packed as their lower triangle). Those three are additive, so
-shards on several processes reduce exactly with one all-reduce and no feature matrix is ever
-gathered.
+outer-product sums (the outer sums as their lower block triangle). Those three are additive, so
+shards on several processes reduce exactly by summation (`finalize(reduce=...)`: one all-reduce for
+the counts, then one per block of classes) and no feature matrix is ever gathered.
 
 Storage: `finalize` factorises each class covariance once, into the most compact form the
 `covariance_form` allows, and keeps only the factor:
@@ -25,6 +25,7 @@ a few batched matrix products: ``mu + F z1 + sqrt(noise) * z2``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,19 @@ _V2_TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks",
 _V1_TENSORS = {"classes", "tasks", "counts", "means", "covariances", "ridge"}
 
 # Work sizes (elements): classes per finalize block, per sampling chunk and per sampling step.
-_FINALIZE_BLOCK_ELEMENTS = 1 << 25
+_FINALIZE_BLOCK_ELEMENTS = 1 << 24
 _PLAN_CHUNK_ELEMENTS = 1 << 25
 _SAMPLE_STEP_ELEMENTS = 1 << 23
 
 
 def _tril_indices(d: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.tril_indices(d, d, device=device)
+    return _cached_tril_indices(d, str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tril_indices(d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):
+        rows, cols = torch.tril_indices(d, d, device=device)
     return rows, cols
 
 
@@ -72,12 +79,44 @@ def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
-def _symmetric_from_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
-    rows, cols = _tril_indices(d, packed.device)
-    out = packed.new_empty(*packed.shape[:-1], d, d)
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
-    return out
+class _BlockLayout:
+    """The lower block triangle of a d x d matrix in s x s blocks (the last block zero-padded).
+
+    Outer-product sums are accumulated in it: each update is one batched in-place product per class
+    (``blocks += X[:, I]^T X[:, J]`` for every block pair I >= J), with no d x d temporary and about
+    half the memory of the dense matrix.
+    """
+
+    def __init__(self, d: int, block: int = 128):
+        self.d = d
+        self.s = min(block, d)
+        self.b = -(-d // self.s)
+        pairs = [(i, j) for i in range(self.b) for j in range(i + 1)]
+        self.bi = torch.tensor([i for i, _ in pairs])
+        self.bj = torch.tensor([j for _, j in pairs])
+        self.numel = len(pairs) * self.s * self.s
+
+    def accumulate(self, blocks: torch.Tensor, x: torch.Tensor) -> None:
+        """blocks [num_pairs, s, s] += the lower block triangle of x^T x."""
+        m = x.shape[0]
+        width = self.b * self.s
+        if width != self.d:
+            x = torch.nn.functional.pad(x, (0, width - self.d))
+        xb = x.view(m, self.b, self.s)
+        left = xb[:, self.bi.to(x.device), :].permute(1, 2, 0)  # [pairs, s, m]
+        right = xb[:, self.bj.to(x.device), :].transpose(0, 1)  # [pairs, m, s]
+        blocks.baddbmm_(left, right)
+
+    def to_dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """[k, numel] block triangles -> [k, d, d] symmetric matrices."""
+        k, s = flat.shape[0], self.s
+        blocks = flat.view(k, -1, s, s)
+        out = flat.new_zeros(k, self.b * s, self.b * s)
+        for t, (i, j) in enumerate(zip(self.bi.tolist(), self.bj.tolist(), strict=True)):
+            out[:, i * s : (i + 1) * s, j * s : (j + 1) * s] = blocks[:, t]
+            if i != j:
+                out[:, j * s : (j + 1) * s, i * s : (i + 1) * s] = blocks[:, t].transpose(1, 2)
+        return out[:, : self.d, : self.d]
 
 
 def pivoted_cholesky(
@@ -254,8 +293,9 @@ class ClassStatistics:
         # class -> float64 factor: packed lower Cholesky [d(d+1)/2] (KIND_CHOLESKY) or [d, r] (KIND_FACTOR)
         self._factors: dict[int, torch.Tensor] = {}
         self._noise: dict[int, torch.Tensor] = {}  # class -> float64 [d] diagonal added to F F^T
-        # class -> [count, sum (d), packed outer-sum (d(d+1)/2)], float64, additive across processes
+        # class -> [count, sum (d), outer-sum lower block triangle], float64, additive across processes
         self._pending: dict[int, torch.Tensor] = {}
+        self._layout = _BlockLayout(feature_dim)
         self._version = 0
         self._plan: SamplingPlan | None = None
 
@@ -286,18 +326,18 @@ class ClassStatistics:
                     "old classes are never recomputed. Feed only the current task's classes."
                 )
         feats = feats.index_select(0, order)
-        rows, cols = _tril_indices(d, feats.device)
+        layout = self._layout
         start = 0
         for cls, size in zip(classes, sizes, strict=True):
             x = feats[start : start + size]
             start += size
             acc = self._pending.get(cls)
             if acc is None:
-                acc = torch.zeros(1 + d + packed_size(d), dtype=torch.float64, device=feats.device)
+                acc = torch.zeros(1 + d + layout.numel, dtype=torch.float64, device=feats.device)
                 self._pending[cls] = acc
             acc[0] += size
             acc[1 : 1 + d] += x.sum(dim=0)
-            acc[1 + d :] += (x.T @ x)[rows, cols]
+            layout.accumulate(acc[1 + d :].view(-1, layout.s, layout.s), x)
 
     def pending_classes(self) -> list[int]:
         return sorted(self._pending)
@@ -319,7 +359,7 @@ class ClassStatistics:
         if not classes:
             return []
         d = self.feature_dim
-        width = d + packed_size(d)
+        width = d + self._layout.numel
         device = next(iter(self._pending.values())).device if self._pending else torch.device("cpu")
         counts = torch.zeros(len(classes), dtype=torch.float64, device=device)
         for i, cls in enumerate(classes):
@@ -351,23 +391,25 @@ class ClassStatistics:
                 acc = reduce(acc)
             n = torch.tensor(counts_list[lo : lo + block], dtype=torch.float64, device=device)
             means = acc[:, :d] / n[:, None]
-            rows, cols = _tril_indices(d, device)
-            scatter = acc[:, d:] - n[:, None] * means[:, rows] * means[:, cols]
-            cov = _symmetric_from_tril(scatter / (n - 1).clamp_min(1)[:, None], d)
+            cov = self._layout.to_dense(acc[:, d:])  # outer sums; in place: outer - n mu mu^T, / (n - 1)
+            cov.baddbmm_(-(n[:, None] * means)[:, :, None], means[:, None, :])
+            cov.div_((n - 1).clamp_min(1)[:, None, None])
             cov[n < 2] = 0.0  # a single sample has no spread: only the ridge remains
-            factors, noise = self._factorise(cov, n.long())
+            factors, noise = self._factorise(cov, n.long(), names)
             for i, cls in enumerate(names):
-                self.means[cls] = means[i].cpu()
+                self.means[cls] = means[i].cpu().clone()
                 self._factors[cls] = factors[i].cpu()
                 self._noise[cls] = noise[i].cpu()
                 self.counts[cls] = counts_list[lo + i]
                 self.task_of_class[cls] = task_id
                 self._pending.pop(cls, None)
-            del acc, scatter, cov
+            del acc, cov
         self._changed()
         return classes
 
-    def _factorise(self, cov: torch.Tensor, n: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _factorise(
+        self, cov: torch.Tensor, n: torch.Tensor, names: list[int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Stored factor and diagonal of each [d, d] covariance (without ridge) of a block."""
         k, d, _ = cov.shape
         ridge = torch.full((d,), self.ridge, dtype=cov.dtype, device=cov.device)
@@ -386,7 +428,7 @@ class ClassStatistics:
         full_idx = (~low).nonzero().flatten().tolist()
         if full_idx:
             rows, cols = _tril_indices(d, cov.device)
-            chol = self._cholesky_with_ridge(cov[full_idx], [None] * len(full_idx))
+            chol = self._cholesky_with_ridge(cov[full_idx], [names[i] for i in full_idx])
             for j, i in enumerate(full_idx):
                 factors[i] = chol[j][rows, cols]
                 noise[i] = torch.zeros_like(ridge)
@@ -401,7 +443,7 @@ class ClassStatistics:
             if truncate is None:
                 f, ranks = pivoted_cholesky(sub, sub_rank, tol)
                 for j, i in enumerate(low_idx):
-                    factors[i] = f[j, :, : int(ranks[j])].clone()
+                    factors[i] = f[j, :, : int(ranks[j])].clone(memory_format=torch.contiguous_format)
                     noise[i] = ridge.clone()
             else:
                 for j, i in enumerate(low_idx):
@@ -418,7 +460,7 @@ class ClassStatistics:
             f, r = pivoted_cholesky(cov[None], torch.tensor([max_rank], device=cov.device), tol.reshape(1))
             f = f[0, :, : int(r[0])]
             if f.shape[1] <= rank:
-                return f.clone(), ridge.clone()
+                return f.clone(memory_format=torch.contiguous_format), ridge.clone()
             u, s, _ = torch.linalg.svd(f, full_matrices=False)
             eigvals, eigvecs = s.square(), u
         else:
@@ -433,21 +475,21 @@ class ClassStatistics:
         factor = eigvecs[:, :rank] * (eigvals[:rank] - residual).clamp_min(0).sqrt()
         return factor, ridge + residual
 
-    def _cholesky_with_ridge(self, cov: torch.Tensor, names: list[int | None]) -> torch.Tensor:
+    def _cholesky_with_ridge(self, cov: torch.Tensor, names: list[int]) -> torch.Tensor:
         """Lower Cholesky factors of ``cov + ridge * I``; a matrix that is not numerically positive
         definite gets a growing ridge, with a warning."""
         d = cov.shape[-1]
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         factor, info = torch.linalg.cholesky_ex(cov + self.ridge * eye)
         for j in (info != 0).nonzero().flatten().tolist():
-            extra = self.ridge
-            label = f"class {names[j]}" if names[j] is not None else "a class"
+            ridge = max(self.ridge, 1e-12 * float(cov[j].diagonal().abs().max()), 1e-300)
             while True:
+                ridge *= 10
                 warnings.warn(
-                    f"covariance of {label} is not positive definite; adding ridge {extra:g}*I.", stacklevel=3
+                    f"covariance of class {names[j]} is not positive definite; using ridge {ridge:g}*I.",
+                    stacklevel=3,
                 )
-                extra *= 10
-                factor[j], bad = torch.linalg.cholesky_ex(cov[j] + (self.ridge + extra) * eye)
+                factor[j], bad = torch.linalg.cholesky_ex(cov[j] + ridge * eye)
                 if int(bad) == 0:
                     break
         return factor
@@ -619,9 +661,18 @@ class ClassStatistics:
         path = Path(directory) / STATISTICS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the checkpoint has no class statistics.")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
+        integer = {"classes", "tasks", "counts", "kinds", "ranks"}
+        for key, tensor in state.items():
+            if tensor.is_floating_point() == (key in integer):
+                raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}; the file is damaged.")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
         if set(state) == _V1_TENSORS:
             return cls._load_v1(path, state, feature_dim)
         if set(state) != _V2_TENSORS:

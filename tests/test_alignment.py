@@ -190,7 +190,7 @@ def test_sampling_plan_is_built_once_and_rebuilt_after_finalize():
     stats.update(torch.randn(5, 24), torch.full((5,), 7))
     stats.finalize(1)
     new = stats.sampling_plan("cpu")
-    assert new is not plan and new.classes.tolist() == [0, 1, 2, 3, 4, 7]
+    assert new is not plan and sorted(new.classes.tolist()) == [0, 1, 2, 3, 4, 7]
 
 
 def test_plans_over_the_cache_budget_and_in_many_chunks_draw_the_same_samples(monkeypatch):
@@ -209,7 +209,7 @@ def test_plans_over_the_cache_budget_and_in_many_chunks_draw_the_same_samples(mo
     stats._changed()
     assert len(stats.sampling_plan("cpu").chunks) == 5
     feats = stats.sample(30000, torch.Generator().manual_seed(4))
-    for i, c in enumerate(stats.classes):
+    for i, c in enumerate(stats.sampling_plan("cpu").classes.tolist()):
         _assert_moments(feats[i], stats.means[c], stats.covariances[c])
 
 
@@ -233,7 +233,7 @@ def test_fast_sampler_matches_the_per_class_formula_for_the_same_noise():
             if z2 is not None:
                 x += z2[i].double() * stats._noise[c].sqrt()
             expected[c] = x
-    for i, c in enumerate(stats.classes):
+    for i, c in enumerate(plan.classes.tolist()):
         torch.testing.assert_close(feats[i].double(), expected[c], rtol=1e-5, atol=1e-4)
 
 

@@ -244,6 +244,15 @@ def test_damaged_statistics_files_are_refused(tmp_path):
     save_file({k: v for k, v in state.items() if k != "noise"}, str(path), metadata=stats.metadata())
     with pytest.raises(ValueError, match="expected"):
         ClassStatistics.load(tmp_path)
+    save_file({**state, "means": state["means"] * float("nan")}, str(path), metadata=stats.metadata())
+    with pytest.raises(ValueError, match="non-finite"):
+        ClassStatistics.load(tmp_path)
+    save_file({**state, "ranks": state["ranks"].double()}, str(path), metadata=stats.metadata())
+    with pytest.raises(ValueError, match="unexpected dtype"):
+        ClassStatistics.load(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        ClassStatistics.load(tmp_path)
 
 
 def test_dense_covariance_files_of_the_first_format_still_load(tmp_path):
@@ -274,3 +283,25 @@ def test_covariances_is_a_read_only_view_in_class_order():
     with pytest.raises(KeyError):
         stats.covariances[2]
     assert stats.covariances[1].shape == (3, 3) and stats.covariances[1].dtype == torch.float64
+
+
+def test_outer_sums_in_padded_blocks_match_numpy():
+    d = 200  # two 128-wide blocks, the second one padded
+    x = _class_data(300, d, seed=4)
+    y = torch.arange(300) % 2
+    stats = ClassStatistics(d, covariance_form="full")
+    for lo in range(0, 300, 64):
+        stats.update(x[lo : lo + 64], y[lo : lo + 64])
+    stats.finalize(0)
+    for c in range(2):
+        np.testing.assert_allclose(stats.covariances[c].numpy(), _reference_cov(x[y == c], 1e-4), rtol=0, atol=1e-10)
+
+
+def test_a_covariance_that_is_not_positive_definite_gets_a_growing_ridge():
+    stats = ClassStatistics(3, ridge=0.0, covariance_form="full")
+    singular = torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))[None]
+    with pytest.warns(UserWarning, match="class 7 is not positive definite"):
+        factor = stats._cholesky_with_ridge(singular, [7])[0]
+    cov = factor @ factor.T
+    assert torch.linalg.eigvalsh(cov).min() > 0
+    torch.testing.assert_close(cov, singular[0], rtol=0, atol=1e-6)
