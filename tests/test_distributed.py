@@ -18,6 +18,15 @@ from slca_peft import (
     TaskSequence,
 )
 
+def free_port() -> int:
+    """A port nobody listens on, so concurrent test runs do not collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 WORKER = r'''
 import json, sys, torch
 from accelerate import PartialState
@@ -49,7 +58,7 @@ def test_two_processes_compute_the_same_statistics_and_accuracy(tmp_path, base_m
     out = tmp_path / "ddp"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(worker), str(base_model_dir), str(train_dir), str(test_dir), str(out)]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -153,7 +162,7 @@ def test_two_process_training_writes_one_set_of_checkpoints(tmp_path, base_model
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     recipe = Path(__file__).parents[1] / "recipes" / "train_seq.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(recipe), "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir),
            "--test_dir", str(test_dir), "--init_cls", "3", "--increment", "2", "--num_train_epochs", "1",
            "--per_device_train_batch_size", "4", "--ca_samples_per_class", "32", "--ca_batch_size", "32",
@@ -172,7 +181,7 @@ def test_two_process_training_writes_one_set_of_checkpoints(tmp_path, base_model
 def test_duplicate_launch_without_use_cpu_is_refused_in_both_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     recipe = Path(__file__).parents[1] / "recipes" / "train_seq.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(recipe), "--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
