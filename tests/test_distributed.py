@@ -18,6 +18,7 @@ from slca_peft import (
     TaskSequence,
 )
 
+
 def free_port() -> int:
     """A port nobody listens on, so concurrent test runs do not collide."""
     import socket
