@@ -205,7 +205,9 @@ def test_plans_over_the_cache_budget_and_in_many_chunks_draw_the_same_samples(mo
     torch.testing.assert_close(stats.sample(16, torch.Generator().manual_seed(3)), reference, rtol=0, atol=0)
     # Chunks of one class each, drawn one by one, follow the same Gaussians.
     monkeypatch.setattr(module, "_PLAN_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(module, "_SAMPLE_STEP_ELEMENTS", 1)
+    import slca_peft.covariance
+
+    monkeypatch.setattr(slca_peft.covariance, "_SAMPLE_STEP_ELEMENTS", 1)
     stats._changed()
     assert len(stats.sampling_plan("cpu").chunks) == 5
     feats = stats.sample(30000, torch.Generator().manual_seed(4))

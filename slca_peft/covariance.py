@@ -1,0 +1,218 @@
+"""Covariance storage and batched Gaussian sampling behind `ClassStatistics`.
+
+Packed triangular factors, the blocked lower-triangle layout of the outer-product sums, pivoted
+Cholesky for low-rank factors, and the `SamplingPlan` that stacks every class's factor once and
+draws all classes in a few batched matrix products.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .statistics import ClassStatistics
+
+# How one class is stored: the packed lower Cholesky factor of its covariance, or a d x r factor
+# plus a diagonal (ridge, residual or per-dimension variance).
+KIND_CHOLESKY, KIND_FACTOR = 0, 1
+
+# Work size (elements) of one sampling step.
+_SAMPLE_STEP_ELEMENTS = 1 << 23
+
+
+def _tril_indices(d: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return _cached_tril_indices(d, str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tril_indices(d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):
+        rows, cols = torch.tril_indices(d, d, device=device)
+    return rows, cols
+
+
+def packed_size(d: int) -> int:
+    """Entries of a packed lower triangle of a d x d matrix."""
+    return d * (d + 1) // 2
+
+
+def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """[..., d(d+1)/2] row-major lower triangles -> [..., d, d] lower-triangular matrices."""
+    rows, cols = _tril_indices(d, packed.device)
+    out = packed.new_zeros(*packed.shape[:-1], d, d)
+    out[..., rows, cols] = packed
+    return out
+
+
+class _BlockLayout:
+    """The lower block triangle of a d x d matrix in s x s blocks (the last block zero-padded).
+
+    Outer-product sums are accumulated in it: each update is one batched in-place product per class
+    (``blocks += X[:, I]^T X[:, J]`` for every block pair I >= J), with no d x d temporary and about
+    half the memory of the dense matrix.
+    """
+
+    def __init__(self, d: int, block: int = 128):
+        self.d = d
+        self.s = min(block, d)
+        self.b = -(-d // self.s)
+        pairs = [(i, j) for i in range(self.b) for j in range(i + 1)]
+        self.bi = torch.tensor([i for i, _ in pairs])
+        self.bj = torch.tensor([j for _, j in pairs])
+        self.numel = len(pairs) * self.s * self.s
+
+    def accumulate(self, blocks: torch.Tensor, x: torch.Tensor) -> None:
+        """blocks [num_pairs, s, s] += the lower block triangle of x^T x."""
+        m = x.shape[0]
+        width = self.b * self.s
+        if width != self.d:
+            x = torch.nn.functional.pad(x, (0, width - self.d))
+        xb = x.view(m, self.b, self.s)
+        left = xb[:, self.bi.to(x.device), :].permute(1, 2, 0)  # [pairs, s, m]
+        right = xb[:, self.bj.to(x.device), :].transpose(0, 1)  # [pairs, m, s]
+        blocks.baddbmm_(left, right)
+
+    def to_dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """[k, numel] block triangles -> [k, d, d] symmetric matrices."""
+        k, s = flat.shape[0], self.s
+        blocks = flat.view(k, -1, s, s)
+        out = flat.new_zeros(k, self.b * s, self.b * s)
+        for t, (i, j) in enumerate(zip(self.bi.tolist(), self.bj.tolist(), strict=True)):
+            out[:, i * s : (i + 1) * s, j * s : (j + 1) * s] = blocks[:, t]
+            if i != j:
+                out[:, j * s : (j + 1) * s, i * s : (i + 1) * s] = blocks[:, t].transpose(1, 2)
+        return out[:, : self.d, : self.d]
+
+
+def pivoted_cholesky(
+    matrix: torch.Tensor, max_rank: torch.Tensor, tol: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched pivoted Cholesky of positive semi-definite [k, d, d] matrices.
+
+    Returns F [k, d, R] (R = max(max_rank), columns past a matrix's rank are zero) and the ranks,
+    with ``matrix ~= F F^T``: each step takes the largest remaining diagonal entry as pivot and
+    stops at `max_rank` or when no remaining diagonal entry exceeds `tol`. Costs O(d r^2) per
+    matrix instead of the O(d^3) of an eigendecomposition.
+    """
+    k, d, _ = matrix.shape
+    steps = int(max_rank.max()) if k else 0
+    factor_t = matrix.new_zeros(k, steps, d)  # F transposed: each step fills one contiguous row
+    residual = matrix.diagonal(dim1=1, dim2=2).clone()
+    rows = torch.arange(k, device=matrix.device)
+    active = torch.ones(k, dtype=torch.bool, device=matrix.device)
+    ranks = torch.zeros(k, dtype=torch.int64, device=matrix.device)
+    for i in range(steps):
+        value, pivot = residual.max(dim=1)
+        active &= (value > tol) & (max_rank > i)
+        if not bool(active.any()):
+            break
+        col = matrix[rows, pivot, :]  # symmetric: the pivot row is the pivot column
+        if i:
+            col = col - torch.bmm(factor_t[rows, :i, pivot].unsqueeze(1), factor_t[:, :i, :]).squeeze(1)
+        col = col / value.clamp_min(torch.finfo(matrix.dtype).tiny).sqrt()[:, None]
+        col = torch.where(active[:, None], col, torch.zeros_like(col))
+        factor_t[:, i, :] = col
+        residual -= col.square()
+        residual[rows[active], pivot[active]] = 0.0
+        ranks += active
+    factor = factor_t.transpose(1, 2)
+    return factor, ranks
+
+
+class _CovarianceView(Mapping):
+    """Read-only mapping class -> float64 [d, d] covariance, materialised from the factor on access."""
+
+    def __init__(self, stats: ClassStatistics):
+        self._stats = stats
+
+    def __getitem__(self, cls: int) -> torch.Tensor:
+        if cls not in self._stats._factors:
+            raise KeyError(cls)
+        return self._stats.covariance(cls)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._stats.classes)
+
+    def __len__(self) -> int:
+        return len(self._stats._factors)
+
+    def __contains__(self, cls: object) -> bool:
+        return cls in self._stats._factors
+
+
+@dataclass
+class _Chunk:
+    """Consecutive classes [start, stop) of the plan sampled together: factors transposed and padded
+    to the chunk's largest rank [k, r, d], noise standard deviations [k, 1, d] (None when no class of
+    the chunk has a diagonal term)."""
+
+    start: int
+    stop: int
+    classes: list[int]
+    rank: int
+    has_noise: bool
+    factors_t: torch.Tensor | None = None
+    noise_std: torch.Tensor | None = None
+
+
+@dataclass
+class SamplingPlan:
+    """Everything the sampler needs, stacked once per statistics version, device and dtype."""
+
+    key: tuple
+    classes: torch.Tensor  # [C] int64: the class of each row of `means` and of `sample`'s output
+    tasks: torch.Tensor  # [C] int64, the task of each class
+    means: torch.Tensor  # [C, d]
+    chunks: list[_Chunk] = field(default_factory=list)
+    cached: bool = True
+    stats: ClassStatistics | None = None
+
+    @property
+    def nbytes(self) -> int:
+        total = self.means.numel() * self.means.element_size()
+        for chunk in self.chunks:
+            for t in (chunk.factors_t, chunk.noise_std):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
+    def sample(
+        self, samples_per_class: int, generator: torch.Generator, mean_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[C, n, d] draws of every class, row i of class `classes[i]`:
+        ``mean_scale * mu + F z1 + sqrt(noise) * z2`` (`mean_scale` is in the same order).
+
+        A few batched products per chunk of classes; no Python loop over classes.
+        """
+        means = self.means
+        device, dtype = means.device, means.dtype
+        if mean_scale is not None:
+            means = means * mean_scale.to(device=device, dtype=dtype)[:, None]
+        num, dim = means.shape
+        n = samples_per_class
+        out = torch.empty(num, n, dim, device=device, dtype=dtype)
+        for chunk in self.chunks:
+            factors_t, noise_std = chunk.factors_t, chunk.noise_std
+            if factors_t is None:  # over the cache budget: materialise this chunk for this call only
+                factors_t, noise_std = self.stats._chunk_tensors(chunk, device, dtype)
+            step = max(1, _SAMPLE_STEP_ELEMENTS // max(1, n * max(dim, chunk.rank)))
+            for lo in range(0, chunk.stop - chunk.start, step):
+                hi = min(lo + step, chunk.stop - chunk.start)
+                target = out[chunk.start + lo : chunk.start + hi]
+                mu = means[chunk.start + lo : chunk.start + hi, None, :]
+                if chunk.rank:
+                    z = torch.randn(hi - lo, n, chunk.rank, generator=generator, device=device, dtype=dtype)
+                    torch.baddbmm(mu, z, factors_t[lo:hi], out=target)
+                    del z
+                else:
+                    target.copy_(mu.expand(hi - lo, n, dim))
+                if noise_std is not None:
+                    target.addcmul_(
+                        torch.randn(hi - lo, n, dim, generator=generator, device=device, dtype=dtype),
+                        noise_std[lo:hi],
+                    )
+        return out
