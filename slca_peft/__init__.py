@@ -3,6 +3,7 @@
 from .alignment import AlignmentSettings, ClassifierAligner
 from .config import SLCAConfig
 from .continual import ContinualLearner, ContinualResult
+from .domains import DomainSequence
 from .head import ContinualClassifier
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
@@ -20,6 +21,7 @@ __all__ = [
     "ContinualClassifier",
     "ContinualLearner",
     "ContinualResult",
+    "DomainSequence",
     "EvalTransform",
     "ImageTransformConfig",
     "SLCAConfig",

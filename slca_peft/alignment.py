@@ -68,7 +68,7 @@ class ClassifierAligner:
         self.seed = seed
 
     def sample(
-        self, stats: ClassStatistics, task_id: int, generator: torch.Generator
+        self, stats: ClassStatistics, task_id: int, generator: torch.Generator, num_labels: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw `samples_per_class` features of every seen class, scaled as the method requires.
 
@@ -89,17 +89,25 @@ class ClassifierAligner:
             step = s.fc_scale_mu + 0.02 * (jitter - 0.5)
             feats.div_((1.0 + step * task_gap[:, None])[..., None])
         labels = plan.classes.repeat_interleave(n)
+        if num_labels is not None:  # domain-incremental: statistics key = domain * num_labels + class
+            labels = labels % num_labels
         return feats.reshape(-1, stats.feature_dim), labels
 
-    def align(self, classifier: ContinualClassifier, stats: ClassStatistics, task_id: int) -> list[float]:
+    def align(
+        self, classifier: ContinualClassifier, stats: ClassStatistics, task_id: int, domain_keys: bool = False
+    ) -> list[float]:
         """Retrain all heads in place; returns the mean loss of each epoch.
 
-        Scales are set to 1 first (they are never trained) and, for SLCA++, old heads get
+        With `domain_keys` (domain-incremental), statistics are keyed `domain * num_classes + class`
+        and every domain's Gaussian of a class trains that class. Scales are set to 1 first (they are
+        never trained) and, for SLCA++, old heads get
         `1 + mu_s * (T_old - j)` afterwards. Features are sampled on the classifier's device. If the
         loss becomes non-finite the heads are restored as they were and a `RuntimeError` is raised.
         """
         s = self.settings
-        missing = [c for c in range(classifier.num_classes) if c not in stats.means]
+        num_labels = classifier.num_classes if domain_keys else None
+        present = {c % num_labels for c in stats.classes} if num_labels else set(stats.classes)
+        missing = [c for c in range(classifier.num_classes) if c not in present]
         if missing:
             raise ValueError(
                 f"classes {missing} have no statistics; compute them (ClassStatistics.update/finalize) "
@@ -120,7 +128,7 @@ class ClassifierAligner:
         losses = []
         try:
             for _ in range(s.epochs):
-                feats, labels = self.sample(stats, task_id, generator)
+                feats, labels = self.sample(stats, task_id, generator, num_labels)
                 order = torch.randperm(len(labels), generator=generator, device=generator.device)
                 total = torch.zeros((), device=device)
                 batches = 0

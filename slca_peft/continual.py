@@ -127,6 +127,11 @@ class ContinualLearner:
         return max(candidates)[1] if candidates else None
 
     @property
+    def domain_incremental(self) -> bool:
+        """Tasks are domains over the same classes (one head; statistics per domain and class)."""
+        return getattr(self.tasks, "domain_incremental", False)
+
+    @property
     def output_dir(self) -> Path:
         return Path(self.args.output_dir)
 
@@ -144,27 +149,30 @@ class ContinualLearner:
 
     def learn_task(self, task: Task) -> list[float]:
         t = task.task_id
-        if self.model.classifier.num_tasks != t:
+        heads = self.model.classifier.num_tasks
+        if (self.domain_incremental and heads != min(t, 1)) or (not self.domain_incremental and heads != t):
             raise RuntimeError(
-                f"the classifier has {self.model.classifier.num_tasks} heads but task {t} is next; resume "
-                "from the checkpoint of task {t - 1} with its model."
+                f"the classifier has {heads} heads but task {t} is next; resume from the checkpoint of "
+                f"task {t - 1} with its model."
             )
         # Everything a task does is a function of (seed, task id, model state), so a run resumed from a
         # checkpoint repeats an uninterrupted one exactly.
         set_seed(self.args.seed + t)
-        self.model.grow(len(task.classes))
+        if heads == 0 or not self.domain_incremental:
+            self.model.grow(len(task.classes))  # domain-incremental: one head for all domains
         self.trainer = SLCATrainer(
             model=self.model,
             args=self.args,
             train_dataset=task.train.with_transform(self.train_transform),
             data_collator=collate_fn,
             callbacks=self.callbacks,
+            task_id=t,
         )
         self.trainer.train()
         self.compute_statistics(task)
         unaligned = self.model.classifier.snapshot()
         if self.args.align and t > 0:
-            losses = self.aligner.align(self.model.classifier, self.statistics, t)
+            losses = self.aligner.align(self.model.classifier, self.statistics, t, self.domain_incremental)
             logger.info("task %d: classifier alignment losses %s", t, [round(v, 4) for v in losses])
         row, seen, sizes = self.evaluate(t)
         self.result.accuracy_matrix.append(row)
@@ -199,28 +207,29 @@ class ContinualLearner:
         was_training = model.training
         model.eval()
         device = self.args.device
+        # Domain-incremental: each domain keeps its own Gaussian per class, keyed domain * C + class.
+        key_offset = task.task_id * self.tasks.num_classes if self.domain_incremental else 0
         for batch in self._shard_loader(task.train):
             feats = model.features(batch["pixel_values"].to(device))
-            self.statistics.update(feats, batch["labels"].to(device))
-        self.statistics.finalize(task.task_id, task.classes, reduce=self._reduce)
+            self.statistics.update(feats, batch["labels"].to(device) + key_offset)
+        self.statistics.finalize(task.task_id, [c + key_offset for c in task.classes], reduce=self._reduce)
         model.train(was_training)
 
     @torch.inference_mode()
     def evaluate(self, task_id: int) -> tuple[list[float], float, list[int]]:
-        """Accuracy per seen task and over all seen classes (micro), predicting among all of them;
-        every test sample is counted exactly once whatever the number of processes."""
+        """Accuracy on each seen task's test data and over all of it (micro), predicting among all
+        classes seen so far; every test sample is counted once whatever the number of processes."""
         model = self.model
         model.eval()
         device = self.args.device
-        offsets = torch.tensor(self.tasks.offsets(), device=device)
         correct = torch.zeros(task_id + 1, dtype=torch.float64, device=device)
         total = torch.zeros(task_id + 1, dtype=torch.float64, device=device)
-        for batch in self._shard_loader(self.tasks.seen_test(task_id)):
-            labels = batch["labels"].to(device)
-            preds = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(dim=1)
-            task_of = torch.searchsorted(offsets, labels, right=True) - 1
-            correct.index_add_(0, task_of, (preds == labels).to(torch.float64))
-            total.index_add_(0, task_of, torch.ones_like(labels, dtype=torch.float64))
+        for j in range(task_id + 1):
+            for batch in self._shard_loader(self.tasks[j].test):
+                labels = batch["labels"].to(device)
+                preds = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(dim=1)
+                correct[j] += (preds == labels).sum()
+                total[j] += labels.numel()
         correct, total = self._reduce(correct).cpu().numpy(), self._reduce(total).cpu().numpy()
         if (total == 0).any():
             empty = np.nonzero(total == 0)[0].tolist()

@@ -42,7 +42,9 @@ class SLCATrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: SLCAModel | None = None, args: SLCAConfig | None = None, **kwargs: Any):
+    def __init__(
+        self, model: SLCAModel | None = None, args: SLCAConfig | None = None, task_id: int | None = None, **kwargs: Any
+    ):
         if model is not None and not isinstance(model, SLCAModel):
             raise TypeError(
                 f"SLCATrainer trains an SLCAModel, got {type(model).__name__}; wrap your backbone with "
@@ -57,6 +59,7 @@ class SLCATrainer(Trainer):
             )
         if model is not None and model.classifier.num_tasks == 0:
             raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
+        self._task_id = task_id
         super().__init__(model=model, args=args, **kwargs)
 
     # ------------------------------------------------------------------ task bookkeeping
@@ -66,7 +69,8 @@ class SLCATrainer(Trainer):
 
     @property
     def task_id(self) -> int:
-        return self.slca_model.classifier.num_tasks - 1
+        """The task being learned: the newest head unless given (domain-incremental runs share one head)."""
+        return self._task_id if self._task_id is not None else self.slca_model.classifier.num_tasks - 1
 
     @property
     def known_classes(self) -> int:

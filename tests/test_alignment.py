@@ -286,7 +286,7 @@ def test_fast_alignment_equals_the_straightforward_loop_given_the_same_samples()
     aligner = ClassifierAligner(settings, seed=4)
     drawn = [aligner.sample(stats, 2, torch.Generator().manual_seed(100 + e)) for e in range(3)]
     calls = iter(drawn)
-    aligner.sample = lambda stats, task_id, generator: next(calls)
+    aligner.sample = lambda stats, task_id, generator, num_labels=None: next(calls)
     losses = aligner.align(clf, stats, task_id=2)
     expected_losses = _straightforward_align(reference, settings, 2, 4, drawn)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
@@ -304,7 +304,7 @@ def test_non_finite_alignment_loss_restores_the_heads():
     broken = (good[0].clone(), good[1])
     broken[0][5, 3] = float("nan")  # the first epoch trains, the second one diverges
     calls = iter([good, broken])
-    aligner.sample = lambda stats, task_id, generator: next(calls)
+    aligner.sample = lambda stats, task_id, generator, num_labels=None: next(calls)
     with pytest.raises(RuntimeError, match="restored"):
         aligner.align(clf, stats, task_id=1)
     for key, value in before.items():

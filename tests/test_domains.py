@@ -1,0 +1,73 @@
+"""Domain-incremental learning: the same classes arrive in a new domain per task."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image
+from PIL import Image as PILImage
+
+from slca_peft import EvalTransform, ImageTransformConfig, SLCAConfig, SLCAModel, TrainTransform
+from slca_peft.continual import ContinualLearner
+from slca_peft.domains import DomainSequence
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def domain(style: int, per_class: int, seed: int) -> Dataset:
+    """Class k: a bright square at position k. Domains differ in tint and background noise."""
+    rng = np.random.RandomState(seed)
+    images, labels = [], []
+    for k in range(len(NAMES)):
+        for _ in range(per_class):
+            img = rng.randint(0, 40 + 40 * style, size=(32, 32, 3)).astype(np.uint8)
+            img[(k // 2) * 16 : (k // 2) * 16 + 12, (k % 2) * 16 : (k % 2) * 16 + 12] = 255
+            img[..., style % 3] //= 2  # tint
+            images.append(PILImage.fromarray(img))
+            labels.append(k)
+    features = Features({"image": Image(), "label": ClassLabel(names=NAMES)})
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def test_domain_incremental_run_has_one_head_and_per_domain_metrics(tmp_path, base_model_dir):
+    domains = [(domain(s, 8, seed=s), domain(s, 4, seed=10 + s)) for s in range(3)]
+    tasks = DomainSequence(domains, domain_names=["clean", "noisy", "noisier"])
+    args = SLCAConfig(output_dir=str(tmp_path), use_cpu=True, num_train_epochs=3, per_device_train_batch_size=8,
+                      learning_rate=0.05, seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=64,
+                      ca_batch_size=32)
+    model = SLCAModel.from_backbone(str(base_model_dir), args)
+    tc = ImageTransformConfig.from_model_config(model.config)
+    learner = ContinualLearner(model, args, tasks, train_transform=TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0),
+                               eval_transform=EvalTransform(tc))
+    lora_rates = []
+    original = learner.learn_task
+
+    def spy(task):
+        row = original(task)
+        lora_rates.append(learner.trainer.group_learning_rates()["lora"])
+        return row
+
+    learner.learn_task = spy
+    result = learner.run()
+    assert model.classifier.task_sizes == [4]  # one head over all domains
+    assert [len(r) for r in result.accuracy_matrix] == [1, 2, 3]
+    assert result.task_test_sizes == [16, 16, 16]
+    assert all(row[t] > 25.0 for t, row in enumerate(result.accuracy_matrix)), result.accuracy_matrix
+    # Statistics per domain and class, keyed domain * 4 + class, tagged with their domain.
+    assert learner.statistics.classes == list(range(12))
+    assert [learner.statistics.task_of_class[k] for k in (0, 5, 11)] == [0, 1, 2]
+    # The slow learner's LoRA rate drops after the first domain, as for class-incremental tasks.
+    assert lora_rates == pytest.approx([0.025, 0.005, 0.005])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["task_sizes"] == [4, 4, 4]
+    state = json.loads((tmp_path / "task_2" / "continual_state.json").read_text())
+    assert state["incremental"] == "domain" and state["domains"] == ["clean", "noisy", "noisier"]
+
+
+def test_domains_must_share_their_classes():
+    other = Dataset.from_dict({"image": [0, 1], "label": ["x", "y"]})
+    same = Dataset.from_dict({"image": [0, 1], "label": ["a", "b"]})
+    with pytest.raises(ValueError, match="share the same class names"):
+        DomainSequence([(same, same), (other, other)])
+    with pytest.raises(ValueError, match="at least 2 domains"):
+        DomainSequence([(same, same)])
