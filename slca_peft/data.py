@@ -123,11 +123,6 @@ def load_benchmark(
     return data, spec
 
 
-def load_named_dataset(name: str, revision: str | None = None) -> tuple[DatasetDict, DatasetSpec]:
-    """A known benchmark (or any Hub image dataset) from the Hub; `load_benchmark` without `data_dir`."""
-    return load_benchmark(name, None, revision)
-
-
 # ---------------------------------------------------------------------------------------------- splits
 def split_per_class(
     data: Dataset,

@@ -17,11 +17,17 @@ def symmetric_cross_entropy(
     if logits.ndim != 2:
         raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}.")
     num_classes = logits.shape[1]
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+    if bool(((labels < 0) | (labels >= num_classes)).any()):
         raise ValueError(
             f"labels must lie in [0, {num_classes}) for these logits, got range "
             f"[{int(labels.min())}, {int(labels.max())}]; shift them to the current task's classes."
         )
+    return _symmetric_cross_entropy(logits, labels, alpha, beta)
+
+
+def _symmetric_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The loss itself, for callers that have validated the labels (the trainer's hot path)."""
+    num_classes = logits.shape[1]
     ce = F.cross_entropy(logits.float(), labels)
     probs = torch.softmax(logits.float(), dim=1).clamp(min=1e-7, max=1.0)
     one_hot = F.one_hot(labels, num_classes).float().clamp(min=1e-4, max=1.0)

@@ -201,9 +201,6 @@ class SLCAModel(nn.Module):
             return LORA
         return BACKBONE
 
-    def trainable_backbone_names(self) -> list[str]:
-        return [f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad]
-
     def settings(self) -> dict[str, Any]:
         """What `from_pretrained` needs to rebuild the same model around the referenced base."""
         return {

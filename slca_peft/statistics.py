@@ -54,7 +54,6 @@ COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
 FORMAT_VERSION = "2"
 
 _V2_TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks", "factors", "noise"}
-_V1_TENSORS = {"classes", "tasks", "counts", "means", "covariances", "ridge"}
 
 # Work sizes (elements): classes per finalize block and per sampling chunk.
 _FINALIZE_BLOCK_ELEMENTS = 1 << 24
@@ -486,8 +485,6 @@ class ClassStatistics:
                 raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}; the file is damaged.")
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
-        if set(state) == _V1_TENSORS:
-            return cls._load_v1(path, state, feature_dim)
         if set(state) != _V2_TENSORS:
             raise ValueError(f"{path} holds tensors {sorted(state)}, expected {sorted(_V2_TENSORS)}.")
         means = state["means"]
@@ -536,22 +533,3 @@ class ClassStatistics:
         self.means[cls] = mean.to(torch.float64).clone()
         self.counts[cls] = count
         self.task_of_class[cls] = task
-
-    @classmethod
-    def _load_v1(cls, path: Path, state: dict[str, torch.Tensor], feature_dim: int | None) -> ClassStatistics:
-        """Files written before factorised storage hold dense covariances: factorise them now."""
-        means, covs = state["means"], state["covariances"]
-        num, dim = means.shape
-        if feature_dim is not None and dim != feature_dim:
-            raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
-        if covs.shape != (num, dim, dim) or any(state[k].shape != (num,) for k in ("classes", "tasks", "counts")):
-            raise ValueError(f"{path} has inconsistent tensor shapes; the file is damaged.")
-        stats = cls(dim, ridge=float(state["ridge"]), covariance_form="full")
-        rows, cols = _tril_indices(dim)
-        for i, c in enumerate(state["classes"].tolist()):
-            cov = covs[i].to(torch.float64) - stats.ridge * torch.eye(dim, dtype=torch.float64)
-            stats._factors[c] = stats._cholesky_with_ridge(cov[None], [c])[0][rows, cols].clone()
-            stats._noise[c] = torch.zeros(dim, dtype=torch.float64)
-            stats._set_class(c, means[i], int(state["counts"][i]), int(state["tasks"][i]))
-        stats._changed()
-        return stats

@@ -19,8 +19,9 @@ def class_order(num_classes: int, seed: int | None) -> list[int]:
     """The reference's class permutation; `seed=None` keeps the natural order."""
     if seed is None:
         return list(range(num_classes))
-    np.random.seed(seed)
-    return np.random.permutation(num_classes).tolist()
+    # Same stream as the reference's `np.random.seed(seed); np.random.permutation(n)`, without
+    # reseeding numpy's global generator under the user's feet.
+    return np.random.RandomState(seed).permutation(num_classes).tolist()
 
 
 def split_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
@@ -36,9 +37,6 @@ def split_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
     while remaining > 0:
         sizes.append(min(increment, remaining))
         remaining -= sizes[-1]
-    if len(sizes) > 1 and sizes[-1] < increment:
-        # The reference folds a short remainder into the last task (e.g. Cars-196: 9 x 20 + 16).
-        pass
     return sizes
 
 

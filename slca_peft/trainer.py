@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .config import SLCAConfig
-from .losses import symmetric_cross_entropy
+from .losses import _symmetric_cross_entropy
 from .model import BACKBONE, HEAD, LORA, SLCAModel
 
 
@@ -129,7 +129,7 @@ class SLCATrainer(Trainer):
         labels = inputs["labels"]
         outputs = model(pixel_values=inputs["pixel_values"])
         known, total = self.known_classes, self.slca_model.classifier.num_classes
-        if labels.numel() and (labels.min() < known or labels.max() >= total):
+        if bool(((labels < known) | (labels >= total)).any()):  # one device sync per step
             raise ValueError(
                 f"task {self.task_id} owns classes [{known}, {total}) but the batch has labels in "
                 f"[{int(labels.min())}, {int(labels.max())}]; train each task on its own classes "
@@ -139,7 +139,7 @@ class SLCATrainer(Trainer):
         targets = labels - known
         args: SLCAConfig = self.args
         if args.use_sce:
-            loss = symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta)
+            loss = _symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta)
         else:
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss

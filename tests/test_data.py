@@ -13,7 +13,7 @@ from datasets import Image as HFImage
 from PIL import Image
 
 import slca_peft.data as data_module
-from slca_peft.data import KNOWN_DATASETS, load_benchmark, load_named_dataset, stratified_split
+from slca_peft.data import KNOWN_DATASETS, load_benchmark, stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_hub_loading_uses_the_documented_repo_columns_and_revision(monkeypatch):
     assert (spec.image_column, spec.label_column) == ("image", "label") and set(data) == {"train", "test"}
     load_benchmark("cars196", revision="main")
     assert calls[-1] == ("Donghyun99/Stanford-Cars", None, "main")
-    data, spec = load_named_dataset("imagenet_r")
+    data, spec = load_benchmark("imagenet_r")
     assert calls[-1][0] == "axiong/imagenet-r" and spec.label_column == "wnid"
     assert (data["train"].num_rows, data["test"].num_rows) == (16, 4)
     assert sorted(data["test"]["wnid"]) == ["n1", "n1", "n2", "n2"]

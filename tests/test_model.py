@@ -82,10 +82,8 @@ def test_backbone_without_pooled_feature_is_refused():
         def forward(self, pixel_values):
             return type("Out", (), {"last_hidden_state": pixel_values, "pooler_output": None})()
 
-    from slca_peft.model import SLCAModel as Model
-
     with pytest.raises(ValueError, match="no pooled image feature"):
-        Model(NoPool(), use_lora=False)
+        SLCAModel(NoPool(), use_lora=False)
     # A DINOv2 has a class token: accepted.
     cfg = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                        intermediate_size=64)

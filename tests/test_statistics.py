@@ -255,7 +255,7 @@ def test_damaged_statistics_files_are_refused(tmp_path):
         ClassStatistics.load(tmp_path)
 
 
-def test_dense_covariance_files_of_the_first_format_still_load(tmp_path):
+def test_a_file_with_other_tensors_is_refused_with_the_expected_layout(tmp_path):
     from safetensors.torch import save_file
 
     d = 5
@@ -269,9 +269,8 @@ def test_dense_covariance_files_of_the_first_format_still_load(tmp_path):
         },
         str(tmp_path / STATISTICS_FILE),
     )
-    loaded = ClassStatistics.load(tmp_path, feature_dim=d)
-    assert loaded.classes == [4] and loaded.task_of_class == {4: 1}
-    torch.testing.assert_close(loaded.covariances[4], cov, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"holds tensors \['classes', 'counts', 'covariances'.*expected"):
+        ClassStatistics.load(tmp_path, feature_dim=d)
 
 
 def test_covariances_is_a_read_only_view_in_class_order():
