@@ -168,10 +168,25 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision))
 
 
-def read_safetensors(path: Path, expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _dtype_fits(stored: torch.dtype | None, reference: torch.dtype) -> bool:
+    """A float tensor may be stored in any float precision (a bf16 checkpoint loads into fp32);
+    anything else must match exactly."""
+    if stored is None:
+        return False
+    return stored.is_floating_point if reference.is_floating_point else stored == reference
+
+
+def read_safetensors(path: Path, expected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning truncation and layout mismatches into errors that name it.
 
-    With `expected`, every tensor's name and shape is checked against the model before loading.
+    With `expected` (the model's own tensors by name), every stored tensor's name, shape and dtype
+    is checked against the model from the header, before any data is read.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -185,11 +200,18 @@ def read_safetensors(path: Path, expected: dict[str, torch.Size] | None = None) 
                 if unknown:
                     raise ValueError(f"{path} holds tensors this model does not have: {unknown[:5]}.")
                 for key in keys:
-                    shape = tuple(fh.get_slice(key).get_shape())
-                    if shape != tuple(expected[key]):
+                    stored = fh.get_slice(key)
+                    shape, reference = tuple(stored.get_shape()), expected[key]
+                    if shape != tuple(reference.shape):
                         raise ValueError(
-                            f"{path}: tensor {key} has shape {shape}, the model expects {tuple(expected[key])}; "
+                            f"{path}: tensor {key} has shape {shape}, the model expects {tuple(reference.shape)}; "
                             "the checkpoint was made for a different base model or configuration."
+                        )
+                    dtype = stored.get_dtype()
+                    if not _dtype_fits(_SAFETENSORS_DTYPES.get(dtype), reference.dtype):
+                        raise ValueError(
+                            f"{path}: tensor {key} is stored as {dtype}, the model expects {reference.dtype}; "
+                            "the file is damaged or was not written by slca-peft."
                         )
             tensors = {k: fh.get_tensor(k) for k in keys}
     except SafetensorError as err:
@@ -197,6 +219,8 @@ def read_safetensors(path: Path, expected: dict[str, torch.Size] | None = None) 
     for key, tensor in tensors.items():
         if not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool)):
             raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}.")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
     return tensors
 
 
@@ -265,12 +289,12 @@ def load_checkpoint(
         expected = {}
         for key, value in model.base_backbone.state_dict().items():
             for variant in (key, key.replace(".default.", "."), key.replace(".modules_to_save.default.", ".")):
-                expected[f"base_model.model.{variant}"] = value.shape
+                expected[f"base_model.model.{variant}"] = value
         set_peft_model_state_dict(model.backbone, read_safetensors(root / ADAPTER_FILE, expected))
     else:
-        expected = {k: v.shape for k, v in model.base_backbone.state_dict().items()}
+        expected = dict(model.base_backbone.state_dict())
         model.base_backbone.load_state_dict(read_safetensors(root / BACKBONE_FILE, expected), strict=True)
-    head_expected = {k: v.shape for k, v in model.classifier.state_dict().items()}
+    head_expected = dict(model.classifier.state_dict())
     head_expected.update({f"unaligned.{k}": v for k, v in list(head_expected.items())})
     head = read_safetensors(root / CLASSIFIER_FILE, head_expected)
     aligned = {k: v for k, v in head.items() if not k.startswith("unaligned.")}

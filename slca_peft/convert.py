@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,7 +50,13 @@ SKIPPED = re.compile(r"^(module\.)?(head|fc_norm|pre_logits|momentum_encoder|pre
 
 def load_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone weights of a timm-style checkpoint file, with wrapper prefixes removed."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, so it was not loaded (unpickling "
+            "arbitrary objects can run code). Re-save only the state dict from the source you trust."
+        ) from err
     return extract_backbone(checkpoint)
 
 

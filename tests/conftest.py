@@ -63,3 +63,20 @@ def image_folders(tmp_path_factory) -> tuple[Path, Path]:
         write_image_folder(root / "train", num_classes=6, per_class=12, seed=1),
         write_image_folder(root / "test", num_classes=6, per_class=5, seed=2),
     )
+
+
+class _Exploit:
+    """Unpickling this creates a directory: stands in for a pickle that runs an attacker's code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.fixture
+def exploit(tmp_path):
+    """(an object whose unpickling runs code, the path that code would create)."""
+    marker = tmp_path / "pwned"
+    return _Exploit(marker), marker

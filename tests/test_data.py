@@ -1,7 +1,6 @@
 """Benchmark loaders: local copies in each dataset's release layout, the Hub path (mocked), the recipe flags."""
 
 import importlib.util
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -60,19 +59,11 @@ def test_cifar100_official_python_archive(tmp_path):
     assert len(load_benchmark("cifar-100", data_dir=folder)[0]["test"]) == 6
 
 
-class _Exploit:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (str(self.marker),)
-
-
-def test_cifar100_loader_refuses_a_pickle_that_runs_code(tmp_path):
+def test_cifar100_loader_refuses_a_pickle_that_runs_code(tmp_path, exploit):
     folder = write_cifar_archive(tmp_path)
-    marker = tmp_path / "pwned"
+    payload, marker = exploit
     with (folder / "train").open("wb") as fh:
-        pickle.dump({b"data": _Exploit(marker), b"fine_labels": []}, fh, protocol=2)
+        pickle.dump({b"data": payload, b"fine_labels": []}, fh, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         load_benchmark("cifar100", data_dir=tmp_path)
     assert not marker.exists()

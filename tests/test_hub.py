@@ -188,6 +188,46 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path, base_model_di
         load_checkpoint(tmp_path / "ckpt", expected_base="google/vit-base-patch16-224-in21k")
 
 
+def test_a_pickle_that_runs_code_is_never_unpickled(tmp_path, base_model_dir, exploit):
+    from slca_peft.cli import main as cli_main
+
+    payload, marker = exploit
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "model.bin").write_bytes(pickle.dumps(payload))
+    with pytest.raises(ValueError, match="Pickle files are never loaded"):
+        load_checkpoint(tmp_path / "model.bin")
+    (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
+    with pytest.raises(ValueError, match=r"pickle-based files \['pytorch_model.bin'\]"):
+        load_checkpoint(tmp_path / "ckpt")
+    # `convert` reads third-party .pth files, with torch's weights-only unpickler.
+    torch.save({"state_dict": {"blocks.0.norm1.weight": torch.ones(2)}, "hook": payload}, tmp_path / "vit.pth")
+    with pytest.raises(ValueError, match=r"vit.pth holds objects other than tensors"):
+        cli_main(["convert", str(tmp_path / "vit.pth"), str(tmp_path / "out")])
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensors_with_another_dtype_or_non_finite_values_are_refused(tmp_path, base_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "classifier.safetensors"
+    head = load_file(path)
+    save_file({**head, "heads.0.weight": head["heads.0.weight"].to(torch.int32)}, path)
+    with pytest.raises(ValueError, match="heads.0.weight is stored as I32, the model expects torch.float32"):
+        load_checkpoint(tmp_path / "ckpt")
+    save_file({**head, "heads.0.weight": head["heads.0.weight"].to(torch.bfloat16)}, path)
+    restored = load_checkpoint(tmp_path / "ckpt")[0]  # another float precision is a legitimate checkpoint
+    torch.testing.assert_close(restored.classifier.heads[0].weight, head["heads.0.weight"].bfloat16().float())
+    poisoned = head["heads.1.bias"].clone()
+    poisoned[0] = float("nan")
+    save_file({**head, "heads.1.bias": poisoned}, path)
+    with pytest.raises(ValueError, match="heads.1.bias has non-finite values"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, base_model_dir, monkeypatch):
     model = trained_model(base_model_dir)
     model.save_pretrained(tmp_path / "ckpt")
