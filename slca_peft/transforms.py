@@ -40,8 +40,8 @@ _BICUBIC = Image.Resampling.BICUBIC
 _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _CONVERSIONS = {
     **{mode: "16/32-bit values divided by 257" for mode in _WIDE_INT_MODES},
-    "L": "grey replicated to every channel", "LA": "alpha dropped", "RGBA": "alpha dropped",
-    "P": "palette colours", "PA": "palette colours, alpha dropped", "1": "black and white",
+    "LA": "alpha dropped", "RGBA": "alpha dropped", "P": "palette colours, transparency dropped",
+    "PA": "palette colours, alpha dropped",
     "RGB": "ITU-R 601-2 luma", "CMYK": "PIL's naive CMYK formula",
 }
 # Ratio of the eval resize to the crop size, as in the standard ImageNet recipe (256 / 224).
@@ -110,7 +110,8 @@ class ImageTransformConfig:
 
 
 def _to_model_mode(img: Image.Image, num_channels: int) -> Image.Image:
-    """Convert any PIL mode to 'RGB' (3 channels) or 'L' (1 channel), warning once per source mode.
+    """Convert any PIL mode to 'RGB' (3 channels) or 'L' (1 channel); a conversion that loses
+    information (alpha, bit depth, colour) warns once per source mode.
 
     16-bit integer images are rescaled to 8 bit (x / 257, so 65535 -> 255) instead of being clipped
     by PIL, which would turn most of a 16-bit image white. Alpha is dropped, not composited.
@@ -118,13 +119,15 @@ def _to_model_mode(img: Image.Image, num_channels: int) -> Image.Image:
     target = "RGB" if num_channels == 3 else "L"
     if img.mode == target:
         return img
-    # Same text per mode, so Python's warning registry shows it once, not once per image.
-    warnings.warn(
-        f"images in mode {img.mode!r} are converted to {target!r} for the model "
-        f"({_CONVERSIONS.get(img.mode, 'PIL conversion')}); see docs/reliability.md.",
-        UserWarning,
-        stacklevel=2,
-    )
+    lossless = target == "RGB" and img.mode in ("L", "1", "P") and "transparency" not in img.info
+    if not lossless:
+        # Same text per mode, so Python's warning registry shows it once, not once per image.
+        warnings.warn(
+            f"images in mode {img.mode!r} are converted to {target!r} for the model "
+            f"({_CONVERSIONS.get(img.mode, 'PIL conversion')}); see docs/reliability.md.",
+            UserWarning,
+            stacklevel=2,
+        )
     if img.mode in _WIDE_INT_MODES:
         arr = np.asarray(img).astype(np.float64)
         arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)

@@ -1,6 +1,5 @@
 import math
 import random
-import re
 import warnings
 from types import SimpleNamespace
 
@@ -141,16 +140,23 @@ def test_eval_is_deterministic_and_ignores_global_random():
     ids=["L", "LA", "RGBA", "1", "I;16-white", "I;16-mid", "I"],
 )
 def test_any_mode_gives_three_channels_with_correct_values(img, rgb):
-    with pytest.warns(UserWarning, match=rf"mode '{re.escape(img.mode)}' are converted to 'RGB'"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = EvalTransform(RAW)(img)
+    # Only a conversion that loses something (alpha, bit depth) warns; grey or 1-bit to RGB is exact.
+    lossy = img.mode not in ("L", "1")
+    assert [str(w.message).startswith(f"images in mode {img.mode!r} are converted to 'RGB'") for w in caught] == (
+        [True] if lossy else []
+    )
     expected = torch.tensor(rgb, dtype=torch.float32).div(255).view(3, 1, 1).expand(3, 32, 32)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
-def test_rgb_images_are_not_converted_and_do_not_warn():
+def test_rgb_and_grey_images_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EvalTransform(RAW)(Image.new("RGB", (40, 40), (1, 2, 3)))
+        EvalTransform(RAW)(Image.new("L", (40, 40), 7))
 
 
 def test_sixteen_bit_white_equals_eight_bit_white():
