@@ -283,3 +283,23 @@ def test_cli_export_uses_the_real_class_names(tmp_path, base_model_dir):
     main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"}
+
+
+def test_a_base_model_with_remote_code_never_runs_it(tmp_path, base_model_dir):
+    """A checkpoint names its base model; a base whose config asks for custom code must not run it."""
+    base = tmp_path / "base-with-code"
+    shutil.copytree(base_model_dir, base)
+    marker = tmp_path / "pwned"
+    (base / "modeling_evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"}
+    (base / "config.json").write_text(json.dumps(config))
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    model.save_pretrained(tmp_path / "ckpt")
+    settings = json.loads((tmp_path / "ckpt" / "slca_config.json").read_text())
+    settings["base_model_name_or_path"] = str(base)
+    (tmp_path / "ckpt" / "slca_config.json").write_text(json.dumps(settings))
+    restored = load_checkpoint(tmp_path / "ckpt")[0]
+    assert type(restored.base_backbone).__name__ == "ViTModel"  # the library's class; auto_map ignored
+    assert not marker.exists()
