@@ -79,6 +79,11 @@ class DataArguments:
     crop_scale_min: float = field(
         default=0.08, metadata={"help": "Smallest area fraction of RandomResizedCrop (0.08 in the paper)."}
     )
+    train_resize: int | None = field(
+        default=None,
+        metadata={"help": "Resize training images to N x N and random-crop the model's size instead of "
+                  "RandomResizedCrop (the reference's CUB-200 augmentation: 300)."},
+    )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
     seeds: list[int] | None = field(
         default=None,
@@ -223,7 +228,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
                                    eval_transform=None)
     tc = transform_config_for(learner.model, data_args.brightness_jitter)
     learner.set_transforms(
-        TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0),
+        TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
+                       resize=data_args.train_resize),
         EvalTransform(tc),
     )
     result = learner.run()

@@ -198,6 +198,9 @@ class _BaseTransform:
 class TrainTransform(_BaseTransform):
     """SLCA++ training augmentation: random resized crop, horizontal flip, optional brightness jitter.
 
+    With ``resize=N`` the crop is the reference's CUB-200 form instead: resize to N×N (bilinear,
+    torchvision's default), then a uniformly placed ``size``×``size`` crop.
+
     Brightness is applied to the ``[0, 1]`` float image (``clip(x * f, 0, 1)``, f ~ U[max(0, 1-b), 1+b])
     as torchvision's tensor path does, avoiding an extra 8-bit rounding step.
     """
@@ -209,20 +212,31 @@ class TrainTransform(_BaseTransform):
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip_p: float = 0.5,
+        resize: int | None = None,
     ) -> None:
         super().__init__(config)
+        if resize is not None and resize < config.size:
+            raise ValueError(
+                f"resize={resize} is smaller than the crop size {config.size}; use resize >= {config.size}."
+            )
         self.rng = rng
         self.scale = scale
         self.ratio = ratio
         self.flip_p = flip_p
+        self.resize = resize
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # Looked up per call so that re-seeding the global `random` (set_seed) takes effect.
         r = self.rng if self.rng is not None else random
         img = _to_model_mode(img, self.config.num_channels)
-        top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, r)
         size = self.config.size
-        img = img.crop((left, top, left + w, top + h)).resize((size, size), _BICUBIC)
+        if self.resize is not None:
+            img = img.resize((self.resize, self.resize), Image.Resampling.BILINEAR)
+            top, left = r.randint(0, self.resize - size), r.randint(0, self.resize - size)
+            img = img.crop((left, top, left + size, top + size))
+        else:
+            top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, r)
+            img = img.crop((left, top, left + w, top + h)).resize((size, size), _BICUBIC)
         if r.random() < self.flip_p:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = self._to_unit_tensor(img)

@@ -72,6 +72,8 @@ def test_published_config_matches_the_spec(recipe, benchmark, backbone, method):
         assert data_args.seeds == [1993, 1996, 1997]
     if backbone == "mocov3":
         assert "slca-peft convert" in path.read_text()
+    # The reference's CUB-200 augmentation: Resize(300x300) + RandomCrop(224).
+    assert data_args.train_resize == (300 if benchmark == "cub200" else None)
 
 
 def test_seeds_from_a_config_are_overridden_on_the_command_line(recipe):

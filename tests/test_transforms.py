@@ -253,6 +253,22 @@ def test_crop_params_fallback_clamps_ratio_to_center():
 # --------------------------------------------------------------------------- train
 
 
+def test_resize_then_random_crop_is_a_window_of_the_resized_image():
+    img = noise_image(70, 45)
+    resized = np.asarray(img.resize((40, 40), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    t = TrainTransform(RAW, rng=random.Random(3), flip_p=0.0, resize=40)
+    corners = set()
+    for _ in range(40):
+        out = t(img).numpy().transpose(1, 2, 0)
+        # Find the 32x32 window of the 40x40 resize the crop came from: exactly one must match.
+        matches = [(i, j) for i in range(9) for j in range(9) if np.array_equal(resized[i : i + 32, j : j + 32], out)]
+        assert len(matches) == 1
+        corners.add(matches[0])
+    assert len(corners) > 10  # placed at random, not always the same window
+    with pytest.raises(ValueError, match="resize=16 is smaller than the crop size 32"):
+        TrainTransform(RAW, resize=16)
+
+
 def test_train_output_shape():
     cfg = ImageTransformConfig(size=64, mean=(0.5,) * 3, std=(0.5,) * 3, brightness=63 / 255)
     out = TrainTransform(cfg)(Image.new("L", (90, 120), 30))
