@@ -179,6 +179,8 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
     for seed in data_args.seeds:
         seed_args = copy.copy(args)
         seed_args.class_order_seed, seed_args.output_dir = seed, str(root / f"seed_{seed}")
+        if args.push_to_hub and args.hub_model_id:  # one repo per seed: each has its own task history
+            seed_args.hub_model_id = f"{args.hub_model_id}-seed{seed}"
         logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
         summary = train(model_args, data_args, seed_args)
         runs[str(seed)] = {

@@ -107,6 +107,11 @@ class SLCAConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: images are transformed lazily with `with_transform`."}
     )
+    hub_base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "With --push_to_hub: the Hub id of the base model, recorded in every pushed checkpoint "
+                  "when the backbone was loaded from a local copy (a local path would load nowhere else)."},
+    )
     save_strategy: str = field(
         default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
     )

@@ -6,6 +6,7 @@ classes -> checkpoint -> restore the unaligned head for the next task.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -73,6 +74,13 @@ class ContinualLearner:
         self.aligner = ClassifierAligner(AlignmentSettings.from_config(args), seed=args.seed)
         self._unaligned = unaligned_head
         self.trainer: SLCATrainer | None = None
+        # The loop pushes whole continual checkpoints, one commit per task; the Trainer's own pushes
+        # (adapter files only, mid-task) are switched off.
+        self._trainer_args = args
+        if args.push_to_hub:
+            self._check_pushable()
+            self._trainer_args = copy.copy(args)
+            self._trainer_args.push_to_hub = False
 
     def set_transforms(self, train_transform, eval_transform) -> None:
         """Image -> tensor callables for training and for statistics/evaluation."""
@@ -162,7 +170,7 @@ class ContinualLearner:
             self.model.grow(len(task.classes))  # domain-incremental: one head for all domains
         self.trainer = SLCATrainer(
             model=self.model,
-            args=self.args,
+            args=self._trainer_args,
             train_dataset=task.train.with_transform(self.train_transform),
             data_collator=collate_fn,
             callbacks=self.callbacks,
@@ -180,6 +188,8 @@ class ContinualLearner:
         self.result.task_test_sizes = sizes
         self._report(t, row, seen)
         self.save(self.output_dir / f"task_{t}", unaligned)
+        if self.args.push_to_hub:
+            self.push(self.output_dir / f"task_{t}", f"task {t + 1}/{len(self.tasks)}: seen classes {seen:.2f}%")
         self.model.classifier.restore(unaligned)
         return row
 
@@ -257,6 +267,41 @@ class ContinualLearner:
             )
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
+
+    @property
+    def hub_repo_id(self) -> str:
+        return self.args.hub_model_id or self.output_dir.absolute().name
+
+    def _check_pushable(self) -> None:
+        """Fail before any training if the pushed checkpoints could not be loaded elsewhere."""
+        from .hub import is_local_path
+
+        base = self.model.settings()["base_model_name_or_path"]
+        if self.model.use_lora and base and is_local_path(str(base)) and not self.args.hub_base_model_id:
+            raise ValueError(
+                f"push_to_hub is on but the base model is the local path {base!r}, which nobody who downloads "
+                f"{self.hub_repo_id} can load; pass --hub_base_model_id with the Hub id of the same weights."
+            )
+
+    def push(self, directory: Path, message: str) -> None:
+        """Upload a task checkpoint as one commit; a Hub failure is logged, not fatal (the local
+        checkpoint is complete and can be pushed later)."""
+        if not PartialState().is_main_process:
+            return
+        from .hub import push_to_hub
+
+        try:
+            push_to_hub(directory, self.hub_repo_id, private=self.args.hub_private_repo, token=self.args.hub_token,
+                        revision=self.args.hub_revision, commit_message=message,
+                        base_model_id=self.args.hub_base_model_id)
+        except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
+            logger.warning(
+                "pushing %s to %s failed (%s); the checkpoint is complete on disk. Push it later with: "
+                "slca-peft push %s %s%s", directory, self.hub_repo_id, err, directory, self.hub_repo_id,
+                f" --base_model_id {self.args.hub_base_model_id}" if self.args.hub_base_model_id else "",
+            )
+        else:
+            logger.info("pushed %s to %s (%s)", directory.name, self.hub_repo_id, message)
 
     def _report(self, t: int, row: list[float], seen: float) -> None:
         per_task = " ".join(f"{a:5.1f}" for a in row)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .checkpoint import CONFIG_FILE, STATE_FILE
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
 
 
 def _accuracy_table(state: dict[str, Any]) -> str:
@@ -66,6 +73,25 @@ Continue with the next task: `python recipes/train_seq.py --resume_from <this re
     return path
 
 
+def is_local_path(name: str) -> bool:
+    """A base model name that only this machine can resolve (a directory, not a Hub id)."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _rebase(directory: Path, base_model_id: str) -> None:
+    """Make a checkpoint copy name `base_model_id` as its base model, in every file that records it."""
+    settings: dict[str, Any] = {}
+    for name in (CONFIG_FILE, ADAPTER_CONFIG_FILE):
+        path = directory / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["base_model_name_or_path"] = base_model_id
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            settings = data if name == CONFIG_FILE else settings
+    state_path = directory / STATE_FILE
+    write_model_card(directory, settings, json.loads(state_path.read_text()) if state_path.is_file() else None)
+
+
 def push_to_hub(
     directory: str | Path,
     repo_id: str,
@@ -74,16 +100,38 @@ def push_to_hub(
     commit_message: str = "Upload SLCA++ continual checkpoint",
     token: str | None = None,
     revision: str | None = None,
+    base_model_id: str | None = None,
 ) -> Any:
-    """Create the repo if needed and upload a checkpoint directory as one commit."""
+    """Create the repo if needed and upload a checkpoint directory as one commit.
+
+    A LoRA checkpoint refers to its base model by name; one built on a local directory would load
+    nowhere else, so it is refused unless `base_model_id` names the same weights on the Hub (the
+    uploaded copy then records that id; the local directory is left as it is).
+    """
     from huggingface_hub import HfApi
 
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    base = settings.get("base_model_name_or_path")
+    if base_model_id is None and settings.get("use_lora") and base and is_local_path(str(base)):
+        raise ValueError(
+            f"{directory} was trained on the local base model {base!r}, which nobody who downloads the repo can "
+            "load. Upload the base model first (e.g. ViTModel.from_pretrained(path).push_to_hub('me/base')) and "
+            "pass its Hub id as base_model_id (`slca-peft push ... --base_model_id me/base`)."
+        )
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(directory),
-        commit_message=commit_message,
-        revision=revision,
-        repo_type="model",
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = directory
+        if base_model_id is not None:
+            folder = Path(tmp) / directory.name
+            shutil.copytree(directory, folder)
+            _rebase(folder, base_model_id)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            revision=revision,
+            repo_type="model",
+        )

@@ -233,9 +233,10 @@ class SLCAModel(nn.Module):
 
     def push_to_hub(
         self, repo_id: str, *, private: bool | None = None, commit_message: str = "Upload SLCA++ checkpoint",
-        token: str | None = None, **parts: Any,
+        token: str | None = None, base_model_id: str | None = None, **parts: Any,
     ) -> Any:
-        """Save to a temporary directory and upload it as one commit (the base model is referenced)."""
+        """Save to a temporary directory and upload it as one commit (the base model is referenced:
+        pass `base_model_id` when it was loaded from a local directory)."""
         import tempfile
 
         from .hub import push_to_hub
@@ -243,7 +244,8 @@ class SLCAModel(nn.Module):
         with tempfile.TemporaryDirectory() as tmp:
             target = f"{tmp}/checkpoint"
             self.save_pretrained(target, **parts)
-            return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token)
+            return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
+                               base_model_id=base_model_id)
 
     def export(self, save_directory: str, label_names: list[str] | None = None, image_processor=None) -> None:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +66,40 @@ def test_every_method_runs(tmp_path, base_model_dir, image_folders):
                                   num_train_epochs=1)
         assert len(result.accuracy_matrix) == 3
         assert len(computed) == 3  # statistics are cheap and kept for every method
+
+
+def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, base_model_dir, image_folders,
+                                                                 monkeypatch, caplog):
+    import huggingface_hub
+
+    uploads = []
+
+    class RecorderApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            assert exist_ok
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
+            state = json.loads((Path(folder_path) / "continual_state.json").read_text())
+            base = json.loads((Path(folder_path) / "slca_config.json").read_text())["base_model_name_or_path"]
+            uploads.append((repo_id, commit_message, state["tasks_learned"], base))
+            if len(uploads) == 2:
+                raise ConnectionError("Hub unreachable")  # a failed push must not stop the run
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
+    push = dict(push_to_hub=True, hub_model_id="me/slca-run", num_train_epochs=1, ca_epochs=1)
+    # The base model is a local directory: refused before any training unless its Hub id is given.
+    with pytest.raises(ValueError, match="pass --hub_base_model_id"):
+        run(tmp_path, base_model_dir, image_folders, **push)
+    assert not (tmp_path / "run").exists() and uploads == []
+    with caplog.at_level("WARNING", logger="slca_peft.continual"):
+        learner, result, _ = run(tmp_path, base_model_dir, image_folders, hub_base_model_id="me/tiny-vit", **push)
+    assert [u[:1] + u[2:] for u in uploads] == [("me/slca-run", t, "me/tiny-vit") for t in (1, 2, 3)]
+    assert [u[1].split(":")[0] for u in uploads] == ["task 1/3", "task 2/3", "task 3/3"]
+    assert "slca-peft push" in caplog.text and str(tmp_path / "run" / "task_1") in caplog.text
+    assert len(result.accuracy_matrix) == 3
+    # The local checkpoints keep the path they were built from; only the uploads name the Hub id.
+    saved = json.loads((tmp_path / "run" / "task_2" / "slca_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(base_model_dir)

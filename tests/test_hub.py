@@ -103,25 +103,42 @@ def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_d
             calls.append(("create_repo", repo_id, private, exist_ok))
 
         def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
-            files = sorted(p.name for p in Path(folder_path).iterdir())
-            card = (Path(folder_path) / "README.md").read_text()
-            calls.append(("upload_folder", repo_id, commit_message, files, card))
+            folder = Path(folder_path)
+            files = sorted(p.name for p in folder.iterdir())
+            bases = [json.loads((folder / f).read_text())["base_model_name_or_path"]
+                     for f in ("slca_config.json", "adapter_config.json")]
+            calls.append(("upload_folder", repo_id, commit_message, files, (folder / "README.md").read_text(), bases))
             return "commit-url"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
     model = trained_model(base_model_dir)
+    state = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
+             "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993}
+    # The base model is a local directory here: nobody could load the upload, so it is refused.
+    with pytest.raises(ValueError, match="local base model .* pass its Hub id as base_model_id"):
+        model.push_to_hub("me/slca-tiny", statistics=stats_for(model), state=state)
+    assert calls == []
     out = model.push_to_hub("me/slca-tiny", private=True, commit_message="task 2", statistics=stats_for(model),
-                            state={"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0],
-                                   "method": "slca++", "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993})
+                            state=state, base_model_id="me/tiny-vit")
     assert out == "commit-url"
     uploads = [c for c in calls if c[0] == "upload_folder"]
     assert len(uploads) == 1 and ("create_repo", "me/slca-tiny", True, True) in calls
-    _, repo, message, files, card = uploads[0]
+    _, repo, message, files, card, bases = uploads[0]
     assert repo == "me/slca-tiny" and message == "task 2"
     assert {"adapter_model.safetensors", "classifier.safetensors", "class_statistics.safetensors",
             "slca_config.json", "continual_state.json", "README.md"} <= set(files)
     assert "library_name: slca-peft" in card and "- continual-learning" in card and "| 2 | 70.0 | 60.0 |" in card
-    assert f"base_model: {base_model_dir}" in card
+    assert "base_model: me/tiny-vit" in card and bases == ["me/tiny-vit", "me/tiny-vit"]
+    # A saved directory pushed from the command line: same check, and the directory itself is unchanged.
+    from slca_peft.cli import main as cli_main
+
+    model.save_pretrained(tmp_path / "ckpt", statistics=stats_for(model), state=state)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    with pytest.raises(ValueError, match="local base model"):
+        cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny"])
+    cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny", "--base_model_id", "me/tiny-vit"])
+    assert calls[-1][5] == ["me/tiny-vit", "me/tiny-vit"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
 
 
 def test_export_matches_the_model_and_needs_no_slca_peft(tmp_path, base_model_dir):
