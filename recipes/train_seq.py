@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentPa
 
 from slca_peft import (
     ContinualLearner,
+    DomainSequence,
     EvalTransform,
     ImageTransformConfig,
     SLCAConfig,
@@ -85,6 +86,12 @@ class DataArguments:
                   "RandomResizedCrop (the reference's CUB-200 augmentation: 300)."},
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
+    domains: list[str] | None = field(
+        default=None,
+        metadata={"help": "Domain-incremental: one task per domain, in this order, read from --data_dir (DomainNet's "
+                  "release with <domain>_train.txt/<domain>_test.txt, or <domain>/train/<class>/ + "
+                  "<domain>/test/<class>/). DomainNet: clipart infograph painting quickdraw real sketch."},
+    )
     seeds: list[int] | None = field(
         default=None,
         metadata={"help": "Class-order seeds to run one after another (the paper: 1993 1996 1997), each into "
@@ -125,16 +132,23 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         )
     if not (model_args.model_name_or_path or model_args.model_config):
         raise SystemExit("give --model_name_or_path (pre-trained backbone) or --model_config (random init).")
-    if not (data_args.dataset or (data_args.train_dir and data_args.test_dir)):
-        raise SystemExit("give --dataset NAME or both --train_dir and --test_dir.")
-    if data_args.data_dir and not data_args.dataset:
+    if data_args.domains:
+        if not data_args.data_dir or data_args.dataset or data_args.train_dir:
+            raise SystemExit("--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir.")
+        if data_args.seeds:
+            raise SystemExit("--seeds varies the class order, which a domain-incremental run lacks; use --seed.")
+    elif not (data_args.dataset or (data_args.train_dir and data_args.test_dir)):
+        raise SystemExit("give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir.")
+    if data_args.data_dir and not (data_args.dataset or data_args.domains):
         raise SystemExit("--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011).")
     if data_args.seeds and model_args.resume_from not in (None, "auto"):
         raise SystemExit("with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/).")
     return model_args, data_args, args
 
 
-def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence:
+def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+    if data_args.domains:
+        return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
     split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
     if data_args.train_dir:
         return TaskSequence.from_image_folders(data_args.train_dir, data_args.test_dir, **split)

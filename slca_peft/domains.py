@@ -8,10 +8,70 @@ matrix read per domain.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from datasets import ClassLabel, Dataset
 
-from .tasks import Task, _label_ids, _with_labels
+from .tasks import Task, _label_ids, _with_labels, verify_image_folder
+
+#: DomainNet's domains, in the release's (alphabetical) order; pass your own order to `domains`.
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+
+def _domainnet_split(root: Path, list_file: Path) -> Dataset:
+    """One `<domain>_<split>.txt` of the DomainNet release: `<domain>/<class>/<file> <label>` per line."""
+    from .data import _image_dataset
+
+    paths, labels, names = [], [], {}
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or len(Path(parts[0]).parts) < 3:
+            raise ValueError(f"{list_file}:{number}: expected '<domain>/<class>/<file> <label>', got {line!r}.")
+        path, label = root / parts[0], int(parts[1])
+        class_name = Path(parts[0]).parts[1]
+        if names.setdefault(label, class_name) != class_name:
+            raise ValueError(f"{list_file}:{number}: label {label} is {names[label]!r} on earlier lines, here "
+                             f"{class_name!r}; the list file is inconsistent.")
+        if not path.is_file():
+            raise FileNotFoundError(f"{list_file}:{number}: {path} does not exist; is {root} the DomainNet root?")
+        paths.append(str(path))
+        labels.append(label)
+    if not paths:
+        raise ValueError(f"{list_file} lists no images.")
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing:
+        raise ValueError(f"{list_file} has no image of label(s) {missing[:5]}; every class needs images.")
+    return _image_dataset(paths, labels, [names[i] for i in range(len(names))])
+
+
+def load_domain_folders(root: str | Path, domains: Sequence[str]) -> list[tuple[Dataset, Dataset]]:
+    """(train, test) per domain, from either layout under `root`:
+
+    - DomainNet's release: `<domain>/<class>/*` with `<domain>_train.txt` and `<domain>_test.txt`;
+    - image folders: `<domain>/train/<class>/*` and `<domain>/test/<class>/*`.
+    """
+    from .data import load_split_image_folders
+
+    root = Path(root)
+    pairs = []
+    for name in domains:
+        lists = [root / f"{name}_{split}.txt" for split in ("train", "test")]
+        folders = [root / name / split for split in ("train", "test")]
+        if all(p.is_file() for p in lists):
+            pairs.append(tuple(_domainnet_split(root, p) for p in lists))
+        elif all(p.is_dir() for p in folders):
+            for folder in folders:
+                verify_image_folder(folder)
+            data = load_split_image_folders(*folders)
+            pairs.append((data["train"], data["test"]))
+        else:
+            raise FileNotFoundError(
+                f"domain {name!r}: expected {lists[0].name} and {lists[1].name} (DomainNet's release) or "
+                f"{name}/train/<class>/ and {name}/test/<class>/ folders under {root}."
+            )
+    return pairs
 
 
 class DomainSequence:
@@ -61,6 +121,11 @@ class DomainSequence:
             )
         self.order = list(range(self.num_classes))
         self.task_sizes = [self.num_classes] * len(self._domains)
+
+    @classmethod
+    def from_folders(cls, root: str | Path, domains: Sequence[str] = DOMAINNET_DOMAINS) -> DomainSequence:
+        """One task per domain, in the given order (see `load_domain_folders` for the layouts)."""
+        return cls(load_domain_folders(root, domains), domain_names=list(domains))
 
     @property
     def num_classes(self) -> int:

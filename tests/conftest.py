@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,29 @@ from transformers import ViTConfig, ViTModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    """A script under recipes/ as a module (registered in sys.modules: its dataclasses need it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_script():
+    return _load_script
+
+
+@pytest.fixture
+def recipe():
+    """recipes/train_seq.py, imported."""
+    return _load_script("train_seq")
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:

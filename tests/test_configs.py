@@ -1,8 +1,6 @@
 """Every YAML in recipes/configs parses into SLCAConfig through recipes/train_seq.py and, for the published
 settings, carries the numbers of SLCA_SPEC.md sections 3-4 and the reference configs."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,6 @@ BENCHMARKS = {
 BACKBONES = {"in21k": "google/vit-base-patch16-224-in21k", "mocov3": "checkpoints/mocov3-vit-base-hf"}
 METHODS = ("slca++", "slca")
 PUBLISHED = [(b, bb, m) for b in BENCHMARKS for bb in BACKBONES for m in METHODS]
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("train_seq", ROOT / "recipes" / "train_seq.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_seq"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    return load_recipe()
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -1,8 +1,6 @@
 """Benchmark loaders: local copies in each dataset's release layout, the Hub path (mocked), the recipe flags."""
 
-import importlib.util
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +175,7 @@ def test_known_datasets_are_documented():
 
 
 # ------------------------------------------------------------------------------------------ recipe
-def test_recipe_dataset_and_data_dir_flags(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_seq", ROOT / "recipes" / "train_seq.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules["train_seq"] = recipe
-    spec.loader.exec_module(recipe)
+def test_recipe_dataset_and_data_dir_flags(tmp_path, recipe):
     write_cub(tmp_path)
     _, data_args, args = recipe.parse_args([
         "--model_config", "m.json", "--dataset", "cub200", "--data_dir", str(tmp_path), "--init_cls", "2",

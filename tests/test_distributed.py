@@ -94,18 +94,12 @@ def test_two_processes_compute_the_same_statistics_and_accuracy(tmp_path, base_m
         assert record["row"] == row and record["sizes"] == sizes == [15]
 
 
-def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_seq", Path(__file__).parents[1] / "recipes" / "train_seq.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_seq"] = module
-    spec.loader.exec_module(module)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch, recipe):
     import pytest
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--use_cpu true"):
-        module.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o"])
+        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o"])
 
 
 def test_statistics_reduced_over_three_fake_processes_equal_the_all_data_computation():

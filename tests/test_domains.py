@@ -71,3 +71,63 @@ def test_domains_must_share_their_classes():
         DomainSequence([(same, same), (other, other)])
     with pytest.raises(ValueError, match="at least 2 domains"):
         DomainSequence([(same, same)])
+
+
+def write_domain(root, name: str, style: int, release_layout: bool) -> None:
+    """A domain on disk, as DomainNet's release (list files) or as train/ and test/ class folders."""
+    for split, per_class, seed in (("train", 8, style), ("test", 4, 10 + style)):
+        ds = domain(style, per_class, seed)
+        lines = []
+        for i, row in enumerate(ds):
+            cls = NAMES[row["label"]]
+            rel = f"{name}/{cls}/{name}_{split}_{i:03d}.png" if release_layout else f"{name}/{split}/{cls}/{i:03d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            row["image"].save(root / rel)
+            lines.append(f"{rel} {row['label']}")
+        if release_layout:
+            (root / f"{name}_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_domain_folders_in_both_layouts_load_with_shared_classes(tmp_path):
+    from slca_peft.domains import load_domain_folders
+
+    write_domain(tmp_path, "real", 0, release_layout=True)
+    write_domain(tmp_path, "sketch", 1, release_layout=False)
+    tasks = DomainSequence.from_folders(tmp_path, ["sketch", "real"])
+    assert tasks.domain_names == ["sketch", "real"] and tasks.label_names == NAMES
+    for task in tasks:
+        assert (len(task.train), len(task.test)) == (32, 16)
+        assert sorted(set(task.train["label"])) == [0, 1, 2, 3]
+    # The pixels under each label are the ones written for that class (label k: square at position k).
+    first = tasks[1].train.with_format("numpy")[0]
+    k = int(first["label"])
+    assert first["image"][(k // 2) * 16 + 4, (k % 2) * 16 + 4].max() >= 127
+    # Damaged list files and missing domains are errors that name the file and the fix.
+    lines = (tmp_path / "real_train.txt").read_text().splitlines()
+    (tmp_path / "real_train.txt").write_text("\n".join(lines[:-1] + [lines[-1].replace(" 3", " 0")]) + "\n")
+    with pytest.raises(ValueError, match=r"real_train.txt:32: label 0 is 'a' on earlier lines, here 'd'"):
+        load_domain_folders(tmp_path, ["real"])
+    (tmp_path / "real_train.txt").write_text("\n".join(lines + ["real/a/gone.png 0"]) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"real_train.txt:33: .*gone.png does not exist"):
+        load_domain_folders(tmp_path, ["real"])
+    with pytest.raises(FileNotFoundError, match="domain 'quickdraw': expected quickdraw_train.txt"):
+        load_domain_folders(tmp_path, ["quickdraw"])
+
+
+def test_recipe_runs_a_domain_incremental_stream(tmp_path, base_model_dir, recipe):
+    root = tmp_path / "domainnet"
+    for style, name in enumerate(["clipart", "painting"]):
+        write_domain(root, name, style, release_layout=True)
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", str(base_model_dir), "--data_dir", str(root), "--domains", "clipart", "painting",
+            "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "0.05",
+            "--ca_samples_per_class", "32", "--ca_batch_size", "32", "--ca_epochs", "2", "--use_cpu", "true",
+            "--disable_tqdm", "true", "--output_dir", str(out)]
+    summary = recipe.main(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2] and metrics["task_sizes"] == [4, 4]
+    assert summary["last_accuracy"] == metrics["last_accuracy"]
+    state = json.loads((out / "task_1" / "continual_state.json").read_text())
+    assert state["incremental"] == "domain" and state["domains"] == ["clipart", "painting"]
+    with pytest.raises(SystemExit, match="--seeds varies the class order"):
+        recipe.parse_args(args + ["--seeds", "1", "2"])

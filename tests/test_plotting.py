@@ -1,10 +1,8 @@
 """Reports from finished runs: PNG figures of the expected size and a results table matching the metrics."""
 
-import importlib.util
 import json
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,6 @@ from slca_peft.plotting import FIGURE_SIZE, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_metrics(shift: float) -> dict:
@@ -65,7 +55,7 @@ def test_single_run_report(tmp_path, capsys):
     assert rows == {"run": [f"{metrics['last_accuracy']:.2f}", f"{metrics['average_incremental_accuracy']:.2f}"]}
 
 
-def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path):
+def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path, load_script):
     root = tmp_path / "seeds"
     runs = {}
     for seed, shift in ((1993, 0.0), (1996, 1.5), (1997, 3.0)):
@@ -100,7 +90,9 @@ def test_report_size_is_configurable_and_missing_metrics_are_explained(tmp_path)
         write_report(tmp_path / "empty")
 
 
-def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_model_dir, image_folders, monkeypatch):
+def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(
+    tmp_path, base_model_dir, image_folders, monkeypatch, recipe
+):
     import huggingface_hub
 
     pushed = []
@@ -116,7 +108,7 @@ def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_mo
             pushed.append((repo_id, json.loads((Path(folder_path) / "continual_state.json").read_text())["seed"]))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
-    recipe = load_script("train_seq")
+
     train_dir, test_dir = image_folders
     out = tmp_path / "runs"
     result = recipe.main([
