@@ -109,11 +109,11 @@ class ContinualLearner:
         if state is None or statistics is None:
             raise ValueError(f"{checkpoint} has no task history or class statistics; it cannot be resumed.")
         current = tasks.describe()
-        for key in ("class_order", "task_sizes", "label_names"):
+        for key in ("class_order", "task_sizes", "label_names", "incremental", "domains"):
             if state.get(key) != current[key]:
                 raise ValueError(
                     f"{checkpoint}: {key} differs from this run's ({state.get(key)} vs {current[key]}); resume "
-                    "with the same dataset, class_order_seed, init_cls and increment."
+                    "with the same dataset, class_order_seed, init_cls and increment (or the same domains)."
                 )
         if state.get("method") != args.method:
             raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")

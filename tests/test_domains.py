@@ -1,6 +1,7 @@
 """Domain-incremental learning: the same classes arrive in a new domain per task."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -131,3 +132,12 @@ def test_recipe_runs_a_domain_incremental_stream(tmp_path, base_model_dir, recip
     assert state["incremental"] == "domain" and state["domains"] == ["clipart", "painting"]
     with pytest.raises(SystemExit, match="--seeds varies the class order"):
         recipe.parse_args(args + ["--seeds", "1", "2"])
+    # Killed after the first domain: resuming finishes with the same matrix; another domain order is refused.
+    shutil.rmtree(out / "task_1")
+    (out / "metrics.json").unlink()
+    swap = {"clipart": "painting", "painting": "clipart"}
+    swapped = [swap.get(a, a) for a in args]
+    with pytest.raises(ValueError, match="domains differs"):
+        recipe.main(swapped + ["--resume_from", "auto"])
+    recipe.main(args + ["--resume_from", "auto"])
+    assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
