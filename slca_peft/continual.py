@@ -110,9 +110,9 @@ class ContinualLearner:
             raise ValueError(f"{checkpoint} has no task history or class statistics; it cannot be resumed.")
         current = tasks.describe()
         for key in ("class_order", "task_sizes", "label_names", "incremental", "domains"):
-            if state.get(key) != current[key]:
+            if state.get(key) != current.get(key):
                 raise ValueError(
-                    f"{checkpoint}: {key} differs from this run's ({state.get(key)} vs {current[key]}); resume "
+                    f"{checkpoint}: {key} differs from this run's ({state.get(key)} vs {current.get(key)}); resume "
                     "with the same dataset, class_order_seed, init_cls and increment (or the same domains)."
                 )
         if state.get("method") != args.method:
