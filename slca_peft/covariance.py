@@ -1,13 +1,15 @@
 """Covariance storage and batched Gaussian sampling behind `ClassStatistics`.
 
-Packed triangular factors, the blocked lower-triangle layout of the outer-product sums, pivoted
-Cholesky for low-rank factors, and the `SamplingPlan` that stacks every class's factor once and
-draws all classes in a few batched matrix products.
+Packed triangular factors, the blocked lower-triangle layout of the outer-product sums, the
+factorisation of each covariance into its stored form (pivoted Cholesky for low-rank factors, PPCA
+truncation, a Cholesky whose ridge grows until it succeeds), and the `SamplingPlan` that stacks
+every class's factor once and draws all classes in a few batched matrix products.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,8 +23,9 @@ if TYPE_CHECKING:
 # plus a diagonal (ridge, residual or per-dimension variance).
 KIND_CHOLESKY, KIND_FACTOR = 0, 1
 
-# Work size (elements) of one sampling step.
+# Work sizes (elements): one sampling step, and the factors of one chunk of classes.
 _SAMPLE_STEP_ELEMENTS = 1 << 23
+_PLAN_CHUNK_ELEMENTS = 1 << 25
 
 
 def _tril_indices(d: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +127,95 @@ def pivoted_cholesky(
     return factor, ranks
 
 
+def factorise(
+    cov: torch.Tensor, n: torch.Tensor, names: list[int], *, form: str, ridge: float, rank: int | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Stored factor and diagonal of each [d, d] covariance (without ridge) of a block, in the
+    `form` `ClassStatistics` documents; `n` are the class counts, `rank` the low-rank truncation."""
+    k, d, _ = cov.shape
+    ridge_diag = torch.full((d,), ridge, dtype=cov.dtype, device=cov.device)
+    if form == "diagonal":
+        return [cov.new_zeros(d, 0)] * k, list(cov.diagonal(dim1=1, dim2=2) + ridge_diag)
+    max_rank = (n - 1).clamp(min=0, max=d)
+    if form == "full":
+        low = torch.zeros(k, dtype=torch.bool, device=cov.device)
+    elif form == "exact":
+        low = max_rank * d < packed_size(d)
+    else:
+        low = torch.ones(k, dtype=torch.bool, device=cov.device)
+    factors: list[torch.Tensor | None] = [None] * k
+    noise: list[torch.Tensor | None] = [None] * k
+    full_idx = (~low).nonzero().flatten().tolist()
+    if full_idx:
+        rows, cols = _tril_indices(d, cov.device)
+        chol = cholesky_with_ridge(cov[full_idx], ridge, [names[i] for i in full_idx])
+        for j, i in enumerate(full_idx):
+            factors[i] = chol[j][rows, cols]
+            noise[i] = torch.zeros_like(ridge_diag)
+    low_idx = low.nonzero().flatten().tolist()
+    if low_idx:
+        sub = cov[low_idx]
+        sub_rank = max_rank[low_idx]
+        truncate = rank if form == "low_rank" else None
+        # Rounding level of the cancellation in outer - n mu mu^T: below it there is no signal.
+        scale = sub.diagonal(dim1=1, dim2=2).amax(dim=1)
+        tol = scale * d * torch.finfo(cov.dtype).eps
+        if truncate is None:
+            f, ranks = pivoted_cholesky(sub, sub_rank, tol)
+            for j, i in enumerate(low_idx):
+                factors[i] = f[j, :, : int(ranks[j])].clone(memory_format=torch.contiguous_format)
+                noise[i] = ridge_diag.clone()
+        else:
+            for j, i in enumerate(low_idx):
+                factors[i], noise[i] = truncated_factor(sub[j], int(sub_rank[j]), truncate, tol[j], ridge_diag)
+    return factors, noise
+
+
+def truncated_factor(
+    cov: torch.Tensor, max_rank: int, rank: int, tol: torch.Tensor, ridge: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` principal factor; the dropped variance is spread isotropically (PPCA)."""
+    d = cov.shape[0]
+    if max_rank < d:
+        f, r = pivoted_cholesky(cov[None], torch.tensor([max_rank], device=cov.device), tol.reshape(1))
+        f = f[0, :, : int(r[0])]
+        if f.shape[1] <= rank:
+            return f.clone(memory_format=torch.contiguous_format), ridge.clone()
+        u, s, _ = torch.linalg.svd(f, full_matrices=False)
+        eigvals, eigvecs = s.square(), u
+    else:
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+        if int((eigvals > tol).sum()) <= rank:
+            keep = eigvals > tol
+            return eigvecs[:, keep] * eigvals[keep].sqrt(), ridge.clone()
+    if rank >= d:
+        return eigvecs * eigvals.sqrt(), ridge.clone()
+    residual = (cov.diagonal().sum() - eigvals[:rank].sum()).clamp_min(0) / (d - rank)
+    factor = eigvecs[:, :rank] * (eigvals[:rank] - residual).clamp_min(0).sqrt()
+    return factor, ridge + residual
+
+
+def cholesky_with_ridge(cov: torch.Tensor, ridge: float, names: list[int]) -> torch.Tensor:
+    """Lower Cholesky factors of ``cov + ridge * I`` ([k, d, d]); a matrix that is not numerically
+    positive definite gets a growing ridge, with a warning naming its class."""
+    d = cov.shape[-1]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    factor, info = torch.linalg.cholesky_ex(cov + ridge * eye)
+    for j in (info != 0).nonzero().flatten().tolist():
+        grown = max(ridge, 1e-12 * float(cov[j].diagonal().abs().max()), 1e-300)
+        while True:
+            grown *= 10
+            warnings.warn(
+                f"covariance of class {names[j]} is not positive definite; using ridge {grown:g}*I.",
+                stacklevel=3,
+            )
+            factor[j], bad = torch.linalg.cholesky_ex(cov[j] + grown * eye)
+            if int(bad) == 0:
+                break
+    return factor
+
+
 class _CovarianceView(Mapping):
     """Read-only mapping class -> float64 [d, d] covariance, materialised from the factor on access."""
 
@@ -172,6 +264,72 @@ class SamplingPlan:
     cached: bool = True
     stats: ClassStatistics | None = None
 
+    @classmethod
+    def build(
+        cls, stats: ClassStatistics, key: tuple, device: torch.device, dtype: torch.dtype, cache_bytes: int
+    ) -> SamplingPlan:
+        """Group `stats`' classes into chunks and, when they fit in `cache_bytes`, stack their factors."""
+        d = stats.feature_dim
+        ranks = stats.ranks
+        kinds = {c: KIND_CHOLESKY if f.ndim == 1 else KIND_FACTOR for c, f in stats._factors.items()}
+        has_noise = {c: bool((stats._noise[c] != 0).any()) for c in stats._factors}
+        # Plan order: classes sorted by (kind, rank), so that runs of the same kind and similar rank
+        # share a chunk (padding bounded to about 25% of the chunk's factor) and every chunk is a
+        # contiguous block of the output. One batched product per chunk, no per-class loop.
+        classes = sorted(stats.classes, key=lambda c: (kinds[c], ranks[c]))
+        means = torch.stack([stats.means[c] for c in classes]) if classes else torch.zeros(0, d)
+        plan = cls(
+            key=key,
+            classes=torch.tensor(classes, dtype=torch.int64).to(device),
+            tasks=torch.tensor([stats.task_of_class[c] for c in classes], dtype=torch.int64).to(device),
+            means=means.to(device=device, dtype=dtype),
+            stats=stats,
+        )
+        total = 0
+        start = 0
+        while start < len(classes):
+            first = classes[start]
+            low = high = ranks[first]
+            stop = start + 1
+            while stop < len(classes):
+                c = classes[stop]
+                lo, hi = min(low, ranks[c]), max(high, ranks[c])
+                if (
+                    kinds[c] != kinds[first]
+                    or hi > 1.25 * lo + 8
+                    or (stop - start + 1) * max(hi, 1) * d > _PLAN_CHUNK_ELEMENTS
+                ):
+                    break
+                low, high, stop = lo, hi, stop + 1
+            names = classes[start:stop]
+            plan.chunks.append(
+                _Chunk(start=start, stop=stop, classes=names, rank=high, has_noise=any(has_noise[c] for c in names))
+            )
+            total += len(names) * d * (high + 1) * torch.finfo(dtype).bits // 8
+            start = stop
+        plan.cached = total <= cache_bytes
+        if plan.cached:
+            for chunk in plan.chunks:
+                chunk.factors_t, chunk.noise_std = plan._chunk_tensors(chunk, device, dtype)
+        return plan
+
+    def _chunk_tensors(
+        self, chunk: _Chunk, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d = self.stats.feature_dim
+        k = len(chunk.classes)
+        factors_t = torch.zeros(k, chunk.rank, d, dtype=dtype)
+        noise = torch.zeros(k, 1, d, dtype=dtype) if chunk.has_noise else None
+        for i, c in enumerate(chunk.classes):  # once per plan, not per epoch (unless over the cache budget)
+            f = self.stats._factors[c]
+            if f.ndim == 1:
+                factors_t[i] = unpack_tril(f, d).T
+            else:
+                factors_t[i, : f.shape[1]] = f.T
+            if noise is not None:
+                noise[i, 0] = self.stats._noise[c].sqrt()
+        return factors_t.to(device), None if noise is None else noise.to(device)
+
     @property
     def nbytes(self) -> int:
         total = self.means.numel() * self.means.element_size()
@@ -198,7 +356,7 @@ class SamplingPlan:
         for chunk in self.chunks:
             factors_t, noise_std = chunk.factors_t, chunk.noise_std
             if factors_t is None:  # over the cache budget: materialise this chunk for this call only
-                factors_t, noise_std = self.stats._chunk_tensors(chunk, device, dtype)
+                factors_t, noise_std = self._chunk_tensors(chunk, device, dtype)
             step = max(1, _SAMPLE_STEP_ELEMENTS // max(1, n * max(dim, chunk.rank)))
             for lo in range(0, chunk.stop - chunk.start, step):
                 hi = min(lo + step, chunk.stop - chunk.start)

@@ -39,11 +39,10 @@ from .covariance import (
     KIND_FACTOR,
     SamplingPlan,
     _BlockLayout,
-    _Chunk,
     _CovarianceView,
-    _tril_indices,
+    cholesky_with_ridge,
+    factorise,
     packed_size,
-    pivoted_cholesky,
     unpack_tril,
 )
 
@@ -55,9 +54,8 @@ FORMAT_VERSION = "2"
 
 _V2_TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks", "factors", "noise"}
 
-# Work sizes (elements): classes per finalize block and per sampling chunk.
+# Work size (elements): classes per finalize block.
 _FINALIZE_BLOCK_ELEMENTS = 1 << 24
-_PLAN_CHUNK_ELEMENTS = 1 << 25
 
 
 class ClassStatistics:
@@ -207,7 +205,8 @@ class ClassStatistics:
             cov.baddbmm_(-(n[:, None] * means)[:, :, None], means[:, None, :])
             cov.div_((n - 1).clamp_min(1)[:, None, None])
             cov[n < 2] = 0.0  # a single sample has no spread: only the ridge remains
-            factors, noise = self._factorise(cov, n.long(), names)
+            factors, noise = factorise(cov, n.long(), names, form=self.covariance_form, ridge=self.ridge,
+                                       rank=self.covariance_rank)
             for i, cls in enumerate(names):
                 self.means[cls] = means[i].cpu().clone()
                 self._factors[cls] = factors[i].cpu()
@@ -218,93 +217,6 @@ class ClassStatistics:
             del acc, cov
         self._changed()
         return classes
-
-    def _factorise(
-        self, cov: torch.Tensor, n: torch.Tensor, names: list[int]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Stored factor and diagonal of each [d, d] covariance (without ridge) of a block."""
-        k, d, _ = cov.shape
-        ridge = torch.full((d,), self.ridge, dtype=cov.dtype, device=cov.device)
-        form = self.covariance_form
-        if form == "diagonal":
-            return [cov.new_zeros(d, 0)] * k, list(cov.diagonal(dim1=1, dim2=2) + ridge)
-        max_rank = (n - 1).clamp(min=0, max=d)
-        if form == "full":
-            low = torch.zeros(k, dtype=torch.bool, device=cov.device)
-        elif form == "exact":
-            low = max_rank * d < packed_size(d)
-        else:
-            low = torch.ones(k, dtype=torch.bool, device=cov.device)
-        factors: list[torch.Tensor | None] = [None] * k
-        noise: list[torch.Tensor | None] = [None] * k
-        full_idx = (~low).nonzero().flatten().tolist()
-        if full_idx:
-            rows, cols = _tril_indices(d, cov.device)
-            chol = self._cholesky_with_ridge(cov[full_idx], [names[i] for i in full_idx])
-            for j, i in enumerate(full_idx):
-                factors[i] = chol[j][rows, cols]
-                noise[i] = torch.zeros_like(ridge)
-        low_idx = low.nonzero().flatten().tolist()
-        if low_idx:
-            sub = cov[low_idx]
-            sub_rank = max_rank[low_idx]
-            truncate = self.covariance_rank if form == "low_rank" else None
-            # Rounding level of the cancellation in outer - n mu mu^T: below it there is no signal.
-            scale = sub.diagonal(dim1=1, dim2=2).amax(dim=1)
-            tol = scale * d * torch.finfo(cov.dtype).eps
-            if truncate is None:
-                f, ranks = pivoted_cholesky(sub, sub_rank, tol)
-                for j, i in enumerate(low_idx):
-                    factors[i] = f[j, :, : int(ranks[j])].clone(memory_format=torch.contiguous_format)
-                    noise[i] = ridge.clone()
-            else:
-                for j, i in enumerate(low_idx):
-                    factors[i], noise[i] = self._truncated(sub[j], int(sub_rank[j]), truncate, tol[j], ridge)
-        return factors, noise
-
-    @staticmethod
-    def _truncated(
-        cov: torch.Tensor, max_rank: int, rank: int, tol: torch.Tensor, ridge: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-`rank` principal factor; the dropped variance is spread isotropically (PPCA)."""
-        d = cov.shape[0]
-        if max_rank < d:
-            f, r = pivoted_cholesky(cov[None], torch.tensor([max_rank], device=cov.device), tol.reshape(1))
-            f = f[0, :, : int(r[0])]
-            if f.shape[1] <= rank:
-                return f.clone(memory_format=torch.contiguous_format), ridge.clone()
-            u, s, _ = torch.linalg.svd(f, full_matrices=False)
-            eigvals, eigvecs = s.square(), u
-        else:
-            eigvals, eigvecs = torch.linalg.eigh(cov)
-            eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
-            if int((eigvals > tol).sum()) <= rank:
-                keep = eigvals > tol
-                return eigvecs[:, keep] * eigvals[keep].sqrt(), ridge.clone()
-        if rank >= d:
-            return eigvecs * eigvals.sqrt(), ridge.clone()
-        residual = (cov.diagonal().sum() - eigvals[:rank].sum()).clamp_min(0) / (d - rank)
-        factor = eigvecs[:, :rank] * (eigvals[:rank] - residual).clamp_min(0).sqrt()
-        return factor, ridge + residual
-
-    def _cholesky_with_ridge(self, cov: torch.Tensor, names: list[int]) -> torch.Tensor:
-        """Lower Cholesky factors of ``cov + ridge * I``; a matrix that is not numerically positive
-        definite gets a growing ridge, with a warning."""
-        d = cov.shape[-1]
-        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-        factor, info = torch.linalg.cholesky_ex(cov + self.ridge * eye)
-        for j in (info != 0).nonzero().flatten().tolist():
-            ridge = max(self.ridge, 1e-12 * float(cov[j].diagonal().abs().max()), 1e-300)
-            while True:
-                ridge *= 10
-                warnings.warn(
-                    f"covariance of class {names[j]} is not positive definite; using ridge {ridge:g}*I.",
-                    stacklevel=3,
-                )
-                factor[j], bad = torch.linalg.cholesky_ex(cov[j] + ridge * eye)
-                if int(bad) == 0:
-                    break
-        return factor
 
     def _changed(self) -> None:
         self._version += 1
@@ -339,7 +251,7 @@ class ClassStatistics:
         if factor.ndim == 1:
             return unpack_tril(factor, self.feature_dim)
         without_ridge = self.covariance(cls) - self.ridge * torch.eye(self.feature_dim, dtype=torch.float64)
-        return self._cholesky_with_ridge(without_ridge[None], [cls])[0]
+        return cholesky_with_ridge(without_ridge[None], self.ridge, [cls])[0]
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: finalised statistics, pending accumulators, and the cached sampling plan."""
@@ -358,70 +270,10 @@ class ClassStatistics:
         every `sample` call instead)."""
         device = torch.device(device)
         key = (self._version, str(device), dtype)
-        if self._plan is not None and self._plan.key == key:
-            return self._plan
-        self._plan = None
-        d = self.feature_dim
-        ranks = self.ranks
-        kinds = {c: KIND_CHOLESKY if f.ndim == 1 else KIND_FACTOR for c, f in self._factors.items()}
-        has_noise = {c: bool((self._noise[c] != 0).any()) for c in self._factors}
-        # Plan order: classes sorted by (kind, rank), so that runs of the same kind and similar rank
-        # share a chunk (padding bounded to about 25% of the chunk's factor) and every chunk is a
-        # contiguous block of the output. One batched product per chunk, no per-class loop.
-        classes = sorted(self.classes, key=lambda c: (kinds[c], ranks[c]))
-        means = torch.stack([self.means[c] for c in classes]) if classes else torch.zeros(0, d)
-        plan = SamplingPlan(
-            key=key,
-            classes=torch.tensor(classes, dtype=torch.int64).to(device),
-            tasks=torch.tensor([self.task_of_class[c] for c in classes], dtype=torch.int64).to(device),
-            means=means.to(device=device, dtype=dtype),
-            stats=self,
-        )
-        total = 0
-        start = 0
-        while start < len(classes):
-            first = classes[start]
-            low = high = ranks[first]
-            stop = start + 1
-            while stop < len(classes):
-                c = classes[stop]
-                lo, hi = min(low, ranks[c]), max(high, ranks[c])
-                if (
-                    kinds[c] != kinds[first]
-                    or hi > 1.25 * lo + 8
-                    or (stop - start + 1) * max(hi, 1) * d > _PLAN_CHUNK_ELEMENTS
-                ):
-                    break
-                low, high, stop = lo, hi, stop + 1
-            names = classes[start:stop]
-            plan.chunks.append(
-                _Chunk(start=start, stop=stop, classes=names, rank=high, has_noise=any(has_noise[c] for c in names))
-            )
-            total += len(names) * d * (high + 1) * torch.finfo(dtype).bits // 8
-            start = stop
-        plan.cached = total <= self.sampling_cache_bytes
-        if plan.cached:
-            for chunk in plan.chunks:
-                chunk.factors_t, chunk.noise_std = self._chunk_tensors(chunk, device, dtype)
-        self._plan = plan
-        return plan
-
-    def _chunk_tensors(
-        self, chunk: _Chunk, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        d = self.feature_dim
-        k = len(chunk.classes)
-        factors_t = torch.zeros(k, chunk.rank, d, dtype=dtype)
-        noise = torch.zeros(k, 1, d, dtype=dtype) if chunk.has_noise else None
-        for i, c in enumerate(chunk.classes):  # once per plan, not per epoch (unless over the cache budget)
-            f = self._factors[c]
-            if f.ndim == 1:
-                factors_t[i] = unpack_tril(f, d).T
-            else:
-                factors_t[i, : f.shape[1]] = f.T
-            if noise is not None:
-                noise[i, 0] = self._noise[c].sqrt()
-        return factors_t.to(device), None if noise is None else noise.to(device)
+        if self._plan is None or self._plan.key != key:
+            self._plan = None  # free the old plan's tensors before stacking the new one
+            self._plan = SamplingPlan.build(self, key, device, dtype, self.sampling_cache_bytes)
+        return self._plan
 
     def sample(
         self,

@@ -297,10 +297,14 @@ def test_outer_sums_in_padded_blocks_match_numpy():
 
 
 def test_a_covariance_that_is_not_positive_definite_gets_a_growing_ridge():
+    # Class 7's features vary along one direction only: its covariance is singular, and with no
+    # ridge the Cholesky factorisation fails until a ridge is added.
+    x = torch.zeros(10, 3, dtype=torch.float64)
+    x[:, 0] = torch.linspace(-1, 1, 10)
     stats = ClassStatistics(3, ridge=0.0, covariance_form="full")
-    singular = torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))[None]
+    stats.update(x, torch.full((10,), 7))
     with pytest.warns(UserWarning, match="class 7 is not positive definite"):
-        factor = stats._cholesky_with_ridge(singular, [7])[0]
-    cov = factor @ factor.T
+        stats.finalize(0)
+    cov = stats.covariances[7]
     assert torch.linalg.eigvalsh(cov).min() > 0
-    torch.testing.assert_close(cov, singular[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cov, torch.cov(x.T), rtol=0, atol=1e-6)
