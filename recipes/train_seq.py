@@ -133,7 +133,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
     if not (model_args.model_name_or_path or model_args.model_config):
         raise SystemExit("give --model_name_or_path (pre-trained backbone) or --model_config (random init).")
     if data_args.domains:
-        if not data_args.data_dir or data_args.dataset or data_args.train_dir:
+        if not data_args.data_dir or data_args.dataset or data_args.train_dir or data_args.test_dir:
             raise SystemExit("--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir.")
         if data_args.seeds:
             raise SystemExit("--seeds varies the class order, which a domain-incremental run lacks; use --seed.")
@@ -141,6 +141,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         raise SystemExit("give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir.")
     if data_args.data_dir and not (data_args.dataset or data_args.domains):
         raise SystemExit("--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011).")
+    if data_args.train_resize and data_args.crop_scale_min != 0.08:
+        raise SystemExit("--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them.")
     if data_args.seeds and model_args.resume_from not in (None, "auto"):
         raise SystemExit("with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/).")
     return model_args, data_args, args
@@ -193,8 +195,8 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
     for seed in data_args.seeds:
         seed_args = copy.copy(args)
         seed_args.class_order_seed, seed_args.output_dir = seed, str(root / f"seed_{seed}")
-        if args.push_to_hub and args.hub_model_id:  # one repo per seed: each has its own task history
-            seed_args.hub_model_id = f"{args.hub_model_id}-seed{seed}"
+        if args.push_to_hub:  # one repo per seed: each has its own task history
+            seed_args.hub_model_id = f"{args.hub_model_id or root.absolute().name}-seed{seed}"
         logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
         summary = train(model_args, data_args, seed_args)
         runs[str(seed)] = {
@@ -236,7 +238,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     if resume:
         learner = ContinualLearner.from_checkpoint(
             resume, args, tasks, revision=model_args.resume_revision,
-            expected_base=model_args.model_name_or_path, train_transform=None, eval_transform=None,
+            expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
+            train_transform=None, eval_transform=None,
         )
         logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
     else:
@@ -245,7 +248,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     tc = transform_config_for(learner.model, data_args.brightness_jitter)
     learner.set_transforms(
         TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
-                       resize=data_args.train_resize),
+                       resize=data_args.train_resize or None),
         EvalTransform(tc),
     )
     result = learner.run()

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -234,11 +234,14 @@ def _check_no_pickle(root: Path) -> None:
 
 
 def load_checkpoint(
-    path_or_repo_id: str | Path, revision: str | None = None, expected_base: str | None = None
+    path_or_repo_id: str | Path,
+    revision: str | None = None,
+    expected_base: str | Sequence[str | None] | None = None,
 ) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
     """Rebuild model, statistics, task history and unaligned head from a checkpoint.
 
-    `expected_base` (a Hub id or path) refuses a checkpoint that was trained on another backbone.
+    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
+    its Hub id) refuses a checkpoint that was trained on another backbone.
     """
     from .model import SLCAModel
 
@@ -256,9 +259,11 @@ def load_checkpoint(
     if missing_fields:
         raise ValueError(f"{config_path} lacks the field(s) {missing_fields}.")
     base = settings.get("base_model_name_or_path")
-    if expected_base is not None and base is not None and str(expected_base) != str(base):
+    accepted = [expected_base] if isinstance(expected_base, (str, Path)) else list(expected_base or [])
+    accepted = [str(name) for name in accepted if name]
+    if accepted and base is not None and str(base) not in accepted:
         raise ValueError(
-            f"{config_path}: base_model_name_or_path is {base!r} but this run uses {expected_base!r}; "
+            f"{config_path}: base_model_name_or_path is {base!r} but this run uses {' / '.join(accepted)!r}; "
             "resume with the base model the checkpoint was trained on."
         )
     if settings["use_lora"]:

@@ -28,7 +28,7 @@ def _push(ns: argparse.Namespace) -> None:
 
     load_checkpoint(ns.checkpoint)  # refuse to upload a checkpoint that does not load
     print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=ns.commit_message,
-                      base_model_id=ns.base_model_id))
+                      base_model_id=ns.base_model_id, revision=ns.revision))
 
 
 def _info(ns: argparse.Namespace) -> None:
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--private", action="store_true")
     p.add_argument("--commit_message", default="Upload SLCA++ continual checkpoint")
     p.add_argument("--base_model_id", help="Hub id of the base model, for a checkpoint trained on a local copy")
+    p.add_argument("--revision", help="branch to commit to (default: main)")
     p.set_defaults(func=_push)
     p = sub.add_parser("info", help="print what a checkpoint holds")
     p.add_argument("checkpoint")

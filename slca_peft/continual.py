@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class ContinualLearner:
         tasks: TaskSequence,
         *,
         revision: str | None = None,
-        expected_base: str | None = None,
+        expected_base: str | Sequence[str | None] | None = None,
         **kwargs: Any,
     ) -> ContinualLearner:
         """Continue after the last task a checkpoint (directory or Hub repo) has learned.
@@ -274,14 +275,12 @@ class ContinualLearner:
 
     def _check_pushable(self) -> None:
         """Fail before any training if the pushed checkpoints could not be loaded elsewhere."""
-        from .hub import is_local_path
+        from .hub import local_base_problem
 
         base = self.model.settings()["base_model_name_or_path"]
-        if self.model.use_lora and base and is_local_path(str(base)) and not self.args.hub_base_model_id:
-            raise ValueError(
-                f"push_to_hub is on but the base model is the local path {base!r}, which nobody who downloads "
-                f"{self.hub_repo_id} can load; pass --hub_base_model_id with the Hub id of the same weights."
-            )
+        problem = local_base_problem(base, self.model.use_lora, self.args.hub_base_model_id)
+        if problem:
+            raise ValueError(f"push_to_hub is on but {problem}")
 
     def push(self, directory: Path, message: str) -> None:
         """Upload a task checkpoint as one commit; a Hub failure is logged, not fatal (the local
@@ -295,10 +294,13 @@ class ContinualLearner:
                         revision=self.args.hub_revision, commit_message=message,
                         base_model_id=self.args.hub_base_model_id)
         except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
+            options = "".join(
+                f" {flag} {value}" for flag, value in (("--base_model_id", self.args.hub_base_model_id),
+                                                       ("--revision", self.args.hub_revision)) if value
+            ) + (" --private" if self.args.hub_private_repo else "")
             logger.warning(
                 "pushing %s to %s failed (%s); the checkpoint is complete on disk. Push it later with: "
-                "slca-peft push %s %s%s", directory, self.hub_repo_id, err, directory, self.hub_repo_id,
-                f" --base_model_id {self.args.hub_base_model_id}" if self.args.hub_base_model_id else "",
+                "slca-peft push %s %s%s", directory, self.hub_repo_id, err, directory, self.hub_repo_id, options,
             )
         else:
             logger.info("pushed %s to %s (%s)", directory.name, self.hub_repo_id, message)

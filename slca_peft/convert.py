@@ -50,13 +50,19 @@ SKIPPED = re.compile(r"^(module\.)?(head|fc_norm|pre_logits|momentum_encoder|pre
 
 def load_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone weights of a timm-style checkpoint file, with wrapper prefixes removed."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # torch names the refused global; anything else is a damaged file
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err
         raise ValueError(
             f"{path} holds objects other than tensors and plain containers, so it was not loaded (unpickling "
             "arbitrary objects can run code). Re-save only the state dict from the source you trust."
         ) from err
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err
     return extract_backbone(checkpoint)
 
 

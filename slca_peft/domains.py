@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from datasets import ClassLabel, Dataset
 
 from .tasks import Task, _label_ids, _with_labels, verify_image_folder
@@ -107,11 +108,16 @@ class DomainSequence:
             labels, train_ids, test_ids = _label_ids(train, test, label_column)
             if self.label_names is None:
                 self.label_names = labels
-            elif labels != self.label_names:
+            elif set(labels) != set(self.label_names):
+                extra = sorted(set(labels) - set(self.label_names))
+                missing = sorted(set(self.label_names) - set(labels))
                 raise ValueError(
-                    f"domain {name!r} has classes {labels[:5]}... but the first domain has "
-                    f"{self.label_names[:5]}...; every domain must share the same class names."
+                    f"domain {name!r} has classes the first domain lacks ({extra[:5]}) or lacks some of its classes "
+                    f"({missing[:5]}); every domain must share the same class names."
                 )
+            elif labels != self.label_names:  # same names, another id order: map ids through the names
+                lookup = np.array([self.label_names.index(n) for n in labels], dtype=np.int64)
+                train_ids, test_ids = lookup[train_ids], lookup[test_ids]
             feature = ClassLabel(names=labels)
             self._domains.append(
                 (

@@ -78,6 +78,18 @@ def is_local_path(name: str) -> bool:
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | None) -> str | None:
+    """Why an upload of a checkpoint on `base` could not be loaded elsewhere, or None if it can."""
+    if base_model_id is not None or not use_lora or not base or not is_local_path(str(base)):
+        return None
+    return (
+        f"its base model is the local path {base!r}, which nobody who downloads the repo can load. "
+        "Upload the base model first (e.g. ViTModel.from_pretrained(path).push_to_hub('me/base')) and pass its "
+        "Hub id as base_model_id (`slca-peft push ... --base_model_id me/base`, or `--hub_base_model_id` when "
+        "training with --push_to_hub)."
+    )
+
+
 def _rebase(directory: Path, base_model_id: str) -> None:
     """Make a checkpoint copy name `base_model_id` as its base model, in every file that records it."""
     settings: dict[str, Any] = {}
@@ -114,12 +126,9 @@ def push_to_hub(
     config_path = directory / CONFIG_FILE
     settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
     base = settings.get("base_model_name_or_path")
-    if base_model_id is None and settings.get("use_lora") and base and is_local_path(str(base)):
-        raise ValueError(
-            f"{directory} was trained on the local base model {base!r}, which nobody who downloads the repo can "
-            "load. Upload the base model first (e.g. ViTModel.from_pretrained(path).push_to_hub('me/base')) and "
-            "pass its Hub id as base_model_id (`slca-peft push ... --base_model_id me/base`)."
-        )
+    problem = local_base_problem(base, settings.get("use_lora", False), base_model_id)
+    if problem:
+        raise ValueError(f"{directory}: {problem}")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = directory

@@ -3,8 +3,9 @@
 torchvision is deliberately not used: its wheels pin a torch version that conflicts with ours. The
 pipelines below reproduce the torchvision recipe the paper uses:
 
-* train: ``RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic)`` -> horizontal flip
-  (p=0.5) -> optional brightness jitter (63/255 for CIFAR) -> ``[0, 1]`` float -> normalise;
+* train: ``RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic)`` -- or, for CUB-200
+  and Cars-196, ``Resize((300, 300), bicubic)`` + ``RandomCrop(size)`` -- -> horizontal flip (p=0.5)
+  -> optional brightness jitter (63/255 for CIFAR) -> ``[0, 1]`` float -> normalise;
 * eval: resize the shorter side to ``round(size * 256 / 224)`` (bicubic) -> center crop ``size`` ->
   normalise.
 
@@ -38,12 +39,22 @@ __all__ = [
 _BICUBIC = Image.Resampling.BICUBIC
 # Modes whose pixels are 16-bit (or wider) integers; PIL's own convert() would clip them at 255.
 _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-_CONVERSIONS = {
-    **{mode: "16/32-bit values divided by 257" for mode in _WIDE_INT_MODES},
-    "LA": "alpha dropped", "RGBA": "alpha dropped", "P": "palette colours, transparency dropped",
-    "PA": "palette colours, alpha dropped",
-    "RGB": "ITU-R 601-2 luma", "CMYK": "PIL's naive CMYK formula",
-}
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_GREY_MODES = ("1", "L", *_WIDE_INT_MODES)
+
+
+def _conversion_losses(img: Image.Image, target: str) -> list[str]:
+    """What converting `img` to `target` ('RGB' or 'L') loses; empty when it is exact."""
+    losses = []
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        losses.append("alpha dropped, not composited")
+    if img.mode in _WIDE_INT_MODES or img.mode == "F":
+        losses.append("16/32-bit values divided by 257 and rounded to 8 bit")
+    if img.mode == "CMYK":
+        losses.append("PIL's naive CMYK formula")
+    elif target == "L" and img.mode not in _GREY_MODES:
+        losses.append("colour reduced to ITU-R 601-2 luma")
+    return losses
 # Ratio of the eval resize to the crop size, as in the standard ImageNet recipe (256 / 224).
 _EVAL_RESIZE_RATIO = 256 / 224
 
@@ -119,12 +130,13 @@ def _to_model_mode(img: Image.Image, num_channels: int) -> Image.Image:
     target = "RGB" if num_channels == 3 else "L"
     if img.mode == target:
         return img
-    lossless = target == "RGB" and img.mode in ("L", "1", "P") and "transparency" not in img.info
-    if not lossless:
-        # Same text per mode, so Python's warning registry shows it once, not once per image.
+    losses = _conversion_losses(img, target)
+    if losses:
+        # Same text per mode, so Python's warning registry shows it once per call site (and per
+        # DataLoader worker), not once per image.
         warnings.warn(
-            f"images in mode {img.mode!r} are converted to {target!r} for the model "
-            f"({_CONVERSIONS.get(img.mode, 'PIL conversion')}); see docs/reliability.md.",
+            f"images in mode {img.mode!r} are converted to {target!r} for the model ({'; '.join(losses)}); "
+            "see docs/reliability.md.",
             UserWarning,
             stacklevel=2,
         )
@@ -198,8 +210,8 @@ class _BaseTransform:
 class TrainTransform(_BaseTransform):
     """SLCA++ training augmentation: random resized crop, horizontal flip, optional brightness jitter.
 
-    With ``resize=N`` the crop is the reference's CUB-200 form instead: resize to N×N (bilinear,
-    torchvision's default), then a uniformly placed ``size``×``size`` crop.
+    With ``resize=N`` the crop is the reference's CUB-200 / Cars-196 form instead: resize to N×N
+    (bicubic), then a uniformly placed ``size``×``size`` crop.
 
     Brightness is applied to the ``[0, 1]`` float image (``clip(x * f, 0, 1)``, f ~ U[max(0, 1-b), 1+b])
     as torchvision's tensor path does, avoiding an extra 8-bit rounding step.
@@ -231,7 +243,7 @@ class TrainTransform(_BaseTransform):
         img = _to_model_mode(img, self.config.num_channels)
         size = self.config.size
         if self.resize is not None:
-            img = img.resize((self.resize, self.resize), Image.Resampling.BILINEAR)
+            img = img.resize((self.resize, self.resize), _BICUBIC)
             top, left = r.randint(0, self.resize - size), r.randint(0, self.resize - size)
             img = img.crop((left, top, left + size, top + size))
         else:

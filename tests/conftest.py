@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -105,3 +106,43 @@ def exploit(tmp_path):
     """(an object whose unpickling runs code, the path that code would create)."""
     marker = tmp_path / "pwned"
     return _Exploit(marker), marker
+
+
+class HubRecorder:
+    """Stands in for `huggingface_hub.HfApi`: records what each upload would send, sends nothing.
+
+    `fail_uploads` holds the 1-based numbers of uploads that raise a network error.
+    """
+
+    def __init__(self):
+        self.repos: list[tuple[str, bool | None]] = []
+        self.uploads: list[dict] = []
+        self.fail_uploads: set[int] = set()
+
+    def api(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        assert exist_ok, "uploads must not fail on an existing repo"
+        self.repos.append((repo_id, private))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
+        folder = Path(folder_path)
+        self.uploads.append({
+            "repo_id": repo_id, "message": commit_message, "revision": revision,
+            "files": sorted(p.name for p in folder.iterdir()),
+            "json": {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")},
+            "card": (folder / "README.md").read_text() if (folder / "README.md").is_file() else None,
+        })
+        if len(self.uploads) in self.fail_uploads:
+            raise ConnectionError("Hub unreachable")
+        return f"https://huggingface.co/{repo_id}/commit/{len(self.uploads)}"
+
+
+@pytest.fixture
+def hub(monkeypatch) -> HubRecorder:
+    import huggingface_hub
+
+    recorder = HubRecorder()
+    monkeypatch.setattr(huggingface_hub, "HfApi", recorder.api)
+    return recorder

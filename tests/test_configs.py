@@ -57,11 +57,19 @@ def test_published_config_matches_the_spec(recipe, benchmark, backbone, method):
         assert data_args.seeds == [1993, 1996, 1997]
     if backbone == "mocov3":
         assert "slca-peft convert" in path.read_text()
-    # The reference's CUB-200 augmentation: Resize(300x300) + RandomCrop(224).
-    assert data_args.train_resize == (300 if benchmark == "cub200" else None)
+    # The reference's CUB-200 and Cars-196 augmentation: Resize(300x300) + RandomCrop(224).
+    assert data_args.train_resize == (300 if benchmark in ("cub200", "cars196") else None)
 
 
 def test_seeds_from_a_config_are_overridden_on_the_command_line(recipe):
     path = CONFIGS / "cub200_in21k_slca++.yaml"
     _, data_args, args = recipe.parse_args(["--config", str(path), "--seeds", "1996", "--data_dir", "/data/cub"])
     assert data_args.seeds == [1996] and data_args.data_dir == "/data/cub"
+
+
+def test_train_resize_and_a_random_resized_crop_scale_are_not_combined(recipe):
+    path = CONFIGS / "cub200_in21k_slca++.yaml"
+    with pytest.raises(SystemExit, match="--crop_scale_min sets RandomResizedCrop, which --train_resize replaces"):
+        recipe.parse_args(["--config", str(path), "--crop_scale_min", "0.5"])
+    _, data_args, _ = recipe.parse_args(["--config", str(path), "--crop_scale_min", "0.5", "--train_resize", "0"])
+    assert not data_args.train_resize and data_args.crop_scale_min == 0.5

@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,37 +67,23 @@ def test_every_method_runs(tmp_path, base_model_dir, image_folders):
         assert len(computed) == 3  # statistics are cheap and kept for every method
 
 
-def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, base_model_dir, image_folders,
-                                                                 monkeypatch, caplog):
-    import huggingface_hub
-
-    uploads = []
-
-    class RecorderApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-            assert exist_ok
-
-        def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
-            state = json.loads((Path(folder_path) / "continual_state.json").read_text())
-            base = json.loads((Path(folder_path) / "slca_config.json").read_text())["base_model_name_or_path"]
-            uploads.append((repo_id, commit_message, state["tasks_learned"], base))
-            if len(uploads) == 2:
-                raise ConnectionError("Hub unreachable")  # a failed push must not stop the run
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
-    push = dict(push_to_hub=True, hub_model_id="me/slca-run", num_train_epochs=1, ca_epochs=1)
+def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, base_model_dir, image_folders, hub,
+                                                                 caplog):
+    hub.fail_uploads = {2}  # a failed push must not stop the run
+    push = dict(push_to_hub=True, hub_model_id="me/slca-run", hub_private_repo=True, num_train_epochs=1, ca_epochs=1)
     # The base model is a local directory: refused before any training unless its Hub id is given.
-    with pytest.raises(ValueError, match="pass --hub_base_model_id"):
+    with pytest.raises(ValueError, match="push_to_hub is on but its base model is the local path .*hub_base_model_id"):
         run(tmp_path, base_model_dir, image_folders, **push)
-    assert not (tmp_path / "run").exists() and uploads == []
+    assert not (tmp_path / "run").exists() and hub.uploads == []
     with caplog.at_level("WARNING", logger="slca_peft.continual"):
         learner, result, _ = run(tmp_path, base_model_dir, image_folders, hub_base_model_id="me/tiny-vit", **push)
-    assert [u[:1] + u[2:] for u in uploads] == [("me/slca-run", t, "me/tiny-vit") for t in (1, 2, 3)]
-    assert [u[1].split(":")[0] for u in uploads] == ["task 1/3", "task 2/3", "task 3/3"]
-    assert "slca-peft push" in caplog.text and str(tmp_path / "run" / "task_1") in caplog.text
+    assert [u["repo_id"] for u in hub.uploads] == ["me/slca-run"] * 3
+    assert [u["message"].split(":")[0] for u in hub.uploads] == ["task 1/3", "task 2/3", "task 3/3"]
+    assert [u["json"]["continual_state.json"]["tasks_learned"] for u in hub.uploads] == [1, 2, 3]
+    assert {u["json"]["slca_config.json"]["base_model_name_or_path"] for u in hub.uploads} == {"me/tiny-vit"}
+    assert hub.repos == [("me/slca-run", True)] * 3
+    retry = f"slca-peft push {tmp_path / 'run' / 'task_1'} me/slca-run --base_model_id me/tiny-vit --private"
+    assert retry in caplog.text
     assert len(result.accuracy_matrix) == 3
     # The local checkpoints keep the path they were built from; only the uploads name the Hub id.
     saved = json.loads((tmp_path / "run" / "task_2" / "slca_config.json").read_text())

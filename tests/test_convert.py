@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +124,16 @@ def test_cli_converts_a_weights_only_checkpoint_to_a_safetensors_directory(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=images).last_hidden_state, timm_forward(sd, images),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_damaged_files_are_reported_as_damaged_and_name_the_file(tmp_path):
+    from slca_peft.convert import load_timm_state_dict
+
+    torch.save({"state_dict": timm_state_dict()}, tmp_path / "good.pth")
+    raw = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(300))
+    (tmp_path / "notes.pth").write_text("hello\n")
+    for name in ("truncated.pth", "random.pth", "notes.pth"):
+        with pytest.raises(ValueError, match=rf"{name} is not a readable PyTorch checkpoint; it may be damaged"):
+            load_timm_state_dict(tmp_path / name)

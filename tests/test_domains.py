@@ -74,8 +74,9 @@ def test_domains_must_share_their_classes():
         DomainSequence([(same, same)])
 
 
-def write_domain(root, name: str, style: int, release_layout: bool) -> None:
-    """A domain on disk, as DomainNet's release (list files) or as train/ and test/ class folders."""
+def write_domain(root, name: str, style: int, release_layout: bool, label_ids=(0, 1, 2, 3)) -> None:
+    """A domain on disk, as DomainNet's release (list files, class NAMES[k] listed with id
+    label_ids[k]) or as train/ and test/ class folders."""
     for split, per_class, seed in (("train", 8, style), ("test", 4, 10 + style)):
         ds = domain(style, per_class, seed)
         lines = []
@@ -84,7 +85,7 @@ def write_domain(root, name: str, style: int, release_layout: bool) -> None:
             rel = f"{name}/{cls}/{name}_{split}_{i:03d}.png" if release_layout else f"{name}/{split}/{cls}/{i:03d}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             row["image"].save(root / rel)
-            lines.append(f"{rel} {row['label']}")
+            lines.append(f"{rel} {label_ids[row['label']]}")
         if release_layout:
             (root / f"{name}_{split}.txt").write_text("\n".join(lines) + "\n")
 
@@ -92,23 +93,24 @@ def write_domain(root, name: str, style: int, release_layout: bool) -> None:
 def test_domain_folders_in_both_layouts_load_with_shared_classes(tmp_path):
     from slca_peft.domains import load_domain_folders
 
-    write_domain(tmp_path, "real", 0, release_layout=True)
+    # The release lists number the classes in another order than the folders' sorted names.
+    write_domain(tmp_path, "real", 0, release_layout=True, label_ids=(2, 0, 3, 1))
     write_domain(tmp_path, "sketch", 1, release_layout=False)
     tasks = DomainSequence.from_folders(tmp_path, ["sketch", "real"])
     assert tasks.domain_names == ["sketch", "real"] and tasks.label_names == NAMES
     for task in tasks:
         assert (len(task.train), len(task.test)) == (32, 16)
-        assert sorted(set(task.train["label"])) == [0, 1, 2, 3]
-    # The pixels under each label are the ones written for that class (label k: square at position k).
-    first = tasks[1].train.with_format("numpy")[0]
-    k = int(first["label"])
-    assert first["image"][(k // 2) * 16 + 4, (k % 2) * 16 + 4].max() >= 127
+        # Every image sits under the label of its class (label k: a bright square at position k).
+        for split in (task.train, task.test):
+            for row in split.with_format("numpy"):
+                k = int(row["label"])
+                assert row["image"][(k // 2) * 16 + 4, (k % 2) * 16 + 4].min() >= 127
     # Damaged list files and missing domains are errors that name the file and the fix.
     lines = (tmp_path / "real_train.txt").read_text().splitlines()
-    (tmp_path / "real_train.txt").write_text("\n".join(lines[:-1] + [lines[-1].replace(" 3", " 0")]) + "\n")
-    with pytest.raises(ValueError, match=r"real_train.txt:32: label 0 is 'a' on earlier lines, here 'd'"):
+    (tmp_path / "real_train.txt").write_text("\n".join(lines[:-1] + [lines[-1].replace(" 1", " 0")]) + "\n")
+    with pytest.raises(ValueError, match=r"real_train.txt:32: label 0 is 'b' on earlier lines, here 'd'"):
         load_domain_folders(tmp_path, ["real"])
-    (tmp_path / "real_train.txt").write_text("\n".join(lines + ["real/a/gone.png 0"]) + "\n")
+    (tmp_path / "real_train.txt").write_text("\n".join(lines + ["real/b/gone.png 0"]) + "\n")
     with pytest.raises(FileNotFoundError, match=r"real_train.txt:33: .*gone.png does not exist"):
         load_domain_folders(tmp_path, ["real"])
     with pytest.raises(FileNotFoundError, match="domain 'quickdraw': expected quickdraw_train.txt"):
@@ -132,6 +134,8 @@ def test_recipe_runs_a_domain_incremental_stream(tmp_path, base_model_dir, recip
     assert state["incremental"] == "domain" and state["domains"] == ["clipart", "painting"]
     with pytest.raises(SystemExit, match="--seeds varies the class order"):
         recipe.parse_args(args + ["--seeds", "1", "2"])
+    with pytest.raises(SystemExit, match="--domains reads every domain from --data_dir"):
+        recipe.parse_args(args + ["--test_dir", str(root)])
     # Killed after the first domain: resuming finishes with the same matrix; another domain order is refused.
     shutil.rmtree(out / "task_1")
     (out / "metrics.json").unlink()

@@ -90,54 +90,36 @@ def test_loading_by_repo_id_from_an_offline_hub_cache(tmp_path, base_model_dir, 
     torch.testing.assert_close(loaded.eval()(x).logits, model(x).logits, rtol=0, atol=0)
 
 
-def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_dir, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    class RecorderApi:
-        def __init__(self, token=None):
-            calls.append(("init", token))
-
-        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-            calls.append(("create_repo", repo_id, private, exist_ok))
-
-        def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
-            folder = Path(folder_path)
-            files = sorted(p.name for p in folder.iterdir())
-            bases = [json.loads((folder / f).read_text())["base_model_name_or_path"]
-                     for f in ("slca_config.json", "adapter_config.json")]
-            calls.append(("upload_folder", repo_id, commit_message, files, (folder / "README.md").read_text(), bases))
-            return "commit-url"
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
+def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_dir, hub):
     model = trained_model(base_model_dir)
     state = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
              "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993}
     # The base model is a local directory here: nobody could load the upload, so it is refused.
-    with pytest.raises(ValueError, match="local base model .* pass its Hub id as base_model_id"):
+    with pytest.raises(ValueError, match="its base model is the local path .* pass its Hub id as base_model_id"):
         model.push_to_hub("me/slca-tiny", statistics=stats_for(model), state=state)
-    assert calls == []
+    assert hub.uploads == [] and hub.repos == []
     out = model.push_to_hub("me/slca-tiny", private=True, commit_message="task 2", statistics=stats_for(model),
                             state=state, base_model_id="me/tiny-vit")
-    assert out == "commit-url"
-    uploads = [c for c in calls if c[0] == "upload_folder"]
-    assert len(uploads) == 1 and ("create_repo", "me/slca-tiny", True, True) in calls
-    _, repo, message, files, card, bases = uploads[0]
-    assert repo == "me/slca-tiny" and message == "task 2"
+    assert out.endswith("/commit/1") and hub.repos == [("me/slca-tiny", True)]
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/slca-tiny" and upload["message"] == "task 2"
     assert {"adapter_model.safetensors", "classifier.safetensors", "class_statistics.safetensors",
-            "slca_config.json", "continual_state.json", "README.md"} <= set(files)
+            "slca_config.json", "continual_state.json", "README.md"} <= set(upload["files"])
+    card = upload["card"]
     assert "library_name: slca-peft" in card and "- continual-learning" in card and "| 2 | 70.0 | 60.0 |" in card
-    assert "base_model: me/tiny-vit" in card and bases == ["me/tiny-vit", "me/tiny-vit"]
+    assert "base_model: me/tiny-vit" in card
+    bases = [upload["json"][f]["base_model_name_or_path"] for f in ("slca_config.json", "adapter_config.json")]
+    assert bases == ["me/tiny-vit", "me/tiny-vit"]
     # A saved directory pushed from the command line: same check, and the directory itself is unchanged.
     from slca_peft.cli import main as cli_main
 
     model.save_pretrained(tmp_path / "ckpt", statistics=stats_for(model), state=state)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    with pytest.raises(ValueError, match="local base model"):
+    with pytest.raises(ValueError, match="its base model is the local path"):
         cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny"])
-    cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny", "--base_model_id", "me/tiny-vit"])
-    assert calls[-1][5] == ["me/tiny-vit", "me/tiny-vit"]
+    cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny", "--base_model_id", "me/tiny-vit", "--revision", "v2"])
+    assert hub.uploads[-1]["json"]["slca_config.json"]["base_model_name_or_path"] == "me/tiny-vit"
+    assert hub.uploads[-1]["revision"] == "v2"
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
 
 
@@ -320,3 +302,19 @@ def test_a_base_model_with_remote_code_never_runs_it(tmp_path, base_model_dir):
     restored = load_checkpoint(tmp_path / "ckpt")[0]
     assert type(restored.base_backbone).__name__ == "ViTModel"  # the library's class; auto_map ignored
     assert not marker.exists()
+
+
+def test_a_checkpoint_can_name_its_base_by_any_accepted_name(tmp_path, base_model_dir):
+    """A pushed copy names the base by its Hub id, a local run by its path: resume accepts either."""
+    other_name = tmp_path / "same-weights"
+    shutil.copytree(base_model_dir, other_name)
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    settings = json.loads((tmp_path / "ckpt" / "slca_config.json").read_text())
+    settings["base_model_name_or_path"] = str(other_name)
+    (tmp_path / "ckpt" / "slca_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="base_model_name_or_path is .*same-weights"):
+        load_checkpoint(tmp_path / "ckpt", expected_base=str(base_model_dir))
+    restored = load_checkpoint(tmp_path / "ckpt", expected_base=[str(base_model_dir), None, str(other_name)])[0]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(restored.eval()(x).logits, model(x).logits, rtol=0, atol=0)

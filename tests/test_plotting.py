@@ -90,25 +90,7 @@ def test_report_size_is_configurable_and_missing_metrics_are_explained(tmp_path)
         write_report(tmp_path / "empty")
 
 
-def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(
-    tmp_path, base_model_dir, image_folders, monkeypatch, recipe
-):
-    import huggingface_hub
-
-    pushed = []
-
-    class RecorderApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            pass
-
-        def upload_folder(self, repo_id, folder_path, commit_message, **kwargs):
-            pushed.append((repo_id, json.loads((Path(folder_path) / "continual_state.json").read_text())["seed"]))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecorderApi)
-
+def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_model_dir, image_folders, hub, recipe):
     train_dir, test_dir = image_folders
     out = tmp_path / "runs"
     result = recipe.main([
@@ -118,7 +100,9 @@ def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(
         "--disable_tqdm", "true", "--output_dir", str(out), "--seeds", "5", "7",
         "--push_to_hub", "true", "--hub_model_id", "me/run", "--hub_base_model_id", "me/tiny-vit",
     ])
-    assert pushed == [("me/run-seed5", 5), ("me/run-seed7", 7)]  # one repo per seed, one commit per task
+    # One repo per seed, one commit per task.
+    assert [(u["repo_id"], u["json"]["continual_state.json"]["seed"]) for u in hub.uploads] == [
+        ("me/run-seed5", 5), ("me/run-seed7", 7)]
     seeds = json.loads((out / "seeds.json").read_text())
     assert seeds == result and seeds["seeds"] == [5, 7] and set(seeds["runs"]) == {"5", "7"}
     for seed in ("5", "7"):

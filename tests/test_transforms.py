@@ -159,6 +159,26 @@ def test_rgb_and_grey_images_do_not_warn():
         EvalTransform(RAW)(Image.new("L", (40, 40), 7))
 
 
+@pytest.mark.parametrize(
+    ("mode", "channels", "lost"),
+    [
+        ("1", 1, None), ("L", 3, None), ("P", 3, None), ("RGBA", 3, "alpha dropped, not composited"),
+        ("P", 1, "colour reduced to ITU-R 601-2 luma"), ("RGB", 1, "colour reduced to ITU-R 601-2 luma"),
+        ("RGBA", 1, "alpha dropped, not composited; colour reduced to ITU-R 601-2 luma"),
+        ("I;16", 1, "16/32-bit values divided by 257 and rounded to 8 bit"),
+    ],
+)
+def test_conversion_warning_names_what_is_lost(mode, channels, lost):
+    img = Image.new(mode, (20, 20)) if mode != "I;16" else Image.fromarray(np.zeros((20, 20), dtype=np.uint16))
+    cfg = ImageTransformConfig(size=16, mean=(0.5,) * channels, std=(0.5,) * channels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        EvalTransform(cfg)(img)
+    target = "RGB" if channels == 3 else "L"
+    expected = [] if lost is None else [f"images in mode {mode!r} are converted to {target!r} for the model ({lost})"]
+    assert [str(w.message).rsplit("; see", 1)[0] for w in caught] == expected
+
+
 def test_sixteen_bit_white_equals_eight_bit_white():
     t = EvalTransform(RAW)
     white16 = Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16))
@@ -255,7 +275,7 @@ def test_crop_params_fallback_clamps_ratio_to_center():
 
 def test_resize_then_random_crop_is_a_window_of_the_resized_image():
     img = noise_image(70, 45)
-    resized = np.asarray(img.resize((40, 40), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    resized = np.asarray(img.resize((40, 40), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
     t = TrainTransform(RAW, rng=random.Random(3), flip_p=0.0, resize=40)
     corners = set()
     for _ in range(40):
