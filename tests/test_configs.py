@@ -73,3 +73,17 @@ def test_train_resize_and_a_random_resized_crop_scale_are_not_combined(recipe):
         recipe.parse_args(["--config", str(path), "--crop_scale_min", "0.5"])
     _, data_args, _ = recipe.parse_args(["--config", str(path), "--crop_scale_min", "0.5", "--train_resize", "0"])
     assert not data_args.train_resize and data_args.crop_scale_min == 0.5
+
+
+def test_every_slca_config_field_is_documented():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from slca_peft import SLCAConfig
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f.name for f in dataclasses.fields(SLCAConfig) if f.name not in inherited]
+    for doc in ("method.md", "recipes.md"):
+        text = (ROOT / "docs" / doc).read_text()
+        assert [name for name in own if f"`{name}`" not in text and f"`--{name}`" not in text] == [], doc
