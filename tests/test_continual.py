@@ -3,29 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from slca_peft import (
-    ContinualLearner,
-    EvalTransform,
-    ImageTransformConfig,
-    SLCAConfig,
-    SLCAModel,
-    TaskSequence,
-    TrainTransform,
-)
+from slca_peft import TaskSequence
 
 
-def run(tmp_path, base_model_dir, image_folders, **kw):
-    train_dir, test_dir = image_folders
-    values = dict(output_dir=str(tmp_path / "run"), use_cpu=True, num_train_epochs=4, per_device_train_batch_size=8,
-                  learning_rate=0.05, init_cls=2, increment=2, seed=0, disable_tqdm=True, report_to="none",
-                  ca_samples_per_class=128, ca_batch_size=32, ca_epochs=5)
-    values.update(kw)
-    args = SLCAConfig(**values)
-    tasks = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2, seed=1993)
-    model = SLCAModel.from_backbone(str(base_model_dir), args)
-    tc = ImageTransformConfig.from_model_config(model.config)
-    learner = ContinualLearner(model, args, tasks, train_transform=TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0),
-                               eval_transform=EvalTransform(tc))
+def run(tmp_path, make_learner, image_folders, **kw):
+    tasks = TaskSequence.from_image_folders(*image_folders, init_cls=2, increment=2, seed=1993)
+    learner = make_learner(tasks, tmp_path / "run", init_cls=2, increment=2, **kw)
     computed = []
     original = learner.statistics.finalize
 
@@ -38,8 +21,8 @@ def run(tmp_path, base_model_dir, image_folders, **kw):
     return learner, result, computed
 
 
-def test_three_task_run_on_an_image_folder(tmp_path, base_model_dir, image_folders):
-    learner, result, computed = run(tmp_path, base_model_dir, image_folders)
+def test_three_task_run_on_an_image_folder(tmp_path, make_learner, image_folders):
+    learner, result, computed = run(tmp_path, make_learner, image_folders)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     matrix = metrics["accuracy_matrix"]
     assert [len(row) for row in matrix] == [1, 2, 3]
@@ -59,24 +42,24 @@ def test_three_task_run_on_an_image_folder(tmp_path, base_model_dir, image_folde
     assert learner.model.classifier.scales.tolist() == [1.0, 1.0, 1.0]
 
 
-def test_every_method_runs(tmp_path, base_model_dir, image_folders):
+def test_every_method_runs(tmp_path, make_learner, image_folders):
     for method in ("slca", "sl", "seq_ft"):
-        _, result, computed = run(tmp_path / method, base_model_dir, image_folders, method=method,
+        _, result, computed = run(tmp_path / method, make_learner, image_folders, method=method,
                                   num_train_epochs=1)
         assert len(result.accuracy_matrix) == 3
         assert len(computed) == 3  # statistics are cheap and kept for every method
 
 
-def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, base_model_dir, image_folders, hub,
-                                                                 caplog):
+def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, make_learner, image_folders, hub,
+                                                                 base_model_dir, caplog):
     hub.fail_uploads = {2}  # a failed push must not stop the run
     push = dict(push_to_hub=True, hub_model_id="me/slca-run", hub_private_repo=True, num_train_epochs=1, ca_epochs=1)
     # The base model is a local directory: refused before any training unless its Hub id is given.
     with pytest.raises(ValueError, match="push_to_hub is on but its base model is the local path .*hub_base_model_id"):
-        run(tmp_path, base_model_dir, image_folders, **push)
+        run(tmp_path, make_learner, image_folders, **push)
     assert not (tmp_path / "run").exists() and hub.uploads == []
     with caplog.at_level("WARNING", logger="slca_peft.continual"):
-        learner, result, _ = run(tmp_path, base_model_dir, image_folders, hub_base_model_id="me/tiny-vit", **push)
+        learner, result, _ = run(tmp_path, make_learner, image_folders, hub_base_model_id="me/tiny-vit", **push)
     assert [u["repo_id"] for u in hub.uploads] == ["me/slca-run"] * 3
     assert [u["message"].split(":")[0] for u in hub.uploads] == ["task 1/3", "task 2/3", "task 3/3"]
     assert [u["json"]["continual_state.json"]["tasks_learned"] for u in hub.uploads] == [1, 2, 3]

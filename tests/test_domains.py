@@ -8,8 +8,6 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-from slca_peft import EvalTransform, ImageTransformConfig, SLCAConfig, SLCAModel, TrainTransform
-from slca_peft.continual import ContinualLearner
 from slca_peft.domains import DomainSequence
 
 NAMES = ["a", "b", "c", "d"]
@@ -30,16 +28,11 @@ def domain(style: int, per_class: int, seed: int) -> Dataset:
     return Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
-def test_domain_incremental_run_has_one_head_and_per_domain_metrics(tmp_path, base_model_dir):
+def test_domain_incremental_run_has_one_head_and_per_domain_metrics(tmp_path, make_learner):
     domains = [(domain(s, 8, seed=s), domain(s, 4, seed=10 + s)) for s in range(3)]
     tasks = DomainSequence(domains, domain_names=["clean", "noisy", "noisier"])
-    args = SLCAConfig(output_dir=str(tmp_path), use_cpu=True, num_train_epochs=3, per_device_train_batch_size=8,
-                      learning_rate=0.05, seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=64,
-                      ca_batch_size=32)
-    model = SLCAModel.from_backbone(str(base_model_dir), args)
-    tc = ImageTransformConfig.from_model_config(model.config)
-    learner = ContinualLearner(model, args, tasks, train_transform=TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0),
-                               eval_transform=EvalTransform(tc))
+    learner = make_learner(tasks, tmp_path, num_train_epochs=3, ca_samples_per_class=64)
+    model = learner.model
     lora_rates = []
     original = learner.learn_task
 

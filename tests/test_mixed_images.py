@@ -6,15 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slca_peft import (
-    ContinualLearner,
-    EvalTransform,
-    ImageTransformConfig,
-    SLCAConfig,
-    SLCAModel,
-    TaskSequence,
-    TrainTransform,
-)
+from slca_peft import TaskSequence
 
 # Conversions warn once per mode by design; this module feeds them on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:images in mode")
@@ -66,27 +58,22 @@ def write_folder(root, num_classes, per_class, seed, mixed: bool, sizes=None):
     return modes
 
 
-def run(tmp_path, base_model_dir, train_dir, test_dir):
-    args = SLCAConfig(output_dir=str(tmp_path / f"run-{train_dir.parent.name}"), use_cpu=True, num_train_epochs=1,
-                      per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=0.05, seed=0,
-                      disable_tqdm=True, report_to="none", ca_samples_per_class=32, ca_batch_size=32, ca_epochs=2)
+def run(tmp_path, make_learner, train_dir, test_dir):
     tasks = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2, seed=1993)
-    model = SLCAModel.from_backbone(str(base_model_dir), args)
-    tc = ImageTransformConfig.from_model_config(model.config)
-    learner = ContinualLearner(model, args, tasks, train_transform=TrainTransform(tc, scale=(0.5, 1.0)),
-                               eval_transform=EvalTransform(tc))
+    learner = make_learner(tasks, tmp_path / f"run-{train_dir.parent.name}", num_train_epochs=1,
+                           per_device_eval_batch_size=8, ca_samples_per_class=32, ca_epochs=2)
     return learner, learner.run()
 
 
-def test_mixed_modes_give_exactly_the_run_of_the_rgb_originals(tmp_path, base_model_dir):
+def test_mixed_modes_give_exactly_the_run_of_the_rgb_originals(tmp_path, make_learner):
     for name, mixed in (("rgb", False), ("mixed", True)):
         modes = write_folder(tmp_path / name / "train", 4, 8, seed=1, mixed=mixed)
         write_folder(tmp_path / name / "test", 4, 4, seed=2, mixed=mixed)
         if mixed:  # every mode really is on disk as such (PNG keeps 16-bit grey, palettes, alpha)
             assert set(modes) >= {"RGB", "L", "RGBA", "LA", "P"} and ({"I;16", "I"} & set(modes))
-    rgb_learner, rgb = run(tmp_path, base_model_dir, tmp_path / "rgb" / "train", tmp_path / "rgb" / "test")
+    rgb_learner, rgb = run(tmp_path, make_learner, tmp_path / "rgb" / "train", tmp_path / "rgb" / "test")
     with pytest.warns(UserWarning, match=r"mode 'RGBA' are converted to 'RGB' for the model \(alpha dropped"):
-        mixed_learner, mixed = run(tmp_path, base_model_dir, tmp_path / "mixed" / "train", tmp_path / "mixed" / "test")
+        mixed_learner, mixed = run(tmp_path, make_learner, tmp_path / "mixed" / "train", tmp_path / "mixed" / "test")
     assert mixed.accuracy_matrix == rgb.accuracy_matrix
     for a, b in zip(rgb_learner.model.parameters(), mixed_learner.model.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -94,11 +81,11 @@ def test_mixed_modes_give_exactly_the_run_of_the_rgb_originals(tmp_path, base_mo
         assert torch.equal(rgb_learner.statistics.means[c], mixed_learner.statistics.means[c])
 
 
-def test_images_of_very_different_sizes_are_all_used(tmp_path, base_model_dir):
+def test_images_of_very_different_sizes_are_all_used(tmp_path, make_learner):
     sizes = [(32, 32), (5, 5), (7, 300), (300, 7), (640, 480), (33, 1)]
     write_folder(tmp_path / "data" / "train", 4, 6, seed=1, mixed=True, sizes=sizes)
     write_folder(tmp_path / "data" / "test", 4, 3, seed=2, mixed=True, sizes=sizes)
-    learner, result = run(tmp_path, base_model_dir, tmp_path / "data" / "train", tmp_path / "data" / "test")
+    learner, result = run(tmp_path, make_learner, tmp_path / "data" / "train", tmp_path / "data" / "test")
     assert learner.statistics.counts == {c: 6 for c in range(4)}  # no image skipped
     assert result.task_test_sizes == [6, 6]
     assert all(0.0 <= acc <= 100.0 for row in result.accuracy_matrix for acc in row)
