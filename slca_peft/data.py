@@ -207,7 +207,8 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _image_dataset(paths: Sequence[str], labels: Sequence[int], names: Sequence[str]) -> Dataset:
+def image_dataset(paths: Sequence[str], labels: Sequence[int], names: Sequence[str]) -> Dataset:
+    """Image files decoded lazily by `datasets`, with integer labels named by `names`."""
     features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
     return Dataset.from_dict({"image": list(paths), "label": list(labels)}, features=features)
 
@@ -230,7 +231,7 @@ def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> Dat
             labels.extend([label] * len(files))
         if not paths:
             raise ValueError(f"no images found under {root}.")
-        splits[split] = _image_dataset(paths, labels, names)
+        splits[split] = image_dataset(paths, labels, names)
     return DatasetDict(splits)
 
 
@@ -254,8 +255,8 @@ def load_imagenet_r_folder(
         raise ValueError(f"{root} holds {len(names)} class folder(s) and {len(paths)} image(s); expected <wnid>/*.jpg.")
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     return DatasetDict(
-        train=_image_dataset([paths[i] for i in train_idx], [labels[i] for i in train_idx], names),
-        test=_image_dataset([paths[i] for i in test_idx], [labels[i] for i in test_idx], names),
+        train=image_dataset([paths[i] for i in train_idx], [labels[i] for i in train_idx], names),
+        test=image_dataset([paths[i] for i in test_idx], [labels[i] for i in test_idx], names),
     )
 
 
@@ -293,7 +294,7 @@ def load_cub200_folder(folder: str | Path) -> DatasetDict:
         paths, labels = splits["train" if is_train[image_id] else "test"]
         paths.append(str(root / "images" / image_path[image_id]))
         labels.append(label[image_id])
-    return DatasetDict({split: _image_dataset(p, y, names) for split, (p, y) in splits.items()})
+    return DatasetDict({split: image_dataset(p, y, names) for split, (p, y) in splits.items()})
 
 
 class _CifarUnpickler(pickle.Unpickler):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset
 
+from .data import image_dataset, load_split_image_folders
 from .tasks import Task, _label_ids, _with_labels, verify_image_folder
 
 #: DomainNet's domains, in the release's (alphabetical) order; pass your own order to `domains`.
@@ -21,8 +22,6 @@ DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "s
 
 def _domainnet_split(root: Path, list_file: Path) -> Dataset:
     """One `<domain>_<split>.txt` of the DomainNet release: `<domain>/<class>/<file> <label>` per line."""
-    from .data import _image_dataset
-
     paths, labels, names = [], [], {}
     for number, line in enumerate(list_file.read_text().splitlines(), 1):
         if not line.strip():
@@ -44,7 +43,7 @@ def _domainnet_split(root: Path, list_file: Path) -> Dataset:
     missing = sorted(set(range(max(names) + 1)) - set(names))
     if missing:
         raise ValueError(f"{list_file} has no image of label(s) {missing[:5]}; every class needs images.")
-    return _image_dataset(paths, labels, [names[i] for i in range(len(names))])
+    return image_dataset(paths, labels, [names[i] for i in range(len(names))])
 
 
 def load_domain_folders(root: str | Path, domains: Sequence[str]) -> list[tuple[Dataset, Dataset]]:
@@ -53,8 +52,6 @@ def load_domain_folders(root: str | Path, domains: Sequence[str]) -> list[tuple[
     - DomainNet's release: `<domain>/<class>/*` with `<domain>_train.txt` and `<domain>_test.txt`;
     - image folders: `<domain>/train/<class>/*` and `<domain>/test/<class>/*`.
     """
-    from .data import load_split_image_folders
-
     root = Path(root)
     pairs = []
     for name in domains:
