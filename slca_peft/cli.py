@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import runpy
 import sys
-from pathlib import Path
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_seq.py"
 
 
 def _export(ns: argparse.Namespace) -> None:
@@ -62,14 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         # The recipe owns the training arguments (HfArgumentParser over SLCAConfig).
-        if not RECIPE.is_file():
-            raise SystemExit(f"{RECIPE} not found; run recipes/train_seq.py from a source checkout.")
-        sys.argv = [str(RECIPE), *argv[1:]]
-        runpy.run_path(str(RECIPE), run_name="__main__")
+        from .recipe import main as train_main
+
+        train_main(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="slca-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="run recipes/train_seq.py with the remaining arguments")
+    sub.add_parser("train", help="train over a task sequence (the recipe; --help lists its flags)")
     p = sub.add_parser("export", help="write a plain transformers checkpoint for pipeline()")
     p.add_argument("checkpoint")
     p.add_argument("output_dir")

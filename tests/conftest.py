@@ -56,8 +56,10 @@ def load_script():
 
 @pytest.fixture
 def recipe():
-    """recipes/train_seq.py, imported."""
-    return _load_script("train_seq")
+    """The training recipe (`slca_peft.recipe`, which recipes/train_seq.py runs)."""
+    import slca_peft.recipe
+
+    return slca_peft.recipe
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:

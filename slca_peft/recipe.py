@@ -1,0 +1,264 @@
+"""The training recipe: a ViT over a sequence of tasks with SLCA++ (or SLCA / SL / Seq-FT).
+
+It lives in the package so `slca-peft train` works from an installed wheel; `recipes/train_seq.py`
+is the thin entry point for `accelerate launch`.
+
+    python recipes/train_seq.py                      # offline demo: digits, tiny ViT
+    python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml   # the paper's CIFAR-100 row
+    python recipes/train_seq.py --config recipes/configs/cub200_in21k_slca++.yaml --data_dir data/CUB_200_2011
+    accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar --seeds 1993 1996 1997
+
+Any SLCAConfig / TrainingArguments field is a flag (`--learning_rate 0.01`); `--config file.yaml`
+supplies defaults that flags on the command line override.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
+
+from .checkpoint import atomic_write_text
+from .config import SLCAConfig
+from .continual import ContinualLearner, format_accuracy_table
+from .data import load_benchmark
+from .domains import DomainSequence
+from .model import SLCAModel
+from .tasks import TaskSequence
+from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo_digits.yaml"
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local directory of the pre-trained backbone."}
+    )
+    model_config: str | None = field(
+        default=None, metadata={"help": "A config JSON to build a randomly initialised backbone (demo, tests)."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the backbone."})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue after the last task of a checkpoint: a task_<t> directory, a Hub repo id, "
+                  "or `auto` (the newest complete checkpoint in --output_dir, if any)."},
+    )
+    resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A benchmark (cifar100, imagenet_r, cub200, cars196, digits) or any Hub image dataset id."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Read --dataset from this local copy instead of the Hub: the benchmark's usual layout "
+                  "(cifar-100-python/, imagenet-r/<wnid>/, CUB_200_2011/) or train/<class>/ + test/<class>/ folders."},
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of the dataset (default: the commit the benchmark is pinned to)."}
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
+    test_dir: str | None = field(default=None, metadata={"help": "Image folder with the same class names."})
+    image_column: str | None = field(default=None, metadata={"help": "Override the image column name."})
+    label_column: str | None = field(default=None, metadata={"help": "Override the label column name."})
+    brightness_jitter: float = field(default=0.0, metadata={"help": "Train brightness jitter (63/255 for CIFAR)."})
+    crop_scale_min: float = field(
+        default=0.08, metadata={"help": "Smallest area fraction of RandomResizedCrop (0.08 in the paper)."}
+    )
+    train_resize: int | None = field(
+        default=None,
+        metadata={"help": "Resize training images to N x N and random-crop the model's size instead of "
+                  "RandomResizedCrop (the reference's CUB-200 augmentation: 300)."},
+    )
+    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
+    domains: list[str] | None = field(
+        default=None,
+        metadata={"help": "Domain-incremental: one task per domain, in this order, read from --data_dir (DomainNet's "
+                  "release with <domain>_train.txt/<domain>_test.txt, or <domain>/train/<class>/ + "
+                  "<domain>/test/<class>/). DomainNet: clipart infograph painting quickdraw real sketch."},
+    )
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Class-order seeds to run one after another (the paper: 1993 1996 1997), each into "
+                  "OUTPUT_DIR/seed_<s>/, with a summary in OUTPUT_DIR/seeds.json. Overrides --class_order_seed."},
+    )
+
+
+def yaml_to_argv(path: str) -> list[str]:
+    """Turn a YAML mapping into command-line flags, so the command line can override any of them."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv.extend(str(v) for v in value)
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
+    if not argv:
+        argv = ["--config", str(DEMO_CONFIG)]
+    if "--config" in argv:
+        i = argv.index("--config")
+        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise SystemExit(
+            f"the launcher started {launched} processes but each would train alone on all the data (no GPU "
+            "backend was found). Pass --use_cpu true for CPU processes (gloo), or check that the GPUs are visible."
+        )
+    if not (model_args.model_name_or_path or model_args.model_config):
+        raise SystemExit("give --model_name_or_path (pre-trained backbone) or --model_config (random init).")
+    if data_args.domains:
+        if not data_args.data_dir or data_args.dataset or data_args.train_dir or data_args.test_dir:
+            raise SystemExit("--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir.")
+        if data_args.seeds:
+            raise SystemExit("--seeds varies the class order, which a domain-incremental run lacks; use --seed.")
+    elif not (data_args.dataset or (data_args.train_dir and data_args.test_dir)):
+        raise SystemExit("give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir.")
+    if data_args.data_dir and not (data_args.dataset or data_args.domains):
+        raise SystemExit("--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011).")
+    if data_args.train_resize and data_args.crop_scale_min != 0.08:
+        raise SystemExit("--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them.")
+    if data_args.seeds and model_args.resume_from not in (None, "auto"):
+        raise SystemExit("with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/).")
+    return model_args, data_args, args
+
+
+def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+    if data_args.domains:
+        return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
+    split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
+    if data_args.train_dir:
+        return TaskSequence.from_image_folders(data_args.train_dir, data_args.test_dir, **split)
+    data, spec = load_benchmark(data_args.dataset, data_args.data_dir, data_args.dataset_revision)
+    return TaskSequence.from_dataset_dict(
+        data,
+        train_split=spec.train_split,
+        test_split=spec.test_split,
+        image_column=data_args.image_column or spec.image_column,
+        label_column=data_args.label_column or spec.label_column,
+        **split,
+    )
+
+
+def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
+    source = model_args.model_name_or_path
+    if source is None:
+        # A random backbone has no Hub reference: save it so checkpoints can point at it.
+        set_seed(args.seed)
+        config = AutoConfig.from_pretrained(model_args.model_config)
+        source = str(Path(args.output_dir) / "base_model")
+        if args.process_index == 0:
+            AutoModel.from_config(config).save_pretrained(source)
+    with args.main_process_first(desc="backbone"):
+        return SLCAModel.from_backbone(source, args, revision=model_args.model_revision)
+
+
+def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformConfig:
+    """The base model's image processor statistics, or ViT's defaults when it ships none."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(model.base_model_name_or_path, revision=model.revision)
+        return ImageTransformConfig.from_image_processor(processor, brightness=brightness)
+    except (OSError, ValueError, TypeError):
+        return ImageTransformConfig.from_model_config(model.config, brightness=brightness)
+
+
+def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    """Train once per class-order seed, each into OUTPUT_DIR/seed_<s>/, then write OUTPUT_DIR/seeds.json
+    with every seed's Last-Acc / Inc-Acc and their mean and sample standard deviation."""
+    root = Path(args.output_dir)
+    runs = {}
+    for seed in data_args.seeds:
+        seed_args = copy.copy(args)
+        seed_args.class_order_seed, seed_args.output_dir = seed, str(root / f"seed_{seed}")
+        if args.push_to_hub:  # one repo per seed: each has its own task history
+            seed_args.hub_model_id = f"{args.hub_model_id or root.absolute().name}-seed{seed}"
+        logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
+        summary = train(model_args, data_args, seed_args)
+        runs[str(seed)] = {
+            "output_dir": f"seed_{seed}",
+            "last_accuracy": summary["last_accuracy"],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+        }
+    result = {"method": args.method, "seeds": list(data_args.seeds), "runs": runs}
+    for key in ("last_accuracy", "average_incremental_accuracy"):
+        values = [run[key] for run in runs.values()]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        result[key] = {"mean": statistics.fmean(values), "std": std}
+    if args.process_index == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "seeds.json", json.dumps(result, indent=2) + "\n")
+        last, inc = result["last_accuracy"], result["average_incremental_accuracy"]
+        print(f"\nseeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
+              f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / 'seeds.json'})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if data_args.seeds:
+        return run_seeds(model_args, data_args, args)
+    return train(model_args, data_args, args)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    """One run over the task sequence of `args.class_order_seed`; returns the metrics summary."""
+    tasks = build_tasks(data_args, args)
+    logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
+                tasks.task_sizes, args.class_order_seed)
+    resume = model_args.resume_from
+    if resume == "auto":
+        resume = ContinualLearner.latest_checkpoint(args.output_dir)
+        logger.info("resume auto: %s", resume or "no complete checkpoint, starting from the first task")
+    if resume:
+        learner = ContinualLearner.from_checkpoint(
+            resume, args, tasks, revision=model_args.resume_revision,
+            expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
+            train_transform=None, eval_transform=None,
+        )
+        logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
+    else:
+        learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
+                                   eval_transform=None)
+    tc = transform_config_for(learner.model, data_args.brightness_jitter)
+    learner.set_transforms(
+        TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
+                       resize=data_args.train_resize or None),
+        EvalTransform(tc),
+    )
+    result = learner.run()
+    summary = result.summary()
+    if args.process_index == 0:
+        print("\nAccuracy (%) on each task's test classes after learning each task:")
+        print(format_accuracy_table(result.accuracy_matrix, result.seen_accuracy))
+        print(f"Last-Acc {summary['last_accuracy']:.2f}  Inc-Acc {summary['average_incremental_accuracy']:.2f}  "
+              f"forgetting {summary['average_forgetting']:.2f}  BWT {summary['backward_transfer']:.2f}")
+        print(f"metrics: {Path(args.output_dir) / 'metrics.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
