@@ -95,11 +95,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _backbone_extras(model: SLCAModel, adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trainable backbone tensors that the PEFT adapter file does not hold."""
+    from .peft_methods import adapter_prefix
+
     peft_model = model.backbone
     saved = set(adapter_state)
+    prefix = adapter_prefix(peft_model)
     extras = {}
     for name, param in peft_model.named_parameters():
-        if not param.requires_grad or "lora_" in name or "modules_to_save" in name:
+        if not param.requires_grad or prefix in name or "modules_to_save" in name:
             continue
         short = name.removeprefix("base_model.model.")
         if short not in saved and name not in saved:
@@ -282,6 +285,7 @@ def load_checkpoint(
         base_model_name_or_path=base,
         revision=settings.get("revision"),
         task_sizes=settings["task_sizes"],
+        peft_config=settings.get("peft_config"),
     )
     if model.feature_dim != settings["feature_dim"]:
         raise ValueError(

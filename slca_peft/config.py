@@ -48,9 +48,10 @@ class SLCAConfig(TrainingArguments):
     )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_scale: float = field(default=0.8, metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        metadata={"help": "Module names that get LoRA (transformers v5 ViT: q_proj k_proj v_proj fc1 fc2)."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names that get LoRA. Default: the backbone's (transformers v5 ViT family: "
+                  "q_proj k_proj v_proj fc1 fc2; timm: qkv fc1 fc2; see docs/method.md)."},
     )
     lora_svd_init: bool = field(
         default=True, metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."}

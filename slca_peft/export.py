@@ -1,7 +1,9 @@
 """Export to a plain `AutoModelForImageClassification` checkpoint that needs no slca-peft.
 
-LoRA is merged into the frozen weights, the trained LayerNorms/biases/class token are taken over,
-and the per-task heads with their scales are folded into one linear layer:
+Each backbone's route (which stock head reads the feature the continual heads were trained on) is
+in `slca_peft.backbones`; backbones with no such head are refused with the reason. The adapter is
+merged into the frozen weights, the trained LayerNorms/biases/class token are taken over, and the
+per-task heads with their scales are folded into one linear layer:
 `head_j(s_j * f) = (s_j W_j) f + b_j`.
 """
 
@@ -14,15 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from peft import PeftModel
 from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPImageProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
+from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD, input_size
 from .checkpoint import atomic_directory
 
 if TYPE_CHECKING:
     from .model import SLCAModel
-
-# Model types whose *ForImageClassification head reads the class token after the final LayerNorm,
-# the same feature SLCA trains its heads on.
-CLS_TOKEN_HEADS = ("vit", "deit")
 
 
 def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,39 +33,90 @@ def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
+def export_route(model: SLCAModel) -> str:
+    """The backbone table's export route for `model`, or one error saying why there is none (raised
+    before any work: a stock head reading another feature would silently change every prediction)."""
+    spec = model.backbone_spec
+    if spec.export_route is None:
+        raise ValueError(
+            f"export: a {spec.model_type} backbone cannot become a stock *ForImageClassification model: "
+            f"{spec.export_refusal}. Keep it as an slca-peft checkpoint (save_pretrained / from_pretrained)."
+        )
+    return spec.export_route
+
+
+def merged_backbone(model: SLCAModel) -> torch.nn.Module:
+    """A copy of the backbone with the adapter merged into its weights (PEFT's merge_and_unload)."""
+    backbone = copy.deepcopy(model.backbone)
+    if not isinstance(backbone, PeftModel):
+        return backbone
+    method = getattr(backbone.peft_config["default"].peft_type, "value", "LoRA")
+    try:
+        return backbone.merge_and_unload()
+    except (NotImplementedError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"export: PEFT cannot merge this {method} adapter into the backbone ({err}); a stock model has no "
+            "place for unmerged adapter weights. Keep it as an slca-peft checkpoint, or train with a method PEFT "
+            "merges (LoRA, DoRA, LoHa, LoKr, IA3)."
+        ) from err
+
+
+def _classifier_config(model: SLCAModel, names: list[str]):
+    config = copy.deepcopy(model.config)
+    config.num_labels = len(names)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+    for timm_field, value in (("label_names", list(names)), ("num_classes", len(names))):
+        if hasattr(config, timm_field):  # TimmWrapperConfig writes these instead of id2label
+            setattr(config, timm_field, value)
+    # The plain *ForImageClassification (DeiT also maps to a distillation variant reading two tokens).
+    stock = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
+    config.architectures = [stock if isinstance(stock, str) else stock[0]]
+    return config
+
+
+def _load_backbone(classifier, backbone: torch.nn.Module, route: str) -> None:
+    """Copy the merged backbone's weights into the stock model's backbone, refusing any mismatch."""
+    state = backbone.state_dict()
+    if route == TIMM_HEAD:  # both hold the timm module as `timm_model`; only timm's head is new
+        missing, unexpected = classifier.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("timm_model.head.")]
+    else:
+        target = getattr(classifier, classifier.base_model_prefix)
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if route != POOLER_HEAD:  # ViT/DeiT keep no pooler; BEiT and Swin read theirs
+            missing = [k for k in missing if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise RuntimeError(f"backbone weights do not fit the exported model: missing {missing}, "
+                           f"unexpected {unexpected}.")
+
+
+def _head_layer(classifier, route: str) -> torch.nn.Linear:
+    return classifier.timm_model.get_classifier() if route == TIMM_HEAD else classifier.classifier
+
+
 def export_model(
     model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None
 ) -> Path:
     """Write `directory` for `pipeline("image-classification", model=directory)`."""
-    config = copy.deepcopy(model.config)
-    if config.model_type not in CLS_TOKEN_HEADS:
-        raise NotImplementedError(
-            f"export supports {CLS_TOKEN_HEADS} backbones, whose classification head reads the class token; "
-            f"{config.model_type} heads read another feature. Save with save_pretrained instead."
-        )
+    route = export_route(model)
     num_classes = model.classifier.num_classes
     names = list(label_names) if label_names else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
-    config.num_labels = num_classes
-    config.id2label = dict(enumerate(names))
-    config.label2id = {name: i for i, name in enumerate(names)}
-    config.architectures = None
-
-    backbone = copy.deepcopy(model.backbone)
-    if isinstance(backbone, PeftModel):
-        backbone = backbone.merge_and_unload()
-    classifier = AutoModelForImageClassification.from_config(config)
-    base_prefix = classifier.base_model_prefix
-    missing, unexpected = getattr(classifier, base_prefix).load_state_dict(backbone.state_dict(), strict=False)
-    missing = [k for k in missing if not k.startswith("pooler.")]
-    if missing or unexpected:
-        raise RuntimeError(f"backbone weights do not fit the exported model: missing {missing}, "
-                           f"unexpected {unexpected}.")
+    backbone = merged_backbone(model)
+    classifier = AutoModelForImageClassification.from_config(_classifier_config(model, names))
+    _load_backbone(classifier, backbone, route)
     weight, bias = folded_head(model)
+    head = _head_layer(classifier, route)
     with torch.no_grad():
-        classifier.classifier.weight.copy_(weight)
-        classifier.classifier.bias.copy_(bias)
+        if route == CLS_MEAN_HEAD:
+            # DINOv2's head reads [class token, mean patch token]: the patch half gets zero weight.
+            head.weight.zero_()
+            head.weight[:, : weight.shape[1]].copy_(weight)
+        else:
+            head.weight.copy_(weight)
+        head.bias.copy_(bias)
     processor = image_processor or default_image_processor(model)
     with atomic_directory(directory) as tmp:
         classifier.save_pretrained(tmp)
@@ -82,8 +133,7 @@ def default_image_processor(model: SLCAModel):
             return AutoImageProcessor.from_pretrained(base, revision=model.revision)
         except (OSError, ValueError):
             pass
-    size = model.config.image_size
-    size = size if isinstance(size, int) else size[0]
+    size = input_size(model.config)
     return CLIPImageProcessor(
         size={"shortest_edge": round(size * 256 / 224)},
         crop_size={"height": size, "width": size},

@@ -7,25 +7,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .config import DEFAULT_LORA_TARGETS
+from .backbones import (
+    backbone_spec,
+    check_pooled_feature,
+    class_token,
+    feature_dim,
+    norm_module_names,
+    pooled_feature,
+)
 from .head import ContinualClassifier
 from .lora_init import svd_init_lora
+from .peft_methods import adapter_prefix, apply_peft_config, peft_config_from_dict, peft_config_to_dict
 
 logger = logging.getLogger(__name__)
 
 # Parameter roles, used by the trainer to give each its slow-learner rate.
 HEAD, LORA, BACKBONE = "head", "lora", "backbone"
-
-
-def _find_cls_token(backbone: nn.Module) -> nn.Parameter | None:
-    embeddings = getattr(backbone, "embeddings", None)
-    token = getattr(embeddings, "cls_token", None)
-    return token if isinstance(token, nn.Parameter) else None
 
 
 def _linear_names(backbone: nn.Module) -> list[str]:
@@ -52,25 +54,34 @@ class SLCAModel(nn.Module):
         base_model_name_or_path: str | None = None,
         revision: str | None = None,
         task_sizes: list[int] | None = None,
+        peft_config: PeftConfig | dict | None = None,
     ):
         super().__init__()
         if isinstance(backbone, PeftModel):
             raise ValueError("pass the plain backbone; SLCAModel adds LoRA itself (use_lora=True).")
-        if hasattr(backbone, "pooler") and backbone.pooler is not None and _find_cls_token(backbone) is not None:
+        #: Per-architecture facts (feature, LoRA targets, final norm, export route): `slca_peft.backbones`.
+        self.backbone_spec = backbone_spec(backbone)
+        if self.backbone_spec.drop_pooler and getattr(backbone, "pooler", None) is not None:
             # ViT's pooler is an extra dense+tanh layer: SLCA's feature is the normed class token.
             backbone.pooler = None
-        self.feature_source = "cls" if _find_cls_token(backbone) is not None else "pooler"
+        self.feature_source = self.backbone_spec.feature
         self.use_lora = use_lora
         self.lora_rank = lora_rank
         self.lora_scale = lora_scale
-        self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGETS)
+        self.lora_target_modules = list(lora_target_modules or self.backbone_spec.lora_targets)
         self.lora_svd_init = lora_svd_init
+        #: A user's PEFT config (LoRA, DoRA, LoHa, LoKr, IA3, ...) replacing the built-in LoRA settings.
+        self.peft_config = peft_config_from_dict(peft_config) if isinstance(peft_config, dict) else peft_config
+        if self.peft_config is not None and not use_lora:
+            raise ValueError("peft_config is the slow learner of slca++/sl; full fine-tuning (slca, seq_ft) "
+                             "trains the whole backbone. Drop peft_config or use method slca++.")
         self.base_model_name_or_path = base_model_name_or_path or getattr(backbone, "name_or_path", None)
         self.revision = revision
-        self.feature_dim = int(backbone.config.hidden_size)
-        if self.feature_source == "pooler":
-            self._check_pooled_output(backbone)
-        if use_lora:
+        self.feature_dim = feature_dim(backbone)
+        check_pooled_feature(backbone, self.backbone_spec)
+        if use_lora and self.peft_config is not None:
+            backbone = apply_peft_config(backbone, self.peft_config, svd_init=lora_svd_init)
+        elif use_lora:
             backbone = self._wrap_lora(backbone)
         else:
             backbone.requires_grad_(True)
@@ -92,6 +103,7 @@ class SLCAModel(nn.Module):
         """
         settings: dict[str, Any] = {}
         if args is not None:
+            # `lora_target_modules=None` (SLCAConfig's default) means the backbone's own default targets.
             settings = {
                 "use_lora": args.use_lora,
                 "lora_rank": args.lora_rank,
@@ -113,20 +125,6 @@ class SLCAModel(nn.Module):
             raise TypeError(f"model must be a Hub id, a path, a config or a PreTrainedModel, got {type(model)}.")
         return cls(backbone, base_model_name_or_path=name, revision=revision, **settings)
 
-    def _check_pooled_output(self, backbone: PreTrainedModel) -> None:
-        config = backbone.config
-        size = getattr(config, "image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        channels = getattr(config, "num_channels", 3)
-        with torch.no_grad():
-            out = backbone(pixel_values=torch.zeros(1, channels, size, size))
-        if getattr(out, "pooler_output", None) is None:
-            raise ValueError(
-                f"{type(backbone).__name__} has no class token (embeddings.cls_token) and returns no "
-                "pooler_output, so there is no pooled image feature for the classifier. Use a ViT-family "
-                "backbone (ViT, DeiT, DINOv2, CLIP vision) or one whose output has pooler_output."
-            )
-
     def _wrap_lora(self, backbone: PreTrainedModel) -> PeftModel:
         available = _linear_names(backbone)
         missing = [t for t in self.lora_target_modules if t not in available]
@@ -135,9 +133,7 @@ class SLCAModel(nn.Module):
                 f"LoRA target module(s) {missing} match no linear layer of {type(backbone).__name__}. "
                 f"Linear layer names available: {available}. Set lora_target_modules to some of them."
             )
-        norm_names = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.LayerNorm)}
-        )
+        norm_names = norm_module_names(backbone)
         config = LoraConfig(
             r=self.lora_rank,
             lora_alpha=self.lora_scale * self.lora_rank,
@@ -151,7 +147,7 @@ class SLCAModel(nn.Module):
         for name, param in wrapped.named_parameters():
             if ".original_module." in name:
                 param.requires_grad_(False)
-        token = _find_cls_token(wrapped.get_base_model())
+        token = class_token(wrapped.get_base_model())
         if token is not None:
             token.requires_grad_(True)
         if self.lora_svd_init:
@@ -168,11 +164,9 @@ class SLCAModel(nn.Module):
         return self.base_backbone.config
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The pooled image feature: the class token after the final LayerNorm (ViT family)."""
-        out = self.backbone(pixel_values=pixel_values)
-        if self.feature_source == "cls":
-            return out.last_hidden_state[:, 0]
-        return out.pooler_output
+        """The pooled image feature the backbone table names (ViT family: the class token after the
+        final LayerNorm)."""
+        return pooled_feature(self.backbone_spec, self.backbone(pixel_values=pixel_values))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
         """Logits over all classes seen so far; `loss` is plain cross-entropy over them when labels
@@ -194,10 +188,12 @@ class SLCAModel(nn.Module):
 
     # ------------------------------------------------------------------ parameter roles
     def parameter_role(self, name: str) -> str:
-        """Which slow-learner rate a trainable parameter gets: head, LoRA, or other backbone."""
+        """Which slow-learner rate a trainable parameter gets: head, adapter (LoRA or the PEFT method's
+        own tensors, found by the tuner's prefix: `lora_`, `hada_`, `lokr_`, `ia3_`, ...), or other
+        backbone."""
         if name.startswith("classifier."):
             return HEAD
-        if "lora_" in name:
+        if adapter_prefix(self.backbone) in name:
             return LORA
         return BACKBONE
 
@@ -213,6 +209,7 @@ class SLCAModel(nn.Module):
             "feature_dim": self.feature_dim,
             "feature_source": self.feature_source,
             "task_sizes": self.classifier.task_sizes,
+            "peft_config": peft_config_to_dict(self.peft_config),
         }
 
     # ------------------------------------------------------------------ files

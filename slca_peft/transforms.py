@@ -116,8 +116,10 @@ class ImageTransformConfig:
     @classmethod
     def from_model_config(cls, config: Any, brightness: float = 0.0) -> ImageTransformConfig:
         """Fallback when a checkpoint ships no processor: ViT's default stats are mean = std = 0.5."""
+        from .backbones import input_size
+
         n = int(getattr(config, "num_channels", 3))
-        return cls(size=int(config.image_size), mean=(0.5,) * n, std=(0.5,) * n, brightness=brightness)
+        return cls(size=input_size(config), mean=(0.5,) * n, std=(0.5,) * n, brightness=brightness)
 
 
 def _to_model_mode(img: Image.Image, num_channels: int) -> Image.Image:

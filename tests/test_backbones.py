@@ -1,0 +1,156 @@
+"""Every backbone row of `slca_peft.backbones`: LoRA targets by name, a 2-task run, save/load, resume,
+and export -> pipeline() where a stock head reads the same feature (refused with the reason elsewhere)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import transformers as T
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+
+from slca_peft import (
+    ContinualLearner,
+    EvalTransform,
+    ImageTransformConfig,
+    SLCAConfig,
+    SLCAModel,
+    TaskSequence,
+    TrainTransform,
+)
+from slca_peft.backbones import attention_linears, class_token, final_norm
+from slca_peft.callbacks import ReportStep
+
+VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+           intermediate_size=64)
+DINO = {k: v for k, v in VIT.items() if k != "intermediate_size"} | {"mlp_ratio": 2}
+
+
+def timm_config():
+    pytest.importorskip("timm")
+    return T.TimmWrapperConfig(architecture="vit_tiny_patch16_224", model_args=dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0))
+
+
+# model_type: (config factory, LoRA target names found, final norm path, class token path, export refusal)
+ROWS = {
+    "vit": (lambda: T.ViTConfig(**VIT, initializer_range=1.0), "layernorm", "embeddings.cls_token", None),
+    "deit": (lambda: T.DeiTConfig(**VIT, initializer_range=1.0), "layernorm", "embeddings.cls_token", None),
+    "dinov2": (lambda: T.Dinov2Config(**DINO, initializer_range=1.0), "layernorm", "embeddings.cls_token", None),
+    "dinov2_with_registers": (lambda: T.Dinov2WithRegistersConfig(**DINO, num_register_tokens=2, initializer_range=1.0),
+                              "layernorm", "embeddings.cls_token", None),
+    "clip_vision_model": (lambda: T.CLIPVisionConfig(**VIT, initializer_range=1.0), "post_layernorm",
+                          "embeddings.class_embedding", "CLIPForImageClassification averages the patch tokens"),
+    "siglip_vision_model": (lambda: T.SiglipVisionConfig(**VIT), "post_layernorm", None,
+                            "SiglipForImageClassification averages the patch tokens"),
+    "beit": (lambda: T.BeitConfig(**VIT, use_mean_pooling=True, initializer_range=1.0), "pooler.layernorm",
+             "embeddings.cls_token", None),
+    "swin": (lambda: T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                  window_size=4, initializer_range=1.0), "layernorm", None, None),
+    "timm_wrapper": (timm_config, "timm_model.norm", "timm_model.cls_token", None),
+}
+TARGETS = {name: {"q_proj", "k_proj", "v_proj", "fc1", "fc2"} for name in ROWS}
+TARGETS["timm_wrapper"] = {"qkv", "fc1", "fc2"}
+
+
+def _get(module, path):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_gc():
+    """Each task's Trainer ends with gc.collect(); freezing the objects alive before these tests makes
+    that cheap (about a second per task on a loaded test process)."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("bb_images")
+    return (write_image_folder(root / "train", num_classes=4, per_class=4, seed=1),
+            write_image_folder(root / "test", num_classes=4, per_class=2, seed=2))
+
+
+def _args(out, **overrides):
+    return SLCAConfig(**{**dict(
+        output_dir=str(out), use_cpu=True, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=0.05,
+        seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=16, ca_batch_size=16, ca_epochs=1,
+        init_cls=2, increment=2, per_device_eval_batch_size=8), **overrides})
+
+
+def _run(model_dir, out, folders, resume_from=None, **overrides):
+    tasks = TaskSequence.from_image_folders(*folders, init_cls=2, increment=2, seed=1993)
+    args = _args(out, **overrides)
+    if resume_from:
+        learner = ContinualLearner.from_checkpoint(resume_from, args, tasks)
+    else:
+        learner = ContinualLearner(SLCAModel.from_backbone(str(model_dir), args), args, tasks)
+    learner.steps = [s for s in learner.steps if not isinstance(s, ReportStep)]  # no plots: not under test
+    tc = ImageTransformConfig.from_model_config(learner.model.config)
+    learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
+    return learner, learner.run()
+
+
+@pytest.mark.parametrize("model_type", list(ROWS))
+def test_backbone_row_targets_norm_and_class_token(model_type):
+    make, norm, token, _ = ROWS[model_type]
+    backbone = T.AutoModel.from_config(make())
+    assert backbone.config.model_type == model_type
+    assert _get(backbone, norm) is final_norm(backbone)
+    assert class_token(backbone) is (None if token is None else _get(backbone, token))
+    projections = attention_linears(backbone)
+    assert set(projections) == ({"qkv"} if model_type == "timm_wrapper" else {"q_proj", "k_proj", "v_proj"})
+    assert all(len(names) >= 2 for names in projections.values())  # one per block
+    model = SLCAModel(backbone)
+    found = {n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, LoraLayer)}
+    assert found == TARGETS[model_type]
+    if token is not None:  # Hybrid-SL trains the class token
+        assert _get(model.base_backbone, token).requires_grad
+
+
+@pytest.mark.parametrize("model_type", list(ROWS))
+def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_folders):
+    make, _, _, refusal = ROWS[model_type]
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    T.AutoModel.from_config(make()).save_pretrained(base)
+    learner, result = _run(base, tmp_path / "run", tiny_folders)
+    assert [len(row) for row in result.accuracy_matrix] == [1, 2]
+    model = learner.model.eval()
+    x = torch.randn(3, 3, 32, 32)
+
+    # save -> from_pretrained -> the same logits
+    model.save_pretrained(str(tmp_path / "saved"))
+    loaded = SLCAModel.from_pretrained(str(tmp_path / "saved")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+    # resume after the first task -> the same second task
+    _, resumed = _run(base, tmp_path / "resumed", tiny_folders, resume_from=str(tmp_path / "run" / "task_0"))
+    assert resumed.accuracy_matrix == result.accuracy_matrix
+
+    # export -> pipeline() predicts what the continual model predicts (or a refusal with the reason)
+    names = ["a", "b", "c", "d"]
+    if refusal:
+        with pytest.raises(ValueError, match=refusal):
+            model.export(str(tmp_path / "exported"), label_names=names)
+        assert not (tmp_path / "exported").exists()
+        return
+    model.export(str(tmp_path / "exported"), label_names=names)
+    plain = T.AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(pixel_values=x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    images = [Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()) for _ in range(3)]
+    pipe = T.pipeline("image-classification", model=str(tmp_path / "exported"), device="cpu")
+    predicted = [r[0]["label"] for r in pipe(images, top_k=1)]
+    pixels = T.AutoImageProcessor.from_pretrained(tmp_path / "exported")(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        assert predicted == [names[i] for i in model(pixels).logits.argmax(1).tolist()]
