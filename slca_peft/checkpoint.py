@@ -299,6 +299,7 @@ def load_checkpoint(
         for key, value in model.base_backbone.state_dict().items():
             for variant in (key, key.replace(".default.", "."), key.replace(".modules_to_save.default.", ".")):
                 expected[f"base_model.model.{variant}"] = value
+        expected.update(get_peft_model_state_dict(model.backbone))  # any tuner's own key names (DoRA, LoHa, ...)
         set_peft_model_state_dict(model.backbone, read_safetensors(root / ADAPTER_FILE, expected))
     else:
         expected = dict(model.base_backbone.state_dict())

@@ -9,7 +9,9 @@ prefix (`lora_`, `hada_`, `lokr_`, `ia3_`, ...) so the trainer gives them the ad
 from __future__ import annotations
 
 import copy
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
@@ -47,6 +49,24 @@ def peft_config_from_dict(data: dict[str, Any]) -> PeftConfig:
     except (TypeError, KeyError) as err:
         raise ValueError(f"peft_config could not be built ({err}); check its fields against PEFT's "
                          f"{data['peft_type']} config.") from err
+
+
+def load_peft_config(path: str | Path) -> PeftConfig:
+    """A PEFT config from a JSON file (`adapter_config.json`, `PeftConfig.to_dict()`) or from a directory
+    holding `adapter_config.json`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"peft_config file {path} does not exist; pass a JSON file written by "
+                                "PeftConfig.save_pretrained (adapter_config.json) or config.to_dict().")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"peft_config file {path} is not valid JSON ({err}).") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"peft_config file {path} must hold one JSON object (a PEFT config's fields).")
+    return peft_config_from_dict(data)
 
 
 def adapter_prefix(backbone: nn.Module) -> str:

@@ -33,6 +33,7 @@ from .continual import ContinualLearner
 from .data import load_benchmark
 from .domains import DomainSequence
 from .model import SLCAModel
+from .peft_methods import load_peft_config
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
@@ -49,6 +50,11 @@ class ModelArguments:
         default=None, metadata={"help": "A config JSON to build a randomly initialised backbone (demo, tests)."}
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the backbone."})
+    peft_config: str | None = field(
+        default=None,
+        metadata={"help": "A PEFT config JSON (adapter_config.json or PeftConfig.to_dict(): LoRA with DoRA/rsLoRA, "
+                  "LoHa, LoKr, IA3, ...) used as the slow learner instead of the lora_* settings."},
+    )
     resume_from: str | None = field(
         default=None,
         metadata={"help": "Continue after the last task of a checkpoint: a task_<t> directory, a Hub repo id, "
@@ -178,8 +184,9 @@ def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
         source = str(Path(args.output_dir) / "base_model")
         if args.process_index == 0:
             AutoModel.from_config(config).save_pretrained(source)
+    peft_config = load_peft_config(model_args.peft_config) if model_args.peft_config else None
     with args.main_process_first(desc="backbone"):
-        return SLCAModel.from_backbone(source, args, revision=model_args.model_revision)
+        return SLCAModel.from_backbone(source, args, revision=model_args.model_revision, peft_config=peft_config)
 
 
 def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformConfig:
