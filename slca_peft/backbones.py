@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 # How the head input is read from the backbone output.
 CLS, POOLER = "cls", "pooler"
@@ -84,6 +86,26 @@ SPECS: dict[str, BackboneSpec] = {
         ),
     )
 }
+
+
+#: Multimodal checkpoints whose image tower is the backbone (a Hub id of the whole model loads its tower).
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+def load_backbone(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+    """`AutoModel.from_pretrained`, except that a CLIP or SigLIP checkpoint gives its vision tower."""
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    tower = VISION_TOWERS.get(config.model_type)
+    if tower is not None:
+        return getattr(transformers, tower).from_pretrained(name_or_path, revision=revision)
+    return AutoModel.from_pretrained(name_or_path, revision=revision)
+
+
+def backbone_from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """A randomly initialised backbone; a CLIP or SigLIP config gives its vision tower."""
+    if config.model_type in VISION_TOWERS:
+        config = config.vision_config
+    return AutoModel.from_config(config)
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -270,7 +270,9 @@ def load_checkpoint(
             "resume with the base model the checkpoint was trained on."
         )
     if settings["use_lora"]:
-        backbone = AutoModel.from_pretrained(base, revision=settings.get("revision"))
+        from .backbones import load_backbone
+
+        backbone = load_backbone(base, revision=settings.get("revision"))
     else:
         config_dict = json.loads((root / BACKBONE_CONFIG_FILE).read_text())
         model_type = config_dict.pop("model_type")

@@ -9,14 +9,16 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .backbones import (
+    backbone_from_config,
     backbone_spec,
     check_pooled_feature,
     class_token,
     feature_dim,
+    load_backbone,
     norm_module_names,
     pooled_feature,
 )
@@ -116,9 +118,9 @@ class SLCAModel(nn.Module):
         if isinstance(model, str):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
             name = str(Path(model).resolve()) if Path(model).is_dir() else model
-            backbone = AutoModel.from_pretrained(model, revision=revision)
+            backbone = load_backbone(model, revision=revision)
         elif isinstance(model, PretrainedConfig):
-            backbone = AutoModel.from_config(model)
+            backbone = backbone_from_config(model)
         elif isinstance(model, PreTrainedModel):
             backbone = model
         else:

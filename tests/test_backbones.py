@@ -29,7 +29,10 @@ DINO = {k: v for k, v in VIT.items() if k != "intermediate_size"} | {"mlp_ratio"
 
 
 def timm_config():
-    pytest.importorskip("timm")
+    try:  # timm needs a torchvision that matches torch; a mismatched one fails with a RuntimeError
+        import timm  # noqa: F401
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"timm is not usable here ({type(err).__name__}: {err}); install slca-peft[timm]")
     return T.TimmWrapperConfig(architecture="vit_tiny_patch16_224", model_args=dict(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0))
 
@@ -154,3 +157,18 @@ def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_folder
     pixels = T.AutoImageProcessor.from_pretrained(tmp_path / "exported")(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         assert predicted == [names[i] for i in model(pixels).logits.argmax(1).tolist()]
+
+
+def test_a_whole_clip_checkpoint_gives_its_vision_tower(tmp_path):
+    torch.manual_seed(0)
+    config = T.CLIPConfig(vision_config=dict(VIT), text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                      num_attention_heads=4, intermediate_size=64))
+    T.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    model = SLCAModel.from_backbone(str(tmp_path / "clip"))
+    assert type(model.base_backbone).__name__ == "CLIPVisionModel" and model.feature_dim == 32
+    assert type(SLCAModel.from_backbone(config).base_backbone).__name__ == "CLIPVisionModel"
+    model.grow(2)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(SLCAModel.from_pretrained(str(tmp_path / "ckpt"))(x).logits, model(x).logits)

@@ -87,3 +87,21 @@ def test_every_slca_config_field_is_documented():
     for doc in ("method.md", "recipes.md"):
         text = (ROOT / "docs" / doc).read_text()
         assert [name for name in own if f"`{name}`" not in text and f"`--{name}`" not in text] == [], doc
+
+
+OTHER_BACKBONES = {"dinov2": "facebook/dinov2-base", "clip": "openai/clip-vit-base-patch16"}
+
+
+@pytest.mark.parametrize(("benchmark", "backbone"), [(b, bb) for b in BENCHMARKS for bb in OTHER_BACKBONES],
+                         ids=lambda v: str(v))
+def test_other_backbone_configs_keep_the_benchmark_setting(recipe, benchmark, backbone):
+    path = CONFIGS / f"{benchmark}_{backbone}_slca++.yaml"
+    model_args, data_args, args = recipe.parse_args(["--config", str(path)])
+    _, _, reference = recipe.parse_args(["--config", str(CONFIGS / f"{benchmark}_in21k_slca++.yaml")])
+    assert model_args.model_name_or_path == OTHER_BACKBONES[backbone]
+    assert "not run here: needs pre-trained weights and a gpu" in path.read_text().lower()
+    assert "image processor" in path.read_text().lower()
+    same = ("method", "init_cls", "increment", "num_train_epochs", "learning_rate", "weight_decay", "sce_alpha",
+            "sce_beta", "ca_epochs", "ca_temperature", "fc_scale_mu", "lora_rank", "lora_scale", "lr_floor_decay")
+    assert {k: getattr(args, k) for k in same} == {k: getattr(reference, k) for k in same}
+    assert data_args.seeds == [1993, 1996, 1997] and data_args.dataset == benchmark
