@@ -105,6 +105,8 @@ def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
         if field_name != "target_modules" or value is None:
             continue
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+        if value == "all-linear":  # PEFT's own shorthand: every linear layer of the backbone
+            continue
         if isinstance(value, str):
             if not any(re.fullmatch(value, n) for n in names):
                 raise ValueError(f"peft_config.target_modules regex {value!r} matches no module of "

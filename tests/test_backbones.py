@@ -172,3 +172,10 @@ def test_a_whole_clip_checkpoint_gives_its_vision_tower(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(SLCAModel.from_pretrained(str(tmp_path / "ckpt"))(x).logits, model(x).logits)
+
+
+def test_a_timm_backbone_without_pooling_is_refused():
+    config = timm_config()
+    config.do_pooling = False
+    with pytest.raises(ValueError, match="do_pooling=False.*set config.do_pooling=True"):
+        SLCAModel.from_backbone(config)
