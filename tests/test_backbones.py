@@ -89,9 +89,9 @@ def _args(out, **overrides):
         init_cls=2, increment=2, per_device_eval_batch_size=8), **overrides})
 
 
-def _run(model_dir, out, folders, resume_from=None, **overrides):
+def _learner(out, folders, model_dir=None, resume_from=None):
     tasks = TaskSequence.from_image_folders(*folders, init_cls=2, increment=2, seed=1993)
-    args = _args(out, **overrides)
+    args = _args(out)
     if resume_from:
         learner = ContinualLearner.from_checkpoint(resume_from, args, tasks)
     else:
@@ -99,7 +99,7 @@ def _run(model_dir, out, folders, resume_from=None, **overrides):
     learner.steps = [s for s in learner.steps if not isinstance(s, ReportStep)]  # no plots: not under test
     tc = ImageTransformConfig.from_model_config(learner.model.config)
     learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
-    return learner, learner.run()
+    return learner
 
 
 @pytest.mark.parametrize("model_type", list(ROWS))
@@ -125,20 +125,23 @@ def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_folder
     torch.manual_seed(0)
     base = tmp_path / "base"
     T.AutoModel.from_config(make()).save_pretrained(base)
-    learner, result = _run(base, tmp_path / "run", tiny_folders)
-    assert [len(row) for row in result.accuracy_matrix] == [1, 2]
-    model = learner.model.eval()
     x = torch.randn(3, 3, 32, 32)
+    # Task 1, then a fresh process resumes from its checkpoint with the same backbone state and learns task 2.
+    first = _learner(tmp_path / "run", tiny_folders, model_dir=base)
+    first.learn_task(first.tasks[0])
+    learner = _learner(tmp_path / "run", tiny_folders, resume_from=str(tmp_path / "run" / "task_0"))
+    with torch.no_grad():
+        torch.testing.assert_close(learner.model.eval().features(x), first.model.eval().features(x))
+    result = learner.run()
+    assert [len(row) for row in result.accuracy_matrix] == [1, 2]
+    assert result.accuracy_matrix[0] == first.result.accuracy_matrix[0]
+    model = learner.model.eval()
 
     # save -> from_pretrained -> the same logits
     model.save_pretrained(str(tmp_path / "saved"))
     loaded = SLCAModel.from_pretrained(str(tmp_path / "saved")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
-
-    # resume after the first task -> the same second task
-    _, resumed = _run(base, tmp_path / "resumed", tiny_folders, resume_from=str(tmp_path / "run" / "task_0"))
-    assert resumed.accuracy_matrix == result.accuracy_matrix
 
     # export -> pipeline() predicts what the continual model predicts (or a refusal with the reason)
     names = ["a", "b", "c", "d"]
