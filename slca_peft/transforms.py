@@ -108,10 +108,20 @@ class ImageTransformConfig:
 
     @classmethod
     def from_image_processor(cls, processor: Any, brightness: float = 0.0) -> ImageTransformConfig:
-        """Use the checkpoint's processor stats so inputs match what the backbone was trained on."""
+        """Use the checkpoint's processor stats so inputs match what the backbone was trained on.
+
+        The model's input is the crop when the processor centre-crops (DINOv2, CLIP: shorter side
+        256 or 224, then a 224 crop); timm processors keep everything in `data_config`."""
+        data_config = getattr(processor, "data_config", None)
+        if data_config is not None:  # TimmWrapperImageProcessor
+            mean = _as_float_tuple(data_config["mean"])
+            return cls(size=int(data_config["input_size"][-1]), mean=mean,
+                       std=_as_float_tuple(data_config["std"], len(mean)), brightness=brightness)
         mean = _as_float_tuple(processor.image_mean)
         std = _as_float_tuple(processor.image_std, len(mean))
-        return cls(size=_read_size(processor.size), mean=mean, std=std, brightness=brightness)
+        crop = getattr(processor, "crop_size", None)
+        size = _read_size(crop) if getattr(processor, "do_center_crop", False) and crop else _read_size(processor.size)
+        return cls(size=size, mean=mean, std=std, brightness=brightness)
 
     @classmethod
     def from_model_config(cls, config: Any, brightness: float = 0.0) -> ImageTransformConfig:

@@ -182,3 +182,17 @@ def test_a_timm_backbone_without_pooling_is_refused():
     config.do_pooling = False
     with pytest.raises(ValueError, match="do_pooling=False.*set config.do_pooling=True"):
         SLCAModel.from_backbone(config)
+
+
+def test_the_input_size_is_the_processors_crop():
+    dinov2 = T.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                 do_center_crop=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    config = ImageTransformConfig.from_image_processor(dinov2)
+    assert (config.size, config.mean, config.std) == (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    vit = T.ViTImageProcessor(size={"height": 384, "width": 384})
+    assert ImageTransformConfig.from_image_processor(vit).size == 384
+    timm_config()  # skips without timm
+    processor = T.TimmWrapperImageProcessor(pretrained_cfg={"input_size": [3, 32, 32], "mean": [0.1, 0.2, 0.3],
+                                                            "std": [0.5, 0.5, 0.5], "crop_pct": 1.0})
+    config = ImageTransformConfig.from_image_processor(processor)
+    assert (config.size, config.mean, config.std) == (32, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
