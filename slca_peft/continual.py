@@ -263,9 +263,10 @@ class ContinualLearner:
     def save(self, directory: Path, unaligned: dict[str, torch.Tensor]) -> None:
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         if self.trainer is None or self.trainer.is_world_process_zero():
-            self.model.save_pretrained(
-                str(directory), statistics=self.statistics, state=self.state(), unaligned_head=unaligned
-            )
+            from .checkpoint import save_checkpoint
+
+            save_checkpoint(self.model, directory, statistics=self.statistics, state=self.state(),
+                            unaligned_head=unaligned)
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
 

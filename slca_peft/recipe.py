@@ -15,6 +15,7 @@ supplies defaults that flags on the command line override.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -24,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
 from .checkpoint import atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner, format_accuracy_table
 from .data import load_benchmark
 from .domains import DomainSequence
+from .export import eval_transform_config
 from .model import SLCAModel
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
@@ -114,6 +116,26 @@ def yaml_to_argv(path: str) -> list[str]:
     return argv
 
 
+def refuse_trainer_flags(args: SLCAConfig) -> None:
+    """Trainer flags the continual loop cannot honour, refused before anything runs, naming what to use."""
+    problems = []
+    evaluation = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if evaluation != "no":
+        problems.append(f"--eval_strategy {evaluation}: the loop evaluates every seen task after each task "
+                        "(metrics.json); drop the flag")
+    save = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if save != "no":
+        problems.append(f"--save_strategy {save}: the loop writes a checkpoint after each task "
+                        "(OUTPUT_DIR/task_<t>); drop the flag")
+    if args.load_best_model_at_end:
+        problems.append("--load_best_model_at_end: there is no best model across tasks; drop the flag")
+    if args.resume_from_checkpoint:
+        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: use --resume_from "
+                        f"{args.resume_from_checkpoint} (a task_<t> checkpoint, a Hub repo id or `auto`)")
+    if problems:
+        raise SystemExit("the continual loop cannot honour " + "; ".join(problems) + ".")
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
     if not argv:
         argv = ["--config", str(DEMO_CONFIG)]
@@ -122,6 +144,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
     parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    refuse_trainer_flags(args)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
         raise SystemExit(
@@ -177,12 +200,9 @@ def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
 
 
 def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformConfig:
-    """The base model's image processor statistics, or ViT's defaults when it ships none."""
-    try:
-        processor = AutoImageProcessor.from_pretrained(model.base_model_name_or_path, revision=model.revision)
-        return ImageTransformConfig.from_image_processor(processor, brightness=brightness)
-    except (OSError, ValueError, TypeError):
-        return ImageTransformConfig.from_model_config(model.config, brightness=brightness)
+    """The base model's image processor statistics, or ViT's defaults when it ships none (the same
+    ones an export's image processor uses)."""
+    return dataclasses.replace(eval_transform_config(model), brightness=brightness)
 
 
 def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
