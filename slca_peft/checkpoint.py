@@ -327,7 +327,18 @@ def load_model_files(
         )
     config.base_model_name_or_path = base
     if config.use_lora:
-        backbone = load_base_model(base, revision=config.revision)
+        try:
+            backbone = load_base_model(base, revision=config.revision)
+        except OSError as err:
+            if Path(base).is_absolute() or base.startswith("."):
+                raise
+            # "runs/base" may be a Hub id or a path relative to where an older run started.
+            raise FileNotFoundError(
+                f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
+                f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
+                "model's location: --model_name_or_path PATH with the recipe, or "
+                "load_checkpoint(..., expected_base=PATH) from Python."
+            ) from err
     else:
         config_dict = _read_json(root / BACKBONE_CONFIG_FILE)
         model_type = config_dict.pop("model_type")

@@ -12,6 +12,7 @@ from .base_model import is_local_name
 from .checkpoint import CONFIG_FILE, STATE_FILE
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
+_REPO_PLACEHOLDER = "<this repo or directory>"
 CARD_TAGS = ["continual-learning", "slca", "lora", "image-classification"]
 
 _CARD_TEMPLATE = """---
@@ -104,7 +105,7 @@ def build_model_card(
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
     model_name: str | None = None,
-    repo: str = "<this repo or directory>",
+    repo: str = _REPO_PLACEHOLDER,
 ):
     """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names,
     `model-index` results equal to the run's metrics) and a usage snippet."""
@@ -179,24 +180,30 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
     """Make an upload copy name `base_model_id` as its base model in every file that records it, and
     its card point at the repo."""
     settings: dict[str, Any] = {}
+    local_base = None
     for name in (CONFIG_FILE, ADAPTER_CONFIG_FILE):
         path = directory / name
         if path.is_file():
             data = json.loads(path.read_text())
             if base_model_id is not None:
+                local_base = local_base or data.get("base_model_name_or_path")
                 data["base_model_name_or_path"] = base_model_id
                 path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
             settings = data if name == CONFIG_FILE else settings
-    state_path = directory / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    old = {}
-    if (directory / "README.md").is_file():
-        from huggingface_hub import ModelCard
+    card_path = directory / "README.md"
+    if not card_path.is_file():
+        state_path = directory / STATE_FILE
+        write_model_card(directory, settings, json.loads(state_path.read_text()) if state_path.is_file() else None)
+    from huggingface_hub import ModelCard
 
-        old = ModelCard.load(directory / "README.md").data.to_dict()
-    extra_tags = [t for t in (old.get("tags") or []) if t not in CARD_TAGS] + list(tags or [])
-    write_model_card(directory, settings, state, license=old.get("license"), datasets=old.get("datasets"),
-                     tags=extra_tags, model_name=old.get("model_name"), repo=repo_id)
+    card = ModelCard.load(card_path)
+    if base_model_id is not None:
+        card.data.base_model = base_model_id
+        if local_base:
+            card.text = card.text.replace(str(local_base), base_model_id)
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
+    card.text = card.text.replace(_REPO_PLACEHOLDER, repo_id)
+    card.save(card_path)
 
 
 def push_to_hub(
