@@ -141,9 +141,10 @@ def test_a_damaged_task_history_is_refused_naming_the_field(tmp_path, base_model
     model = small_model(base_model_dir)
     save_checkpoint(model, tmp_path / "ckpt", state={"accuracy_matrix": [[50.0]], "class_order": [0, 1]})
     path = tmp_path / "ckpt" / "continual_state.json"
-    for field, value, message in [("accuracy_matrix", [[150.0]], r"accuracy_matrix\[0\]\[0\] must be in \[0.0, 100.0\]"),
-                                  ("class_order", [0, "1"], r"class_order\[1\] must be an integer"),
-                                  ("label_names", "ab", "label_names must be a list")]:
+    cases = [("accuracy_matrix", [[150.0]], r"accuracy_matrix\[0\]\[0\] must be in \[0.0, 100.0\]"),
+             ("class_order", [0, "1"], r"class_order\[1\] must be an integer"),
+             ("label_names", "ab", "label_names must be a list")]
+    for field, value, message in cases:
         state = json.loads(path.read_text())
         state[field] = value
         path.write_text(json.dumps(state))
