@@ -4,7 +4,9 @@ It lives in the package so `slca-peft train` works from an installed wheel; `rec
 is the thin entry point for `accelerate launch`.
 
     python recipes/train_seq.py                      # offline demo: digits, tiny ViT
+    slca-peft train --num_train_epochs 2             # the demo with a flag overridden
     python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml   # the paper's CIFAR-100 row
+    slca-peft train --config cifar100_in21k_slca++.yaml   # a config shipped in the package, by name
     python recipes/train_seq.py --config recipes/configs/cub200_in21k_slca++.yaml --data_dir data/CUB_200_2011
     accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar --seeds 1993 1996 1997
 
@@ -37,7 +39,18 @@ from .model import SLCAModel
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo_digits.yaml"
+
+
+def _shipped(kind: str, name: str) -> Path:
+    """A file under recipes/ (`configs`, `assets`): inside the installed package (a wheel ships them
+    as slca_peft/_configs, slca_peft/_assets), else in the source tree."""
+    here = Path(__file__).resolve().parent
+    installed = here / f"_{kind}" / name
+    return installed if installed.exists() else here.parent / "recipes" / kind / name
+
+
+DEMO_CONFIG = _shipped("configs", "demo_digits.yaml")
+DEMO_BACKBONE = _shipped("assets", "tiny_vit_letters")
 logger = logging.getLogger(__name__)
 
 
@@ -137,11 +150,17 @@ def refuse_trainer_flags(args: SLCAConfig) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
-    if not argv:
-        argv = ["--config", str(DEMO_CONFIG)]
+    chosen = {"--config", "--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
+    if not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv and "--help" not in argv:
+        # No data and no model given: the offline demo, with any other flag overriding its settings. Its
+        # YAML names the backbone relative to the source tree; point at wherever the backbone is.
+        argv = ["--config", str(DEMO_CONFIG), "--model_name_or_path", str(DEMO_BACKBONE), *argv]
     if "--config" in argv:
         i = argv.index("--config")
-        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+        config = argv[i + 1]
+        if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
+            config = str(_shipped("configs", Path(config).name))  # a shipped config by name
+        argv = yaml_to_argv(config) + argv[:i] + argv[i + 2 :]
     parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
     refuse_trainer_flags(args)
