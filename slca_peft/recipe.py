@@ -40,7 +40,6 @@ from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
 
-
 def _shipped(kind: str, name: str) -> Path:
     """A file under recipes/ (`configs`, `assets`): inside the installed package (a wheel ships them
     as slca_peft/_configs, slca_peft/_assets), else in the source tree."""
