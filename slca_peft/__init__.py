@@ -8,6 +8,7 @@ from .domains import DomainSequence
 from .head import ContinualClassifier
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
+from .model_config import SLCAModelConfig
 from .statistics import ClassStatistics
 from .tasks import Task, TaskSequence, TaskStream
 from .trainer import SLCATrainer
@@ -28,6 +29,7 @@ __all__ = [
     "ImageTransformConfig",
     "SLCAConfig",
     "SLCAModel",
+    "SLCAModelConfig",
     "SLCATrainer",
     "Task",
     "TaskSequence",

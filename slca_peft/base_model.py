@@ -28,11 +28,11 @@ def portable_name(name: str | os.PathLike | None) -> str | None:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def load_base_model(name: str, revision: str | None = None) -> PreTrainedModel:
+def load_base_model(name: str, revision: str | None = None, **kwargs) -> PreTrainedModel:
     """`AutoModel.from_pretrained` reading safetensors only: a base folder holding only a pickle
     (pytorch_model.bin) is refused with an error that says how to convert it."""
     try:
-        return AutoModel.from_pretrained(name, revision=revision, use_safetensors=True)
+        return AutoModel.from_pretrained(name, revision=revision, use_safetensors=True, **kwargs)
     except OSError as err:
         folder = Path(name)
         if folder.is_dir() and not any(folder.glob("*.safetensors")):

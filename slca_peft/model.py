@@ -231,13 +231,19 @@ class SLCAModel(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str | Path, *, state: dict[str, Any] | None = None,
-                        card: dict[str, Any] | None = None) -> Path:
+                        card: dict[str, Any] | None = None, **run_state: Any) -> Path:
         """Write the model files: `slca_config.json`, the PEFT adapter (or the whole backbone), the
         classifier and a model card. The learner's run state is written by
         `slca_peft.checkpoint.save_learner_state`. `state` (a task history) only feeds the card's
         results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
         from .checkpoint import save_model_files
 
+        if run_state:
+            raise TypeError(
+                f"save_pretrained writes the model files only; {sorted(run_state)} belong to the learner's run "
+                "state: use slca_peft.checkpoint.save_checkpoint(model, directory, statistics=..., state=..., "
+                "unaligned_head=...) for a resumable checkpoint."
+            )
         return save_model_files(self, save_directory, state=state, card=card)
 
     @classmethod
