@@ -366,3 +366,19 @@ def test_segment_norms_equal_per_task_norms_for_unequal_tasks():
     (grad,) = torch.autograd.grad((out * weights).sum(), logits)
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_triangular_factors_are_sampled_blockwise_as_the_dense_product():
+    dim, n = 264, 16  # above the size where Cholesky factors are multiplied in triangular blocks
+    gen = torch.Generator().manual_seed(0)
+    stats = ClassStatistics(dim)
+    x = torch.randn(2 * (dim + 40), dim, generator=gen, dtype=torch.float64) @ torch.randn(dim, dim, generator=gen,
+                                                                                            dtype=torch.float64)
+    stats.update(x, torch.arange(2).repeat_interleave(dim + 40))
+    stats.finalize(0)
+    plan = stats.sampling_plan("cpu")
+    assert all(chunk.triangular for chunk in plan.chunks)
+    feats = plan.sample(n, torch.Generator().manual_seed(7))
+    z = torch.randn(2, n, dim, generator=torch.Generator().manual_seed(7))  # the same draws, one dense product
+    expected = torch.baddbmm(plan.means[:, None, :], z, plan.chunks[0].factors_t)
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
