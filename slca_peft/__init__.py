@@ -1,6 +1,7 @@
 """slca-peft: SLCA++ continual learning (Slow Learner + Classifier Alignment) for Hugging Face ViTs."""
 
 from .alignment import AlignmentSettings, ClassifierAligner
+from .callbacks import ContinualCallback
 from .config import SLCAConfig
 from .continual import ContinualLearner, ContinualResult
 from .domains import DomainSequence
@@ -9,7 +10,7 @@ from .inference import inference_context, merged_adapters
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
 from .statistics import ClassStatistics
-from .tasks import Task, TaskSequence
+from .tasks import Task, TaskSequence, TaskStream
 from .trainer import SLCATrainer
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
@@ -19,6 +20,7 @@ __all__ = [
     "AlignmentSettings",
     "ClassStatistics",
     "ClassifierAligner",
+    "ContinualCallback",
     "ContinualClassifier",
     "ContinualLearner",
     "ContinualResult",
@@ -30,6 +32,7 @@ __all__ = [
     "SLCATrainer",
     "Task",
     "TaskSequence",
+    "TaskStream",
     "TrainTransform",
     "inference_context",
     "merged_adapters",
