@@ -79,7 +79,7 @@ def autocast(device, bf16: bool):
 
 def bench_train_step(s, device, bf16: bool) -> dict:
     torch.manual_seed(0)
-    model = SLCAModel.from_backbone(s.vit, task_sizes=[10]).to(device).train()
+    model = SLCAModel.from_backbone(s.vit, task_sizes=[10], lora_svd_init=False).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
     size = s.vit.image_size
@@ -100,7 +100,7 @@ def bench_train_step(s, device, bf16: bool) -> dict:
 
 def bench_statistics(s, device, bf16: bool, merged: bool) -> dict:
     torch.manual_seed(0)
-    model = SLCAModel.from_backbone(s.vit, task_sizes=[10]).to(device)
+    model = SLCAModel.from_backbone(s.vit, task_sizes=[10], lora_svd_init=False).to(device)
     with torch.no_grad():  # non-zero LoRA, as after training
         for name, p in model.named_parameters():
             if "lora_B" in name:
