@@ -308,7 +308,7 @@ def load_model_files(
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
     its Hub id) refuses files trained on another backbone, and locates a base model that has moved.
     """
-    from .model import SLCAModel
+    from .model import SLCAModel, _load_with_sdpa
 
     root = resolve_checkpoint(path_or_repo_id, revision)
     _check_no_pickle(root)
@@ -328,7 +328,7 @@ def load_model_files(
     config.base_model_name_or_path = base
     if config.use_lora:
         try:
-            backbone = load_base_model(base, revision=config.revision)
+            backbone = _load_with_sdpa(load_base_model, base, revision=config.revision)
         except OSError as err:
             if Path(base).is_absolute() or base.startswith("."):
                 raise
