@@ -33,7 +33,7 @@ from .callbacks import load_callback
 from .checkpoint import atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner
-from .data import load_benchmark
+from .data import KNOWN_DATASETS, canonical_name, load_benchmark
 from .domains import DomainSequence
 from .export import eval_transform_config
 from .model import SLCAModel
@@ -210,6 +210,16 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | Do
     )
 
 
+def dataset_hub_id(name: str | None) -> str | None:
+    """The Hub id a model card names for `--dataset` (a benchmark's Hub copy, or the id given)."""
+    if not name:
+        return None
+    key = canonical_name(name)
+    if key in KNOWN_DATASETS:
+        return KNOWN_DATASETS[key].hub_id
+    return name if key != "digits" and "/" in name and not Path(name).exists() else None
+
+
 def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
     source = model_args.model_name_or_path
     if source is None:
@@ -318,6 +328,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
         learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
                                    eval_transform=None, callbacks=callbacks)
     tc = transform_config_for(learner.model, data_args.brightness_jitter)
+    dataset_id = dataset_hub_id(data_args.dataset)
+    if dataset_id:
+        learner.run_metadata["dataset"] = dataset_id
     learner.set_transforms(
         TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
                        resize=data_args.train_resize or None),

@@ -86,3 +86,10 @@ def test_cifar100_configs_match_the_spec(recipe, method):
 def test_trainer_flags_the_loop_cannot_honour_are_refused_naming_the_replacement(recipe, flags, message):
     with pytest.raises(SystemExit, match=message):
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o", *flags])
+
+
+def test_the_dataset_hub_id_reaches_the_task_history(recipe):
+    """The model card lists `datasets` from the task history: the recipe records the Hub id."""
+    assert recipe.dataset_hub_id("CIFAR-100") == "uoft-cs/cifar100"
+    assert recipe.dataset_hub_id("me/my-images") == "me/my-images"
+    assert recipe.dataset_hub_id("digits") is None and recipe.dataset_hub_id(None) is None
