@@ -6,8 +6,10 @@ from .config import SLCAConfig
 from .continual import ContinualLearner, ContinualResult
 from .domains import DomainSequence
 from .head import ContinualClassifier
+from .inference import inference_context, merged_adapters
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
+from .model_config import SLCAModelConfig
 from .statistics import ClassStatistics
 from .tasks import Task, TaskSequence, TaskStream
 from .trainer import SLCATrainer
@@ -28,10 +30,13 @@ __all__ = [
     "ImageTransformConfig",
     "SLCAConfig",
     "SLCAModel",
+    "SLCAModelConfig",
     "SLCATrainer",
     "Task",
     "TaskSequence",
     "TaskStream",
     "TrainTransform",
+    "inference_context",
+    "merged_adapters",
     "symmetric_cross_entropy",
 ]

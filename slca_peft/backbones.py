@@ -10,11 +10,12 @@ in the table gets a spec inferred from its modules and outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 # How the head input is read from the backbone output.
 CLS, POOLER = "cls", "pooler"
@@ -92,20 +93,27 @@ SPECS: dict[str, BackboneSpec] = {
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
 
-def load_backbone(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
-    """`AutoModel.from_pretrained`, except that a CLIP or SigLIP checkpoint gives its vision tower."""
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-    tower = VISION_TOWERS.get(config.model_type)
+def load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any) -> PreTrainedModel:
+    """The base model loader (safetensors only), except that a CLIP or SigLIP checkpoint gives its
+    vision tower. The config is read as JSON, so nothing from the checkpoint runs."""
+    from .base_model import load_base_model
+
+    try:
+        model_type = PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0].get("model_type")
+    except OSError:
+        model_type = None  # let the base model loader name the problem
+    tower = VISION_TOWERS.get(model_type)
     if tower is not None:
-        return getattr(transformers, tower).from_pretrained(name_or_path, revision=revision)
-    return AutoModel.from_pretrained(name_or_path, revision=revision)
+        return getattr(transformers, tower).from_pretrained(name_or_path, revision=revision, use_safetensors=True,
+                                                             **kwargs)
+    return load_base_model(name_or_path, revision=revision, **kwargs)
 
 
-def backbone_from_config(config: PretrainedConfig) -> PreTrainedModel:
+def backbone_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
     """A randomly initialised backbone; a CLIP or SigLIP config gives its vision tower."""
     if config.model_type in VISION_TOWERS:
         config = config.vision_config
-    return AutoModel.from_config(config)
+    return AutoModel.from_config(config, **kwargs)
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .hardware import check_hardware
+
 METHODS = ("slca++", "slca", "sl", "seq_ft")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
 
@@ -113,8 +115,21 @@ class SLCAConfig(TrainingArguments):
         metadata={"help": "With --push_to_hub: the Hub id of the base model, recorded in every pushed checkpoint "
                   "when the backbone was loaded from a local copy (a local path would load nowhere else)."},
     )
+    optim: str = field(
+        default="sgd",
+        metadata={"help": "sgd (the method's: momentum, weight decay) or another plain torch optimizer of "
+                  "TrainingArguments (adamw_torch, ...), each with the slow-learner rate groups."},
+    )
     save_strategy: str = field(
         default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
+    )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Data-loading processes. Default: min(4, CPU cores) when training on CUDA (PIL decoding "
+                  "in one process cannot feed a GPU), 0 on the CPU. More than the cores falls back to the cores."},
+    )
+    dataloader_persistent_workers: bool | None = field(
+        default=None, metadata={"help": "Keep loader workers alive between epochs. Default: on when there are workers."}
     )
 
     def __post_init__(self):
@@ -130,6 +145,7 @@ class SLCAConfig(TrainingArguments):
             raise ValueError(f"ca_temperature must be > 0, got {self.ca_temperature}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+        check_hardware(self)  # precision the machine lacks, loader defaults for the device
         super().__post_init__()
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps

@@ -26,6 +26,7 @@ from transformers import TrainerCallback, set_seed
 from .alignment import AlignmentSettings, ClassifierAligner
 from .callbacks import ContinualCallback, default_steps
 from .config import SLCAConfig
+from .inference import inference_context
 from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel
 from .statistics import ClassStatistics
@@ -95,6 +96,9 @@ class ContinualLearner:
         self.unaligned_head = unaligned_head
         self.trainer: SLCATrainer | None = None
         self._accelerator: Accelerator | None = None
+        #: Extra facts a checkpoint's task history records (the recipe sets the dataset's Hub id,
+        #: which the model card lists).
+        self.run_metadata: dict[str, Any] = {}
         #: `report_to` trackers, one run for the whole stream (the task trainers report through it).
         self.tracker = ContinualTracker(args.report_to)
         # The loop pushes whole continual checkpoints, one commit per task, and owns the trackers;
@@ -244,36 +248,40 @@ class ContinualLearner:
             batch_size=self.args.per_device_eval_batch_size,
             collate_fn=collate_fn,
             num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
 
     @staticmethod
     def _reduce(tensor: torch.Tensor) -> torch.Tensor:
         return reduce(tensor, reduction="sum") if PartialState().num_processes > 1 else tensor
 
-    @torch.inference_mode()
     def compute_statistics(self, task: Task) -> None:
-        """One batched pass over the task's training images with eval transforms; float64 sums are
-        reduced across processes so every process holds the same, exact statistics."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+        """One batched pass over the task's training images with eval transforms, adapters merged
+        and in the run's precision; float64 sums are reduced across processes so every process
+        holds the same, exact statistics."""
         device = self.args.device
         batches = tqdm(self._shard_loader(task.train), desc=f"class statistics of task {task.task_id + 1}",
                        unit="batch", leave=False, disable=not self.show_progress)
-        for batch in batches:
-            feats = model.features(batch["pixel_values"].to(device))
-            self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
+        with inference_context(self.model, self.args) as model:
+            for batch in batches:
+                feats = model.features(batch["pixel_values"].to(device))
+                self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
         self.statistics.finalize(task.task_id, [task.statistics_keys(c) for c in task.classes], reduce=self._reduce)
-        model.train(was_training)
 
-    @torch.inference_mode()
     def evaluate(self, task_id: int) -> tuple[list[float], float, list[int]]:
         """Accuracy on each seen task's test data and over all of it (micro), predicting among all
         classes seen so far. Batches go through Accelerate (`gather_for_metrics`), so every test
         sample is counted once whatever the number of processes."""
+        with inference_context(self.model, self.args):
+            correct, total = self._count_correct(task_id)
+        if (total == 0).any():
+            empty = [int(j) + 1 for j in np.nonzero(total == 0)[0]]
+            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
+        row = (100.0 * correct / total).tolist()
+        return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+
+    def _count_correct(self, task_id: int) -> tuple[np.ndarray, np.ndarray]:
         model, accelerator = self.model, self.accelerator
-        was_training = model.training
-        model.eval()
         correct = np.zeros(task_id + 1)
         total = np.zeros(task_id + 1)
         for j in range(task_id + 1):
@@ -291,12 +299,7 @@ class ContinualLearner:
                 hits += (preds == labels).sum()
                 total[j] += labels.numel()
             correct[j] = hits.item()
-        model.train(was_training)
-        if (total == 0).any():
-            empty = [int(j) + 1 for j in np.nonzero(total == 0)[0]]
-            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
-        row = (100.0 * correct / total).tolist()
-        return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+        return correct, total
 
     def continual_metrics(self) -> dict[str, float]:
         """The metrics after the newest task: accuracy on all seen classes, on each seen task, and
@@ -335,14 +338,16 @@ class ContinualLearner:
             "seen_accuracy": self.result.seen_accuracy,
             "task_test_sizes": self.result.task_test_sizes,
             "training_seed": self.args.seed,
+            **self.run_metadata,
         }
 
     def save(self, directory: Path, unaligned: dict[str, torch.Tensor]) -> None:
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         if self.trainer is None or self.trainer.is_world_process_zero():
-            self.model.save_pretrained(
-                str(directory), statistics=self.statistics, state=self.state(), unaligned_head=unaligned
-            )
+            from .checkpoint import save_checkpoint
+
+            save_checkpoint(self.model, directory, statistics=self.statistics, state=self.state(),
+                            unaligned_head=unaligned)
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
 

@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPImageProcessor
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD, input_size
+from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
 from .checkpoint import atomic_directory
+from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
 
 if TYPE_CHECKING:
     from .model import SLCAModel
-
 
 def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
     """One weight and bias equal to the concatenated, scaled task heads."""
@@ -91,16 +92,14 @@ def _load_backbone(classifier, backbone: torch.nn.Module, route: str) -> None:
                            f"unexpected {unexpected}.")
 
 
-def _head_layer(classifier, route: str) -> torch.nn.Linear:
-    return classifier.timm_model.get_classifier() if route == TIMM_HEAD else classifier.classifier
-
-
 def export_model(
     model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None
 ) -> Path:
     """Write `directory` for `pipeline("image-classification", model=directory)`."""
     route = export_route(model)
     num_classes = model.classifier.num_classes
+    if label_names is None and model.label_names:
+        label_names = model.label_names[:num_classes]
     names = list(label_names) if label_names else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
@@ -108,7 +107,7 @@ def export_model(
     classifier = AutoModelForImageClassification.from_config(_classifier_config(model, names))
     _load_backbone(classifier, backbone, route)
     weight, bias = folded_head(model)
-    head = _head_layer(classifier, route)
+    head = classifier.timm_model.get_classifier() if route == TIMM_HEAD else classifier.classifier
     with torch.no_grad():
         if route == CLS_MEAN_HEAD:
             # DINOv2's head reads [class token, mean patch token]: the patch half gets zero weight.
@@ -124,21 +123,40 @@ def export_model(
     return Path(directory)
 
 
-def default_image_processor(model: SLCAModel):
-    """The base model's processor if it has one, else the spec's eval transform: shorter side to
-    size*256/224 (bicubic), center crop, normalise with 0.5."""
+def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
+    """Crop size and normalisation of the evaluation transform: the base model's image processor
+    statistics, or ViT's defaults (mean = std = 0.5) when it ships none."""
     base = model.base_model_name_or_path
     if base:
         try:
-            return AutoImageProcessor.from_pretrained(base, revision=model.revision)
-        except (OSError, ValueError):
+            processor = AutoImageProcessor.from_pretrained(base, revision=model.revision)
+            return ImageTransformConfig.from_image_processor(processor)
+        except (OSError, ValueError, TypeError):
             pass
-    size = input_size(model.config)
-    return CLIPImageProcessor(
-        size={"shortest_edge": round(size * 256 / 224)},
+    return ImageTransformConfig.from_model_config(model.config)
+
+
+def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
+    """A transformers image processor that computes `EvalTransform(config)`: shorter side to
+    round(size * 256 / 224) with PIL's bicubic (the longer side truncated), centre crop, rescale
+    by 1/255, normalise. Saved as `CLIPImageProcessor`; the PIL backend (the one used where
+    torchvision is not installed, or with `backend="pil"`) gives the same pixels."""
+    size = config.size
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": round(size * EVAL_RESIZE_RATIO)},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=True,
         crop_size={"height": size, "width": size},
-        resample=3,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        do_convert_rgb=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(config.mean),
+        image_std=list(config.std),
+        do_convert_rgb=config.num_channels == 3,
     )
+
+
+def default_image_processor(model: SLCAModel) -> CLIPImageProcessorPil:
+    """The processor matching the transform slca-peft evaluates `model` with."""
+    return eval_image_processor(eval_transform_config(model))

@@ -22,8 +22,10 @@ from .backbones import (
     norm_module_names,
     pooled_feature,
 )
+from .base_model import portable_name
 from .head import ContinualClassifier
 from .lora_init import svd_init_lora
+from .model_config import SLCAModelConfig
 from .peft_methods import adapter_prefix, apply_peft_config, peft_config_from_dict, peft_config_to_dict
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,15 @@ def _linear_names(backbone: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
 
 
+def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
+    """PyTorch's fused attention (SDPA) where the architecture supports it, else its default."""
+    try:
+        return load(*args, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as error:
+        logger.debug("SDPA attention unavailable (%s); loading with the default attention", error)
+        return load(*args, **kwargs)
+
+
 class SLCAModel(nn.Module):
     """Backbone (optionally LoRA-wrapped) + per-task heads, returning HF outputs.
 
@@ -44,51 +55,73 @@ class SLCAModel(nn.Module):
     pooled feature of `features()`.
     """
 
-    def __init__(
-        self,
-        backbone: PreTrainedModel,
-        *,
-        use_lora: bool = True,
-        lora_rank: int = 4,
-        lora_scale: float = 0.8,
-        lora_target_modules: list[str] | None = None,
-        lora_svd_init: bool = True,
-        base_model_name_or_path: str | None = None,
-        revision: str | None = None,
-        task_sizes: list[int] | None = None,
-        peft_config: PeftConfig | dict | None = None,
-    ):
+    def __init__(self, backbone: PreTrainedModel, config: SLCAModelConfig | None = None, **overrides: Any):
+        """`config` (or its fields as keywords, e.g. ``use_lora=False``) says how to wrap `backbone`."""
         super().__init__()
         if isinstance(backbone, PeftModel):
             raise ValueError("pass the plain backbone; SLCAModel adds LoRA itself (use_lora=True).")
+        values = config.to_dict() if config is not None else {}
+        values.pop("format_version", None)
+        values.update(overrides)
         #: Per-architecture facts (feature, LoRA targets, final norm, export route): `slca_peft.backbones`.
         self.backbone_spec = backbone_spec(backbone)
+        if values.get("lora_target_modules") is None:
+            values["lora_target_modules"] = list(self.backbone_spec.lora_targets)
+        if isinstance(values.get("peft_config"), PeftConfig):
+            values["peft_config"] = peft_config_to_dict(values["peft_config"])
+        values["task_sizes"] = list(values.get("task_sizes") or [])
+        config = SLCAModelConfig(**values)
+        #: A user's PEFT config (LoRA, DoRA, LoHa, LoKr, IA3, ...) in place of the built-in LoRA settings.
+        self.peft_config = peft_config_from_dict(config.peft_config) if config.peft_config else None
+        if self.peft_config is not None and not config.use_lora:
+            raise ValueError("peft_config is the slow learner of slca++/sl; full fine-tuning (slca, seq_ft) "
+                             "trains the whole backbone. Drop peft_config or use method slca++.")
         if self.backbone_spec.drop_pooler and getattr(backbone, "pooler", None) is not None:
             # ViT's pooler is an extra dense+tanh layer: SLCA's feature is the normed class token.
             backbone.pooler = None
-        self.feature_source = self.backbone_spec.feature
-        self.use_lora = use_lora
-        self.lora_rank = lora_rank
-        self.lora_scale = lora_scale
-        self.lora_target_modules = list(lora_target_modules or self.backbone_spec.lora_targets)
-        self.lora_svd_init = lora_svd_init
-        #: A user's PEFT config (LoRA, DoRA, LoHa, LoKr, IA3, ...) replacing the built-in LoRA settings.
-        self.peft_config = peft_config_from_dict(peft_config) if isinstance(peft_config, dict) else peft_config
-        if self.peft_config is not None and not use_lora:
-            raise ValueError("peft_config is the slow learner of slca++/sl; full fine-tuning (slca, seq_ft) "
-                             "trains the whole backbone. Drop peft_config or use method slca++.")
-        self.base_model_name_or_path = base_model_name_or_path or getattr(backbone, "name_or_path", None)
-        self.revision = revision
-        self.feature_dim = feature_dim(backbone)
+        config.feature_source = self.backbone_spec.feature
+        config.base_model_name_or_path = portable_name(
+            config.base_model_name_or_path or getattr(backbone, "name_or_path", None) or None
+        )
+        width = feature_dim(backbone)
+        if config.feature_dim is not None and config.feature_dim != width:
+            raise ValueError(
+                f"the config's feature_dim is {config.feature_dim} but the base model "
+                f"{config.base_model_name_or_path!r} "
+                f"gives {width}; the checkpoint belongs to a different base model."
+            )
+        config.feature_dim = width
+        self.slca_config = config
         check_pooled_feature(backbone, self.backbone_spec)
-        if use_lora and self.peft_config is not None:
-            backbone = apply_peft_config(backbone, self.peft_config, svd_init=lora_svd_init)
-        elif use_lora:
+        if config.use_lora and self.peft_config is not None:
+            backbone = apply_peft_config(backbone, self.peft_config, svd_init=config.lora_svd_init)
+        elif config.use_lora:
             backbone = self._wrap_lora(backbone)
         else:
             backbone.requires_grad_(True)
         self.backbone = backbone
-        self.classifier = ContinualClassifier(self.feature_dim, task_sizes)
+        self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
+
+    # Read-only views of the config, for code that reads the model's settings.
+    use_lora = property(lambda self: self.slca_config.use_lora)
+    lora_rank = property(lambda self: self.slca_config.lora_rank)
+    lora_scale = property(lambda self: self.slca_config.lora_scale)
+    lora_target_modules = property(lambda self: self.slca_config.lora_target_modules)
+    lora_svd_init = property(lambda self: self.slca_config.lora_svd_init)
+    feature_dim = property(lambda self: self.slca_config.feature_dim)
+    feature_source = property(lambda self: self.slca_config.feature_source)
+    base_model_name_or_path = property(lambda self: self.slca_config.base_model_name_or_path)
+    revision = property(lambda self: self.slca_config.revision)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in class-index order, when the training data named its classes."""
+        return self.slca_config.label_names
+
+    @label_names.setter
+    def label_names(self, names: list[str] | None) -> None:
+        self.slca_config.label_names = list(names) if names is not None else None
+        self.slca_config.validate()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -105,7 +138,6 @@ class SLCAModel(nn.Module):
         """
         settings: dict[str, Any] = {}
         if args is not None:
-            # `lora_target_modules=None` (SLCAConfig's default) means the backbone's own default targets.
             settings = {
                 "use_lora": args.use_lora,
                 "lora_rank": args.lora_rank,
@@ -117,14 +149,15 @@ class SLCAModel(nn.Module):
         name = None
         if isinstance(model, str):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
-            name = str(Path(model).resolve()) if Path(model).is_dir() else model
-            backbone = load_backbone(model, revision=revision)
+            name = portable_name(model)
+            backbone = _load_with_sdpa(load_backbone, model, revision=revision)
         elif isinstance(model, PretrainedConfig):
-            backbone = backbone_from_config(model)
+            backbone = _load_with_sdpa(backbone_from_config, model)
         elif isinstance(model, PreTrainedModel):
             backbone = model
         else:
             raise TypeError(f"model must be a Hub id, a path, a config or a PreTrainedModel, got {type(model)}.")
+        # As keywords: None targets (the backbone's defaults) and a PeftConfig are resolved in __init__.
         return cls(backbone, base_model_name_or_path=name, revision=revision, **settings)
 
     def _wrap_lora(self, backbone: PreTrainedModel) -> PeftModel:
@@ -184,6 +217,13 @@ class SLCAModel(nn.Module):
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
 
+    def merged_adapters(self):
+        """Context manager: LoRA merged into the weights for no-grad passes, the exact weights
+        restored on exit (`slca_peft.inference.merged_adapters`)."""
+        from .inference import merged_adapters
+
+        return merged_adapters(self)
+
     def grow(self, num_new_classes: int) -> None:
         """Add the head of a new task (old heads are frozen)."""
         self.classifier.grow(num_new_classes)
@@ -200,56 +240,68 @@ class SLCAModel(nn.Module):
         return BACKBONE
 
     def settings(self) -> dict[str, Any]:
-        """What `from_pretrained` needs to rebuild the same model around the referenced base."""
-        return {
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "revision": self.revision,
-            "use_lora": self.use_lora,
-            "lora_rank": self.lora_rank,
-            "lora_scale": self.lora_scale,
-            "lora_target_modules": self.lora_target_modules,
-            "feature_dim": self.feature_dim,
-            "feature_source": self.feature_source,
-            "task_sizes": self.classifier.task_sizes,
-            "peft_config": peft_config_to_dict(self.peft_config),
-        }
+        """What `from_pretrained` needs to rebuild the same model around the referenced base
+        (`slca_config.json`), with the classifier's current task sizes."""
+        self.slca_config.task_sizes = list(self.classifier.task_sizes)
+        return self.slca_config.to_dict()
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory: str, **parts: Any) -> None:
-        """Write a checkpoint directory (see `slca_peft.checkpoint`); `parts` may add `statistics`,
-        `state` and `unaligned_head`."""
-        from .checkpoint import save_checkpoint
+    def save_pretrained(self, save_directory: str | Path, *, state: dict[str, Any] | None = None,
+                        card: dict[str, Any] | None = None, **run_state: Any) -> Path:
+        """Write the model files: `slca_config.json`, the PEFT adapter (or the whole backbone), the
+        classifier and a model card. The learner's run state is written by
+        `slca_peft.checkpoint.save_learner_state`. `state` (a task history) only feeds the card's
+        results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
+        from .checkpoint import save_model_files
 
-        save_checkpoint(self, save_directory, **parts)
+        if run_state:
+            raise TypeError(
+                f"save_pretrained writes the model files only; {sorted(run_state)} belong to the learner's run "
+                "state: use slca_peft.checkpoint.save_checkpoint(model, directory, statistics=..., state=..., "
+                "unaligned_head=...) for a resumable checkpoint."
+            )
+        return save_model_files(self, save_directory, state=state, card=card)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, revision: str | None = None) -> SLCAModel:
-        """Load a checkpoint directory or Hub repo written by `save_pretrained` (the base model is
-        loaded from the id or path the checkpoint references)."""
-        from .checkpoint import load_checkpoint
+    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
+                        base_model_name_or_path: str | None = None) -> SLCAModel:
+        """Load a directory or Hub repo written by `save_pretrained` (the base model is loaded from the
+        id or path the files reference; `base_model_name_or_path` points at it when it has moved)."""
+        from .checkpoint import load_model_files
 
-        return load_checkpoint(path_or_repo_id, revision)[0]
+        return load_model_files(path_or_repo_id, revision, expected_base=base_model_name_or_path)[0]
 
     def push_to_hub(
-        self, repo_id: str, *, private: bool | None = None, commit_message: str = "Upload SLCA++ checkpoint",
-        token: str | None = None, base_model_id: str | None = None, **parts: Any,
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload SLCA++ model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        base_model_id: str | None = None,
+        state: dict[str, Any] | None = None,
+        card: dict[str, Any] | None = None,
     ) -> Any:
-        """Save to a temporary directory and upload it as one commit (the base model is referenced:
-        pass `base_model_id` when it was loaded from a local directory)."""
+        """Upload the model files as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is
+        created as a branch when missing). The base model is referenced: pass `base_model_id` when
+        it was loaded from a local directory."""
         import tempfile
 
         from .hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
-            target = f"{tmp}/checkpoint"
-            self.save_pretrained(target, **parts)
+            target = Path(tmp) / "model"
+            self.save_pretrained(target, state=state, card=card)
             return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
-                               base_model_id=base_model_id)
+                               revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
 
-    def export(self, save_directory: str, label_names: list[str] | None = None, image_processor=None) -> None:
+    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None) -> Path:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
-        folded) that `pipeline("image-classification")` loads without slca-peft."""
+        folded) that `pipeline("image-classification")` loads without slca-peft, with an image
+        processor that reproduces the evaluation transform. Class names default to `label_names`."""
         from .export import export_model
 
-        export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
-
+        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
