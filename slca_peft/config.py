@@ -5,6 +5,7 @@ Defaults reproduce the paper's CIFAR-100 / ImageNet-21K setting (see docs/method
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -19,6 +20,22 @@ _METHOD_DEFAULTS = {
     "slca": {"backbone_lr_scale": 0.01, "use_lora": False, "use_sce": False, "align": True},
     "seq_ft": {"backbone_lr_scale": 1.0, "use_lora": False, "use_sce": False, "align": False},
 }
+
+
+# Parse-time range checks: (field, lower bound, lower bound allowed, upper bound). A bad value fails
+# here rather than after a task has trained.
+_BIG = 1 << 20
+_RANGES = (
+    ("lora_rank", 1, True, 4096), ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
+    ("ca_epochs", 0, True, 1e5), ("ca_samples_per_class", 1, True, 1e7), ("ca_batch_size", 1, True, _BIG),
+    ("ca_covariance_rank", 1, True, 1e5), ("ca_temperature", 0, False, 1e4), ("ca_ridge", 0, True, 1e6),
+    ("ca_lr", 0, True, 1e3), ("backbone_lr_scale", 0, True, 1e3), ("first_task_lora_lr_scale", 0, True, 1e3),
+    ("lora_scale", 0, True, 1e4), ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
+    ("momentum", 0, True, 1), ("lr_floor_decay", 0, True, 1), ("fc_scale_mu", 0, True, 1),
+    ("learning_rate", 0, False, 1e3), ("weight_decay", 0, True, 1e3), ("num_train_epochs", 0, False, 1e6),
+    ("per_device_train_batch_size", 1, True, _BIG), ("per_device_eval_batch_size", 1, True, _BIG),
+    ("max_grad_norm", 0, True, math.inf), ("global_batch_size", 1, True, _BIG),
+)
 
 
 @dataclass
@@ -115,18 +132,24 @@ class SLCAConfig(TrainingArguments):
     save_strategy: str = field(
         default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in --output_dir (its task_* checkpoints, metrics and fingerprint); "
+                  "without it, starting into a directory that holds another run is refused."},
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}; pick one of them.")
         if self.backbone_lr_scale is None:
             self.backbone_lr_scale = _METHOD_DEFAULTS[self.method]["backbone_lr_scale"]
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}.")
-        if self.init_cls < 1 or self.increment < 1:
-            raise ValueError(f"init_cls and increment must be >= 1, got {self.init_cls} and {self.increment}.")
-        if self.ca_temperature <= 0:
-            raise ValueError(f"ca_temperature must be > 0, got {self.ca_temperature}.")
+        for name, low, inclusive, high in _RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < low or (not inclusive and value == low) or value > high:
+                bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high:.10g}" if high != math.inf else "")
+                raise ValueError(f"--{name} {value} is out of range: it must be {bound}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
         super().__post_init__()

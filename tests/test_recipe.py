@@ -57,9 +57,9 @@ def test_resume_with_another_class_order_is_refused_and_writes_nothing(recipe, t
     args += ["--init_cls", "4"]  # two tasks: 4 + 2
     recipe.main(args)
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    with pytest.raises(ValueError, match="class_order differs"):
+    with pytest.raises(ValueError, match="class_order"):
         recipe.main(args + ["--class_order_seed", "7", "--resume_from", str(out / "task_0")])
-    with pytest.raises(ValueError, match="task_sizes differs"):
+    with pytest.raises(ValueError, match="task_sizes"):
         recipe.main(args + ["--increment", "1", "--resume_from", str(out / "task_0")])
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
