@@ -29,6 +29,7 @@ from .checkpoint import atomic_directory, atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner, format_accuracy_table
 from .data import load_benchmark
+from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
 from .errors import UserError, run_main
 from .model import SLCAModel
@@ -158,6 +159,16 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
 
 
 def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+    """The task stream, with all of its data checked (every image decoded once) before any training."""
+    tasks = _load_tasks(data_args, args)
+    if data_args.train_dir:
+        check_task_splits(tasks)  # from_image_folders has decoded every image
+    else:
+        check_task_data(tasks)
+    return tasks
+
+
+def _load_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
     if data_args.domains:
         return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
     split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}

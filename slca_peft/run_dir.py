@@ -119,6 +119,7 @@ def run_fingerprint(args: Any, *, base_model: str | None, base_revision: str | N
     else:
         fingerprint["base_model_sha256"] = _sha256_files(base) if base is not None else None
     if tasks is not None:
+        fingerprint["domains"] = tasks.describe().get("domains")
         fingerprint["class_order"] = list(tasks.order)
         fingerprint["task_sizes"] = list(tasks.task_sizes)
         fingerprint["data_sha256"] = data_fingerprint(tasks)
