@@ -86,9 +86,9 @@ def data_fingerprint(tasks: Any) -> str:
                 digest.update(json.dumps(batch[label_column]).encode())
                 for image in batch[image_column]:
                     if isinstance(image, dict) and image.get("path") and not image.get("bytes"):
-                        path = Path(image["path"])
+                        path = Path(image["path"])  # class folder and file name: the data may move
                         size = path.stat().st_size if path.is_file() else -1
-                        digest.update(f"{path}:{size}".encode())
+                        digest.update(f"{'/'.join(path.parts[-2:])}:{size}".encode())
                     elif isinstance(image, dict) and image.get("bytes"):
                         digest.update(hashlib.sha256(image["bytes"]).digest())
                     else:
@@ -260,17 +260,17 @@ def claim_run_directory(
 def check_resumable(checkpoint: str | Path, *, align: bool) -> None:
     """Refuse a local checkpoint the loop cannot continue exactly: with alignment on, it must hold
     the unaligned heads (the next task trains from them, not from the aligned ones)."""
-    from safetensors import safe_open
+    from .safetensors_header import read_header
 
     path = Path(checkpoint) / "classifier.safetensors"
     if not align or not path.is_file():
         return
-    with safe_open(str(path), framework="pt") as fh:
-        if not any(k.startswith("unaligned.") for k in fh.keys()):
-            raise UserError(
-                f"{path} has no unaligned heads, so a resumed run would continue from the aligned ones and give "
-                "other results; resume from a checkpoint written by the training loop, or start over."
-            )
+    header, _ = read_header(path)  # the header only: the file is not mapped or read
+    if not any(k.startswith("unaligned.") for k in header):
+        raise UserError(
+            f"{path} has no unaligned heads, so a resumed run would continue from the aligned ones and give "
+            "other results; resume from a checkpoint written by the training loop, or start over."
+        )
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> dict[str, Any] | None:
