@@ -104,7 +104,9 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     assert json.loads((out / "run_fingerprint.json").read_text())["init_cls"] == 2
 
 
-def test_resume_with_other_settings_lists_the_fields(recipe, tmp_path, base_model_dir, image_folders):
+def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
+    recipe, tmp_path, base_model_dir, image_folders
+):
     out = tmp_path / "run"
     recipe.main(arguments(base_model_dir, image_folders, out))
     listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
@@ -116,13 +118,9 @@ def test_resume_with_other_settings_lists_the_fields(recipe, tmp_path, base_mode
         for name in ("lora_rank", "lora_target_modules", "ca_covariance_form", "learning_rate"):
             assert name in str(err.value)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
-
-
-def test_a_checkpoint_without_unaligned_heads_is_not_resumed(recipe, tmp_path, base_model_dir, image_folders):
+    # A checkpoint without the unaligned heads would resume from the aligned ones: refused.
     from safetensors.torch import load_file, save_file
 
-    out = tmp_path / "run"
-    recipe.main(arguments(base_model_dir, image_folders, out))
     path = out / "task_0" / "classifier.safetensors"
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("unaligned.")}, path)
     with pytest.raises(UserError, match="has no unaligned heads"):
