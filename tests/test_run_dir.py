@@ -211,3 +211,18 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o664
     assert (tmp_path / "task_0").stat().st_mode & 0o777 == 0o775
+
+
+def test_a_model_config_run_never_replaces_the_base_model_under_checkpoints(recipe, tmp_path, vit_config):
+    config = tmp_path / "vit.json"
+    vit_config.to_json_file(config)
+    out = tmp_path / "run"
+    model_args, _, args = recipe.parse_args(["--model_config", str(config), "--dataset", "digits", "--output_dir",
+                                             str(out), "--use_cpu", "true"])
+    recipe.build_model(model_args, args)
+    weights = (out / "base_model" / "model.safetensors").read_bytes()
+    (out / "task_0").mkdir()
+    (out / "task_0" / "continual_state.json").write_text("{}")
+    with pytest.raises(UserError, match="holds checkpoints trained on its base_model/"):
+        recipe.build_model(model_args, args)
+    assert (out / "base_model" / "model.safetensors").read_bytes() == weights
