@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .hardware import check_hardware
+
 METHODS = ("slca++", "slca", "sl", "seq_ft")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
 
@@ -137,6 +139,14 @@ class SLCAConfig(TrainingArguments):
         metadata={"help": "Replace the run already in --output_dir (its task_* checkpoints, metrics and fingerprint); "
                   "without it, starting into a directory that holds another run is refused."},
     )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Data-loading processes. Default: min(4, CPU cores) when training on CUDA (PIL decoding "
+                  "in one process cannot feed a GPU), 0 on the CPU. More than the cores falls back to the cores."},
+    )
+    dataloader_persistent_workers: bool | None = field(
+        default=None, metadata={"help": "Keep loader workers alive between epochs. Default: on when there are workers."}
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -152,6 +162,7 @@ class SLCAConfig(TrainingArguments):
                 raise ValueError(f"--{name} {value} is out of range: it must be {bound}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+        check_hardware(self)  # precision the machine lacks, loader defaults for the device
         super().__post_init__()
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps

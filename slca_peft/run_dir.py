@@ -38,7 +38,8 @@ _TRAINING_FIELDS = ("learning_rate", "weight_decay", "num_train_epochs", "max_st
                     "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
                     "max_grad_norm", "seed", "optim", "label_smoothing_factor", "bf16", "fp16")
 _NOT_RESULTS = {"hub_base_model_id", "save_strategy", "remove_unused_columns", "global_batch_size",
-                "per_device_eval_batch_size", "overwrite_output_dir"}
+                "per_device_eval_batch_size", "overwrite_output_dir", "dataloader_num_workers",
+                "dataloader_persistent_workers"}
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 
 logger = logging.getLogger(__name__)
