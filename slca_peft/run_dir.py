@@ -264,9 +264,9 @@ def check_resumable(checkpoint: str | Path, *, align: bool) -> None:
     from .safetensors_header import read_header
 
     path = Path(checkpoint) / "classifier.safetensors"
-    if not align or not path.is_file():
+    if not align or not path.is_file() or (path.parent / "classifier_unaligned.safetensors").is_file():
         return
-    header, _ = read_header(path)  # the header only: the file is not mapped or read
+    header, _ = read_header(path)  # the header only (older checkpoints kept them under `unaligned.`)
     if not any(k.startswith("unaligned.") for k in header):
         raise UserError(
             f"{path} has no unaligned heads, so a resumed run would continue from the aligned ones and give "

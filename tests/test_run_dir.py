@@ -122,6 +122,7 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
     from safetensors.torch import load_file, save_file
 
     path = out / "task_0" / "classifier.safetensors"
+    (out / "task_0" / "classifier_unaligned.safetensors").unlink(missing_ok=True)
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("unaligned.")}, path)
     with pytest.raises(UserError, match="has no unaligned heads"):
         recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0")))
