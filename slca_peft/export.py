@@ -8,6 +8,7 @@ and the per-task heads with their scales are folded into one linear layer:
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ from .checkpoint import atomic_directory
 
 if TYPE_CHECKING:
     from .model import SLCAModel
+
+logger = logging.getLogger(__name__)
 
 # Model types whose *ForImageClassification head reads the class token after the final LayerNorm,
 # the same feature SLCA trains its heads on.
@@ -51,6 +54,13 @@ def export_model(
     config.id2label = dict(enumerate(names))
     config.label2id = {name: i for i, name in enumerate(names)}
     config.architectures = None
+    if model.reset_final_norm and getattr(config, "layer_norm_eps", model.final_norm_eps) != model.final_norm_eps:
+        # One eps serves every LayerNorm of a transformers ViT: the fresh final norm's cannot be kept.
+        logger.warning(
+            "the final LayerNorm uses eps %g but the exported %s config has layer_norm_eps %g for every norm; "
+            "exported logits differ from the model's by a tiny amount.",
+            model.final_norm_eps, config.model_type, config.layer_norm_eps,
+        )
 
     backbone = copy.deepcopy(model.backbone)
     if isinstance(backbone, PeftModel):
@@ -74,7 +84,7 @@ def export_model(
 
 
 def default_image_processor(model: SLCAModel):
-    """The base model's processor if it has one, else the spec's eval transform: shorter side to
+    """The base model's processor if it has one, else the paper's eval transform: shorter side to
     size*256/224 (bicubic), center crop, normalise with 0.5."""
     base = model.base_model_name_or_path
     if base:

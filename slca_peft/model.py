@@ -12,8 +12,10 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .config import DEFAULT_LORA_TARGETS
+from .config import DEFAULT_LORA_TARGETS, LORA_LAYOUTS
 from .head import ContinualClassifier
+from .layout import check_fused_qkv_backbone, tie_fused_qkv
+from .layout import reset_final_norm as reset_final_norm_of
 from .lora_init import svd_init_lora
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class SLCAModel(nn.Module):
         lora_scale: float = 0.8,
         lora_target_modules: list[str] | None = None,
         lora_svd_init: bool = True,
+        lora_layout: str = "per_projection",
+        reset_final_norm: bool = False,
+        final_norm_eps: float = 1e-5,
         base_model_name_or_path: str | None = None,
         revision: str | None = None,
         task_sizes: list[int] | None = None,
@@ -65,12 +70,21 @@ class SLCAModel(nn.Module):
         self.lora_scale = lora_scale
         self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGETS)
         self.lora_svd_init = lora_svd_init
+        if lora_layout not in LORA_LAYOUTS:
+            raise ValueError(f"lora_layout={lora_layout!r} is not one of {LORA_LAYOUTS}.")
+        self.lora_layout = lora_layout
+        self.reset_final_norm = reset_final_norm
+        self.final_norm_eps = final_norm_eps
+        if reset_final_norm:
+            reset_final_norm_of(backbone, final_norm_eps)
         self.base_model_name_or_path = base_model_name_or_path or getattr(backbone, "name_or_path", None)
         self.revision = revision
         self.feature_dim = int(backbone.config.hidden_size)
         if self.feature_source == "pooler":
             self._check_pooled_output(backbone)
         if use_lora:
+            if lora_layout == "fused_qkv":
+                check_fused_qkv_backbone(backbone, self.lora_target_modules)
             backbone = self._wrap_lora(backbone)
         else:
             backbone.requires_grad_(True)
@@ -98,6 +112,9 @@ class SLCAModel(nn.Module):
                 "lora_scale": args.lora_scale,
                 "lora_target_modules": args.lora_target_modules,
                 "lora_svd_init": args.lora_svd_init,
+                "lora_layout": args.lora_layout,
+                "reset_final_norm": args.reset_final_norm,
+                "final_norm_eps": args.final_norm_eps,
             }
         settings.update(kwargs)
         name = None
@@ -156,6 +173,8 @@ class SLCAModel(nn.Module):
             token.requires_grad_(True)
         if self.lora_svd_init:
             svd_init_lora(wrapped)
+        if self.lora_layout == "fused_qkv":
+            tie_fused_qkv(wrapped, svd_init=self.lora_svd_init)
         return wrapped
 
     # ------------------------------------------------------------------ forward
@@ -210,6 +229,9 @@ class SLCAModel(nn.Module):
             "lora_rank": self.lora_rank,
             "lora_scale": self.lora_scale,
             "lora_target_modules": self.lora_target_modules,
+            "lora_layout": self.lora_layout,
+            "reset_final_norm": self.reset_final_norm,
+            "final_norm_eps": self.final_norm_eps,
             "feature_dim": self.feature_dim,
             "feature_source": self.feature_source,
             "task_sizes": self.classifier.task_sizes,

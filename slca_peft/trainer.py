@@ -1,7 +1,7 @@
 """`SLCATrainer`: a `Trainer` that learns one task slowly.
 
 It overrides three hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
-group), the scheduler (epoch-wise cosine to the spec's floor) and the loss (current task's logits
+group), the scheduler (epoch-wise cosine to the slow learner's floor) and the loss (current task's logits
 only). Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`.
 """
 
@@ -77,7 +77,7 @@ class SLCATrainer(Trainer):
         return self.slca_model.classifier.task_offsets()[-2]
 
     def group_learning_rates(self) -> dict[str, float]:
-        """Learning rate of each parameter role for the current task (the spec's Slow Learner)."""
+        """Learning rate of each parameter role for the current task (Slow Learner, docs/method.md)."""
         args: SLCAConfig = self.args
         lr = args.learning_rate
         backbone = lr * args.backbone_lr_scale
