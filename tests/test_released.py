@@ -1,6 +1,7 @@
 """The released-code setting and its knobs: fused-qkv LoRA, a fresh final LayerNorm, CA at the
 training rate, and the errors for backbones that lack what they need."""
 
+import json
 import logging
 
 import pytest
@@ -175,3 +176,16 @@ def test_reset_final_norm_refuses_a_final_norm_that_is_not_a_layernorm(vit_confi
     del backbone.layernorm
     with pytest.raises(ValueError, match="has none of the attributes \\['layernorm'"):
         SLCAModel(backbone, reset_final_norm=True)
+
+
+def test_paired_comparison_of_two_seed_runs(tmp_path, load_script):
+    compare = load_script("compare_seeds")
+    for name, values in {"a": [70.0, 60.0, 80.0], "b": [65.0, 58.0, 71.0]}.items():
+        runs = {str(s): {"last_accuracy": v, "average_incremental_accuracy": v + 10} for s, v in enumerate(values)}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "seeds.json").write_text(json.dumps({"runs": runs}))
+    result = compare.main([str(tmp_path / "a"), str(tmp_path / "b")])["Last-Acc"]
+    # differences 5, 2, 9: mean 16/3, sample std sqrt(37/3), t = mean / (std / sqrt(3))
+    assert result["diff_mean"] == pytest.approx(16 / 3) and result["diff_std"] == pytest.approx((37 / 3) ** 0.5)
+    assert result["t"] == pytest.approx((16 / 3) / ((37 / 3) ** 0.5 / 3**0.5))
+    assert result["first_mean"] == pytest.approx(70.0) and result["second_std"] == pytest.approx((127 / 3) ** 0.5)
