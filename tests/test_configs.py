@@ -37,7 +37,7 @@ def test_all_published_settings_have_a_config():
 
 
 @pytest.mark.parametrize(("benchmark", "backbone", "method"), PUBLISHED, ids=lambda v: str(v))
-def test_published_config_matches_the_spec(recipe, benchmark, backbone, method):
+def test_published_config_matches_the_paper(recipe, benchmark, backbone, method):
     path = CONFIGS / f"{benchmark}_{backbone}_{method}.yaml"
     model_args, data_args, args = recipe.parse_args(["--config", str(path)])
     init_cls, increment, in21k_epochs, alpha, beta, weight_decay, tau = BENCHMARKS[benchmark]
