@@ -1,6 +1,7 @@
 """slca-peft: SLCA++ continual learning (Slow Learner + Classifier Alignment) for Hugging Face ViTs."""
 
 from .alignment import AlignmentSettings, ClassifierAligner
+from .callbacks import ContinualCallback
 from .config import SLCAConfig
 from .continual import ContinualLearner, ContinualResult
 from .domains import DomainSequence
@@ -8,7 +9,7 @@ from .head import ContinualClassifier
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
 from .statistics import ClassStatistics
-from .tasks import Task, TaskSequence
+from .tasks import Task, TaskSequence, TaskStream
 from .trainer import SLCATrainer
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
@@ -18,6 +19,7 @@ __all__ = [
     "AlignmentSettings",
     "ClassStatistics",
     "ClassifierAligner",
+    "ContinualCallback",
     "ContinualClassifier",
     "ContinualLearner",
     "ContinualResult",
@@ -29,6 +31,7 @@ __all__ = [
     "SLCATrainer",
     "Task",
     "TaskSequence",
+    "TaskStream",
     "TrainTransform",
     "symmetric_cross_entropy",
 ]

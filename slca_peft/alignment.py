@@ -7,13 +7,18 @@ calibrated against each other, which undoes the bias toward the newest task.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .head import ContinualClassifier
 from .statistics import ClassStatistics
+
+#: Maps statistics keys (a long tensor) to classifier labels.
+KeyLabels = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -68,7 +73,7 @@ class ClassifierAligner:
         self.seed = seed
 
     def sample(
-        self, stats: ClassStatistics, task_id: int, generator: torch.Generator, num_labels: int | None = None
+        self, stats: ClassStatistics, task_id: int, generator: torch.Generator, key_labels: KeyLabels | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw `samples_per_class` features of every seen class, scaled as the method requires.
 
@@ -89,24 +94,29 @@ class ClassifierAligner:
             step = s.fc_scale_mu + 0.02 * (jitter - 0.5)
             feats.div_((1.0 + step * task_gap[:, None])[..., None])
         labels = plan.classes.repeat_interleave(n)
-        if num_labels is not None:  # domain-incremental: statistics key = domain * num_labels + class
-            labels = labels % num_labels
+        if key_labels is not None:  # statistics keys that are not labels (a Gaussian per domain and class)
+            labels = key_labels(labels)
         return feats.reshape(-1, stats.feature_dim), labels
 
     def align(
-        self, classifier: ContinualClassifier, stats: ClassStatistics, task_id: int, domain_keys: bool = False
+        self,
+        classifier: ContinualClassifier,
+        stats: ClassStatistics,
+        task_id: int,
+        key_labels: KeyLabels | None = None,
+        progress: bool = False,
     ) -> list[float]:
         """Retrain all heads in place; returns the mean loss of each epoch.
 
-        With `domain_keys` (domain-incremental), statistics are keyed `domain * num_classes + class`
-        and every domain's Gaussian of a class trains that class. Scales are set to 1 first (they are
+        `key_labels` maps statistics keys to labels when they differ (a stream's
+        `statistics_labels`): every Gaussian trains the label of its key. Scales are set to 1 first (they are
         never trained) and, for SLCA++, old heads get
         `1 + mu_s * (T_old - j)` afterwards. Features are sampled on the classifier's device. If the
         loss becomes non-finite the heads are restored as they were and a `RuntimeError` is raised.
         """
         s = self.settings
-        num_labels = classifier.num_classes if domain_keys else None
-        present = {c % num_labels for c in stats.classes} if num_labels else set(stats.classes)
+        keys = torch.tensor(sorted(stats.classes), dtype=torch.long)
+        present = set((key_labels(keys) if key_labels is not None else keys).tolist())
         missing = [c for c in range(classifier.num_classes) if c not in present]
         if missing:
             raise ValueError(
@@ -127,8 +137,10 @@ class ClassifierAligner:
         offsets = classifier.task_offsets()
         losses = []
         try:
-            for _ in range(s.epochs):
-                feats, labels = self.sample(stats, task_id, generator, num_labels)
+            epochs = tqdm(range(s.epochs), desc=f"classifier alignment after task {task_id + 1}", unit="epoch",
+                          leave=False, disable=not progress)
+            for _ in epochs:
+                feats, labels = self.sample(stats, task_id, generator, key_labels)
                 order = torch.randperm(len(labels), generator=generator, device=generator.device)
                 total = torch.zeros((), device=device)
                 batches = 0

@@ -1,13 +1,14 @@
-"""`ContinualLearner`: the SLCA task loop.
+"""`ContinualLearner`: the task loop of SLCA.
 
-grow head -> train (SLCATrainer) -> statistics of the new classes -> align -> evaluate all seen
-classes -> checkpoint -> restore the unaligned head for the next task.
+The loop itself is thin: for each task it grows the classifier, trains with `SLCATrainer` and hands
+the task to the after-task steps (statistics -> alignment -> evaluation -> checkpoint -> push ->
+report, see `slca_peft.callbacks`), then restores the unaligned heads for the next task. Add your
+own steps with `callbacks=[...]`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,18 +17,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import reduce
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
 from .alignment import AlignmentSettings, ClassifierAligner
-from .checkpoint import atomic_write_text
+from .callbacks import ContinualCallback, default_steps
 from .config import SLCAConfig
 from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel
 from .statistics import ClassStatistics
-from .tasks import Task, TaskSequence
+from .tasks import Task, TaskStream
+from .tracking import ContinualTracker
 from .trainer import SLCATrainer
 from .transforms import collate_fn, make_batch_transform
 
@@ -47,24 +50,39 @@ class ContinualResult:
 
 
 class ContinualLearner:
-    """Runs a `TaskSequence` through an `SLCAModel` with the method `args.method` selects."""
+    """Runs a task stream (`TaskSequence`, `DomainSequence`, or any `TaskStream`) through an
+    `SLCAModel` with the method `args.method` selects.
+
+    `callbacks` takes `ContinualCallback`s (after-task hooks, run after the built-in steps in the
+    order given) and `transformers.TrainerCallback`s (handed to every task's trainer); one object
+    may be both.
+    """
 
     def __init__(
         self,
         model: SLCAModel,
         args: SLCAConfig,
-        tasks: TaskSequence,
+        tasks: TaskStream,
         *,
         train_transform=None,
         eval_transform=None,
-        callbacks: list[TrainerCallback] | None = None,
+        callbacks: Sequence[ContinualCallback | TrainerCallback] | None = None,
         statistics: ClassStatistics | None = None,
         result: ContinualResult | None = None,
         unaligned_head: dict[str, torch.Tensor] | None = None,
     ):
         self.model, self.args, self.tasks = model, args, tasks
         self.set_transforms(train_transform, eval_transform)
-        self.callbacks = callbacks
+        callbacks = list(callbacks or [])
+        unknown = [c for c in callbacks if not isinstance(c, (ContinualCallback, TrainerCallback))]
+        if unknown:
+            raise TypeError(
+                f"callbacks must be ContinualCallback or TrainerCallback instances, got {type(unknown[0]).__name__}; "
+                "subclass slca_peft.callbacks.ContinualCallback for after-task steps."
+            )
+        self.trainer_callbacks = [c for c in callbacks if isinstance(c, TrainerCallback)]
+        self.steps: list[ContinualCallback] = default_steps()
+        self.user_callbacks = [c for c in callbacks if isinstance(c, ContinualCallback)]
         self.statistics = statistics or ClassStatistics(
             model.feature_dim,
             ridge=args.ca_ridge,
@@ -73,14 +91,18 @@ class ContinualLearner:
         )
         self.result = result or ContinualResult()
         self.aligner = ClassifierAligner(AlignmentSettings.from_config(args), seed=args.seed)
-        self._unaligned = unaligned_head
+        #: The current task's heads before alignment (representation learning continues from them).
+        self.unaligned_head = unaligned_head
         self.trainer: SLCATrainer | None = None
-        # The loop pushes whole continual checkpoints, one commit per task; the Trainer's own pushes
-        # (adapter files only, mid-task) are switched off.
-        self._trainer_args = args
+        self._accelerator: Accelerator | None = None
+        #: `report_to` trackers, one run for the whole stream (the task trainers report through it).
+        self.tracker = ContinualTracker(args.report_to)
+        # The loop pushes whole continual checkpoints, one commit per task, and owns the trackers;
+        # the Trainer's own pushes (adapter files only, mid-task) and trackers are switched off.
+        self._trainer_args = copy.copy(args)
+        self._trainer_args.report_to = "none"
         if args.push_to_hub:
             self._check_pushable()
-            self._trainer_args = copy.copy(args)
             self._trainer_args.push_to_hub = False
 
     def set_transforms(self, train_transform, eval_transform) -> None:
@@ -94,7 +116,7 @@ class ContinualLearner:
         cls,
         checkpoint: str | Path,
         args: SLCAConfig,
-        tasks: TaskSequence,
+        tasks: TaskStream,
         *,
         revision: str | None = None,
         expected_base: str | Sequence[str | None] | None = None,
@@ -142,63 +164,81 @@ class ContinualLearner:
         return max(candidates)[1] if candidates else None
 
     @property
-    def domain_incremental(self) -> bool:
-        """Tasks are domains over the same classes (one head; statistics per domain and class)."""
-        return getattr(self.tasks, "domain_incremental", False)
-
-    @property
     def output_dir(self) -> Path:
         return Path(self.args.output_dir)
+
+    @property
+    def is_main_process(self) -> bool:
+        return PartialState().is_main_process
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars on the main process unless `disable_tqdm`."""
+        return not self.args.disable_tqdm and self.is_main_process
+
+    @property
+    def accelerator(self) -> Accelerator:
+        """The current task trainer's accelerator (one of its own before any training)."""
+        if self.trainer is not None:
+            return self.trainer.accelerator
+        if self._accelerator is None:
+            self._accelerator = Accelerator(cpu=self.args.use_cpu)
+        return self._accelerator
+
+    def call_event(self, event: str, *args: Any) -> None:
+        """Run a hook on the built-in steps, then on the user's callbacks (an error names the callback)."""
+        for step in self.steps:
+            getattr(step, event)(self, *args)
+        for callback in self.user_callbacks:
+            try:
+                getattr(callback, event)(self, *args)
+            except Exception as err:
+                raise RuntimeError(
+                    f"continual callback {type(callback).__name__}.{event} failed: {type(err).__name__}: {err}"
+                ) from err
 
     def run(self) -> ContinualResult:
         """Learn every task not yet learned and return the accuracies."""
         if self.train_transform is None or self.eval_transform is None:
             raise ValueError("set the train and eval transforms (set_transforms) before run().")
         start = len(self.result.accuracy_matrix)
-        if self._unaligned is not None:
-            self.model.classifier.restore(self._unaligned)
-        for task in list(self.tasks)[start:]:
-            self.learn_task(task)
-        self._write_metrics()
+        if self.unaligned_head is not None:
+            self.model.classifier.restore(self.unaligned_head)
+        self.call_event("on_run_begin")
+        for t in range(start, len(self.tasks)):
+            self.learn_task(self.tasks[t])
+        self.call_event("on_run_end", self.result)
         return self.result
 
     def learn_task(self, task: Task) -> list[float]:
+        """Grow, train, run the after-task steps, restore the unaligned heads; returns the accuracy row."""
         t = task.task_id
         heads = self.model.classifier.num_tasks
-        if (self.domain_incremental and heads != min(t, 1)) or (not self.domain_incremental and heads != t):
+        expected = sum(1 for j in range(t) if self.tasks[j].head_size > 0)
+        if heads != expected:
             raise RuntimeError(
-                f"the classifier has {heads} heads but task {t} is next; resume from the checkpoint of "
-                f"task {t - 1} with its model."
+                f"the classifier has {heads} heads but task {t + 1} needs {expected} before it; resume from the "
+                f"checkpoint of task {t} (task_{t - 1}) with its model."
             )
         # Everything a task does is a function of (seed, task id, model state), so a run resumed from a
         # checkpoint repeats an uninterrupted one exactly.
         set_seed(self.args.seed + t)
-        if heads == 0 or not self.domain_incremental:
-            self.model.grow(len(task.classes))  # domain-incremental: one head for all domains
+        if task.head_size > 0:
+            self.model.grow(task.head_size)
+        self.call_event("on_task_begin", task)
         self.trainer = SLCATrainer(
             model=self.model,
             args=self._trainer_args,
             train_dataset=task.train.with_transform(self.train_transform),
             data_collator=collate_fn,
-            callbacks=self.callbacks,
+            callbacks=[*self.trainer_callbacks, self.tracker],
             task_id=t,
         )
         self.trainer.train()
-        self.compute_statistics(task)
-        unaligned = self.model.classifier.snapshot()
-        if self.args.align and t > 0:
-            losses = self.aligner.align(self.model.classifier, self.statistics, t, self.domain_incremental)
-            logger.info("task %d: classifier alignment losses %s", t, [round(v, 4) for v in losses])
-        row, seen, sizes = self.evaluate(t)
-        self.result.accuracy_matrix.append(row)
-        self.result.seen_accuracy.append(seen)
-        self.result.task_test_sizes = sizes
-        self._report(t, row, seen)
-        self.save(self.output_dir / f"task_{t}", unaligned)
-        if self.args.push_to_hub:
-            self.push(self.output_dir / f"task_{t}", f"task {t + 1}/{len(self.tasks)}: seen classes {seen:.2f}%")
-        self.model.classifier.restore(unaligned)
-        return row
+        self.unaligned_head = self.model.classifier.snapshot()
+        self.call_event("on_task_end", task)
+        self.model.classifier.restore(self.unaligned_head)
+        return self.result.accuracy_matrix[-1] if len(self.result.accuracy_matrix) > t else []
 
     def _shard_loader(self, dataset) -> DataLoader:
         """This process's exact share (every `world`-th sample): no sampler padding, so sums and
@@ -224,35 +264,72 @@ class ContinualLearner:
         was_training = model.training
         model.eval()
         device = self.args.device
-        # Domain-incremental: each domain keeps its own Gaussian per class, keyed domain * C + class.
-        key_offset = task.task_id * self.tasks.num_classes if self.domain_incremental else 0
-        for batch in self._shard_loader(task.train):
+        batches = tqdm(self._shard_loader(task.train), desc=f"class statistics of task {task.task_id + 1}",
+                       unit="batch", leave=False, disable=not self.show_progress)
+        for batch in batches:
             feats = model.features(batch["pixel_values"].to(device))
-            self.statistics.update(feats, batch["labels"].to(device) + key_offset)
-        self.statistics.finalize(task.task_id, [c + key_offset for c in task.classes], reduce=self._reduce)
+            self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
+        self.statistics.finalize(task.task_id, [task.statistics_keys(c) for c in task.classes], reduce=self._reduce)
         model.train(was_training)
 
     @torch.inference_mode()
     def evaluate(self, task_id: int) -> tuple[list[float], float, list[int]]:
         """Accuracy on each seen task's test data and over all of it (micro), predicting among all
-        classes seen so far; every test sample is counted once whatever the number of processes."""
-        model = self.model
+        classes seen so far. Batches go through Accelerate (`gather_for_metrics`), so every test
+        sample is counted once whatever the number of processes."""
+        model, accelerator = self.model, self.accelerator
+        was_training = model.training
         model.eval()
-        device = self.args.device
-        correct = torch.zeros(task_id + 1, dtype=torch.float64, device=device)
-        total = torch.zeros(task_id + 1, dtype=torch.float64, device=device)
+        correct = np.zeros(task_id + 1)
+        total = np.zeros(task_id + 1)
         for j in range(task_id + 1):
-            for batch in self._shard_loader(self.tasks[j].test):
-                labels = batch["labels"].to(device)
-                preds = model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(dim=1)
-                correct[j] += (preds == labels).sum()
+            loader = accelerator.prepare_data_loader(DataLoader(
+                self.tasks[j].test.with_transform(self.eval_transform),
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=collate_fn,
+                num_workers=self.args.dataloader_num_workers,
+            ))
+            hits = torch.zeros((), dtype=torch.long, device=accelerator.device)
+            for batch in tqdm(loader, desc=f"evaluating on task {j + 1}", unit="batch", leave=False,
+                              disable=not self.show_progress):
+                preds = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits.argmax(dim=1)
+                preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(accelerator.device)))
+                hits += (preds == labels).sum()
                 total[j] += labels.numel()
-        correct, total = self._reduce(correct).cpu().numpy(), self._reduce(total).cpu().numpy()
+            correct[j] = hits.item()
+        model.train(was_training)
         if (total == 0).any():
-            empty = np.nonzero(total == 0)[0].tolist()
+            empty = [int(j) + 1 for j in np.nonzero(total == 0)[0]]
             raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
         row = (100.0 * correct / total).tolist()
         return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+
+    def continual_metrics(self) -> dict[str, float]:
+        """The metrics after the newest task: accuracy on all seen classes, on each seen task, and
+        the stream summaries so far (Last-Acc, Inc-Acc, forgetting, BWT)."""
+        summary = self.result.summary()
+        t = len(self.result.accuracy_matrix) - 1
+        metrics = {"seen_accuracy": self.result.seen_accuracy[-1], "task": t + 1}
+        row = self.result.accuracy_matrix[-1]
+        metrics.update({f"accuracy_{self.tasks[j].display_name}": a for j, a in enumerate(row)})
+        for key in ("last_accuracy", "average_incremental_accuracy", "average_forgetting", "backward_transfer"):
+            metrics[key] = float(summary[key])
+        return metrics
+
+    def metrics(self) -> dict[str, Any]:
+        """What metrics.json holds."""
+        summary = self.result.summary()
+        return {
+            "accuracy_matrix": self.result.accuracy_matrix,
+            "last_accuracy": summary["last_accuracy"],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+            "average_forgetting": summary["average_forgetting"],
+            "backward_transfer": summary["backward_transfer"],
+            "seen_accuracy": self.result.seen_accuracy,
+            "class_order": self.tasks.order,
+            "task_sizes": self.tasks.task_sizes,
+            "method": self.args.method,
+        }
 
     def state(self) -> dict[str, Any]:
         """The task history a checkpoint records."""
@@ -310,31 +387,6 @@ class ContinualLearner:
             )
         else:
             logger.info("pushed %s to %s (%s)", directory.name, self.hub_repo_id, message)
-
-    def _report(self, t: int, row: list[float], seen: float) -> None:
-        per_task = " ".join(f"{a:5.1f}" for a in row)
-        message = f"task {t + 1}/{len(self.tasks)} | seen classes {seen:5.1f}% | per task: {per_task}"
-        logger.info(message)
-        if self.trainer is not None and self.trainer.is_world_process_zero():
-            print(message, flush=True)
-            self.trainer.log({"continual/seen_accuracy": seen, "continual/task": t})
-
-    def _write_metrics(self) -> dict[str, Any]:
-        summary = self.result.summary()
-        metrics = {
-            "accuracy_matrix": self.result.accuracy_matrix,
-            "last_accuracy": summary["last_accuracy"],
-            "average_incremental_accuracy": summary["average_incremental_accuracy"],
-            "average_forgetting": summary["average_forgetting"],
-            "backward_transfer": summary["backward_transfer"],
-            "seen_accuracy": self.result.seen_accuracy,
-            "class_order": self.tasks.order,
-            "task_sizes": self.tasks.task_sizes,
-            "method": self.args.method,
-        }
-        if self.trainer is None or self.trainer.is_world_process_zero():
-            atomic_write_text(self.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        return metrics
 
 
 def format_accuracy_table(matrix: list[list[float]], seen: list[float]) -> str:

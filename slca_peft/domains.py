@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset
 
 from .data import image_dataset, load_split_image_folders
@@ -79,8 +80,6 @@ class DomainSequence:
     column (integers, `ClassLabel`s or strings); class names are matched across domains.
     """
 
-    domain_incremental = True
-
     def __init__(
         self,
         domains: Sequence[tuple[Dataset, Dataset]],
@@ -141,10 +140,17 @@ class DomainSequence:
         if not 0 <= task_id < len(self):
             raise IndexError(f"task {task_id} out of range; the sequence has {len(self)} domains.")
         train, test = self._domains[task_id]
-        return Task(task_id, list(range(self.num_classes)), train, test)
+        # One head over every class, grown by the first domain; each domain keeps its own Gaussian
+        # of every class (key domain * C + class).
+        return Task(task_id, list(range(self.num_classes)), train, test, new_outputs=None if task_id == 0 else 0,
+                    statistics_offset=task_id * self.num_classes, name=self.domain_names[task_id])
 
     def __iter__(self) -> Iterator[Task]:
         return (self[t] for t in range(len(self)))
+
+    def statistics_labels(self, keys: torch.Tensor) -> torch.Tensor:
+        """Every domain's Gaussian of a class trains that class."""
+        return keys % self.num_classes
 
     def describe(self) -> dict:
         """What a checkpoint records to rebuild the same stream."""

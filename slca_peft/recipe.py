@@ -26,9 +26,10 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
 
+from .callbacks import load_callback
 from .checkpoint import atomic_write_text
 from .config import SLCAConfig
-from .continual import ContinualLearner, format_accuracy_table
+from .continual import ContinualLearner
 from .data import load_benchmark
 from .domains import DomainSequence
 from .model import SLCAModel
@@ -54,6 +55,11 @@ class ModelArguments:
                   "or `auto` (the newest complete checkpoint in --output_dir, if any)."},
     )
     resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
+    callbacks: list[str] | None = field(
+        default=None,
+        metadata={"help": "After-task steps of your own, run after the built-in ones: package.module:ClassName "
+                  "(a ContinualCallback or TrainerCallback subclass built without arguments)."},
+    )
 
 
 @dataclass
@@ -211,14 +217,43 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / "seeds.json", json.dumps(result, indent=2) + "\n")
         last, inc = result["last_accuracy"], result["average_incremental_accuracy"]
-        print(f"\nseeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
+        logger.info(f"seeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
               f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / 'seeds.json'})")
     return result
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record is emitted."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(args: SLCAConfig) -> None:
+    """The library's records on stdout, once: INFO on the main process (or `--log_level`), WARNING on
+    the others (or `--log_level_replica`), as transformers' example scripts do."""
+    from transformers.training_args import trainer_log_levels as levels
+
+    chosen = levels[args.log_level if args.should_log else args.log_level_replica]
+    if chosen == -1:  # "passive"
+        chosen = logging.INFO if args.should_log else logging.WARNING
+    package = logging.getLogger("slca_peft")
+    package.setLevel(chosen)
+    if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        package.addHandler(handler)
+    package.propagate = False  # one line per record, whatever the root logger does
+
+
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args)
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
     return train(model_args, data_args, args)
@@ -229,6 +264,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
+    callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
     resume = model_args.resume_from
     if resume == "auto":
         resume = ContinualLearner.latest_checkpoint(args.output_dir)
@@ -237,27 +273,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
         learner = ContinualLearner.from_checkpoint(
             resume, args, tasks, revision=model_args.resume_revision,
             expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
-            train_transform=None, eval_transform=None,
+            train_transform=None, eval_transform=None, callbacks=callbacks,
         )
         logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
     else:
         learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
-                                   eval_transform=None)
+                                   eval_transform=None, callbacks=callbacks)
     tc = transform_config_for(learner.model, data_args.brightness_jitter)
     learner.set_transforms(
         TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
                        resize=data_args.train_resize or None),
         EvalTransform(tc),
     )
-    result = learner.run()
-    summary = result.summary()
-    if args.process_index == 0:
-        print("\nAccuracy (%) on each task's test classes after learning each task:")
-        print(format_accuracy_table(result.accuracy_matrix, result.seen_accuracy))
-        print(f"Last-Acc {summary['last_accuracy']:.2f}  Inc-Acc {summary['average_incremental_accuracy']:.2f}  "
-              f"forgetting {summary['average_forgetting']:.2f}  BWT {summary['backward_transfer']:.2f}")
-        print(f"metrics: {Path(args.output_dir) / 'metrics.json'}")
-    return summary
+    return learner.run().summary()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 
 
@@ -42,16 +44,67 @@ def split_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
 
 @dataclass
 class Task:
-    """One step of the stream: its classes (positions in the class order) and their data."""
+    """One step of a stream: the labels its data carries, the outputs it adds and its data.
+
+    This is the whole contract between a stream and the continual loop: the loop grows the
+    classifier by `head_size`, keys class statistics with `statistics_keys`, and never asks which
+    kind of stream it runs.
+    """
 
     task_id: int
     classes: list[int]
     train: Dataset
     test: Dataset
+    #: Outputs this task adds to the classifier; None means one per class of the task, 0 shares the
+    #: existing head (a new domain over the same classes).
+    new_outputs: int | None = None
+    #: Added to a label to key its class statistics (a Gaussian per domain and class, say).
+    statistics_offset: int = 0
+    name: str | None = None
 
     @property
     def offset(self) -> int:
         return self.classes[0]
+
+    @property
+    def head_size(self) -> int:
+        return len(self.classes) if self.new_outputs is None else self.new_outputs
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"task_{self.task_id + 1}"
+
+    def statistics_keys(self, labels):
+        """Statistics key of each label (a tensor or an int)."""
+        return labels + self.statistics_offset
+
+
+@runtime_checkable
+class TaskStream(Protocol):
+    """What `ContinualLearner` needs of a stream (`TaskSequence`, `DomainSequence` or your own).
+
+    `statistics_labels` maps statistics keys back to classifier labels, so alignment trains the
+    right output from every stored Gaussian.
+    """
+
+    image_column: str
+    label_column: str
+    label_names: list[str]
+    order: list[int]
+    task_sizes: list[int]
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, task_id: int) -> Task: ...
+
+    def __iter__(self) -> Iterator[Task]: ...
+
+    def statistics_labels(self, keys: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> dict: ...
 
 
 class TaskSequence:
@@ -148,6 +201,10 @@ class TaskSequence:
 
     def __iter__(self) -> Iterator[Task]:
         return (self[t] for t in range(len(self)))
+
+    def statistics_labels(self, keys: torch.Tensor) -> torch.Tensor:
+        """Class-incremental statistics are keyed by the label itself."""
+        return keys
 
     def seen_test(self, task_id: int) -> Dataset:
         """Test data of every class seen up to and including `task_id`."""

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def make_learner(base_model_dir):
-    """`make_learner(tasks, output_dir, **config)`: a ContinualLearner on the tiny base model with
+    """`make_learner(tasks, output_dir, callbacks=None, **config)`: a ContinualLearner on the tiny base model with
     test-sized settings (keywords override `SLCAConfig` fields) and mild, flip-free augmentation."""
     from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, SLCAConfig, SLCAModel, TrainTransform
 
-    def make(tasks, output_dir, **config):
+    def make(tasks, output_dir, callbacks=None, **config):
         values = dict(output_dir=str(output_dir), use_cpu=True, num_train_epochs=4, per_device_train_batch_size=8,
                       learning_rate=0.05, ca_lr=0.01, seed=0, disable_tqdm=True, report_to="none",
                       ca_samples_per_class=128, ca_batch_size=32, ca_epochs=5)
@@ -35,7 +35,7 @@ def make_learner(base_model_dir):
         model = SLCAModel.from_backbone(str(base_model_dir), args)
         tc = ImageTransformConfig.from_model_config(model.config)
         return ContinualLearner(model, args, tasks, train_transform=TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0),
-                                eval_transform=EvalTransform(tc))
+                                eval_transform=EvalTransform(tc), callbacks=callbacks)
 
     return make
 
