@@ -6,6 +6,7 @@ from .config import SLCAConfig
 from .continual import ContinualLearner, ContinualResult
 from .domains import DomainSequence
 from .head import ContinualClassifier
+from .inference import inference_context, merged_adapters
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
 from .statistics import ClassStatistics
@@ -33,5 +34,7 @@ __all__ = [
     "TaskSequence",
     "TaskStream",
     "TrainTransform",
+    "inference_context",
+    "merged_adapters",
     "symmetric_cross_entropy",
 ]

@@ -6,6 +6,7 @@ calibrated against each other, which undoes the bias toward the newest task.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,15 +55,26 @@ def normalized_logits(logits: torch.Tensor, task_offsets: list[int], temperature
     """Divide logits by the mean over tasks of each task's logit L2 norm, then by tau.
 
     Per-task norms keep a head with large weights (usually the newest) from dominating the loss.
+    All task norms come from one reduction over a [batch, tasks, widest task] view of the logits
+    (zero-padded when tasks differ in size, which leaves every norm unchanged).
     """
-    norms = torch.stack(
-        [
-            logits[:, start:end].norm(p=2, dim=1) + 1e-7
-            for start, end in zip(task_offsets[:-1], task_offsets[1:], strict=True)
-        ],
-        dim=1,
-    )
+    sizes = [end - start for start, end in zip(task_offsets[:-1], task_offsets[1:], strict=True)]
+    width = max(sizes)
+    if all(size == width for size in sizes):
+        segments = logits.reshape(len(logits), len(sizes), width)
+    else:
+        index = _padded_positions(tuple(sizes), logits.device)
+        segments = logits.new_zeros(len(logits), len(sizes) * width).index_copy(1, index, logits)
+        segments = segments.view(len(logits), len(sizes), width)
+    norms = torch.linalg.vector_norm(segments, ord=2, dim=2) + 1e-7
     return logits / norms.mean(dim=1, keepdim=True) / temperature
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_positions(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Column of each logit in the [tasks x widest task] padded layout."""
+    width = max(sizes)
+    return torch.cat([torch.arange(size) + t * width for t, size in enumerate(sizes)]).to(device)
 
 
 class ClassifierAligner:
@@ -125,13 +137,16 @@ class ClassifierAligner:
             )
         device = classifier.heads[0].weight.device
         dtype = classifier.heads[0].weight.dtype
-        before = classifier.snapshot()
+        scales = classifier.scales.clone()
         classifier.scales.fill_(1.0)
-        requires_grad = [p.requires_grad for p in classifier.parameters()]
-        params = list(classifier.heads.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        # With every scale at 1 the heads are one linear layer: train their concatenation (SGD with
+        # momentum and weight decay acts per element, so this equals training the heads one by one)
+        # with one matmul per step, and write it back into the heads once alignment succeeded.
+        weight = torch.cat([head.weight.detach() for head in classifier.heads]).requires_grad_(True)
+        bias = torch.cat([head.bias.detach() for head in classifier.heads]).requires_grad_(True)
+        optimizer = torch.optim.SGD(
+            [weight, bias], lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True
+        )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, s.epochs))
         generator = torch.Generator(device=device).manual_seed(self.seed + task_id)
         offsets = classifier.task_offsets()
@@ -149,7 +164,7 @@ class ClassifierAligner:
                     index = order[start : start + s.batch_size]
                     x = feats.index_select(0, index).to(device=device, dtype=dtype)
                     y = labels.index_select(0, index).to(device)
-                    logits = classifier(x)
+                    logits = F.linear(x, weight, bias)
                     loss = F.cross_entropy(normalized_logits(logits.float(), offsets, s.temperature), y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -158,7 +173,6 @@ class ClassifierAligner:
                     batches += 1
                 mean_loss = (total / max(1, batches)).item()  # one device sync per epoch
                 if not math.isfinite(mean_loss):
-                    classifier.restore(before)
                     bad = [c for c in stats.classes if not torch.isfinite(stats.means[c]).all()]
                     raise RuntimeError(
                         f"classifier alignment loss became {mean_loss} after task {task_id} "
@@ -167,9 +181,14 @@ class ClassifierAligner:
                     )
                 scheduler.step()
                 losses.append(mean_loss)
-        finally:
-            for p, flag in zip(classifier.parameters(), requires_grad, strict=True):
-                p.requires_grad_(flag)
+        except BaseException:
+            classifier.scales.copy_(scales)  # the heads themselves were never touched
+            raise
+        sizes = classifier.task_sizes
+        with torch.no_grad():
+            for head, w, b in zip(classifier.heads, weight.split(sizes), bias.split(sizes), strict=True):
+                head.weight.copy_(w)
+                head.bias.copy_(b)
         if s.slca_plus_plus and s.fc_scale_mu:
             num_old = classifier.num_tasks - 1
             with torch.no_grad():

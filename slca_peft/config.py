@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .hardware import check_hardware
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("slca++", "slca", "sl", "seq_ft")
@@ -160,6 +162,14 @@ class SLCAConfig(TrainingArguments):
     save_strategy: str = field(
         default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
     )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Data-loading processes. Default: min(4, CPU cores) when training on CUDA (PIL decoding "
+                  "in one process cannot feed a GPU), 0 on the CPU. More than the cores falls back to the cores."},
+    )
+    dataloader_persistent_workers: bool | None = field(
+        default=None, metadata={"help": "Keep loader workers alive between epochs. Default: on when there are workers."}
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -175,6 +185,7 @@ class SLCAConfig(TrainingArguments):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
         self._resolve_released_code()
+        check_hardware(self)  # precision the machine lacks, loader defaults for the device
         super().__post_init__()
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps

@@ -26,6 +26,7 @@ from transformers import TrainerCallback, set_seed
 from .alignment import AlignmentSettings, ClassifierAligner
 from .callbacks import ContinualCallback, default_steps
 from .config import SLCAConfig
+from .inference import inference_context
 from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel
 from .statistics import ClassStatistics
@@ -250,36 +251,40 @@ class ContinualLearner:
             batch_size=self.args.per_device_eval_batch_size,
             collate_fn=collate_fn,
             num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
 
     @staticmethod
     def _reduce(tensor: torch.Tensor) -> torch.Tensor:
         return reduce(tensor, reduction="sum") if PartialState().num_processes > 1 else tensor
 
-    @torch.inference_mode()
     def compute_statistics(self, task: Task) -> None:
-        """One batched pass over the task's training images with eval transforms; float64 sums are
-        reduced across processes so every process holds the same, exact statistics."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+        """One batched pass over the task's training images with eval transforms, adapters merged
+        and in the run's precision; float64 sums are reduced across processes so every process
+        holds the same, exact statistics."""
         device = self.args.device
         batches = tqdm(self._shard_loader(task.train), desc=f"class statistics of task {task.task_id + 1}",
                        unit="batch", leave=False, disable=not self.show_progress)
-        for batch in batches:
-            feats = model.features(batch["pixel_values"].to(device))
-            self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
+        with inference_context(self.model, self.args) as model:
+            for batch in batches:
+                feats = model.features(batch["pixel_values"].to(device))
+                self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
         self.statistics.finalize(task.task_id, [task.statistics_keys(c) for c in task.classes], reduce=self._reduce)
-        model.train(was_training)
 
-    @torch.inference_mode()
     def evaluate(self, task_id: int) -> tuple[list[float], float, list[int]]:
         """Accuracy on each seen task's test data and over all of it (micro), predicting among all
         classes seen so far. Batches go through Accelerate (`gather_for_metrics`), so every test
         sample is counted once whatever the number of processes."""
+        with inference_context(self.model, self.args):
+            correct, total = self._count_correct(task_id)
+        if (total == 0).any():
+            empty = [int(j) + 1 for j in np.nonzero(total == 0)[0]]
+            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
+        row = (100.0 * correct / total).tolist()
+        return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+
+    def _count_correct(self, task_id: int) -> tuple[np.ndarray, np.ndarray]:
         model, accelerator = self.model, self.accelerator
-        was_training = model.training
-        model.eval()
         correct = np.zeros(task_id + 1)
         total = np.zeros(task_id + 1)
         for j in range(task_id + 1):
@@ -297,12 +302,7 @@ class ContinualLearner:
                 hits += (preds == labels).sum()
                 total[j] += labels.numel()
             correct[j] = hits.item()
-        model.train(was_training)
-        if (total == 0).any():
-            empty = [int(j) + 1 for j in np.nonzero(total == 0)[0]]
-            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
-        row = (100.0 * correct / total).tolist()
-        return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+        return correct, total
 
     def continual_metrics(self) -> dict[str, float]:
         """The metrics after the newest task: accuracy on all seen classes, on each seen task, and

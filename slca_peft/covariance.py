@@ -26,6 +26,8 @@ KIND_CHOLESKY, KIND_FACTOR = 0, 1
 # Work sizes (elements): one sampling step, and the factors of one chunk of classes.
 _SAMPLE_STEP_ELEMENTS = 1 << 23
 _PLAN_CHUNK_ELEMENTS = 1 << 25
+_TRIANGULAR_BLOCKS = 8  # column blocks of a triangular factor product
+_TRIANGULAR_MIN_DIM = 256  # below this one dense product is faster than the blocks
 
 
 def _tril_indices(d: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,6 +250,7 @@ class _Chunk:
     classes: list[int]
     rank: int
     has_noise: bool
+    triangular: bool = False  # Cholesky factors: F^T is upper triangular
     factors_t: torch.Tensor | None = None
     noise_std: torch.Tensor | None = None
 
@@ -303,7 +306,8 @@ class SamplingPlan:
                 low, high, stop = lo, hi, stop + 1
             names = classes[start:stop]
             plan.chunks.append(
-                _Chunk(start=start, stop=stop, classes=names, rank=high, has_noise=any(has_noise[c] for c in names))
+                _Chunk(start=start, stop=stop, classes=names, rank=high, has_noise=any(has_noise[c] for c in names),
+                       triangular=kinds[first] == KIND_CHOLESKY)
             )
             total += len(names) * d * (high + 1) * torch.finfo(dtype).bits // 8
             start = stop
@@ -364,7 +368,14 @@ class SamplingPlan:
                 mu = means[chunk.start + lo : chunk.start + hi, None, :]
                 if chunk.rank:
                     z = torch.randn(hi - lo, n, chunk.rank, generator=generator, device=device, dtype=dtype)
-                    torch.baddbmm(mu, z, factors_t[lo:hi], out=target)
+                    if chunk.triangular and dim >= _TRIANGULAR_MIN_DIM:
+                        # z @ L^T with L^T upper triangular: output columns [a, b) only need rows < b,
+                        # which skips about 45 % of the product in 8 column blocks (same draws).
+                        edges = [dim * i // _TRIANGULAR_BLOCKS for i in range(_TRIANGULAR_BLOCKS + 1)]
+                        for a, b in zip(edges[:-1], edges[1:], strict=True):
+                            target[..., a:b] = torch.baddbmm(mu[..., a:b], z[..., :b], factors_t[lo:hi, :b, a:b])
+                    else:
+                        torch.baddbmm(mu, z, factors_t[lo:hi], out=target)
                     del z
                 else:
                     target.copy_(mu.expand(hi - lo, n, dim))

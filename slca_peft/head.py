@@ -51,9 +51,15 @@ class ContinualClassifier(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not self.heads:
             raise RuntimeError("the classifier has no heads yet; call grow(num_classes) for the first task.")
-        return torch.cat(
-            [head(features * self.scales[i].to(features.dtype)) for i, head in enumerate(self.heads)], dim=1
-        )
+        weight, bias = self.fused_weight_and_bias()
+        return nn.functional.linear(features, weight.to(features.dtype), bias.to(features.dtype))
+
+    def fused_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All heads as one linear layer, each task's scale folded into its rows
+        (``W_t (s_t x) = (s_t W_t) x``): one matmul however many tasks there are."""
+        weight = torch.cat([head.weight * self.scales[i] for i, head in enumerate(self.heads)])
+        bias = torch.cat([head.bias for head in self.heads])
+        return weight, bias
 
     def task_offsets(self) -> list[int]:
         """Start index of each task's logits (and one past the end)."""

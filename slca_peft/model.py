@@ -34,6 +34,15 @@ def _linear_names(backbone: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
 
 
+def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
+    """PyTorch's fused attention (SDPA) where the architecture supports it, else its default."""
+    try:
+        return load(*args, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as error:
+        logger.debug("SDPA attention unavailable (%s); loading with the default attention", error)
+        return load(*args, **kwargs)
+
+
 class SLCAModel(nn.Module):
     """Backbone (optionally LoRA-wrapped) + per-task heads, returning HF outputs.
 
@@ -121,9 +130,9 @@ class SLCAModel(nn.Module):
         if isinstance(model, str):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
             name = str(Path(model).resolve()) if Path(model).is_dir() else model
-            backbone = AutoModel.from_pretrained(model, revision=revision)
+            backbone = _load_with_sdpa(AutoModel.from_pretrained, model, revision=revision)
         elif isinstance(model, PretrainedConfig):
-            backbone = AutoModel.from_config(model)
+            backbone = _load_with_sdpa(AutoModel.from_config, model)
         elif isinstance(model, PreTrainedModel):
             backbone = model
         else:
@@ -206,6 +215,13 @@ class SLCAModel(nn.Module):
                 )
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def merged_adapters(self):
+        """Context manager: LoRA merged into the weights for no-grad passes, the exact weights
+        restored on exit (`slca_peft.inference.merged_adapters`)."""
+        from .inference import merged_adapters
+
+        return merged_adapters(self)
 
     def grow(self, num_new_classes: int) -> None:
         """Add the head of a new task (old heads are frozen)."""

@@ -308,3 +308,84 @@ def test_non_finite_alignment_loss_restores_the_heads():
     for key, value in before.items():
         torch.testing.assert_close(clf.state_dict()[key], value, rtol=0, atol=0)
     assert [p.requires_grad for p in clf.heads.parameters()] == [False, False, True, True]
+
+
+def _per_head_align(aligner, classifier, stats, task_id):
+    """The previous implementation: every step loops over the heads and over the task norm slices."""
+    s = aligner.settings
+    classifier.scales.fill_(1.0)
+    params = list(classifier.heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs)
+    generator = torch.Generator().manual_seed(aligner.seed + task_id)
+    offsets = classifier.task_offsets()
+    for _ in range(s.epochs):
+        feats, labels = aligner.sample(stats, task_id, generator)
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), s.batch_size):
+            index = order[start : start + s.batch_size]
+            logits = torch.cat([head(feats[index]) for head in classifier.heads], dim=1)
+            pairs = zip(offsets[:-1], offsets[1:], strict=True)
+            norms = torch.stack([logits[:, a:b].norm(dim=1) + 1e-7 for a, b in pairs], 1)
+            loss = F.cross_entropy(logits / norms.mean(1, keepdim=True) / s.temperature, labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("sizes", [[3, 2, 4], [3, 3, 3]])
+def test_one_matmul_alignment_trains_the_same_heads_as_the_per_head_loop(sizes):
+    _, data = gaussian_tasks(sizes, n=40)
+    stats = ClassStatistics(16)
+    for t, (lo, hi) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True)):
+        stats.update(torch.cat([d for d, c in data[lo:hi]]), torch.arange(lo, hi).repeat_interleave(40))
+        stats.finalize(t)
+    torch.manual_seed(0)
+    clf = ContinualClassifier(16, sizes)
+    with torch.no_grad():
+        clf.scales.copy_(torch.tensor([1.04, 1.02, 1.0]))  # left by a previous alignment: reset to 1 first
+        for head in clf.heads:
+            head.bias.normal_()
+    start = clf.snapshot()
+    reference = ContinualClassifier(16, sizes)
+    reference.load_state_dict(start)
+    settings = AlignmentSettings(epochs=3, samples_per_class=40, batch_size=32, weight_decay=5e-3)
+    ClassifierAligner(settings, seed=5).align(clf, stats, task_id=2)
+    _per_head_align(ClassifierAligner(settings, seed=5), reference, stats, task_id=2)
+    for new, old in zip(clf.heads.parameters(), reference.heads.parameters(), strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-5)
+    assert (clf.heads[0].weight - start["heads.0.weight"]).abs().max() > 1e-3  # alignment moved the old heads
+    assert clf.scales.tolist() == pytest.approx([1.04, 1.02, 1.0])
+    assert all(p.requires_grad == (i == len(sizes) - 1) for i, h in enumerate(clf.heads) for p in h.parameters())
+
+
+def test_segment_norms_equal_per_task_norms_for_unequal_tasks():
+    logits = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    offsets = [0, 3, 4, 9]
+    out = normalized_logits(logits, offsets, temperature=0.2)
+    norms = torch.stack([logits[:, a:b].norm(dim=1) + 1e-7 for a, b in zip(offsets[:-1], offsets[1:], strict=True)], 1)
+    expected = logits / norms.mean(1, keepdim=True) / 0.2
+    torch.testing.assert_close(out, expected)
+    weights = torch.randn(7, 9, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_triangular_factors_are_sampled_blockwise_as_the_dense_product():
+    dim, n = 264, 16  # above the size where Cholesky factors are multiplied in triangular blocks
+    gen = torch.Generator().manual_seed(0)
+    stats = ClassStatistics(dim)
+    x = torch.randn(2 * (dim + 40), dim, generator=gen, dtype=torch.float64) @ torch.randn(dim, dim, generator=gen,
+                                                                                            dtype=torch.float64)
+    stats.update(x, torch.arange(2).repeat_interleave(dim + 40))
+    stats.finalize(0)
+    plan = stats.sampling_plan("cpu")
+    assert all(chunk.triangular for chunk in plan.chunks)
+    feats = plan.sample(n, torch.Generator().manual_seed(7))
+    z = torch.randn(2, n, dim, generator=torch.Generator().manual_seed(7))  # the same draws, one dense product
+    expected = torch.baddbmm(plan.means[:, None, :], z, plan.chunks[0].factors_t)
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())

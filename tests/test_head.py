@@ -40,3 +40,17 @@ def test_snapshot_restore_round_trip_and_mismatch():
     clf.grow(3)
     with pytest.raises(ValueError, match="same number of grow"):
         clf.restore(snap)
+
+
+def test_one_matmul_forward_equals_scaled_heads():
+    torch.manual_seed(0)
+    clf = ContinualClassifier(12, [4, 2, 5])
+    with torch.no_grad():
+        clf.scales.copy_(torch.tensor([1.06, 1.03, 1.0]))
+        for head in clf.heads:
+            head.bias.normal_()
+    x = torch.randn(6, 12)
+    per_head = torch.cat([head(x * clf.scales[i]) for i, head in enumerate(clf.heads)], dim=1)
+    torch.testing.assert_close(clf(x), per_head, rtol=1e-5, atol=1e-6)
+    clf(x).sum().backward()  # the newest head trains through the fused weight, the old ones stay frozen
+    assert clf.heads[-1].weight.grad is not None and clf.heads[0].weight.grad is None

@@ -1,0 +1,25 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_quick_runs_on_the_cpu_and_writes_json_and_table(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--quick", "--out", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert set(results["train_step"]) == {"fp32", "bf16"}
+    assert set(results["statistics"]) == {"LoRA unmerged/fp32", "LoRA merged/fp32", "LoRA merged/bf16"}
+    assert [r["classes"] for r in results["alignment"]] == [10, 20]
+    numbers = [r["images_per_s"] for r in [*results["train_step"].values(), *results["statistics"].values(),
+                                           *results["data_pipeline"]]]
+    assert all(n > 0 for n in numbers)
+    assert all(r["seconds"] > 0 and r["previous_seconds"] > 0 for r in results["alignment"])
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert table.count("\n| ") == 2 + 2 + 3 + len(results["data_pipeline"]) + 2 and "| alignment C = 20" in table
+    assert table in done.stdout or table.split("\n\n", 1)[1].strip() in done.stdout
