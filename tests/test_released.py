@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification, ViTModel
 
 from slca_peft import AlignmentSettings, SLCAConfig, SLCAModel, SLCATrainer
+from slca_peft.inference import merged_adapters
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -110,6 +111,10 @@ def test_fused_update_is_a_rank_r_update_of_w_qkv_and_survives_save_load_export(
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         logits = model(pixels).logits
+    with merged_adapters(model):  # statistics and evaluation passes merge the shared A into each projection
+        torch.testing.assert_close(model(pixels).logits, logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(pixels).logits, logits)  # and the weights come back exactly
     model.save_pretrained(str(tmp_path / "ckpt"))
     loaded = SLCAModel.from_pretrained(str(tmp_path / "ckpt")).eval()
     assert loaded.lora_layout == "fused_qkv"
