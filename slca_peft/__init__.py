@@ -9,6 +9,7 @@ from .head import ContinualClassifier
 from .inference import inference_context, merged_adapters
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
+from .model_config import SLCAModelConfig
 from .statistics import ClassStatistics
 from .tasks import Task, TaskSequence, TaskStream
 from .trainer import SLCATrainer
@@ -29,6 +30,7 @@ __all__ = [
     "ImageTransformConfig",
     "SLCAConfig",
     "SLCAModel",
+    "SLCAModelConfig",
     "SLCATrainer",
     "Task",
     "TaskSequence",

@@ -1,18 +1,23 @@
 """Continual checkpoints: one directory (and Hub repo) per model state, safetensors + JSON only.
 
-Layout:
-  slca_config.json              model settings and the referenced base model
+Model files (`SLCAModel.save_pretrained` / `from_pretrained`):
+  slca_config.json              `SLCAModelConfig`: settings, class names and the referenced base model
   adapter_config.json,
   adapter_model.safetensors     PEFT adapter: LoRA, biases, LayerNorms and the class token
                                 (Hybrid-SL); `PeftModel.from_pretrained` loads it onto the base
   backbone.safetensors,
   backbone_config.json          the whole backbone, for full fine-tuning
-  classifier.safetensors        aligned heads + scales, and the unaligned ones under `unaligned.`
-  class_statistics.safetensors  per-class Gaussians
-  continual_state.json          task history: class order, task sizes, names, accuracy matrix
+  classifier.safetensors        aligned heads + scales
   README.md                     model card
 
-Only these files are ever read; pickle-based files are refused.
+Learner run state beside them (`save_learner_state` / `load_learner_state`), as a Trainer keeps
+trainer_state.json beside its model:
+  classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
+  class_statistics.safetensors  per-class Gaussians
+  continual_state.json          task history: class order, task sizes, names, accuracy matrix
+
+`save_checkpoint` / `load_checkpoint` write and read both. Only these files are ever read;
+pickle-based files are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
+from .base_model import load_base_model, portable_name, resolve_recorded_base
+from .model_config import SLCAModelConfig, validate_state
 from .statistics import STATISTICS_FILE, ClassStatistics
 
 if TYPE_CHECKING:
@@ -39,10 +46,10 @@ if TYPE_CHECKING:
 CONFIG_FILE = "slca_config.json"
 STATE_FILE = "continual_state.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+UNALIGNED_FILE = "classifier_unaligned.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_CONFIG_FILE = "backbone_config.json"
-FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -107,6 +114,80 @@ def _backbone_extras(model: SLCAModel, adapter_state: dict[str, torch.Tensor]) -
     return extras
 
 
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | None,
+                       card: dict[str, Any] | None) -> None:
+    settings = model.settings()
+    if model.use_lora and not settings["base_model_name_or_path"]:
+        raise ValueError(
+            "this model's backbone was built from a config and has no saved base weights to reference; "
+            "save the backbone first (backbone.save_pretrained(path)) and build the model from that path."
+        )
+    _write_json(folder / CONFIG_FILE, settings)
+    if model.use_lora:
+        # PEFT records the name the backbone was loaded by; make it the portable one (absolute path or Hub id).
+        for peft_config in model.backbone.peft_config.values():
+            peft_config.base_model_name_or_path = settings["base_model_name_or_path"]
+        model.backbone.save_pretrained(str(folder))
+        adapter_state = get_peft_model_state_dict(model.backbone)
+        extras = _backbone_extras(model, adapter_state)
+        if extras:
+            # PEFT loads any key of the adapter file that names a model tensor, so the class token
+            # rides along and `PeftModel.from_pretrained` restores the whole trained backbone.
+            merged = load_file(str(folder / ADAPTER_FILE))
+            merged.update({f"base_model.model.{k}": v for k, v in extras.items()})
+            save_file(merged, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    else:
+        backbone = model.base_backbone
+        save_file(_tensors(backbone.state_dict()), str(folder / BACKBONE_FILE))
+        _write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
+    save_file(_tensors(model.classifier.state_dict()), str(folder / CLASSIFIER_FILE))
+    from .hub import write_model_card
+
+    write_model_card(folder, settings, state, **(card or {}))
+
+
+def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str, Any] | None = None,
+                     card: dict[str, Any] | None = None) -> Path:
+    """Write the model files into `directory` (other files there are kept, like
+    `PreTrainedModel.save_pretrained`); each file appears whole, through a rename."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".slca-save-", dir=directory))
+    try:
+        _write_model_files(model, tmp, state, card)
+        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if model.use_lora else (ADAPTER_FILE, "adapter_config.json")
+        for name in stale:
+            (directory / name).unlink(missing_ok=True)
+        for child in tmp.iterdir():
+            os.replace(child, directory / child.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def save_learner_state(
+    directory: str | Path,
+    *,
+    statistics: ClassStatistics | None = None,
+    state: dict[str, Any] | None = None,
+    unaligned_head: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the continual learner's run state beside the model files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if unaligned_head is not None:
+        save_file(_tensors(unaligned_head), str(directory / UNALIGNED_FILE))
+    if statistics is not None:
+        statistics.save(directory)
+    if state is not None:
+        validate_state(state)
+        atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(
     model: SLCAModel,
     directory: str | Path,
@@ -114,42 +195,15 @@ def save_checkpoint(
     statistics: ClassStatistics | None = None,
     state: dict[str, Any] | None = None,
     unaligned_head: dict[str, torch.Tensor] | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
-    """Write everything needed to continue or serve `model`, atomically."""
-    settings = model.settings()
-    if model.use_lora and not settings["base_model_name_or_path"]:
-        raise ValueError(
-            "this model's backbone was built from a config and has no saved base weights to reference; "
-            "save the backbone first (backbone.save_pretrained(path)) and build the model from that path."
-        )
+    """Write everything needed to continue or serve `model`, atomically: the directory is either
+    complete or absent."""
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
     with atomic_directory(directory) as tmp:
-        _write_json(tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, **settings})
-        if model.use_lora:
-            model.backbone.save_pretrained(str(tmp))
-            adapter_state = get_peft_model_state_dict(model.backbone)
-            extras = _backbone_extras(model, adapter_state)
-            if extras:
-                # PEFT loads any key of the adapter file that names a model tensor, so the class token
-                # rides along and `PeftModel.from_pretrained` restores the whole trained backbone.
-                merged = load_file(str(tmp / ADAPTER_FILE))
-                merged.update({f"base_model.model.{k}": v for k, v in extras.items()})
-                save_file(merged, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        else:
-            backbone = model.base_backbone
-            save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
-                      str(tmp / BACKBONE_FILE))
-            _write_json(tmp / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
-        head = {k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
-        if unaligned_head is not None:
-            head.update({f"unaligned.{k}": v.detach().cpu().contiguous() for k, v in unaligned_head.items()})
-        save_file(head, str(tmp / CLASSIFIER_FILE))
-        if statistics is not None:
-            statistics.save(tmp)
-        if state is not None:
-            _write_json(tmp / STATE_FILE, state)
-        from .hub import write_model_card
-
-        write_model_card(tmp, settings, state)
+        _write_model_files(model, tmp, state, card)
+        save_learner_state(tmp, statistics=statistics, state=state, unaligned_head=unaligned_head)
     return Path(directory)
 
 
@@ -233,64 +287,67 @@ def _check_no_pickle(root: Path) -> None:
         )
 
 
-def load_checkpoint(
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged.") from err
+
+
+def _same_base(a: str, b: str) -> bool:
+    return a == b or portable_name(a) == portable_name(b)
+
+
+def load_model_files(
     path_or_repo_id: str | Path,
     revision: str | None = None,
     expected_base: str | Sequence[str | None] | None = None,
-) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
-    """Rebuild model, statistics, task history and unaligned head from a checkpoint.
+) -> tuple[SLCAModel, Path]:
+    """Rebuild the model `save_model_files` wrote; returns it and the local directory read.
 
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
-    its Hub id) refuses a checkpoint that was trained on another backbone.
+    its Hub id) refuses files trained on another backbone, and locates a base model that has moved.
     """
-    from .model import SLCAModel
+    from .model import SLCAModel, _load_with_sdpa
 
     root = resolve_checkpoint(path_or_repo_id, revision)
     _check_no_pickle(root)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; {root} is not an slca-peft checkpoint.")
-    try:
-        settings = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); the file is damaged.") from err
-    required = {"use_lora", "lora_rank", "lora_scale", "lora_target_modules", "task_sizes", "feature_dim"}
-    missing_fields = sorted(required - set(settings))
-    if missing_fields:
-        raise ValueError(f"{config_path} lacks the field(s) {missing_fields}.")
-    base = settings.get("base_model_name_or_path")
+    # Validated before anything is allocated: a crafted file cannot ask for a huge model.
+    config = SLCAModelConfig.from_dict(_read_json(config_path), str(config_path))
     accepted = [expected_base] if isinstance(expected_base, (str, Path)) else list(expected_base or [])
     accepted = [str(name) for name in accepted if name]
-    if accepted and base is not None and str(base) not in accepted:
+    base = resolve_recorded_base(config.base_model_name_or_path, config_path, accepted)
+    if accepted and base is not None and not any(_same_base(base, name) for name in accepted):
         raise ValueError(
             f"{config_path}: base_model_name_or_path is {base!r} but this run uses {' / '.join(accepted)!r}; "
             "resume with the base model the checkpoint was trained on."
         )
-    if settings["use_lora"]:
-        backbone = AutoModel.from_pretrained(base, revision=settings.get("revision"))
+    config.base_model_name_or_path = base
+    if config.use_lora:
+        try:
+            backbone = _load_with_sdpa(load_base_model, base, revision=config.revision)
+        except OSError as err:
+            if Path(base).is_absolute() or base.startswith("."):
+                raise
+            # "runs/base" may be a Hub id or a path relative to where an older run started.
+            raise FileNotFoundError(
+                f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
+                f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
+                "model's location: --model_name_or_path PATH with the recipe, or "
+                "load_checkpoint(..., expected_base=PATH) from Python."
+            ) from err
     else:
-        config_dict = json.loads((root / BACKBONE_CONFIG_FILE).read_text())
+        config_dict = _read_json(root / BACKBONE_CONFIG_FILE)
         model_type = config_dict.pop("model_type")
         backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **config_dict))
-    model = SLCAModel(
-        backbone,
-        use_lora=settings["use_lora"],
-        lora_rank=settings["lora_rank"],
-        lora_scale=settings["lora_scale"],
-        lora_target_modules=settings["lora_target_modules"],
-        lora_svd_init=False,
-        lora_layout=settings.get("lora_layout", "per_projection"),
-        reset_final_norm=settings.get("reset_final_norm", False),
-        final_norm_eps=settings.get("final_norm_eps", 1e-5),
-        base_model_name_or_path=base,
-        revision=settings.get("revision"),
-        task_sizes=settings["task_sizes"],
-    )
-    if model.feature_dim != settings["feature_dim"]:
-        raise ValueError(
-            f"{config_path}: feature_dim {settings['feature_dim']} but the base model {base!r} gives "
-            f"{model.feature_dim}; the checkpoint belongs to a different base model."
-        )
+    config.lora_svd_init = False
+    try:
+        model = SLCAModel(backbone, config)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
     if model.use_lora:
         # PEFT stores adapter tensors without the adapter name ("lora_A.weight") and the trained copy
         # of a `modules_to_save` module under the module's own name.
@@ -303,11 +360,42 @@ def load_checkpoint(
         expected = dict(model.base_backbone.state_dict())
         model.base_backbone.load_state_dict(read_safetensors(root / BACKBONE_FILE, expected), strict=True)
     head_expected = dict(model.classifier.state_dict())
+    # Checkpoints before the run state had its own files kept the unaligned heads under `unaligned.`.
     head_expected.update({f"unaligned.{k}": v for k, v in list(head_expected.items())})
     head = read_safetensors(root / CLASSIFIER_FILE, head_expected)
-    aligned = {k: v for k, v in head.items() if not k.startswith("unaligned.")}
-    unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")}
-    model.classifier.restore(aligned)
+    model.classifier.restore({k: v for k, v in head.items() if not k.startswith("unaligned.")})
+    model._legacy_unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")}
+    return model, root
+
+
+def load_learner_state(
+    directory: str | Path, model: SLCAModel
+) -> tuple[ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """The learner's run state `save_learner_state` wrote beside `model`'s files (each part None
+    when absent)."""
+    root = Path(directory)
     statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
-    state = json.loads((root / STATE_FILE).read_text()) if (root / STATE_FILE).is_file() else None
-    return model, statistics, state, unaligned or None
+    state = validate_state(_read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
+        else None
+    unaligned = getattr(model, "_legacy_unaligned", None) or None
+    if (root / UNALIGNED_FILE).is_file():
+        expected = dict(model.classifier.state_dict())
+        unaligned = read_safetensors(root / UNALIGNED_FILE, expected)
+    return statistics, state, unaligned
+
+
+def load_checkpoint(
+    path_or_repo_id: str | Path,
+    revision: str | None = None,
+    expected_base: str | Sequence[str | None] | None = None,
+) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Rebuild model, statistics, task history and unaligned head from a checkpoint.
+
+    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
+    its Hub id) refuses a checkpoint that was trained on another backbone.
+    """
+    model, root = load_model_files(path_or_repo_id, revision, expected_base)
+    statistics, state, unaligned = load_learner_state(root, model)
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    return model, statistics, state, unaligned

@@ -10,11 +10,8 @@ import sys
 def _export(ns: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
 
-    model, _, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
-    names = None
-    if state and state.get("label_names"):
-        names = state["label_names"][: model.classifier.num_classes]
-    model.export(ns.output_dir, label_names=names)
+    model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
+    model.export(ns.output_dir)  # the checkpoint's class names, when it has them
     print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes)")
 
 
@@ -24,7 +21,7 @@ def _push(ns: argparse.Namespace) -> None:
 
     load_checkpoint(ns.checkpoint)  # refuse to upload a checkpoint that does not load
     print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=ns.commit_message,
-                      base_model_id=ns.base_model_id, revision=ns.revision))
+                      base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags))
 
 
 def _info(ns: argparse.Namespace) -> None:
@@ -76,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--private", action="store_true")
     p.add_argument("--commit_message", default="Upload SLCA++ continual checkpoint")
     p.add_argument("--base_model_id", help="Hub id of the base model, for a checkpoint trained on a local copy")
-    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
+    p.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--tags", nargs="*", default=None, help="extra model card tags")
     p.set_defaults(func=_push)
     p = sub.add_parser("info", help="print what a checkpoint holds")
     p.add_argument("checkpoint")

@@ -159,6 +159,11 @@ class SLCAConfig(TrainingArguments):
         metadata={"help": "With --push_to_hub: the Hub id of the base model, recorded in every pushed checkpoint "
                   "when the backbone was loaded from a local copy (a local path would load nowhere else)."},
     )
+    optim: str = field(
+        default="sgd",
+        metadata={"help": "sgd (the method's: momentum, weight decay) or another plain torch optimizer of "
+                  "TrainingArguments (adamw_torch, ...), each with the slow-learner rate groups."},
+    )
     save_strategy: str = field(
         default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
     )

@@ -96,6 +96,9 @@ class ContinualLearner:
         self.unaligned_head = unaligned_head
         self.trainer: SLCATrainer | None = None
         self._accelerator: Accelerator | None = None
+        #: Extra facts a checkpoint's task history records (the recipe sets the dataset's Hub id,
+        #: which the model card lists).
+        self.run_metadata: dict[str, Any] = {}
         #: `report_to` trackers, one run for the whole stream (the task trainers report through it).
         self.tracker = ContinualTracker(args.report_to)
         # The loop pushes whole continual checkpoints, one commit per task, and owns the trackers;
@@ -341,14 +344,16 @@ class ContinualLearner:
             "seen_accuracy": self.result.seen_accuracy,
             "task_test_sizes": self.result.task_test_sizes,
             "training_seed": self.args.seed,
+            **self.run_metadata,
         }
 
     def save(self, directory: Path, unaligned: dict[str, torch.Tensor]) -> None:
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         if self.trainer is None or self.trainer.is_world_process_zero():
-            self.model.save_pretrained(
-                str(directory), statistics=self.statistics, state=self.state(), unaligned_head=unaligned
-            )
+            from .checkpoint import save_checkpoint
+
+            save_checkpoint(self.model, directory, statistics=self.statistics, state=self.state(),
+                            unaligned_head=unaligned)
         if self.trainer is not None:
             self.trainer.accelerator.wait_for_everyone()
 

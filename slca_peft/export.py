@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPImageProcessor
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .checkpoint import atomic_directory
+from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
 
 if TYPE_CHECKING:
     from .model import SLCAModel
-
-logger = logging.getLogger(__name__)
 
 # Model types whose *ForImageClassification head reads the class token after the final LayerNorm,
 # the same feature SLCA trains its heads on.
@@ -47,6 +47,8 @@ def export_model(
             f"{config.model_type} heads read another feature. Save with save_pretrained instead."
         )
     num_classes = model.classifier.num_classes
+    if label_names is None and model.label_names:
+        label_names = model.label_names[:num_classes]
     names = list(label_names) if label_names else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
@@ -56,7 +58,7 @@ def export_model(
     config.architectures = None
     if model.reset_final_norm and getattr(config, "layer_norm_eps", model.final_norm_eps) != model.final_norm_eps:
         # One eps serves every LayerNorm of a transformers ViT: the fresh final norm's cannot be kept.
-        logger.warning(
+        logging.getLogger(__name__).warning(
             "the final LayerNorm uses eps %g but the exported %s config has layer_norm_eps %g for every norm; "
             "exported logits differ from the model's by a tiny amount.",
             model.final_norm_eps, config.model_type, config.layer_norm_eps,
@@ -83,22 +85,40 @@ def export_model(
     return Path(directory)
 
 
-def default_image_processor(model: SLCAModel):
-    """The base model's processor if it has one, else the paper's eval transform: shorter side to
-    size*256/224 (bicubic), center crop, normalise with 0.5."""
+def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
+    """Crop size and normalisation of the evaluation transform: the base model's image processor
+    statistics, or ViT's defaults (mean = std = 0.5) when it ships none."""
     base = model.base_model_name_or_path
     if base:
         try:
-            return AutoImageProcessor.from_pretrained(base, revision=model.revision)
-        except (OSError, ValueError):
+            processor = AutoImageProcessor.from_pretrained(base, revision=model.revision)
+            return ImageTransformConfig.from_image_processor(processor)
+        except (OSError, ValueError, TypeError):
             pass
-    size = model.config.image_size
-    size = size if isinstance(size, int) else size[0]
-    return CLIPImageProcessor(
-        size={"shortest_edge": round(size * 256 / 224)},
+    return ImageTransformConfig.from_model_config(model.config)
+
+
+def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
+    """A transformers image processor that computes `EvalTransform(config)`: shorter side to
+    round(size * 256 / 224) with PIL's bicubic (the longer side truncated), centre crop, rescale
+    by 1/255, normalise. Saved as `CLIPImageProcessor`; the PIL backend (the one used where
+    torchvision is not installed, or with `backend="pil"`) gives the same pixels."""
+    size = config.size
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": round(size * EVAL_RESIZE_RATIO)},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=True,
         crop_size={"height": size, "width": size},
-        resample=3,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        do_convert_rgb=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(config.mean),
+        image_std=list(config.std),
+        do_convert_rgb=config.num_channels == 3,
     )
+
+
+def default_image_processor(model: SLCAModel) -> CLIPImageProcessorPil:
+    """The processor matching the transform slca-peft evaluates `model` with."""
+    return eval_image_processor(eval_transform_config(model))

@@ -12,11 +12,12 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .config import DEFAULT_LORA_TARGETS, LORA_LAYOUTS
+from .base_model import load_base_model, portable_name
 from .head import ContinualClassifier
 from .layout import check_fused_qkv_backbone, tie_fused_qkv
 from .layout import reset_final_norm as reset_final_norm_of
 from .lora_init import svd_init_lora
+from .model_config import SLCAModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,54 +52,70 @@ class SLCAModel(nn.Module):
     pooled feature of `features()`.
     """
 
-    def __init__(
-        self,
-        backbone: PreTrainedModel,
-        *,
-        use_lora: bool = True,
-        lora_rank: int = 4,
-        lora_scale: float = 0.8,
-        lora_target_modules: list[str] | None = None,
-        lora_svd_init: bool = True,
-        lora_layout: str = "per_projection",
-        reset_final_norm: bool = False,
-        final_norm_eps: float = 1e-5,
-        base_model_name_or_path: str | None = None,
-        revision: str | None = None,
-        task_sizes: list[int] | None = None,
-    ):
+    def __init__(self, backbone: PreTrainedModel, config: SLCAModelConfig | None = None, **overrides: Any):
+        """`config` (or its fields as keywords, e.g. ``use_lora=False``) says how to wrap `backbone`."""
         super().__init__()
         if isinstance(backbone, PeftModel):
             raise ValueError("pass the plain backbone; SLCAModel adds LoRA itself (use_lora=True).")
+        values = config.to_dict() if config is not None else {}
+        values.pop("format_version", None)
+        values.update(overrides)
+        if values.get("lora_target_modules") is None:
+            values.pop("lora_target_modules", None)
+        values["task_sizes"] = list(values.get("task_sizes") or [])
+        config = SLCAModelConfig(**values)
         if hasattr(backbone, "pooler") and backbone.pooler is not None and _find_cls_token(backbone) is not None:
             # ViT's pooler is an extra dense+tanh layer: SLCA's feature is the normed class token.
             backbone.pooler = None
-        self.feature_source = "cls" if _find_cls_token(backbone) is not None else "pooler"
-        self.use_lora = use_lora
-        self.lora_rank = lora_rank
-        self.lora_scale = lora_scale
-        self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGETS)
-        self.lora_svd_init = lora_svd_init
-        if lora_layout not in LORA_LAYOUTS:
-            raise ValueError(f"lora_layout={lora_layout!r} is not one of {LORA_LAYOUTS}.")
-        self.lora_layout = lora_layout
-        self.reset_final_norm = reset_final_norm
-        self.final_norm_eps = final_norm_eps
-        if reset_final_norm:
-            reset_final_norm_of(backbone, final_norm_eps)
-        self.base_model_name_or_path = base_model_name_or_path or getattr(backbone, "name_or_path", None)
-        self.revision = revision
-        self.feature_dim = int(backbone.config.hidden_size)
-        if self.feature_source == "pooler":
+        config.feature_source = "cls" if _find_cls_token(backbone) is not None else "pooler"
+        config.base_model_name_or_path = portable_name(
+            config.base_model_name_or_path or getattr(backbone, "name_or_path", None) or None
+        )
+        feature_dim = int(backbone.config.hidden_size)
+        if config.feature_dim is not None and config.feature_dim != feature_dim:
+            raise ValueError(
+                f"the config's feature_dim is {config.feature_dim} but the base model "
+                f"{config.base_model_name_or_path!r} "
+                f"gives {feature_dim}; the checkpoint belongs to a different base model."
+            )
+        config.feature_dim = feature_dim
+        self.slca_config = config
+        if config.feature_source == "pooler":
             self._check_pooled_output(backbone)
-        if use_lora:
-            if lora_layout == "fused_qkv":
-                check_fused_qkv_backbone(backbone, self.lora_target_modules)
+        if config.reset_final_norm:
+            reset_final_norm_of(backbone, config.final_norm_eps)
+        if config.use_lora:
+            if config.lora_layout == "fused_qkv":
+                check_fused_qkv_backbone(backbone, config.lora_target_modules)
             backbone = self._wrap_lora(backbone)
         else:
             backbone.requires_grad_(True)
         self.backbone = backbone
-        self.classifier = ContinualClassifier(self.feature_dim, task_sizes)
+        self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
+
+    # Read-only views of the config, for code that reads the model's settings.
+    use_lora = property(lambda self: self.slca_config.use_lora)
+    lora_rank = property(lambda self: self.slca_config.lora_rank)
+    lora_scale = property(lambda self: self.slca_config.lora_scale)
+    lora_target_modules = property(lambda self: self.slca_config.lora_target_modules)
+    lora_svd_init = property(lambda self: self.slca_config.lora_svd_init)
+    lora_layout = property(lambda self: self.slca_config.lora_layout)
+    reset_final_norm = property(lambda self: self.slca_config.reset_final_norm)
+    final_norm_eps = property(lambda self: self.slca_config.final_norm_eps)
+    feature_dim = property(lambda self: self.slca_config.feature_dim)
+    feature_source = property(lambda self: self.slca_config.feature_source)
+    base_model_name_or_path = property(lambda self: self.slca_config.base_model_name_or_path)
+    revision = property(lambda self: self.slca_config.revision)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in class-index order, when the training data named its classes."""
+        return self.slca_config.label_names
+
+    @label_names.setter
+    def label_names(self, names: list[str] | None) -> None:
+        self.slca_config.label_names = list(names) if names is not None else None
+        self.slca_config.validate()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -129,15 +146,15 @@ class SLCAModel(nn.Module):
         name = None
         if isinstance(model, str):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
-            name = str(Path(model).resolve()) if Path(model).is_dir() else model
-            backbone = _load_with_sdpa(AutoModel.from_pretrained, model, revision=revision)
+            name = portable_name(model)
+            backbone = _load_with_sdpa(load_base_model, model, revision=revision)
         elif isinstance(model, PretrainedConfig):
             backbone = _load_with_sdpa(AutoModel.from_config, model)
         elif isinstance(model, PreTrainedModel):
             backbone = model
         else:
             raise TypeError(f"model must be a Hub id, a path, a config or a PreTrainedModel, got {type(model)}.")
-        return cls(backbone, base_model_name_or_path=name, revision=revision, **settings)
+        return cls(backbone, SLCAModelConfig(base_model_name_or_path=name, revision=revision, **settings))
 
     def _check_pooled_output(self, backbone: PreTrainedModel) -> None:
         config = backbone.config
@@ -237,58 +254,68 @@ class SLCAModel(nn.Module):
         return BACKBONE
 
     def settings(self) -> dict[str, Any]:
-        """What `from_pretrained` needs to rebuild the same model around the referenced base."""
-        return {
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "revision": self.revision,
-            "use_lora": self.use_lora,
-            "lora_rank": self.lora_rank,
-            "lora_scale": self.lora_scale,
-            "lora_target_modules": self.lora_target_modules,
-            "lora_layout": self.lora_layout,
-            "reset_final_norm": self.reset_final_norm,
-            "final_norm_eps": self.final_norm_eps,
-            "feature_dim": self.feature_dim,
-            "feature_source": self.feature_source,
-            "task_sizes": self.classifier.task_sizes,
-        }
+        """What `from_pretrained` needs to rebuild the same model around the referenced base
+        (`slca_config.json`), with the classifier's current task sizes."""
+        self.slca_config.task_sizes = list(self.classifier.task_sizes)
+        return self.slca_config.to_dict()
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory: str, **parts: Any) -> None:
-        """Write a checkpoint directory (see `slca_peft.checkpoint`); `parts` may add `statistics`,
-        `state` and `unaligned_head`."""
-        from .checkpoint import save_checkpoint
+    def save_pretrained(self, save_directory: str | Path, *, state: dict[str, Any] | None = None,
+                        card: dict[str, Any] | None = None, **run_state: Any) -> Path:
+        """Write the model files: `slca_config.json`, the PEFT adapter (or the whole backbone), the
+        classifier and a model card. The learner's run state is written by
+        `slca_peft.checkpoint.save_learner_state`. `state` (a task history) only feeds the card's
+        results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
+        from .checkpoint import save_model_files
 
-        save_checkpoint(self, save_directory, **parts)
+        if run_state:
+            raise TypeError(
+                f"save_pretrained writes the model files only; {sorted(run_state)} belong to the learner's run "
+                "state: use slca_peft.checkpoint.save_checkpoint(model, directory, statistics=..., state=..., "
+                "unaligned_head=...) for a resumable checkpoint."
+            )
+        return save_model_files(self, save_directory, state=state, card=card)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, revision: str | None = None) -> SLCAModel:
-        """Load a checkpoint directory or Hub repo written by `save_pretrained` (the base model is
-        loaded from the id or path the checkpoint references)."""
-        from .checkpoint import load_checkpoint
+    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
+                        base_model_name_or_path: str | None = None) -> SLCAModel:
+        """Load a directory or Hub repo written by `save_pretrained` (the base model is loaded from the
+        id or path the files reference; `base_model_name_or_path` points at it when it has moved)."""
+        from .checkpoint import load_model_files
 
-        return load_checkpoint(path_or_repo_id, revision)[0]
+        return load_model_files(path_or_repo_id, revision, expected_base=base_model_name_or_path)[0]
 
     def push_to_hub(
-        self, repo_id: str, *, private: bool | None = None, commit_message: str = "Upload SLCA++ checkpoint",
-        token: str | None = None, base_model_id: str | None = None, **parts: Any,
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload SLCA++ model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        base_model_id: str | None = None,
+        state: dict[str, Any] | None = None,
+        card: dict[str, Any] | None = None,
     ) -> Any:
-        """Save to a temporary directory and upload it as one commit (the base model is referenced:
-        pass `base_model_id` when it was loaded from a local directory)."""
+        """Upload the model files as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is
+        created as a branch when missing). The base model is referenced: pass `base_model_id` when
+        it was loaded from a local directory."""
         import tempfile
 
         from .hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
-            target = f"{tmp}/checkpoint"
-            self.save_pretrained(target, **parts)
+            target = Path(tmp) / "model"
+            self.save_pretrained(target, state=state, card=card)
             return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
-                               base_model_id=base_model_id)
+                               revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
 
-    def export(self, save_directory: str, label_names: list[str] | None = None, image_processor=None) -> None:
+    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None) -> Path:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
-        folded) that `pipeline("image-classification")` loads without slca-peft."""
+        folded) that `pipeline("image-classification")` loads without slca-peft, with an image
+        processor that reproduces the evaluation transform. Class names default to `label_names`."""
         from .export import export_model
 
-        export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
-
+        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)

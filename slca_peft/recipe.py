@@ -4,7 +4,9 @@ It lives in the package so `slca-peft train` works from an installed wheel; `rec
 is the thin entry point for `accelerate launch`.
 
     python recipes/train_seq.py                      # offline demo: digits, tiny ViT
+    slca-peft train --num_train_epochs 2             # the demo with a flag overridden
     python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml   # the paper's CIFAR-100 row
+    slca-peft train --config cifar100_in21k_slca++.yaml   # a config shipped in the package, by name
     python recipes/train_seq.py --config recipes/configs/cub200_in21k_slca++.yaml --data_dir data/CUB_200_2011
     accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar --seeds 1993 1996 1997
 
@@ -15,6 +17,7 @@ supplies defaults that flags on the command line override.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -24,19 +27,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
 from .callbacks import load_callback
 from .checkpoint import atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner
-from .data import load_benchmark
+from .data import KNOWN_DATASETS, canonical_name, load_benchmark
 from .domains import DomainSequence
+from .export import eval_transform_config
 from .model import SLCAModel
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo_digits.yaml"
+
+def _shipped(kind: str, name: str) -> Path:
+    """A file under recipes/ (`configs`, `assets`): inside the installed package (a wheel ships them
+    as slca_peft/_configs, slca_peft/_assets), else in the source tree."""
+    here = Path(__file__).resolve().parent
+    installed = here / f"_{kind}" / name
+    return installed if installed.exists() else here.parent / "recipes" / kind / name
+
+
+DEMO_CONFIG = _shipped("configs", "demo_digits.yaml")
+DEMO_BACKBONE = _shipped("assets", "tiny_vit_letters")
 logger = logging.getLogger(__name__)
 
 
@@ -120,14 +134,41 @@ def yaml_to_argv(path: str) -> list[str]:
     return argv
 
 
+def refuse_trainer_flags(args: SLCAConfig) -> None:
+    """Trainer flags the continual loop cannot honour, refused before anything runs, naming what to use."""
+    problems = []
+    evaluation = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if evaluation != "no":
+        problems.append(f"--eval_strategy {evaluation}: the loop evaluates every seen task after each task "
+                        "(metrics.json); drop the flag")
+    save = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if save != "no":
+        problems.append(f"--save_strategy {save}: the loop writes a checkpoint after each task "
+                        "(OUTPUT_DIR/task_<t>); drop the flag")
+    if args.load_best_model_at_end:
+        problems.append("--load_best_model_at_end: there is no best model across tasks; drop the flag")
+    if args.resume_from_checkpoint:
+        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: use --resume_from "
+                        f"{args.resume_from_checkpoint} (a task_<t> checkpoint, a Hub repo id or `auto`)")
+    if problems:
+        raise SystemExit("the continual loop cannot honour " + "; ".join(problems) + ".")
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
-    if not argv:
-        argv = ["--config", str(DEMO_CONFIG)]
+    chosen = {"--config", "--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
+    if not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv and "--help" not in argv:
+        # No data and no model given: the offline demo, with any other flag overriding its settings. Its
+        # YAML names the backbone relative to the source tree; point at wherever the backbone is.
+        argv = ["--config", str(DEMO_CONFIG), "--model_name_or_path", str(DEMO_BACKBONE), *argv]
     if "--config" in argv:
         i = argv.index("--config")
-        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+        config = argv[i + 1]
+        if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
+            config = str(_shipped("configs", Path(config).name))  # a shipped config by name
+        argv = yaml_to_argv(config) + argv[:i] + argv[i + 2 :]
     parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    refuse_trainer_flags(args)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
         raise SystemExit(
@@ -169,6 +210,16 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | Do
     )
 
 
+def dataset_hub_id(name: str | None) -> str | None:
+    """The Hub id a model card names for `--dataset` (a benchmark's Hub copy, or the id given)."""
+    if not name:
+        return None
+    key = canonical_name(name)
+    if key in KNOWN_DATASETS:
+        return KNOWN_DATASETS[key].hub_id
+    return name if key != "digits" and "/" in name and not Path(name).exists() else None
+
+
 def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
     source = model_args.model_name_or_path
     if source is None:
@@ -183,12 +234,9 @@ def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
 
 
 def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformConfig:
-    """The base model's image processor statistics, or ViT's defaults when it ships none."""
-    try:
-        processor = AutoImageProcessor.from_pretrained(model.base_model_name_or_path, revision=model.revision)
-        return ImageTransformConfig.from_image_processor(processor, brightness=brightness)
-    except (OSError, ValueError, TypeError):
-        return ImageTransformConfig.from_model_config(model.config, brightness=brightness)
+    """The base model's image processor statistics, or ViT's defaults when it ships none (the same
+    ones an export's image processor uses)."""
+    return dataclasses.replace(eval_transform_config(model), brightness=brightness)
 
 
 def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
@@ -280,6 +328,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
         learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
                                    eval_transform=None, callbacks=callbacks)
     tc = transform_config_for(learner.model, data_args.brightness_jitter)
+    dataset_id = dataset_hub_id(data_args.dataset)
+    if dataset_id:
+        learner.run_metadata["dataset"] = dataset_id
     learner.set_transforms(
         TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
                        resize=data_args.train_resize or None),

@@ -1,31 +1,98 @@
 """`SLCATrainer`: a `Trainer` that learns one task slowly.
 
-It overrides three hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
-group), the scheduler (epoch-wise cosine to the slow learner's floor) and the loss (current task's logits
-only). Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`.
+It overrides a few hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
+group), the scheduler (epoch-wise cosine to the method's floor, after an optional warm-up), the loss
+(current task's logits only) and saving (slca-peft model files, arguments as JSON, no pickle).
+Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`. A plain
+`TrainingArguments` is converted to `SLCAConfig`; a field the trainer cannot honour is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .config import SLCAConfig
 from .losses import _symmetric_cross_entropy
 from .model import BACKBONE, HEAD, LORA, SLCAModel
 
+logger = logging.getLogger(__name__)
+ARGS_FILE = "training_args.json"
+# Optimizers that need more than parameter groups (their own model hooks or per-layer state).
+_UNSUPPORTED_OPTIM = ("galore", "apollo", "lomo", "layerwise", "bnb", "8bit", "4bit", "paged", "torchao", "grokadamw")
 
-def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epochs: int):
+
+def as_slca_config(args: TrainingArguments | None) -> SLCAConfig:
+    """An `SLCAConfig` from a plain `TrainingArguments` (its values kept, the method's fields at their
+    defaults), as TRL's trainers convert theirs."""
+    if args is None:
+        return SLCAConfig(output_dir="slca_output")
+    if isinstance(args, SLCAConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"SLCATrainer needs SLCAConfig or TrainingArguments, got {type(args).__name__}; build one with "
+            "SLCAConfig(output_dir=..., <your TrainingArguments fields>)."
+        )
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict masks it
+    values.pop("push_to_hub_token", None)
+    config = SLCAConfig(**values)
+    logger.info("SLCATrainer: converted %s to SLCAConfig (its values kept; method %s with its defaults).",
+                type(args).__name__, config.method)
+    return config
+
+
+def check_honoured(args: SLCAConfig) -> None:
+    """Refuse, before training, a `TrainingArguments` value this trainer would otherwise ignore."""
+    optim = str(getattr(args.optim, "value", args.optim))
+    if any(word in optim for word in _UNSUPPORTED_OPTIM):
+        raise ValueError(
+            f"optim={optim!r} is not supported: its optimizer needs more than the slow-learner parameter groups. "
+            "Use optim='sgd' (the method's), or a plain torch optimizer such as 'adamw_torch'."
+        )
+    scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if scheduler == "cosine" and args.lr_scheduler_kwargs:
+        raise ValueError(
+            f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r} is not used by the cosine schedule (its floor is "
+            "learning_rate x backbone_lr_scale x lr_floor_decay); set lr_floor_decay, or another lr_scheduler_type."
+        )
+    if args.label_smoothing_factor:
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the task loss; "
+            "drop it (method slca++/sl use symmetric cross-entropy, see sce_alpha/sce_beta)."
+        )
+    if args.load_best_model_at_end:
+        raise ValueError(
+            "load_best_model_at_end=True is not supported: checkpoints hold slca-peft model files, which the "
+            "Trainer cannot reload; load one with SLCAModel.from_pretrained(<checkpoint-N>) instead."
+        )
+
+
+def _sgd_implementation(param_groups: list[dict]) -> dict[str, bool]:
+    """Fused SGD where PyTorch has it for these tensors (CUDA), else the multi-tensor (foreach) one."""
+    params = [p for group in param_groups for p in group["params"]]
+    if params and all(p.is_cuda for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epochs: int, warmup_steps: int = 0):
     """LR multiplier of `CosineAnnealingLR(T_max=epochs, eta_min=floor)` stepped once per epoch,
-    as the reference does, expressed per optimizer step for the Trainer's scheduler."""
+    as the reference does, expressed per optimizer step for the Trainer's scheduler; with
+    `warmup_steps`, a linear ramp from 0 first (as transformers' warm-up schedules)."""
 
     def factor(step: int) -> float:
         if base_lr == 0:
             return 0.0
+        if step < warmup_steps:
+            return step / warmup_steps
         epoch = min(step // max(1, steps_per_epoch), epochs)
         lr = floor + (base_lr - floor) * (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
         return lr / base_lr
@@ -50,13 +117,13 @@ class SLCATrainer(Trainer):
                 f"SLCATrainer trains an SLCAModel, got {type(model).__name__}; wrap your backbone with "
                 "SLCAModel.from_backbone(...)."
             )
-        if args is None:
-            args = SLCAConfig(output_dir="slca_output")
-        if not isinstance(args, SLCAConfig):
-            raise TypeError(
-                f"SLCATrainer needs SLCAConfig (a TrainingArguments subclass), got {type(args).__name__}; "
-                "build one with SLCAConfig(output_dir=..., <your TrainingArguments fields>)."
-            )
+        args = as_slca_config(args)
+        check_honoured(args)
+        save = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if save != "no" and not args.save_only_model:
+            # Optimizer, scheduler and RNG states would be pickles: checkpoints hold the model files only.
+            logger.info("SLCATrainer: checkpoint-N folders hold the model files only (save_only_model=True).")
+            args.save_only_model = True
         if model is not None and model.classifier.num_tasks == 0:
             raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
         self._task_id = task_id
@@ -97,10 +164,19 @@ class SLCATrainer(Trainer):
             param_groups = [
                 {"params": params, "lr": rates[role], "name": role} for role, params in groups.items() if params
             ]
-            self.optimizer = torch.optim.SGD(
-                param_groups, lr=self.args.learning_rate, momentum=self.args.momentum,
-                weight_decay=self.args.weight_decay,
-            )
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            if optim == "sgd":
+                self.optimizer = torch.optim.SGD(
+                    param_groups, lr=self.args.learning_rate, momentum=self.args.momentum,
+                    weight_decay=self.args.weight_decay, **_sgd_implementation(param_groups),
+                )
+            else:
+                # Any other plain torch optimizer, built the Trainer's way, with the same groups.
+                optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, slca_model)
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "model", "optimizer_dict")}
+                for group in param_groups:
+                    group.setdefault("weight_decay", self.args.weight_decay)
+                self.optimizer = optimizer_cls(param_groups, **kwargs)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -114,8 +190,10 @@ class SLCATrainer(Trainer):
                 epochs = max(1, math.ceil(args.num_train_epochs))
                 steps_per_epoch = max(1, math.ceil(num_training_steps / epochs))
             floor = args.learning_rate * args.backbone_lr_scale * args.lr_floor_decay
+            warmup = args.get_warmup_steps(num_training_steps)
             lambdas = [
-                epoch_cosine_lambda(group["lr"], floor, steps_per_epoch, epochs) for group in optimizer.param_groups
+                epoch_cosine_lambda(group["lr"], floor, steps_per_epoch, epochs, warmup)
+                for group in optimizer.param_groups
             ]
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
             self._created_lr_scheduler = True
@@ -144,3 +222,25 @@ class SLCATrainer(Trainer):
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ saving
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint:
+            raise ValueError(
+                "resume_from_checkpoint is not supported: SLCATrainer checkpoints hold no optimizer state. "
+                "Load the model with SLCAModel.from_pretrained(<checkpoint>) and train it again, or resume a "
+                "continual run after its last task with --resume_from (ContinualLearner.from_checkpoint)."
+            )
+        return super().train(None, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`SLCAModel.save_pretrained` files and the arguments as JSON (no training_args.bin pickle)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.slca_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())

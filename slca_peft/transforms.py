@@ -56,7 +56,7 @@ def _conversion_losses(img: Image.Image, target: str) -> list[str]:
         losses.append("colour reduced to ITU-R 601-2 luma")
     return losses
 # Ratio of the eval resize to the crop size, as in the standard ImageNet recipe (256 / 224).
-_EVAL_RESIZE_RATIO = 256 / 224
+EVAL_RESIZE_RATIO = 256 / 224
 
 
 def _as_float_tuple(value: Any, n: int | None = None) -> tuple[float, ...]:
@@ -265,14 +265,16 @@ class EvalTransform(_BaseTransform):
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = _to_model_mode(img, self.config.num_channels)
         size = self.config.size
-        short = round(size * _EVAL_RESIZE_RATIO)
+        short = round(size * EVAL_RESIZE_RATIO)
         w, h = img.size
         # torchvision's Resize(int): the shorter side becomes `short`, the longer one is truncated.
         new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), _BICUBIC)
-        top = int(round((new_h - size) / 2.0))
-        left = int(round((new_w - size) / 2.0))
+        # Floor, as transformers' image processors crop: an exported model's processor gives the
+        # same pixels (torchvision rounds half to even, one pixel apart for some aspect ratios).
+        top = (new_h - size) // 2
+        left = (new_w - size) // 2
         img = img.crop((left, top, left + size, top + size))
         return self._normalize(self._to_unit_tensor(img))
 

@@ -137,6 +137,7 @@ class HubRecorder:
 
     def __init__(self):
         self.repos: list[tuple[str, bool | None]] = []
+        self.branches: list[tuple[str, str]] = []
         self.uploads: list[dict] = []
         self.fail_uploads: set[int] = set()
 
@@ -147,10 +148,14 @@ class HubRecorder:
         assert exist_ok, "uploads must not fail on an existing repo"
         self.repos.append((repo_id, private))
 
-    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None):
+    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
+        assert exist_ok, "pushing to an existing branch must not fail"
+        self.branches.append((repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None, create_pr=False):
         folder = Path(folder_path)
         self.uploads.append({
-            "repo_id": repo_id, "message": commit_message, "revision": revision,
+            "repo_id": repo_id, "message": commit_message, "revision": revision, "create_pr": create_pr,
             "files": sorted(p.name for p in folder.iterdir()),
             "json": {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")},
             "card": (folder / "README.md").read_text() if (folder / "README.md").is_file() else None,

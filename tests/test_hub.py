@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageClassification, ViTModel
 
 from slca_peft import ClassStatistics, SLCAModel
-from slca_peft.checkpoint import load_checkpoint
+from slca_peft.checkpoint import load_checkpoint, save_checkpoint
 
 
 def trained_model(base_model_dir) -> SLCAModel:
@@ -44,11 +44,12 @@ def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_m
     unaligned["scales"] = torch.ones(2)
     x = torch.randn(3, 3, 32, 32)
     expected = model(x).logits
-    model.save_pretrained(tmp_path / "ckpt", statistics=stats_for(model), state={"accuracy_matrix": [[90.0]]},
-                          unaligned_head=unaligned)
+    save_checkpoint(model, tmp_path / "ckpt", statistics=stats_for(model), state={"accuracy_matrix": [[90.0]]},
+                    unaligned_head=unaligned)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
-                     "classifier.safetensors", "continual_state.json", "slca_config.json"]
+                     "classifier.safetensors", "classifier_unaligned.safetensors", "continual_state.json",
+                     "slca_config.json"]
     loaded, stats, state, restored_unaligned = load_checkpoint(tmp_path / "ckpt")
     torch.testing.assert_close(loaded.eval()(x).logits, expected, rtol=0, atol=0)
     assert stats.classes == [0, 1, 2, 3, 4] and state == {"accuracy_matrix": [[90.0]]}
@@ -96,31 +97,71 @@ def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_d
              "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993}
     # The base model is a local directory here: nobody could load the upload, so it is refused.
     with pytest.raises(ValueError, match="its base model is the local path .* pass its Hub id as base_model_id"):
-        model.push_to_hub("me/slca-tiny", statistics=stats_for(model), state=state)
+        model.push_to_hub("me/slca-tiny", state=state)
     assert hub.uploads == [] and hub.repos == []
-    out = model.push_to_hub("me/slca-tiny", private=True, commit_message="task 2", statistics=stats_for(model),
-                            state=state, base_model_id="me/tiny-vit")
-    assert out.endswith("/commit/1") and hub.repos == [("me/slca-tiny", True)]
+    out = model.push_to_hub("me/slca-tiny", private=True, commit_message="task 2", state=state,
+                            base_model_id="me/tiny-vit")
+    assert out.endswith("/commit/1") and hub.repos == [("me/slca-tiny", True)] and hub.branches == []
     (upload,) = hub.uploads
-    assert upload["repo_id"] == "me/slca-tiny" and upload["message"] == "task 2"
-    assert {"adapter_model.safetensors", "classifier.safetensors", "class_statistics.safetensors",
-            "slca_config.json", "continual_state.json", "README.md"} <= set(upload["files"])
+    assert upload["repo_id"] == "me/slca-tiny" and upload["message"] == "task 2" and upload["revision"] is None
+    # Model files only: the learner's run state is not part of the model.
+    assert set(upload["files"]) == {"adapter_config.json", "adapter_model.safetensors", "classifier.safetensors",
+                                    "slca_config.json", "README.md"}
     card = upload["card"]
     assert "library_name: slca-peft" in card and "- continual-learning" in card and "| 2 | 70.0 | 60.0 |" in card
     assert "base_model: me/tiny-vit" in card
     bases = [upload["json"][f]["base_model_name_or_path"] for f in ("slca_config.json", "adapter_config.json")]
     assert bases == ["me/tiny-vit", "me/tiny-vit"]
-    # A saved directory pushed from the command line: same check, and the directory itself is unchanged.
+    # A saved checkpoint pushed from the command line: same check, and the directory itself is unchanged.
     from slca_peft.cli import main as cli_main
 
-    model.save_pretrained(tmp_path / "ckpt", statistics=stats_for(model), state=state)
+    save_checkpoint(model, tmp_path / "ckpt", statistics=stats_for(model), state=state)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     with pytest.raises(ValueError, match="its base model is the local path"):
         cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny"])
     cli_main(["push", str(tmp_path / "ckpt"), "me/slca-tiny", "--base_model_id", "me/tiny-vit", "--revision", "v2"])
     assert hub.uploads[-1]["json"]["slca_config.json"]["base_model_name_or_path"] == "me/tiny-vit"
-    assert hub.uploads[-1]["revision"] == "v2"
+    assert hub.uploads[-1]["revision"] == "v2" and hub.branches == [("me/slca-tiny", "v2")]
+    assert "continual_state.json" in hub.uploads[-1]["files"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+
+
+def test_push_to_a_new_branch_or_as_a_pull_request_like_transformers(base_model_dir, hub):
+    from huggingface_hub import ModelCard
+
+    model = trained_model(base_model_dir)
+    model.label_names = ["ant", "bee", "cat", "dog", "eel"]
+    state = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
+             "task_test_sizes": [10, 15], "tasks_learned": 2, "task_sizes": [2, 3]}
+    model.push_to_hub("me/slca-tiny", revision="dev", base_model_id="me/tiny-vit", tags=["digits-demo"],
+                      state=state, card={"license": "apache-2.0", "datasets": ["me/digits"]})
+    model.push_to_hub("me/slca-tiny", create_pr=True, commit_message="try", base_model_id="me/tiny-vit")
+    assert hub.branches == [("me/slca-tiny", "dev")]  # created for the first push; main needs none
+    first, second = hub.uploads  # one commit per push
+    assert (first["revision"], first["create_pr"]) == ("dev", False)
+    assert (second["revision"], second["create_pr"], second["message"]) == (None, True, "try")
+    card = ModelCard(first["card"])
+    data = card.data.to_dict()
+    assert data["base_model"] == "me/tiny-vit" and data["license"] == "apache-2.0"
+    assert data["datasets"] == ["me/digits"] and "digits-demo" in data["tags"]
+    assert data["label_names"] == ["ant", "bee", "cat", "dog", "eel"]
+    from slca_peft.metrics import summarize_accuracy_matrix
+
+    expected = summarize_accuracy_matrix(state["accuracy_matrix"], state["task_test_sizes"])
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results == pytest.approx({"Last-Acc": expected["last_accuracy"],
+                                     "Inc-Acc": expected["average_incremental_accuracy"],
+                                     "Forgetting": expected["average_forgetting"]}, abs=1e-4)
+    assert results["Last-Acc"] == pytest.approx(64.0)  # (10 * 70 + 15 * 60) / 25
+    assert 'SLCAModel.from_pretrained("me/slca-tiny")' in first["card"]
+
+
+def test_a_local_base_is_never_named_as_the_cards_base_model(tmp_path, base_model_dir):
+    from huggingface_hub import ModelCard
+
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert "base_model" not in ModelCard.load(tmp_path / "ckpt" / "README.md").data.to_dict()
 
 
 def test_export_matches_the_model_and_needs_no_slca_peft(tmp_path, base_model_dir):
@@ -278,7 +319,7 @@ def test_cli_export_uses_the_real_class_names(tmp_path, base_model_dir):
     from slca_peft.cli import main
 
     model = trained_model(base_model_dir)
-    model.save_pretrained(tmp_path / "ckpt", state={"label_names": ["a", "b", "c", "d", "e", "f"]})
+    save_checkpoint(model, tmp_path / "ckpt", state={"label_names": ["a", "b", "c", "d", "e", "f"]})
     main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"}

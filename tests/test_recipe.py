@@ -77,3 +77,21 @@ def test_cifar100_configs_match_the_paper(recipe, method):
     assert data_args.brightness_jitter == pytest.approx(63 / 255)
     assert args.backbone_lr_scale == {"slca++": 0.1, "sl": 0.1, "slca": 0.01, "seq_ft": 1.0}[method]
     assert args.align == (method in ("slca++", "slca"))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--eval_strategy", "epoch"], "--eval_strategy epoch: the loop evaluates every seen task"),
+    (["--save_strategy", "steps"], "--save_strategy steps: the loop writes a checkpoint after each task"),
+    (["--load_best_model_at_end", "true", "--eval_strategy", "no"], "--load_best_model_at_end"),
+    (["--resume_from_checkpoint", "runs/x/task_2"], "use --resume_from runs/x/task_2"),
+])
+def test_trainer_flags_the_loop_cannot_honour_are_refused_naming_the_replacement(recipe, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o", *flags])
+
+
+def test_the_dataset_hub_id_reaches_the_task_history(recipe):
+    """The model card lists `datasets` from the task history: the recipe records the Hub id."""
+    assert recipe.dataset_hub_id("CIFAR-100") == "uoft-cs/cifar100"
+    assert recipe.dataset_hub_id("me/my-images") == "me/my-images"
+    assert recipe.dataset_hub_id("digits") is None and recipe.dataset_hub_id(None) is None

@@ -100,14 +100,14 @@ def test_loss_uses_only_the_current_task_logits(tmp_path, vit_config):
 
 
 def test_wrong_model_or_args_type_is_explained(tmp_path, vit_config):
-    from transformers import TrainingArguments, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     with pytest.raises(TypeError, match="SLCAModel.from_backbone"):
         SLCATrainer(model=ViTForImageClassification(vit_config), args=make_args(tmp_path))
     model = SLCAModel.from_backbone(vit_config)
     model.grow(2)
-    with pytest.raises(TypeError, match="SLCAConfig"):
-        SLCATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)))
+    with pytest.raises(TypeError, match="SLCAConfig or TrainingArguments"):
+        SLCATrainer(model=model, args={"output_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="no task head"):
         SLCATrainer(model=SLCAModel.from_backbone(vit_config), args=make_args(tmp_path))
 
@@ -117,3 +117,78 @@ def test_global_batch_size_is_checked_against_the_launch(tmp_path):
                      global_batch_size=128).global_batch_size == 128
     with pytest.raises(ValueError, match=r"= 96, not global_batch_size 128.*per_device_train_batch_size to"):
         make_args(tmp_path, per_device_train_batch_size=32, gradient_accumulation_steps=3, global_batch_size=128)
+
+
+def test_a_plain_training_arguments_is_converted_and_its_optimizer_honoured(tmp_path, vit_config, caplog):
+    from transformers import TrainingArguments
+
+    model = SLCAModel.from_backbone(vit_config)
+    model.grow(2)
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=0.02, optim="adamw_torch",
+                              weight_decay=0.01, report_to="none", save_strategy="no")
+    with caplog.at_level("INFO", logger="slca_peft.trainer"):
+        trainer = SLCATrainer(model=model, args=plain)
+    assert isinstance(trainer.args, SLCAConfig) and trainer.args.learning_rate == 0.02
+    assert trainer.args.first_task_lora_lr_scale == 0.5  # the method's fields at their defaults
+    assert sum("converted TrainingArguments" in r.message for r in caplog.records) == 1
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.AdamW
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
+        {"head": 0.02, "lora": 0.02 * 0.5, "backbone": 0.02 * 0.1})
+    assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+    # SLCAConfig's default stays the method's SGD, the multi-tensor implementation on CPU.
+    sgd = SLCATrainer(model=model, args=make_args(tmp_path)).create_optimizer()
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["foreach"] and sgd.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("optim", "galore_adamw", "optim='galore_adamw' is not supported.*optim='sgd'"),
+    ("label_smoothing_factor", 0.1, "label_smoothing_factor=0.1 is not applied"),
+    ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs=.* is not used by the cosine"),
+])
+def test_fields_the_trainer_cannot_honour_are_refused_before_training(tmp_path, vit_config, field, value, message):
+    model = SLCAModel.from_backbone(vit_config)
+    model.grow(2)
+    with pytest.raises(ValueError, match=message):
+        SLCATrainer(model=model, args=make_args(tmp_path, **{field: value}))
+
+
+def test_warmup_steps_ramp_linearly_into_the_epoch_cosine(tmp_path, vit_config):
+    args = make_args(tmp_path, num_train_epochs=4, learning_rate=0.01, warmup_steps=3)
+    model = SLCAModel.from_backbone(vit_config, args)
+    model.grow(2)
+    trainer = SLCATrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    seen = []
+    for _ in range(8):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    floor = 0.01 * 0.1 * 0.1
+    cosine = [floor + (0.01 - floor) * (1 + math.cos(math.pi * (s // 2) / 4)) / 2 for s in range(8)]
+    assert seen == pytest.approx([0.0, 0.01 / 3, 0.02 / 3, *cosine[3:]])
+
+
+def test_save_model_writes_a_folder_slca_model_loads(tmp_path, base_model_dir):
+    from transformers import TrainingArguments
+
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, num_train_epochs=1,
+                             per_device_train_batch_size=8, report_to="none", disable_tqdm=True, save_strategy="epoch",
+                             optim="sgd", learning_rate=0.05)
+    trainer = SLCATrainer(model=model, args=args, train_dataset=toy_dataset([0, 1] * 8))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    for folder in (tmp_path / "saved", next((tmp_path / "run").glob("checkpoint-*"))):
+        names = {p.name for p in folder.iterdir()}
+        assert "training_args.bin" not in names and not any(n.endswith((".pt", ".pth", ".bin")) for n in names)
+        loaded = SLCAModel.from_pretrained(folder).eval()
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    import json
+
+    assert json.loads((tmp_path / "saved" / "training_args.json").read_text())["learning_rate"] == 0.05
+    with pytest.raises(ValueError, match="resume_from_checkpoint is not supported.*--resume_from"):
+        trainer.train(resume_from_checkpoint=True)

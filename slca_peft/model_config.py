@@ -1,0 +1,184 @@
+"""`SLCAModelConfig`: the one place that lists what an `SLCAModel` is made of.
+
+It is what `slca_config.json` holds. `from_dict` checks every field's type and range before
+anything is built, so a crafted file (a LoRA rank of fifty million, a task of two billion classes)
+is refused with an error instead of allocating the memory it asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .config import DEFAULT_LORA_TARGETS
+
+FORMAT_VERSION = 1
+
+# Bounds far above any real model, far below what would exhaust memory.
+MAX_LORA_RANK = 4096
+MAX_FEATURE_DIM = 65536
+MAX_CLASSES = 1_000_000
+MAX_TASKS = 10_000
+MAX_NAMES = 1024
+MAX_NAME_LENGTH = 1024
+
+
+def _fail(name: str, problem: str) -> ValueError:
+    return ValueError(f"{name} {problem}")
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """An int (not a bool, not a float such as 2e9) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, f"must be an integer, got {value!r}.")
+    if not low <= value <= high:
+        raise _fail(name, f"must be in [{low}, {high}], got {value}.")
+    return value
+
+
+def check_float(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, f"must be a finite number, got {value!r}.")
+    if not low <= value <= high:
+        raise _fail(name, f"must be in [{low}, {high}], got {value}.")
+    return float(value)
+
+
+def check_str(name: str, value: Any, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH * 4:
+        raise _fail(name, f"must be a string (at most {MAX_NAME_LENGTH * 4} characters), got {type(value).__name__}.")
+    return value
+
+
+def check_list(name: str, value: Any, max_len: int) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise _fail(name, f"must be a list, got {type(value).__name__}.")
+    if len(value) > max_len:
+        raise _fail(name, f"has {len(value)} entries, more than the {max_len} allowed.")
+    return list(value)
+
+
+def check_int_list(name: str, value: Any, low: int, high: int, max_len: int) -> list[int]:
+    return [check_int(f"{name}[{i}]", v, low, high) for i, v in enumerate(check_list(name, value, max_len))]
+
+
+def check_str_list(name: str, value: Any, max_len: int) -> list[str]:
+    items = check_list(name, value, max_len)
+    for i, v in enumerate(items):
+        if not isinstance(v, str) or len(v) > MAX_NAME_LENGTH:
+            raise _fail(f"{name}[{i}]", f"must be a string of at most {MAX_NAME_LENGTH} characters.")
+    return items
+
+
+@dataclass
+class SLCAModelConfig:
+    """Settings that rebuild an `SLCAModel` around its referenced base model.
+
+    `base_model_name_or_path` is a Hub id or an absolute path (never relative, so the files load from
+    any working directory). `label_names` are the class names in class-index order, when known.
+    """
+
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    use_lora: bool = True
+    lora_rank: int = 4
+    lora_scale: float = 0.8
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_svd_init: bool = True
+    lora_layout: str = "per_projection"
+    reset_final_norm: bool = False
+    final_norm_eps: float = 1e-5
+    task_sizes: list[int] = field(default_factory=list)
+    feature_dim: int | None = None
+    feature_source: str | None = None
+    label_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse any field of the wrong type or out of range, naming it."""
+        check_str("base_model_name_or_path", self.base_model_name_or_path, optional=True)
+        check_str("revision", self.revision, optional=True)
+        if self.lora_layout not in ("per_projection", "fused_qkv"):
+            raise _fail("lora_layout", f"must be 'per_projection' or 'fused_qkv', got {self.lora_layout!r}.")
+        check_float("final_norm_eps", self.final_norm_eps, 0.0, 1.0)
+        for name in ("use_lora", "lora_svd_init", "reset_final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, f"must be true or false, got {getattr(self, name)!r}.")
+        check_int("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
+        check_float("lora_scale", self.lora_scale, -1e6, 1e6)
+        self.lora_target_modules = check_str_list("lora_target_modules", self.lora_target_modules, MAX_NAMES)
+        self.task_sizes = check_int_list("task_sizes", self.task_sizes, 1, MAX_CLASSES, MAX_TASKS)
+        if sum(self.task_sizes) > MAX_CLASSES:
+            raise _fail("task_sizes", f"add up to {sum(self.task_sizes)} classes, more than {MAX_CLASSES}.")
+        if self.feature_dim is not None:
+            check_int("feature_dim", self.feature_dim, 1, MAX_FEATURE_DIM)
+        if self.feature_source not in (None, "cls", "pooler"):
+            raise _fail("feature_source", f"must be 'cls' or 'pooler', got {self.feature_source!r}.")
+        if self.label_names is not None:
+            self.label_names = check_str_list("label_names", self.label_names, MAX_CLASSES)
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.task_sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "slca_config.json") -> SLCAModelConfig:
+        """Validated config from a JSON mapping; unknown keys and bad values are refused, naming the file."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}.")
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{source}: format_version {version!r} is not {FORMAT_VERSION}; upgrade slca-peft.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source} has unknown field(s) {unknown}; it was written by another slca-peft version.")
+        required = {"use_lora", "lora_rank", "lora_scale", "lora_target_modules", "task_sizes", "feature_dim"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"{source} lacks the field(s) {missing}.")
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+def validate_state(state: Any, source: str = "continual_state.json") -> dict[str, Any]:
+    """Check the task history's fields (types, ranges, lengths) before anything uses them."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} must hold a JSON object, got {type(state).__name__}.")
+    try:
+        for key in ("class_order", "task_test_sizes"):
+            if key in state:
+                check_int_list(key, state[key], 0, MAX_CLASSES * 100, MAX_CLASSES)
+        if "task_sizes" in state:
+            check_int_list("task_sizes", state["task_sizes"], 1, MAX_CLASSES, MAX_TASKS)
+        if "tasks_learned" in state:
+            check_int("tasks_learned", state["tasks_learned"], 0, MAX_TASKS)
+        for key in ("training_seed", "seed"):
+            if state.get(key) is not None:
+                check_int(key, state[key], -(2**63), 2**64)
+        if state.get("label_names") is not None:
+            check_str_list("label_names", state["label_names"], MAX_CLASSES)
+        if state.get("domains") is not None:
+            check_str_list("domains", state["domains"], MAX_TASKS)
+        if "method" in state:
+            check_str("method", state["method"])
+        matrix = check_list("accuracy_matrix", state.get("accuracy_matrix", []), MAX_TASKS)
+        for t, row in enumerate(matrix):
+            for j, value in enumerate(check_list(f"accuracy_matrix[{t}]", row, MAX_TASKS)):
+                check_float(f"accuracy_matrix[{t}][{j}]", value, 0.0, 100.0)
+        for t, value in enumerate(check_list("seen_accuracy", state.get("seen_accuracy", []), MAX_TASKS)):
+            check_float(f"seen_accuracy[{t}]", value, 0.0, 100.0)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err} The file is damaged or was not written by slca-peft.") from None
+    return state
