@@ -100,7 +100,7 @@ def canonical_name(name: str) -> str:
 def load_benchmark(
     name: str, data_dir: str | Path | None = None, revision: str | None = None
 ) -> tuple[DatasetDict, DatasetSpec]:
-    """A benchmark as a `DatasetDict` (`train`, `test`) and the spec describing its columns.
+    """A benchmark as a `DatasetDict` (`train`, `test`) and the `DatasetSpec` describing its columns.
 
     `name` is `cifar100`, `imagenet_r`, `cub200`, `cars196` (aliases: `imagenet-r`, `cub`, `cars`, ...),
     `digits`, or any Hub dataset id with `train`/`test` splits and `image`/`label` columns. With

@@ -8,6 +8,7 @@ and the per-task heads with their scales are folded into one linear layer:
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,13 @@ def export_model(
     config.id2label = dict(enumerate(names))
     config.label2id = {name: i for i, name in enumerate(names)}
     config.architectures = None
+    if model.reset_final_norm and getattr(config, "layer_norm_eps", model.final_norm_eps) != model.final_norm_eps:
+        # One eps serves every LayerNorm of a transformers ViT: the fresh final norm's cannot be kept.
+        logging.getLogger(__name__).warning(
+            "the final LayerNorm uses eps %g but the exported %s config has layer_norm_eps %g for every norm; "
+            "exported logits differ from the model's by a tiny amount.",
+            model.final_norm_eps, config.model_type, config.layer_norm_eps,
+        )
 
     backbone = copy.deepcopy(model.backbone)
     if isinstance(backbone, PeftModel):

@@ -14,6 +14,8 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .base_model import load_base_model, portable_name
 from .head import ContinualClassifier
+from .layout import check_fused_qkv_backbone, tie_fused_qkv
+from .layout import reset_final_norm as reset_final_norm_of
 from .lora_init import svd_init_lora
 from .model_config import SLCAModelConfig
 
@@ -80,7 +82,11 @@ class SLCAModel(nn.Module):
         self.slca_config = config
         if config.feature_source == "pooler":
             self._check_pooled_output(backbone)
+        if config.reset_final_norm:
+            reset_final_norm_of(backbone, config.final_norm_eps)
         if config.use_lora:
+            if config.lora_layout == "fused_qkv":
+                check_fused_qkv_backbone(backbone, config.lora_target_modules)
             backbone = self._wrap_lora(backbone)
         else:
             backbone.requires_grad_(True)
@@ -93,6 +99,9 @@ class SLCAModel(nn.Module):
     lora_scale = property(lambda self: self.slca_config.lora_scale)
     lora_target_modules = property(lambda self: self.slca_config.lora_target_modules)
     lora_svd_init = property(lambda self: self.slca_config.lora_svd_init)
+    lora_layout = property(lambda self: self.slca_config.lora_layout)
+    reset_final_norm = property(lambda self: self.slca_config.reset_final_norm)
+    final_norm_eps = property(lambda self: self.slca_config.final_norm_eps)
     feature_dim = property(lambda self: self.slca_config.feature_dim)
     feature_source = property(lambda self: self.slca_config.feature_source)
     base_model_name_or_path = property(lambda self: self.slca_config.base_model_name_or_path)
@@ -129,6 +138,9 @@ class SLCAModel(nn.Module):
                 "lora_scale": args.lora_scale,
                 "lora_target_modules": args.lora_target_modules,
                 "lora_svd_init": args.lora_svd_init,
+                "lora_layout": args.lora_layout,
+                "reset_final_norm": args.reset_final_norm,
+                "final_norm_eps": args.final_norm_eps,
             }
         settings.update(kwargs)
         name = None
@@ -187,6 +199,8 @@ class SLCAModel(nn.Module):
             token.requires_grad_(True)
         if self.lora_svd_init:
             svd_init_lora(wrapped)
+        if self.lora_layout == "fused_qkv":
+            tie_fused_qkv(wrapped, svd_init=self.lora_svd_init)
         return wrapped
 
     # ------------------------------------------------------------------ forward
