@@ -24,7 +24,7 @@ KeyLabels = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class AlignmentSettings:
-    """The CA hyperparameters of the spec (see `SLCAConfig` for their meaning)."""
+    """The CA hyperparameters (see `SLCAConfig` and docs/method.md for their meaning)."""
 
     epochs: int = 5
     samples_per_class: int = 256
@@ -42,7 +42,7 @@ class AlignmentSettings:
             epochs=args.ca_epochs,
             samples_per_class=args.ca_samples_per_class,
             batch_size=args.ca_batch_size,
-            lr=args.ca_lr,
+            lr=args.learning_rate if args.ca_lr is None else args.ca_lr,
             momentum=args.momentum,
             weight_decay=args.weight_decay,
             temperature=args.ca_temperature,

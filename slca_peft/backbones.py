@@ -188,6 +188,28 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(backbone.config.hidden_size)
 
 
+#: transformers' names of the separate attention projections, as settings spell them.
+SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def lora_targets_for(backbone: nn.Module, targets: list[str] | None) -> list[str]:
+    """The LoRA targets on this backbone: the table's default when `targets` is None; on a backbone
+    whose attention has one fused qkv linear (timm), q_proj/k_proj/v_proj mean that linear, so the
+    paper's and the released code's settings carry over unchanged."""
+    spec = backbone_spec(backbone)
+    if targets is None:
+        return list(spec.lora_targets)
+    available = set(_linear_names(backbone))
+    if not spec.fused_qkv or any(t in available for t in SEPARATE_QKV):
+        return list(targets)
+    resolved: list[str] = []
+    for target in targets:
+        for name in spec.qkv if target in SEPARATE_QKV else (target,):
+            if name not in resolved:
+                resolved.append(name)
+    return resolved
+
+
 def class_token(backbone: nn.Module) -> nn.Parameter | None:
     """The learnable class token of a bare backbone (trained in Hybrid-SL), if it has one."""
     token = _get(backbone, backbone_spec(backbone).class_token)

@@ -54,15 +54,34 @@ BACKBONE_CONFIG_FILE = "backbone_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def recover_replaced(target: str | Path) -> None:
+    """Undo a replacement killed between its two renames: `.NAME.old-*` goes back to `NAME` when
+    `NAME` is missing, and is removed when `NAME` exists (the replacement completed)."""
+    target = Path(target)
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory and move it to `path` only if the block succeeds, so a
     checkpoint directory is either complete or absent (an older one is replaced at the end)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_replaced(target)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint follows the umask
     try:
         yield tmp
         for child in tmp.iterdir():
@@ -87,6 +106,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file follows the umask
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

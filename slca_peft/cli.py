@@ -52,7 +52,13 @@ def _report(ns: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The `slca-peft` command; from the command line (`argv=None`) a user error is one line on stderr
+    (`--debug` or SLCA_PEFT_DEBUG=1 for the traceback)."""
+    if argv is None:
+        from .errors import run_main
+
+        run_main(main, sys.argv[1:])
+        return
     if argv[:1] == ["train"]:
         # The recipe owns the training arguments (HfArgumentParser over SLCAConfig).
         from .recipe import main as train_main

@@ -5,14 +5,34 @@ Defaults reproduce the paper's CIFAR-100 / ImageNet-21K setting (see docs/method
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .hardware import check_hardware
 
+logger = logging.getLogger(__name__)
+
 METHODS = ("slca++", "slca", "sl", "seq_ft")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
+ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]
+LORA_LAYOUTS = ("per_projection", "fused_qkv")
+
+# What `released_code=True` sets (the authors' released SLCA++ code): LoRA on the attention only, one
+# adapter on the fused qkv weight, a fresh trained final LayerNorm. CA at the training rate is the
+# default of both settings (`ca_lr` unset).
+_RELEASED_DEFAULTS = {
+    "lora_target_modules": ATTENTION_LORA_TARGETS,
+    "lora_layout": "fused_qkv",
+    "reset_final_norm": True,
+}
+_PAPER_DEFAULTS = {
+    "lora_target_modules": DEFAULT_LORA_TARGETS,
+    "lora_layout": "per_projection",
+    "reset_final_norm": False,
+}
 
 # What each method changes relative to SLCA++ (Hybrid-SL + SCE + CA).
 _METHOD_DEFAULTS = {
@@ -21,6 +41,22 @@ _METHOD_DEFAULTS = {
     "slca": {"backbone_lr_scale": 0.01, "use_lora": False, "use_sce": False, "align": True},
     "seq_ft": {"backbone_lr_scale": 1.0, "use_lora": False, "use_sce": False, "align": False},
 }
+
+
+# Parse-time range checks: (field, lower bound, lower bound allowed, upper bound). A bad value fails
+# here rather than after a task has trained.
+_BIG = 1 << 20
+_RANGES = (
+    ("lora_rank", 1, True, 4096), ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
+    ("ca_epochs", 0, True, 1e5), ("ca_samples_per_class", 1, True, 1e7), ("ca_batch_size", 1, True, _BIG),
+    ("ca_covariance_rank", 1, True, 1e5), ("ca_temperature", 0, False, 1e4), ("ca_ridge", 0, True, 1e6),
+    ("ca_lr", 0, True, 1e3), ("backbone_lr_scale", 0, True, 1e3), ("first_task_lora_lr_scale", 0, True, 1e3),
+    ("lora_scale", 0, True, 1e4), ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
+    ("momentum", 0, True, 1), ("lr_floor_decay", 0, True, 1), ("fc_scale_mu", 0, True, 1),
+    ("learning_rate", 0, False, 1e3), ("weight_decay", 0, True, 1e3), ("num_train_epochs", 0, False, 1e6),
+    ("per_device_train_batch_size", 1, True, _BIG), ("per_device_eval_batch_size", 1, True, _BIG),
+    ("max_grad_norm", 0, True, math.inf), ("global_batch_size", 1, True, _BIG),
+)
 
 
 @dataclass
@@ -50,10 +86,32 @@ class SLCAConfig(TrainingArguments):
     )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_scale: float = field(default=0.8, metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
+    released_code: bool = field(
+        default=False,
+        metadata={"help": "Reproduce the authors' released code (which produced the published numbers): LoRA on "
+                  "q/k/v only as one fused-qkv adapter, the final LayerNorm re-initialised and trained. Sets the "
+                  "defaults of lora_target_modules, lora_layout and reset_final_norm; a value given explicitly "
+                  "wins (with a warning)."},
+    )
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names that get LoRA. Default: the backbone's (transformers v5 ViT family: "
-                  "q_proj k_proj v_proj fc1 fc2; timm: qkv fc1 fc2; see docs/method.md)."},
+        metadata={"help": "Module names that get LoRA. Default: q_proj k_proj v_proj fc1 fc2 (transformers v5 "
+                  "ViT family); q_proj k_proj v_proj with released_code. On a backbone with a fused qkv linear "
+                  "(timm) the q/k/v names mean that linear (see docs/method.md#backbones)."},
+    )
+    lora_layout: str | None = field(
+        default=None,
+        metadata={"help": "per_projection (one LoRA per target linear) or fused_qkv (one rank-r LoRA on the "
+                  "concatenated q/k/v weight: a shared A and a B of 3d rows). Default: per_projection; "
+                  "fused_qkv with released_code."},
+    )
+    reset_final_norm: bool | None = field(
+        default=None,
+        metadata={"help": "Replace the backbone's final LayerNorm by a fresh trained one (gamma 1, beta 0, eps "
+                  "final_norm_eps). Default: false; true with released_code."},
+    )
+    final_norm_eps: float = field(
+        default=1e-5, metadata={"help": "eps of the fresh final LayerNorm (torch's default, as the released code)."}
     )
     lora_svd_init: bool = field(
         default=True, metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."}
@@ -69,7 +127,11 @@ class SLCAConfig(TrainingArguments):
     ca_epochs: int = field(default=5, metadata={"help": "Classifier-alignment epochs (0 disables CA)."})
     ca_samples_per_class: int = field(default=256, metadata={"help": "Gaussian samples per class per CA epoch."})
     ca_batch_size: int = field(default=256, metadata={"help": "CA batch size."})
-    ca_lr: float = field(default=0.01, metadata={"help": "CA learning rate (cosine to 0 over ca_epochs)."})
+    ca_lr: float | None = field(
+        default=None,
+        metadata={"help": "CA learning rate (cosine to 0 over ca_epochs). Default: learning_rate, as the released "
+                  "code couples them."},
+    )
     ca_temperature: float = field(
         default=0.1, metadata={"help": "Logit-normalisation temperature tau (0.05 for Cars-196)."}
     )
@@ -92,7 +154,7 @@ class SLCAConfig(TrainingArguments):
     global_batch_size: int | None = field(
         default=None,
         metadata={"help": "If set, per_device_train_batch_size x processes x gradient_accumulation_steps must "
-                  "equal it (128 in the paper); checked at start so the spec's batch survives any launch."},
+                  "equal it (128 in the paper); checked at start so the paper's batch survives any launch."},
     )
     init_cls: int = field(default=10, metadata={"help": "Classes in the first task."})
     increment: int = field(default=10, metadata={"help": "Classes in each later task (last takes the rest)."})
@@ -104,7 +166,7 @@ class SLCAConfig(TrainingArguments):
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Eval batch size per device."})
     lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "cosine = the spec's epoch-wise cosine down to the floor."}
+        default="cosine", metadata={"help": "cosine = epoch-wise cosine down to the floor (docs/method.md)."}
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (off in the reference)."})
     remove_unused_columns: bool = field(
@@ -123,6 +185,11 @@ class SLCAConfig(TrainingArguments):
     save_strategy: str = field(
         default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in --output_dir (its task_* checkpoints, metrics and fingerprint); "
+                  "without it, starting into a directory that holds another run is refused."},
+    )
     dataloader_num_workers: int | None = field(
         default=None,
         metadata={"help": "Data-loading processes. Default: min(4, CPU cores) when training on CUDA (PIL decoding "
@@ -137,14 +204,16 @@ class SLCAConfig(TrainingArguments):
             raise ValueError(f"method={self.method!r} is not one of {METHODS}; pick one of them.")
         if self.backbone_lr_scale is None:
             self.backbone_lr_scale = _METHOD_DEFAULTS[self.method]["backbone_lr_scale"]
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}.")
-        if self.init_cls < 1 or self.increment < 1:
-            raise ValueError(f"init_cls and increment must be >= 1, got {self.init_cls} and {self.increment}.")
-        if self.ca_temperature <= 0:
-            raise ValueError(f"ca_temperature must be > 0, got {self.ca_temperature}.")
+        for name, low, inclusive, high in _RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < low or (not inclusive and value == low) or value > high:
+                bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high:.10g}" if high != math.inf else "")
+                raise ValueError(f"--{name} {value} is out of range: it must be {bound}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+        self._resolve_released_code()
         check_hardware(self)  # precision the machine lacks, loader defaults for the device
         super().__post_init__()
         if self.global_batch_size is not None:
@@ -156,6 +225,29 @@ class SLCAConfig(TrainingArguments):
                     f"not global_batch_size {self.global_batch_size}; set per_device_train_batch_size to "
                     f"{self.global_batch_size} / ({self.world_size} x gradient_accumulation_steps)."
                 )
+
+    def _resolve_released_code(self) -> None:
+        """Fill unset adaptation knobs from the chosen setting; explicit values win."""
+        defaults = _RELEASED_DEFAULTS if self.released_code else _PAPER_DEFAULTS
+        overridden = []
+        for name, value in defaults.items():
+            current = getattr(self, name)
+            if current is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+            elif current != value:
+                overridden.append(f"{name}={current!r}")
+        if self.lora_layout not in LORA_LAYOUTS:
+            raise ValueError(f"lora_layout={self.lora_layout!r} is not one of {LORA_LAYOUTS}; pick one of them.")
+        if self.released_code and overridden:
+            logger.warning(
+                "released_code=True with %s set explicitly: the explicit value wins, so this run is not the "
+                "released code's setting.", ", ".join(overridden),
+            )
+
+    @property
+    def alignment_lr(self) -> float:
+        """The CA learning rate: `ca_lr`, or `learning_rate` when unset."""
+        return self.learning_rate if self.ca_lr is None else self.ca_lr
 
     @property
     def use_lora(self) -> bool:

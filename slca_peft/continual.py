@@ -144,6 +144,12 @@ class ContinualLearner:
                 )
         if state.get("method") != args.method:
             raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")
+        for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if model.use_lora else ()):
+            if getattr(model, key) != getattr(args, key):
+                raise ValueError(
+                    f"{checkpoint} was trained with {key}={getattr(model, key)!r}, this run asks for "
+                    f"{getattr(args, key)!r}; resume with the same setting (released_code and its knobs)."
+                )
         result = ContinualResult(
             accuracy_matrix=state["accuracy_matrix"],
             seen_accuracy=state["seen_accuracy"],

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+from .data_checks import IMAGE_EXTENSIONS, list_class_folder
+
 #: Fraction of each ImageNet-R class held out for testing, as in the continual-learning literature (80/20).
 IMAGENET_R_TEST_FRACTION = 0.2
 #: Seed of that per-class split (numpy RandomState); fixed so every run sees the same split.
@@ -99,7 +100,7 @@ def canonical_name(name: str) -> str:
 def load_benchmark(
     name: str, data_dir: str | Path | None = None, revision: str | None = None
 ) -> tuple[DatasetDict, DatasetSpec]:
-    """A benchmark as a `DatasetDict` (`train`, `test`) and the spec describing its columns.
+    """A benchmark as a `DatasetDict` (`train`, `test`) and the `DatasetSpec` describing its columns.
 
     `name` is `cifar100`, `imagenet_r`, `cub200`, `cars196` (aliases: `imagenet-r`, `cub`, `cars`, ...),
     `digits`, or any Hub dataset id with `train`/`test` splits and `image`/`label` columns. With
@@ -214,8 +215,16 @@ def image_dataset(paths: Sequence[str], labels: Sequence[int], names: Sequence[s
 
 
 def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> DatasetDict:
-    """`train/<class>/*` and `test/<class>/*`: class ids follow the sorted training folder names."""
+    """`train/<class>/*` and `test/<class>/*`: class ids follow the sorted training folder names.
+
+    Built from the file listing (`data_checks.list_class_folder`), not datasets' imagefolder: any folder
+    name is a class name (even `train`), label files are refused, non-image files skipped with a warning,
+    an empty class folder is an error. A class may lack a test folder (warned about before training).
+    """
     train_root, test_root = Path(train_dir), Path(test_dir)
+    for root in (train_root, test_root):
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist.")
     names = [p.name for p in _class_folders(train_root)]
     if len(names) < 2:
         raise ValueError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder.")
@@ -224,11 +233,7 @@ def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> Dat
         raise ValueError(f"test class folder(s) {unknown[:5]} have no training folder in {train_root}.")
     splits = {}
     for split, root in (("train", train_root), ("test", test_root)):
-        paths, labels = [], []
-        for label, name in enumerate(names):
-            files = _image_files(root / name) if (root / name).is_dir() else []
-            paths.extend(str(p) for p in files)
-            labels.extend([label] * len(files))
+        paths, labels = list_class_folder(root, names, require_all=split == "train")
         if not paths:
             raise ValueError(f"no images found under {root}.")
         splits[split] = image_dataset(paths, labels, names)

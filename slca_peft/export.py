@@ -10,6 +10,7 @@ per-task heads with their scales are folded into one linear layer:
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,8 +104,16 @@ def export_model(
     names = list(label_names) if label_names else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
+    config = _classifier_config(model, names)
+    if model.reset_final_norm and getattr(config, "layer_norm_eps", model.final_norm_eps) != model.final_norm_eps:
+        # One eps serves every LayerNorm of a transformers ViT: the fresh final norm's cannot be kept.
+        logging.getLogger(__name__).warning(
+            "the final LayerNorm uses eps %g but the exported %s config has layer_norm_eps %g for every norm; "
+            "exported logits differ from the model's by a tiny amount.",
+            model.final_norm_eps, config.model_type, config.layer_norm_eps,
+        )
     backbone = merged_backbone(model)
-    classifier = AutoModelForImageClassification.from_config(_classifier_config(model, names))
+    classifier = AutoModelForImageClassification.from_config(config)
     _load_backbone(classifier, backbone, route)
     weight, bias = folded_head(model)
     head = classifier.timm_model.get_classifier() if route == TIMM_HEAD else classifier.classifier

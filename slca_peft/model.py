@@ -19,11 +19,14 @@ from .backbones import (
     class_token,
     feature_dim,
     load_backbone,
+    lora_targets_for,
     norm_module_names,
     pooled_feature,
 )
 from .base_model import portable_name
 from .head import ContinualClassifier
+from .layout import check_fused_qkv_backbone, tie_fused_qkv
+from .layout import reset_final_norm as reset_final_norm_of
 from .lora_init import svd_init_lora
 from .model_config import SLCAModelConfig
 from .peft_methods import adapter_prefix, apply_peft_config, peft_config_from_dict, peft_config_to_dict
@@ -65,8 +68,7 @@ class SLCAModel(nn.Module):
         values.update(overrides)
         #: Per-architecture facts (feature, LoRA targets, final norm, export route): `slca_peft.backbones`.
         self.backbone_spec = backbone_spec(backbone)
-        if values.get("lora_target_modules") is None:
-            values["lora_target_modules"] = list(self.backbone_spec.lora_targets)
+        values["lora_target_modules"] = lora_targets_for(backbone, values.get("lora_target_modules"))
         if isinstance(values.get("peft_config"), PeftConfig):
             values["peft_config"] = peft_config_to_dict(values["peft_config"])
         values["task_sizes"] = list(values.get("task_sizes") or [])
@@ -93,9 +95,16 @@ class SLCAModel(nn.Module):
         config.feature_dim = width
         self.slca_config = config
         check_pooled_feature(backbone, self.backbone_spec)
+        if config.reset_final_norm:
+            reset_final_norm_of(backbone, config.final_norm_eps)
         if config.use_lora and self.peft_config is not None:
+            if config.lora_layout == "fused_qkv" and not self.backbone_spec.fused_qkv:
+                raise ValueError("lora_layout='fused_qkv' (set by released_code) ties slca-peft's own LoRA; with "
+                                 "peft_config set lora_layout='per_projection' and configure the adapter yourself.")
             backbone = apply_peft_config(backbone, self.peft_config, svd_init=config.lora_svd_init)
         elif config.use_lora:
+            if config.lora_layout == "fused_qkv":
+                check_fused_qkv_backbone(backbone, config.lora_target_modules)
             backbone = self._wrap_lora(backbone)
         else:
             backbone.requires_grad_(True)
@@ -108,6 +117,9 @@ class SLCAModel(nn.Module):
     lora_scale = property(lambda self: self.slca_config.lora_scale)
     lora_target_modules = property(lambda self: self.slca_config.lora_target_modules)
     lora_svd_init = property(lambda self: self.slca_config.lora_svd_init)
+    lora_layout = property(lambda self: self.slca_config.lora_layout)
+    reset_final_norm = property(lambda self: self.slca_config.reset_final_norm)
+    final_norm_eps = property(lambda self: self.slca_config.final_norm_eps)
     feature_dim = property(lambda self: self.slca_config.feature_dim)
     feature_source = property(lambda self: self.slca_config.feature_source)
     base_model_name_or_path = property(lambda self: self.slca_config.base_model_name_or_path)
@@ -144,6 +156,9 @@ class SLCAModel(nn.Module):
                 "lora_scale": args.lora_scale,
                 "lora_target_modules": args.lora_target_modules,
                 "lora_svd_init": args.lora_svd_init,
+                "lora_layout": args.lora_layout,
+                "reset_final_norm": args.reset_final_norm,
+                "final_norm_eps": args.final_norm_eps,
             }
         settings.update(kwargs)
         name = None
@@ -187,6 +202,8 @@ class SLCAModel(nn.Module):
             token.requires_grad_(True)
         if self.lora_svd_init:
             svd_init_lora(wrapped)
+        if self.lora_layout == "fused_qkv":
+            tie_fused_qkv(wrapped, svd_init=self.lora_svd_init)
         return wrapped
 
     # ------------------------------------------------------------------ forward

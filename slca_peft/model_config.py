@@ -88,6 +88,9 @@ class SLCAModelConfig:
     lora_scale: float = 0.8
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     lora_svd_init: bool = True
+    lora_layout: str = "per_projection"
+    reset_final_norm: bool = False
+    final_norm_eps: float = 1e-5
     task_sizes: list[int] = field(default_factory=list)
     feature_dim: int | None = None
     feature_source: str | None = None
@@ -102,7 +105,10 @@ class SLCAModelConfig:
         """Refuse any field of the wrong type or out of range, naming it."""
         check_str("base_model_name_or_path", self.base_model_name_or_path, optional=True)
         check_str("revision", self.revision, optional=True)
-        for name in ("use_lora", "lora_svd_init"):
+        if self.lora_layout not in ("per_projection", "fused_qkv"):
+            raise _fail("lora_layout", f"must be 'per_projection' or 'fused_qkv', got {self.lora_layout!r}.")
+        check_float("final_norm_eps", self.final_norm_eps, 0.0, 1.0)
+        for name in ("use_lora", "lora_svd_init", "reset_final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"must be true or false, got {getattr(self, name)!r}.")
         check_int("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)

@@ -131,7 +131,19 @@ def _seed_dirs(root: Path) -> dict[str, Path]:
     """`seed_<s>` directories holding a metrics.json, from seeds.json if present, else from the folder."""
     if (root / "seeds.json").is_file():
         seeds = _read_json(root / "seeds.json")
-        return {str(s): root / run.get("output_dir", f"seed_{s}") for s, run in seeds["runs"].items()}
+        runs = seeds.get("runs") if isinstance(seeds, dict) else None
+        if not isinstance(runs, dict) or not all(isinstance(run, dict) for run in runs.values()):
+            raise ValueError(f"{root / 'seeds.json'} has no 'runs' mapping; it was not written by slca-peft.")
+        dirs = {str(s): root / str(run.get("output_dir", f"seed_{s}")) for s, run in runs.items()}
+        inside = root.resolve()
+        for seed, path in dirs.items():
+            # The report writes into each seed's folder: one outside the run directory is refused.
+            if not path.resolve().is_relative_to(inside) or path.resolve() == inside:
+                raise ValueError(
+                    f"{root / 'seeds.json'}: seed {seed}'s output_dir {str(runs[seed].get('output_dir', ''))!r} is "
+                    f"not a folder inside {root}; the report only writes inside the run directory."
+                )
+        return dirs
     found = sorted((p for p in root.glob("seed_*") if (p / "metrics.json").is_file()),
                    key=lambda p: (len(p.name), p.name))
     return {p.name.removeprefix("seed_"): p for p in found}

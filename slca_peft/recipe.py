@@ -30,14 +30,17 @@ import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
 from .callbacks import load_callback
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_directory, atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
+from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
+from .errors import UserError, run_main
 from .export import eval_transform_config
 from .model import SLCAModel
 from .peft_methods import load_peft_config
+from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
@@ -125,9 +128,14 @@ class DataArguments:
 
 def yaml_to_argv(path: str) -> list[str]:
     """Turn a YAML mapping into command-line flags, so the command line can override any of them."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not Path(path).is_file():
+        raise UserError(f"--config {path}: no such file; give the path of a YAML file of arguments.")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path} is not valid YAML ({' '.join(str(err).split())}); fix the file.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+        raise UserError(f"{path} must hold a mapping of argument names to values.")
     argv: list[str] = []
     for key, value in data.items():
         if value is None:
@@ -168,6 +176,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         argv = ["--config", str(DEMO_CONFIG), "--model_name_or_path", str(DEMO_BACKBONE), *argv]
     if "--config" in argv:
         i = argv.index("--config")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise SystemExit("--config needs a value: --config path/to/file.yaml.")
         config = argv[i + 1]
         if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
@@ -196,10 +206,23 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         raise SystemExit("--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them.")
     if data_args.seeds and model_args.resume_from not in (None, "auto"):
         raise SystemExit("with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/).")
+    if data_args.seeds and len(set(data_args.seeds)) != len(data_args.seeds):
+        raise SystemExit(f"--seeds {' '.join(map(str, data_args.seeds))} repeats a seed; give each seed once.")
+    check_writable(args.output_dir)
     return model_args, data_args, args
 
 
 def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+    """The task stream, with all of its data checked (every image decoded once) before any training."""
+    tasks = _load_tasks(data_args, args)
+    if data_args.train_dir:
+        check_task_splits(tasks)  # from_image_folders has decoded every image
+    else:
+        check_task_data(tasks)
+    return tasks
+
+
+def _load_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
     if data_args.domains:
         return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
     split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
@@ -234,7 +257,12 @@ def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
         config = AutoConfig.from_pretrained(model_args.model_config)
         source = str(Path(args.output_dir) / "base_model")
         if args.process_index == 0:
-            AutoModel.from_config(config).save_pretrained(source)
+            if ContinualLearner.latest_checkpoint(args.output_dir) is not None:
+                raise UserError(f"{args.output_dir} holds checkpoints trained on its base_model/, which a new "
+                                "random backbone would replace; resume with --resume_from auto or use "
+                                "--overwrite_output_dir.")
+            with atomic_directory(source) as tmp:
+                AutoModel.from_config(config).save_pretrained(tmp)
     peft_config = load_peft_config(model_args.peft_config) if model_args.peft_config else None
     with args.main_process_first(desc="backbone"):
         return SLCAModel.from_backbone(source, args, revision=model_args.model_revision, peft_config=peft_config)
@@ -307,7 +335,10 @@ def configure_logging(args: SLCAConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Train; with `argv=None` (the command line) a user error ends with one line, not a traceback."""
+    if argv is None:
+        return run_main(main, prog="slca-peft train")
+    model_args, data_args, args = parse_args(argv)
     configure_logging(args)
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
@@ -315,16 +346,34 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
-    """One run over the task sequence of `args.class_order_seed`; returns the metrics summary."""
+    """One run over the task sequence of `args.class_order_seed`; returns the metrics summary.
+
+    The output directory is claimed for this run first (`claim_run_directory`): another run's files
+    there, a concurrent run or a resume with other settings stop it before any training."""
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
+    fingerprint = run_fingerprint(
+        args, base_model=model_args.model_name_or_path or model_args.model_config,
+        base_revision=model_args.model_revision, tasks=tasks,
+        extra={k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
+                                                  "horizontal_flip")},
+    )
+    with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
+                             resume=bool(model_args.resume_from), main_process=args.process_index == 0):
+        return _train(model_args, data_args, args, tasks, fingerprint)
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint) -> dict:
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
     resume = model_args.resume_from
     if resume == "auto":
         resume = ContinualLearner.latest_checkpoint(args.output_dir)
         logger.info("resume auto: %s", resume or "no complete checkpoint, starting from the first task")
     if resume:
+        if Path(resume).is_dir():
+            check_checkpoint_matches(resume, fingerprint)
+            check_resumable(resume, align=args.align)
         learner = ContinualLearner.from_checkpoint(
             resume, args, tasks, revision=model_args.resume_revision,
             expected_base=[model_args.model_name_or_path, args.hub_base_model_id],

@@ -325,6 +325,7 @@ class ClassStatistics:
         path = Path(directory) / STATISTICS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the checkpoint has no class statistics.")
+        _check_header(path, feature_dim)  # shapes, dtypes and sizes, before any tensor is read
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -385,3 +386,34 @@ class ClassStatistics:
         self.means[cls] = mean.to(torch.float64).clone()
         self.counts[cls] = count
         self.task_of_class[cls] = task
+
+
+#: Most classes a statistics file may hold, and the largest feature size: bounds what a header may declare.
+MAX_CLASSES = 1 << 20
+MAX_FEATURE_DIM = 1 << 16
+_INTEGER_CODES = {"I64", "I32"}
+_FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+
+
+def _check_header(path: Path, feature_dim: int | None) -> None:
+    """Refuse a statistics file whose header is inconsistent or declares more than its shapes allow,
+    reading only the header (a crafted file must not allocate memory)."""
+    from .safetensors_header import check_tensors, read_header
+
+    header, _ = read_header(path)
+    integer = {"classes", "tasks", "counts", "kinds", "ranks"}
+    check_tensors(path, header, {k: _INTEGER_CODES if k in integer else _FLOAT_CODES for k in _V2_TENSORS},
+                  max_bytes=1 << 62)
+    shape = header["means"]["shape"]
+    if len(shape) != 2 or shape[0] > MAX_CLASSES or not 0 < shape[1] <= MAX_FEATURE_DIM:
+        raise ValueError(f"{path} declares means of shape {shape}; the file is damaged.")
+    num, dim = shape
+    if feature_dim is not None and dim != feature_dim:
+        raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
+    expected = {"classes": [num], "tasks": [num], "counts": [num], "kinds": [num], "ranks": [num],
+                "noise": [num, dim]}
+    bad = [k for k, v in expected.items() if header[k]["shape"] != v]
+    factors = header["factors"]["shape"]
+    if bad or len(factors) != 1 or factors[0] > num * max(packed_size(dim), dim * dim) \
+            or header["ridge"]["shape"] not in ([], [1]):
+        raise ValueError(f"{path} has inconsistent tensor shapes ({bad or ['factors/ridge']}); the file is damaged.")

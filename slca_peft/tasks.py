@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
@@ -148,6 +148,11 @@ class TaskSequence:
         self.init_cls, self.increment = init_cls, increment
         self._train_labels = position[train_ids]
         self._test_labels = position[test_ids]
+        tested = np.bincount(self._test_labels, minlength=num_classes)
+        untested = [t for t in range(len(self.task_sizes)) if not tested[self.classes_of(t)].any()]
+        if untested:
+            raise ValueError(f"task(s) {untested} have no test images, so they cannot be scored; give every class "
+                             "test images (or change init_cls/increment).")
         feature = ClassLabel(names=self.label_names)
         self.train = _with_labels(train, label_column, self._train_labels, feature)
         self.test = _with_labels(test, label_column, self._test_labels, feature)
@@ -164,13 +169,17 @@ class TaskSequence:
 
     @classmethod
     def from_image_folders(cls, train_dir: str | Path, test_dir: str | Path, **kwargs) -> TaskSequence:
-        """One sub-folder per class in each directory, loaded with `datasets`' imagefolder builder.
-        Every file is checked to be a readable image first, so a bad file fails before training."""
+        """One sub-folder per class in each directory (any folder name is a class name). Every image is
+        decoded once first, so a bad file fails, named, before training (see `slca_peft.data_checks`)."""
+        from .data import load_split_image_folders
+        from .data_checks import check_dataset_images
+
         for directory in (train_dir, test_dir):
-            verify_image_folder(directory)
-        train = load_dataset("imagefolder", data_dir=str(train_dir), split="train")
-        test = load_dataset("imagefolder", data_dir=str(test_dir), split="train")
-        return cls(train, test, **kwargs)
+            verify_image_folder(directory, decode=False)
+        data = load_split_image_folders(train_dir, test_dir)
+        for split in ("train", "test"):
+            check_dataset_images(data[split], "image", description=f"checking {split} images")
+        return cls(data["train"], data["test"], **kwargs)
 
     # ------------------------------------------------------------------ access
     @property
@@ -266,23 +275,19 @@ def _with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLab
     return ds.add_column(column, labels.tolist(), feature=feature)
 
 
-def verify_image_folder(directory: str | Path) -> None:
-    """Fail early on a missing folder, fewer than two classes, or a file PIL cannot read."""
-    from PIL import Image, UnidentifiedImageError
+def verify_image_folder(directory: str | Path, *, decode: bool = True) -> None:
+    """Fail early on a missing folder, fewer than two classes, or (`decode`) an image PIL cannot decode
+    in full or convert faithfully, naming the file."""
+    from .data_checks import check_images, list_class_folder
 
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist.")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(
             f"image folder {root} has {len(classes)} class sub-folder(s); put each class's images in its "
             "own sub-folder, with at least two classes."
         )
-    for class_dir in classes:
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as err:
-                raise ValueError(f"unreadable image {path}: {err}. Remove or replace the file.") from err
+    if decode:
+        check_images(list_class_folder(root, classes)[0], description=f"checking {root}")

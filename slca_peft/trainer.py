@@ -144,7 +144,7 @@ class SLCATrainer(Trainer):
         return self.slca_model.classifier.task_offsets()[-2]
 
     def group_learning_rates(self) -> dict[str, float]:
-        """Learning rate of each parameter role for the current task (the spec's Slow Learner)."""
+        """Learning rate of each parameter role for the current task (Slow Learner, docs/method.md)."""
         args: SLCAConfig = self.args
         lr = args.learning_rate
         backbone = lr * args.backbone_lr_scale

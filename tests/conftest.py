@@ -29,8 +29,8 @@ def make_learner(base_model_dir):
 
     def make(tasks, output_dir, callbacks=None, **config):
         values = dict(output_dir=str(output_dir), use_cpu=True, num_train_epochs=4, per_device_train_batch_size=8,
-                      learning_rate=0.05, seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=128,
-                      ca_batch_size=32, ca_epochs=5)
+                      learning_rate=0.05, ca_lr=0.01, seed=0, disable_tqdm=True, report_to="none",
+                      ca_samples_per_class=128, ca_batch_size=32, ca_epochs=5)
         args = SLCAConfig(**{**values, **config})
         model = SLCAModel.from_backbone(str(base_model_dir), args)
         tc = ImageTransformConfig.from_model_config(model.config)

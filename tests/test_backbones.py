@@ -196,3 +196,19 @@ def test_the_input_size_is_the_processors_crop():
                                                             "std": [0.5, 0.5, 0.5], "crop_pct": 1.0})
     config = ImageTransformConfig.from_image_processor(processor)
     assert (config.size, config.mean, config.std) == (32, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("model_type", ["clip_vision_model", "beit", "timm_wrapper"])
+def test_released_code_setting_through_the_table(model_type):
+    make, norm, _, _ = ROWS[model_type]
+    torch.manual_seed(0)
+    backbone = T.AutoModel.from_config(make())
+    with torch.no_grad():
+        _get(backbone, norm).weight.fill_(3.0)  # a pre-trained norm the reset must replace
+    model = SLCAModel(backbone, **{k: v for k, v in vars(SLCAConfig(output_dir="x", released_code=True)).items()
+                                   if k in ("lora_target_modules", "lora_layout", "reset_final_norm")})
+    found = {n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, LoraLayer)}
+    assert found == ({"qkv"} if model_type == "timm_wrapper" else {"q_proj", "k_proj", "v_proj"})
+    fresh = final_norm(model.base_backbone)
+    assert torch.equal(fresh.weight, torch.ones_like(fresh.weight)) and fresh.eps == 1e-5
+    assert fresh.weight.requires_grad

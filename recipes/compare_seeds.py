@@ -1,0 +1,57 @@
+"""Paired comparison of two `train_seq.py --seeds` runs over the same class orders.
+
+    python recipes/compare_seeds.py outputs/released outputs/paper
+
+Prints, for Last-Acc and Inc-Acc, each run's mean ± sample std and the paired difference (first minus
+second) with its std and paired t statistic. Class orders vary far more than settings do, so only
+the paired difference says whether one setting beats the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+METRICS = {"Last-Acc": "last_accuracy", "Inc-Acc": "average_incremental_accuracy"}
+
+
+def paired(first: str | Path, second: str | Path) -> dict[str, dict[str, float]]:
+    """Per metric: means and stds of both runs and of their per-seed difference, and the paired t."""
+    runs = [json.loads((Path(d) / "seeds.json").read_text())["runs"] for d in (first, second)]
+    seeds = sorted(set(runs[0]) & set(runs[1]), key=int)
+    if len(seeds) < 2:
+        raise SystemExit(f"{first} and {second} share {len(seeds)} class-order seed(s); a paired comparison needs 2+.")
+    result = {}
+    for label, key in METRICS.items():
+        a = [runs[0][s][key] for s in seeds]
+        b = [runs[1][s][key] for s in seeds]
+        diff = [x - y for x, y in zip(a, b, strict=True)]
+        sd = statistics.stdev(diff)
+        result[label] = {
+            "first_mean": statistics.mean(a), "first_std": statistics.stdev(a),
+            "second_mean": statistics.mean(b), "second_std": statistics.stdev(b),
+            "diff_mean": statistics.mean(diff), "diff_std": sd,
+            "t": statistics.mean(diff) / (sd / len(diff) ** 0.5) if sd > 0 else float("inf"),
+            "seeds": len(seeds),
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("first", help="a --seeds run's output_dir (holding seeds.json)")
+    parser.add_argument("second", help="another one, over the same class-order seeds")
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    result = paired(ns.first, ns.second)
+    for label, r in result.items():
+        print(f"{label}: {r['first_mean']:.1f} ± {r['first_std']:.1f} vs {r['second_mean']:.1f} ± {r['second_std']:.1f}"
+              f" | paired difference {r['diff_mean']:+.1f} ± {r['diff_std']:.1f}, t = {r['t']:.1f}"
+              f" ({r['seeds']} class orders)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Data checked before the first task trains, so bad data stops a run before any work.
+
+- Every image is decoded once in full (`PIL.Image.load`, not `verify`, which misses truncated
+  files), on a thread pool with a progress bar; each failure is named by path.
+- Images whose pixels cannot be converted faithfully to 8 bit (float `F`, 32-bit `I` beyond 16-bit
+  range) are refused with their path: they would become constant images.
+- Class folders: junk files (`.DS_Store`, `Thumbs.db`, `README.txt`, ...) are skipped with one
+  summary warning; an empty class folder is an error; label files that `datasets`' imagefolder
+  would use to relabel images (`metadata.csv`, `metadata.jsonl`, ...) are refused.
+- Every task has test images (error otherwise); a class without test images is warned about.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: Files that `datasets`' imagefolder reads as labels or captions, overriding the folder names.
+LABEL_FILES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
+#: Integer modes that hold 16-bit values at most once checked (16-bit PNGs open as "I").
+_WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+logger = logging.getLogger(__name__)
+
+
+def list_class_folder(root: Path, names: Sequence[str], *, require_all: bool = True) -> tuple[list[str], list[int]]:
+    """Image paths and labels under `root/<name>/` for each class name, in label order.
+
+    A class folder without images is an error (`require_all`: also a missing one); label files are
+    refused; other non-image files are skipped with one warning for the whole folder.
+    """
+    label_files = sorted(p for p in root.rglob("*") if p.name in LABEL_FILES)
+    if label_files:
+        raise UserError(
+            f"{label_files[0]} would relabel images (datasets' imagefolder reads it) but slca-peft labels each image "
+            "by its class folder; move the file out of the image folder so the labels are unambiguous."
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    skipped: list[Path] = []
+    empty: list[str] = []
+    for label, name in enumerate(names):
+        folder = root / name
+        if not folder.is_dir():
+            if require_all:
+                empty.append(name)
+            continue
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+        skipped += [p for p in files if p not in set(images)]
+        if not images:
+            empty.append(name)
+        paths.extend(str(p) for p in images)
+        labels.extend([label] * len(images))
+    if empty:
+        raise UserError(
+            f"class folder(s) {empty[:5]} under {root} hold no image ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "add images or remove the folder."
+        )
+    if skipped:
+        warnings.warn(
+            f"{root}: skipped {len(skipped)} file(s) that are not images (e.g. {skipped[0].name}); "
+            "only image files are read.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return paths, labels
+
+
+def _faithful(img: Any, where: str) -> None:
+    mode = img.mode
+    if mode == "F" or mode.startswith(("F;", "I;32")):
+        raise UserError(f"{where}: mode {mode!r} (floating point / 32-bit) images cannot be converted to 8 bit "
+                        "faithfully; convert it to 8- or 16-bit first.")
+    if mode in _WIDE_INT_MODES:
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            raise UserError(f"{where}: 32-bit image with values in [{low}, {high}], beyond 16-bit range, cannot be "
+                            "converted to 8 bit faithfully; rescale it to 8 or 16 bit first.")
+
+
+def _decode(source: Any) -> str | None:
+    """None when the image decodes in full, else the problem in one line."""
+    from PIL import Image
+
+    where = source if isinstance(source, str) else "image bytes"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = source if isinstance(source, str) else io.BytesIO(source)
+            with Image.open(handle) as img:
+                img.load()
+                _faithful(img, where)
+    except UserError as err:
+        return str(err)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return f"{where}: decompression bomb ({' '.join(str(err).split())}); remove the file or raise " \
+               "PIL.Image.MAX_IMAGE_PIXELS if it is genuine."
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"unreadable image {where} ({' '.join(str(err).split())}); remove or replace the file."
+    return None
+
+
+def check_images(sources: Sequence[Any], *, description: str = "checking images", workers: int | None = None) -> None:
+    """Decode every image (a path or encoded bytes) once in full; raise naming every failure."""
+    from tqdm.auto import tqdm
+
+    if not sources:
+        return
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(_decode, sources, chunksize=64), total=len(sources), desc=description,
+                            unit="img", disable=len(sources) < 500, leave=False))
+    problems = [r for r in results if r is not None]
+    if problems:
+        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}")
+
+
+def _image_sources(dataset: Any, image_column: str) -> Iterable[Any]:
+    """Paths or encoded bytes of a dataset's images, read without decoding them."""
+    from datasets import Image
+
+    if not isinstance(dataset.features.get(image_column), Image):
+        return []
+    raw = dataset.cast_column(image_column, Image(decode=False))
+    sources = []
+    for batch in raw.iter(batch_size=1000):
+        for image in batch[image_column]:
+            if image is None:
+                continue
+            sources.append(image["bytes"] if image.get("bytes") else image.get("path"))
+    return sources
+
+
+def check_dataset_images(dataset: Any, image_column: str, *, description: str = "checking images") -> None:
+    """`check_images` over a `datasets.Dataset`'s image column (files or embedded bytes)."""
+    check_images([s for s in _image_sources(dataset, image_column) if s is not None], description=description)
+
+
+def check_task_splits(tasks: Any) -> None:
+    """Every task needs test images to be scored; a class with none is scored on the others (warning)."""
+    empty, untested = [], []
+    for task in tasks:
+        if len(task.test) == 0:
+            empty.append(task.task_id)
+            continue
+        seen = set(np.unique(np.asarray(task.test[tasks.label_column])).tolist())
+        untested += [c for c in task.classes if c not in seen]
+    if empty:
+        raise UserError(f"task(s) {empty} have no test images, so they cannot be scored; give every class test "
+                        "images (or change init_cls/increment).")
+    if untested:
+        names = getattr(tasks, "label_names", None) or []
+        shown = [names[c] if c < len(names) else c for c in untested[:5]]
+        warnings.warn(f"class(es) {shown} have no test image; accuracies are over the other classes.",
+                      UserWarning, stacklevel=2)
+
+
+def check_task_data(tasks: Any) -> None:
+    """All checks on a task stream before it trains: test coverage, then every image decoded once."""
+    check_task_splits(tasks)
+    column = tasks.image_column
+    for task in tasks:
+        for split, data in (("train", task.train), ("test", task.test)):
+            check_dataset_images(data, column, description=f"checking task {task.task_id} {split} images")

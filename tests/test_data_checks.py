@@ -1,0 +1,112 @@
+"""Bad data stops before any training, naming the file or folder."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from PIL import Image
+
+from slca_peft.data_checks import check_images
+from slca_peft.errors import UserError
+from slca_peft.tasks import TaskSequence
+
+
+def folders(tmp_path, classes=4, train=3, test=2):
+    return (write_image_folder(tmp_path / "train", classes, train, seed=1),
+            write_image_folder(tmp_path / "test", classes, test, seed=2))
+
+
+def recipe_args(base_model_dir, train_dir, test_dir, out):
+    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
+            "--init_cls", "2", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+            "--ca_samples_per_class", "8", "--ca_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true",
+            "--output_dir", str(out)]
+
+
+def test_a_truncated_jpeg_is_named_before_training(recipe, tmp_path, base_model_dir):
+    train_dir, test_dir = folders(tmp_path)
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 255, (64, 64, 3)).astype(np.uint8)).save(train_dir / "class_03" / "cut.jpg")
+    data = (train_dir / "class_03" / "cut.jpg").read_bytes()
+    (train_dir / "class_03" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(train_dir / "class_03" / "cut.jpg") as img:
+        img.verify()  # what the old check did: it passes
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"unreadable image .*class_03/cut\.jpg \(image file is truncated"):
+        recipe.main(recipe_args(base_model_dir, train_dir, test_dir, out))
+    assert not list(out.glob("task_*"))
+
+
+def test_a_task_without_test_images_is_refused_before_training(recipe, tmp_path, base_model_dir):
+    train_dir, test_dir = folders(tmp_path)
+    for name in ("class_02", "class_03"):  # classes 2 and 3 are one task in some class order
+        for path in (test_dir / name).iterdir():
+            path.unlink()
+        (test_dir / name).rmdir()
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"task\(s\) \[\d\] have no test images"):
+        recipe.main(recipe_args(base_model_dir, train_dir, test_dir, out) + ["--class_order_seed", "0"])
+    assert not list(out.glob("task_*"))
+
+
+def test_a_metadata_csv_that_would_relabel_images_is_refused(tmp_path):
+    train_dir, test_dir = folders(tmp_path)
+    rows = ["file_name,label"] + [f"class_00/{i}.png,class_01" for i in range(3)]
+    (train_dir / "metadata.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"metadata\.csv would relabel images"):
+        TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2)
+
+
+def test_folder_layout_junk_empty_classes_and_any_class_name(tmp_path):
+    train_dir, test_dir = folders(tmp_path)
+    for junk in (".DS_Store", "README.txt", "Thumbs.db"):
+        (train_dir / "class_00" / junk).write_bytes(b"junk")
+    with pytest.warns(UserWarning, match=r"skipped 3 file\(s\) that are not images"):
+        seq = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2)
+    assert len(seq.train) == 12
+    # Folders named like splits are ordinary class names.
+    for root in (train_dir, test_dir):
+        (root / "class_00").rename(root / "train")
+        (root / "class_01").rename(root / "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seq = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2)
+    assert {"train", "test"} <= set(seq.label_names) and len(seq.train) == 12 and len(seq.test) == 8
+    (train_dir / "empty").mkdir()
+    with pytest.raises(UserError, match=r"class folder\(s\) \['empty'\] .* hold no image"):
+        TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2)
+
+
+def test_images_that_cannot_be_converted_faithfully_or_bombs_are_named(tmp_path, monkeypatch):
+    float_tiff = tmp_path / "float.tif"
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), mode="F").save(float_tiff)
+    wide = tmp_path / "wide.tif"
+    Image.fromarray((np.arange(64, dtype=np.int32) * 100000).reshape(8, 8), mode="I").save(wide)
+    sixteen = tmp_path / "sixteen.png"
+    Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(sixteen)
+    check_images([str(sixteen)])  # 16-bit PNG (opens as "I"): converted exactly by the transforms
+    with pytest.raises(UserError, match=r"float\.tif: mode 'F'"):
+        check_images([str(float_tiff)])
+    with pytest.raises(UserError, match=r"wide\.tif: 32-bit image with values"):
+        check_images([str(wide)])
+    big = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UserError, match=r"bomb\.png: decompression bomb") as err:
+        check_images([str(big)])
+    assert "\n" not in str(err.value)
+
+
+def test_a_class_without_test_images_is_warned_about(recipe, tmp_path):
+    from slca_peft.data_checks import check_task_splits
+
+    train_dir, test_dir = folders(tmp_path)
+    for path in (test_dir / "class_01").iterdir():
+        path.unlink()
+    (test_dir / "class_01").rmdir()
+    seq = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=2, increment=2, seed=None)
+    with pytest.warns(UserWarning, match=r"class\(es\) \['class_01'\] have no test image"):
+        check_task_splits(seq)
+    assert json.dumps(seq.describe())  # the stream itself is usable
