@@ -145,10 +145,15 @@ class ContinualLearner:
         if state.get("method") != args.method:
             raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")
         for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if model.use_lora else ()):
-            if getattr(model, key) != getattr(args, key):
+            wanted = getattr(args, key)
+            if key == "lora_target_modules":  # as this backbone names them (timm: q/k/v mean its fused qkv)
+                from .backbones import lora_targets_for
+
+                wanted = lora_targets_for(model.base_backbone, wanted)
+            if getattr(model, key) != wanted:
                 raise ValueError(
                     f"{checkpoint} was trained with {key}={getattr(model, key)!r}, this run asks for "
-                    f"{getattr(args, key)!r}; resume with the same setting (released_code and its knobs)."
+                    f"{wanted!r}; resume with the same setting (released_code and its knobs)."
                 )
         result = ContinualResult(
             accuracy_matrix=state["accuracy_matrix"],
