@@ -61,9 +61,17 @@ def test_resume_with_another_class_order_is_refused_and_writes_nothing(recipe, t
         recipe.main(args + ["--class_order_seed", "7", "--resume_from", str(out / "task_0")])
     with pytest.raises(ValueError, match="task_sizes"):
         recipe.main(args + ["--increment", "1", "--resume_from", str(out / "task_0")])
-    with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
+    # The run directory's fingerprint lists every setting that differs ...
+    with pytest.raises(ValueError, match=r'lora_layout \("per_projection" -> "fused_qkv"\).*reset_final_norm'):
         recipe.main(args + ["--released_code", "true", "--resume_from", str(out / "task_0")])
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    # ... and the Python API, which has no run directory to compare with, checks the model's own setting.
+    from slca_peft import ContinualLearner, SLCAConfig, TaskSequence
+
+    tasks = TaskSequence.from_image_folders(*image_folders, init_cls=4, increment=2, seed=1993)
+    released = SLCAConfig(output_dir=str(tmp_path / "api"), use_cpu=True, released_code=True, report_to="none")
+    with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
+        ContinualLearner.from_checkpoint(out / "task_0", released, tasks)
 
 
 @pytest.mark.parametrize("method", ["slca++", "slca", "sl", "seq_ft"])
