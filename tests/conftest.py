@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -110,6 +111,25 @@ def image_folders(tmp_path_factory) -> tuple[Path, Path]:
         write_image_folder(root / "train", num_classes=6, per_class=12, seed=1),
         write_image_folder(root / "test", num_classes=6, per_class=5, seed=2),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """4 classes, 4 training and 2 test images each: the smallest data a 2-task run scores."""
+    root = tmp_path_factory.mktemp("tiny_images")
+    return (
+        write_image_folder(root / "train", num_classes=4, per_class=4, seed=1),
+        write_image_folder(root / "test", num_classes=4, per_class=2, seed=2),
+    )
+
+
+@pytest.fixture(scope="module")
+def frozen_gc():
+    """Each task's Trainer ends with gc.collect(); freezing the objects alive before a module's tests
+    makes that cheap (about a second per task on a loaded test process)."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 class _Exploit:

@@ -3,8 +3,6 @@ and export -> pipeline() where a stock head reads the same feature (refused with
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import transformers as T
@@ -64,22 +62,7 @@ def _get(module, path):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def frozen_gc():
-    """Each task's Trainer ends with gc.collect(); freezing the objects alive before these tests makes
-    that cheap (about a second per task on a loaded test process)."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
-@pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory):
-    from conftest import write_image_folder
-
-    root = tmp_path_factory.mktemp("bb_images")
-    return (write_image_folder(root / "train", num_classes=4, per_class=4, seed=1),
-            write_image_folder(root / "test", num_classes=4, per_class=2, seed=2))
+pytestmark = pytest.mark.usefixtures("frozen_gc")
 
 
 def _args(out, **overrides):
@@ -120,16 +103,16 @@ def test_backbone_row_targets_norm_and_class_token(model_type):
 
 
 @pytest.mark.parametrize("model_type", list(ROWS))
-def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_folders):
+def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_image_folders):
     make, _, _, refusal = ROWS[model_type]
     torch.manual_seed(0)
     base = tmp_path / "base"
     T.AutoModel.from_config(make()).save_pretrained(base)
     x = torch.randn(3, 3, 32, 32)
     # Task 1, then a fresh process resumes from its checkpoint with the same backbone state and learns task 2.
-    first = _learner(tmp_path / "run", tiny_folders, model_dir=base)
+    first = _learner(tmp_path / "run", tiny_image_folders, model_dir=base)
     first.learn_task(first.tasks[0])
-    learner = _learner(tmp_path / "run", tiny_folders, resume_from=str(tmp_path / "run" / "task_0"))
+    learner = _learner(tmp_path / "run", tiny_image_folders, resume_from=str(tmp_path / "run" / "task_0"))
     with torch.no_grad():
         torch.testing.assert_close(learner.model.eval().features(x), first.model.eval().features(x))
     result = learner.run()

@@ -4,7 +4,6 @@ logits, merged export, SVD initialisation where defined, and bad configs refused
 from __future__ import annotations
 
 import copy
-import gc
 import json
 
 import pytest
@@ -38,22 +37,12 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def frozen_gc():
-    """Each task's Trainer ends with gc.collect(): freezing what is alive already keeps that cheap."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_gc")
 
 
 @pytest.fixture(scope="module")
-def two_tasks(tmp_path_factory):
-    from conftest import write_image_folder
-
-    root = tmp_path_factory.mktemp("peft_images")
-    return TaskSequence.from_image_folders(write_image_folder(root / "train", num_classes=4, per_class=4, seed=1),
-                                           write_image_folder(root / "test", num_classes=4, per_class=2, seed=2),
-                                           init_cls=2, increment=2, seed=1993)
+def two_tasks(tiny_image_folders):
+    return TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=1993)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
