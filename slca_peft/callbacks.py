@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import atomic_write_text
@@ -131,19 +132,24 @@ class ReportStep(ContinualCallback):
             summary["last_accuracy"], summary["average_incremental_accuracy"], summary["average_forgetting"],
             summary["backward_transfer"], learner.output_dir / "metrics.json",
         )
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            logger.info("plots skipped: install matplotlib (pip install 'slca-peft[plot]') and run "
-                        "`slca-peft report %s`", learner.output_dir)
-            return
-        from .plotting import write_report
+        if write_plots(learner.output_dir):
+            learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / "accuracy_matrix.png")
 
-        written = write_report(learner.output_dir)
-        logger.info("report: %s", ", ".join(str(path) for path in written))
-        matrix_png = learner.output_dir / "accuracy_matrix.png"
-        if matrix_png.is_file():
-            learner.tracker.log_image("eval/accuracy_matrix", matrix_png)
+
+def write_plots(output_dir: Path) -> list[Path]:
+    """The heatmap, accuracy curve and results.md of a finished run (or `--seeds` run) when
+    matplotlib is installed; otherwise a note on how to make them later."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.info("plots skipped: install matplotlib (pip install 'slca-peft[plot]') and run "
+                    "`slca-peft report %s`", output_dir)
+        return []
+    from .plotting import write_report
+
+    written = write_report(output_dir)
+    logger.info("report: %s", ", ".join(str(path) for path in written))
+    return written
 
 
 def default_steps() -> list[ContinualCallback]:

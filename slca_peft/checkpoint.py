@@ -242,8 +242,15 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     if str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision))
+    try:
+        return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise FileNotFoundError(
+            f"{path_or_repo_id} is neither a local checkpoint directory nor a Hub repo that could be fetched "
+            f"({type(err).__name__}); check the path, or the repo id and your connection."
+        ) from err
 
 
 _SAFETENSORS_DTYPES = {

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
-from .callbacks import load_callback
+from .callbacks import load_callback, write_plots
 from .checkpoint import atomic_directory, atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner
@@ -302,6 +302,7 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
         last, inc = result["last_accuracy"], result["average_incremental_accuracy"]
         logger.info(f"seeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
               f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / 'seeds.json'})")
+        write_plots(root)  # mean heatmap, per-seed curves and the results table over the seeds
     return result
 
 

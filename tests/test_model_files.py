@@ -153,3 +153,11 @@ def test_a_damaged_task_history_is_refused_naming_the_field(tmp_path, base_model
         state.pop(field)
         state.setdefault("accuracy_matrix", [[50.0]])
         path.write_text(json.dumps(state))
+
+
+def test_a_missing_checkpoint_that_looks_like_a_repo_id_is_named(tmp_path, monkeypatch):
+    from slca_peft.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="outputs/nope is neither a local checkpoint directory nor a Hub repo"):
+        load_checkpoint("outputs/nope")

@@ -113,5 +113,8 @@ def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_mo
     last = [seeds["runs"][s]["last_accuracy"] for s in ("5", "7")]
     assert seeds["last_accuracy"]["mean"] == pytest.approx(statistics.mean(last))
     assert seeds["last_accuracy"]["std"] == pytest.approx(statistics.stdev(last))
+    # The --seeds run writes the report over its seeds at its end; `slca-peft report` rewrites the same.
+    assert (out / "accuracy_matrix.png").is_file()
+    assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
     write_report(out)
     assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
