@@ -87,4 +87,4 @@ def test_backbone_without_pooled_feature_is_refused():
     # A DINOv2 has a class token: accepted.
     cfg = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                        intermediate_size=64)
-    assert SLCAModel.from_backbone(cfg).feature_source == "cls"
+    assert SLCAModel.from_backbone(cfg).slca_config.feature_source == "cls"

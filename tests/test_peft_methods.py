@@ -23,7 +23,7 @@ from slca_peft import (
     TrainTransform,
 )
 from slca_peft.callbacks import ReportStep
-from slca_peft.model import BACKBONE, LORA
+from slca_peft.adapters import ADAPTER, BACKBONE
 
 METHODS = {
     "dora": (lambda: LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], use_dora=True),
@@ -53,9 +53,9 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
                       ca_samples_per_class=16, ca_batch_size=16, init_cls=2, increment=2, lora_svd_init=svd)
     model = SLCAModel.from_backbone(str(base_model_dir), args, peft_config=make_config())
     roles = {n: model.parameter_role(n) for n, p in model.named_parameters() if p.requires_grad}
-    adapter = [n for n, r in roles.items() if r == LORA]
+    adapter = [n for n, r in roles.items() if r == ADAPTER]
     assert adapter and all(prefix in n for n in adapter)
-    assert all(prefix not in n for n, r in roles.items() if r != LORA)
+    assert all(prefix not in n for n, r in roles.items() if r != ADAPTER)
     assert any(r == BACKBONE and "layernorm" in n for n, r in roles.items())  # Hybrid-SL norms beside it
     assert any(r == BACKBONE and n.endswith("cls_token") for n, r in roles.items())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in adapter}
