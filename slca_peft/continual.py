@@ -144,15 +144,16 @@ class ContinualLearner:
                 )
         if state.get("method") != args.method:
             raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")
-        for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if model.use_lora else ()):
-            wanted = getattr(args, key)
+        trained_with, asked = model.slca_config, model.slca_config.fields_from(args)
+        for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if trained_with.use_lora else ()):
+            wanted, trained = asked[key], getattr(trained_with, key)
             if key == "lora_target_modules":  # as this backbone names them (timm: q/k/v mean its fused qkv)
                 from .backbones import lora_targets_for
 
                 wanted = lora_targets_for(model.base_backbone, wanted)
-            if getattr(model, key) != wanted:
+            if trained != wanted:
                 raise ValueError(
-                    f"{checkpoint} was trained with {key}={getattr(model, key)!r}, this run asks for "
+                    f"{checkpoint} was trained with {key}={trained!r}, this run asks for "
                     f"{wanted!r}; resume with the same setting (released_code and its knobs)."
                 )
         result = ContinualResult(
@@ -371,7 +372,7 @@ class ContinualLearner:
         from .hub import local_base_problem
 
         base = self.model.settings()["base_model_name_or_path"]
-        problem = local_base_problem(base, self.model.use_lora, self.args.hub_base_model_id)
+        problem = local_base_problem(base, self.model.slca_config.use_lora, self.args.hub_base_model_id)
         if problem:
             raise ValueError(f"push_to_hub is on but {problem}")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
+from .adapters import load_peft_config
 from .callbacks import load_callback, write_plots
 from .checkpoint import atomic_directory, atomic_write_text
 from .config import SLCAConfig
@@ -39,7 +40,6 @@ from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
 from .model import SLCAModel
-from .peft_methods import load_peft_config
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
