@@ -70,8 +70,8 @@ def safe_path(root: str | Path, rel: str | os.PathLike[str], *, final_may_be_lin
     """`root / rel`, refused when any component leads out of `root` through a symlink or `..`.
 
     Parent components that are symlinks must resolve inside `root` (the root itself may be a link:
-    the user chose it). The final component must not be a symlink at all unless `final_may_be_link`
-    (and then it must not point outside). Components that do not exist yet are fine.
+    the user chose it). The final component must not be a symlink unless `final_may_be_link` (for a
+    caller that replaces it by a rename, never following it). Components that do not exist yet are fine.
     """
     root = Path(root)
     real_root = os.path.realpath(root)
@@ -84,8 +84,10 @@ def safe_path(root: str | Path, rel: str | os.PathLike[str], *, final_may_be_lin
         except FileNotFoundError:
             break  # nothing further exists: nothing further can be a link
         last = i == len(posix.parts) - 1
+        if last and final_may_be_link:
+            break
         if stat.S_ISLNK(info.st_mode):
-            if last and not final_may_be_link:
+            if last:
                 raise UserError(f"{current} is a symbolic link, which slca-peft never writes through; remove it or "
                                 "choose another directory.")
             if not _inside(os.path.realpath(current), real_root):

@@ -40,8 +40,7 @@ from .errors import UserError, run_main
 from .export import eval_transform_config
 from .model import SLCAModel
 from .peft_methods import load_peft_config
-from .run_dir import (check_checkpoint_matches, check_output_arguments, check_resumable, check_writable,
-                      claim_run_directory, run_fingerprint)
+from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
@@ -210,6 +209,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
     if data_args.seeds and len(set(data_args.seeds)) != len(data_args.seeds):
         raise SystemExit(f"--seeds {' '.join(map(str, data_args.seeds))} repeats a seed; give each seed once.")
     check_writable(args.output_dir)
+    from .run_dir import check_output_arguments  # noqa: PLC0415
+
     check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
                            data=(data_args.train_dir, data_args.test_dir, data_args.data_dir),
                            model=model_args.model_name_or_path)
