@@ -76,7 +76,8 @@ def _data_digests(tasks: Any) -> tuple[str, dict[str, str]]:
                 for label, image in zip(labels, batch[image_column], strict=True):
                     if isinstance(image, dict) and image.get("path") and not image.get("bytes"):
                         path = Path(image["path"])  # class folder and file name: the data may move
-                        item = f"{'/'.join(path.parts[-2:])}:".encode() + content_digest(path)
+                        content = content_digest(path) if path.is_file() else b"missing"
+                        item = f"{'/'.join(path.parts[-2:])}:".encode() + content
                     elif isinstance(image, dict) and image.get("bytes"):
                         item = hashlib.sha256(image["bytes"]).digest()
                     else:

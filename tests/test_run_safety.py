@@ -238,6 +238,12 @@ def test_same_size_image_swaps_and_repaints_change_the_data_fingerprint(tmp_path
     swapped, _ = fingerprint()
     assert swapped["data_sha256"] != first["data_sha256"]
     assert describe_mismatch(first, swapped) == "data_class_sha256 (c0, c1 differ), data_sha256"
+    run = tmp_path / "run"
+    with claim_run_directory(run, first):
+        (run / "task_0").mkdir()
+    with pytest.raises(UserError, match=r"cannot resume: .* data_class_sha256 \(c0, c1 differ\), data_sha256;"):
+        with claim_run_directory(run, swapped, resume=True):
+            pass
     a.write_bytes(data_a)
     b.write_bytes(data_b)
     assert fingerprint()[0] == first
