@@ -212,7 +212,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
     from .run_dir import check_output_arguments  # noqa: PLC0415
 
     check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
-                           data=(data_args.train_dir, data_args.test_dir, data_args.data_dir),
+                           data=[data_args.data_dir], image_folders=[data_args.train_dir, data_args.test_dir],
                            model=model_args.model_name_or_path)
     return model_args, data_args, args
 

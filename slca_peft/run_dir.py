@@ -84,12 +84,14 @@ def _within(child: str, parent: str) -> bool:
 
 
 def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, resume_from: str | None = None,
-                           data: Iterable[str | Path | None] = (), model: str | Path | None = None) -> None:
+                           data: Iterable[str | Path | None] = (), image_folders: Iterable[str | Path | None] = (),
+                           model: str | Path | None = None) -> None:
     """Refuse an output directory a run must not write into, before anything is read.
 
     `--overwrite_output_dir` with `--resume_from` (it would delete what the resume continues); the
-    filesystem root; a directory that is, holds or lies inside the training data (`data`: the train,
-    test and data folders); with `overwrite`, a directory whose run artefacts hold the `model` in use.
+    filesystem root; a directory that is or holds the training data (`data`: e.g. `--data_dir`), or
+    also lies inside an image folder (`image_folders`: `--train_dir`, `--test_dir`, where it would
+    become a class); with `overwrite`, a directory whose run artefacts hold the `model` in use.
     """
     if overwrite and resume_from:
         raise UserError(f"--overwrite_output_dir deletes the run that --resume_from {resume_from} would continue; "
@@ -97,11 +99,12 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
     out = _real(output_dir)
     if os.path.dirname(out) == out:
         raise UserError(f"--output_dir {output_dir} is the filesystem root; choose a directory of its own.")
-    for folder in data:
+    folders = [(f, False) for f in data] + [(f, True) for f in image_folders]
+    for folder, inside_too in folders:
         if folder is None or not os.path.exists(folder):
             continue
         real = _real(folder)
-        if _within(real, out) or _within(out, real):
+        if _within(real, out) or inside_too and _within(out, real):
             raise UserError(f"--output_dir {output_dir} overlaps the training data {folder}; a run's files would "
                             "mix with its images: choose an --output_dir outside the data.")
     if overwrite and model is not None and os.path.exists(model):
