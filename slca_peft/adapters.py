@@ -121,8 +121,9 @@ def weight_shapes(backbone: nn.Module) -> dict[str, int]:
     """The bounds `check_peft_sizes` needs: the largest rank (min(out, in)), dimension (max(out, in)) and
     element count of a weight of `backbone` (linear, conv, embedding), and its parameter count."""
     rank = dim = numel = 0
-    for param in backbone.parameters():
-        if param.ndim >= 2:
+    for module in backbone.modules():
+        param = getattr(module, "weight", None)
+        if isinstance(param, torch.Tensor) and param.ndim >= 2:
             out, inner = param.shape[0], param[0].numel()
             rank, dim, numel = max(rank, min(out, inner)), max(dim, out, inner), max(numel, param.numel())
     return {"rank": rank, "dim": dim, "numel": numel, "total": sum(p.numel() for p in backbone.parameters())}
