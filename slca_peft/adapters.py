@@ -19,7 +19,6 @@ that update and PEFT saves, loads and merges each projection as usual; a backbon
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .backbones import FUSED_QKV_NAMES, QKV_NAMES, backbone_spec, class_token, linear_names, norm_module_names
+from .errors import read_json
 from .model_config import SLCAModelConfig
+from .peft_limits import check_peft_fields, check_peft_sizes
 
 #: Parameter roles: the trainer gives each its slow-learner rate (the adapter's is the same for LoRA,
 #: LoHa, IA3, ...).
@@ -55,12 +56,14 @@ def peft_config_to_dict(config: PeftConfig | None) -> dict[str, Any] | None:
 
 
 def peft_config_from_dict(data: dict[str, Any]) -> PeftConfig:
-    """Rebuild a `PeftConfig` subclass from its dict (`peft_type` picks the class)."""
+    """Rebuild a `PeftConfig` subclass from its dict (`peft_type` picks the class); its sizes, numbers
+    and patterns are checked first (`slca_peft.peft_limits`), before PEFT sees them."""
     if "peft_type" not in data:
         raise ValueError("peft_config lacks the field 'peft_type' (e.g. \"LORA\", \"LOHA\", \"LOKR\", \"IA3\"); "
                          "write it with PeftConfig.save_pretrained or config.to_dict().")
     data = dict(data)
     data.pop("runtime_config", None)
+    check_peft_fields(data)
     try:
         return PeftConfig.from_peft_type(**data)
     except (TypeError, KeyError) as err:
@@ -77,13 +80,13 @@ def load_peft_config(path: str | Path) -> PeftConfig:
     if not path.is_file():
         raise FileNotFoundError(f"peft_config file {path} does not exist; pass a JSON file written by "
                                 "PeftConfig.save_pretrained (adapter_config.json) or config.to_dict().")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"peft_config file {path} is not valid JSON ({err}).") from err
+    data = read_json(path, max_bytes=1 << 20)
     if not isinstance(data, dict):
         raise ValueError(f"peft_config file {path} must hold one JSON object (a PEFT config's fields).")
-    return peft_config_from_dict(data)
+    try:
+        return peft_config_from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"peft_config file {path}: {err}") from None
 
 
 # ---------------------------------------------------------------------- parameter roles
@@ -114,9 +117,26 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith(f".{target}")
 
 
+def weight_shapes(backbone: nn.Module) -> dict[str, int]:
+    """The bounds `check_peft_sizes` needs: the largest rank (min(out, in)), dimension (max(out, in)) and
+    element count of a weight of `backbone` (linear, conv, embedding), and its parameter count."""
+    rank = dim = numel = 0
+    for module in backbone.modules():
+        param = getattr(module, "weight", None)
+        if isinstance(param, torch.Tensor) and param.ndim >= 2:
+            out, inner = param.shape[0], param[0].numel()
+            rank, dim, numel = max(rank, min(out, inner)), max(dim, out, inner), max(numel, param.numel())
+    return {"rank": rank, "dim": dim, "numel": numel, "total": sum(p.numel() for p in backbone.parameters())}
+
+
 def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
     """Refuse, before any training and naming the field, a config that targets the classifier, names
-    modules the backbone does not have, or is not a tuner that wraps backbone modules."""
+    modules the backbone does not have, or is not a tuner that wraps backbone modules; and, before PEFT
+    allocates or matches anything, sizes beyond the backbone's shapes, non-finite numbers and regexes
+    that could backtrack without bound."""
+    data = peft_config_to_dict(config) or {}
+    check_peft_fields(data)
+    check_peft_sizes(data, weight_shapes(backbone), type(backbone).__name__)
     if config.is_prompt_learning:
         raise ValueError(f"peft_config is {type(config).__name__}, a prompt-learning method: it adds tokens, not "
                          "weights the slow learner can train on an image backbone. Use an adapter method "

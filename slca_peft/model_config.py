@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .peft_limits import MAX_RANK, check_peft_fields
+
 FORMAT_VERSION = 1
 
 #: LoRA targets of the paper's setting (transformers v5 ViT family names).
@@ -20,7 +22,7 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
 LORA_LAYOUTS = ("per_projection", "fused_qkv")
 
 # Bounds far above any real model, far below what would exhaust memory (files and statistics alike).
-MAX_LORA_RANK = 4096
+MAX_LORA_RANK = MAX_RANK
 MAX_FEATURE_DIM = 1 << 16
 MAX_CLASSES = 1 << 20
 MAX_TASKS = 10_000
@@ -133,11 +135,7 @@ class SLCAModelConfig:
         if self.peft_config is not None:
             if not isinstance(self.peft_config, dict) or not isinstance(self.peft_config.get("peft_type"), str):
                 raise _fail("peft_config", "must be a PEFT config's fields (a JSON object with a 'peft_type').")
-            for key in ("r", "lora_alpha", "alpha"):  # ranks allocate memory: bound them as lora_rank
-                if isinstance(self.peft_config.get(key), int):
-                    check_int(f"peft_config.{key}", self.peft_config[key], 0, MAX_LORA_RANK * 1024)
-            if isinstance(self.peft_config.get("r"), int):
-                check_int("peft_config.r", self.peft_config["r"], 1, MAX_LORA_RANK)
+            check_peft_fields(self.peft_config)  # sizes, NaN, regexes: before PEFT builds anything
 
     @property
     def num_classes(self) -> int:

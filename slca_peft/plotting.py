@@ -17,11 +17,12 @@ dependency (`pip install slca-peft[plot]`), imported only when a figure is drawn
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError, read_json
 
 #: Figure size in pixels (width, height) at `DPI`.
 FIGURE_SIZE = (800, 600)
@@ -120,11 +121,59 @@ def results_table(rows: dict[str, dict[str, float]], *, title: str) -> str:
     return "\n".join(lines)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+#: Bounds on what a metrics.json may hold (tasks, classes), far above any real run.
+MAX_TASKS = 10_000
+MAX_CLASSES = 1 << 20
+
+
+def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found; is {path.parent} the output directory of a finished run?") from None
+
+
+def _accuracies(name: str, values: Any) -> list[float]:
+    if not isinstance(values, list) or len(values) > MAX_TASKS:
+        raise ValueError(f"{name} must be a list of at most {MAX_TASKS} accuracies")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
+            raise ValueError(f"{name}[{i}] must be an accuracy in [0, 100], got {value!r}")
+    return values
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json with every field the report uses checked, else one error naming the file
+    and the field (a hand-edited or truncated file must not become a matplotlib traceback)."""
+    run = _read_json(path)
+    try:
+        if not isinstance(run, dict):
+            raise ValueError(f"must hold a JSON object, got {type(run).__name__}")
+        missing = [k for k in ("accuracy_matrix", "seen_accuracy", "task_sizes", "last_accuracy",
+                               "average_incremental_accuracy") if k not in run]
+        if missing:
+            raise ValueError(f"lacks the field(s) {missing}")
+        sizes = run["task_sizes"]
+        if not isinstance(sizes, list) or not 0 < len(sizes) <= MAX_TASKS or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_CLASSES for s in sizes):
+            raise ValueError(f"task_sizes must be a list of 1 to {MAX_TASKS} positive class counts")
+        matrix = run["accuracy_matrix"]
+        if not isinstance(matrix, list) or not 0 < len(matrix) <= len(sizes):
+            raise ValueError(f"accuracy_matrix must be a list of 1 to {len(sizes)} rows (one per task learned)")
+        for t, row in enumerate(matrix):
+            _accuracies(f"accuracy_matrix[{t}]", row)
+            if len(row) != t + 1:
+                raise ValueError(f"accuracy_matrix[{t}] must hold {t + 1} accuracies (tasks 1 to {t + 1}), "
+                                 f"got {len(row)}")
+        if len(_accuracies("seen_accuracy", run["seen_accuracy"])) != len(matrix):
+            raise ValueError(f"seen_accuracy must hold one accuracy per row of accuracy_matrix ({len(matrix)})")
+        for key in ("last_accuracy", "average_incremental_accuracy"):
+            _accuracies(key, [run[key]])
+        if not isinstance(run.get("method", ""), str):
+            raise ValueError("method must be a string")
+    except ValueError as err:
+        raise UserError(f"{path}: {err}; the file is damaged or was not written by slca-peft.") from None
+    return run
 
 
 def _seed_dirs(root: Path) -> dict[str, Path]:
@@ -157,7 +206,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
     seed_dirs = _seed_dirs(root)
     written: list[Path] = []
     if seed_dirs and not (root / "metrics.json").is_file():
-        runs = {seed: _read_json(path / "metrics.json") for seed, path in seed_dirs.items()}
+        runs = {seed: read_metrics(path / "metrics.json") for seed, path in seed_dirs.items()}
         for path in seed_dirs.values():
             written += write_report(path, size=size)
         first = next(iter(runs.values()))
@@ -174,7 +223,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
                                            title=f"{method} on {root.name}, seeds {label}"))
         table = results_table(runs, title=f"{method} — {root.name}")
     else:
-        run = _read_json(root / "metrics.json")
+        run = read_metrics(root / "metrics.json")
         method = run.get("method", "")
         seed = _class_order_seed(root)
         label = str(seed) if seed is not None else "run"
@@ -195,9 +244,10 @@ def _class_order_seed(run_dir: Path) -> int | None:
     states = sorted(run_dir.glob("task_*/continual_state.json"))
     for path in reversed(states):
         try:
-            seed = json.loads(path.read_text()).get("seed")
+            state = read_json(path)
         except (OSError, ValueError):
             continue
-        if seed is not None:
-            return int(seed)
+        seed = state.get("seed") if isinstance(state, dict) else None
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed
     return None
