@@ -41,6 +41,8 @@ _NOT_RESULTS = {"hub_base_model_id", "save_strategy", "remove_unused_columns", "
                 "per_device_eval_batch_size", "overwrite_output_dir", "dataloader_num_workers",
                 "dataloader_persistent_workers"}
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
+#: 2: `lr_scheduler_type` names the method's schedule `slca_cosine` (version 1 called it `cosine`).
+FINGERPRINT_VERSION = 2
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def run_fingerprint(args: Any, *, base_model: str | None, base_revision: str | N
 
     own = {f.name for f in fields(SLCAConfig)} - {f.name for f in fields(SLCAConfig.__mro__[1])}
     names = sorted(own - _NOT_RESULTS) + list(_TRAINING_FIELDS)
-    fingerprint: dict[str, Any] = {"method": args.method}
+    fingerprint: dict[str, Any] = {"method": args.method, "fingerprint_version": FINGERPRINT_VERSION}
     for name in names:
         value = getattr(args, name, None)
         fingerprint[name] = value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
@@ -142,6 +144,10 @@ def read_fingerprint(directory: str | Path) -> dict[str, Any] | None:
         raise UserError(f"{path} is unreadable ({err}); remove it or use --overwrite_output_dir.") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; remove it or use --overwrite_output_dir.")
+    if "fingerprint_version" not in data:  # version 1: its `cosine` was the method's schedule
+        data["fingerprint_version"] = FINGERPRINT_VERSION
+        if data.get("lr_scheduler_type") == "cosine":
+            data["lr_scheduler_type"] = "slca_cosine"
     return data
 
 
