@@ -25,7 +25,7 @@ from transformers import TrainerCallback, set_seed
 
 from .alignment import AlignmentSettings, ClassifierAligner
 from .callbacks import ContinualCallback, default_steps
-from .config import SLCAConfig
+from .config import SLCAConfig, as_slca_config
 from .inference import inference_context
 from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel
@@ -72,6 +72,7 @@ class ContinualLearner:
         result: ContinualResult | None = None,
         unaligned_head: dict[str, torch.Tensor] | None = None,
     ):
+        args = as_slca_config(args)  # a plain TrainingArguments is converted, as SLCATrainer does
         self.model, self.args, self.tasks = model, args, tasks
         self.set_transforms(train_transform, eval_transform)
         callbacks = list(callbacks or [])

@@ -22,7 +22,8 @@ from typing import Any
 from .errors import UserError
 
 FINGERPRINT_FILE = "run_fingerprint.json"
-#: Fingerprints before version 2 hashed image file names and sizes, not content, and had no PEFT config.
+#: Fingerprints before version 2 hashed image file names and sizes, not content, had no PEFT config and
+#: called the method's schedule `cosine` (now `slca_cosine`).
 FINGERPRINT_VERSION = 2
 #: TrainingArguments fields that change results (the SLCAConfig fields all do, except `_NOT_RESULTS`).
 _TRAINING_FIELDS = ("learning_rate", "weight_decay", "num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -183,6 +184,8 @@ def read_fingerprint(directory: str | Path) -> dict[str, Any] | None:
     data = _read_json_file(path)
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; remove it or use --overwrite_output_dir.")
+    if data is not None and "fingerprint_version" not in data and data.get("lr_scheduler_type") == "cosine":
+        data["lr_scheduler_type"] = "slca_cosine"  # version 1 called the method's schedule `cosine`
     return data
 
 

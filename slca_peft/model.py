@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from .backbones import (
     lora_targets_for,
     pooled_feature,
     reset_final_norm,
+    split_loading_kwargs,
 )
 from .base_model import portable_name
+from .config import model_settings
 from .head import ContinualClassifier
 from .model_config import SLCAModelConfig
 
@@ -31,7 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
-    """PyTorch's fused attention (SDPA) where the architecture supports it, else its default."""
+    """PyTorch's fused attention (SDPA) where the architecture supports it, else its default (an
+    `attn_implementation` the caller chose wins)."""
+    if "attn_implementation" in kwargs:
+        return load(*args, **kwargs)
     try:
         return load(*args, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError) as error:
@@ -116,23 +122,44 @@ class SLCAModel(nn.Module):
     ) -> SLCAModel:
         """Build from a Hub id, a local directory, a config (random weights) or a loaded model.
 
-        `args` (an `SLCAConfig`) supplies the method and LoRA settings; keyword arguments override it.
+        `args` (an `SLCAConfig`; a plain `TrainingArguments` is converted) supplies the model settings.
+        Keywords override it: any `SLCAModelConfig` field and the `SLCAConfig` fields that shape the
+        model (`method`, `released_code`, `lora_rank`, ...). Loading by name also takes transformers'
+        loading keywords (`token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`);
+        `device_map` and quantization are refused, saying why.
         """
-        settings = SLCAModelConfig.fields_from(args) if args is not None else {}
-        settings.update(kwargs)
+        loading, kwargs = split_loading_kwargs(kwargs, "SLCAModel.from_backbone")
+        settings = model_settings(args, **kwargs)
         name = None
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
             name = portable_name(model)
-            backbone = _load_with_sdpa(load_backbone, model, revision=revision)
+            backbone = _load_with_sdpa(load_backbone, str(model), revision=revision, **loading)
         elif isinstance(model, PretrainedConfig):
-            backbone = _load_with_sdpa(backbone_from_config, model)
+            extra = set(loading) - {"dtype", "attn_implementation"}
+            if revision is not None or extra:
+                raise ValueError(f"SLCAModel.from_backbone: {sorted(extra) or ['revision']} apply when loading by "
+                                 "name; a config builds random weights (only dtype applies).")
+            backbone = _load_with_sdpa(backbone_from_config, model, **loading)
         elif isinstance(model, PreTrainedModel):
+            if revision is not None or loading:
+                raise ValueError(f"SLCAModel.from_backbone: {sorted(loading) or ['revision']} apply when loading "
+                                 "by name; the model passed is already loaded (convert it with model.to(dtype)).")
             backbone = model
         else:
             raise TypeError(f"model must be a Hub id, a path, a config or a PreTrainedModel, got {type(model)}.")
         # As keywords: None targets (the backbone's defaults) and a PeftConfig are resolved in __init__.
         return cls(backbone, base_model_name_or_path=name, revision=revision, **settings)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (as `PreTrainedModel.device`)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's floating-point dtype (as `PreTrainedModel.dtype`): what the features come in."""
+        return self.base_backbone.dtype
 
     # ------------------------------------------------------------------ forward
     @property

@@ -69,7 +69,7 @@ def test_broken_yaml_and_out_of_range_values_are_refused_at_parse_time(recipe, t
         recipe.parse_args(["--config", str(broken)])
     base = ["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")]
     for flag, value in [("ca_samples_per_class", "0"), ("lora_rank", "0"), ("fc_scale_mu", "-1"),
-                        ("ca_ridge", "nan"), ("learning_rate", "0"), ("lora_rank", "50000000")]:
+                        ("ca_ridge", "nan"), ("learning_rate", "-1"), ("lora_rank", "50000000")]:
         with pytest.raises(ValueError, match=f"--{flag} .* is out of range"):
             recipe.parse_args(base + [f"--{flag}", value])
 
