@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
@@ -30,6 +31,9 @@ from .layout import reset_final_norm as reset_final_norm_of
 from .lora_init import svd_init_lora
 from .model_config import SLCAModelConfig
 from .peft_methods import adapter_prefix, apply_peft_config, peft_config_from_dict, peft_config_to_dict
+
+if TYPE_CHECKING:
+    from .statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +288,42 @@ class SLCAModel(nn.Module):
                         base_model_name_or_path: str | None = None) -> SLCAModel:
         """Load a directory or Hub repo written by `save_pretrained` (the base model is loaded from the
         id or path the files reference; `base_model_name_or_path` points at it when it has moved)."""
-        from .checkpoint import load_model_files
+        from .checkpoint import read_model_config
 
-        return load_model_files(path_or_repo_id, revision, expected_base=base_model_name_or_path)[0]
+        return cls._from_files(*read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path))
+
+    @classmethod
+    def _from_files(cls, config: SLCAModelConfig, root: Path) -> SLCAModel:
+        """Build the model `config` (read from `root`) describes and fill it with `root`'s tensors."""
+        from transformers import AutoModel
+
+        from .checkpoint import load_model_state, read_backbone_config
+        from .files import CONFIG_FILE
+
+        config_path = root / CONFIG_FILE
+        base = config.base_model_name_or_path
+        if config.use_lora:
+            try:
+                backbone = _load_with_sdpa(load_backbone, base, revision=config.revision)
+            except OSError as err:
+                if Path(base).is_absolute() or base.startswith("."):
+                    raise
+                # "runs/base" may be a Hub id or a path relative to where an older run started.
+                raise FileNotFoundError(
+                    f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
+                    f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
+                    "model's location: --model_name_or_path PATH with the recipe, or "
+                    "load_checkpoint(..., expected_base=PATH) from Python."
+                ) from err
+        else:
+            backbone = AutoModel.from_config(read_backbone_config(root))
+        config.lora_svd_init = False  # the stored adapter replaces any initialisation
+        try:
+            model = cls(backbone, config)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+        load_model_state(model, root)
+        return model
 
     def push_to_hub(
         self,
@@ -322,3 +359,24 @@ class SLCAModel(nn.Module):
         from .export import export_model
 
         return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
+
+
+def load_checkpoint(
+    path_or_repo_id: str | Path,
+    revision: str | None = None,
+    expected_base: str | Sequence[str | None] | None = None,
+) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Rebuild model, statistics, task history and unaligned head from a checkpoint (directory or Hub
+    repo) that `slca_peft.checkpoint.save_checkpoint` wrote.
+
+    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
+    its Hub id) refuses a checkpoint that was trained on another backbone.
+    """
+    from .checkpoint import load_learner_state, read_model_config
+
+    config, root = read_model_config(path_or_repo_id, revision, expected_base)
+    model = SLCAModel._from_files(config, root)
+    statistics, state, unaligned = load_learner_state(root, model)
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    return model, statistics, state, unaligned

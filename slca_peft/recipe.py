@@ -30,7 +30,6 @@ import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
 from .callbacks import load_callback, write_plots
-from .checkpoint import atomic_directory, atomic_write_text
 from .config import SLCAConfig
 from .continual import ContinualLearner
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
@@ -38,6 +37,7 @@ from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
+from .files import atomic_directory, atomic_write_text
 from .model import SLCAModel
 from .peft_methods import load_peft_config
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint

@@ -166,7 +166,7 @@ def _run_artefacts(root: Path) -> list[Path]:
 def recover_interrupted_replacements(root: str | Path) -> None:
     """A kill between the two renames of a checkpoint replacement leaves `.task_N.old-*` and no
     `task_N`: put the old folder back; when `task_N` exists, the leftover is removed."""
-    from .checkpoint import recover_replaced
+    from .files import recover_replaced
 
     for old in sorted(Path(root).glob(".*.old-*")):
         recover_replaced(old.parent / old.name[1:].rsplit(".old-", 1)[0])
@@ -252,7 +252,7 @@ def claim_run_directory(
                 "--output_dir, or pass --overwrite_output_dir to replace it."
             )
         if old is None:
-            from .checkpoint import atomic_write_text
+            from .files import atomic_write_text
 
             atomic_write_text(root / FINGERPRINT_FILE, json.dumps(dict(fingerprint), indent=2, sort_keys=True) + "\n")
         yield root

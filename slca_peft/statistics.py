@@ -45,10 +45,10 @@ from .covariance import (
     packed_size,
     unpack_tril,
 )
+from .files import STATISTICS_FILE
 
 logger = logging.getLogger(__name__)
 
-STATISTICS_FILE = "class_statistics.safetensors"
 COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
 FORMAT_VERSION = "2"
 

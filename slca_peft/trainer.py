@@ -241,6 +241,6 @@ class SLCATrainer(Trainer):
         self.slca_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())
