@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
-from .callbacks import load_callback, write_plots
+from .callbacks import load_callback
 from .config import SLCAConfig
 from .continual import ContinualLearner
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
@@ -41,6 +41,7 @@ from .files import atomic_directory, atomic_write_text
 from .model import SLCAModel
 from .peft_methods import load_peft_config
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
+from .steps import write_plots
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 

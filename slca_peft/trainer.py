@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from .config import SLCAConfig
-from .losses import _symmetric_cross_entropy
+from .losses import symmetric_cross_entropy
 from .model import BACKBONE, HEAD, LORA, SLCAModel
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class SLCATrainer(Trainer):
         targets = labels - known
         args: SLCAConfig = self.args
         if args.use_sce:
-            loss = _symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta)
+            loss = symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta, check_labels=False)
         else:
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss
