@@ -116,7 +116,8 @@ def backbone_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedM
     return AutoModel.from_config(config, **kwargs)
 
 
-def _linear_names(model: nn.Module) -> list[str]:
+def linear_names(model: nn.Module) -> list[str]:
+    """The short names of every linear layer (what LoRA targets and error messages name)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
@@ -142,7 +143,7 @@ def backbone_spec(backbone: nn.Module) -> BackboneSpec:
     if spec is not None and (spec.feature != CLS or isinstance(_get(backbone, spec.class_token), nn.Parameter)):
         return spec
     has_token = isinstance(_get(backbone, "embeddings.cls_token"), nn.Parameter)
-    available = set(_linear_names(backbone))
+    available = set(linear_names(backbone))
     return BackboneSpec(
         model_type=str(model_type),
         feature=CLS if has_token else POOLER,
@@ -164,7 +165,7 @@ def _timm_spec(backbone: nn.Module, spec: BackboneSpec) -> BackboneSpec:
     if not isinstance(_get(backbone, final_norm), nn.Module):
         final_norm = None
     token = spec.class_token if isinstance(_get(backbone, spec.class_token), nn.Parameter) else None
-    available = set(_linear_names(backbone))
+    available = set(linear_names(backbone))
     targets = tuple(t for t in spec.lora_targets if t in available) or spec.lora_targets
     return replace(spec, final_norm=final_norm, class_token=token, lora_targets=targets)
 
@@ -190,6 +191,15 @@ def feature_dim(backbone: nn.Module) -> int:
 
 #: transformers' names of the separate attention projections, as settings spell them.
 SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
+#: Attention projection names the fused-qkv layout looks for: the table's (separate, then fused), and the
+#: older ViT/BERT names for a backbone outside it.
+QKV_NAMES = (*dict.fromkeys(s.qkv for s in SPECS.values() if len(s.qkv) > 1), ("query", "key", "value"))
+FUSED_QKV_NAMES = tuple(dict.fromkeys(s.qkv[0] for s in SPECS.values() if len(s.qkv) == 1))
+#: Top-level attribute names of a final norm: the table's, then timm's and others' for a backbone outside it.
+FINAL_NORM_NAMES = (
+    *dict.fromkeys(s.final_norm for s in SPECS.values() if s.final_norm and "." not in s.final_norm),
+    "norm", "final_layernorm",
+)
 
 
 def lora_targets_for(backbone: nn.Module, targets: list[str] | None) -> list[str]:
@@ -199,7 +209,7 @@ def lora_targets_for(backbone: nn.Module, targets: list[str] | None) -> list[str
     spec = backbone_spec(backbone)
     if targets is None:
         return list(spec.lora_targets)
-    available = set(_linear_names(backbone))
+    available = set(linear_names(backbone))
     if not spec.fused_qkv or any(t in available for t in SEPARATE_QKV):
         return list(targets)
     resolved: list[str] = []
@@ -274,3 +284,28 @@ def norm_module_names(backbone: nn.Module) -> list[str]:
         matched = [m for n, m in modules.items() if n.endswith(short)]
         chosen.add(short if all(isinstance(m, nn.LayerNorm) for m in matched) else full)
     return sorted(chosen)
+
+
+def reset_final_norm(backbone: nn.Module, eps: float) -> str:
+    """Replace the backbone's final LayerNorm by a fresh one (gamma 1, beta 0, `eps`), as the released
+    code does; returns its attribute name (its path for norms below the top level, e.g. timm's)."""
+    spec = backbone_spec(backbone)
+    if spec.model_type in SPECS and spec.final_norm and "." in spec.final_norm:
+        parent_path, attr = spec.final_norm.rsplit(".", 1)
+        parent, where = backbone.get_submodule(parent_path), spec.final_norm
+    else:
+        parent = backbone
+        attr = next((a for a in FINAL_NORM_NAMES if getattr(backbone, a, None) is not None), None)
+        if attr is None:
+            raise ValueError(
+                f"reset_final_norm (set by released_code) replaces the final LayerNorm, but {type(backbone).__name__} "
+                f"has none of the attributes {list(FINAL_NORM_NAMES)}; set reset_final_norm=false."
+            )
+        where = f"{type(backbone).__name__}.{attr}"
+    norm = getattr(parent, attr)
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"reset_final_norm (set by released_code) replaces the final LayerNorm, but "
+                         f"{where} is a {type(norm).__name__}; set reset_final_norm=false.")
+    fresh = nn.LayerNorm(norm.normalized_shape, eps=eps, elementwise_affine=True)
+    setattr(parent, attr, fresh.to(device=norm.weight.device, dtype=norm.weight.dtype))
+    return spec.final_norm if parent is not backbone else attr

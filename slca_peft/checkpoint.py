@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 def _backbone_extras(model: SLCAModel, adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trainable backbone tensors that the PEFT adapter file does not hold."""
-    from .peft_methods import adapter_prefix
+    from .adapters import adapter_prefix
 
     peft_model = model.backbone
     saved = set(adapter_state)
@@ -82,13 +82,13 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | None,
                        card: dict[str, Any] | None) -> None:
     settings = model.settings()
-    if model.use_lora and not settings["base_model_name_or_path"]:
+    if model.slca_config.use_lora and not settings["base_model_name_or_path"]:
         raise ValueError(
             "this model's backbone was built from a config and has no saved base weights to reference; "
             "save the backbone first (backbone.save_pretrained(path)) and build the model from that path."
         )
     write_json(folder / CONFIG_FILE, settings)
-    if model.use_lora:
+    if model.slca_config.use_lora:
         # PEFT records the name the backbone was loaded by; make it the portable one (absolute path or Hub id).
         for peft_config in model.backbone.peft_config.values():
             peft_config.base_model_name_or_path = settings["base_model_name_or_path"]
@@ -118,7 +118,8 @@ def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str
     tmp = Path(tempfile.mkdtemp(prefix=".slca-save-", dir=directory))
     try:
         _write_model_files(model, tmp, state, card)
-        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if model.use_lora else (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
+        adapted = model.slca_config.use_lora
+        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if adapted else (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
         for name in stale:
             (directory / name).unlink(missing_ok=True)
         for child in tmp.iterdir():
@@ -298,7 +299,7 @@ def load_model_state(model: SLCAModel, root: str | Path) -> None:
     """Fill a freshly built `model` with the adapter (or backbone) and aligned heads stored in `root`,
     every tensor checked against the model's own before any data is read."""
     root = Path(root)
-    if model.use_lora:
+    if model.slca_config.use_lora:
         # PEFT stores adapter tensors without the adapter name ("lora_A.weight") and the trained copy
         # of a `modules_to_save` module under the module's own name.
         expected = {}

@@ -29,7 +29,7 @@ def _info(ns: argparse.Namespace) -> None:
 
     model, stats, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
     print(json.dumps({
-        "base_model": model.base_model_name_or_path,
+        "base_model": model.slca_config.base_model_name_or_path,
         "task_sizes": model.classifier.task_sizes,
         "classes_with_statistics": len(stats.classes) if stats else 0,
         "accuracy_matrix": (state or {}).get("accuracy_matrix"),

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .hardware import check_hardware
+from .model_config import BOUNDS, LORA_LAYOUTS, SLCAModelConfig
 
 logger = logging.getLogger(__name__)
+_model_default = SLCAModelConfig.default  # the model settings' defaults are SLCAModelConfig's
 
 METHODS = ("slca++", "slca", "sl", "seq_ft")
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
 ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]
-LORA_LAYOUTS = ("per_projection", "fused_qkv")
 
 # What `released_code=True` sets (the authors' released SLCA++ code): LoRA on the attention only, one
 # adapter on the fused qkv weight, a fresh trained final LayerNorm. CA at the training rate is the
@@ -28,11 +28,7 @@ _RELEASED_DEFAULTS = {
     "lora_layout": "fused_qkv",
     "reset_final_norm": True,
 }
-_PAPER_DEFAULTS = {
-    "lora_target_modules": DEFAULT_LORA_TARGETS,
-    "lora_layout": "per_projection",
-    "reset_final_norm": False,
-}
+_PAPER_DEFAULTS = {name: _model_default(name) for name in _RELEASED_DEFAULTS}
 
 # What each method changes relative to SLCA++ (Hybrid-SL + SCE + CA).
 _METHOD_DEFAULTS = {
@@ -43,15 +39,16 @@ _METHOD_DEFAULTS = {
 }
 
 
-# Parse-time range checks: (field, lower bound, lower bound allowed, upper bound). A bad value fails
-# here rather than after a task has trained.
+# Parse-time range checks: (field, lower bound, lower bound allowed, upper bound); the model settings'
+# bounds are `SLCAModelConfig`'s. A bad value fails here rather than after a task has trained.
 _BIG = 1 << 20
 _RANGES = (
-    ("lora_rank", 1, True, 4096), ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
+    *((name, low, True, high) for name, (low, high) in BOUNDS.items()),
+    ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
     ("ca_epochs", 0, True, 1e5), ("ca_samples_per_class", 1, True, 1e7), ("ca_batch_size", 1, True, _BIG),
     ("ca_covariance_rank", 1, True, 1e5), ("ca_temperature", 0, False, 1e4), ("ca_ridge", 0, True, 1e6),
     ("ca_lr", 0, True, 1e3), ("backbone_lr_scale", 0, True, 1e3), ("first_task_lora_lr_scale", 0, True, 1e3),
-    ("lora_scale", 0, True, 1e4), ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
+    ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
     ("momentum", 0, True, 1), ("lr_floor_decay", 0, True, 1), ("fc_scale_mu", 0, True, 1),
     ("learning_rate", 0, False, 1e3), ("weight_decay", 0, True, 1e3), ("num_train_epochs", 0, False, 1e6),
     ("per_device_train_batch_size", 1, True, _BIG), ("per_device_eval_batch_size", 1, True, _BIG),
@@ -78,14 +75,15 @@ class SLCAConfig(TrainingArguments):
     )
     backbone_lr_scale: float | None = field(
         default=None,
-        metadata={"help": "Backbone lr = learning_rate x this (`bcb_lrscale`). Default per method: "
+        metadata={"help": "Backbone lr = learning_rate x this (LoRA's too after the first task). Default per method: "
                   "0.1 for slca++/sl, 0.01 for slca, 1.0 for seq_ft."},
     )
     first_task_lora_lr_scale: float = field(
         default=0.5, metadata={"help": "LoRA lr = learning_rate x this on the first task only (slca++/sl)."}
     )
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
-    lora_scale: float = field(default=0.8, metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
+    lora_rank: int = field(default=_model_default("lora_rank"), metadata={"help": "LoRA rank r."})
+    lora_scale: float = field(
+        default=_model_default("lora_scale"), metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
     released_code: bool = field(
         default=False,
         metadata={"help": "Reproduce the authors' released code (which produced the published numbers): LoRA on "
@@ -111,10 +109,12 @@ class SLCAConfig(TrainingArguments):
                   "final_norm_eps). Default: false; true with released_code."},
     )
     final_norm_eps: float = field(
-        default=1e-5, metadata={"help": "eps of the fresh final LayerNorm (torch's default, as the released code)."}
+        default=_model_default("final_norm_eps"),
+        metadata={"help": "eps of the fresh final LayerNorm (torch's default, as the released code)."},
     )
     lora_svd_init: bool = field(
-        default=True, metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."}
+        default=_model_default("lora_svd_init"),
+        metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."},
     )
     sce_alpha: float = field(default=1.0, metadata={"help": "Symmetric CE: weight of cross-entropy."})
     sce_beta: float = field(default=0.1, metadata={"help": "Symmetric CE: weight of reverse cross-entropy."})
@@ -122,7 +122,7 @@ class SLCAConfig(TrainingArguments):
     lr_floor_decay: float = field(
         default=0.1,
         metadata={"help": "Cosine floor = learning_rate x backbone_lr_scale x this "
-                  "(0.1**len(milestones) in the reference code)."},
+                  "(lrate_decay**len(milestones) in the released code's models/slca_pp.py)."},
     )
     ca_epochs: int = field(default=5, metadata={"help": "Classifier-alignment epochs (0 disables CA)."})
     ca_samples_per_class: int = field(default=256, metadata={"help": "Gaussian samples per class per CA epoch."})
@@ -168,7 +168,8 @@ class SLCAConfig(TrainingArguments):
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "cosine = epoch-wise cosine down to the floor (docs/method.md)."}
     )
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (off in the reference)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (off, as in the released code's "
+                                                                "models/slca_pp.py)."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: images are transformed lazily with `with_transform`."}
     )
@@ -243,11 +244,6 @@ class SLCAConfig(TrainingArguments):
                 "released_code=True with %s set explicitly: the explicit value wins, so this run is not the "
                 "released code's setting.", ", ".join(overridden),
             )
-
-    @property
-    def alignment_lr(self) -> float:
-        """The CA learning rate: `ca_lr`, or `learning_rate` when unset."""
-        return self.learning_rate if self.ca_lr is None else self.ca_lr
 
     @property
     def use_lora(self) -> bool:

@@ -241,12 +241,13 @@ def check_resumable(
             )
     if state.get("method") != args.method:
         raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")
-    for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if model.use_lora else ()):
-        wanted = getattr(args, key)
+    trained_with, asked = model.slca_config, model.slca_config.fields_from(args)
+    for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if trained_with.use_lora else ()):
+        wanted, trained = asked[key], getattr(trained_with, key)
         if key == "lora_target_modules":  # as this backbone names them (timm: q/k/v mean its fused qkv)
             wanted = lora_targets_for(model.base_backbone, wanted)
-        if getattr(model, key) != wanted:
+        if trained != wanted:
             raise ValueError(
-                f"{checkpoint} was trained with {key}={getattr(model, key)!r}, this run asks for "
+                f"{checkpoint} was trained with {key}={trained!r}, this run asks for "
                 f"{wanted!r}; resume with the same setting (released_code and its knobs)."
             )

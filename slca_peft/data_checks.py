@@ -8,13 +8,20 @@
   summary warning; an empty class folder is an error; label files that `datasets`' imagefolder
   would use to relabel images (`metadata.csv`, `metadata.jsonl`, ...) are refused.
 - Every task has test images (error otherwise); a class without test images is warned about.
+
+The decode pass also hashes each file's bytes (the bytes it decodes: a file up to
+`HASH_IN_MEMORY_BYTES` is read once, hashed and decoded from memory), so the run fingerprint sees
+image content at no extra read: `content_digest` answers from what the pass recorded and reads
+the file only for an image the pass never saw.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +37,13 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 LABEL_FILES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
 #: Integer modes that hold 16-bit values at most once checked (16-bit PNGs open as "I").
 _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+#: Files up to this size are read once into memory, hashed and decoded from there; larger ones are
+#: hashed in a streamed pass and decoded from the (then cached) file.
+HASH_IN_MEMORY_BYTES = 64 << 20
+
+# path -> ((size, mtime_ns, inode), sha256 digest) of each file the decode pass read.
+_DIGESTS: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+_DIGESTS_LOCK = threading.Lock()
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +104,59 @@ def _faithful(img: Any, where: str) -> None:
                             "converted to 8 bit faithfully; rescale it to 8 or 16 bit first.")
 
 
+def _stamp(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+def _read_and_hash(path: str) -> Any:
+    """What PIL should open for `path` (its bytes when small), with the file's SHA-256 recorded."""
+    with open(path, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        digest = hashlib.sha256()
+        if info.st_size <= HASH_IN_MEMORY_BYTES:
+            data = fh.read()
+            digest.update(data)
+            handle: Any = io.BytesIO(data)
+        else:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+            handle = path
+    with _DIGESTS_LOCK:
+        _DIGESTS[path] = (_stamp(info), digest.digest())
+    return handle
+
+
+def content_digest(path: str | os.PathLike[str]) -> bytes:
+    """SHA-256 of a file's bytes: recorded by the decode pass, else read now (streamed)."""
+    key = os.fspath(path)
+    info = os.stat(key)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is not None and known[0] == _stamp(info):
+        return known[1]
+    digest = hashlib.sha256()
+    with open(key, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def forget_content_digests() -> None:
+    """Drop the digests the decode pass recorded (once the run fingerprint holds them)."""
+    with _DIGESTS_LOCK:
+        _DIGESTS.clear()
+
+
 def _decode(source: Any) -> str | None:
     """None when the image decodes in full, else the problem in one line."""
     from PIL import Image
 
     where = source if isinstance(source, str) else "image bytes"
+    handle: Any = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            handle = source if isinstance(source, str) else io.BytesIO(source)
+            handle = _read_and_hash(source) if isinstance(source, str) else io.BytesIO(source)
             with Image.open(handle) as img:
                 img.load()
                 _faithful(img, where)
@@ -108,7 +166,10 @@ def _decode(source: Any) -> str | None:
         return f"{where}: decompression bomb ({' '.join(str(err).split())}); remove the file or raise " \
                "PIL.Image.MAX_IMAGE_PIXELS if it is genuine."
     except (OSError, SyntaxError, ValueError) as err:
-        return f"unreadable image {where} ({' '.join(str(err).split())}); remove or replace the file."
+        text = " ".join(str(err).split())
+        if isinstance(handle, io.BytesIO):  # PIL names the in-memory copy; name the file
+            text = text.replace(repr(handle), repr(where))
+        return f"unreadable image {where} ({text}); remove or replace the file."
     return None
 
 

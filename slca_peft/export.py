@@ -105,12 +105,13 @@ def export_model(
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
     config = _classifier_config(model, names)
-    if model.reset_final_norm and getattr(config, "layer_norm_eps", model.final_norm_eps) != model.final_norm_eps:
+    eps = model.slca_config.final_norm_eps
+    if model.slca_config.reset_final_norm and getattr(config, "layer_norm_eps", eps) != eps:
         # One eps serves every LayerNorm of a transformers ViT: the fresh final norm's cannot be kept.
         logging.getLogger(__name__).warning(
             "the final LayerNorm uses eps %g but the exported %s config has layer_norm_eps %g for every norm; "
             "exported logits differ from the model's by a tiny amount.",
-            model.final_norm_eps, config.model_type, config.layer_norm_eps,
+            eps, config.model_type, config.layer_norm_eps,
         )
     backbone = merged_backbone(model)
     classifier = AutoModelForImageClassification.from_config(config)
@@ -135,10 +136,10 @@ def export_model(
 def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
     """Crop size and normalisation of the evaluation transform: the base model's image processor
     statistics, or ViT's defaults (mean = std = 0.5) when it ships none."""
-    base = model.base_model_name_or_path
+    base = model.slca_config.base_model_name_or_path
     if base:
         try:
-            processor = AutoImageProcessor.from_pretrained(base, revision=model.revision)
+            processor = AutoImageProcessor.from_pretrained(base, revision=model.slca_config.revision)
             return ImageTransformConfig.from_image_processor(processor)
         except (OSError, ValueError, TypeError):
             pass

@@ -8,41 +8,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .adapters import adapt_backbone, adapter_prefix, parameter_role, peft_config_from_dict, peft_config_to_dict
 from .backbones import (
     backbone_from_config,
     backbone_spec,
     check_pooled_feature,
-    class_token,
     feature_dim,
     load_backbone,
     lora_targets_for,
-    norm_module_names,
     pooled_feature,
+    reset_final_norm,
 )
 from .base_model import portable_name
 from .head import ContinualClassifier
-from .layout import check_fused_qkv_backbone, tie_fused_qkv
-from .layout import reset_final_norm as reset_final_norm_of
-from .lora_init import svd_init_lora
 from .model_config import SLCAModelConfig
-from .peft_methods import adapter_prefix, apply_peft_config, peft_config_from_dict, peft_config_to_dict
 
 if TYPE_CHECKING:
     from .statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
-
-# Parameter roles, used by the trainer to give each its slow-learner rate.
-HEAD, LORA, BACKBONE = "head", "lora", "backbone"
-
-
-def _linear_names(backbone: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
 
 
 def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
@@ -55,11 +44,12 @@ def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
 
 
 class SLCAModel(nn.Module):
-    """Backbone (optionally LoRA-wrapped) + per-task heads, returning HF outputs.
+    """Backbone (optionally adapter-wrapped) + per-task heads, returning HF outputs.
 
-    Hybrid-SL (``use_lora=True``) trains LoRA on the target linears plus every LayerNorm, every bias
-    and the class token; full fine-tuning trains the whole backbone. Either way the head sees the
-    pooled feature of `features()`.
+    Hybrid-SL (``use_lora=True``) trains LoRA (or a user's PEFT adapter) on the target linears plus
+    every LayerNorm, every bias and the class token; full fine-tuning trains the whole backbone. Either
+    way the head sees the pooled feature of `features()`. The settings are `slca_config`
+    (`SLCAModelConfig`), what `slca_config.json` holds.
     """
 
     def __init__(self, backbone: PreTrainedModel, config: SLCAModelConfig | None = None, **overrides: Any):
@@ -100,34 +90,14 @@ class SLCAModel(nn.Module):
         self.slca_config = config
         check_pooled_feature(backbone, self.backbone_spec)
         if config.reset_final_norm:
-            reset_final_norm_of(backbone, config.final_norm_eps)
-        if config.use_lora and self.peft_config is not None:
-            if config.lora_layout == "fused_qkv" and not self.backbone_spec.fused_qkv:
-                raise ValueError("lora_layout='fused_qkv' (set by released_code) ties slca-peft's own LoRA; with "
-                                 "peft_config set lora_layout='per_projection' and configure the adapter yourself.")
-            backbone = apply_peft_config(backbone, self.peft_config, svd_init=config.lora_svd_init)
-        elif config.use_lora:
-            if config.lora_layout == "fused_qkv":
-                check_fused_qkv_backbone(backbone, config.lora_target_modules)
-            backbone = self._wrap_lora(backbone)
-        else:
-            backbone.requires_grad_(True)
-        self.backbone = backbone
+            reset_final_norm(backbone, config.final_norm_eps)
+        self.backbone = adapt_backbone(backbone, config, self.peft_config)
         self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
 
-    # Read-only views of the config, for code that reads the model's settings.
-    use_lora = property(lambda self: self.slca_config.use_lora)
-    lora_rank = property(lambda self: self.slca_config.lora_rank)
-    lora_scale = property(lambda self: self.slca_config.lora_scale)
-    lora_target_modules = property(lambda self: self.slca_config.lora_target_modules)
-    lora_svd_init = property(lambda self: self.slca_config.lora_svd_init)
-    lora_layout = property(lambda self: self.slca_config.lora_layout)
-    reset_final_norm = property(lambda self: self.slca_config.reset_final_norm)
-    final_norm_eps = property(lambda self: self.slca_config.final_norm_eps)
-    feature_dim = property(lambda self: self.slca_config.feature_dim)
-    feature_source = property(lambda self: self.slca_config.feature_source)
-    base_model_name_or_path = property(lambda self: self.slca_config.base_model_name_or_path)
-    revision = property(lambda self: self.slca_config.revision)
+    @property
+    def feature_dim(self) -> int:
+        """Width of the pooled feature the heads read (what class statistics are sized by)."""
+        return self.slca_config.feature_dim
 
     @property
     def label_names(self) -> list[str] | None:
@@ -152,18 +122,7 @@ class SLCAModel(nn.Module):
 
         `args` (an `SLCAConfig`) supplies the method and LoRA settings; keyword arguments override it.
         """
-        settings: dict[str, Any] = {}
-        if args is not None:
-            settings = {
-                "use_lora": args.use_lora,
-                "lora_rank": args.lora_rank,
-                "lora_scale": args.lora_scale,
-                "lora_target_modules": args.lora_target_modules,
-                "lora_svd_init": args.lora_svd_init,
-                "lora_layout": args.lora_layout,
-                "reset_final_norm": args.reset_final_norm,
-                "final_norm_eps": args.final_norm_eps,
-            }
+        settings = SLCAModelConfig.fields_from(args) if args is not None else {}
         settings.update(kwargs)
         name = None
         if isinstance(model, str):
@@ -178,37 +137,6 @@ class SLCAModel(nn.Module):
             raise TypeError(f"model must be a Hub id, a path, a config or a PreTrainedModel, got {type(model)}.")
         # As keywords: None targets (the backbone's defaults) and a PeftConfig are resolved in __init__.
         return cls(backbone, base_model_name_or_path=name, revision=revision, **settings)
-
-    def _wrap_lora(self, backbone: PreTrainedModel) -> PeftModel:
-        available = _linear_names(backbone)
-        missing = [t for t in self.lora_target_modules if t not in available]
-        if missing:
-            raise ValueError(
-                f"LoRA target module(s) {missing} match no linear layer of {type(backbone).__name__}. "
-                f"Linear layer names available: {available}. Set lora_target_modules to some of them."
-            )
-        norm_names = norm_module_names(backbone)
-        config = LoraConfig(
-            r=self.lora_rank,
-            lora_alpha=self.lora_scale * self.lora_rank,
-            target_modules=self.lora_target_modules,
-            lora_dropout=0.0,
-            bias="all",
-            modules_to_save=norm_names or None,
-        )
-        wrapped = get_peft_model(backbone, config)
-        # bias="all" also flags the biases of the frozen originals that modules_to_save keeps aside.
-        for name, param in wrapped.named_parameters():
-            if ".original_module." in name:
-                param.requires_grad_(False)
-        token = class_token(wrapped.get_base_model())
-        if token is not None:
-            token.requires_grad_(True)
-        if self.lora_svd_init:
-            svd_init_lora(wrapped)
-        if self.lora_layout == "fused_qkv":
-            tie_fused_qkv(wrapped, svd_init=self.lora_svd_init)
-        return wrapped
 
     # ------------------------------------------------------------------ forward
     @property
@@ -254,11 +182,7 @@ class SLCAModel(nn.Module):
         """Which slow-learner rate a trainable parameter gets: head, adapter (LoRA or the PEFT method's
         own tensors, found by the tuner's prefix: `lora_`, `hada_`, `lokr_`, `ia3_`, ...), or other
         backbone."""
-        if name.startswith("classifier."):
-            return HEAD
-        if adapter_prefix(self.backbone) in name:
-            return LORA
-        return BACKBONE
+        return parameter_role(name, adapter_prefix(self.backbone))
 
     def settings(self) -> dict[str, Any]:
         """What `from_pretrained` needs to rebuild the same model around the referenced base

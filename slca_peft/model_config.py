@@ -8,20 +8,27 @@ is refused with an error instead of allocating the memory it asks for.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .config import DEFAULT_LORA_TARGETS
+from transformers import TrainingArguments
 
 FORMAT_VERSION = 1
 
-# Bounds far above any real model, far below what would exhaust memory.
+#: LoRA targets of the paper's setting (transformers v5 ViT family names).
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
+LORA_LAYOUTS = ("per_projection", "fused_qkv")
+
+# Bounds far above any real model, far below what would exhaust memory (files and statistics alike).
 MAX_LORA_RANK = 4096
-MAX_FEATURE_DIM = 65536
-MAX_CLASSES = 1_000_000
+MAX_FEATURE_DIM = 1 << 16
+MAX_CLASSES = 1 << 20
 MAX_TASKS = 10_000
 MAX_NAMES = 1024
 MAX_NAME_LENGTH = 1024
+#: (low, high), both allowed, of the bounded numeric settings: checked on every file and, for those a
+#: training run chooses, when `SLCAConfig` is parsed.
+BOUNDS = {"lora_rank": (1, MAX_LORA_RANK), "lora_scale": (0.0, 1e4), "final_norm_eps": (0.0, 1.0)}
 
 
 def _fail(name: str, problem: str) -> ValueError:
@@ -105,14 +112,14 @@ class SLCAModelConfig:
         """Refuse any field of the wrong type or out of range, naming it."""
         check_str("base_model_name_or_path", self.base_model_name_or_path, optional=True)
         check_str("revision", self.revision, optional=True)
-        if self.lora_layout not in ("per_projection", "fused_qkv"):
+        if self.lora_layout not in LORA_LAYOUTS:
             raise _fail("lora_layout", f"must be 'per_projection' or 'fused_qkv', got {self.lora_layout!r}.")
-        check_float("final_norm_eps", self.final_norm_eps, 0.0, 1.0)
+        check_float("final_norm_eps", self.final_norm_eps, *BOUNDS["final_norm_eps"])
         for name in ("use_lora", "lora_svd_init", "reset_final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"must be true or false, got {getattr(self, name)!r}.")
-        check_int("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
-        check_float("lora_scale", self.lora_scale, -1e6, 1e6)
+        check_int("lora_rank", self.lora_rank, *BOUNDS["lora_rank"])
+        check_float("lora_scale", self.lora_scale, *BOUNDS["lora_scale"])
         self.lora_target_modules = check_str_list("lora_target_modules", self.lora_target_modules, MAX_NAMES)
         self.task_sizes = check_int_list("task_sizes", self.task_sizes, 1, MAX_CLASSES, MAX_TASKS)
         if sum(self.task_sizes) > MAX_CLASSES:
@@ -138,6 +145,24 @@ class SLCAModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field `name` (a fresh copy for lists), for configs that expose the same setting."""
+        spec = next(f for f in fields(cls) if f.name == name)
+        return spec.default_factory() if spec.default is MISSING else spec.default
+
+    @classmethod
+    def fields_from(cls, args: Any) -> dict[str, Any]:
+        """The model settings a training config chooses: every field of this class that the config's own
+        class defines (`SLCAConfig`: the LoRA knobs, `use_lora` from its method). `TrainingArguments`'
+        fields are not model settings, even where a name matches (its `label_names` are input keys)."""
+        own: set[str] = set()
+        for klass in type(args).__mro__:
+            if klass is TrainingArguments:
+                break
+            own.update(vars(klass))
+        return {f.name: getattr(args, f.name) for f in fields(cls) if f.name in own}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "slca_config.json") -> SLCAModelConfig:

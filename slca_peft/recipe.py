@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
+from .adapters import load_peft_config
 from .callbacks import load_callback
 from .config import SLCAConfig
 from .continual import ContinualLearner
@@ -39,7 +40,6 @@ from .errors import UserError, run_main
 from .export import eval_transform_config
 from .files import atomic_directory, atomic_write_text
 from .model import SLCAModel
-from .peft_methods import load_peft_config
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
 from .steps import write_plots
 from .tasks import TaskSequence
@@ -210,6 +210,11 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
     if data_args.seeds and len(set(data_args.seeds)) != len(data_args.seeds):
         raise SystemExit(f"--seeds {' '.join(map(str, data_args.seeds))} repeats a seed; give each seed once.")
     check_writable(args.output_dir)
+    from .run_dir import check_output_arguments  # noqa: PLC0415
+
+    check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
+                           data=[data_args.data_dir], image_folders=[data_args.train_dir, data_args.test_dir],
+                           model=model_args.model_name_or_path)
     return model_args, data_args, args
 
 
@@ -357,7 +362,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
                 tasks.task_sizes, args.class_order_seed)
     fingerprint = run_fingerprint(
         args, base_model=model_args.model_name_or_path or model_args.model_config,
-        base_revision=model_args.model_revision, tasks=tasks,
+        base_revision=model_args.model_revision, tasks=tasks, peft_config=model_args.peft_config,
         extra={k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
                                                   "horizontal_flip")},
     )

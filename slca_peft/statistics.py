@@ -47,6 +47,7 @@ from .covariance import (
     unpack_tril,
 )
 from .files import STATISTICS_FILE
+from .model_config import MAX_CLASSES, MAX_FEATURE_DIM  # bound what a statistics file header may declare
 
 logger = logging.getLogger(__name__)
 
@@ -420,9 +421,6 @@ class _CovarianceView(Mapping):
         return cls in self._stats.factors
 
 
-#: Most classes a statistics file may hold, and the largest feature size: bounds what a header may declare.
-MAX_CLASSES = 1 << 20
-MAX_FEATURE_DIM = 1 << 16
 _INTEGER_CODES = {"I64", "I32"}
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 

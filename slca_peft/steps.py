@@ -233,7 +233,7 @@ class PushStep(ContinualCallback):
     @staticmethod
     def check_pushable(model: SLCAModel, args: SLCAConfig) -> None:
         """Fail before any training if the pushed checkpoints could not be loaded elsewhere."""
-        problem = local_base_problem(model.settings()["base_model_name_or_path"], model.use_lora,
+        problem = local_base_problem(model.settings()["base_model_name_or_path"], model.slca_config.use_lora,
                                      args.hub_base_model_id)
         if problem:
             raise ValueError(f"push_to_hub is on but {problem}")

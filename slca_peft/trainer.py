@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
+from .adapters import ADAPTER, BACKBONE, HEAD
 from .config import SLCAConfig
 from .losses import symmetric_cross_entropy
-from .model import BACKBONE, HEAD, LORA, SLCAModel
+from .model import SLCAModel
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = "training_args.json"
@@ -84,9 +85,9 @@ def _sgd_implementation(param_groups: list[dict]) -> dict[str, bool]:
 
 
 def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epochs: int, warmup_steps: int = 0):
-    """LR multiplier of `CosineAnnealingLR(T_max=epochs, eta_min=floor)` stepped once per epoch,
-    as the reference does, expressed per optimizer step for the Trainer's scheduler; with
-    `warmup_steps`, a linear ramp from 0 first (as transformers' warm-up schedules)."""
+    """LR multiplier of `CosineAnnealingLR(T_max=epochs, eta_min=floor)` stepped once per epoch, as
+    the released code's `models/slca_pp.py` does, expressed per optimizer step for the Trainer's
+    scheduler; with `warmup_steps`, a linear ramp from 0 first (as transformers' warm-up schedules)."""
 
     def factor(step: int) -> float:
         if base_lr == 0:
@@ -148,8 +149,8 @@ class SLCATrainer(Trainer):
         args: SLCAConfig = self.args
         lr = args.learning_rate
         backbone = lr * args.backbone_lr_scale
-        lora = lr * args.first_task_lora_lr_scale if self.task_id == 0 else backbone
-        return {HEAD: lr, LORA: lora, BACKBONE: backbone}
+        adapter = lr * args.first_task_lora_lr_scale if self.task_id == 0 else backbone
+        return {HEAD: lr, ADAPTER: adapter, BACKBONE: backbone}
 
     # ------------------------------------------------------------------ hooks
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -157,7 +158,7 @@ class SLCATrainer(Trainer):
             opt_model = self.model if model is None else model
             slca_model = self.accelerator.unwrap_model(opt_model)
             rates = self.group_learning_rates()
-            groups: dict[str, list[torch.nn.Parameter]] = {HEAD: [], LORA: [], BACKBONE: []}
+            groups: dict[str, list[torch.nn.Parameter]] = {HEAD: [], ADAPTER: [], BACKBONE: []}
             for name, param in slca_model.named_parameters():
                 if param.requires_grad:
                     groups[slca_model.parameter_role(name)].append(param)

@@ -170,8 +170,8 @@ def test_two_process_training_writes_one_set_of_checkpoints(tmp_path, base_model
     assert done.stdout.count("task 1/2 |") == 1 and done.stdout.count("task 2/2 |") == 1  # task results: once
     # One set of checkpoints and one report (written at the end of the run by the main process).
     assert sorted(p.name for p in out.iterdir()) == [
-        ".slca-run.lock", "accuracy_curve.png", "accuracy_matrix.png", "metrics.json", "results.md",
-        "run_fingerprint.json", "task_0", "task_1"]
+        ".slca-manifest.json", ".slca-run.lock", "accuracy_curve.png", "accuracy_matrix.png", "metrics.json",
+        "results.md", "run_fingerprint.json", "task_0", "task_1"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2]
     stats = ClassStatistics.load(out / "task_1")

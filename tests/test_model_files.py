@@ -58,7 +58,7 @@ def test_an_old_relative_base_path_loads_when_it_resolves_else_names_the_fix(tmp
     x = torch.randn(2, 3, 32, 32)
     monkeypatch.chdir(tmp_path)
     loaded = load_checkpoint("ckpt")[0].eval()
-    assert loaded.base_model_name_or_path == str(tmp_path / "outputs" / "run" / "base_model")
+    assert loaded.slca_config.base_model_name_or_path == str(tmp_path / "outputs" / "run" / "base_model")
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
     monkeypatch.chdir(tmp_path / "outputs")
     with pytest.raises(FileNotFoundError, match="'outputs/run/base_model', which does not exist.*--model_name_or_path"):

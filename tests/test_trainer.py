@@ -33,10 +33,10 @@ def test_learning_rates_of_every_group_on_task_one_and_two(tmp_path, vit_config)
     model = SLCAModel.from_backbone(vit_config, args)
     model.grow(2)
     first = SLCATrainer(model=model, args=args)
-    assert group_lrs(first) == pytest.approx({"head": 0.01, "lora": 0.005, "backbone": 0.001})
+    assert group_lrs(first) == pytest.approx({"head": 0.01, "adapter": 0.005, "backbone": 0.001})
     model.grow(2)
     second = SLCATrainer(model=model, args=args)
-    assert group_lrs(second) == pytest.approx({"head": 0.01, "lora": 0.001, "backbone": 0.001})
+    assert group_lrs(second) == pytest.approx({"head": 0.01, "adapter": 0.001, "backbone": 0.001})
     # Old heads are frozen: only the newest head is in the head group.
     head_params = next(g for g in second.optimizer.param_groups if g["name"] == "head")["params"]
     assert {id(p) for p in head_params} == {id(p) for p in model.classifier.heads[1].parameters()}
@@ -134,7 +134,7 @@ def test_a_plain_training_arguments_is_converted_and_its_optimizer_honoured(tmp_
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is torch.optim.AdamW
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
-        {"head": 0.02, "lora": 0.02 * 0.5, "backbone": 0.02 * 0.1})
+        {"head": 0.02, "adapter": 0.02 * 0.5, "backbone": 0.02 * 0.1})
     assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
     # SLCAConfig's default stays the method's SGD, the multi-tensor implementation on CPU.
     sgd = SLCATrainer(model=model, args=make_args(tmp_path)).create_optimizer()
