@@ -1,4 +1,4 @@
-"""The after-task steps of the continual loop and the hook protocol they share with yours.
+"""The hooks of the continual loop, shared by the built-in steps (`slca_peft.steps`) and yours.
 
 `ContinualLearner.run()` calls, for each task of the stream:
 
@@ -10,25 +10,24 @@ first, in this order, then the callbacks you pass:
     StatisticsStep -> AlignmentStep -> EvaluationStep (fires on_evaluate) -> CheckpointStep
     -> PushStep -> ReportStep
 
-so a callback of yours sees the aligned heads, the new accuracy row and a checkpoint on disk. Steps
-get the learner, which holds everything a task produced: `model`, `args`, `tasks`, `statistics`,
-`result`, `trainer` (this task's `SLCATrainer`), `unaligned_head` and `tracker`.
+so a callback of yours sees the aligned heads, the new accuracy row and a checkpoint on disk. The
+learner keeps them all in a `CallbackHandler` (`learner.callbacks`, in run order) managed as
+`transformers.Trainer`'s callbacks are: `add_callback`, `pop_callback`, `remove_callback`, plus
+`replace_callback` to swap a built-in step in place. Hooks get the learner, which holds everything
+a task produced: `model`, `args`, `tasks`, `statistics`, `result`, `trainer` (this task's
+`SLCATrainer`), `unaligned_head` and `tracker`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import atomic_write_text
+from transformers import TrainerCallback
 
 if TYPE_CHECKING:
     from .continual import ContinualLearner, ContinualResult
     from .tasks import Task
-
-logger = logging.getLogger(__name__)
 
 
 class ContinualCallback:
@@ -48,113 +47,89 @@ class ContinualCallback:
         """`task` is trained; `learner.unaligned_head` holds its heads before alignment."""
 
     def on_evaluate(self, learner: ContinualLearner, task: Task, metrics: dict[str, float]) -> None:
-        """The seen tasks were just scored (`metrics` as `ContinualLearner.continual_metrics`)."""
+        """The seen tasks were just scored (`metrics` as `EvaluationStep.continual_metrics`)."""
 
     def on_run_end(self, learner: ContinualLearner, result: ContinualResult) -> None:
         """Every task is learned."""
 
 
-class StatisticsStep(ContinualCallback):
-    """Per-class Gaussians of the task's training features (kept; old data is gone)."""
-
-    def on_task_end(self, learner, task):
-        learner.compute_statistics(task)
+Callback = ContinualCallback | TrainerCallback
 
 
-class AlignmentStep(ContinualCallback):
-    """Retrain every head on features sampled from the class Gaussians (from the second task on)."""
+class CallbackHandler:
+    """The learner's callbacks in the order they run, managed as `transformers.Trainer`'s are
+    (`add_callback`, `pop_callback`, `remove_callback`), plus `replace_callback` to swap a step in place.
 
-    def on_task_end(self, learner, task):
-        if not (learner.args.align and task.task_id > 0):
-            return
-        losses = learner.aligner.align(
-            learner.model.classifier, learner.statistics, task.task_id, learner.tasks.statistics_labels,
-            progress=learner.show_progress,
-        )
-        logger.debug("task %d: classifier alignment losses %s", task.task_id + 1, [round(v, 4) for v in losses])
+    A callback may be given as a class (it is instantiated) and removed by its class (the first
+    instance goes). `ContinualCallback`s get the after-task hooks; `TrainerCallback`s are handed to
+    every task's trainer; one object may be both.
+    """
 
+    def __init__(self, steps: Sequence[ContinualCallback], callbacks: Sequence[Callback | type[Callback]] = ()):
+        self.callbacks: list[ContinualCallback] = list(steps)
+        #: Classes of the built-in steps: their errors are one clear line already and pass through unwrapped.
+        self.step_classes = tuple(type(step) for step in steps)
+        self.trainer_callbacks: list[TrainerCallback] = []
+        for callback in callbacks:
+            self.add_callback(callback)
 
-class EvaluationStep(ContinualCallback):
-    """Accuracy on every seen task's test data with the aligned heads; fires `on_evaluate`."""
+    def add_callback(self, callback: Callback | type[Callback]) -> None:
+        """Append `callback`: it runs after those already held."""
+        callback = callback() if isinstance(callback, type) else callback
+        if not isinstance(callback, (ContinualCallback, TrainerCallback)):
+            raise TypeError(
+                f"callbacks must be ContinualCallback or TrainerCallback instances, got {type(callback).__name__}; "
+                "subclass slca_peft.callbacks.ContinualCallback for after-task steps."
+            )
+        if isinstance(callback, ContinualCallback):
+            self.callbacks.append(callback)
+        if isinstance(callback, TrainerCallback):
+            self.trainer_callbacks.append(callback)
 
-    def on_task_end(self, learner, task):
-        row, seen, sizes = learner.evaluate(task.task_id)
-        learner.result.accuracy_matrix.append(row)
-        learner.result.seen_accuracy.append(seen)
-        learner.result.task_test_sizes = sizes
-        learner.call_event("on_evaluate", task, learner.continual_metrics())
+    def get_callback(self, callback: Callback | type[Callback]) -> Any:
+        """The first callback held that is `callback`, or an instance of that class (None if none)."""
+        for held in (*self.callbacks, *self.trainer_callbacks):
+            if held is callback or (isinstance(callback, type) and isinstance(held, callback)):
+                return held
+        return None
 
+    def pop_callback(self, callback: Callback | type[Callback]) -> Any:
+        """Remove and return the first callback that is `callback` or an instance of it (None if none)."""
+        held = self.get_callback(callback)
+        for holder in (self.callbacks, self.trainer_callbacks):
+            if any(c is held for c in holder):
+                holder.remove(held)
+        return held
 
-class CheckpointStep(ContinualCallback):
-    """`OUTPUT_DIR/task_<t>`: model, statistics, unaligned heads and task history."""
+    def remove_callback(self, callback: Callback | type[Callback]) -> None:
+        self.pop_callback(callback)
 
-    def on_task_end(self, learner, task):
-        learner.save(learner.output_dir / f"task_{task.task_id}", learner.unaligned_head)
+    def replace_callback(self, old: ContinualCallback | type[ContinualCallback], new: ContinualCallback) -> None:
+        """Put `new` where `old` (an instance or a class) runs, keeping the order."""
+        if not isinstance(new, ContinualCallback):
+            raise TypeError(f"replace_callback takes a ContinualCallback, got {type(new).__name__}.")
+        held = self.get_callback(old)
+        for i, callback in enumerate(self.callbacks):
+            if callback is held:
+                self.callbacks[i] = new
+                return
+        name = old.__name__ if isinstance(old, type) else type(old).__name__
+        held_names = [type(c).__name__ for c in self.callbacks]
+        raise ValueError(f"no callback {name} to replace; the learner runs {held_names}.")
 
-
-class PushStep(ContinualCallback):
-    """Uploads each task checkpoint as one commit (`--push_to_hub`)."""
-
-    def on_task_end(self, learner, task):
-        if learner.args.push_to_hub:
-            seen = learner.result.seen_accuracy[-1]
-            learner.push(learner.output_dir / f"task_{task.task_id}",
-                         f"task {task.task_id + 1}/{len(learner.tasks)}: seen classes {seen:.2f}%")
-
-
-class ReportStep(ContinualCallback):
-    """Logs each task's result once, sends the continual metrics to the trackers, and writes
-    metrics.json, the plots and results.md at the end of the run (main process only)."""
-
-    def on_evaluate(self, learner, task, metrics):
-        if not learner.is_main_process:
-            return
-        row = learner.result.accuracy_matrix[-1]
-        logger.info("task %d/%d | seen classes %5.1f%% | per task: %s", task.task_id + 1, len(learner.tasks),
-                    metrics["seen_accuracy"], " ".join(f"{a:5.1f}" for a in row))
-        learner.tracker.log({f"eval_{key}": value for key, value in metrics.items()})
-
-    def on_run_end(self, learner, result):
-        if learner.is_main_process and result.accuracy_matrix:
-            atomic_write_text(learner.output_dir / "metrics.json", json.dumps(learner.metrics(), indent=2) + "\n")
-            self._report(learner)
-        learner.tracker.close()
-
-    @staticmethod
-    def _report(learner: ContinualLearner) -> None:
-        from .continual import format_accuracy_table
-
-        summary = learner.result.summary()
-        logger.info(
-            "accuracy (%%) on each task's test classes after learning each task:\n%s\nLast-Acc %.2f  Inc-Acc %.2f  "
-            "forgetting %.2f  BWT %.2f  (%s)",
-            format_accuracy_table(learner.result.accuracy_matrix, learner.result.seen_accuracy),
-            summary["last_accuracy"], summary["average_incremental_accuracy"], summary["average_forgetting"],
-            summary["backward_transfer"], learner.output_dir / "metrics.json",
-        )
-        if write_plots(learner.output_dir):
-            learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / "accuracy_matrix.png")
-
-
-def write_plots(output_dir: Path) -> list[Path]:
-    """The heatmap, accuracy curve and results.md of a finished run (or `--seeds` run) when
-    matplotlib is installed; otherwise a note on how to make them later."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        logger.info("plots skipped: install matplotlib (pip install 'slca-peft[plot]') and run "
-                    "`slca-peft report %s`", output_dir)
-        return []
-    from .plotting import write_report
-
-    written = write_report(output_dir)
-    logger.info("report: %s", ", ".join(str(path) for path in written))
-    return written
-
-
-def default_steps() -> list[ContinualCallback]:
-    """The built-in after-task steps, in the order they run."""
-    return [StatisticsStep(), AlignmentStep(), EvaluationStep(), CheckpointStep(), PushStep(), ReportStep()]
+    def call_event(self, event: str, learner: ContinualLearner, *args: Any) -> None:
+        """Run hook `event` on every callback in order; an error in a callback of the user's is
+        re-raised naming it."""
+        for callback in list(self.callbacks):
+            if isinstance(callback, self.step_classes):
+                getattr(callback, event)(learner, *args)
+                continue
+            try:
+                getattr(callback, event)(learner, *args)
+            except Exception as err:
+                raise RuntimeError(
+                    f"continual callback {type(callback).__name__}.{event} failed: {type(err).__name__}: {err}"
+                ) from err
 
 
 def load_callback(spec: str) -> Any:

@@ -1,124 +1,61 @@
-"""Continual checkpoints: one directory (and Hub repo) per model state, safetensors + JSON only.
+"""Continual checkpoints on disk: safetensors + JSON only, read and written given a model.
 
-Model files (`SLCAModel.save_pretrained` / `from_pretrained`):
-  slca_config.json              `SLCAModelConfig`: settings, class names and the referenced base model
-  adapter_config.json,
-  adapter_model.safetensors     PEFT adapter: LoRA, biases, LayerNorms and the class token
-                                (Hybrid-SL); `PeftModel.from_pretrained` loads it onto the base
-  backbone.safetensors,
-  backbone_config.json          the whole backbone, for full fine-tuning
-  classifier.safetensors        aligned heads + scales
-  README.md                     model card
+This module never builds a model: `SLCAModel.from_pretrained` builds one from the files read here
+(`read_model_config`, `load_model_state`), and `slca_peft.model.load_checkpoint` adds the run state.
+The file names are listed in `slca_peft.files`.
+
+Model files (`save_model_files`; `SLCAModel.save_pretrained` / `from_pretrained`): `slca_config.json`,
+the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`: LoRA, biases, LayerNorms and
+the class token; `PeftModel.from_pretrained` loads it onto the base) or the whole backbone for full
+fine-tuning (`backbone.safetensors`, `backbone_config.json`), `classifier.safetensors` (aligned
+heads + scales) and the model card.
 
 Learner run state beside them (`save_learner_state` / `load_learner_state`), as a Trainer keeps
-trainer_state.json beside its model:
-  classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
-  class_statistics.safetensors  per-class Gaussians
-  continual_state.json          task history: class order, task sizes, names, accuracy matrix
+trainer_state.json beside its model: `classifier_unaligned.safetensors` (heads before alignment),
+`class_statistics.safetensors` (per-class Gaussians), `continual_state.json` (task history).
 
-`save_checkpoint` / `load_checkpoint` write and read both. Only these files are ever read;
-pickle-based files are refused.
+`save_checkpoint` writes both, atomically. Only these files are ever read; pickle-based files are
+refused.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, PretrainedConfig
 
-from .backbones import load_backbone
 from .base_model import portable_name, resolve_recorded_base
+from .files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    BACKBONE_CONFIG_FILE,
+    BACKBONE_FILE,
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    STATE_FILE,
+    STATISTICS_FILE,
+    UNALIGNED_FILE,
+    atomic_directory,
+    atomic_write_text,
+    json_text,
+    read_json,
+    write_json,
+)
+from .model_card import write_model_card
 from .model_config import SLCAModelConfig, validate_state
-from .statistics import STATISTICS_FILE, ClassStatistics
+from .statistics import ClassStatistics
 
 if TYPE_CHECKING:
     from .model import SLCAModel
-
-CONFIG_FILE = "slca_config.json"
-STATE_FILE = "continual_state.json"
-CLASSIFIER_FILE = "classifier.safetensors"
-UNALIGNED_FILE = "classifier_unaligned.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
-BACKBONE_FILE = "backbone.safetensors"
-BACKBONE_CONFIG_FILE = "backbone_config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def recover_replaced(target: str | Path) -> None:
-    """Undo a replacement killed between its two renames: `.NAME.old-*` goes back to `NAME` when
-    `NAME` is missing, and is removed when `NAME` exists (the replacement completed)."""
-    target = Path(target)
-    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if not target.exists():
-            os.replace(old, target)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory and move it to `path` only if the block succeeds, so a
-    checkpoint directory is either complete or absent (an older one is replaced at the end)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_replaced(target)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint follows the umask
-    try:
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file follows the umask
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _backbone_extras(model: SLCAModel, adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,7 +87,7 @@ def _write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | N
             "this model's backbone was built from a config and has no saved base weights to reference; "
             "save the backbone first (backbone.save_pretrained(path)) and build the model from that path."
         )
-    _write_json(folder / CONFIG_FILE, settings)
+    write_json(folder / CONFIG_FILE, settings)
     if model.slca_config.use_lora:
         # PEFT records the name the backbone was loaded by; make it the portable one (absolute path or Hub id).
         for peft_config in model.backbone.peft_config.values():
@@ -167,10 +104,8 @@ def _write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | N
     else:
         backbone = model.base_backbone
         save_file(_tensors(backbone.state_dict()), str(folder / BACKBONE_FILE))
-        _write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
+        write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
     save_file(_tensors(model.classifier.state_dict()), str(folder / CLASSIFIER_FILE))
-    from .hub import write_model_card
-
     write_model_card(folder, settings, state, **(card or {}))
 
 
@@ -184,7 +119,7 @@ def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str
     try:
         _write_model_files(model, tmp, state, card)
         adapted = model.slca_config.use_lora
-        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if adapted else (ADAPTER_FILE, "adapter_config.json")
+        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if adapted else (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
         for name in stale:
             (directory / name).unlink(missing_ok=True)
         for child in tmp.iterdir():
@@ -210,7 +145,7 @@ def save_learner_state(
         statistics.save(directory)
     if state is not None:
         validate_state(state)
-        atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / STATE_FILE, json_text(state))
 
 
 def save_checkpoint(
@@ -319,36 +254,28 @@ def _check_no_pickle(root: Path) -> None:
         )
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged.") from err
-
-
 def _same_base(a: str, b: str) -> bool:
     return a == b or portable_name(a) == portable_name(b)
 
 
-def load_model_files(
+def read_model_config(
     path_or_repo_id: str | Path,
     revision: str | None = None,
     expected_base: str | Sequence[str | None] | None = None,
-) -> tuple[SLCAModel, Path]:
-    """Rebuild the model `save_model_files` wrote; returns it and the local directory read.
+) -> tuple[SLCAModelConfig, Path]:
+    """The validated `slca_config.json` of a model folder (its base model resolved) and the local
+    directory it was read from.
 
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
     its Hub id) refuses files trained on another backbone, and locates a base model that has moved.
     """
-    from .model import SLCAModel, _load_with_sdpa
-
     root = resolve_checkpoint(path_or_repo_id, revision)
     _check_no_pickle(root)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; {root} is not an slca-peft checkpoint.")
     # Validated before anything is allocated: a crafted file cannot ask for a huge model.
-    config = SLCAModelConfig.from_dict(_read_json(config_path), str(config_path))
+    config = SLCAModelConfig.from_dict(read_json(config_path), str(config_path))
     accepted = [expected_base] if isinstance(expected_base, (str, Path)) else list(expected_base or [])
     accepted = [str(name) for name in accepted if name]
     base = resolve_recorded_base(config.base_model_name_or_path, config_path, accepted)
@@ -358,28 +285,20 @@ def load_model_files(
             "resume with the base model the checkpoint was trained on."
         )
     config.base_model_name_or_path = base
-    if config.use_lora:
-        try:
-            backbone = _load_with_sdpa(load_backbone, base, revision=config.revision)
-        except OSError as err:
-            if Path(base).is_absolute() or base.startswith("."):
-                raise
-            # "runs/base" may be a Hub id or a path relative to where an older run started.
-            raise FileNotFoundError(
-                f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
-                f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
-                "model's location: --model_name_or_path PATH with the recipe, or "
-                "load_checkpoint(..., expected_base=PATH) from Python."
-            ) from err
-    else:
-        config_dict = _read_json(root / BACKBONE_CONFIG_FILE)
-        model_type = config_dict.pop("model_type")
-        backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **config_dict))
-    config.lora_svd_init = False
-    try:
-        model = SLCAModel(backbone, config)
-    except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from None
+    return config, root
+
+
+def read_backbone_config(root: str | Path) -> PretrainedConfig:
+    """The architecture of a fully fine-tuned backbone (`backbone_config.json`)."""
+    config_dict = read_json(Path(root) / BACKBONE_CONFIG_FILE)
+    model_type = config_dict.pop("model_type")
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+def load_model_state(model: SLCAModel, root: str | Path) -> None:
+    """Fill a freshly built `model` with the adapter (or backbone) and aligned heads stored in `root`,
+    every tensor checked against the model's own before any data is read."""
+    root = Path(root)
     if model.slca_config.use_lora:
         # PEFT stores adapter tensors without the adapter name ("lora_A.weight") and the trained copy
         # of a `modules_to_save` module under the module's own name.
@@ -392,13 +311,15 @@ def load_model_files(
     else:
         expected = dict(model.base_backbone.state_dict())
         model.base_backbone.load_state_dict(read_safetensors(root / BACKBONE_FILE, expected), strict=True)
-    head_expected = dict(model.classifier.state_dict())
-    # Checkpoints before the run state had its own files kept the unaligned heads under `unaligned.`.
-    head_expected.update({f"unaligned.{k}": v for k, v in list(head_expected.items())})
-    head = read_safetensors(root / CLASSIFIER_FILE, head_expected)
+    head = _read_classifier(root, model)
     model.classifier.restore({k: v for k, v in head.items() if not k.startswith("unaligned.")})
-    model._legacy_unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")}
-    return model, root
+
+
+def _read_classifier(root: Path, model: SLCAModel) -> dict[str, torch.Tensor]:
+    expected = dict(model.classifier.state_dict())
+    # Checkpoints before the run state had its own files kept the unaligned heads under `unaligned.`.
+    expected.update({f"unaligned.{k}": v for k, v in list(expected.items())})
+    return read_safetensors(root / CLASSIFIER_FILE, expected)
 
 
 def load_learner_state(
@@ -408,27 +329,22 @@ def load_learner_state(
     when absent)."""
     root = Path(directory)
     statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
-    state = validate_state(_read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
+    state = validate_state(read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
         else None
-    unaligned = getattr(model, "_legacy_unaligned", None) or None
+    unaligned = None
     if (root / UNALIGNED_FILE).is_file():
-        expected = dict(model.classifier.state_dict())
-        unaligned = read_safetensors(root / UNALIGNED_FILE, expected)
+        unaligned = read_safetensors(root / UNALIGNED_FILE, dict(model.classifier.state_dict()))
+    elif (root / CLASSIFIER_FILE).is_file():
+        head = _read_classifier(root, model)
+        unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")} or None
     return statistics, state, unaligned
 
 
-def load_checkpoint(
-    path_or_repo_id: str | Path,
-    revision: str | None = None,
-    expected_base: str | Sequence[str | None] | None = None,
-) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
-    """Rebuild model, statistics, task history and unaligned head from a checkpoint.
-
-    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
-    its Hub id) refuses a checkpoint that was trained on another backbone.
-    """
-    model, root = load_model_files(path_or_repo_id, revision, expected_base)
-    statistics, state, unaligned = load_learner_state(root, model)
-    if state and state.get("label_names") and not model.label_names:
-        model.label_names = state["label_names"]
-    return model, statistics, state, unaligned
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete `task_<t>` checkpoint in a run's output directory (for `auto`)."""
+    candidates = []
+    for path in Path(output_dir).glob("task_*"):
+        suffix = path.name.removeprefix("task_")
+        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None

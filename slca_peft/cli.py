@@ -8,7 +8,7 @@ import sys
 
 
 def _export(ns: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
+    from .model import load_checkpoint
 
     model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
     model.export(ns.output_dir)  # the checkpoint's class names, when it has them
@@ -16,8 +16,8 @@ def _export(ns: argparse.Namespace) -> None:
 
 
 def _push(ns: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
     from .hub import push_to_hub
+    from .model import load_checkpoint
 
     load_checkpoint(ns.checkpoint)  # refuse to upload a checkpoint that does not load
     print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=ns.commit_message,
@@ -25,7 +25,7 @@ def _push(ns: argparse.Namespace) -> None:
 
 
 def _info(ns: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
+    from .model import load_checkpoint
 
     model, stats, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
     print(json.dumps({

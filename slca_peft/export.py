@@ -21,7 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
-from .checkpoint import atomic_directory
+from .files import atomic_directory
 from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
 
 if TYPE_CHECKING:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -29,6 +30,9 @@ from .base_model import portable_name
 from .config import model_settings
 from .head import ContinualClassifier
 from .model_config import SLCAModelConfig
+
+if TYPE_CHECKING:
+    from .statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +239,42 @@ class SLCAModel(nn.Module):
                         base_model_name_or_path: str | None = None) -> SLCAModel:
         """Load a directory or Hub repo written by `save_pretrained` (the base model is loaded from the
         id or path the files reference; `base_model_name_or_path` points at it when it has moved)."""
-        from .checkpoint import load_model_files
+        from .checkpoint import read_model_config
 
-        return load_model_files(path_or_repo_id, revision, expected_base=base_model_name_or_path)[0]
+        return cls._from_files(*read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path))
+
+    @classmethod
+    def _from_files(cls, config: SLCAModelConfig, root: Path) -> SLCAModel:
+        """Build the model `config` (read from `root`) describes and fill it with `root`'s tensors."""
+        from transformers import AutoModel
+
+        from .checkpoint import load_model_state, read_backbone_config
+        from .files import CONFIG_FILE
+
+        config_path = root / CONFIG_FILE
+        base = config.base_model_name_or_path
+        if config.use_lora:
+            try:
+                backbone = _load_with_sdpa(load_backbone, base, revision=config.revision)
+            except OSError as err:
+                if Path(base).is_absolute() or base.startswith("."):
+                    raise
+                # "runs/base" may be a Hub id or a path relative to where an older run started.
+                raise FileNotFoundError(
+                    f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
+                    f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
+                    "model's location: --model_name_or_path PATH with the recipe, or "
+                    "load_checkpoint(..., expected_base=PATH) from Python."
+                ) from err
+        else:
+            backbone = AutoModel.from_config(read_backbone_config(root))
+        config.lora_svd_init = False  # the stored adapter replaces any initialisation
+        try:
+            model = cls(backbone, config)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+        load_model_state(model, root)
+        return model
 
     def push_to_hub(
         self,
@@ -273,3 +310,24 @@ class SLCAModel(nn.Module):
         from .export import export_model
 
         return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
+
+
+def load_checkpoint(
+    path_or_repo_id: str | Path,
+    revision: str | None = None,
+    expected_base: str | Sequence[str | None] | None = None,
+) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Rebuild model, statistics, task history and unaligned head from a checkpoint (directory or Hub
+    repo) that `slca_peft.checkpoint.save_checkpoint` wrote.
+
+    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
+    its Hub id) refuses a checkpoint that was trained on another backbone.
+    """
+    from .checkpoint import load_learner_state, read_model_config
+
+    config, root = read_model_config(path_or_repo_id, revision, expected_base)
+    model = SLCAModel._from_files(config, root)
+    statistics, state, unaligned = load_learner_state(root, model)
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    return model, statistics, state, unaligned

@@ -30,8 +30,7 @@ import yaml
 from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
 from .adapters import load_peft_config
-from .callbacks import load_callback, write_plots
-from .checkpoint import atomic_directory, atomic_write_text
+from .callbacks import load_callback
 from .config import SLCAConfig
 from .continual import ContinualLearner
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
@@ -39,8 +38,10 @@ from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
+from .files import atomic_directory, atomic_write_text
 from .model import SLCAModel
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
+from .steps import write_plots
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 

@@ -243,7 +243,7 @@ def remove_previous_run(root: str | Path) -> list[Path]:
 def recover_interrupted_replacements(root: str | Path) -> None:
     """A kill between the two renames of a checkpoint replacement leaves `.task_N.old-*` and no
     `task_N`: put the old folder back; when `task_N` exists, the leftover is removed."""
-    from .checkpoint import recover_replaced
+    from .files import recover_replaced
 
     for old in sorted(Path(root).glob(".*.old-*")):
         if old.is_symlink():

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,19 +38,19 @@ from safetensors.torch import save_file
 from .covariance import (
     KIND_CHOLESKY,
     KIND_FACTOR,
+    BlockLayout,
     SamplingPlan,
-    _BlockLayout,
-    _CovarianceView,
     cholesky_with_ridge,
+    factor_rank,
     factorise,
     packed_size,
     unpack_tril,
 )
+from .files import STATISTICS_FILE
 from .model_config import MAX_CLASSES, MAX_FEATURE_DIM  # bound what a statistics file header may declare
 
 logger = logging.getLogger(__name__)
 
-STATISTICS_FILE = "class_statistics.safetensors"
 COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
 FORMAT_VERSION = "2"
 
@@ -106,7 +107,7 @@ class ClassStatistics:
         self._noise: dict[int, torch.Tensor] = {}  # class -> float64 [d] diagonal added to F F^T
         # class -> [count, sum (d), outer-sum lower block triangle], float64, additive across processes
         self._pending: dict[int, torch.Tensor] = {}
-        self._layout = _BlockLayout(feature_dim)
+        self._layout = BlockLayout(feature_dim)
         self._version = 0
         self._plan: SamplingPlan | None = None
 
@@ -149,9 +150,6 @@ class ClassStatistics:
             acc[0] += size
             acc[1 : 1 + d] += x.sum(dim=0)
             layout.accumulate(acc[1 + d :].view(-1, layout.s, layout.s), x)
-
-    def pending_classes(self) -> list[int]:
-        return sorted(self._pending)
 
     @torch.no_grad()
     def finalize(
@@ -236,7 +234,17 @@ class ClassStatistics:
     @property
     def ranks(self) -> dict[int, int]:
         """class -> rank of its stored factor (d for a full Cholesky factor, 0 for a diagonal)."""
-        return {c: self.feature_dim if f.ndim == 1 else f.shape[1] for c, f in self._factors.items()}
+        return {c: factor_rank(f, self.feature_dim) for c, f in self._factors.items()}
+
+    @property
+    def factors(self) -> Mapping[int, torch.Tensor]:
+        """class -> stored float64 factor: packed lower Cholesky [d(d+1)/2] or [d, r] (read-only)."""
+        return MappingProxyType(self._factors)
+
+    @property
+    def noise(self) -> Mapping[int, torch.Tensor]:
+        """class -> float64 [d] diagonal added to ``F F^T`` (zero beside a Cholesky factor; read-only)."""
+        return MappingProxyType(self._noise)
 
     def covariance(self, cls: int) -> torch.Tensor:
         """The float64 [d, d] covariance of a class: ``L L^T`` or ``F F^T + diag(noise)``."""
@@ -273,7 +281,10 @@ class ClassStatistics:
         key = (self._version, str(device), dtype)
         if self._plan is None or self._plan.key != key:
             self._plan = None  # free the old plan's tensors before stacking the new one
-            self._plan = SamplingPlan.build(self, key, device, dtype, self.sampling_cache_bytes)
+            self._plan = SamplingPlan.build(
+                self.means, self.task_of_class, self.factors, self.noise, feature_dim=self.feature_dim, key=key,
+                device=device, dtype=dtype, cache_bytes=self.sampling_cache_bytes,
+            )
         return self._plan
 
     def sample(
@@ -387,6 +398,27 @@ class ClassStatistics:
         self.means[cls] = mean.to(torch.float64).clone()
         self.counts[cls] = count
         self.task_of_class[cls] = task
+
+
+class _CovarianceView(Mapping):
+    """Read-only mapping class -> float64 [d, d] covariance, materialised from the factor on access."""
+
+    def __init__(self, stats: ClassStatistics):
+        self._stats = stats
+
+    def __getitem__(self, cls: int) -> torch.Tensor:
+        if cls not in self._stats.factors:
+            raise KeyError(cls)
+        return self._stats.covariance(cls)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._stats.classes)
+
+    def __len__(self) -> int:
+        return len(self._stats.factors)
+
+    def __contains__(self, cls: object) -> bool:
+        return cls in self._stats.factors
 
 
 _INTEGER_CODES = {"I64", "I32"}

@@ -132,7 +132,7 @@ class TaskSequence:
                         "set image_column/label_column."
                     )
         self.image_column, self.label_column = image_column, label_column
-        names, train_ids, test_ids = _label_ids(train, test, label_column)
+        names, train_ids, test_ids = label_ids(train, test, label_column)
         num_classes = len(names)
         if num_classes < 2:
             raise ValueError(f"the training data has {num_classes} class; continual learning needs at least 2.")
@@ -154,8 +154,8 @@ class TaskSequence:
             raise ValueError(f"task(s) {untested} have no test images, so they cannot be scored; give every class "
                              "test images (or change init_cls/increment).")
         feature = ClassLabel(names=self.label_names)
-        self.train = _with_labels(train, label_column, self._train_labels, feature)
-        self.test = _with_labels(test, label_column, self._test_labels, feature)
+        self.train = with_labels(train, label_column, self._train_labels, feature)
+        self.test = with_labels(test, label_column, self._test_labels, feature)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -232,7 +232,7 @@ class TaskSequence:
         }
 
 
-def _label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Integer ids and names for both splits, matched by name so folder-built splits agree."""
     feature = train.features[column]
     train_raw, test_raw = train[column], test[column]
@@ -270,7 +270,8 @@ def _label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], n
     return names, train_ids, test_ids
 
 
-def _with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLabel) -> Dataset:
+def with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLabel) -> Dataset:
+    """`ds` with its label column replaced by the ids `label_ids` matched across splits."""
     ds = ds.remove_columns(column)
     return ds.add_column(column, labels.tolist(), feature=feature)
 

@@ -24,7 +24,7 @@ from transformers.training_args import ParallelMode
 from .adapters import ADAPTER, BACKBONE, HEAD
 from .backbones import input_size
 from .config import SLCAConfig, as_slca_config
-from .losses import _symmetric_cross_entropy
+from .losses import symmetric_cross_entropy
 from .model import SLCAModel
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class SLCATrainer(Trainer):
         targets = labels - known
         args: SLCAConfig = self.args
         if args.use_sce:
-            loss = _symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta)
+            loss = symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta, check_labels=False)
         else:
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss
@@ -269,6 +269,6 @@ class SLCATrainer(Trainer):
         self.slca_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())

@@ -19,7 +19,7 @@ from slca_peft import (
     TrainTransform,
 )
 from slca_peft.backbones import attention_linears, class_token, final_norm
-from slca_peft.callbacks import ReportStep
+from slca_peft.steps import ReportStep
 
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
            intermediate_size=64)
@@ -79,7 +79,7 @@ def _learner(out, folders, model_dir=None, resume_from=None):
         learner = ContinualLearner.from_checkpoint(resume_from, args, tasks)
     else:
         learner = ContinualLearner(SLCAModel.from_backbone(str(model_dir), args), args, tasks)
-    learner.steps = [s for s in learner.steps if not isinstance(s, ReportStep)]  # no plots: not under test
+    learner.remove_callback(ReportStep)  # no plots: not under test
     tc = ImageTransformConfig.from_model_config(learner.model.config)
     learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
     return learner

@@ -9,6 +9,7 @@ import pytest
 
 from slca_peft import TaskSequence
 from slca_peft.callbacks import ContinualCallback, load_callback
+from slca_peft.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,38 @@ def test_a_failing_callback_stops_the_run_and_is_named(tmp_path, make_learner, i
 def test_callbacks_are_refused_when_they_are_neither_kind(tmp_path, make_learner, image_folders):
     with pytest.raises(TypeError, match="ContinualCallback or TrainerCallback"):
         make_learner(tasks(image_folders), tmp_path / "run", callbacks=[object()])
+
+
+class FixedScores(ContinualCallback):
+    """Stands in for the evaluation step: appends a made-up row and fires on_evaluate as it does."""
+
+    def on_task_end(self, learner, task):
+        t = task.task_id
+        learner.result.accuracy_matrix.append([float(10 * t + j) for j in range(t + 1)])
+        learner.result.seen_accuracy.append(float(t))
+        learner.result.task_test_sizes = [1] * (t + 1)
+        learner.call_event("on_evaluate", task, EvaluationStep.continual_metrics(learner))
+
+
+def test_a_built_in_step_is_replaced_in_place_or_removed(tmp_path, make_learner, image_folders):
+    recorder = Recorder()
+    learner = make_learner(tasks(image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
+                           callbacks=[recorder])
+    statistics_step = learner.get_callback(StatisticsStep)
+    assert learner.statistics is statistics_step.statistics  # the step owns them; the learner forwards
+    learner.replace_callback(EvaluationStep, FixedScores())
+    checkpoint = learner.pop_callback(CheckpointStep)
+    learner.remove_callback(ReportStep)
+    assert isinstance(checkpoint, CheckpointStep) and learner.pop_callback(CheckpointStep) is None
+    assert [type(c).__name__ for c in learner.callbacks] == [
+        "StatisticsStep", "AlignmentStep", "FixedScores", "PushStep", "Recorder"]
+    with pytest.raises(ValueError, match=r"no callback CheckpointStep to replace; the learner runs \['Statis"):
+        learner.replace_callback(CheckpointStep, FixedScores())
+    learner.callbacks.remove(recorder)  # the Recorder checks for checkpoints, which are gone
+    result = learner.run()
+    assert result.accuracy_matrix == [[0.0], [10.0, 11.0], [20.0, 21.0, 22.0]]
+    assert learner.statistics.classes == [0, 1, 2, 3, 4, 5]
+    assert not (tmp_path / "run" / "metrics.json").exists() and not list((tmp_path / "run").glob("task_*"))
 
 
 def test_load_callback_by_import_path():

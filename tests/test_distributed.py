@@ -17,6 +17,7 @@ from slca_peft import (
     SLCAModel,
     TaskSequence,
 )
+from slca_peft.steps import EvaluationStep, StatisticsStep
 
 
 def free_port() -> int:
@@ -32,6 +33,7 @@ WORKER = r'''
 import json, sys, torch
 from accelerate import PartialState
 from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, SLCAConfig, SLCAModel, TaskSequence
+from slca_peft.steps import EvaluationStep, StatisticsStep
 base, train_dir, test_dir, out = sys.argv[1:5]
 args = SLCAConfig(output_dir=out, use_cpu=True, per_device_eval_batch_size=1, report_to="none")
 state = PartialState()
@@ -41,8 +43,8 @@ model = SLCAModel.from_backbone(base)
 model.grow(3)
 transform = EvalTransform(ImageTransformConfig.from_model_config(model.config))
 learner = ContinualLearner(model, args, tasks, eval_transform=transform)
-learner.compute_statistics(tasks[0])
-row, seen, sizes = learner.evaluate(0)
+learner.get_callback(StatisticsStep).compute(learner, tasks[0])
+row, seen, sizes = learner.get_callback(EvaluationStep).evaluate(learner, 0)
 record = {"rank": state.process_index, "world_size": state.num_processes, "args_world_size": args.world_size,
           "row": row, "sizes": sizes}
 with open(f"{out}/rank{state.process_index}.json", "w") as fh:
@@ -78,8 +80,8 @@ def test_two_processes_compute_the_same_statistics_and_accuracy(tmp_path, base_m
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): same float32 summation order
     try:
-        learner.compute_statistics(tasks[0])
-        row, _, sizes = learner.evaluate(0)
+        learner.get_callback(StatisticsStep).compute(learner, tasks[0])
+        row, _, sizes = learner.get_callback(EvaluationStep).evaluate(learner, 0)
     finally:
         torch.set_num_threads(threads)
 

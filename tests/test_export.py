@@ -29,8 +29,8 @@ def test_the_exported_processor_gives_the_eval_transforms_pixels(mode):
 def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recipe):
     from transformers import pipeline
 
-    from slca_peft.checkpoint import load_checkpoint
     from slca_peft.data import load_digits_dataset
+    from slca_peft.model import load_checkpoint
 
     recipe.main(["--model_name_or_path", str(ROOT / "recipes" / "assets" / "tiny_vit_letters"), "--dataset", "digits",
                  "--init_cls", "5", "--increment", "5", "--num_train_epochs", "1", "--per_device_train_batch_size",

@@ -14,7 +14,8 @@ from peft import PeftModel
 from transformers import AutoModelForImageClassification, ViTModel
 
 from slca_peft import ClassStatistics, SLCAModel
-from slca_peft.checkpoint import load_checkpoint, save_checkpoint
+from slca_peft.checkpoint import save_checkpoint
+from slca_peft.model import load_checkpoint
 
 
 def trained_model(base_model_dir) -> SLCAModel:
@@ -272,12 +273,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, base_m
     model = trained_model(base_model_dir)
     model.save_pretrained(tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    import slca_peft.hub
+    import slca_peft.checkpoint
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(slca_peft.hub, "write_model_card", boom)
+    monkeypatch.setattr(slca_peft.checkpoint, "write_model_card", boom)
     with torch.no_grad():
         model.classifier.heads[0].bias.add_(1.0)
     with pytest.raises(RuntimeError, match="disk full"):

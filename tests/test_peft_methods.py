@@ -23,7 +23,7 @@ from slca_peft import (
     TrainTransform,
 )
 from slca_peft.adapters import ADAPTER, BACKBONE
-from slca_peft.callbacks import ReportStep
+from slca_peft.steps import ReportStep
 
 METHODS = {
     "dora": (lambda: LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], use_dora=True),
@@ -63,7 +63,7 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
     tc = ImageTransformConfig.from_model_config(model.config)
     learner = ContinualLearner(model, args, two_tasks, train_transform=TrainTransform(tc, flip_p=0.0),
                                eval_transform=EvalTransform(tc))
-    learner.steps = [s for s in learner.steps if not isinstance(s, ReportStep)]  # no plots: not under test
+    learner.remove_callback(ReportStep)  # no plots: not under test
     result = learner.run()
     assert [len(row) for row in result.accuracy_matrix] == [1, 2]
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)  # adapter trained

@@ -2,7 +2,8 @@
 
 The metric lives in ``continual_accuracy/continual_accuracy.py`` so it loads with ``evaluate.load`` from a
 folder path, with no Hugging Face Hub access. Everything in the library that summarises an accuracy
-matrix goes through that module, so there is a single implementation of the formulas.
+matrix goes through that module, so there is a single implementation of the formulas; the matrix is
+printed (the run's log, the model card) by `format_accuracy_table` alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import evaluate
 
-__all__ = ["CONTINUAL_ACCURACY_PATH", "load_continual_accuracy", "summarize_accuracy_matrix"]
+__all__ = ["CONTINUAL_ACCURACY_PATH", "format_accuracy_table", "load_continual_accuracy", "summarize_accuracy_matrix"]
 
 #: Folder of the local ``continual_accuracy`` evaluate module; pass it to ``evaluate.load``.
 CONTINUAL_ACCURACY_PATH: str = str(Path(__file__).resolve().parent / "continual_accuracy")
@@ -43,3 +44,24 @@ def summarize_accuracy_matrix(
     # keep_in_memory avoids cache files and lock contention between concurrent callers.
     metric = load_continual_accuracy(keep_in_memory=True)
     return metric.compute(accuracy_row=rows, task_test_size=sizes)
+
+
+def format_accuracy_table(matrix: Sequence[Sequence[float]], seen: Sequence[float], *, markdown: bool = False) -> str:
+    """The accuracy matrix as a table: rows after task t, columns task j, last column all seen classes.
+
+    Plain text for the log, or a Markdown table (``markdown=True``) for model cards.
+    """
+    n = len(matrix)
+    if markdown:
+        header = "| after task | " + " | ".join(f"T{j + 1}" for j in range(n)) + " | all seen |"
+        lines = [header, "|---" * (n + 2) + "|"]
+        lines += [
+            f"| {t + 1} | " + " | ".join(f"{a:.1f}" for a in row) + " |" * (n - len(row)) + f" | {seen[t]:.1f} |"
+            for t, row in enumerate(matrix)
+        ]
+        return "\n".join(lines)
+    lines = ["after \\ on " + " ".join(f"T{j + 1:<5d}" for j in range(n)) + "  all seen"]
+    for t, row in enumerate(matrix):
+        cells = " ".join(f"{a:6.1f}" for a in row) + "       " * (n - len(row))
+        lines.append(f"task {t + 1:<6d}" + cells + f"  {seen[t]:8.1f}")
+    return "\n".join(lines)
