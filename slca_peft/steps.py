@@ -31,6 +31,7 @@ from .hub import local_base_problem, push_to_hub
 from .inference import inference_context
 from .metrics import format_accuracy_table
 from .statistics import ClassStatistics
+from .tasks import stream_class_ids
 from .transforms import collate_fn
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class CheckpointStep(ContinualCallback):
         return {
             "method": learner.args.method,
             "tasks_learned": len(result.accuracy_matrix),
+            "class_ids": stream_class_ids(learner.tasks),
             **learner.tasks.describe(),
             "accuracy_matrix": result.accuracy_matrix,
             "seen_accuracy": result.seen_accuracy,
