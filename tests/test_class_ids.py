@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
 from slca_peft import SLCAModel, TaskSequence
@@ -91,3 +92,24 @@ def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path,
         state = json.loads((folder / "continual_state.json").read_text())
         assert config["class_ids"] == tasks.class_ids[: 2 * (t + 1)]
         assert state["class_ids"] == tasks.class_ids
+
+
+def test_a_mid_stream_export_puts_each_output_at_its_class_id(tmp_path, base_model_dir):
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    with torch.no_grad():
+        model.classifier.heads[0].weight.add_(torch.randn_like(model.classifier.heads[0].weight))
+    model.class_ids = [3, 1]  # the first task of a stream learned labels 3 and 1; 0 and 2 come later
+    model.label_names = ["three", "one", "zero", "two"]
+    model.eval().export(tmp_path / "exported")
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    assert plain.config.id2label == {0: "class_0", 1: "one", 2: "class_2", 3: "three"}
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        logits, expected = plain(pixel_values=x).logits, model(x).logits
+    torch.testing.assert_close(logits[:, [3, 1]], expected, rtol=1e-5, atol=1e-5)
+    probabilities = logits.softmax(-1)
+    assert probabilities[:, [0, 2]].max() == 0 and set(logits.argmax(-1).tolist()) <= {1, 3}
