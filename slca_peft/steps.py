@@ -31,6 +31,7 @@ from .hub import local_base_problem, push_to_hub
 from .inference import inference_context
 from .metrics import format_accuracy_table
 from .statistics import ClassStatistics
+from .tasks import stream_class_ids
 from .transforms import collate_fn
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class CheckpointStep(ContinualCallback):
         return {
             "method": learner.args.method,
             "tasks_learned": len(result.accuracy_matrix),
+            "class_ids": stream_class_ids(learner.tasks),
             **learner.tasks.describe(),
             "accuracy_matrix": result.accuracy_matrix,
             "seen_accuracy": result.seen_accuracy,
@@ -208,8 +210,10 @@ class CheckpointStep(ContinualCallback):
     def save(self, learner: ContinualLearner, directory: Path) -> None:
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         trainer = learner.trainer
+        state = self.state(learner)
+        learner.model.task_history = state  # a push or export of the model in memory keeps these results
         if trainer is None or trainer.is_world_process_zero():
-            save_checkpoint(learner.model, directory, statistics=learner.statistics, state=self.state(learner),
+            save_checkpoint(learner.model, directory, statistics=learner.statistics, state=state,
                             unaligned_head=learner.unaligned_head)
         if trainer is not None:
             trainer.accelerator.wait_for_everyone()
