@@ -303,13 +303,16 @@ class SLCAModel(nn.Module):
             return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
                                revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
 
-    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None) -> Path:
+    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None,
+               *, overwrite: bool = False) -> Path:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
         folded) that `pipeline("image-classification")` loads without slca-peft, with an image
-        processor that reproduces the evaluation transform. Class names default to `label_names`."""
+        processor that reproduces the evaluation transform. Class names default to `label_names`.
+        The directory must be new or empty; `overwrite=True` replaces a previous export's files only."""
         from .export import export_model
 
-        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
+        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor,
+                            overwrite=overwrite)
 
 
 def load_checkpoint(
