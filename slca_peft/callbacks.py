@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from .errors import UserError, no_exit
+
 if TYPE_CHECKING:
     from .continual import ContinualLearner, ContinualResult
     from .tasks import Task
@@ -124,25 +126,53 @@ class CallbackHandler:
             if isinstance(callback, self.step_classes):
                 getattr(callback, event)(learner, *args)
                 continue
-            try:
-                getattr(callback, event)(learner, *args)
-            except Exception as err:
-                raise RuntimeError(
-                    f"continual callback {type(callback).__name__}.{event} failed: {type(err).__name__}: {err}"
-                ) from err
+            # sys.exit in a user's hook must not end the run as if it had finished (exit 0).
+            with no_exit(f"continual callback {type(callback).__name__}.{event}"):
+                try:
+                    getattr(callback, event)(learner, *args)
+                except Exception as err:
+                    raise RuntimeError(
+                        f"continual callback {type(callback).__name__}.{event} failed: {type(err).__name__}: {err}"
+                    ) from err
 
 
 def load_callback(spec: str) -> Any:
-    """`package.module:ClassName` (or `package.module.ClassName`) -> an instance, built without arguments."""
+    """`package.module:ClassName` (or `package.module.ClassName`) -> an instance, built without arguments.
+
+    Every way the spec can be wrong (a module that does not import or has a syntax error, a missing
+    name, a function, a class that needs arguments or is not a callback) is one error naming it."""
     import importlib
 
     module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"callback {spec!r}: give it as package.module:ClassName.")
+        raise UserError(f"--callbacks {spec!r}: give it as package.module:ClassName.")
     try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"callback {spec!r} cannot be imported ({err}); check the module path and class name."
-        ) from err
-    return target() if isinstance(target, type) else target
+        module = importlib.import_module(module_name)
+    except SyntaxError as err:
+        raise UserError(f"--callbacks {spec!r}: {err.filename}:{err.lineno} has a syntax error ({err.msg}); fix "
+                        "the module.") from None
+    except ImportError as err:
+        raise UserError(f"--callbacks {spec!r}: module {module_name!r} cannot be imported ({err}); check the "
+                        "module path.") from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        raise UserError(f"--callbacks {spec!r}: importing {module_name!r} failed ({type(err).__name__}: {err}); "
+                        "fix the module.") from None
+    target = getattr(module, attr, None)
+    if target is None:
+        raise UserError(f"--callbacks {spec!r} cannot be imported: module {module_name!r} has no {attr!r}; check the "
+                        "class name.")
+    if not isinstance(target, type):
+        if isinstance(target, (ContinualCallback, TrainerCallback)):
+            return target
+        kind = "a function" if callable(target) else f"a {type(target).__name__}"
+        raise UserError(f"--callbacks {spec!r} is {kind}, not a callback class; give a ContinualCallback or "
+                        "TrainerCallback subclass.")
+    if not issubclass(target, (ContinualCallback, TrainerCallback)):
+        raise UserError(f"--callbacks {spec!r}: {attr} is not a ContinualCallback or TrainerCallback subclass; "
+                        "subclass slca_peft.callbacks.ContinualCallback.")
+    try:
+        with no_exit(f"building callback {spec}"):
+            return target()
+    except TypeError as err:
+        raise UserError(f"--callbacks {spec!r}: {attr}() cannot be built without arguments ({err}); give its "
+                        "arguments defaults, or add it from Python with learner.add_callback(...).") from None

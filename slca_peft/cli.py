@@ -8,10 +8,12 @@ import sys
 
 
 def _export(ns: argparse.Namespace) -> None:
+    from .export import check_export_target
     from .model import load_checkpoint
 
+    check_export_target(ns.output_dir, overwrite=ns.overwrite)  # before the checkpoint is loaded
     model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
-    model.export(ns.output_dir)  # the checkpoint's class names and results, when it has them
+    model.export(ns.output_dir, overwrite=ns.overwrite)  # the checkpoint's class names and results, when it has them
     print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes, output k = class "
           f"id k); upload it with: slca-peft push {ns.output_dir} <repo_id>")
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint")
     p.add_argument("output_dir")
     p.add_argument("--revision")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in output_dir (its files only; anything else there is refused)")
     p.set_defaults(func=_export)
     p = sub.add_parser("push", help="upload a checkpoint or an export directory to the Hub as one commit")
     p.add_argument("checkpoint", help="a task checkpoint, or a directory `slca-peft export` wrote")

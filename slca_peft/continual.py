@@ -23,6 +23,7 @@ from .backbones import lora_targets_for
 from .callbacks import Callback, CallbackHandler, ContinualCallback
 from .checkpoint import latest_checkpoint
 from .config import SLCAConfig, as_slca_config
+from .errors import no_exit
 from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel, load_checkpoint
 from .statistics import ClassStatistics
@@ -219,7 +220,8 @@ class ContinualLearner:
             callbacks=[*self.trainer_callbacks, self.tracker],
             task_id=t,
         )
-        self.trainer.train()
+        with no_exit(f"training of task {t + 1}"):  # a TrainerCallback's sys.exit(0) is not a finished run
+            self.trainer.train()
         self.unaligned_head = self.model.classifier.snapshot()
         self.call_event("on_task_end", task)
         self.model.classifier.restore(self.unaligned_head)

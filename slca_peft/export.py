@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +25,11 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from . import manifest
 from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
-from .files import CARD_FILE, atomic_directory
+from .errors import UserError
+from .files import CARD_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, atomic_directory, settle_files
+from .fingerprint import FINGERPRINT_FILE
 from .model_card import build_export_card
 from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
 
@@ -110,11 +116,15 @@ def _load_backbone(classifier, backbone: torch.nn.Module, route: str) -> None:
 
 def export_model(
     model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None,
-    card: dict | None = None,
+    card: dict | None = None, *, overwrite: bool = False,
 ) -> Path:
     """Write `directory` for `pipeline("image-classification", model=directory)`: output k is class id
     k. `label_names` (one per output, in class-id order) default to the model's `id2label`; `card`
-    (`source`, `task`, `state`, `license`, `datasets`) feeds the export's model card."""
+    (`source`, `task`, `state`, `license`, `datasets`) feeds the export's model card.
+
+    The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
+    replaced (`check_export_target`)."""
+    previous = check_export_target(directory, overwrite=overwrite)
     route = export_route(model)
     weight, bias, missing = rows_by_class_id(*folded_head(model), model.class_ids)
     if missing:
@@ -159,11 +169,84 @@ def export_model(
         card.pop("state", getattr(model, "task_history", None)), architecture=config.architectures[0],
         source=card.pop("source", getattr(model, "name_or_path", None)), **card,
     )
-    with atomic_directory(directory) as tmp:
+    _write_export(Path(directory), previous, classifier, processor, readme)
+    return Path(directory)
+
+
+#: The manifest `kind` of an export folder (what `--overwrite` may replace).
+EXPORT_KIND = "export"
+#: What marks a folder as slca-peft's own: a checkpoint or model folder, or a run directory.
+_CHECKPOINT_MARKERS = (CONFIG_FILE, STATE_FILE)
+_RUN_MARKERS = (FINGERPRINT_FILE, ".slca-run.lock", METRICS_FILE, "seeds.json")
+
+
+def _owner(folder: Path) -> str | None:
+    """'checkpoint' or 'run directory' when `folder` is one, else None."""
+    if any((folder / name).is_file() for name in _CHECKPOINT_MARKERS):
+        return "checkpoint"
+    if any((folder / name).is_file() for name in _RUN_MARKERS) or any(
+            (p / STATE_FILE).is_file() for p in folder.glob("task_*")):
+        return "run directory"
+    return None
+
+
+def check_export_target(directory: str | Path, *, overwrite: bool = False) -> bool:
+    """Refuse an export target that would delete what is not the export's; returns whether it holds a
+    previous export (to be replaced, with `overwrite`).
+
+    Refused: a target that is, or lies inside, a checkpoint or a run directory (`export ck ck`,
+    `export run/task_2 run`); a symbolic link; a non-empty folder that is not a previous export (a
+    user's folder); a previous export without `overwrite`.
+    """
+    target = Path(directory)
+    if target.is_symlink():
+        raise UserError(f"export: {target} is a symbolic link; give the export a real, new directory.")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"export: {target} is a file; give the export a new or empty directory.")
+    real = Path(os.path.realpath(target))
+    for folder in (real, *real.parents):
+        kind = _owner(folder) if folder.is_dir() else None
+        if kind:
+            where = "is" if folder == real else f"lies inside {folder}, which is"
+            raise UserError(f"export: {target} {where} a {kind}; writing the export there would delete or mix with "
+                            "its files: give the export a directory of its own.")
+    if not target.is_dir() or not any(target.iterdir()):
+        return False
+    if manifest.read_manifest_extra(target).get("kind") != EXPORT_KIND:
+        names = sorted(p.name for p in target.iterdir())
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise UserError(f"export: {target} is not empty ({', '.join(names[:5])}{more}) and holds no previous export; "
+                        "give the export a new or empty directory.")
+    if not overwrite:
+        raise UserError(f"export: {target} holds a previous export; pass --overwrite (overwrite=True) to replace its "
+                        "files, or give another directory.")
+    return True
+
+
+def _write_export(target: Path, previous: bool, classifier, processor, readme) -> None:
+    """Write the export through a temporary sibling; a previous export loses only its own files
+    (those its manifest lists), then the new ones move in."""
+    if not previous:
+        with atomic_directory(target) as tmp:
+            classifier.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            readme.save(Path(tmp) / CARD_FILE)
+            manifest.record_tree(tmp, {"kind": EXPORT_KIND})
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
         classifier.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        readme.save(Path(tmp) / CARD_FILE)
-    return Path(directory)
+        readme.save(tmp / CARD_FILE)
+        settle_files(tmp)
+        manifest.remove_owned(target)
+        target.mkdir(exist_ok=True)
+        for child in sorted(tmp.iterdir()):
+            os.replace(child, manifest.safe_path(target, child.name, final_may_be_link=True))
+        manifest.record_tree(target, {"kind": EXPORT_KIND})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:

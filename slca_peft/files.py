@@ -41,10 +41,17 @@ METRICS_FILE = "metrics.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path: str | Path, *, directory: bool = False) -> None:
+    """Give a file (0666) or folder (0777) the permissions the umask allows: writers that make
+    private temporaries (mkstemp, mkdtemp, safetensors' `save_file`) leave 0600 / 0700 behind."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def recover_replaced(target: str | Path) -> None:
@@ -68,13 +75,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint follows the umask
+    follow_umask(tmp, directory=True)  # mkdtemp makes 0700; the checkpoint follows the umask
     try:
         yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
+        settle_files(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -87,21 +91,41 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
+def settle_files(folder: str | Path) -> None:
+    """Flush every regular file written into `folder` to disk and give it the umask's permissions
+    (safetensors files are created 0600 whatever the umask), before the folder is renamed into place."""
+    for child in Path(folder).iterdir():
+        if child.is_file() and not child.is_symlink():
+            follow_umask(child)
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a file through a temporary sibling and a rename, so readers never see half of it; a
+    symlink at `path` is replaced, never written through. Permissions follow the umask.
+
+    The one atomic file write of the library (`slca_peft.manifest.atomic_write_bytes` checks the
+    path's parents against its root, then calls this)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file follows the umask
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def json_text(data: Any, *, sort_keys: bool = True) -> str:
@@ -112,12 +136,3 @@ def json_text(data: Any, *, sort_keys: bool = True) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """A JSON file in a folder that is itself being written atomically (no rename of its own)."""
     Path(path).write_text(json_text(data))
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON file; a damaged one is refused in one line naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged.") from err

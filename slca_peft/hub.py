@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .base_model import is_local_name
-from .files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, STATE_FILE, read_json, write_json
+from .errors import read_json
+from .files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, STATE_FILE, write_json
+from .manifest import regular_files_for_upload
 from .model_card import REPO_PLACEHOLDER, write_model_card
 
 
@@ -72,6 +74,17 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
     card.save(card_path)
 
 
+def _copy_for_upload(directory: Path, folder: Path) -> None:
+    """Copy what an upload of `directory` may send: the regular files of its manifest (for a folder
+    written before manifests, its regular files), never a symlink or its target (a token file linked
+    into a checkpoint must not leave the machine)."""
+    folder.mkdir(parents=True)
+    for path in regular_files_for_upload(directory):
+        target = folder / path.relative_to(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target, follow_symlinks=False)
+
+
 def push_to_hub(
     directory: str | Path,
     repo_id: str,
@@ -85,7 +98,8 @@ def push_to_hub(
     base_model_id: str | None = None,
 ) -> Any:
     """Create the repo (and the `revision` branch) if needed and upload a model folder or checkpoint
-    as one commit, or as one pull request with `create_pr`.
+    as one commit, or as one pull request with `create_pr`. Only the regular files slca-peft wrote
+    there (its manifest) are sent: never a symlink's target, never a file put beside them.
 
     A LoRA checkpoint refers to its base model by name; one built on a local directory would load
     nowhere else, so it is refused unless `base_model_id` names the same weights on the Hub (the
@@ -103,7 +117,7 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / directory.name
-        shutil.copytree(directory, folder)
+        _copy_for_upload(directory, folder)
         _prepare_upload(folder, repo_id, base_model_id, tags)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision not in (None, "main"):

@@ -10,11 +10,15 @@ regular file the library wrote there, by POSIX path relative to the directory. D
 - every path stays inside the directory (no absolute path, no `..`, no NUL);
 - the manifest itself is read bounded (size, entries, path length) and validated before use.
 
+Other top-level fields say what the directory is: `kind` (`"checkpoint"`, `"model"`, `"export"`) and,
+for a checkpoint on a local base model, `base_model` (`{"name", "files": {file: {size, sha256,
+header_sha256}}}`), which `slca_peft.checkpoint.verify_checkpoint` compares on resume.
+
 `safe_path` and `open_for_write` give the same guarantee to any write: a path whose parent
 components lead out of the root through a symlink is refused, and the final component is opened
 with `O_NOFOLLOW`, so a symlink planted at a file's name cannot redirect the write.
 
-This module is a leaf: it imports nothing from slca_peft but `errors`.
+It imports nothing from slca_peft but the leaves `errors` and `files`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError
+from .errors import UserError, loads_json
+from .files import atomic_write_bytes as write_file_atomically
 
 MANIFEST_FILE = ".slca-manifest.json"
 MANIFEST_FORMAT = "slca-manifest"
@@ -130,30 +134,14 @@ def open_for_write(root: str | Path, rel: str | os.PathLike[str], *, mode: int =
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(root: str | Path, rel: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `root / rel` atomically (a temporary sibling renamed over it; a symlink at the name is
-    replaced, never followed), with permissions from the umask."""
+    """Write `root / rel` atomically (`files.atomic_write_bytes`: a temporary sibling renamed over it,
+    permissions from the umask), refusing a path whose parents lead out of `root` through a symlink;
+    a symlink at the name itself is replaced, never followed."""
     path = safe_path(root, rel, final_may_be_link=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safe_path(root, rel, final_may_be_link=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    safe_path(root, rel, final_may_be_link=True)  # the parents just created (or raced in) are still ours
+    return write_file_atomically(path, data)
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -187,11 +175,8 @@ def _parse_entry(item: Any, where: Path) -> ManifestEntry:
     return ManifestEntry(_check_relative(path, where.parent).as_posix(), size, sha)
 
 
-def read_manifest(directory: str | Path) -> dict[str, ManifestEntry] | None:
-    """The manifest of `directory` as {path: entry}, or None when there is none.
-
-    Read bounded and with `O_NOFOLLOW` (a symlinked manifest is refused), validated entry by entry.
-    """
+def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dict[str, Any]] | None:
+    """({path: entry}, the other top-level fields) of `directory`'s manifest, or None when there is none."""
     where = Path(directory) / MANIFEST_FILE
     try:
         fd = os.open(where, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -209,10 +194,7 @@ def read_manifest(directory: str | Path) -> dict[str, ManifestEntry] | None:
             raise UserError(f"{where} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes; it was not "
                             "written by slca-peft: remove it.")
         raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise UserError(f"{where} is not valid JSON ({' '.join(str(err).split())[:120]}); remove it.") from None
+    data = loads_json(raw, str(where))
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
         raise UserError(f"{where} is not an slca-peft manifest; remove it.")
     if data.get("version") != MANIFEST_VERSION:
@@ -226,46 +208,65 @@ def read_manifest(directory: str | Path) -> dict[str, ManifestEntry] | None:
         if entry.path == MANIFEST_FILE or entry.path in entries:
             raise UserError(f"{where} lists {entry.path!r} twice or lists itself; remove it.")
         entries[entry.path] = entry
-    return entries
+    extra = {k: v for k, v in data.items() if k not in ("format", "version", "files")}
+    return entries, extra
 
 
-def write_manifest(directory: str | Path, entries: Iterable[ManifestEntry]) -> Path:
-    """Write the manifest of `directory` atomically (sorted by path)."""
+def read_manifest(directory: str | Path) -> dict[str, ManifestEntry] | None:
+    """The manifest of `directory` as {path: entry}, or None when there is none.
+
+    Read bounded and with `O_NOFOLLOW` (a symlinked manifest is refused), validated entry by entry.
+    """
+    document = _read_document(directory)
+    return None if document is None else document[0]
+
+
+def read_manifest_extra(directory: str | Path) -> dict[str, Any]:
+    """The manifest's fields besides its file list (`kind`, a checkpoint's `base_model`); {} without one."""
+    document = _read_document(directory)
+    return {} if document is None else document[1]
+
+
+def write_manifest(directory: str | Path, entries: Iterable[ManifestEntry],
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the manifest of `directory` atomically (sorted by path), with `extra` top-level fields."""
     unique = {e.path: e for e in entries}
     files = [asdict(unique[k]) for k in sorted(unique)]
-    text = json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}, indent=1)
+    document = {**(extra or {}), "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
+    text = json.dumps(document, indent=1, sort_keys=True)
     return atomic_write_bytes(directory, MANIFEST_FILE, (text + "\n").encode())
 
 
 def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]]) -> dict[str, ManifestEntry]:
     """Add (or refresh) the files at `paths` (relative to `directory`) in its manifest; returns it all."""
     root = Path(directory)
-    entries = read_manifest(root) or {}
+    entries, extra = _read_document(root) or ({}, {})
     for rel in paths:
         entry = entry_for(root, rel)
         entries[entry.path] = entry
-    write_manifest(root, entries.values())
+    write_manifest(root, entries.values(), extra)
     return entries
 
 
-def record_tree(directory: str | Path) -> dict[str, ManifestEntry]:
+def record_tree(directory: str | Path, extra: Mapping[str, Any] | None = None) -> dict[str, ManifestEntry]:
     """A fresh manifest of every regular file under `directory` (for a folder the library just wrote
-    in full, e.g. a checkpoint's temporary directory); symlinks are not listed."""
+    in full, e.g. a checkpoint's temporary directory), with `extra` top-level fields; symlinks are not listed."""
     root = Path(directory)
     rels = [p.relative_to(root).as_posix() for p in _walk_regular(root) if p.name != MANIFEST_FILE]
     entries = {e.path: e for e in (entry_for(root, rel) for rel in rels)}
-    write_manifest(root, entries.values())
+    write_manifest(root, entries.values(), extra)
     return entries
 
 
 def forget(directory: str | Path, paths: Iterable[str]) -> None:
     """Drop `paths` from the manifest (files the library removed or gave up)."""
-    entries = read_manifest(directory)
-    if entries is None:
+    document = _read_document(directory)
+    if document is None:
         return
+    entries, extra = document
     for rel in paths:
         entries.pop(_check_relative(rel, Path(directory)).as_posix(), None)
-    write_manifest(directory, entries.values())
+    write_manifest(directory, entries.values(), extra)
 
 
 # ---------------------------------------------------------------------------------------------- use

@@ -353,15 +353,17 @@ class SLCAModel(nn.Module):
                                revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
 
     def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None,
-               card: dict[str, Any] | None = None) -> Path:
+               card: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
         folded, output k = class id k) that `pipeline("image-classification")` loads without slca-peft,
         with an image processor that reproduces the evaluation transform and a model card (results of
         `task_history`, the checkpoint it came from). Class names default to `id2label`; `card` may set
-        `license`, `datasets`, `tags`, `model_name`, `state` and `source`."""
+        `license`, `datasets`, `tags`, `model_name`, `state` and `source`. The directory must be new or
+        empty; `overwrite=True` replaces a previous export's files only."""
         from .export import export_model
 
-        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor, card=card)
+        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor, card=card,
+                            overwrite=overwrite)
 
 
 def load_checkpoint(

@@ -18,11 +18,14 @@ dependency (`pip install slca-peft[plot]`), imported only when a figure is drawn
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError, read_json
+from .files import atomic_write_bytes
+from .manifest import safe_path
 
 #: Figure size in pixels (width, height) at `DPI`.
 FIGURE_SIZE = (800, 600)
@@ -91,10 +94,12 @@ def plot_accuracy_curve(
 
 
 def _save(fig, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format="png")  # no bbox_inches="tight": the pixel size stays FIGURE_SIZE
-    return out
+    """Render to memory, then write atomically: a symlink at `path` is replaced, never written through."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")  # no bbox_inches="tight": the pixel size stays FIGURE_SIZE
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -198,14 +203,38 @@ def _seed_dirs(root: Path) -> dict[str, Path]:
     return {p.name.removeprefix("seed_"): p for p in found}
 
 
+def _check_inside(root: Path, folder: Path) -> None:
+    """A seed folder the report writes into: inside `root`, reached without a symbolic link (a `seed_1`
+    link to another run would make the report overwrite that run's files)."""
+    try:
+        rel = os.path.relpath(folder, root)
+        safe_path(root, rel)
+    except (UserError, ValueError) as err:
+        raise UserError(f"report: {folder} is not a folder of {root} ({err}); the report only writes inside the run "
+                        "directory: remove the link or give the seed run's own directory.") from None
+
+
+REPORT_FILES = ("accuracy_matrix.png", "accuracy_curve.png", "results.md")
+
+
+def _targets(root: Path) -> dict[str, Path]:
+    """Where the report writes in `root`, each refused when it is a symbolic link (checked before anything
+    is written: a link at `results.md` must not make the report overwrite the file it points to)."""
+    return {name: safe_path(root, name) for name in REPORT_FILES}
+
+
 def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE) -> list[Path]:
     """Write accuracy_matrix.png, accuracy_curve.png and results.md into `output_dir`; returns the paths."""
     import numpy as np
 
     root = Path(output_dir)
     seed_dirs = _seed_dirs(root)
+    targets = _targets(root)
     written: list[Path] = []
     if seed_dirs and not (root / "metrics.json").is_file():
+        for path in seed_dirs.values():
+            _check_inside(root, path)
+            _targets(path)
         runs = {seed: read_metrics(path / "metrics.json") for seed, path in seed_dirs.items()}
         for path in seed_dirs.values():
             written += write_report(path, size=size)
@@ -217,9 +246,9 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         curves = {f"seed {s}": run["seen_accuracy"] for s, run in runs.items()}
         curves["mean"] = np.mean([run["seen_accuracy"][:n] for run in runs.values()], axis=0).tolist()
         label = ", ".join(runs)
-        written.append(plot_accuracy_matrix(mean_matrix, root / "accuracy_matrix.png", size=size,
+        written.append(plot_accuracy_matrix(mean_matrix, targets["accuracy_matrix.png"], size=size,
                                             title=f"{method} accuracy matrix, mean over seeds {label}"))
-        written.append(plot_accuracy_curve(curves, first["task_sizes"], root / "accuracy_curve.png", size=size,
+        written.append(plot_accuracy_curve(curves, first["task_sizes"], targets["accuracy_curve.png"], size=size,
                                            title=f"{method} on {root.name}, seeds {label}"))
         table = results_table(runs, title=f"{method} — {root.name}")
     else:
@@ -227,15 +256,13 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         method = run.get("method", "")
         seed = _class_order_seed(root)
         label = str(seed) if seed is not None else "run"
-        written.append(plot_accuracy_matrix(run["accuracy_matrix"], root / "accuracy_matrix.png", size=size,
+        written.append(plot_accuracy_matrix(run["accuracy_matrix"], targets["accuracy_matrix.png"], size=size,
                                             title=f"{method} accuracy matrix ({root.name})"))
         written.append(plot_accuracy_curve({label: run["seen_accuracy"]}, run["task_sizes"],
-                                           root / "accuracy_curve.png", size=size,
+                                           targets["accuracy_curve.png"], size=size,
                                            title=f"{method} on {root.name}"))
         table = results_table({label: run}, title=f"{method} — {root.name}")
-    results = root / "results.md"
-    results.write_text(table)
-    written.append(results)
+    written.append(atomic_write_bytes(targets["results.md"], table.encode("utf-8")))
     return written
 
 

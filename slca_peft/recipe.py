@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModel, HfArgumentParser, set_seed
 
 from .adapters import load_peft_config
 from .callbacks import load_callback
+from .checkpoint import verify_checkpoint
 from .config import SLCAConfig
 from .continual import ContinualLearner
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
@@ -39,6 +40,7 @@ from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
 from .files import atomic_directory, atomic_write_text
+from .manifest import MANIFEST_FILE, read_manifest, record_tree
 from .model import SLCAModel
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
 from .steps import write_plots
@@ -79,6 +81,11 @@ class ModelArguments:
                   "or `auto` (the newest complete checkpoint in --output_dir, if any)."},
     )
     resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
+    accept_changed_files: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint whose files or base model weights changed since it was written "
+                  "(edited adapter or accuracies, replaced base weights); without it such a resume is refused."},
+    )
     callbacks: list[str] | None = field(
         default=None,
         metadata={"help": "After-task steps of your own, run after the built-in ones: package.module:ClassName "
@@ -267,8 +274,13 @@ def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
                 raise UserError(f"{args.output_dir} holds checkpoints trained on its base_model/, which a new "
                                 "random backbone would replace; resume with --resume_from auto or use "
                                 "--overwrite_output_dir.")
+            if os.path.lexists(source) and read_manifest(source) is None:
+                raise UserError(f"{source} exists but was not written by slca-peft (it has no {MANIFEST_FILE}); "
+                                "--model_config saves its random backbone there: move that folder or choose another "
+                                "--output_dir.")
             with atomic_directory(source) as tmp:
                 AutoModel.from_config(config).save_pretrained(tmp)
+                record_tree(tmp, {"kind": "model"})
     peft_config = load_peft_config(model_args.peft_config) if model_args.peft_config else None
     with args.main_process_first(desc="backbone"):
         return SLCAModel.from_backbone(source, args, revision=model_args.model_revision, peft_config=peft_config)
@@ -357,6 +369,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
 
     The output directory is claimed for this run first (`claim_run_directory`): another run's files
     there, a concurrent run or a resume with other settings stop it before any training."""
+    # Checks that need no image decode run before the decode pass.
+    callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
@@ -368,11 +382,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     )
     with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
                              resume=bool(model_args.resume_from), main_process=args.process_index == 0):
-        return _train(model_args, data_args, args, tasks, fingerprint)
+        return _train(model_args, data_args, args, tasks, fingerprint, callbacks)
 
 
-def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint) -> dict:
-    callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint,
+           callbacks: list) -> dict:
     resume = model_args.resume_from
     if resume == "auto":
         resume = ContinualLearner.latest_checkpoint(args.output_dir)
@@ -381,6 +395,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         if Path(resume).is_dir():
             check_checkpoint_matches(resume, fingerprint)
             check_resumable(resume, align=args.align)
+            verify_checkpoint(resume, [model_args.model_name_or_path, args.hub_base_model_id],
+                              accept_changed_files=model_args.accept_changed_files)
         learner = ContinualLearner.from_checkpoint(
             resume, args, tasks, revision=model_args.resume_revision,
             expected_base=[model_args.model_name_or_path, args.hub_base_model_id],

@@ -29,6 +29,7 @@ from .checkpoint import save_checkpoint
 from .files import METRICS_FILE, atomic_write_text, json_text
 from .hub import local_base_problem, push_to_hub
 from .inference import inference_context
+from .manifest import safe_path
 from .metrics import format_accuracy_table
 from .statistics import ClassStatistics
 from .tasks import stream_class_ids
@@ -213,6 +214,8 @@ class CheckpointStep(ContinualCallback):
         state = self.state(learner)
         learner.model.task_history = state  # a push or export of the model in memory keeps these results
         if trainer is None or trainer.is_world_process_zero():
+            # A symlink at task_<t> (or a parent leading out of the run) is refused, never replaced or followed.
+            directory = safe_path(directory.parent, directory.name)
             save_checkpoint(learner.model, directory, statistics=learner.statistics, state=state,
                             unaligned_head=learner.unaligned_head)
         if trainer is not None:
@@ -277,7 +280,8 @@ class ReportStep(ContinualCallback):
 
     def on_run_end(self, learner, result):
         if learner.is_main_process and result.accuracy_matrix:
-            atomic_write_text(learner.output_dir / METRICS_FILE, json_text(self.metrics(learner), sort_keys=False))
+            path = safe_path(learner.output_dir, METRICS_FILE)  # a symlink there is refused, never written through
+            atomic_write_text(path, json_text(self.metrics(learner), sort_keys=False))
             self._report(learner)
         learner.tracker.close()
 

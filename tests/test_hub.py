@@ -48,7 +48,8 @@ def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_m
     save_checkpoint(model, tmp_path / "ckpt", statistics=stats_for(model), state={"accuracy_matrix": [[90.0]]},
                     unaligned_head=unaligned)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
+    assert files == [".slca-manifest.json", "README.md",
+                     "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
                      "classifier.safetensors", "classifier_unaligned.safetensors", "continual_state.json",
                      "slca_config.json"]
     loaded, stats, state, restored_unaligned = load_checkpoint(tmp_path / "ckpt")

@@ -201,7 +201,7 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from slca_peft.checkpoint import atomic_directory, atomic_write_text
+    from slca_peft.files import atomic_directory, atomic_write_text
 
     old = os.umask(0o002)
     try:
