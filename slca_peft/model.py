@@ -276,7 +276,8 @@ class SLCAModel(nn.Module):
         `device_map` and quantization are refused, saying why. The task history beside the files
         (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
         from .checkpoint import read_model_config
-        from .files import STATE_FILE, read_json
+        from .errors import read_json
+        from .files import STATE_FILE
         from .model_config import validate_state
 
         loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
