@@ -40,7 +40,14 @@ from .errors import UserError, run_main
 from .export import eval_transform_config
 from .files import atomic_directory, atomic_write_text
 from .model import SLCAModel
-from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
+from .run_dir import (
+    check_checkpoint_matches,
+    check_resumable,
+    check_writable,
+    claim_run_directory,
+    finished_run,
+    run_fingerprint,
+)
 from .steps import write_plots
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
@@ -425,7 +432,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     """One run over the task sequence of `args.class_order_seed`; returns the metrics summary.
 
     The output directory is claimed for this run first (`claim_run_directory`): another run's files
-    there, a concurrent run or a resume with other settings stop it before any training."""
+    there, a concurrent run or a resume with other settings stop it before any training. A run that
+    already finished there with the same settings is not repeated: its results are logged and returned
+    (nothing to do, as `make` would)."""
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
@@ -435,9 +444,29 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
         extra={k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
                                                   "horizontal_flip")},
     )
+    done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
+        finished_run(args.output_dir, fingerprint, len(tasks))
+    if done is not None:
+        return _finished(args, done)
     with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
                              resume=bool(model_args.resume_from), main_process=args.process_index == 0):
         return _train(model_args, data_args, args, tasks, fingerprint)
+
+
+def _finished(args: SLCAConfig, metrics: dict) -> dict:
+    """The summary of a finished run, logged as the run logged it, without training again."""
+    from .errors import read_json
+    from .metrics import summarize_accuracy_matrix
+
+    state = read_json(Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}" / "continual_state.json")
+    summary = summarize_accuracy_matrix(metrics["accuracy_matrix"], state.get("task_test_sizes") or None)
+    if args.process_index == 0:
+        logger.info("nothing to do: %s already holds this run, finished (same settings and data). Last-Acc %.2f  "
+                    "Inc-Acc %.2f  forgetting %.2f  BWT %.2f  (%s); pass --overwrite_output_dir to train it again.",
+                    args.output_dir, summary["last_accuracy"], summary["average_incremental_accuracy"],
+                    summary["average_forgetting"], summary["backward_transfer"],
+                    Path(args.output_dir) / "metrics.json")
+    return summary
 
 
 def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint) -> dict:
