@@ -39,6 +39,7 @@ from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
 from .files import atomic_directory, atomic_write_text
+from .logging_utils import progress_bars
 from .model import SLCAModel
 from .run_dir import (
     check_checkpoint_matches,
@@ -293,12 +294,15 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
 
 
 def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
-    """The task stream, with all of its data checked (every image decoded once) before any training."""
-    tasks = _load_tasks(data_args, args)
-    if data_args.train_dir:
-        check_task_splits(tasks)  # from_image_folders has decoded every image
-    else:
-        check_task_data(tasks)
+    """The task stream, with all of its data checked (every image decoded once) before any training;
+    the check's progress bars show on the main process unless `--disable_tqdm`."""
+    progress = not args.disable_tqdm and args.process_index == 0
+    with progress_bars(progress):
+        tasks = _load_tasks(data_args, args)
+        if data_args.train_dir:
+            check_task_splits(tasks)  # from_image_folders has decoded every image
+        else:
+            check_task_data(tasks, progress=progress)
     return tasks
 
 
