@@ -118,18 +118,30 @@ def is_progress_bar_enabled() -> bool:
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
-    """Progress bars on or off inside the block, restored after it; off also turns off those of
-    `datasets` (building and casting a dataset) for the block."""
+    """Progress bars on or off inside the block, restored after it. Off also turns off, for the
+    block, those of transformers (loading and writing weights), `datasets` (building a dataset) and
+    `huggingface_hub` (downloads), which Trainer's `disable_tqdm` does not reach."""
     global _progress_bars
     import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
 
     previous, _progress_bars = _progress_bars, enabled
-    quiet = not enabled and not datasets.are_progress_bars_disabled()
-    if quiet:
-        datasets.disable_progress_bars()
+    switches = [  # (is off now, turn off, turn on)
+        (datasets.are_progress_bars_disabled, datasets.disable_progress_bars, datasets.enable_progress_bars),
+        (hub.are_progress_bars_disabled, hub.disable_progress_bars, hub.enable_progress_bars),
+        (lambda: not hf_logging.is_progress_bar_enabled(), hf_logging.disable_progress_bar,
+         hf_logging.enable_progress_bar),
+    ]
+    turned_off = []
+    if not enabled:
+        for is_off, off, on in switches:
+            if not is_off():
+                off()
+                turned_off.append(on)
     try:
         yield
     finally:
         _progress_bars = previous
-        if quiet:
-            datasets.enable_progress_bars()
+        for on in turned_off:
+            on()

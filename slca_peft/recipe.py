@@ -438,7 +438,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     The output directory is claimed for this run first (`claim_run_directory`): another run's files
     there, a concurrent run or a resume with other settings stop it before any training. A run that
     already finished there with the same settings is not repeated: its results are logged and returned
-    (nothing to do, as `make` would)."""
+    (nothing to do, as `make` would). Progress bars, of other libraries too, show on the main process
+    unless `--disable_tqdm`."""
+    with progress_bars(not args.disable_tqdm and args.process_index == 0):
+        return _start(model_args, data_args, args)
+
+
+def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
@@ -462,7 +468,8 @@ def _finished(args: SLCAConfig, metrics: dict) -> dict:
     from .errors import read_json
     from .metrics import summarize_accuracy_matrix
 
-    state = read_json(Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}" / "continual_state.json")
+    last = Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}"
+    state = read_json(last / "continual_state.json")
     summary = summarize_accuracy_matrix(metrics["accuracy_matrix"], state.get("task_test_sizes") or None)
     if args.process_index == 0:
         logger.info("nothing to do: %s already holds this run, finished (same settings and data). Last-Acc %.2f  "
@@ -470,6 +477,9 @@ def _finished(args: SLCAConfig, metrics: dict) -> dict:
                     args.output_dir, summary["last_accuracy"], summary["average_incremental_accuracy"],
                     summary["average_forgetting"], summary["backward_transfer"],
                     Path(args.output_dir) / "metrics.json")
+        if args.push_to_hub:
+            logger.warning("--push_to_hub: nothing was trained, so nothing was pushed; upload a checkpoint with "
+                           "`slca-peft push %s REPO_ID`.", last)
     return summary
 
 

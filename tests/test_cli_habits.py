@@ -101,6 +101,9 @@ def test_a_finished_run_started_again_reports_its_results(recipe, tmp_path, base
 
 def test_image_check_progress_bar_follows_disable_tqdm_and_the_main_process(recipe, tmp_path, tiny_image_folders,
                                                                              base_model_dir, monkeypatch, capsys):
+    import datasets
+    from transformers.utils import logging as hf_logging
+
     import slca_peft.data_checks as data_checks
     from slca_peft.config import SLCAConfig
     from slca_peft.logging_utils import is_progress_bar_enabled, progress_bars
@@ -132,6 +135,11 @@ def test_image_check_progress_bar_follows_disable_tqdm_and_the_main_process(reci
         shown.clear()
         recipe.build_tasks(data_args, args)
         assert shown and set(shown) == {expected}, (disable, main_process)
+        # The whole run: transformers' (loading, writing weights) and datasets' bars follow too.
+        monkeypatch.setattr(recipe, "_start", lambda *a: (hf_logging.is_progress_bar_enabled(),
+                                                          not datasets.are_progress_bars_disabled()))
+        assert recipe.train(None, data_args, args) == (expected, expected)
+        assert hf_logging.is_progress_bar_enabled()  # restored after the run
 
 
 @contextlib.contextmanager
