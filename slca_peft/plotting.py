@@ -69,9 +69,8 @@ def plot_accuracy_matrix(
                             color="black" if value > 60 else "white")
     if extra:
         ax.axvline(n - 0.5, color="white", linewidth=3)  # the "all seen" column is not a task
-    ticks = list(range(n + extra))
-    ax.set_xticks(ticks, [str(j + 1) for j in range(n)] + ["all seen"] * extra)
-    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_xticks(list(range(n + extra)), [str(j + 1) for j in range(n)] + ["all seen"] * extra)
+    ax.set_yticks(list(range(n)), [str(t + 1) for t in range(n)])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after learning task")
     ax.set_title(title or "Accuracy on each task's classes")

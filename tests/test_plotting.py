@@ -150,6 +150,7 @@ def test_report_names_both_seeds_the_all_seen_column_and_what_each_curve_is(tmp_
     assert "std" not in text  # one run: no standard deviation to speak of
     ax = figures["accuracy_matrix.png"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "all seen"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
     shown = {t.get_text() for t in ax.texts}
     assert {f"{v:.1f}" for v in metrics["seen_accuracy"]} <= shown
     legend = figures["accuracy_curve.png"].axes[0].get_legend()
