@@ -63,11 +63,11 @@ def test_relative_paths_in_a_config_resolve_next_to_it_first(recipe, tmp_path, m
 
 
 def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
-    import slca_peft.checkpoint
     import slca_peft.hub
+    import slca_peft.model
 
     calls = []
-    monkeypatch.setattr(slca_peft.checkpoint, "load_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(slca_peft.model, "load_checkpoint", lambda *a, **k: None)
     monkeypatch.setattr(slca_peft.hub, "push_to_hub", lambda *a, **k: calls.append(k) or "https://hub/commit")
     cli_main(["push", str(tmp_path), "me/model", "--token", "hf_secret"])
     assert calls[0]["token"] == "hf_secret" and "https://hub/commit" in capsys.readouterr().out
