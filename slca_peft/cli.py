@@ -30,7 +30,8 @@ def _push(ns: argparse.Namespace) -> None:
     message = ns.commit_message or ("Upload exported SLCA++ model" if is_export(ns.checkpoint)
                                     else "Upload SLCA++ continual checkpoint")
     print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,
-                      base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags))
+                      base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags,
+                      token=ns.token))
 
 
 def _info(ns: argparse.Namespace) -> None:
@@ -72,11 +73,12 @@ def main(argv: list[str] | None = None) -> None:
         # The recipe owns the training arguments (HfArgumentParser over SLCAConfig).
         from .recipe import main as train_main
 
-        train_main(argv[1:])
+        train_main(argv[1:], prog="slca-peft train")
         return
     parser = argparse.ArgumentParser(prog="slca-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train over a task sequence (the recipe; --help lists its flags)")
+    sub.add_parser("train", help="train over a task sequence (the recipe; `slca-peft train --help` lists its flags, "
+                   "`slca-peft train FILE.yaml` or `--config FILE` reads them from a file)")
     p = sub.add_parser("export", help="write a plain transformers checkpoint for pipeline()")
     p.add_argument("checkpoint")
     p.add_argument("output_dir")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
     p.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--tags", nargs="*", default=None, help="extra model card tags")
+    p.add_argument("--token", default=None,
+                   help="Hub token with write access (default: the saved login or the HF_TOKEN variable)")
     p.set_defaults(func=_push)
     p = sub.add_parser("info", help="print what a checkpoint holds")
     p.add_argument("checkpoint")

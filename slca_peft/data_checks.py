@@ -1,7 +1,8 @@
 """Data checked before the first task trains, so bad data stops a run before any work.
 
 - Every image is decoded once in full (`PIL.Image.load`, not `verify`, which misses truncated
-  files), on a thread pool with a progress bar; each failure is named by path.
+  files), on a thread pool with a progress bar (shown on the recipe's main process unless
+  `--disable_tqdm`); each failure is named by path.
 - Images whose pixels cannot be converted faithfully to 8 bit (float `F`, 32-bit `I` beyond 16-bit
   range) are refused with their path: they would become constant images.
 - Class folders: junk files (`.DS_Store`, `Thumbs.db`, `README.txt`, ...) are skipped with one
@@ -173,16 +174,23 @@ def _decode(source: Any) -> str | None:
     return None
 
 
-def check_images(sources: Sequence[Any], *, description: str = "checking images", workers: int | None = None) -> None:
-    """Decode every image (a path or encoded bytes) once in full; raise naming every failure."""
+def check_images(sources: Sequence[Any], *, description: str = "checking images", workers: int | None = None,
+                 progress: bool | None = None) -> None:
+    """Decode every image (a path or encoded bytes) once in full; raise naming every failure.
+    `progress`: a progress bar for 500 images or more (None: unless `slca_peft.logging_utils`
+    disabled progress bars, as the recipe does with `--disable_tqdm` and on other processes)."""
     from tqdm.auto import tqdm
+
+    from .logging_utils import is_progress_bar_enabled
 
     if not sources:
         return
+    if progress is None:
+        progress = is_progress_bar_enabled()
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(_decode, sources, chunksize=64), total=len(sources), desc=description,
-                            unit="img", disable=len(sources) < 500, leave=False))
+                            unit="img", disable=not progress or len(sources) < 500, leave=False))
     problems = [r for r in results if r is not None]
     if problems:
         more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
@@ -205,9 +213,11 @@ def _image_sources(dataset: Any, image_column: str) -> Iterable[Any]:
     return sources
 
 
-def check_dataset_images(dataset: Any, image_column: str, *, description: str = "checking images") -> None:
+def check_dataset_images(dataset: Any, image_column: str, *, description: str = "checking images",
+                         progress: bool | None = None) -> None:
     """`check_images` over a `datasets.Dataset`'s image column (files or embedded bytes)."""
-    check_images([s for s in _image_sources(dataset, image_column) if s is not None], description=description)
+    check_images([s for s in _image_sources(dataset, image_column) if s is not None], description=description,
+                 progress=progress)
 
 
 def check_task_splits(tasks: Any) -> None:
@@ -229,10 +239,11 @@ def check_task_splits(tasks: Any) -> None:
                       UserWarning, stacklevel=2)
 
 
-def check_task_data(tasks: Any) -> None:
+def check_task_data(tasks: Any, *, progress: bool | None = None) -> None:
     """All checks on a task stream before it trains: test coverage, then every image decoded once."""
     check_task_splits(tasks)
     column = tasks.image_column
     for task in tasks:
         for split, data in (("train", task.train), ("test", task.test)):
-            check_dataset_images(data, column, description=f"checking task {task.task_id} {split} images")
+            check_dataset_images(data, column, description=f"checking task {task.task_id} {split} images",
+                                 progress=progress)

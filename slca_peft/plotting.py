@@ -5,11 +5,13 @@
 reads `OUTPUT_DIR/metrics.json` (one run) or `OUTPUT_DIR/seeds.json` with `seed_<s>/metrics.json`
 (`train_seq.py --seeds ...`) and writes:
 
-- `accuracy_matrix.png`: heatmap of `A[t][j]`, accuracy on task j's test classes after task t
-  (for several seeds: the element-wise mean, tasks by position in each seed's class order);
+- `accuracy_matrix.png`: heatmap of `A[t][j]`, accuracy on task j's test classes after task t, with
+  a last column "all seen": accuracy over all classes seen after task t (for several seeds: the
+  element-wise mean, tasks by position in each seed's class order);
 - `accuracy_curve.png`: accuracy over all seen classes against the number of classes seen, after
-  each task (one line per seed, plus their mean);
-- `results.md`: Last-Acc and Inc-Acc per seed and mean ± std, as the paper reports them.
+  each task (one line per class-order seed, plus their mean);
+- `results.md`: Last-Acc and Inc-Acc per run, with its training seed (`--seed`) and class-order seed,
+  and for several seeds their mean ± std, as the paper reports them.
 
 A multi-seed directory also gets a report of its own in every `seed_<s>/`. Matplotlib is an optional
 dependency (`pip install slca-peft[plot]`), imported only when a figure is drawn.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +44,36 @@ def _figure(size: tuple[int, int]):
 
 
 def plot_accuracy_matrix(
-    matrix: Sequence[Sequence[float]], path: str | Path, *, title: str | None = None,
-    size: tuple[int, int] = FIGURE_SIZE,
+    matrix: Sequence[Sequence[float]], path: str | Path, *, seen: Sequence[float] | None = None,
+    title: str | None = None, size: tuple[int, int] = FIGURE_SIZE,
 ) -> Path:
-    """Heatmap of a lower-triangular accuracy matrix (percent); cells above the diagonal stay blank."""
+    """Heatmap of a lower-triangular accuracy matrix (percent); cells above the diagonal stay blank.
+    `seen` (accuracy over all seen classes after each task) adds the "all seen" column, the number
+    the run reports, beside the per-task accuracies it averages."""
     import numpy as np
 
     n = len(matrix)
-    grid = np.full((n, n), np.nan)
+    extra = 1 if seen is not None else 0
+    grid = np.full((n, n + extra), np.nan)
     for t, row in enumerate(matrix):
         grid[t, : len(row)] = row
+    if seen is not None:
+        grid[: len(seen), n] = list(seen)[:n]
     fig = _figure(size)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     if n <= 20:
         for t in range(n):
-            for j in range(len(matrix[t])):
+            for j in [*range(len(matrix[t])), *([n] if extra else [])]:
                 value = grid[t, j]
-                ax.text(j, t, f"{value:.1f}", ha="center", va="center", fontsize=8 if n <= 10 else 6,
-                        color="black" if value > 60 else "white")
-    ticks = list(range(n))
-    ax.set_xticks(ticks, [str(j + 1) for j in ticks])
-    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+                if not math.isnan(value):
+                    ax.text(j, t, f"{value:.1f}", ha="center", va="center", fontsize=8 if n <= 10 else 6,
+                            color="black" if value > 60 else "white")
+    if extra:
+        ax.axvline(n - 0.5, color="white", linewidth=3)  # the "all seen" column is not a task
+    ax.set_xticks(list(range(n + extra)), [str(j + 1) for j in range(n)] + ["all seen"] * extra)
+    ax.set_yticks(list(range(n)), [str(t + 1) for t in range(n)])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after learning task")
     ax.set_title(title or "Accuracy on each task's classes")
@@ -110,19 +119,29 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def results_table(rows: dict[str, dict[str, float]], *, title: str) -> str:
-    """Markdown: one row per seed (Last-Acc, Inc-Acc) and, for several seeds, mean ± std."""
-    lines = [f"# {title}", "", "| seed | Last-Acc (%) | Inc-Acc (%) |", "| --- | ---: | ---: |"]
+def results_table(rows: dict[str, dict[str, float]], *, title: str,
+                  seeds: Mapping[str, tuple[int | None, int | None]] | None = None) -> str:
+    """Markdown: one row per run (Last-Acc, Inc-Acc) and, for several runs, mean ± std. `seeds` maps
+    a row's label to its (training seed, class-order seed); an unknown one shows as "–"."""
+    def cell(value: int | None) -> str:
+        return "–" if value is None else str(value)
+
+    lines = [f"# {title}", "", "| training seed (`--seed`) | class-order seed | Last-Acc (%) | Inc-Acc (%) |",
+             "| ---: | ---: | ---: | ---: |"]
     for label, run in rows.items():
-        lines.append(f"| {label} | {run['last_accuracy']:.2f} | {run['average_incremental_accuracy']:.2f} |")
+        training, order = (seeds or {}).get(label, (None, None))
+        lines.append(f"| {cell(training)} | {cell(order)} | {run['last_accuracy']:.2f} | "
+                     f"{run['average_incremental_accuracy']:.2f} |")
+    note = ("Last-Acc: accuracy over all classes after the last task. Inc-Acc: mean over tasks of the "
+            "accuracy over the classes seen so far.")
     if len(rows) > 1:
         cells = []
         for key in ("last_accuracy", "average_incremental_accuracy"):
             mean, std = mean_std([run[key] for run in rows.values()])
             cells.append(f"{mean:.2f} ± {std:.2f}")
-        lines.append(f"| mean ± std | {cells[0]} | {cells[1]} |")
-    lines += ["", "Last-Acc: accuracy over all classes after the last task. Inc-Acc: mean over tasks of the "
-              "accuracy over the classes seen so far. std: sample standard deviation over seeds.", ""]
+        lines.append(f"| mean ± std | | {cells[0]} | {cells[1]} |")
+        note += f" std: sample standard deviation over the {len(rows)} runs."
+    lines += ["", note, ""]
     return "\n".join(lines)
 
 
@@ -236,6 +255,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
             _check_inside(root, path)
             _targets(path)
         runs = {seed: read_metrics(path / "metrics.json") for seed, path in seed_dirs.items()}
+        seeds = {seed: _run_seeds(path, class_order_seed=seed) for seed, path in seed_dirs.items()}
         for path in seed_dirs.values():
             written += write_report(path, size=size)
         first = next(iter(runs.values()))
@@ -243,38 +263,63 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         n = min(len(run["accuracy_matrix"]) for run in runs.values())
         mean_matrix = [np.mean([run["accuracy_matrix"][t] for run in runs.values()], axis=0).tolist()
                        for t in range(n)]
-        curves = {f"seed {s}": run["seen_accuracy"] for s, run in runs.items()}
-        curves["mean"] = np.mean([run["seen_accuracy"][:n] for run in runs.values()], axis=0).tolist()
+        mean_seen = np.mean([run["seen_accuracy"][:n] for run in runs.values()], axis=0).tolist()
+        curves = {_curve_label(seeds[s]): run["seen_accuracy"] for s, run in runs.items()}
+        curves["mean"] = mean_seen
         label = ", ".join(runs)
-        written.append(plot_accuracy_matrix(mean_matrix, targets["accuracy_matrix.png"], size=size,
-                                            title=f"{method} accuracy matrix, mean over seeds {label}"))
+        written.append(plot_accuracy_matrix(mean_matrix, targets["accuracy_matrix.png"], seen=mean_seen, size=size,
+                                            title=f"{method} accuracy matrix, mean over class-order seeds {label}"))
         written.append(plot_accuracy_curve(curves, first["task_sizes"], targets["accuracy_curve.png"], size=size,
-                                           title=f"{method} on {root.name}, seeds {label}"))
-        table = results_table(runs, title=f"{method} — {root.name}")
+                                           title=f"{method} on {root.name}, class-order seeds {label}"))
+        table = results_table(runs, title=f"{method} — {root.name}", seeds=seeds)
     else:
         run = read_metrics(root / "metrics.json")
         method = run.get("method", "")
-        seed = _class_order_seed(root)
-        label = str(seed) if seed is not None else "run"
-        written.append(plot_accuracy_matrix(run["accuracy_matrix"], targets["accuracy_matrix.png"], size=size,
+        seeds = {"run": _run_seeds(root)}
+        written.append(plot_accuracy_matrix(run["accuracy_matrix"], targets["accuracy_matrix.png"],
+                                            seen=run["seen_accuracy"], size=size,
                                             title=f"{method} accuracy matrix ({root.name})"))
-        written.append(plot_accuracy_curve({label: run["seen_accuracy"]}, run["task_sizes"],
+        written.append(plot_accuracy_curve({_curve_label(seeds["run"]): run["seen_accuracy"]}, run["task_sizes"],
                                            targets["accuracy_curve.png"], size=size,
                                            title=f"{method} on {root.name}"))
-        table = results_table({label: run}, title=f"{method} — {root.name}")
+        table = results_table({"run": run}, title=f"{method} — {root.name}", seeds=seeds)
     written.append(atomic_write_bytes(targets["results.md"], table.encode("utf-8")))
     return written
 
 
-def _class_order_seed(run_dir: Path) -> int | None:
-    """The class-order seed a run recorded in its last checkpoint, if it has one."""
-    states = sorted(run_dir.glob("task_*/continual_state.json"))
-    for path in reversed(states):
+def _curve_label(seeds: tuple[int | None, int | None]) -> str:
+    """What a curve shows: its class order (and training seed), not a bare number."""
+    training, order = seeds
+    parts = ([f"class order seed {order}"] if order is not None else []) + (
+        [f"training seed {training}"] if training is not None else [])
+    return ", ".join(parts) or "this run"
+
+
+def _seed(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _run_seeds(run_dir: Path, class_order_seed: str | None = None) -> tuple[int | None, int | None]:
+    """(training seed `--seed`, class-order seed) of a run: from its run_fingerprint.json, else its last
+    checkpoint's task history, else (for a seed run) its folder's seed; None where unknown. A
+    domain-incremental run has no class order."""
+    training = order = None
+    sources = [run_dir / "run_fingerprint.json", *reversed(sorted(run_dir.glob("task_*/continual_state.json")))]
+    for path in sources:
         try:
-            state = read_json(path)
+            data = read_json(path) if path.is_file() else None
         except (OSError, ValueError):
             continue
-        seed = state.get("seed") if isinstance(state, dict) else None
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            return seed
-    return None
+        if not isinstance(data, dict):
+            continue
+        domain = bool(data.get("domains")) or data.get("incremental") == "domain"
+        if path.name == "run_fingerprint.json":
+            training, order = _seed(data.get("seed")), None if domain else _seed(data.get("class_order_seed"))
+        else:
+            training = training if training is not None else _seed(data.get("training_seed"))
+            order = order if order is not None or domain else _seed(data.get("seed"))
+        if training is not None and (order is not None or domain):
+            break
+    if order is None and class_order_seed is not None and class_order_seed.lstrip("-").isdigit():
+        order = int(class_order_seed)
+    return training, order

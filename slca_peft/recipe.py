@@ -40,9 +40,17 @@ from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
 from .files import atomic_directory, atomic_write_text
+from .logging_utils import progress_bars
 from .manifest import MANIFEST_FILE, read_manifest, record_tree
 from .model import SLCAModel
-from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
+from .run_dir import (
+    check_checkpoint_matches,
+    check_resumable,
+    check_writable,
+    claim_run_directory,
+    finished_run,
+    run_fingerprint,
+)
 from .steps import write_plots
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
@@ -50,9 +58,10 @@ from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
 
 def _shipped(kind: str, name: str) -> Path:
     """A file under recipes/ (`configs`, `assets`): inside the installed package (a wheel ships them
-    as slca_peft/_configs, slca_peft/_assets), else in the source tree."""
+    as slca_peft/_recipes/configs, slca_peft/_recipes/assets, keeping the configs' relative paths to
+    the assets), else in the source tree."""
     here = Path(__file__).resolve().parent
-    installed = here / f"_{kind}" / name
+    installed = here / "_recipes" / kind / name
     return installed if installed.exists() else here.parent / "recipes" / kind / name
 
 
@@ -134,16 +143,43 @@ class DataArguments:
     )
 
 
+#: Arguments that name an input file or folder: a relative value in a config file is looked up next to
+#: the file first (see `yaml_to_argv`). Outputs (`output_dir`, `logging_dir`) stay relative to the
+#: working directory, where the command runs.
+CONFIG_PATH_KEYS = ("model_name_or_path", "model_config", "peft_config", "resume_from", "dataset", "data_dir",
+                    "train_dir", "test_dir", "deepspeed", "fsdp_config", "accelerator_config")
+#: A config file given without `--config`, as the first argument (transformers' example scripts: `run_x.py args.json`).
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _resolve_config_path(value: str, base: Path) -> str:
+    """`value` against the config file's folder when it exists there, else as written (working directory).
+
+    When both name the same file, the value is kept as written, so a run started before this rule
+    keeps its fingerprint."""
+    path = Path(value).expanduser()
+    candidate = base / path
+    if path.is_absolute() or value == "auto" or not candidate.exists():
+        return value
+    if path.exists() and os.path.samefile(path, candidate):
+        return value
+    return os.path.normpath(candidate)
+
+
 def yaml_to_argv(path: str) -> list[str]:
-    """Turn a YAML mapping into command-line flags, so the command line can override any of them."""
+    """Turn a YAML (or JSON) mapping into command-line flags, so the command line can override any of
+    them. Relative input paths (`CONFIG_PATH_KEYS`) resolve against the file's own folder when they
+    exist there, so a config and the files beside it work from any working directory."""
+    kind = "JSON" if path.lower().endswith(".json") else "YAML"
     if not Path(path).is_file():
-        raise UserError(f"--config {path}: no such file; give the path of a YAML file of arguments.")
+        raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}  # JSON is YAML
     except yaml.YAMLError as err:
-        raise UserError(f"--config {path} is not valid YAML ({' '.join(str(err).split())}); fix the file.") from None
+        raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of argument names to values.")
+    base = Path(path).resolve().parent
     argv: list[str] = []
     for key, value in data.items():
         if value is None:
@@ -151,9 +187,50 @@ def yaml_to_argv(path: str) -> list[str]:
         argv.append(f"--{key}")
         if isinstance(value, list):
             argv.extend(str(v) for v in value)
+        elif key in CONFIG_PATH_KEYS and isinstance(value, str):
+            argv.append(_resolve_config_path(value, base))
         else:
             argv.append(str(value))
     return argv
+
+
+def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The config file (`--config FILE`, `--config=FILE`, or a .yaml/.yml/.json first argument) and the
+    other arguments."""
+    rest = list(argv)
+    found: list[str] = []
+    if rest and not rest[0].startswith("-") and rest[0].lower().endswith(CONFIG_SUFFIXES):
+        found.append(rest.pop(0))
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--config":
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise SystemExit("--config needs a value: --config path/to/file.yaml.")
+            found.append(rest[i + 1])
+            del rest[i : i + 2]
+        elif arg.startswith("--config="):
+            if not arg.removeprefix("--config="):
+                raise SystemExit("--config needs a value: --config path/to/file.yaml.")
+            found.append(arg.removeprefix("--config="))
+            del rest[i]
+        else:
+            i += 1
+    if len(found) > 1:
+        raise SystemExit(f"only one config file is read, got {len(found)} ({', '.join(found)}); merge them or "
+                         "override single values with flags.")
+    return (found[0] if found else None), rest
+
+
+def _argument_parser(prog: str | None = None) -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig), prog=prog)
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="A YAML or JSON file of arguments (also accepted as the first argument, as in transformers' example "
+             "scripts); flags on the command line override its values. A shipped config can be named without "
+             "its folder (e.g. cifar100_in21k_slca++.yaml).",
+    )
+    return parser
 
 
 def refuse_trainer_flags(args: SLCAConfig) -> None:
@@ -176,22 +253,20 @@ def refuse_trainer_flags(args: SLCAConfig) -> None:
         raise SystemExit("the continual loop cannot honour " + "; ".join(problems) + ".")
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
-    chosen = {"--config", "--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
-    if not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv and "--help" not in argv:
-        # No data and no model given: the offline demo, with any other flag overriding its settings. Its
-        # YAML names the backbone relative to the source tree; point at wherever the backbone is.
-        argv = ["--config", str(DEMO_CONFIG), "--model_name_or_path", str(DEMO_BACKBONE), *argv]
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-            raise SystemExit("--config needs a value: --config path/to/file.yaml.")
-        config = argv[i + 1]
+def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
+    """The three argument dataclasses from `argv`: a config file (`--config FILE`, `--config=FILE` or a
+    .yaml/.json first argument) supplies defaults that the other flags override. `prog` names the
+    command in the usage line."""
+    config, argv = _split_config(argv)
+    chosen = {"--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
+    if config is None and not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv \
+            and "--help" not in argv:
+        config = str(DEMO_CONFIG)  # the offline demo, with any other flag overriding its settings
+    if config is not None:
         if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
-        argv = yaml_to_argv(config) + argv[:i] + argv[i + 2 :]
-    parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+        argv = yaml_to_argv(config) + argv
+    model_args, data_args, args, *_ = _argument_parser(prog).parse_args_into_dataclasses(args=argv)
     refuse_trainer_flags(args)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
@@ -226,12 +301,15 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
 
 
 def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
-    """The task stream, with all of its data checked (every image decoded once) before any training."""
-    tasks = _load_tasks(data_args, args)
-    if data_args.train_dir:
-        check_task_splits(tasks)  # from_image_folders has decoded every image
-    else:
-        check_task_data(tasks)
+    """The task stream, with all of its data checked (every image decoded once) before any training;
+    the check's progress bars show on the main process unless `--disable_tqdm`."""
+    progress = not args.disable_tqdm and args.process_index == 0
+    with progress_bars(progress):
+        tasks = _load_tasks(data_args, args)
+        if data_args.train_dir:
+            check_task_splits(tasks)  # from_image_folders has decoded every image
+        else:
+            check_task_data(tasks, progress=progress)
     return tasks
 
 
@@ -353,11 +431,13 @@ def configure_logging(args: SLCAConfig) -> None:
     package.propagate = False  # one line per record, whatever the root logger does
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train; with `argv=None` (the command line) a user error ends with one line, not a traceback."""
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Train; with `argv=None` (the command line) a user error ends with one line, not a traceback.
+    `prog`: the command in the usage line (default: the script's name)."""
     if argv is None:
-        return run_main(main, prog="slca-peft train")
-    model_args, data_args, args = parse_args(argv)
+        prog = prog or os.path.basename(sys.argv[0]) or "slca-peft train"
+        return run_main(lambda args: main(args, prog), prog=prog)
+    model_args, data_args, args = parse_args(argv, prog)
     configure_logging(args)
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
@@ -368,7 +448,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     """One run over the task sequence of `args.class_order_seed`; returns the metrics summary.
 
     The output directory is claimed for this run first (`claim_run_directory`): another run's files
-    there, a concurrent run or a resume with other settings stop it before any training."""
+    there, a concurrent run or a resume with other settings stop it before any training. A run that
+    already finished there with the same settings is not repeated: its results are logged and returned
+    (nothing to do, as `make` would). Progress bars, of other libraries too, show on the main process
+    unless `--disable_tqdm`."""
+    with progress_bars(not args.disable_tqdm and args.process_index == 0):
+        return _start(model_args, data_args, args)
+
+
+def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
     # Checks that need no image decode run before the decode pass.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
     tasks = build_tasks(data_args, args)
@@ -380,9 +468,33 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
         extra={k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
                                                   "horizontal_flip")},
     )
+    done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
+        finished_run(args.output_dir, fingerprint, len(tasks))
+    if done is not None:
+        return _finished(args, done)
     with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
                              resume=bool(model_args.resume_from), main_process=args.process_index == 0):
         return _train(model_args, data_args, args, tasks, fingerprint, callbacks)
+
+
+def _finished(args: SLCAConfig, metrics: dict) -> dict:
+    """The summary of a finished run, logged as the run logged it, without training again."""
+    from .errors import read_json
+    from .metrics import summarize_accuracy_matrix
+
+    last = Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}"
+    state = read_json(last / "continual_state.json")
+    summary = summarize_accuracy_matrix(metrics["accuracy_matrix"], state.get("task_test_sizes") or None)
+    if args.process_index == 0:
+        logger.info("nothing to do: %s already holds this run, finished (same settings and data). Last-Acc %.2f  "
+                    "Inc-Acc %.2f  forgetting %.2f  BWT %.2f  (%s); pass --overwrite_output_dir to train it again.",
+                    args.output_dir, summary["last_accuracy"], summary["average_incremental_accuracy"],
+                    summary["average_forgetting"], summary["backward_transfer"],
+                    Path(args.output_dir) / "metrics.json")
+        if args.push_to_hub:
+            logger.warning("--push_to_hub: nothing was trained, so nothing was pushed; upload a checkpoint with "
+                           "`slca-peft push %s REPO_ID`.", last)
+    return summary
 
 
 def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint,

@@ -443,3 +443,25 @@ def check_checkpoint_matches(checkpoint: str | Path, fingerprint: Mapping[str, A
             f"cannot resume from {checkpoint}: its run had other settings: {describe_mismatch(old, fingerprint)}; "
             "resume with the same settings."
         )
+
+
+def finished_run(output_dir: str | Path, fingerprint: Mapping[str, Any], num_tasks: int) -> dict[str, Any] | None:
+    """metrics.json of the run in `output_dir` when it is this run (same fingerprint) and finished
+    (a checkpoint for each of the `num_tasks` tasks and metrics over all of them), else None: starting
+    it again has nothing to do."""
+    root = Path(output_dir)
+    if not (root / FINGERPRINT_FILE).is_file() or not (root / "metrics.json").is_file():
+        return None
+    old = read_fingerprint(root)
+    if old is None or differing_fields(old, fingerprint):
+        return None
+    if not all((root / f"task_{t}" / "continual_state.json").is_file() for t in range(num_tasks)):
+        return None
+    from .errors import read_json
+
+    try:
+        metrics = read_json(root / "metrics.json")
+    except (OSError, ValueError):
+        return None
+    matrix = metrics.get("accuracy_matrix") if isinstance(metrics, dict) else None
+    return metrics if isinstance(matrix, list) and len(matrix) == num_tasks else None

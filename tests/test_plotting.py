@@ -34,11 +34,12 @@ def assert_png(path: Path, size=FIGURE_SIZE):
 
 
 def table_rows(results: Path) -> dict[str, list[str]]:
+    """{class-order seed (or "mean ± std"): [Last-Acc, Inc-Acc]} from results.md."""
     rows = {}
     for line in results.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and re.match(r"^[\d.]+", cells[1]):
-            rows[cells[0]] = cells[1:]
+        if len(cells) == 4 and re.match(r"^[\d.]+", cells[2]):
+            rows[cells[0] if cells[0].startswith("mean") else cells[1]] = cells[2:]
     return rows
 
 
@@ -52,7 +53,7 @@ def test_single_run_report(tmp_path, capsys):
     assert_png(run / "accuracy_matrix.png")
     assert_png(run / "accuracy_curve.png")
     rows = table_rows(run / "results.md")
-    assert rows == {"run": [f"{metrics['last_accuracy']:.2f}", f"{metrics['average_incremental_accuracy']:.2f}"]}
+    assert rows == {"–": [f"{metrics['last_accuracy']:.2f}", f"{metrics['average_incremental_accuracy']:.2f}"]}
 
 
 def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path, load_script):
@@ -118,3 +119,39 @@ def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_mo
     assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
     write_report(out)
     assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
+
+
+def captured_figures(monkeypatch) -> dict[str, object]:
+    """The figures write_report draws, by file name (saved as usual)."""
+    import slca_peft.plotting as plotting
+
+    figures, save = {}, plotting._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    return figures
+
+
+def test_report_names_both_seeds_the_all_seen_column_and_what_each_curve_is(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = fake_metrics(0.0)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "run_fingerprint.json").write_text(json.dumps({"seed": 42, "class_order_seed": 1993, "domains": None}))
+    figures = captured_figures(monkeypatch)
+    write_report(run)
+    text = (run / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| training seed"))
+    assert "class-order seed" in header
+    assert f"| 42 | 1993 | {metrics['last_accuracy']:.2f} |" in text
+    assert "std" not in text  # one run: no standard deviation to speak of
+    ax = figures["accuracy_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "all seen"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
+    shown = {t.get_text() for t in ax.texts}
+    assert {f"{v:.1f}" for v in metrics["seen_accuracy"]} <= shown
+    legend = figures["accuracy_curve.png"].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["class order seed 1993, training seed 42"]

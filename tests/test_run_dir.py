@@ -90,8 +90,12 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     recipe.main(arguments(base_model_dir, image_folders, out))
     first = json.loads((out / "metrics.json").read_text())
     stamp = (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns
+    # The same command again has nothing to do: it reports the finished run.
+    assert recipe.main(arguments(base_model_dir, image_folders, out))["last_accuracy"] == first["last_accuracy"]
+    (out / "metrics.json").rename(tmp_path / "metrics.json")  # as if interrupted before the end
     with pytest.raises(UserError, match="already holds a run .*--resume_from auto.*--overwrite_output_dir"):
         recipe.main(arguments(base_model_dir, image_folders, out))
+    (tmp_path / "metrics.json").rename(out / "metrics.json")
     with pytest.raises(UserError, match=r"holds another run \(learning_rate \(0.05 -> 0.02\)"):
         recipe.main(arguments(base_model_dir, image_folders, out, "--learning_rate", "0.02"))
     assert (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns == stamp  # nothing was touched
