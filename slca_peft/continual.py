@@ -19,6 +19,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
 
+from . import logging_utils
 from .backbones import lora_targets_for
 from .callbacks import Callback, CallbackHandler, ContinualCallback
 from .checkpoint import latest_checkpoint
@@ -183,6 +184,7 @@ class ContinualLearner:
         """Learn every task not yet learned and return the accuracies."""
         if self.train_transform is None or self.eval_transform is None:
             raise ValueError("set the train and eval transforms (set_transforms) before run().")
+        logging_utils.set_verbosity_from_args(self.args)  # each task's result line shows, as Trainer's metrics do
         start = len(self.result.accuracy_matrix)
         if self.unaligned_head is not None:
             self.model.classifier.restore(self.unaligned_head)

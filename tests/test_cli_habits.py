@@ -188,7 +188,6 @@ def _check_run_verbosity(tmp_path, capsys):
     assert stream.getvalue() == "once\n" and "once" not in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="needs logging_utils.set_verbosity_from_args(self.args) in ContinualLearner.run")
 def test_a_python_api_run_shows_each_task_result(make_learner, tmp_path, tiny_image_folders, capsys):
     from slca_peft import TaskSequence
 
