@@ -110,7 +110,7 @@ class DataArguments:
     train_resize: int | None = field(
         default=None,
         metadata={"help": "Resize training images to N x N and random-crop the model's size instead of "
-                  "RandomResizedCrop (the reference's CUB-200 augmentation: 300)."},
+                  "RandomResizedCrop (CUB-200's augmentation in the authors' released `utils/data.py`: 300)."},
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
     domains: list[str] | None = field(
@@ -252,7 +252,7 @@ def dataset_hub_id(name: str | None) -> str | None:
 def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
     source = model_args.model_name_or_path
     if source is None:
-        # A random backbone has no Hub reference: save it so checkpoints can point at it.
+        # A random backbone has no Hub id: save it so checkpoints can point at it.
         set_seed(args.seed)
         config = AutoConfig.from_pretrained(model_args.model_config)
         source = str(Path(args.output_dir) / "base_model")

@@ -222,8 +222,8 @@ class _BaseTransform:
 class TrainTransform(_BaseTransform):
     """SLCA++ training augmentation: random resized crop, horizontal flip, optional brightness jitter.
 
-    With ``resize=N`` the crop is the reference's CUB-200 / Cars-196 form instead: resize to N×N
-    (bicubic), then a uniformly placed ``size``×``size`` crop.
+    With ``resize=N`` the crop is the CUB-200 / Cars-196 form of the authors' released code
+    (`utils/data.py`) instead: resize to N×N (bicubic), then a uniformly placed ``size``×``size`` crop.
 
     Brightness is applied to the ``[0, 1]`` float image (``clip(x * f, 0, 1)``, f ~ U[max(0, 1-b), 1+b])
     as torchvision's tensor path does, avoiding an extra 8-bit rounding step.
