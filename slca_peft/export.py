@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
 from .checkpoint import atomic_directory
-from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
+from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -130,19 +130,6 @@ def export_model(
         classifier.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(directory)
-
-
-def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
-    """Crop size and normalisation of the evaluation transform: the base model's image processor
-    statistics, or ViT's defaults (mean = std = 0.5) when it ships none."""
-    base = model.base_model_name_or_path
-    if base:
-        try:
-            processor = AutoImageProcessor.from_pretrained(base, revision=model.revision)
-            return ImageTransformConfig.from_image_processor(processor)
-        except (OSError, ValueError, TypeError):
-            pass
-    return ImageTransformConfig.from_model_config(model.config)
 
 
 def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
