@@ -1,5 +1,10 @@
 """A run killed with SIGKILL loses at most the task in progress; `--resume_from auto` finishes it
-with the same metrics as an uninterrupted run."""
+with the same metrics as an uninterrupted run.
+
+One run directory is killed four times, each restart resuming what the previous one left: while a
+task trains (from outside), in the statistics pass, in classifier alignment and halfway through a
+checkpoint write (from inside, `tests/helpers/kill_at.py`). The last restart finishes and must give
+the uninterrupted run's metrics exactly."""
 
 import json
 import os
@@ -9,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "recipes" / "train_seq.py")
@@ -25,14 +30,6 @@ def arguments(base_model_dir, image_folders, out, *extra):
             "--ca_samples_per_class", "64", "--ca_batch_size", "32", "--ca_epochs", "3",
             "--per_device_eval_batch_size", "4", "--use_cpu", "true", "--disable_tqdm", "true",
             "--seed", "5", "--output_dir", str(out), *extra]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, base_model_dir, image_folders):
-    out = tmp_path_factory.mktemp("full")
-    cmd = [sys.executable, SCRIPT, *arguments(base_model_dir, image_folders, out)]
-    subprocess.run(cmd, env=ENV, check=True, capture_output=True)
-    return json.loads((out / "metrics.json").read_text())
 
 
 def kill_when(cmd, condition, timeout=300):
@@ -56,41 +53,42 @@ def killed_inside(target, marker, skip, args):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
-def finish(args, run):
-    done = subprocess.run([sys.executable, SCRIPT, *args], env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert not list(run.glob(".task_*"))  # no half-written checkpoint left behind
-    return json.loads((run / "metrics.json").read_text())
+def checkpoints(run):
+    return sorted(p.name for p in run.glob("task_*"))
 
 
-def test_sigkill_during_training_then_resume_auto_matches(tmp_path, base_model_dir, image_folders, uninterrupted):
+def test_a_run_killed_four_times_resumes_to_the_uninterrupted_metrics(tmp_path, base_model_dir, image_folders,
+                                                                      recipe):
+    # The uninterrupted run, in this process with the subprocesses' single thread (same float32 sums).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe.main(arguments(base_model_dir, image_folders, tmp_path / "full"))
+    finally:
+        torch.set_num_threads(threads)
+    uninterrupted = json.loads((tmp_path / "full" / "metrics.json").read_text())
+
     run = tmp_path / "killed"
     args = arguments(base_model_dir, image_folders, run, "--resume_from", "auto")
-    cmd = [sys.executable, SCRIPT, *args]
-    # Killed while task 2 trains (task 1's checkpoint is complete), then while task 3 trains or writes.
-    assert kill_when(cmd, lambda: (run / "task_0").is_dir()) == -signal.SIGKILL
-    assert not (run / "metrics.json").exists()
-    assert kill_when(cmd, lambda: (run / "task_1").is_dir() or any(run.glob(".task_2.tmp-*"))) == -signal.SIGKILL
-    assert finish(args, run)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
-
-
-def test_sigkill_inside_statistics_alignment_and_a_checkpoint_write(
-    tmp_path, base_model_dir, image_folders, uninterrupted
-):
-    run = tmp_path / "killed"
-    args = arguments(base_model_dir, image_folders, run, "--resume_from", "auto")
+    # Killed from outside while task 2 trains (task 1's checkpoint is complete).
+    assert kill_when([sys.executable, SCRIPT, *args], lambda: (run / "task_0").is_dir()) == -signal.SIGKILL
+    assert checkpoints(run) == ["task_0"] and not (run / "metrics.json").exists()
     # Task 2's statistics, after one batch has been accumulated.
     killed_inside("slca_peft.statistics:ClassStatistics.update", run / "task_0", 1, args)
-    assert sorted(p.name for p in run.glob("task_*")) == ["task_0"]
+    assert checkpoints(run) == ["task_0"]
     # Task 2's classifier alignment, in its second epoch of 8 batches (the resumed run retrains task 2 first).
     killed_inside("slca_peft.alignment:normalized_logits", run / "task_0", 10, args)
-    assert sorted(p.name for p in run.glob("task_*")) == ["task_0"]
+    assert checkpoints(run) == ["task_0"]
     # Task 3's checkpoint write: the adapter and heads are on disk, the statistics not yet.
     killed_inside("slca_peft.statistics:ClassStatistics.save", run / "task_1", 0, args)
-    assert sorted(p.name for p in run.glob("task_*")) == ["task_0", "task_1"]
+    assert checkpoints(run) == ["task_0", "task_1"]
     partial = list(run.glob(".task_2.tmp-*"))
     assert len(partial) == 1 and (partial[0] / "classifier.safetensors").is_file()
     assert not (partial[0] / "class_statistics.safetensors").exists()
-    resumed = finish(args, run)
+
+    done = subprocess.run([sys.executable, SCRIPT, *args], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(run.glob(".task_*"))  # the half-written checkpoint is gone
+    resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
     assert resumed["seen_accuracy"] == uninterrupted["seen_accuracy"]
