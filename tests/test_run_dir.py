@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -144,9 +146,9 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders):
+def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
     out, go = tmp_path / "run", tmp_path / "go"
-    args = arguments(base_model_dir, image_folders, out)
+    args = arguments(base_model_dir, image_folders, out, "--init_cls", "6")  # one task
     first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(go), SCRIPT, *args], env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = out / ".slca-run.lock"
@@ -154,40 +156,43 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
     while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
         assert first.poll() is None, first.stderr.read()
         time.sleep(0.05)
-    second = run_cli(*args)
-    go.touch()
+    try:  # the second run is this process: the lock is held by another one
+        with pytest.raises(UserError, match=rf"another run \(pid {first.pid}\) is using"):
+            recipe.main(args)
+    finally:
+        go.touch()
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert f"another run (pid {first.pid}) is using" in second.stderr
-    assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [4, 2]
-
-
-KILL_BETWEEN_RENAMES = """
-import os, signal, sys
-from pathlib import Path
-from slca_peft import checkpoint
-target = Path(sys.argv[1])
-real, calls = os.replace, []
-def replace(src, dst):
-    calls.append(dst)
-    if len(calls) == 2:  # the old folder is aside, the new one not yet in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(src, dst)
-checkpoint.os.replace = replace
-with checkpoint.atomic_directory(target) as tmp:
-    (tmp / "weights").write_text("new")
-"""
+    assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [6]
 
 
 def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path):
+    from slca_peft import checkpoint
     from slca_peft.checkpoint import atomic_directory
     from slca_peft.run_dir import claim_run_directory
 
     run = tmp_path / "run"
     (run / "task_0").mkdir(parents=True)
     (run / "task_0" / "weights").write_text("old")
-    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(run / "task_0")], env=ENV)
-    assert proc.returncode == -9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: the child only renames
+        pid = os.fork()
+    if pid == 0:  # the child is SIGKILLed between the renames: no `finally`, no cleanup, as in a crash
+        try:
+            real, calls = os.replace, []
+
+            def replace(src, dst):
+                calls.append(dst)
+                if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real(src, dst)
+
+            checkpoint.os.replace = replace
+            with atomic_directory(run / "task_0") as tmp:
+                (tmp / "weights").write_text("new")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert not (run / "task_0").exists() and len(list(run.glob(".task_0.old-*"))) == 1
     # The next start puts the old folder back.
     with claim_run_directory(run, {"method": "slca++"}, resume=True):
