@@ -38,6 +38,8 @@ def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, b
     metrics = json.loads((full / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert sorted(p.name for p in full.glob("task_*")) == ["task_0", "task_1", "task_2"]
+    state = json.loads((full / "task_2" / "continual_state.json").read_text())
+    assert state["seed"] == recipe.SLCAConfig(output_dir="x").class_order_seed  # the class order is recorded
 
     # An interrupted run: only the first two tasks finished.
     partial = tmp_path / "partial"
