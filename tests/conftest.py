@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,29 @@ def frozen_gc():
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+def run_forked(child: Callable[[], int]) -> int:
+    """Run `child()` in a forked copy of this process and return how it ended: its exit code, or minus the
+    signal that killed it. A crash (SIGKILL) or a resource limit needs a process of its own, but not a fresh
+    interpreter re-importing torch. The child never returns into pytest."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: the child stays small
+        pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.fixture
+def forked():
+    """`forked(child)`: see `run_forked`."""
+    return run_forked
 
 
 class _Exploit:

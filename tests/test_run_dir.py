@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -165,7 +164,7 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
     assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [6]
 
 
-def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path):
+def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
     from slca_peft import checkpoint
     from slca_peft.checkpoint import atomic_directory
     from slca_peft.run_dir import claim_run_directory
@@ -173,26 +172,21 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path):
     run = tmp_path / "run"
     (run / "task_0").mkdir(parents=True)
     (run / "task_0" / "weights").write_text("old")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: the child only renames
-        pid = os.fork()
-    if pid == 0:  # the child is SIGKILLed between the renames: no `finally`, no cleanup, as in a crash
-        try:
-            real, calls = os.replace, []
+    def crash_between_the_renames() -> int:  # SIGKILLed: no `finally`, no cleanup, as in a crash
+        real, calls = os.replace, []
 
-            def replace(src, dst):
-                calls.append(dst)
-                if len(calls) == 2:  # the old folder is aside, the new one not yet in place
-                    os.kill(os.getpid(), signal.SIGKILL)
-                real(src, dst)
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)
 
-            checkpoint.os.replace = replace
-            with atomic_directory(run / "task_0") as tmp:
-                (tmp / "weights").write_text("new")
-        finally:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        checkpoint.os.replace = replace
+        with atomic_directory(run / "task_0") as tmp:
+            (tmp / "weights").write_text("new")
+        return 0
+
+    assert forked(crash_between_the_renames) == -signal.SIGKILL
     assert not (run / "task_0").exists() and len(list(run.glob(".task_0.old-*"))) == 1
     # The next start puts the old folder back.
     with claim_run_directory(run, {"method": "slca++"}, resume=True):
