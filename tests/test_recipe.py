@@ -100,6 +100,21 @@ def test_trainer_flags_the_loop_cannot_honour_are_refused_naming_the_replacement
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o", *flags])
 
 
+def test_two_flags_at_once_are_all_named_and_other_rules_refuse_with_their_line(recipe, tmp_path):
+    with pytest.raises(SystemExit, match="--eval_strategy steps: .*; --save_strategy steps: .*drop the flag.$"):
+        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o",
+                           "--eval_strategy", "steps", "--save_strategy", "steps"])
+    for flags, message in [
+        (["--dataset", "digits"], "give --model_name_or_path (pre-trained backbone) or --model_config"),
+        (["--model_config", "m.json", "--dataset", "digits", "--seeds", "1", "2", "--resume_from", "runs/task_0"],
+         "with --seeds, --resume_from can only be `auto`"),
+    ]:
+        with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+            recipe.parse_args([*flags, "--output_dir", str(tmp_path / "o")])
+    for _, line in recipe.ARGUMENT_RULES + recipe.TRAINER_FLAG_RULES:
+        assert "--" in line and "\n" not in line  # each names its flag, on one line
+
+
 def test_the_dataset_hub_id_reaches_the_task_history(recipe):
     """The model card lists `datasets` from the task history: the recipe records the Hub id."""
     assert recipe.dataset_hub_id("CIFAR-100") == "uoft-cs/cifar100"
