@@ -129,38 +129,38 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
         recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0")))
 
 
-PAUSED_RUN = """
-import runpy, sys, time
-from pathlib import Path
-from slca_peft.continual import ContinualLearner
-go, script, *args = sys.argv[1:]
-learn = ContinualLearner.learn_task
-def paused(self, task):  # holds the directory until the test says go
-    while not Path(go).exists():
-        time.sleep(0.05)
-    return learn(self, task)
-ContinualLearner.learn_task = paused
-sys.argv = [script, *args]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
 def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
+    from conftest import start_forked, wait_forked
+
+    from slca_peft.continual import ContinualLearner
+
     out, go = tmp_path / "run", tmp_path / "go"
     args = arguments(base_model_dir, image_folders, out, "--init_cls", "6")  # one task
-    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(go), SCRIPT, *args], env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def first_run() -> int:  # another process, holding the directory until the test says go
+        learn = ContinualLearner.learn_task
+
+        def paused(self, task):
+            while not go.exists():
+                time.sleep(0.02)
+            return learn(self, task)
+
+        ContinualLearner.learn_task = paused
+        recipe.main(args)
+        return 0
+
+    first = start_forked(first_run)
     lock = out / ".slca-run.lock"
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
-        assert first.poll() is None, first.stderr.read()
-        time.sleep(0.05)
-    try:  # the second run is this process: the lock is held by another one
-        with pytest.raises(UserError, match=rf"another run \(pid {first.pid}\) is using"):
+        assert os.waitpid(first, os.WNOHANG)[0] == 0, "the first run ended early"
+        time.sleep(0.02)
+    try:  # the second run is this process
+        with pytest.raises(UserError, match=rf"another run \(pid {first}\) is using"):
             recipe.main(args)
     finally:
         go.touch()
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert wait_forked(first) == 0
     assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [6]
 
 
