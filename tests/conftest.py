@@ -147,6 +147,9 @@ def start_forked(child: Callable[[], int]) -> int:
     if pid == 0:
         code = 70
         try:
+            # The parent's OpenMP threads are not copied by fork(); a parallel region would wait for them forever
+            # (as in a DataLoader worker, one thread avoids the pool).
+            torch.set_num_threads(1)
             code = child()
         except BaseException:  # noqa: BLE001 - reported, then the child ends
             traceback.print_exc()
