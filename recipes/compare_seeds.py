@@ -10,10 +10,10 @@ the paired difference says whether one setting beats the other.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 from slca_peft.errors import UserError, read_json, run_main
+from slca_peft.plotting import mean_std
 
 METRICS = {"Last-Acc": "last_accuracy", "Inc-Acc": "average_incremental_accuracy"}
 
@@ -43,12 +43,11 @@ def paired(first: str | Path, second: str | Path) -> dict[str, dict[str, float]]
         a = [runs[0][s][key] for s in seeds]
         b = [runs[1][s][key] for s in seeds]
         diff = [x - y for x, y in zip(a, b, strict=True)]
-        sd = statistics.stdev(diff)
+        (a_mean, a_std), (b_mean, b_std), (d_mean, d_std) = mean_std(a), mean_std(b), mean_std(diff)
         result[label] = {
-            "first_mean": statistics.mean(a), "first_std": statistics.stdev(a),
-            "second_mean": statistics.mean(b), "second_std": statistics.stdev(b),
-            "diff_mean": statistics.mean(diff), "diff_std": sd,
-            "t": statistics.mean(diff) / (sd / len(diff) ** 0.5) if sd > 0 else float("inf"),
+            "first_mean": a_mean, "first_std": a_std, "second_mean": b_mean, "second_std": b_std,
+            "diff_mean": d_mean, "diff_std": d_std,
+            "t": d_mean / (d_std / len(diff) ** 0.5) if d_std > 0 else float("inf"),
             "seeds": len(seeds),
         }
     return result

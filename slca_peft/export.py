@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -31,7 +31,7 @@ from .errors import UserError
 from .files import CARD_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, atomic_directory, settle_files
 from .fingerprint import FINGERPRINT_FILE
 from .model_card import build_export_card
-from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
+from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -247,19 +247,6 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
         manifest.record_tree(target, {"kind": EXPORT_KIND})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
-    """Crop size and normalisation of the evaluation transform: the base model's image processor
-    statistics, or ViT's defaults (mean = std = 0.5) when it ships none."""
-    base = model.slca_config.base_model_name_or_path
-    if base:
-        try:
-            processor = AutoImageProcessor.from_pretrained(base, revision=model.slca_config.revision)
-            return ImageTransformConfig.from_image_processor(processor)
-        except (OSError, ValueError, TypeError):
-            pass
-    return ImageTransformConfig.from_model_config(model.config)
 
 
 def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:

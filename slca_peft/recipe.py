@@ -21,8 +21,8 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +38,11 @@ from .data import KNOWN_DATASETS, canonical_name, load_benchmark
 from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
 from .errors import UserError, run_main
-from .export import eval_transform_config
 from .files import atomic_directory, atomic_write_text
 from .logging_utils import progress_bars
 from .manifest import MANIFEST_FILE, read_manifest, record_tree
 from .model import SLCAModel
+from .plotting import mean_std
 from .run_dir import (
     check_checkpoint_matches,
     check_resumable,
@@ -53,7 +53,7 @@ from .run_dir import (
 )
 from .steps import write_plots
 from .tasks import TaskSequence
-from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
+from .transforms import EvalTransform, ImageTransformConfig, TrainTransform, eval_transform_config
 
 
 def _shipped(kind: str, name: str) -> Path:
@@ -127,7 +127,7 @@ class DataArguments:
     train_resize: int | None = field(
         default=None,
         metadata={"help": "Resize training images to N x N and random-crop the model's size instead of "
-                  "RandomResizedCrop (the reference's CUB-200 augmentation: 300)."},
+                  "RandomResizedCrop (CUB-200's augmentation in the authors' released `utils/data.py`: 300)."},
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
     domains: list[str] | None = field(
@@ -233,24 +233,64 @@ def _argument_parser(prog: str | None = None) -> HfArgumentParser:
     return parser
 
 
+def _value(option) -> str:
+    """An enum option's value as the command line spells it."""
+    return str(getattr(option, "value", option))
+
+
+#: Trainer flags the continual loop cannot honour, as (set, problem): every one set is named, with what to use.
+TRAINER_FLAG_RULES: tuple[tuple[Callable[[SLCAConfig], bool], str], ...] = (
+    (lambda a: _value(a.eval_strategy) != "no",
+     "--eval_strategy {eval}: the loop evaluates every seen task after each task (metrics.json); drop the flag"),
+    (lambda a: _value(a.save_strategy) != "no",
+     "--save_strategy {save}: the loop writes a checkpoint after each task (OUTPUT_DIR/task_<t>); drop the flag"),
+    (lambda a: a.load_best_model_at_end,
+     "--load_best_model_at_end: there is no best model across tasks; drop the flag"),
+    (lambda a: a.resume_from_checkpoint,
+     "--resume_from_checkpoint {a.resume_from_checkpoint}: use --resume_from {a.resume_from_checkpoint} "
+     "(a task_<t> checkpoint, a Hub repo id or `auto`)"),
+)
+
+#: Arguments refused before anything runs, as (broken, message) over the model, data and SLCAConfig
+#: arguments (`m`, `d`, `a`), checked in order: the first broken rule ends the run with its one line.
+ARGUMENT_RULES: tuple[tuple[Callable[[ModelArguments, DataArguments, SLCAConfig], bool], str], ...] = (
+    (lambda m, d, a: int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.world_size == 1,  # torchrun / accelerate
+     "the launcher started {env[WORLD_SIZE]} processes but each would train alone on all the data (no GPU backend was "
+     "found). Pass --use_cpu true for CPU processes (gloo), or check that the GPUs are visible."),
+    (lambda m, d, a: not (m.model_name_or_path or m.model_config),
+     "give --model_name_or_path (pre-trained backbone) or --model_config (random init)."),
+    (lambda m, d, a: d.domains and (not d.data_dir or d.dataset or d.train_dir or d.test_dir),
+     "--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir."),
+    (lambda m, d, a: d.domains and d.seeds,
+     "--seeds varies the class order, which a domain-incremental run lacks; use --seed."),
+    (lambda m, d, a: not (d.domains or d.dataset or (d.train_dir and d.test_dir)),
+     "give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir."),
+    (lambda m, d, a: d.data_dir and not (d.dataset or d.domains),
+     "--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011)."),
+    (lambda m, d, a: d.train_resize and d.crop_scale_min != 0.08,
+     "--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them."),
+    (lambda m, d, a: d.seeds and m.resume_from not in (None, "auto"),
+     "with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/)."),
+    (lambda m, d, a: d.seeds and len(set(d.seeds)) != len(d.seeds),
+     "--seeds {seeds} repeats a seed; give each seed once."),
+)
+
+
 def refuse_trainer_flags(args: SLCAConfig) -> None:
     """Trainer flags the continual loop cannot honour, refused before anything runs, naming what to use."""
-    problems = []
-    evaluation = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-    if evaluation != "no":
-        problems.append(f"--eval_strategy {evaluation}: the loop evaluates every seen task after each task "
-                        "(metrics.json); drop the flag")
-    save = str(getattr(args.save_strategy, "value", args.save_strategy))
-    if save != "no":
-        problems.append(f"--save_strategy {save}: the loop writes a checkpoint after each task "
-                        "(OUTPUT_DIR/task_<t>); drop the flag")
-    if args.load_best_model_at_end:
-        problems.append("--load_best_model_at_end: there is no best model across tasks; drop the flag")
-    if args.resume_from_checkpoint:
-        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: use --resume_from "
-                        f"{args.resume_from_checkpoint} (a task_<t> checkpoint, a Hub repo id or `auto`)")
+    names = {"a": args, "eval": _value(args.eval_strategy), "save": _value(args.save_strategy)}
+    problems = [problem.format(**names) for is_set, problem in TRAINER_FLAG_RULES if is_set(args)]
     if problems:
         raise SystemExit("the continual loop cannot honour " + "; ".join(problems) + ".")
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> None:
+    """The trainer flags, `ARGUMENT_RULES` and the output directory: one line naming flag and fix."""
+    refuse_trainer_flags(args)
+    for broken, message in ARGUMENT_RULES:
+        if broken(model_args, data_args, args):
+            raise SystemExit(message.format(env=os.environ, seeds=" ".join(map(str, data_args.seeds or []))))
+    check_writable(args.output_dir)
 
 
 def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
@@ -267,31 +307,7 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
         argv = yaml_to_argv(config) + argv
     model_args, data_args, args, *_ = _argument_parser(prog).parse_args_into_dataclasses(args=argv)
-    refuse_trainer_flags(args)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size == 1:
-        raise SystemExit(
-            f"the launcher started {launched} processes but each would train alone on all the data (no GPU "
-            "backend was found). Pass --use_cpu true for CPU processes (gloo), or check that the GPUs are visible."
-        )
-    if not (model_args.model_name_or_path or model_args.model_config):
-        raise SystemExit("give --model_name_or_path (pre-trained backbone) or --model_config (random init).")
-    if data_args.domains:
-        if not data_args.data_dir or data_args.dataset or data_args.train_dir or data_args.test_dir:
-            raise SystemExit("--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir.")
-        if data_args.seeds:
-            raise SystemExit("--seeds varies the class order, which a domain-incremental run lacks; use --seed.")
-    elif not (data_args.dataset or (data_args.train_dir and data_args.test_dir)):
-        raise SystemExit("give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir.")
-    if data_args.data_dir and not (data_args.dataset or data_args.domains):
-        raise SystemExit("--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011).")
-    if data_args.train_resize and data_args.crop_scale_min != 0.08:
-        raise SystemExit("--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them.")
-    if data_args.seeds and model_args.resume_from not in (None, "auto"):
-        raise SystemExit("with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/).")
-    if data_args.seeds and len(set(data_args.seeds)) != len(data_args.seeds):
-        raise SystemExit(f"--seeds {' '.join(map(str, data_args.seeds))} repeats a seed; give each seed once.")
-    check_writable(args.output_dir)
+    check_arguments(model_args, data_args, args)
     from .run_dir import check_output_arguments  # noqa: PLC0415
 
     check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
@@ -343,7 +359,7 @@ def dataset_hub_id(name: str | None) -> str | None:
 def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
     source = model_args.model_name_or_path
     if source is None:
-        # A random backbone has no Hub reference: save it so checkpoints can point at it.
+        # A random backbone has no Hub id: save it so checkpoints can point at it.
         set_seed(args.seed)
         config = AutoConfig.from_pretrained(model_args.model_config)
         source = str(Path(args.output_dir) / "base_model")
@@ -389,9 +405,8 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
         }
     result = {"method": args.method, "seeds": list(data_args.seeds), "runs": runs}
     for key in ("last_accuracy", "average_incremental_accuracy"):
-        values = [run[key] for run in runs.values()]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        result[key] = {"mean": statistics.fmean(values), "std": std}
+        mean, std = mean_std([run[key] for run in runs.values()])
+        result[key] = {"mean": mean, "std": std}
     if args.process_index == 0:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / "seeds.json", json.dumps(result, indent=2) + "\n")

@@ -1,8 +1,9 @@
 """`TaskSequence`: split a labelled image dataset into class-incremental tasks.
 
-The class order follows the reference exactly (`np.random.seed(seed); np.random.permutation(n)`)
-so that a seed here gives the same tasks as the published runs. Labels are remapped to positions
-in that order, which makes task t own the contiguous range `[offset_t, offset_t + size_t)`.
+The class order follows the authors' released code exactly (`utils/data_manager.py`:
+`np.random.seed(seed); np.random.permutation(n)`) so that a seed here gives the same tasks as the
+published runs. Labels are remapped to positions in that order, which makes task t own the
+contiguous range `[offset_t, offset_t + size_t)`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from datasets import ClassLabel, Dataset, DatasetDict
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
-    """The reference's class permutation; `seed=None` keeps the natural order."""
+    """The class permutation of the released `utils/data_manager.py`; `seed=None` keeps the natural order."""
     if seed is None:
         return list(range(num_classes))
-    # Same stream as the reference's `np.random.seed(seed); np.random.permutation(n)`, without
+    # Same stream as the released code's `np.random.seed(seed); np.random.permutation(n)`, without
     # reseeding numpy's global generator under the user's feet.
     return np.random.RandomState(seed).permutation(num_classes).tolist()
 
