@@ -29,7 +29,7 @@ from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel, load_checkpoint
 from .statistics import ClassStatistics
 from .steps import PushStep, StatisticsStep, default_steps
-from .tasks import Task, TaskSequence, TaskStream
+from .tasks import Task, TaskSequence, TaskStream, stream_class_ids
 from .tracking import ContinualTracker
 from .trainer import SLCATrainer
 from .transforms import collate_fn, make_batch_transform
@@ -253,6 +253,10 @@ class ContinualLearner:
         set_seed(self.args.seed + t)
         if task.head_size > 0:
             self.model.grow(task.head_size)
+            # The class id of every output so far: what exports and id2label key classes by.
+            ids = stream_class_ids(self.tasks)
+            if len(ids) >= self.model.classifier.num_classes:
+                self.model.class_ids = ids[: self.model.classifier.num_classes]
         self.call_event("on_task_begin", task)
         self.trainer = SLCATrainer(
             model=self.model,

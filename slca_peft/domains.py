@@ -133,6 +133,11 @@ class DomainSequence:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @property
+    def class_ids(self) -> list[int]:
+        """One head over the first domain's label ids, in their order: positions are the class ids."""
+        return list(range(self.num_classes))
+
     def __len__(self) -> int:
         return len(self._domains)
 

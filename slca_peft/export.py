@@ -4,7 +4,9 @@ Each backbone's route (which stock head reads the feature the continual heads we
 in `slca_peft.backbones`; backbones with no such head are refused with the reason. The adapter is
 merged into the frozen weights, the trained LayerNorms/biases/class token are taken over, and the
 per-task heads with their scales are folded into one linear layer:
-`head_j(s_j * f) = (s_j W_j) f + b_j`.
+`head_j(s_j * f) = (s_j W_j) f + b_j`. The folded rows are then put in class-id order, so output k
+is the class the dataset labels k (`SLCAModel.class_ids`; the identity for checkpoints written before
+class ids were recorded) and `logits.argmax(-1) == batch["label"]` scores the export.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
     weight = torch.cat([head.weight.detach() * clf.scales[i] for i, head in enumerate(clf.heads)])
     bias = torch.cat([head.bias.detach() for head in clf.heads])
     return weight, bias
+
+
+def rows_by_class_id(weight: torch.Tensor, bias: torch.Tensor, class_ids: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The head with row p moved to row `class_ids[p]`, and the ids below the largest that no output
+    has (classes not learned yet, mid-stream): those rows get zero weight and the dtype's lowest bias,
+    so they never win an argmax and get no probability."""
+    size = max(class_ids) + 1
+    index = torch.tensor(class_ids, dtype=torch.long)
+    out_weight = weight.new_zeros(size, weight.shape[1]).index_copy(0, index, weight)
+    out_bias = bias.new_full((size,), torch.finfo(bias.dtype).min).index_copy(0, index, bias)
+    return out_weight, out_bias, sorted(set(range(size)) - set(class_ids))
 
 
 def export_route(model: SLCAModel) -> str:
@@ -94,16 +108,28 @@ def _load_backbone(classifier, backbone: torch.nn.Module, route: str) -> None:
 
 
 def export_model(
-    model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None
+    model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None,
+    card: dict | None = None,
 ) -> Path:
-    """Write `directory` for `pipeline("image-classification", model=directory)`."""
+    """Write `directory` for `pipeline("image-classification", model=directory)`: output k is class id
+    k. `label_names` (one per output, in class-id order) default to the model's `id2label`; `card`
+    (`source`, `task`, `state`, `license`, `datasets`) feeds the export's model card."""
     route = export_route(model)
-    num_classes = model.classifier.num_classes
-    if label_names is None and model.label_names:
-        label_names = model.label_names[:num_classes]
-    names = list(label_names) if label_names else [f"class_{i}" for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} label names for {num_classes} classes; pass one name per class seen.")
+    weight, bias, missing = rows_by_class_id(*folded_head(model), model.class_ids)
+    if missing:
+        logging.getLogger(__name__).warning(
+            "export: class id(s) %s have not been learned yet; their outputs never win (zero weight, lowest "
+            "bias). Export the last task's checkpoint for a model of every class.", missing[:10],
+        )
+    num_outputs = weight.shape[0]
+    if label_names is None:
+        id2label = model.id2label
+        names = [id2label.get(k, f"class_{k}") for k in range(num_outputs)]
+    else:
+        names = list(label_names)
+    if len(names) != num_outputs:
+        raise ValueError(f"{len(names)} label names for {num_outputs} outputs; pass one name per class id "
+                         f"0..{num_outputs - 1}, in class-id order.")
     config = _classifier_config(model, names)
     eps = model.slca_config.final_norm_eps
     if model.slca_config.reset_final_norm and getattr(config, "layer_norm_eps", eps) != eps:
@@ -116,7 +142,6 @@ def export_model(
     backbone = merged_backbone(model)
     classifier = AutoModelForImageClassification.from_config(config)
     _load_backbone(classifier, backbone, route)
-    weight, bias = folded_head(model)
     head = classifier.timm_model.get_classifier() if route == TIMM_HEAD else classifier.classifier
     with torch.no_grad():
         if route == CLS_MEAN_HEAD:

@@ -29,7 +29,7 @@ from .backbones import (
 from .base_model import portable_name
 from .config import model_settings
 from .head import ContinualClassifier
-from .model_config import SLCAModelConfig
+from .model_config import SLCAModelConfig, fit_class_ids
 
 if TYPE_CHECKING:
     from .statistics import ClassStatistics
@@ -114,6 +114,31 @@ class SLCAModel(nn.Module):
     def label_names(self, names: list[str] | None) -> None:
         self.slca_config.label_names = list(names) if names is not None else None
         self.slca_config.validate()
+
+    @property
+    def class_ids(self) -> list[int]:
+        """Position -> class id of every output (the dataset's label ids; the identity for files written
+        before class ids were recorded). Outputs grown since the ids were set take the next free ids."""
+        ids = fit_class_ids(self.slca_config.class_ids, self.classifier.num_classes)
+        return ids if ids is not None else list(range(self.classifier.num_classes))
+
+    @class_ids.setter
+    def class_ids(self, ids: list[int] | None) -> None:
+        self.slca_config.task_sizes = list(self.classifier.task_sizes)
+        self.slca_config.class_ids = [int(i) for i in ids] if ids is not None else None
+        self.slca_config.validate()
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> class name, by id (names `class_<id>` when the training data named none): what
+        an export's config holds, so `logits.argmax(-1) == batch["label"]` there."""
+        names = self.label_names or []
+        pairs = [(i, names[p] if p < len(names) else f"class_{i}") for p, i in enumerate(self.class_ids)]
+        return dict(sorted(pairs))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -215,6 +240,7 @@ class SLCAModel(nn.Module):
         """What `from_pretrained` needs to rebuild the same model around the referenced base
         (`slca_config.json`), with the classifier's current task sizes."""
         self.slca_config.task_sizes = list(self.classifier.task_sizes)
+        self.slca_config.class_ids = fit_class_ids(self.slca_config.class_ids, self.classifier.num_classes)
         return self.slca_config.to_dict()
 
     # ------------------------------------------------------------------ files

@@ -82,12 +82,33 @@ def check_str_list(name: str, value: Any, max_len: int) -> list[str]:
     return items
 
 
+def check_class_ids(name: str, value: Any) -> list[int]:
+    """Class ids: unique integers in [0, MAX_CLASSES)."""
+    ids = check_int_list(name, value, 0, MAX_CLASSES - 1, MAX_CLASSES)
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise _fail(name, f"repeats the class id(s) {repeated}; every output needs its own class id.")
+    return ids
+
+
+def fit_class_ids(ids: list[int] | None, num_classes: int) -> list[int] | None:
+    """`ids` for a head of `num_classes` outputs: outputs added since take the next free ids
+    (max + 1, ...); a class never changes id. None (files written before class ids) stays None."""
+    if ids is None:
+        return None
+    ids = list(ids[:num_classes])
+    start = max(ids, default=-1) + 1
+    return ids + list(range(start, start + num_classes - len(ids)))
+
+
 @dataclass
 class SLCAModelConfig:
     """Settings that rebuild an `SLCAModel` around its referenced base model.
 
     `base_model_name_or_path` is a Hub id or an absolute path (never relative, so the files load from
-    any working directory). `label_names` are the class names in class-index order, when known.
+    any working directory). `label_names` are the class names in position (output) order, when known;
+    `class_ids` the class id of each output position (the dataset's label id, see `stream_class_ids`),
+    None for files written before class ids existed (read as the identity).
     """
 
     base_model_name_or_path: str | None = None
@@ -104,6 +125,8 @@ class SLCAModelConfig:
     feature_dim: int | None = None
     feature_source: str | None = None
     label_names: list[str] | None = None
+    #: Position -> class id: output p of the model is the class the dataset labels `class_ids[p]`.
+    class_ids: list[int] | None = None
     #: A user's PEFT config as `PeftConfig.to_dict()` (JSON), or None for the built-in LoRA.
     peft_config: dict[str, Any] | None = None
 
@@ -132,6 +155,11 @@ class SLCAModelConfig:
             raise _fail("feature_source", f"must be 'cls' or 'pooler', got {self.feature_source!r}.")
         if self.label_names is not None:
             self.label_names = check_str_list("label_names", self.label_names, MAX_CLASSES)
+        if self.class_ids is not None:
+            self.class_ids = check_class_ids("class_ids", self.class_ids)
+            if self.task_sizes and len(self.class_ids) != self.num_classes:
+                raise _fail("class_ids", f"has {len(self.class_ids)} entries for {self.num_classes} classes "
+                            f"(task_sizes {self.task_sizes}); give one class id per output.")
         if self.peft_config is not None:
             if not isinstance(self.peft_config, dict) or not isinstance(self.peft_config.get("peft_type"), str):
                 raise _fail("peft_config", "must be a PEFT config's fields (a JSON object with a 'peft_type').")
@@ -202,6 +230,8 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
                 check_int(key, state[key], -(2**63), 2**64)
         if state.get("label_names") is not None:
             check_str_list("label_names", state["label_names"], MAX_CLASSES)
+        if state.get("class_ids") is not None:
+            check_class_ids("class_ids", state["class_ids"])
         if state.get("domains") is not None:
             check_str_list("domains", state["domains"], MAX_TASKS)
         if "method" in state:

@@ -31,6 +31,7 @@ from .hub import local_base_problem, push_to_hub
 from .inference import inference_context
 from .metrics import MISSING, coverage_note, format_accuracy_table
 from .statistics import ClassStatistics
+from .tasks import stream_class_ids
 from .transforms import collate_fn
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ class CheckpointStep(ContinualCallback):
             "method": learner.args.method,
             "tasks_learned": len(result.accuracy_matrix),
             "task_data": [source] * len(tasks),
+            "class_ids": stream_class_ids(tasks),
             **tasks.describe(),
             "accuracy_matrix": result.accuracy_matrix,
             "seen_accuracy": result.seen_accuracy,

@@ -95,7 +95,9 @@ class TaskStream(Protocol):
     """What `ContinualLearner` needs of a stream (`TaskSequence`, `DomainSequence` or your own).
 
     `statistics_labels` maps statistics keys back to classifier labels, so alignment trains the
-    right output from every stored Gaussian.
+    right output from every stored Gaussian. A stream may also have `class_ids` (position -> the
+    dataset's label id, what exports and `id2label` key classes by); without it the positions are the
+    ids (`stream_class_ids`), so streams written before keep working.
     """
 
     image_column: str
@@ -197,6 +199,12 @@ class TaskSequence:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @property
+    def class_ids(self) -> list[int]:
+        """Position -> the dataset's label id (ClassLabel id, sorted-name index of folders and string
+        labels, integer labels as they are): position p holds label `order[p]`."""
+        return list(self.order)
+
     def __len__(self) -> int:
         return len(self.task_sizes)
 
@@ -241,6 +249,13 @@ class TaskSequence:
             "task_sizes": self.task_sizes,
             "label_names": self.label_names,
         }
+
+
+def stream_class_ids(tasks: TaskStream) -> list[int]:
+    """The class id of each position of a stream: its `class_ids`, or the identity for a stream that
+    has none (a custom stream written before class ids existed)."""
+    ids = getattr(tasks, "class_ids", None)
+    return [int(i) for i in ids] if ids is not None else list(range(tasks.num_classes))
 
 
 def label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:

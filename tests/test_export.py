@@ -1,5 +1,7 @@
 """Exports: the image processor reproduces the evaluation transform, pipeline() agrees with SLCAModel."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -56,3 +58,17 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     assert sorted(set(theirs)) <= [str(d) for d in range(10)]  # the real names, not class_<i>
     assert agreement >= 0.99 and abs(ours_acc - theirs_acc) <= 0.005
     assert ours_acc > 0.3  # a trained model, not chance (10 %)
+
+    # The export's output k is the dataset's label k: the usual `argmax == batch["label"]` scores what
+    # the run reported, although the run learned the digits in another order.
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    assert model.class_ids != list(range(10))
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    assert plain.config.id2label == {k: str(k) for k in range(10)}
+    batch = AutoImageProcessor.from_pretrained(tmp_path / "exported")(images, return_tensors="pt")
+    with torch.no_grad():
+        predicted = plain(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+    scored = 100.0 * (predicted == torch.tensor(test["label"])).float().mean().item()
+    reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["seen_accuracy"][-1]
+    assert abs(scored - reported) <= 0.5
