@@ -82,7 +82,8 @@ class ContinuedStream:
             class id (integers); each old task is scored on those of its classes, the others are missing.
         source: what the new data is (a Hub dataset id, the image folders), recorded per task; default
             `new.source`.
-        continued_from: the checkpoint or Hub repo continued from, recorded in the history.
+        continued_from: the checkpoint or Hub repo continued from (and its `continued_revision`),
+            recorded in the history.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class ContinuedStream:
         old_test: Dataset | None = None,
         source: str | None = None,
         continued_from: str | None = None,
+        continued_revision: str | None = None,
     ):
         if previous.get("incremental") == "domain" or previous.get("domains"):
             raise ValueError("the checkpoint learned a domain-incremental stream; continuing it with new classes is "
@@ -109,7 +111,7 @@ class ContinuedStream:
         t_old, k = old["tasks_learned"], sum(old["task_sizes"])
         old_names, old_ids = old["label_names"], old["class_ids"]
         known = {name: p for p, name in enumerate(old_names)}
-        clashes = [name for name in new.label_names if name in known]
+        clashes = sorted(name for name in new.label_names if name in known)
         if clashes and not merge_existing_classes:
             raise ValueError(
                 f"the new data's class(es) {clashes[:5]} are already learned (class ids "
@@ -159,6 +161,7 @@ class ContinuedStream:
         self.segments = old["segments"] + [{
             "first_task": t_old, "tasks": len(new), "seed": new.seed, "init_cls": new.init_cls,
             "increment": new.increment, "data": self.source, "continued_from": continued_from,
+            "continued_revision": continued_revision,
             "merged_classes": sorted({old_names[c] for _, merged in self._new_tasks for c in merged}),
         }]
 
@@ -245,3 +248,22 @@ def checkpoint_digest(directory: str | Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def load_test_folder(directory: str | Path) -> Dataset:
+    """An image folder of test images (one sub-folder per class, named as the class), every image
+    decoded once first: the old test data `--old_test_dir` names."""
+    from .data import image_dataset
+    from .data_checks import check_dataset_images, list_class_folder
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--old_test_dir {root} does not exist.")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise ValueError(f"--old_test_dir {root} has no class sub-folder; put each class's test images in a "
+                         "sub-folder named as the class.")
+    paths, labels = list_class_folder(root, names)
+    dataset = image_dataset(paths, labels, names)
+    check_dataset_images(dataset, "image", description=f"checking {root}")
+    return dataset

@@ -126,6 +126,9 @@ class TaskSequence:
     Each dataset needs an image column and an integer (or `ClassLabel`) or string label column.
     """
 
+    #: What the data is (a Hub dataset id, image folders): each task's history records it.
+    source: str | None = None
+
     def __init__(
         self,
         train: Dataset,

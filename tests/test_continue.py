@@ -228,3 +228,62 @@ def test_reopened_statistics_equal_those_of_the_union():
             assert merged.task_of_class == {0: 0} and merged.counts == {0: 42}
             torch.testing.assert_close(merged.means[0], union.means[0], rtol=0, atol=1e-12)
             torch.testing.assert_close(merged.covariances[0], union.covariances[0], rtol=0, atol=1e-10)
+
+
+def recipe_args(base_model_dir, pair, out, *extra):
+    return ["--train_dir", str(pair[0]), "--test_dir", str(pair[1]), "--init_cls", "1", "--increment", "1",
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "0.05",
+            "--ca_epochs", "1", "--ca_samples_per_class", "16", "--crop_scale_min", "0.8", "--horizontal_flip",
+            "false", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0",
+            "--output_dir", str(out), *extra]
+
+
+def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, runs, folders, base_model_dir,
+                                                                          tmp_path):
+    out = tmp_path / "next"
+    args = recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(runs["checkpoint"]),
+                       "--old_test_dir", str(folders["a"][1]), "--class_order_seed", "7")
+    recipe.main(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2, 3, 4]
+    assert None not in metrics["accuracy_matrix"][-1]  # the old test data was given
+    assert metrics["task_sizes"] == [2, 2, 1, 1]
+    state = json.loads((out / "task_3" / "continual_state.json").read_text())
+    assert state["label_names"][:4] == [f"class_{k:02d}" for k in range(4)]
+    assert sorted(state["label_names"][4:]) == ["class_04", "class_05"]
+    assert state["class_ids"][:4] == [0, 1, 2, 3] and sorted(state["class_ids"][4:]) == [4, 5]
+    assert state["task_data"][2:] == [f"image folders {folders['b'][0]}, {folders['b'][1]}"] * 2
+    fingerprint = json.loads((out / "run_fingerprint.json").read_text())
+    assert fingerprint["continue_from"] == str(runs["checkpoint"]) and len(fingerprint["continue_sha256"]) == 64
+
+    # An interrupted continuation resumes with --resume_from and the same new data, exactly.
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    shutil.rmtree(partial / "task_3")
+    (partial / "metrics.json").unlink()
+    resumed = [a if a != str(out) else str(partial) for a in args]
+    i = resumed.index("--continue_from")
+    del resumed[i : i + 2]
+    recipe.main(resumed + ["--resume_from", "auto"])
+    assert json.loads((partial / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):
+    out = tmp_path / "next"
+    base = recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(runs["checkpoint"]))
+    with pytest.raises(SystemExit, match="--continue_from teaches .* --resume_from finishes"):
+        recipe.parse_args(base + ["--resume_from", "auto"])
+    with pytest.raises(SystemExit, match="--old_test_dir go with --continue_from"):
+        recipe.parse_args(recipe_args(base_model_dir, folders["b"], out, "--model_name_or_path", str(base_model_dir),
+                                      "--old_test_dir", "x"))
+    with pytest.raises(ValueError, match="trained with method 'slca\\+\\+', not 'slca'"):
+        recipe.main(base + ["--method", "slca"])
+    with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
+        recipe.main(base + ["--released_code", "true"])
+    other = shutil.copytree(base_model_dir, tmp_path / "other-vit")
+    with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses"):
+        recipe.main(base + ["--model_name_or_path", str(other)])
+    clash = recipe_args(base_model_dir, folders["full"], out, "--continue_from", str(runs["checkpoint"]))
+    with pytest.raises(ValueError, match=r"\['class_00', 'class_01', 'class_02', 'class_03'\] are already learned"):
+        recipe.main(clash)
+    assert not out.exists()  # every refusal came before any training and left nothing
