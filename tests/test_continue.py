@@ -43,10 +43,10 @@ def folders(tmp_path_factory):
     return sets
 
 
-def learner_for(tasks, output_dir, base_model_dir=None, checkpoint=None, **kw):
+def learner_for(tasks, output_dir, base_model_dir=None, checkpoint=None, config=None, **kw):
     from slca_peft import SLCAModel
 
-    args = SLCAConfig(output_dir=str(output_dir), **SETTINGS)
+    args = SLCAConfig(output_dir=str(output_dir), **{**SETTINGS, **(config or {})})
     if checkpoint is None:
         learner = ContinualLearner(SLCAModel.from_backbone(str(base_model_dir), args), args, tasks)
     else:
@@ -124,9 +124,20 @@ def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp
     assert accuracy == pytest.approx(result.seen_accuracy[-1], abs=100.0 / len(truth) + 1e-6)
 
 
-def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders, tmp_path):
-    learner = learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=runs["checkpoint"])
+def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders, tmp_path, hub):
+    push = dict(push_to_hub=True, hub_model_id="me/continued", hub_base_model_id="me/tiny-vit")
+    new = sequence(folders["b"])
+    new.source = "me/new-classes"
+    learner = learner_for(new, tmp_path / "phase2", checkpoint=runs["checkpoint"], config=push)
     result = learner.run()
+    # What going on again needs is pushed: statistics, unaligned heads, the history with each task's data.
+    (upload,) = hub.uploads
+    assert {"class_statistics.safetensors", "classifier_unaligned.safetensors", "continual_state.json",
+            "README.md"} <= set(upload["files"])
+    pushed = upload["json"]["continual_state.json"]
+    assert pushed["task_data"] == [None, None, "me/new-classes"] and pushed["accuracy_matrix"][2][:2] == [None, None]
+    assert "| 3 | class_04, class_05 | me/new-classes |" in upload["card"]
+    assert "| 1 | class_00, class_01 | not recorded |" in upload["card"]
     first = runs["phase1"].result
     assert result.accuracy_matrix[:2] == first.accuracy_matrix
     last = result.accuracy_matrix[2]
