@@ -298,3 +298,22 @@ def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders,
     with pytest.raises(ValueError, match=r"\['class_00', 'class_01', 'class_02', 'class_03'\] are already learned"):
         recipe.main(clash)
     assert not out.exists()  # every refusal came before any training and left nothing
+
+
+def test_new_classes_take_the_next_free_ids_in_their_own_label_order(folders):
+    # A history cut with a class-order seed, written mid-stream: 1 of 2 tasks learned.
+    previous = {"tasks_learned": 1, "task_sizes": [2, 2], "class_order": [2, 0, 3, 1],
+                "label_names": ["class_02", "class_00", "class_03", "class_01"], "accuracy_matrix": [[80.0]],
+                "seen_accuracy": [80.0], "task_test_sizes": [6], "seed": 1993, "init_cls": 2, "increment": 2}
+    new = TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=0)  # order [1, 0]
+    stream = ContinuedStream(previous, new)
+    assert new.order == [1, 0]
+    assert stream.label_names == ["class_02", "class_00", "class_05", "class_04"]
+    assert stream.class_ids == stream.order == [2, 0, 4, 3]  # next free after max(2, 0) = 2: ids 3, 4
+    assert stream.task_sizes == [2, 1, 1] and stream.num_old_tasks == 1 and len(stream) == 3
+    old, first_new = stream[0], stream[1]
+    assert (old.classes, old.train, old.test) == ([0, 1], None, None)
+    assert first_new.task_id == 1 and first_new.classes == [2] and set(first_new.train["label"]) == {2}
+    described = stream.describe()
+    assert [s["first_task"] for s in described["segments"]] == [0, 1]
+    assert described["task_sizes"] == [2, 1, 1] and described["class_ids"] == [2, 0, 4, 3]
