@@ -167,8 +167,9 @@ def save_checkpoint(
     return Path(directory)
 
 
-def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
-    """A local directory as is, otherwise a Hub repo id fetched (or read from the local cache)."""
+def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None, **hub: Any) -> Path:
+    """A local directory as is, otherwise a Hub repo id fetched (or read from the local cache); `hub`:
+    snapshot_download's `token`, `cache_dir`, `local_files_only`, `force_download`."""
     path = Path(path_or_repo_id)
     if path.is_file():
         hint = " Pickle files are never loaded." if path.suffix in PICKLE_SUFFIXES else ""
@@ -181,7 +182,7 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision))
+        return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision, **hub))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise FileNotFoundError(
             f"{path_or_repo_id} is neither a local checkpoint directory nor a Hub repo that could be fetched "
@@ -262,6 +263,7 @@ def read_model_config(
     path_or_repo_id: str | Path,
     revision: str | None = None,
     expected_base: str | Sequence[str | None] | None = None,
+    **hub: Any,
 ) -> tuple[SLCAModelConfig, Path]:
     """The validated `slca_config.json` of a model folder (its base model resolved) and the local
     directory it was read from.
@@ -269,7 +271,7 @@ def read_model_config(
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
     its Hub id) refuses files trained on another backbone, and locates a base model that has moved.
     """
-    root = resolve_checkpoint(path_or_repo_id, revision)
+    root = resolve_checkpoint(path_or_repo_id, revision, **hub)
     _check_no_pickle(root)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():

@@ -11,16 +11,23 @@ def _export(ns: argparse.Namespace) -> None:
     from .model import load_checkpoint
 
     model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
-    model.export(ns.output_dir)  # the checkpoint's class names, when it has them
-    print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes)")
+    model.export(ns.output_dir)  # the checkpoint's class names and results, when it has them
+    print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes, output k = class "
+          f"id k); upload it with: slca-peft push {ns.output_dir} <repo_id>")
 
 
 def _push(ns: argparse.Namespace) -> None:
-    from .hub import push_to_hub
+    from .hub import check_export, is_export, push_to_hub
     from .model import load_checkpoint
 
-    load_checkpoint(ns.checkpoint)  # refuse to upload a checkpoint that does not load
-    print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=ns.commit_message,
+    # Refuse to upload a checkpoint or an export that does not load.
+    if is_export(ns.checkpoint):
+        check_export(ns.checkpoint)
+    else:
+        load_checkpoint(ns.checkpoint)
+    message = ns.commit_message or ("Upload exported SLCA++ model" if is_export(ns.checkpoint)
+                                    else "Upload SLCA++ continual checkpoint")
+    print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,
                       base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags))
 
 
@@ -73,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("output_dir")
     p.add_argument("--revision")
     p.set_defaults(func=_export)
-    p = sub.add_parser("push", help="upload a checkpoint directory to the Hub as one commit")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("push", help="upload a checkpoint or an export directory to the Hub as one commit")
+    p.add_argument("checkpoint", help="a task checkpoint, or a directory `slca-peft export` wrote")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--commit_message", default="Upload SLCA++ continual checkpoint")
+    p.add_argument("--commit_message", default=None)
     p.add_argument("--base_model_id", help="Hub id of the base model, for a checkpoint trained on a local copy")
     p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
     p.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")

@@ -23,7 +23,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
-from .files import atomic_directory
+from .files import CARD_FILE, atomic_directory
+from .model_card import build_export_card
 from .transforms import EVAL_RESIZE_RATIO, ImageTransformConfig
 
 if TYPE_CHECKING:
@@ -152,9 +153,16 @@ def export_model(
             head.weight.copy_(weight)
         head.bias.copy_(bias)
     processor = image_processor or default_image_processor(model)
+    card = dict(card or {})
+    readme = build_export_card(
+        model.slca_config.base_model_name_or_path, dict(enumerate(names)),
+        card.pop("state", getattr(model, "task_history", None)), architecture=config.architectures[0],
+        source=card.pop("source", getattr(model, "name_or_path", None)), **card,
+    )
     with atomic_directory(directory) as tmp:
         classifier.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        readme.save(Path(tmp) / CARD_FILE)
     return Path(directory)
 
 

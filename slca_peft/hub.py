@@ -24,6 +24,24 @@ def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | No
     )
 
 
+def is_export(directory: str | Path) -> bool:
+    """A folder `export` wrote (a stock transformers model), not an slca-peft checkpoint."""
+    directory = Path(directory)
+    return (directory / "config.json").is_file() and not (directory / CONFIG_FILE).is_file()
+
+
+def check_export(directory: str | Path) -> None:
+    """Refuse, naming what is missing, an export folder `pipeline()` could not load."""
+    directory = Path(directory)
+    config = read_json(directory / "config.json")
+    missing = [name for name in ("preprocessor_config.json", CARD_FILE) if not (directory / name).is_file()]
+    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors")
+    if not isinstance(config, dict) or not config.get("architectures") or not config.get("id2label") or missing:
+        raise ValueError(f"{directory} is not a complete export (missing {missing or ['config.json fields']}); "
+                         "write it again with `slca-peft export CHECKPOINT DIR`.")
+
+
 def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, tags: list[str] | None) -> None:
     """Make an upload copy name `base_model_id` as its base model in every file that records it, and
     its card point at the repo."""

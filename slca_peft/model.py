@@ -21,6 +21,7 @@ from .backbones import (
     check_pooled_feature,
     feature_dim,
     load_backbone,
+    loading_kwargs,
     lora_targets_for,
     pooled_feature,
     reset_final_norm,
@@ -99,6 +100,10 @@ class SLCAModel(nn.Module):
             reset_final_norm(backbone, config.final_norm_eps)
         self.backbone = adapt_backbone(backbone, config, self.peft_config)
         self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
+        #: The task history (continual_state.json) and the checkpoint it was loaded from, when loaded from
+        #: one: cards of a push or an export keep the run's results and say where they come from.
+        self.task_history: dict[str, Any] | None = None
+        self.name_or_path: str | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -262,16 +267,32 @@ class SLCAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
-                        base_model_name_or_path: str | None = None) -> SLCAModel:
+                        base_model_name_or_path: str | None = None, **kwargs: Any) -> SLCAModel:
         """Load a directory or Hub repo written by `save_pretrained` (the base model is loaded from the
-        id or path the files reference; `base_model_name_or_path` points at it when it has moved)."""
-        from .checkpoint import read_model_config
+        id or path the files reference; `base_model_name_or_path` points at it when it has moved).
 
-        return cls._from_files(*read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path))
+        Takes transformers' loading keywords (`token`, `cache_dir`, `local_files_only`,
+        `force_download` for both the checkpoint and the base model; `dtype` for the backbone);
+        `device_map` and quantization are refused, saying why. The task history beside the files
+        (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
+        from .checkpoint import read_model_config
+        from .files import STATE_FILE, read_json
+        from .model_config import validate_state
+
+        loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
+        config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
+                                         **hub_kwargs(loading))
+        model = cls._from_files(config, root, **loading)
+        state_path = root / STATE_FILE
+        if state_path.is_file():
+            model.task_history = validate_state(read_json(state_path), str(state_path))
+        model.name_or_path = str(path_or_repo_id)
+        return model
 
     @classmethod
-    def _from_files(cls, config: SLCAModelConfig, root: Path) -> SLCAModel:
-        """Build the model `config` (read from `root`) describes and fill it with `root`'s tensors."""
+    def _from_files(cls, config: SLCAModelConfig, root: Path, **loading: Any) -> SLCAModel:
+        """Build the model `config` (read from `root`) describes and fill it with `root`'s tensors
+        (`loading`: checked loading keywords for the base model)."""
         from transformers import AutoModel
 
         from .checkpoint import load_model_state, read_backbone_config
@@ -281,7 +302,7 @@ class SLCAModel(nn.Module):
         base = config.base_model_name_or_path
         if config.use_lora:
             try:
-                backbone = _load_with_sdpa(load_backbone, base, revision=config.revision)
+                backbone = _load_with_sdpa(load_backbone, base, revision=config.revision, **loading)
             except OSError as err:
                 if Path(base).is_absolute() or base.startswith("."):
                     raise
@@ -293,7 +314,8 @@ class SLCAModel(nn.Module):
                     "load_checkpoint(..., expected_base=PATH) from Python."
                 ) from err
         else:
-            backbone = AutoModel.from_config(read_backbone_config(root))
+            dtype = {"dtype": loading["dtype"]} if "dtype" in loading else {}
+            backbone = AutoModel.from_config(read_backbone_config(root), **dtype)
         config.lora_svd_init = False  # the stored adapter replaces any initialisation
         try:
             model = cls(backbone, config)
@@ -318,42 +340,56 @@ class SLCAModel(nn.Module):
     ) -> Any:
         """Upload the model files as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is
         created as a branch when missing). The base model is referenced: pass `base_model_id` when
-        it was loaded from a local directory."""
+        it was loaded from a local directory. The card's results come from `state`, else `task_history`."""
         import tempfile
 
         from .hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "model"
-            self.save_pretrained(target, state=state, card=card)
+            # A loaded model's own task history keeps the card's results (model-index) without `state=`.
+            self.save_pretrained(target, state=state if state is not None else self.task_history, card=card)
             return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
                                revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
 
-    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None) -> Path:
+    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None,
+               card: dict[str, Any] | None = None) -> Path:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
-        folded) that `pipeline("image-classification")` loads without slca-peft, with an image
-        processor that reproduces the evaluation transform. Class names default to `label_names`."""
+        folded, output k = class id k) that `pipeline("image-classification")` loads without slca-peft,
+        with an image processor that reproduces the evaluation transform and a model card (results of
+        `task_history`, the checkpoint it came from). Class names default to `id2label`; `card` may set
+        `license`, `datasets`, `tags`, `model_name`, `state` and `source`."""
         from .export import export_model
 
-        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
+        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor, card=card)
 
 
 def load_checkpoint(
     path_or_repo_id: str | Path,
     revision: str | None = None,
     expected_base: str | Sequence[str | None] | None = None,
+    **kwargs: Any,
 ) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
     """Rebuild model, statistics, task history and unaligned head from a checkpoint (directory or Hub
     repo) that `slca_peft.checkpoint.save_checkpoint` wrote.
 
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
-    its Hub id) refuses a checkpoint that was trained on another backbone.
+    its Hub id) refuses a checkpoint that was trained on another backbone. `kwargs`: the loading
+    keywords of `SLCAModel.from_pretrained` (`token`, `cache_dir`, `local_files_only`,
+    `force_download`, `dtype`).
     """
     from .checkpoint import load_learner_state, read_model_config
 
-    config, root = read_model_config(path_or_repo_id, revision, expected_base)
-    model = SLCAModel._from_files(config, root)
+    loading = loading_kwargs("load_checkpoint", **kwargs)
+    config, root = read_model_config(path_or_repo_id, revision, expected_base, **hub_kwargs(loading))
+    model = SLCAModel._from_files(config, root, **loading)
     statistics, state, unaligned = load_learner_state(root, model)
     if state and state.get("label_names") and not model.label_names:
         model.label_names = state["label_names"]
+    model.task_history, model.name_or_path = state, str(path_or_repo_id)
     return model, statistics, state, unaligned
+
+
+def hub_kwargs(loading: dict[str, Any]) -> dict[str, Any]:
+    """The loading keywords that also apply to fetching a checkpoint repo (snapshot_download's)."""
+    return {k: v for k, v in loading.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}

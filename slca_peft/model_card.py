@@ -38,6 +38,15 @@ A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
 
 ## Usage
 
+This is a continual checkpoint: its classifier is slca-peft's per-task heads, which
+`transformers.pipeline()` cannot read (it would answer from a fresh, random head). For a
+`pipeline("image-classification")` model, export it (adapter merged, heads folded, output k = class id k):
+
+```bash
+slca-peft export {{ repo }} exported/        # or model.export("exported/") in Python
+slca-peft push exported/ <your repo>          # upload the export, with its own model card
+```
+
 With slca-peft (continue training, inspect the per-task heads):
 
 ```python
@@ -112,6 +121,19 @@ _METRIC_NAMES = {
 }
 
 
+def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="image-classification", task_name="Class-incremental image classification",
+            dataset_type=dataset or "custom", dataset_name=dataset or "custom",
+            metric_type=metric_type, metric_name=metric_name, metric_value=round(metrics[key], 4),
+        )
+        for key, (metric_type, metric_name) in _METRIC_NAMES.items() if key in metrics
+    ]
+
+
 def build_model_card(
     settings: dict[str, Any],
     state: dict[str, Any] | None = None,
@@ -124,7 +146,7 @@ def build_model_card(
 ):
     """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names,
     `model-index` results equal to the run's metrics) and a usage snippet."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     state = state or {}
     base = settings.get("base_model_name_or_path")
@@ -133,17 +155,10 @@ def build_model_card(
     dataset = (datasets or [None])[0] or state.get("dataset")
     model_name = model_name or "SLCA++ continual checkpoint"
     metrics = card_metrics(state)
-    eval_results = [
-        EvalResult(
-            task_type="image-classification", task_name="Class-incremental image classification",
-            dataset_type=dataset or "custom", dataset_name=dataset or "custom",
-            metric_type=metric_type, metric_name=metric_name, metric_value=round(metrics[key], 4),
-        )
-        for key, (metric_type, metric_name) in _METRIC_NAMES.items() if key in metrics
-    ]
+    eval_results = _eval_results(metrics, dataset)
+    # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
     data = ModelCardData(
         library_name="slca-peft",
-        pipeline_tag="image-classification",
         tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])),
         license=license or "other",
         base_model=None if base is None or is_local_name(str(base)) else str(base),
@@ -173,3 +188,88 @@ def write_model_card(directory: str | Path, settings: dict[str, Any], state: dic
     path = Path(directory) / CARD_FILE
     build_model_card(settings, state, **card).save(path)
     return path
+
+
+_EXPORT_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A plain `{{ architecture }}` exported by slca-peft from the continual checkpoint `{{ source }}`
+{{ provenance }}: the adapter is merged into the `{{ base_model }}` backbone and the per-task heads are
+folded into one classifier. It needs only `transformers` (no slca-peft, no `trust_remote_code`).
+
+Output k is the class the training dataset labels k (its class id), so
+`(logits.argmax(-1) == batch["label"])` on that dataset scores what the run reported.
+
+## Usage
+
+```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{{ repo }}")
+classify("some_image.jpg", top_k=3)
+```
+
+## Accuracy (%) of the run on each task's test classes after learning each task
+
+{{ accuracy_table }}
+
+{{ metrics_line }}
+
+## Classes (class id: name)
+
+{{ classes }}
+"""
+
+
+def build_export_card(
+    base_model: str | None,
+    id2label: dict[int, str],
+    state: dict[str, Any] | None = None,
+    *,
+    architecture: str = "AutoModelForImageClassification",
+    source: str | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    model_name: str | None = None,
+    repo: str = REPO_PLACEHOLDER,
+):
+    """The card of an export: a `pipeline("image-classification")` model, with the run's results and
+    where it came from (which checkpoint, after which task)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    state = state or {}
+    dataset = (datasets or [None])[0] or state.get("dataset")
+    model_name = model_name or "SLCA++ continual model (exported)"
+    metrics = card_metrics(state)
+    eval_results = _eval_results(metrics, dataset)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=list(dict.fromkeys([*CARD_TAGS, "slca-peft", *(tags or [])])),
+        license=license or "other",
+        base_model=None if base_model is None or is_local_name(str(base_model)) else str(base_model),
+        datasets=list(datasets) if datasets else ([dataset] if dataset else None),
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+        label_names=[id2label[k] for k in sorted(id2label)],
+    )
+    learned = state.get("tasks_learned")
+    total = len(state.get("task_sizes") or []) or learned
+    provenance = (f"after task {learned} of {total} (method `{state.get('method', 'slca++')}`)" if learned
+                  else "(no task history recorded)")
+    metrics_line = ""
+    if metrics:
+        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
+                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
+                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
+    classes = "\n".join(f"- {k}: {id2label[k]}" for k in sorted(id2label))
+    return ModelCard.from_template(
+        data, template_str=_EXPORT_TEMPLATE, model_name=model_name, architecture=architecture,
+        source=source or "(built in memory)", provenance=provenance,
+        base_model=data.base_model or f"{Path(str(base_model)).name} (a local copy)",
+        accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes, repo=repo,
+    )

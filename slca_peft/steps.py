@@ -231,8 +231,10 @@ class CheckpointStep(ContinualCallback):
     def save(self, learner: ContinualLearner, directory: Path) -> None:
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         trainer = learner.trainer
+        state = self.state(learner)
+        learner.model.task_history = state  # a push or export of the model in memory keeps these results
         if trainer is None or trainer.is_world_process_zero():
-            save_checkpoint(learner.model, directory, statistics=learner.statistics, state=self.state(learner),
+            save_checkpoint(learner.model, directory, statistics=learner.statistics, state=state,
                             unaligned_head=learner.unaligned_head)
         if trainer is not None:
             trainer.accelerator.wait_for_everyone()
