@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 
 from . import logging_utils
@@ -24,12 +25,13 @@ from .backbones import lora_targets_for
 from .callbacks import Callback, CallbackHandler, ContinualCallback
 from .checkpoint import latest_checkpoint
 from .config import SLCAConfig, as_slca_config
+from .continuation import ContinuedStream
 from .errors import no_exit
 from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel, load_checkpoint
 from .statistics import ClassStatistics
 from .steps import PushStep, StatisticsStep, default_steps
-from .tasks import Task, TaskStream, stream_class_ids
+from .tasks import Task, TaskSequence, TaskStream, stream_class_ids
 from .tracking import ContinualTracker
 from .trainer import SLCATrainer
 from .transforms import collate_fn, make_batch_transform
@@ -117,6 +119,51 @@ class ContinualLearner:
         check_resumable(checkpoint, model, statistics, state, args, tasks)
         result = ContinualResult(accuracy_matrix=state["accuracy_matrix"], seen_accuracy=state["seen_accuracy"],
                                  task_test_sizes=state["task_test_sizes"])
+        return cls(model, args, tasks, statistics=statistics, result=result, unaligned_head=unaligned, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        args: SLCAConfig,
+        tasks: TaskSequence | ContinuedStream,
+        *,
+        revision: str | None = None,
+        expected_base: str | Sequence[str | None] | None = None,
+        merge_existing_classes: bool = False,
+        old_test: Dataset | None = None,
+        **kwargs: Any,
+    ) -> ContinualLearner:
+        """Go on learning from a checkpoint (directory or Hub repo) with tasks of new classes.
+
+        Model, class statistics, unaligned heads and task history are loaded; `tasks` (a `TaskSequence`
+        of the new data) is appended after the learned tasks as a `ContinuedStream`: old classes keep
+        their ids and names, new ones take the next positions and ids. `merge_existing_classes` and
+        `old_test` (test images of learned classes, to keep scoring old tasks) are the stream's options.
+        Continuing with another method or backbone setting than the checkpoint's is refused before any
+        training, as is another base model than `expected_base`. To finish the stream a checkpoint was
+        cut from after an interruption, use `from_checkpoint`.
+        """
+        model, statistics, state, unaligned = load_checkpoint(path_or_repo_id, revision, expected_base=expected_base)
+        if state is None or statistics is None:
+            raise ValueError(f"{path_or_repo_id} has no task history or class statistics, which continuing needs; "
+                             "give a task_<t> checkpoint written by ContinualLearner (or the recipe).")
+        check_same_model(path_or_repo_id, model, state, args)
+        if not isinstance(tasks, ContinuedStream):
+            tasks = ContinuedStream(state, tasks, merge_existing_classes=merge_existing_classes, old_test=old_test,
+                                    continued_from=str(path_or_repo_id))
+        elif merge_existing_classes or old_test is not None:
+            raise ValueError("merge_existing_classes and old_test are options of the ContinuedStream; set them there.")
+        learned = tasks.previous
+        if model.classifier.task_sizes != learned["task_sizes"]:
+            raise ValueError(f"{path_or_repo_id}: the classifier's heads {model.classifier.task_sizes} do not match "
+                             f"the task history's {learned['task_sizes']}; the checkpoint is damaged.")
+        missing = [c for c in range(tasks.num_old_classes) if c not in statistics.means]
+        if missing:
+            raise ValueError(f"{path_or_repo_id} lacks the class statistics of classes {missing[:5]}; it cannot go on.")
+        model.label_names = tasks.label_names
+        result = ContinualResult(accuracy_matrix=learned["accuracy_matrix"], seen_accuracy=learned["seen_accuracy"],
+                                 task_test_sizes=learned["task_test_sizes"])
         return cls(model, args, tasks, statistics=statistics, result=result, unaligned_head=unaligned, **kwargs)
 
     # ------------------------------------------------------------------ callbacks (as transformers.Trainer's)
@@ -248,8 +295,14 @@ def check_resumable(
                 f"{checkpoint}: {key} differs from this run's ({state.get(key)} vs {current.get(key)}); resume "
                 "with the same dataset, class_order_seed, init_cls and increment (or the same domains)."
             )
+    check_same_model(checkpoint, model, state, args)
+
+
+def check_same_model(checkpoint: str | Path, model: SLCAModel, state: dict[str, Any], args: SLCAConfig) -> None:
+    """Refuse, naming the difference, a checkpoint trained with another method or backbone setting."""
     if state.get("method") != args.method:
-        raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}.")
+        raise ValueError(f"{checkpoint} was trained with method {state.get('method')!r}, not {args.method!r}; "
+                         f"go on with --method {state.get('method')}.")
     trained_with, asked = model.slca_config, model.slca_config.fields_from(args)
     for key in ("lora_layout", "reset_final_norm") + (("lora_target_modules",) if trained_with.use_lora else ()):
         wanted, trained = asked[key], getattr(trained_with, key)

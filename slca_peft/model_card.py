@@ -7,7 +7,7 @@ from typing import Any
 
 from .base_model import is_local_name
 from .files import CARD_FILE
-from .metrics import format_accuracy_table, summarize_accuracy_matrix
+from .metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
 
 #: Where the card names its own repo until an upload knows it (`slca_peft.hub.push_to_hub` fills it in).
 REPO_PLACEHOLDER = "<this repo or directory>"
@@ -27,6 +27,10 @@ A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
 {{ accuracy_table }}
 
 {{ metrics_line }}
+
+## Tasks
+
+{{ task_history }}
 
 ## Classes
 
@@ -63,7 +67,9 @@ from transformers import AutoModel
 backbone = PeftModel.from_pretrained(AutoModel.from_pretrained("{{ base_model }}"), "{{ repo }}")
 ```
 
-Continue with the next task: `slca-peft train --resume_from {{ repo }} ...`.
+Finish the stream it was cut from: `slca-peft train --resume_from {{ repo }} ...` (same data and split).
+Teach it new classes from new data: `slca-peft train --continue_from {{ repo }} --train_dir new/train
+--test_dir new/test ...` (old classes keep their ids; see docs/hub.md, "Continue learning later").
 """
 
 
@@ -85,7 +91,27 @@ def card_metrics(state: dict[str, Any]) -> dict[str, float]:
         "last_accuracy": float(summary["last_accuracy"]),
         "average_incremental_accuracy": float(summary["average_incremental_accuracy"]),
         "average_forgetting": float(summary["average_forgetting"]),
+        "missing_entries": int(summary["missing_entries"]),
     }
+
+
+def _task_history(state: dict[str, Any], label_names: list[str] | None) -> str:
+    """One row per learned task: its classes and the data it was learned from (grows with every
+    continuation on new data)."""
+    learned = int(state.get("tasks_learned", len(state.get("accuracy_matrix") or [])))
+    sizes = list(state.get("task_sizes") or [])[:learned]
+    if not sizes:
+        return "_No task has been learned yet._"
+    data = list(state.get("task_data") or [state.get("dataset")] * learned)
+    lines = ["| task | classes | data |", "|---|---|---|"]
+    start = 0
+    for t, size in enumerate(sizes):
+        names = label_names[start : start + size] if label_names and len(label_names) >= start + size else None
+        shown = ", ".join(names[:8]) + (f" (+{size - 8})" if size > 8 else "") if names else f"{size} classes"
+        source = data[t] if t < len(data) and data[t] else "not recorded"
+        lines.append(f"| {t + 1} | {shown} | {source} |")
+        start += size
+    return "\n".join(lines)
 
 
 _METRIC_NAMES = {
@@ -146,12 +172,13 @@ def build_model_card(
     if metrics:
         metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
                         f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
-                        f"average forgetting {metrics['average_forgetting']:.2f}.")
+                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
     classes = ", ".join(label_names[:num_classes]) if label_names else "_Not named (class indices only)._"
     return ModelCard.from_template(
         data, template_str=_CARD_TEMPLATE, model_name=model_name, base_model=base, method=state.get("method", "slca++"),
         learned=learned, total=len(state.get("task_sizes") or []) or learned, num_classes=num_classes,
         accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes, repo=repo,
+        task_history=_task_history(state, label_names),
     )
 
 
@@ -238,7 +265,7 @@ def build_export_card(
     if metrics:
         metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
                         f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
-                        f"average forgetting {metrics['average_forgetting']:.2f}.")
+                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
     classes = "\n".join(f"- {k}: {id2label[k]}" for k in sorted(id2label))
     return ModelCard.from_template(
         data, template_str=_EXPORT_TEMPLATE, model_name=model_name, architecture=architecture,

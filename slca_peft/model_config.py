@@ -239,7 +239,16 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
         matrix = check_list("accuracy_matrix", state.get("accuracy_matrix", []), MAX_TASKS)
         for t, row in enumerate(matrix):
             for j, value in enumerate(check_list(f"accuracy_matrix[{t}]", row, MAX_TASKS)):
-                check_float(f"accuracy_matrix[{t}][{j}]", value, 0.0, 100.0)
+                if value is not None:  # None: the task had no test data when this row was measured
+                    check_float(f"accuracy_matrix[{t}][{j}]", value, 0.0, 100.0)
+        for t, value in enumerate(check_list("task_data", state.get("task_data") or [], MAX_TASKS)):
+            check_str(f"task_data[{t}]", value, optional=True)
+        for i, segment in enumerate(check_list("segments", state.get("segments") or [], MAX_TASKS)):
+            if not isinstance(segment, dict) or len(segment) > 32:
+                raise _fail(f"segments[{i}]", "must be a JSON object of a few fields.")
+            for key in ("first_task", "tasks"):
+                check_int(f"segments[{i}].{key}", segment.get(key), 0, MAX_TASKS)
+            check_str(f"segments[{i}].data", segment.get("data"), optional=True)
         for t, value in enumerate(check_list("seen_accuracy", state.get("seen_accuracy", []), MAX_TASKS)):
             check_float(f"seen_accuracy[{t}]", value, 0.0, 100.0)
     except ValueError as err:

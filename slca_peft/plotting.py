@@ -47,18 +47,18 @@ def plot_accuracy_matrix(
     matrix: Sequence[Sequence[float]], path: str | Path, *, seen: Sequence[float] | None = None,
     title: str | None = None, size: tuple[int, int] = FIGURE_SIZE,
 ) -> Path:
-    """Heatmap of a lower-triangular accuracy matrix (percent); cells above the diagonal stay blank.
-    `seen` (accuracy over all seen classes after each task) adds the "all seen" column, the number
-    the run reports, beside the per-task accuracies it averages."""
+    """Heatmap of a lower-triangular accuracy matrix (percent); cells above the diagonal stay blank, a
+    missing entry (None: no test data) shows as a dash. `seen` (accuracy over all seen classes after
+    each task) adds the "all seen" column, the number the run reports, beside the per-task accuracies."""
     import numpy as np
 
     n = len(matrix)
     extra = 1 if seen is not None else 0
     grid = np.full((n, n + extra), np.nan)
     for t, row in enumerate(matrix):
-        grid[t, : len(row)] = row
+        grid[t, : len(row)] = [np.nan if v is None else v for v in row]
     if seen is not None:
-        grid[: len(seen), n] = list(seen)[:n]
+        grid[: len(seen), n] = [np.nan if v is None else v for v in list(seen)[:n]]
     fig = _figure(size)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis")
@@ -67,9 +67,8 @@ def plot_accuracy_matrix(
         for t in range(n):
             for j in [*range(len(matrix[t])), *([n] if extra else [])]:
                 value = grid[t, j]
-                if not math.isnan(value):
-                    ax.text(j, t, f"{value:.1f}", ha="center", va="center", fontsize=8 if n <= 10 else 6,
-                            color="black" if value > 60 else "white")
+                ax.text(j, t, "—" if math.isnan(value) else f"{value:.1f}", ha="center", va="center",
+                        fontsize=8 if n <= 10 else 6, color="black" if value > 60 else "white")
     if extra:
         ax.axvline(n - 0.5, color="white", linewidth=3)  # the "all seen" column is not a task
     ax.set_xticks(list(range(n + extra)), [str(j + 1) for j in range(n)] + ["all seen"] * extra)
@@ -157,10 +156,13 @@ def _read_json(path: Path) -> Any:
         raise FileNotFoundError(f"{path} not found; is {path.parent} the output directory of a finished run?") from None
 
 
-def _accuracies(name: str, values: Any) -> list[float]:
+def _accuracies(name: str, values: Any, missing: bool = False) -> list[float]:
+    """`values` checked as accuracies; `missing` allows None (an accuracy-matrix entry without test data)."""
     if not isinstance(values, list) or len(values) > MAX_TASKS:
         raise ValueError(f"{name} must be a list of at most {MAX_TASKS} accuracies")
     for i, value in enumerate(values):
+        if missing and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
             raise ValueError(f"{name}[{i}] must be an accuracy in [0, 100], got {value!r}")
     return values
@@ -185,7 +187,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
         if not isinstance(matrix, list) or not 0 < len(matrix) <= len(sizes):
             raise ValueError(f"accuracy_matrix must be a list of 1 to {len(sizes)} rows (one per task learned)")
         for t, row in enumerate(matrix):
-            _accuracies(f"accuracy_matrix[{t}]", row)
+            _accuracies(f"accuracy_matrix[{t}]", row, missing=True)
             if len(row) != t + 1:
                 raise ValueError(f"accuracy_matrix[{t}] must hold {t + 1} accuracies (tasks 1 to {t + 1}), "
                                  f"got {len(row)}")
@@ -261,8 +263,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         first = next(iter(runs.values()))
         method = first.get("method", "")
         n = min(len(run["accuracy_matrix"]) for run in runs.values())
-        mean_matrix = [np.mean([run["accuracy_matrix"][t] for run in runs.values()], axis=0).tolist()
-                       for t in range(n)]
+        mean_matrix = [_mean_row([run["accuracy_matrix"][t] for run in runs.values()]) for t in range(n)]
         mean_seen = np.mean([run["seen_accuracy"][:n] for run in runs.values()], axis=0).tolist()
         curves = {_curve_label(seeds[s]): run["seen_accuracy"] for s, run in runs.items()}
         curves["mean"] = mean_seen
@@ -285,6 +286,12 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         table = results_table({"run": run}, title=f"{method} — {root.name}", seeds=seeds)
     written.append(atomic_write_bytes(targets["results.md"], table.encode("utf-8")))
     return written
+
+
+def _mean_row(rows: list[list[float | None]]) -> list[float | None]:
+    """Entry-wise mean over seeds of the measured entries (None where no seed measured one)."""
+    columns = [[v for v in column if v is not None] for column in zip(*rows, strict=True)]
+    return [sum(c) / len(c) if c else None for c in columns]
 
 
 def _curve_label(seeds: tuple[int | None, int | None]) -> str:

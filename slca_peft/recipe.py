@@ -34,6 +34,8 @@ from .callbacks import load_callback
 from .checkpoint import verify_checkpoint
 from .config import SLCAConfig
 from .continual import ContinualLearner
+from .continuation import load_test_folder
+from .continue_run import check_continue_arguments, continuation_fingerprint, continued_stream
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
 from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
@@ -95,6 +97,19 @@ class ModelArguments:
         metadata={"help": "Resume from a checkpoint whose files or base model weights changed since it was written "
                   "(edited adapter or accuracies, replaced base weights); without it such a resume is refused."},
     )
+    continue_from: str | None = field(
+        default=None,
+        metadata={"help": "Teach a trained checkpoint (a task_<t> directory or a Hub repo id) the classes of new data "
+                  "(--train_dir/--test_dir or --dataset): they are split by --init_cls/--increment, ordered by "
+                  "--class_order_seed, and appended after the learned ones, which keep their ids. Not with "
+                  "--resume_from, which finishes an interrupted run of the same stream."},
+    )
+    continue_revision: str | None = field(default=None, metadata={"help": "Hub revision of --continue_from."})
+    merge_existing_classes: bool = field(
+        default=False,
+        metadata={"help": "With --continue_from: a new class named like a learned one adds its images to that class's "
+                  "statistics (no second output) instead of being refused."},
+    )
     callbacks: list[str] | None = field(
         default=None,
         metadata={"help": "After-task steps of your own, run after the built-in ones: package.module:ClassName "
@@ -135,6 +150,11 @@ class DataArguments:
         metadata={"help": "Domain-incremental: one task per domain, in this order, read from --data_dir (DomainNet's "
                   "release with <domain>_train.txt/<domain>_test.txt, or <domain>/train/<class>/ + "
                   "<domain>/test/<class>/). DomainNet: clipart infograph painting quickdraw real sketch."},
+    )
+    old_test_dir: str | None = field(
+        default=None,
+        metadata={"help": "With --continue_from: test images of learned classes (one sub-folder per class, named as "
+                  "the class), to keep scoring the old tasks; without it their accuracies are missing, not 0."},
     )
     seeds: list[int] | None = field(
         default=None,
@@ -257,7 +277,8 @@ ARGUMENT_RULES: tuple[tuple[Callable[[ModelArguments, DataArguments, SLCAConfig]
     (lambda m, d, a: int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.world_size == 1,  # torchrun / accelerate
      "the launcher started {env[WORLD_SIZE]} processes but each would train alone on all the data (no GPU backend was "
      "found). Pass --use_cpu true for CPU processes (gloo), or check that the GPUs are visible."),
-    (lambda m, d, a: not (m.model_name_or_path or m.model_config),
+    # --continue_from and --resume_from load the model from their checkpoint (--model_name_or_path then guards it).
+    (lambda m, d, a: not (m.model_name_or_path or m.model_config or m.continue_from or m.resume_from),
      "give --model_name_or_path (pre-trained backbone) or --model_config (random init)."),
     (lambda m, d, a: d.domains and (not d.data_dir or d.dataset or d.train_dir or d.test_dir),
      "--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir."),
@@ -287,6 +308,7 @@ def refuse_trainer_flags(args: SLCAConfig) -> None:
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> None:
     """The trainer flags, `ARGUMENT_RULES` and the output directory: one line naming flag and fix."""
     refuse_trainer_flags(args)
+    check_continue_arguments(model_args, data_args, args)
     for broken, message in ARGUMENT_RULES:
         if broken(model_args, data_args, args):
             raise SystemExit(message.format(env=os.environ, seeds=" ".join(map(str, data_args.seeds or []))))
@@ -316,12 +338,21 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
     return model_args, data_args, args
 
 
+def data_source(data_args: DataArguments) -> str | None:
+    """What the data is, as each task's history records it: the dataset's Hub id or name, or the image folders."""
+    if data_args.train_dir:
+        return f"image folders {data_args.train_dir}, {data_args.test_dir}"
+    return dataset_hub_id(data_args.dataset) or data_args.dataset
+
+
 def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
     """The task stream, with all of its data checked (every image decoded once) before any training;
     the check's progress bars show on the main process unless `--disable_tqdm`."""
     progress = not args.disable_tqdm and args.process_index == 0
     with progress_bars(progress):
         tasks = _load_tasks(data_args, args)
+        if not data_args.domains:
+            tasks.source = data_source(data_args)
         if data_args.train_dir:
             check_task_splits(tasks)  # from_image_folders has decoded every image
         else:
@@ -480,8 +511,9 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     fingerprint = run_fingerprint(
         args, base_model=model_args.model_name_or_path or model_args.model_config,
         base_revision=model_args.model_revision, tasks=tasks, peft_config=model_args.peft_config,
-        extra={k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
-                                                  "horizontal_flip")},
+        extra={**{k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
+                                                     "horizontal_flip")},
+               **continuation_fingerprint(model_args, data_args, args.output_dir)},
     )
     done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
         finished_run(args.output_dir, fingerprint, len(tasks))
@@ -524,12 +556,24 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
             check_resumable(resume, align=args.align)
             verify_checkpoint(resume, [model_args.model_name_or_path, args.hub_base_model_id],
                               accept_changed_files=model_args.accept_changed_files)
+        continued = continued_stream(model_args, data_args, tasks, args.output_dir)
         learner = ContinualLearner.from_checkpoint(
-            resume, args, tasks, revision=model_args.resume_revision,
+            resume, args, continued or tasks, revision=model_args.resume_revision,
             expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
             train_transform=None, eval_transform=None, callbacks=callbacks,
         )
         logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
+    elif model_args.continue_from:
+        old_test = load_test_folder(data_args.old_test_dir) if data_args.old_test_dir else None
+        learner = ContinualLearner.from_pretrained(
+            model_args.continue_from, args, tasks, revision=model_args.continue_revision,
+            expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
+            merge_existing_classes=model_args.merge_existing_classes, old_test=old_test,
+            train_transform=None, eval_transform=None, callbacks=callbacks,
+        )
+        logger.info("continuing %s (%d tasks, %d classes learned) with %d new classes in %d tasks",
+                    model_args.continue_from, learner.tasks.num_old_tasks, learner.tasks.num_old_classes,
+                    learner.tasks.num_classes - learner.tasks.num_old_classes, len(tasks))
     else:
         learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
                                    eval_transform=None, callbacks=callbacks)

@@ -107,6 +107,7 @@ class ClassStatistics:
         self._noise: dict[int, torch.Tensor] = {}  # class -> float64 [d] diagonal added to F F^T
         # class -> [count, sum (d), outer-sum lower block triangle], float64, additive across processes
         self._pending: dict[int, torch.Tensor] = {}
+        self._reopened: dict[int, int] = {}  # class -> its task, for classes `reopen` made pending again
         self._layout = BlockLayout(feature_dim)
         self._version = 0
         self._plan: SamplingPlan | None = None
@@ -211,11 +212,46 @@ class ClassStatistics:
                 self._factors[cls] = factors[i].cpu()
                 self._noise[cls] = noise[i].cpu()
                 self.counts[cls] = counts_list[lo + i]
-                self.task_of_class[cls] = task_id
+                self.task_of_class[cls] = self._reopened.pop(cls, task_id)
                 self._pending.pop(cls, None)
             del acc, cov
         self._changed()
         return classes
+
+    @torch.no_grad()
+    def reopen(self, classes: list[int], *, sums: bool = True, device: torch.device | str = "cpu") -> None:
+        """Accept more samples of finalized classes (a class's images arriving with later data).
+
+        Each class's count, sum and outer-product sum go back to the accumulators, rebuilt from its mean
+        and covariance (``n mu`` and ``(n - 1) Sigma + n mu mu^T``, Sigma without the ridge): exact up to
+        rounding for the "exact" and "full" forms, the stored approximation for "low_rank" and "diagonal".
+        `update` then adds the new samples and `finalize` refactorises the class, keeping its task. Pass
+        ``sums=False`` on every process but one, so that a reduction across processes counts the old
+        samples once.
+        """
+        for cls in classes:
+            if cls not in self.means:
+                raise ValueError(f"class {cls} has no statistics to add samples to.")
+        d, layout = self.feature_dim, self._layout
+        width = layout.b * layout.s
+        for cls in classes:
+            acc = torch.zeros(1 + d + layout.numel, dtype=torch.float64, device=device)
+            if sums:
+                n, mean = self.counts[cls], self.means[cls].to(device, torch.float64)
+                scatter = (self.covariance(cls).to(device) - self.ridge * torch.eye(d, dtype=torch.float64,
+                                                                                   device=device)) * (n - 1)
+                outer = torch.zeros(width, width, dtype=torch.float64, device=device)
+                outer[:d, :d] = scatter + n * torch.outer(mean, mean)
+                blocks = acc[1 + d :].view(-1, layout.s, layout.s)
+                for t, (i, j) in enumerate(zip(layout.bi.tolist(), layout.bj.tolist(), strict=True)):
+                    blocks[t] = outer[i * layout.s : (i + 1) * layout.s, j * layout.s : (j + 1) * layout.s]
+                acc[0] = n
+                acc[1 : 1 + d] = n * mean
+            self._reopened[cls] = self.task_of_class.pop(cls)
+            for store in (self.means, self.counts, self._factors, self._noise):
+                store.pop(cls)
+            self._pending[cls] = acc
+        self._changed()
 
     def _changed(self) -> None:
         self._version += 1

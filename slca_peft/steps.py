@@ -30,7 +30,7 @@ from .files import METRICS_FILE, atomic_write_text, json_text
 from .hub import local_base_problem, push_to_hub
 from .inference import inference_context
 from .manifest import safe_path
-from .metrics import format_accuracy_table
+from .metrics import MISSING, coverage_note, format_accuracy_table
 from .statistics import ClassStatistics
 from .tasks import stream_class_ids
 from .transforms import collate_fn
@@ -69,7 +69,10 @@ class StatisticsStep(ContinualCallback):
         if self.statistics is None:
             self.statistics = self.new_statistics(learner.model, learner.args)
         device = learner.args.device
-        batches = tqdm(self.loader(learner, task.train), desc=f"class statistics of task {task.task_id + 1}",
+        if task.merged_classes:  # learned classes this task's data adds images to: their sums, counted once
+            self.statistics.reopen([task.statistics_keys(c) for c in task.merged_classes],
+                                   sums=PartialState().process_index == 0, device=device)
+        batches = tqdm(self.loader(learner, task.statistics_data), desc=f"class statistics of task {task.task_id + 1}",
                        unit="batch", leave=False, disable=not learner.show_progress)
         with inference_context(learner.model, learner.args) as model:
             for batch in batches:
@@ -118,7 +121,12 @@ class AlignmentStep(ContinualCallback):
 
 class EvaluationStep(ContinualCallback):
     """Accuracy on every seen task's test data with the aligned heads: appends the row to
-    `learner.result` and fires `on_evaluate` with `continual_metrics`."""
+    `learner.result` and fires `on_evaluate` with `continual_metrics`.
+
+    A task whose test data is not at hand (`task.test is None`: learned before the stream was continued
+    on new data) gets a missing entry (None), neither 0 nor dropped; the accuracy over all seen classes
+    and the summaries are then over the tasks measured.
+    """
 
     def __init__(self):
         self._accelerator: Accelerator | None = None
@@ -144,11 +152,18 @@ class EvaluationStep(ContinualCallback):
         sample is counted once whatever the number of processes."""
         with inference_context(learner.model, learner.args):
             correct, total = self.count_correct(learner, task_id)
-        if (total == 0).any():
-            empty = [int(j) + 1 for j in np.nonzero(total == 0)[0]]
+        given = np.array([learner.tasks[j].test is not None for j in range(task_id + 1)])
+        if (given & (total == 0)).any():
+            empty = [int(j) + 1 for j in np.nonzero(given & (total == 0))[0]]
             raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
-        row = (100.0 * correct / total).tolist()
-        return row, float(100.0 * correct.sum() / total.sum()), total.astype(int).tolist()
+        if not given.any():
+            raise ValueError(f"no task up to task {task_id + 1} has test data; give the new data test images.")
+        row = [float(100.0 * c / n) if g else None for c, n, g in zip(correct, total, given, strict=True)]
+        # A task not measured now keeps the test size it was last measured with (0 if never): the weights
+        # of the summaries over earlier rows.
+        known = list(learner.result.task_test_sizes) + [0] * (task_id + 1)
+        sizes = [int(n) if g else int(known[j]) for j, (n, g) in enumerate(zip(total, given, strict=True))]
+        return row, float(100.0 * correct[given].sum() / total[given].sum()), sizes
 
     def count_correct(self, learner: ContinualLearner, task_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Correct predictions and test samples of each task up to `task_id`."""
@@ -156,6 +171,8 @@ class EvaluationStep(ContinualCallback):
         correct = np.zeros(task_id + 1)
         total = np.zeros(task_id + 1)
         for j in range(task_id + 1):
+            if learner.tasks[j].test is None:
+                continue
             loader = accelerator.prepare_data_loader(DataLoader(
                 learner.tasks[j].test.with_transform(learner.eval_transform),
                 batch_size=args.per_device_eval_batch_size,
@@ -180,7 +197,7 @@ class EvaluationStep(ContinualCallback):
         summary = result.summary()
         metrics = {"seen_accuracy": result.seen_accuracy[-1], "task": len(result.accuracy_matrix)}
         row = result.accuracy_matrix[-1]
-        metrics.update({f"accuracy_{learner.tasks[j].display_name}": a for j, a in enumerate(row)})
+        metrics.update({f"accuracy_{learner.tasks[j].display_name}": a for j, a in enumerate(row) if a is not None})
         for key in ("last_accuracy", "average_incremental_accuracy", "average_forgetting", "backward_transfer"):
             metrics[key] = float(summary[key])
         return metrics
@@ -196,11 +213,15 @@ class CheckpointStep(ContinualCallback):
     def state(learner: ContinualLearner) -> dict[str, Any]:
         """The task history a checkpoint records (`continual_state.json`)."""
         result = learner.result
+        tasks = learner.tasks
+        # What each task was learned from (a `ContinuedStream` lists it per task; a stream's `source` else).
+        source = getattr(tasks, "source", None) or learner.run_metadata.get("dataset")
         return {
             "method": learner.args.method,
             "tasks_learned": len(result.accuracy_matrix),
-            "class_ids": stream_class_ids(learner.tasks),
-            **learner.tasks.describe(),
+            "task_data": [source] * len(tasks),
+            "class_ids": stream_class_ids(tasks),
+            **tasks.describe(),
             "accuracy_matrix": result.accuracy_matrix,
             "seen_accuracy": result.seen_accuracy,
             "task_test_sizes": result.task_test_sizes,
@@ -275,7 +296,7 @@ class ReportStep(ContinualCallback):
             return
         row = learner.result.accuracy_matrix[-1]
         logger.info("task %d/%d | seen classes %5.1f%% | per task: %s", task.task_id + 1, len(learner.tasks),
-                    metrics["seen_accuracy"], " ".join(f"{a:5.1f}" for a in row))
+                    metrics["seen_accuracy"], " ".join(f"{MISSING:>5}" if a is None else f"{a:5.1f}" for a in row))
         learner.tracker.log({f"eval_{key}": value for key, value in metrics.items()})
 
     def on_run_end(self, learner, result):
@@ -297,6 +318,7 @@ class ReportStep(ContinualCallback):
             "average_forgetting": summary["average_forgetting"],
             "backward_transfer": summary["backward_transfer"],
             "seen_accuracy": result.seen_accuracy,
+            "missing_entries": summary["missing_entries"],
             "class_order": learner.tasks.order,
             "task_sizes": learner.tasks.task_sizes,
             "method": learner.args.method,
@@ -307,10 +329,11 @@ class ReportStep(ContinualCallback):
         summary = learner.result.summary()
         logger.info(
             "accuracy (%%) on each task's test classes after learning each task:\n%s\nLast-Acc %.2f  Inc-Acc %.2f  "
-            "forgetting %.2f  BWT %.2f  (%s)",
+            "forgetting %.2f  BWT %.2f  (%s)%s",
             format_accuracy_table(learner.result.accuracy_matrix, learner.result.seen_accuracy),
             summary["last_accuracy"], summary["average_incremental_accuracy"], summary["average_forgetting"],
             summary["backward_transfer"], learner.output_dir / METRICS_FILE,
+            f"\n{coverage_note(summary)}" if summary["missing_entries"] else "",
         )
         if write_plots(learner.output_dir):
             learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / "accuracy_matrix.png")

@@ -9,7 +9,7 @@ contiguous range `[offset_t, offset_t + size_t)`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -54,14 +54,25 @@ class Task:
 
     task_id: int
     classes: list[int]
-    train: Dataset
-    test: Dataset
+    #: None for a task learned before this stream continued (its data is gone).
+    train: Dataset | None
+    #: None when the task's test data is not at hand (scored as missing, not as 0).
+    test: Dataset | None
     #: Outputs this task adds to the classifier; None means one per class of the task, 0 shares the
     #: existing head (a new domain over the same classes).
     new_outputs: int | None = None
     #: Added to a label to key its class statistics (a Gaussian per domain and class, say).
     statistics_offset: int = 0
     name: str | None = None
+    #: Classes learned before whose statistics this task's data adds to (no new output for them).
+    merged_classes: list[int] = field(default_factory=list)
+    #: The data class statistics are computed on, when it differs from `train` (it also holds the
+    #: images of `merged_classes`, which representation learning, on this task's outputs only, skips).
+    statistics_train: Dataset | None = None
+
+    @property
+    def statistics_data(self) -> Dataset | None:
+        return self.statistics_train if self.statistics_train is not None else self.train
 
     @property
     def offset(self) -> int:
@@ -115,6 +126,9 @@ class TaskSequence:
 
     Each dataset needs an image column and an integer (or `ClassLabel`) or string label column.
     """
+
+    #: What the data is (a Hub dataset id, image folders): each task's history records it.
+    source: str | None = None
 
     def __init__(
         self,

@@ -65,7 +65,10 @@ def test_hand_computed_3x3(metric):
         "average_incremental_accuracy",
         "average_forgetting",
         "backward_transfer",
+        "missing_entries",
+        "forgetting_tasks",
     }
+    assert (out["missing_entries"], out["forgetting_tasks"]) == (0, [0, 1])  # every entry measured
 
 
 def test_forgetting_uses_best_earlier_accuracy_not_diagonal(metric):
