@@ -140,12 +140,12 @@ def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
     """Crop size and normalisation of the evaluation transform: the base model's
     image processor statistics, or ViT's defaults (mean = std = 0.5) when it ships none. Training,
     evaluation and an export's image processor all start from it, so they cannot disagree."""
-    base = model.base_model_name_or_path
+    base = model.slca_config.base_model_name_or_path
     if base:
         from transformers import AutoImageProcessor
 
         try:
-            processor = AutoImageProcessor.from_pretrained(base, revision=model.revision)
+            processor = AutoImageProcessor.from_pretrained(base, revision=model.slca_config.revision)
             return ImageTransformConfig.from_image_processor(processor)
         except (OSError, ValueError, TypeError):
             pass
