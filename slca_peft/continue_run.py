@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import latest_checkpoint, resolve_checkpoint
 from .continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
-from .errors import UserError
-from .files import STATE_FILE, read_json
+from .errors import UserError, read_json
+from .files import STATE_FILE
 from .model_config import validate_state
 
 if TYPE_CHECKING:

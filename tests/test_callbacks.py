@@ -159,7 +159,7 @@ def test_no_module_outside_the_streams_branches_on_the_kind_of_stream():
     """Class- and domain-incremental runs go through the same loop code."""
     offenders = []
     for path in sorted((ROOT / "slca_peft").rglob("*.py")):
-        if path.name in ("tasks.py", "domains.py", "__init__.py", "recipe.py"):
+        if path.name in ("tasks.py", "domains.py", "continuation.py", "__init__.py", "recipe.py"):
             continue  # the streams themselves; the package exports; the recipe builds the stream it is asked for
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
