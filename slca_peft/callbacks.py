@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from .errors import UserError, no_exit
+from .timing import clock
 
 if TYPE_CHECKING:
     from .continual import ContinualLearner, ContinualResult
@@ -38,6 +39,9 @@ class ContinualCallback:
     Like `transformers.TrainerCallback`, but per task rather than per step. An exception raised
     in a hook stops the run; the error names the callback.
     """
+
+    #: Name under which the learner times this callback's `on_task_end` (`result.timings`); None: untimed.
+    phase: str | None = None
 
     def on_run_begin(self, learner: ContinualLearner) -> None:
         """Before the first task still to learn (also when resuming)."""
@@ -123,17 +127,26 @@ class CallbackHandler:
         """Run hook `event` on every callback in order; an error in a callback of the user's is
         re-raised naming it."""
         for callback in list(self.callbacks):
-            if isinstance(callback, self.step_classes):
+            phase = getattr(callback, "phase", None) if event == "on_task_end" else None
+            if phase and learner.result.timings:  # the task's record, which learn_task opened
+                start = clock()
+                self._call(callback, event, learner, *args)
+                learner.result.timings[-1][f"{phase}_seconds"] = clock() - start
+            else:
+                self._call(callback, event, learner, *args)
+
+    def _call(self, callback: ContinualCallback, event: str, learner: ContinualLearner, *args: Any) -> None:
+        if isinstance(callback, self.step_classes):
+            getattr(callback, event)(learner, *args)
+            return
+        # sys.exit in a user's hook must not end the run as if it had finished (exit 0).
+        with no_exit(f"continual callback {type(callback).__name__}.{event}"):
+            try:
                 getattr(callback, event)(learner, *args)
-                continue
-            # sys.exit in a user's hook must not end the run as if it had finished (exit 0).
-            with no_exit(f"continual callback {type(callback).__name__}.{event}"):
-                try:
-                    getattr(callback, event)(learner, *args)
-                except Exception as err:
-                    raise RuntimeError(
-                        f"continual callback {type(callback).__name__}.{event} failed: {type(err).__name__}: {err}"
-                    ) from err
+            except Exception as err:
+                raise RuntimeError(
+                    f"continual callback {type(callback).__name__}.{event} failed: {type(err).__name__}: {err}"
+                ) from err
 
 
 def load_callback(spec: str) -> Any:

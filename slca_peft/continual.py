@@ -32,6 +32,7 @@ from .model import SLCAModel, load_checkpoint
 from .statistics import ClassStatistics
 from .steps import PushStep, StatisticsStep, default_steps
 from .tasks import Task, TaskSequence, TaskStream, stream_class_ids
+from .timing import checked_timings, clock
 from .tracking import ContinualTracker
 from .trainer import SLCATrainer
 from .transforms import collate_fn, make_batch_transform
@@ -44,6 +45,8 @@ class ContinualResult:
     accuracy_matrix: list[list[float]] = field(default_factory=list)
     seen_accuracy: list[float] = field(default_factory=list)
     task_test_sizes: list[int] = field(default_factory=list)
+    #: Per task: seconds and images of each phase (`slca_peft.timing`); `{}` for a task not timed.
+    timings: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return summarize_accuracy_matrix(self.accuracy_matrix, self.task_test_sizes)
@@ -118,7 +121,9 @@ class ContinualLearner:
         model, statistics, state, unaligned = load_checkpoint(checkpoint, revision, expected_base=expected_base)
         check_resumable(checkpoint, model, statistics, state, args, tasks)
         result = ContinualResult(accuracy_matrix=state["accuracy_matrix"], seen_accuracy=state["seen_accuracy"],
-                                 task_test_sizes=state["task_test_sizes"])
+                                 task_test_sizes=state["task_test_sizes"],
+                                 timings=checked_timings(state.get("timings"), len(state["accuracy_matrix"]),
+                                                         str(checkpoint)))
         return cls(model, args, tasks, statistics=statistics, result=result, unaligned_head=unaligned, **kwargs)
 
     @classmethod
@@ -261,6 +266,11 @@ class ContinualLearner:
             if len(ids) >= self.model.classifier.num_classes:
                 self.model.class_ids = ids[: self.model.classifier.num_classes]
         self.call_event("on_task_begin", task)
+        # This task's times: training here, each after-task step with a `phase` in the CallbackHandler.
+        timings, timing = self.result.timings, {}
+        del timings[t:]
+        timings.extend({} for _ in range(t - len(timings)))  # tasks a checkpoint from before timings did not time
+        timings.append(timing)
         self.trainer = SLCATrainer(
             model=self.model,
             args=self._trainer_args,
@@ -269,8 +279,13 @@ class ContinualLearner:
             callbacks=[*self.trainer_callbacks, self.tracker],
             task_id=t,
         )
+        start = clock()
         with no_exit(f"training of task {t + 1}"):  # a TrainerCallback's sys.exit(0) is not a finished run
             self.trainer.train()
+        timing["training_seconds"] = clock() - start
+        timing["training_images"] = round(len(task.train) * (self.trainer.state.epoch or 0))
+        timing["statistics_images"] = len(task.train)
+        timing["evaluation_images"] = sum(len(self.tasks[j].test) for j in range(t + 1))
         self.unaligned_head = self.model.classifier.snapshot()
         self.call_event("on_task_end", task)
         self.model.classifier.restore(self.unaligned_head)

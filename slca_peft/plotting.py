@@ -11,7 +11,8 @@ reads `OUTPUT_DIR/metrics.json` (one run) or `OUTPUT_DIR/seeds.json` with `seed_
 - `accuracy_curve.png`: accuracy over all seen classes against the number of classes seen, after
   each task (one line per class-order seed, plus their mean);
 - `results.md`: Last-Acc and Inc-Acc per run, with its training seed (`--seed`) and class-order seed,
-  and for several seeds their mean ± std, as the paper reports them.
+  and for several seeds their mean ± std, as the paper reports them; for one run also "Where the
+  time went": seconds (and images/s) of each phase of each task.
 
 A multi-seed directory also gets a report of its own in every `seed_<s>/`. Matplotlib is an optional
 dependency (`pip install slca-peft[plot]`), imported only when a figure is drawn.
@@ -28,6 +29,7 @@ from typing import Any
 from .errors import UserError, read_json
 from .files import atomic_write_bytes
 from .manifest import safe_path
+from .timing import phases_of
 
 #: Figure size in pixels (width, height) at `DPI`.
 FIGURE_SIZE = (800, 600)
@@ -142,6 +144,55 @@ def results_table(rows: dict[str, dict[str, float]], *, title: str,
         note += f" std: sample standard deviation over the {len(rows)} runs."
     lines += ["", note, ""]
     return "\n".join(lines)
+
+
+def timing_table(timings: dict[str, Any] | None) -> str:
+    """Markdown: seconds of each phase per task and in total, with images/s and each phase's share
+    of the run (empty without timings: a metrics.json from before they were recorded)."""
+    if not timings or not timings.get("per_task"):
+        return ""
+    total = timings["total"]
+    phases = phases_of(total)
+
+    def cell(record: dict[str, float], phase: str, share: bool = False) -> str:
+        if f"{phase}_seconds" not in record:
+            return ""
+        seconds = record[f"{phase}_seconds"]
+        text = f"{seconds:.2f}"
+        if f"{phase}_images_per_second" in record:
+            text += f" ({record[f'{phase}_images_per_second']:.1f} img/s)"
+        if share and record["total_seconds"]:
+            text += f", {100 * seconds / record['total_seconds']:.0f}%"
+        return text
+
+    lines = ["", "## Where the time went", "", "| task | total (s) | " + " | ".join(f"{p} (s)" for p in phases) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
+    for record in timings["per_task"]:
+        lines.append(f"| {record['task']} | {record['total_seconds']:.2f} | "
+                     + " | ".join(cell(record, p) for p in phases) + " |")
+    lines.append(f"| all | {total['total_seconds']:.2f} | " + " | ".join(cell(total, p, True) for p in phases) + " |")
+    lines += ["", "images/s: training counts every epoch's images, statistics the task's training images, evaluation "
+              "the test images of every task seen. A blank cell was not timed (a task learned before a resume from "
+              "a checkpoint without timings; a checkpoint's own write, for the task a run resumed after).", ""]
+    return "\n".join(lines)
+
+
+def _timings(path: Path, value: Any) -> dict[str, Any] | None:
+    """metrics.json's `timings`, checked (None when absent)."""
+    if value is None:
+        return None
+
+    def numbers(record: Any) -> bool:
+        return isinstance(record, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in record.values())
+
+    per_task = value.get("per_task") if isinstance(value, dict) else None
+    if not (isinstance(per_task, list) and len(per_task) <= MAX_TASKS and all(map(numbers, per_task))
+            and numbers(value.get("total")) and all("task" in r and "total_seconds" in r for r in per_task)
+            and (not per_task or "total_seconds" in value["total"])):
+        raise UserError(f"{path}: timings must hold per_task records and a total of non-negative numbers; the file "
+                        "is damaged or was not written by slca-peft.")
+    return value
 
 
 #: Bounds on what a metrics.json may hold (tasks, classes), far above any real run.
@@ -284,6 +335,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
                                            targets["accuracy_curve.png"], size=size,
                                            title=f"{method} on {root.name}"))
         table = results_table({"run": run}, title=f"{method} — {root.name}", seeds=seeds)
+        table += timing_table(_timings(root / "metrics.json", run.get("timings")))
     written.append(atomic_write_bytes(targets["results.md"], table.encode("utf-8")))
     return written
 

@@ -33,6 +33,7 @@ from .manifest import safe_path
 from .metrics import MISSING, coverage_note, format_accuracy_table
 from .statistics import ClassStatistics
 from .tasks import stream_class_ids
+from .timing import timing_line, timing_summary, with_rates
 from .transforms import collate_fn
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class StatisticsStep(ContinualCallback):
     task's training images with eval transforms, adapters merged and in the run's precision; float64
     sums are reduced across processes, so every process holds the same, exact statistics.
     """
+
+    phase = "statistics"
 
     def __init__(self, statistics: ClassStatistics | None = None):
         self.statistics = statistics
@@ -105,6 +108,8 @@ def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
 class AlignmentStep(ContinualCallback):
     """Retrain every head on features sampled from the class Gaussians (from the second task on)."""
 
+    phase = "alignment"
+
     def on_task_end(self, learner, task):
         if not (learner.args.align and task.task_id > 0):
             return
@@ -127,6 +132,8 @@ class EvaluationStep(ContinualCallback):
     on new data) gets a missing entry (None), neither 0 nor dropped; the accuracy over all seen classes
     and the summaries are then over the tasks measured.
     """
+
+    phase = "evaluation"
 
     def __init__(self):
         self._accelerator: Accelerator | None = None
@@ -206,6 +213,8 @@ class EvaluationStep(ContinualCallback):
 class CheckpointStep(ContinualCallback):
     """`OUTPUT_DIR/task_<t>`, written atomically: model, statistics, unaligned heads and task history."""
 
+    phase = "checkpoint"
+
     def on_task_end(self, learner, task):
         self.save(learner, learner.output_dir / f"task_{task.task_id}")
 
@@ -225,6 +234,7 @@ class CheckpointStep(ContinualCallback):
             "accuracy_matrix": result.accuracy_matrix,
             "seen_accuracy": result.seen_accuracy,
             "task_test_sizes": result.task_test_sizes,
+            "timings": result.timings,  # this task's without its own checkpoint write (timed after it)
             "training_seed": learner.args.seed,
             **learner.run_metadata,
         }
@@ -299,6 +309,15 @@ class ReportStep(ContinualCallback):
                     metrics["seen_accuracy"], " ".join(f"{MISSING:>5}" if a is None else f"{a:5.1f}" for a in row))
         learner.tracker.log({f"eval_{key}": value for key, value in metrics.items()})
 
+    def on_task_end(self, learner, task):
+        """One line saying where the task's time went, and the same figures to the trackers (`time/...`)."""
+        if not learner.is_main_process or len(learner.result.timings) <= task.task_id:
+            return
+        record = with_rates(learner.result.timings[task.task_id])
+        logger.info("task %d/%d took %s", task.task_id + 1, len(learner.tasks), timing_line(record))
+        learner.tracker.log_scalars({f"time/{key}": value for key, value in record.items()
+                                     if key.endswith(("_seconds", "_per_second"))})
+
     def on_run_end(self, learner, result):
         if learner.is_main_process and result.accuracy_matrix:
             path = safe_path(learner.output_dir, METRICS_FILE)  # a symlink there is refused, never written through
@@ -322,6 +341,7 @@ class ReportStep(ContinualCallback):
             "class_order": learner.tasks.order,
             "task_sizes": learner.tasks.task_sizes,
             "method": learner.args.method,
+            "timings": timing_summary(result.timings),
         }
 
     @staticmethod
