@@ -285,7 +285,7 @@ class ContinualLearner:
         timing["training_seconds"] = clock() - start
         timing["training_images"] = round(len(task.train) * (self.trainer.state.epoch or 0))
         timing["statistics_images"] = len(task.train)
-        timing["evaluation_images"] = sum(len(self.tasks[j].test) for j in range(t + 1))
+        timing["evaluation_images"] = sum(len(self.tasks[j].test or ()) for j in range(t + 1))  # None: no test data
         self.unaligned_head = self.model.classifier.snapshot()
         self.call_event("on_task_end", task)
         self.model.classifier.restore(self.unaligned_head)

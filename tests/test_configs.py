@@ -35,6 +35,8 @@ def test_every_config_parses_into_the_values_it_lists(recipe, path):
         (owner,) = [o for o in (model_args, data_args, args) if key in {f.name for f in dataclasses.fields(o)}]
         parsed = getattr(owner, key)
         parsed = getattr(parsed, "value", parsed)  # enum-valued TrainingArguments fields
+        if isinstance(value, str) and (path.parent / value).exists():
+            value = str((path.parent / value).resolve())  # a relative path resolves next to its config
         assert parsed == (pytest.approx(value) if isinstance(value, float) else value), key
 
 

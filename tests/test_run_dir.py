@@ -58,7 +58,7 @@ def test_a_user_error_in_a_real_process_exits_non_zero_with_one_line(tmp_path):
                    "--ca_batch_size", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "slca-peft train: error: --ca_batch_size 0 is out of range: it must be >= 1 and <= 1048576. "
+        "train_seq.py: error: --ca_batch_size 0 is out of range: it must be >= 1 and <= 1048576. "
         "(run with --debug for the traceback)"
     ]
 
