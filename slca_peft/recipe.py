@@ -38,6 +38,7 @@ from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
 from .errors import UserError, run_main
 from .export import eval_transform_config
+from .hardware import log_bf16_choice, resolve_bf16_flag
 from .model import SLCAModel
 from .peft_methods import load_peft_config
 from .run_dir import check_checkpoint_matches, check_resumable, check_writable, claim_run_directory, run_fingerprint
@@ -182,6 +183,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, SLCAConf
         if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
         argv = yaml_to_argv(config) + argv[:i] + argv[i + 2 :]
+    argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
     parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig))
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
     refuse_trainer_flags(args)
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run_main(main, prog="slca-peft train")
     model_args, data_args, args = parse_args(argv)
     configure_logging(args)
+    log_bf16_choice()
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
     return train(model_args, data_args, args)
