@@ -179,7 +179,7 @@ class Released:
         learner._total_classes, learner._known_classes = num_classes, num_classes - TASK_SIZE
         learner._cur_task, learner.task_sizes = num_tasks - 1, [TASK_SIZE] * num_tasks
         learner.logit_norm, learner.fc_scale_mu = RELEASED_SETTING["logit_norm"], RELEASED_SETTING["fc_scale_mu"]
-        learner._device, learner._multiple_gpus = "cpu", ["cpu"]
+        learner._device, learner._multiple_gpus, learner.test_loader = "cpu", ["cpu"], None
         learner._compute_accuracy = lambda *a: 0.0  # its per-epoch test evaluation: the eval pass, timed apart
         fc = self.network(num_tasks).fc
 
@@ -265,36 +265,40 @@ def slca_alignment(stats: ClassStatistics, num_classes: int) -> Callable[[], Non
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def interleaved(rows: dict[str, Callable[[], None]], rounds: int, repeats: int, device) -> dict[str, list[float]]:
-    """Seconds per call of each row: one warm-up call each, then `rounds` rounds of `repeats` calls per
-    row, the row order rotating every round."""
+def interleaved(rows: dict[str, Callable[[], None]], rounds: int, device) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds per call of each row: one warm-up call each, then `rounds` rounds,
+    the row order rotating every round. On a loaded machine the CPU time (this process's, all of its
+    threads) moves far less than the wall time; with `--threads 1` it is the idle machine's wall time."""
     names = list(rows)
     for name in names:
         rows[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            for _ in range(repeats):
-                synchronize(device)
-                start = time.perf_counter()
-                rows[name]()
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-        print(f"#   round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names), flush=True)
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            rows[name]()
+            synchronize(device)
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+        print(f"#   round {r + 1}/{rounds} (wall/cpu s): "
+              + ", ".join(f"{n} {times[n]['wall'][-1]:.3f}/{times[n]['cpu'][-1]:.3f}" for n in names), flush=True)
     return times
 
 
-def table(title: str, times: dict[str, list[float]], baseline: str | None, unit: str) -> None:
-    print(f"\n{title}\n| row | median s | min s | n | ratio (released fp32 / row) |\n|---|---|---|---|---|")
-    base = statistics.median(times[baseline]) if baseline in times else None
+def table(title: str, times: dict[str, dict[str, list[float]]], baseline: str | None, unit: str) -> None:
+    print(f"\n{title} ({unit}; ratio = released code fp32 / row, from the medians)\n"
+          "| row | wall median | wall min | ratio (wall) | cpu median | ratio (cpu) | n |\n" + "|---" * 7 + "|")
+    base = {k: statistics.median(times[baseline][k]) for k in ("wall", "cpu")} if baseline in times else None
     for name, values in times.items():
-        median = statistics.median(values)
-        ratio = f"{base / median:.2f}x" if base else "n/a"
-        print(f"| {name} | {median:.3f} | {min(values):.3f} | {len(values)} | {ratio} |")
-    print(f"({unit})", flush=True)
+        wall, cpu = statistics.median(values["wall"]), statistics.median(values["cpu"])
+        ratio = (f"{base['wall'] / wall:.2f}x", f"{base['cpu'] / cpu:.2f}x") if base else ("n/a", "n/a")
+        print(f"| {name} | {wall:.3f} | {min(values['wall']):.3f} | {ratio[0]} | {cpu:.3f} | {ratio[1]} | "
+              f"{len(values['wall'])} |")
+    print(flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, list[float]]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--released_code_dir", default=None, help="a checkout of the authors' SLCA code")
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     train_labels = torch.randint(TASK_SIZE, 2 * TASK_SIZE, (s.train_batch,), generator=gen)
     eval_pixels = torch.randn(s.eval_batch, 3, s.image, s.image, generator=gen)
     eval_labels = torch.randint(0, 2 * TASK_SIZE, (s.eval_batch,), generator=gen)
-    results: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
     with tempfile.TemporaryDirectory() as out:
         if "train" in args.passes:
             rows = {}
@@ -328,8 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
                 for bf16, step in steps.items():
                     rows[f"slca-peft {setting} {'bf16' if bf16 else 'fp32'}"] = step
                 print(f"# slca-peft {setting} setting: {info['optimized']:,} parameters optimized")
-            results["train"] = interleaved(rows, rounds, 1, device)
-            table(f"Training step, batch {s.train_batch}", results["train"], "released code fp32", "s per step")
+            results["train"] = interleaved(rows, rounds, device)
+            table(f"Training step, batch {s.train_batch}", results["train"], "released code fp32", "seconds per step")
         if "eval" in args.passes:
             with contextlib.ExitStack() as stack:
                 rows = {}
@@ -341,18 +345,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
                     for bf16 in (False, True):
                         rows[f"slca-peft {setting} {'bf16' if bf16 else 'fp32'}"] = stack.enter_context(
                             slca_statistics_pass(s, setting, bf16, eval_pixels, eval_labels, out))
-                results["eval"] = interleaved(rows, rounds, 1, device)
+                results["eval"] = interleaved(rows, rounds, device)
             table(f"No-grad pass (features of one batch of {s.eval_batch})", results["eval"],
-                  "released code fp32 (eval, no_grad)", "s per batch")
+                  "released code fp32 (eval, no_grad)", "seconds per batch")
         if "align" in args.passes:
             stats = synthetic_statistics(s.classes, s.dim, s.per_class, s.classes // TASK_SIZE, "cpu", seed=args.seed)
             rows = {}
             if released:
                 rows["released code fp32"] = released.alignment(stats, s.classes)
             rows["slca-peft fp32"] = slca_alignment(stats, s.classes)
-            results["align"] = interleaved(rows, max(1, rounds // 2), 1, device)
+            results["align"] = interleaved(rows, max(1, rounds // 2), device)
             table(f"Classifier alignment, C = {s.classes}, 5 epochs", results["align"], "released code fp32",
-                  "s per alignment")
+                  "seconds per alignment")
     return results
 
 
