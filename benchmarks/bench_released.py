@@ -66,6 +66,7 @@ from slca_peft import (  # noqa: E402
     SLCAModel,
     SLCATrainer,
 )
+from slca_peft.hardware import cpu_bf16_training  # noqa: E402
 from slca_peft.inference import inference_context  # noqa: E402
 
 TASK_SIZE = 10  # classes per task: two tasks while training (the second one learns), C / 10 when aligning
@@ -227,9 +228,10 @@ def slca_training_steps(s, setting: str, pixels, labels, out: str) -> tuple[dict
     inputs = {"pixel_values": pixels, "labels": labels}
 
     def step(bf16: bool) -> None:  # what the Trainer's loop does per step (no clipping: max_grad_norm is 0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = trainer.compute_loss(model, inputs)
-        loss.backward()
+        with cpu_bf16_training(model, SimpleNamespace(bf16=bf16)):  # as `SLCATrainer.train` runs
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = trainer.compute_loss(model, inputs)
+            loss.backward()
         optimizer.step()
         scheduler.step()
         model.zero_grad(set_to_none=True)

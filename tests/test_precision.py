@@ -221,3 +221,47 @@ def test_a_resumed_auto_run_resolves_as_it_started(recipe, cpu_only, tmp_path, b
     # Forcing the other precision is a different run, refused by name.
     with pytest.raises(ValueError, match=r"bf16 \(true -> false\)"):
         recipe.main(argv + ["--resume_from", "auto", "--bf16", "false"])
+
+
+# ---------------------------------------------------------------------------------------------- CPU bf16 training
+def test_cpu_bf16_training_keeps_autocast_values_and_restores_everything():
+    torch.manual_seed(0)
+    model = SLCAModel.from_backbone(tiny_vit_config(initializer_range=0.5), task_sizes=[4])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    config = model.backbone.config
+    assert config._attn_implementation == "sdpa"
+    pixels, labels = torch.randn(6, 3, 32, 32), torch.arange(6) % 4
+
+    def run(fast: bool):
+        model.zero_grad(set_to_none=True)
+        with hardware.cpu_bf16_training(model, SimpleNamespace(bf16=fast)):
+            config._attn_implementation = "eager" if not fast else config._attn_implementation
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(pixel_values=pixels).logits
+            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_logits, plain_grads = run(False)  # autocast alone, with the same (eager) attention
+    config._attn_implementation = "sdpa"
+    seen = []
+    model.backbone.register_forward_hook(lambda *a: seen.append(config._attn_implementation))
+    fast_logits, fast_grads = run(True)
+    assert seen[-1] == "eager" and config._attn_implementation == "sdpa"  # restored on exit
+    loras = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert loras and all(m.cast_input_dtype_enabled for m in loras)
+    # The forward is autocast's, value for value; gradients differ only by bf16 sums over a norm's readers.
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=0, atol=0)
+    assert fast_grads.keys() == plain_grads.keys() and any("lora_A" in n for n in fast_grads)
+    largest = max(g.abs().max() for g in plain_grads.values())
+    for name, grad in fast_grads.items():  # (a key bias's gradient is 0 but for rounding: the absolute floor)
+        bound = 0.02 * plain_grads[name].abs().max() + 1e-3 * largest
+        assert (grad - plain_grads[name]).abs().max() <= bound, name
+    # No-grad passes and other precisions are left alone.
+    with hardware.cpu_bf16_training(model, SimpleNamespace(bf16=True)), torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.features(pixels).dtype == torch.float32  # the final norm is not cast
+    with hardware.cpu_bf16_training(model, SimpleNamespace(bf16=False)):
+        assert config._attn_implementation == "sdpa"
