@@ -10,8 +10,8 @@ row alike; medians decide, ratios are released time / slca-peft time:
   from `create_optimizer`, its scheduler), bf16 under autocast as the recipe runs it;
 * no-grad pass: the released code's evaluation forward (`models/base.py` `_compute_accuracy`:
   eval mode, `torch.no_grad`) and its statistics pass (`_extract_vectors`, which runs without
-  `no_grad`) against slca-peft's statistics pass (`inference_context`: inference mode, LoRA merged;
-  features + `ClassStatistics.update`);
+  `no_grad`) against slca-peft's statistics pass (as `inference_context`: inference mode, LoRA
+  merged, autocast for bf16; features + `ClassStatistics.update`);
 * classifier alignment: the released `_stage2_compact_classifier` itself (5 CA epochs, 256 draws
   per class, a `MultivariateNormal` per class and epoch) against `ClassifierAligner.align` on the
   same synthetic class statistics (C classes of 500 samples, 10 tasks), its sampling plan built
@@ -67,7 +67,7 @@ from slca_peft import (  # noqa: E402
     SLCATrainer,
 )
 from slca_peft.hardware import cpu_bf16_training  # noqa: E402
-from slca_peft.inference import inference_context  # noqa: E402
+from slca_peft.inference import merged_adapters  # noqa: E402
 
 TASK_SIZE = 10  # classes per task: two tasks while training (the second one learns), C / 10 when aligning
 RELEASED_SETTING = {"lora_rank": 4, "fc_scale_mu": 0.02, "sce_a": 1.0, "sce_b": 0.1, "bcb_lrscale": 0.1,
@@ -243,15 +243,22 @@ def slca_training_steps(s, setting: str, pixels, labels, out: str) -> tuple[dict
 
 @contextlib.contextmanager
 def slca_statistics_pass(s, setting: str, bf16: bool, pixels, labels, out: str):
-    """The statistics pass of `ContinualLearner.compute_statistics`, inside its (entered once) context."""
-    model = slca_model(s, slca_args(setting, out))
+    """The statistics pass of `ContinualLearner.compute_statistics`: what `inference_context` does, with
+    the merge (once per pass) held for the whole benchmark and the thread-wide modes (inference mode,
+    autocast) entered per call, so the rows interleaved with it run in their own."""
+    model = slca_model(s, slca_args(setting, out)).eval()
     with torch.no_grad():  # non-zero LoRA, as after training, so merging changes the weights
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.01)
     stats = ClassStatistics(model.feature_dim)
-    with inference_context(model, SimpleNamespace(bf16=bf16, fp16=False)):
-        yield lambda: stats.update(model.features(pixels), labels)
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            stats.update(model.features(pixels), labels)
+
+    with merged_adapters(model):  # under no_grad itself; no thread-wide mode held between calls
+        yield run
 
 
 def slca_alignment(stats: ClassStatistics, num_classes: int) -> Callable[[], None]:
