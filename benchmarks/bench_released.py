@@ -243,7 +243,7 @@ def slca_training_steps(s, setting: str, pixels, labels, out: str) -> tuple[dict
 
 @contextlib.contextmanager
 def slca_statistics_pass(s, setting: str, bf16: bool, pixels, labels, out: str):
-    """The statistics pass of `ContinualLearner.compute_statistics`: what `inference_context` does, with
+    """The statistics pass of `StatisticsStep.compute` (`slca_peft.steps`): what `inference_context` does, with
     the merge (once per pass) held for the whole benchmark and the thread-wide modes (inference mode,
     autocast) entered per call, so the rows interleaved with it run in their own."""
     model = slca_model(s, slca_args(setting, out)).eval()

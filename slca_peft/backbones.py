@@ -9,7 +9,11 @@ in the table gets a spec inferred from its modules and outputs.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,13 +97,99 @@ SPECS: dict[str, BackboneSpec] = {
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
 
+#: `from_pretrained` keywords passed through to transformers when a model is loaded by name.
+LOADING_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "dtype",
+                    "attn_implementation")
+_QUANTIZED = ("quantized backbones are not supported: the slow learner trains the backbone's norms and biases; "
+              "load it unquantized (dtype=torch.bfloat16 halves its memory).")
+#: Loading keywords refused, and why (with what to do instead).
+REFUSED_LOADING_KEYWORDS = {
+    "device_map": "an SLCAModel keeps its backbone and heads on one device, which training and alignment move "
+    "as a whole; load without device_map and call model.to(device) (several GPUs: accelerate launch, one copy "
+    "per process, docs/distributed.md).",
+    "quantization_config": _QUANTIZED, "load_in_8bit": _QUANTIZED, "load_in_4bit": _QUANTIZED,
+    "trust_remote_code": "slca-peft builds only architectures transformers ships and runs no code from a "
+    "checkpoint; use a backbone whose model_type transformers knows.",
+    "use_safetensors": "slca-peft always reads safetensors (never pickles); drop the keyword.",
+    "from_tf": "slca-peft reads safetensors weights only; convert the checkpoint and drop the keyword.",
+    "from_flax": "slca-peft reads safetensors weights only; convert the checkpoint and drop the keyword.",
+}
+
+
+def split_loading_kwargs(kwargs: Mapping[str, Any], caller: str = "from_pretrained"
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the loading keywords among `kwargs`, the rest). A refused one (`device_map`, quantization,
+    `trust_remote_code`) raises, saying why and what to do; `torch_dtype` is read as `dtype`, as
+    transformers v5 does; unset (None) keywords are dropped so transformers' defaults apply."""
+    loading, rest = {}, {}
+    for name, value in kwargs.items():
+        if name in REFUSED_LOADING_KEYWORDS:
+            raise ValueError(f"{caller}: {name} is not supported: {REFUSED_LOADING_KEYWORDS[name]}")
+        if name == "torch_dtype":
+            name = "dtype"
+        if name in LOADING_KEYWORDS:
+            if value is not None:
+                loading[name] = value
+        else:
+            rest[name] = value
+    return loading, rest
+
+
+def loading_kwargs(caller: str = "from_pretrained", **kwargs: Any) -> dict[str, Any]:
+    """The keywords a `from_pretrained` passes on to transformers' (`LOADING_KEYWORDS`), checked: a refused
+    or unknown one raises a one-line error naming it."""
+    loading, rest = split_loading_kwargs(kwargs, caller)
+    if rest:
+        raise TypeError(f"{caller}: unknown keyword(s) {sorted(rest)}; the loading keywords are "
+                        f"{list(LOADING_KEYWORDS)}.")
+    return loading
+
+
+def check_backbone_source(name_or_path: str | os.PathLike) -> None:
+    """Refuse, naming the problem, a backbone name that is a missing local path or a folder that holds a
+    fine-tuned result rather than a base model (an slca-peft checkpoint, a bare PEFT adapter)."""
+    from .base_model import is_local_name
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "slca_config.json").is_file():
+            raise ValueError(
+                f"{name} is an slca-peft checkpoint, not a base model: load it with SLCAModel.from_pretrained("
+                f"{name!r}), or continue its run with --resume_from {name} (--model_name_or_path names the "
+                "base model it was trained on)."
+            )
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            try:
+                base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            raise ValueError(
+                f"{name} holds a PEFT adapter (adapter_config.json), not a base model: pass its base model"
+                f"{f' ({base})' if base else ''} as the backbone, and the adapter's settings as peft_config "
+                "(--peft_config)."
+            )
+    elif path.exists():
+        raise ValueError(f"the backbone {name} is a file, not a model folder; pass the folder that holds its "
+                         "config.json (a config JSON alone, for random weights: --model_config).")
+    elif is_local_name(name):
+        raise FileNotFoundError(
+            f"the backbone path {name} does not exist (relative paths resolve from {os.getcwd()}); pass an "
+            "existing model folder or a Hub id such as google/vit-base-patch16-224-in21k."
+        )
+
+
 def load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any) -> PreTrainedModel:
     """The base model loader (safetensors only), except that a CLIP or SigLIP checkpoint gives its
-    vision tower. The config is read as JSON, so nothing from the checkpoint runs."""
+    vision tower. The config is read as JSON, so nothing from the checkpoint runs. `kwargs` are loading
+    keywords (`loading_kwargs`: token, cache_dir, local_files_only, force_download, dtype, ...)."""
     from .base_model import load_base_model
 
+    check_backbone_source(name_or_path)
+    kwargs = loading_kwargs("load_backbone", **kwargs)
+    hub = {k: v for k, v in kwargs.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}
     try:
-        model_type = PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0].get("model_type")
+        model_type = PretrainedConfig.get_config_dict(name_or_path, revision=revision, **hub)[0].get("model_type")
     except OSError:
         model_type = None  # let the base model loader name the problem
     tower = VISION_TOWERS.get(model_type)
@@ -116,7 +206,8 @@ def backbone_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedM
     return AutoModel.from_config(config, **kwargs)
 
 
-def _linear_names(model: nn.Module) -> list[str]:
+def linear_names(model: nn.Module) -> list[str]:
+    """The short names of every linear layer (what LoRA targets and error messages name)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
@@ -142,7 +233,7 @@ def backbone_spec(backbone: nn.Module) -> BackboneSpec:
     if spec is not None and (spec.feature != CLS or isinstance(_get(backbone, spec.class_token), nn.Parameter)):
         return spec
     has_token = isinstance(_get(backbone, "embeddings.cls_token"), nn.Parameter)
-    available = set(_linear_names(backbone))
+    available = set(linear_names(backbone))
     return BackboneSpec(
         model_type=str(model_type),
         feature=CLS if has_token else POOLER,
@@ -164,7 +255,7 @@ def _timm_spec(backbone: nn.Module, spec: BackboneSpec) -> BackboneSpec:
     if not isinstance(_get(backbone, final_norm), nn.Module):
         final_norm = None
     token = spec.class_token if isinstance(_get(backbone, spec.class_token), nn.Parameter) else None
-    available = set(_linear_names(backbone))
+    available = set(linear_names(backbone))
     targets = tuple(t for t in spec.lora_targets if t in available) or spec.lora_targets
     return replace(spec, final_norm=final_norm, class_token=token, lora_targets=targets)
 
@@ -190,6 +281,15 @@ def feature_dim(backbone: nn.Module) -> int:
 
 #: transformers' names of the separate attention projections, as settings spell them.
 SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
+#: Attention projection names the fused-qkv layout looks for: the table's (separate, then fused), and the
+#: older ViT/BERT names for a backbone outside it.
+QKV_NAMES = (*dict.fromkeys(s.qkv for s in SPECS.values() if len(s.qkv) > 1), ("query", "key", "value"))
+FUSED_QKV_NAMES = tuple(dict.fromkeys(s.qkv[0] for s in SPECS.values() if len(s.qkv) == 1))
+#: Top-level attribute names of a final norm: the table's, then timm's and others' for a backbone outside it.
+FINAL_NORM_NAMES = (
+    *dict.fromkeys(s.final_norm for s in SPECS.values() if s.final_norm and "." not in s.final_norm),
+    "norm", "final_layernorm",
+)
 
 
 def lora_targets_for(backbone: nn.Module, targets: list[str] | None) -> list[str]:
@@ -199,7 +299,7 @@ def lora_targets_for(backbone: nn.Module, targets: list[str] | None) -> list[str
     spec = backbone_spec(backbone)
     if targets is None:
         return list(spec.lora_targets)
-    available = set(_linear_names(backbone))
+    available = set(linear_names(backbone))
     if not spec.fused_qkv or any(t in available for t in SEPARATE_QKV):
         return list(targets)
     resolved: list[str] = []
@@ -274,3 +374,28 @@ def norm_module_names(backbone: nn.Module) -> list[str]:
         matched = [m for n, m in modules.items() if n.endswith(short)]
         chosen.add(short if all(isinstance(m, nn.LayerNorm) for m in matched) else full)
     return sorted(chosen)
+
+
+def reset_final_norm(backbone: nn.Module, eps: float) -> str:
+    """Replace the backbone's final LayerNorm by a fresh one (gamma 1, beta 0, `eps`), as the released
+    code does; returns its attribute name (its path for norms below the top level, e.g. timm's)."""
+    spec = backbone_spec(backbone)
+    if spec.model_type in SPECS and spec.final_norm and "." in spec.final_norm:
+        parent_path, attr = spec.final_norm.rsplit(".", 1)
+        parent, where = backbone.get_submodule(parent_path), spec.final_norm
+    else:
+        parent = backbone
+        attr = next((a for a in FINAL_NORM_NAMES if getattr(backbone, a, None) is not None), None)
+        if attr is None:
+            raise ValueError(
+                f"reset_final_norm (set by released_code) replaces the final LayerNorm, but {type(backbone).__name__} "
+                f"has none of the attributes {list(FINAL_NORM_NAMES)}; set reset_final_norm=false."
+            )
+        where = f"{type(backbone).__name__}.{attr}"
+    norm = getattr(parent, attr)
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"reset_final_norm (set by released_code) replaces the final LayerNorm, but "
+                         f"{where} is a {type(norm).__name__}; set reset_final_norm=false.")
+    fresh = nn.LayerNorm(norm.normalized_shape, eps=eps, elementwise_affine=True)
+    setattr(parent, attr, fresh.to(device=norm.weight.device, dtype=norm.weight.dtype))
+    return spec.final_norm if parent is not backbone else attr

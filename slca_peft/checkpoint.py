@@ -1,129 +1,73 @@
-"""Continual checkpoints: one directory (and Hub repo) per model state, safetensors + JSON only.
+"""Continual checkpoints on disk: safetensors + JSON only, read and written given a model.
 
-Model files (`SLCAModel.save_pretrained` / `from_pretrained`):
-  slca_config.json              `SLCAModelConfig`: settings, class names and the referenced base model
-  adapter_config.json,
-  adapter_model.safetensors     PEFT adapter: LoRA, biases, LayerNorms and the class token
-                                (Hybrid-SL); `PeftModel.from_pretrained` loads it onto the base
-  backbone.safetensors,
-  backbone_config.json          the whole backbone, for full fine-tuning
-  classifier.safetensors        aligned heads + scales
-  README.md                     model card
+This module never builds a model: `SLCAModel.from_pretrained` builds one from the files read here
+(`read_model_config`, `load_model_state`), and `slca_peft.model.load_checkpoint` adds the run state.
+The file names are listed in `slca_peft.files`.
+
+Model files (`save_model_files`; `SLCAModel.save_pretrained` / `from_pretrained`): `slca_config.json`,
+the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`: LoRA, biases, LayerNorms and
+the class token; `PeftModel.from_pretrained` loads it onto the base) or the whole backbone for full
+fine-tuning (`backbone.safetensors`, `backbone_config.json`), `classifier.safetensors` (aligned
+heads + scales) and the model card.
 
 Learner run state beside them (`save_learner_state` / `load_learner_state`), as a Trainer keeps
-trainer_state.json beside its model:
-  classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
-  class_statistics.safetensors  per-class Gaussians
-  continual_state.json          task history: class order, task sizes, names, accuracy matrix
+trainer_state.json beside its model: `classifier_unaligned.safetensors` (heads before alignment),
+`class_statistics.safetensors` (per-class Gaussians), `continual_state.json` (task history).
 
-`save_checkpoint` / `load_checkpoint` write and read both. Only these files are ever read;
-pickle-based files are refused.
+`save_checkpoint` writes both, atomically. Only these files are ever read; pickle-based files are
+refused.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, PretrainedConfig
 
-from .backbones import load_backbone
+from . import manifest
 from .base_model import portable_name, resolve_recorded_base
+from .errors import UserError, read_json
+from .files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    BACKBONE_CONFIG_FILE,
+    BACKBONE_FILE,
+    CARD_FILE,
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    STATE_FILE,
+    STATISTICS_FILE,
+    UNALIGNED_FILE,
+    atomic_directory,
+    follow_umask,
+    json_text,
+    settle_files,
+    write_json,
+)
+from .fingerprint import describe_model_file_changes, model_file_digests
+from .model_card import write_model_card
 from .model_config import SLCAModelConfig, validate_state
-from .statistics import STATISTICS_FILE, ClassStatistics
+from .statistics import ClassStatistics
 
 if TYPE_CHECKING:
     from .model import SLCAModel
 
-CONFIG_FILE = "slca_config.json"
-STATE_FILE = "continual_state.json"
-CLASSIFIER_FILE = "classifier.safetensors"
-UNALIGNED_FILE = "classifier_unaligned.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
-BACKBONE_FILE = "backbone.safetensors"
-BACKBONE_CONFIG_FILE = "backbone_config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def recover_replaced(target: str | Path) -> None:
-    """Undo a replacement killed between its two renames: `.NAME.old-*` goes back to `NAME` when
-    `NAME` is missing, and is removed when `NAME` exists (the replacement completed)."""
-    target = Path(target)
-    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if not target.exists():
-            os.replace(old, target)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory and move it to `path` only if the block succeeds, so a
-    checkpoint directory is either complete or absent (an older one is replaced at the end)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_replaced(target)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint follows the umask
-    try:
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file follows the umask
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+logger = logging.getLogger(__name__)
 
 
 def _backbone_extras(model: SLCAModel, adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trainable backbone tensors that the PEFT adapter file does not hold."""
-    from .peft_methods import adapter_prefix
+    from .adapters import adapter_prefix
 
     peft_model = model.backbone
     saved = set(adapter_state)
@@ -145,13 +89,13 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | None,
                        card: dict[str, Any] | None) -> None:
     settings = model.settings()
-    if model.use_lora and not settings["base_model_name_or_path"]:
+    if model.slca_config.use_lora and not settings["base_model_name_or_path"]:
         raise ValueError(
             "this model's backbone was built from a config and has no saved base weights to reference; "
             "save the backbone first (backbone.save_pretrained(path)) and build the model from that path."
         )
-    _write_json(folder / CONFIG_FILE, settings)
-    if model.use_lora:
+    write_json(folder / CONFIG_FILE, settings)
+    if model.slca_config.use_lora:
         # PEFT records the name the backbone was loaded by; make it the portable one (absolute path or Hub id).
         for peft_config in model.backbone.peft_config.values():
             peft_config.base_model_name_or_path = settings["base_model_name_or_path"]
@@ -167,10 +111,8 @@ def _write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | N
     else:
         backbone = model.base_backbone
         save_file(_tensors(backbone.state_dict()), str(folder / BACKBONE_FILE))
-        _write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
+        write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
     save_file(_tensors(model.classifier.state_dict()), str(folder / CLASSIFIER_FILE))
-    from .hub import write_model_card
-
     write_model_card(folder, settings, state, **(card or {}))
 
 
@@ -183,13 +125,20 @@ def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str
     tmp = Path(tempfile.mkdtemp(prefix=".slca-save-", dir=directory))
     try:
         _write_model_files(model, tmp, state, card)
-        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if model.use_lora else (ADAPTER_FILE, "adapter_config.json")
+        adapted = model.slca_config.use_lora
+        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if adapted else (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
+        settle_files(tmp)  # safetensors files are created 0600: they follow the umask like the JSON
+        written = sorted(child.name for child in tmp.iterdir())
         for name in stale:
+            manifest.safe_path(directory, name)  # never delete through a symlink
             (directory / name).unlink(missing_ok=True)
-        for child in tmp.iterdir():
-            os.replace(child, directory / child.name)
+        for name in written:
+            os.replace(tmp / name, manifest.safe_path(directory, name, final_may_be_link=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    manifest.forget(directory, stale)
+    manifest.record(directory, written)
+    _record_base(model, directory, kind="model")
     return directory
 
 
@@ -204,12 +153,16 @@ def save_learner_state(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if unaligned_head is not None:
+        manifest.safe_path(directory, UNALIGNED_FILE)
         save_file(_tensors(unaligned_head), str(directory / UNALIGNED_FILE))
+        follow_umask(directory / UNALIGNED_FILE)
     if statistics is not None:
+        manifest.safe_path(directory, STATISTICS_FILE)
         statistics.save(directory)
+        follow_umask(directory / STATISTICS_FILE)
     if state is not None:
         validate_state(state)
-        atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
 
 
 def save_checkpoint(
@@ -228,11 +181,27 @@ def save_checkpoint(
     with atomic_directory(directory) as tmp:
         _write_model_files(model, tmp, state, card)
         save_learner_state(tmp, statistics=statistics, state=state, unaligned_head=unaligned_head)
+        manifest.record_tree(tmp, _base_record(model, kind="checkpoint"))
     return Path(directory)
 
 
-def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
-    """A local directory as is, otherwise a Hub repo id fetched (or read from the local cache)."""
+def _base_record(model: SLCAModel, *, kind: str) -> dict[str, Any]:
+    """The manifest's `kind` and, for an adapter on a local base model, that model's file digests."""
+    extra: dict[str, Any] = {"kind": kind}
+    base = model.settings()["base_model_name_or_path"]
+    if model.slca_config.use_lora and base and Path(base).is_dir():
+        extra["base_model"] = {"name": str(base), "files": model_file_digests(base)}
+    return extra
+
+
+def _record_base(model: SLCAModel, directory: Path, *, kind: str) -> None:
+    entries = manifest.read_manifest(directory) or {}
+    manifest.write_manifest(directory, entries.values(), _base_record(model, kind=kind))
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None, **hub: Any) -> Path:
+    """A local directory as is, otherwise a Hub repo id fetched (or read from the local cache); `hub`:
+    snapshot_download's `token`, `cache_dir`, `local_files_only`, `force_download`."""
     path = Path(path_or_repo_id)
     if path.is_file():
         hint = " Pickle files are never loaded." if path.suffix in PICKLE_SUFFIXES else ""
@@ -245,7 +214,7 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision))
+        return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision, **hub))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise FileNotFoundError(
             f"{path_or_repo_id} is neither a local checkpoint directory nor a Hub repo that could be fetched "
@@ -318,36 +287,29 @@ def _check_no_pickle(root: Path) -> None:
         )
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged.") from err
-
-
 def _same_base(a: str, b: str) -> bool:
     return a == b or portable_name(a) == portable_name(b)
 
 
-def load_model_files(
+def read_model_config(
     path_or_repo_id: str | Path,
     revision: str | None = None,
     expected_base: str | Sequence[str | None] | None = None,
-) -> tuple[SLCAModel, Path]:
-    """Rebuild the model `save_model_files` wrote; returns it and the local directory read.
+    **hub: Any,
+) -> tuple[SLCAModelConfig, Path]:
+    """The validated `slca_config.json` of a model folder (its base model resolved) and the local
+    directory it was read from.
 
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
     its Hub id) refuses files trained on another backbone, and locates a base model that has moved.
     """
-    from .model import SLCAModel, _load_with_sdpa
-
-    root = resolve_checkpoint(path_or_repo_id, revision)
+    root = resolve_checkpoint(path_or_repo_id, revision, **hub)
     _check_no_pickle(root)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; {root} is not an slca-peft checkpoint.")
     # Validated before anything is allocated: a crafted file cannot ask for a huge model.
-    config = SLCAModelConfig.from_dict(_read_json(config_path), str(config_path))
+    config = SLCAModelConfig.from_dict(read_json(config_path), str(config_path))
     accepted = [expected_base] if isinstance(expected_base, (str, Path)) else list(expected_base or [])
     accepted = [str(name) for name in accepted if name]
     base = resolve_recorded_base(config.base_model_name_or_path, config_path, accepted)
@@ -357,29 +319,21 @@ def load_model_files(
             "resume with the base model the checkpoint was trained on."
         )
     config.base_model_name_or_path = base
-    if config.use_lora:
-        try:
-            backbone = _load_with_sdpa(load_backbone, base, revision=config.revision)
-        except OSError as err:
-            if Path(base).is_absolute() or base.startswith("."):
-                raise
-            # "runs/base" may be a Hub id or a path relative to where an older run started.
-            raise FileNotFoundError(
-                f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
-                f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
-                "model's location: --model_name_or_path PATH with the recipe, or "
-                "load_checkpoint(..., expected_base=PATH) from Python."
-            ) from err
-    else:
-        config_dict = _read_json(root / BACKBONE_CONFIG_FILE)
-        model_type = config_dict.pop("model_type")
-        backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **config_dict))
-    config.lora_svd_init = False
-    try:
-        model = SLCAModel(backbone, config)
-    except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from None
-    if model.use_lora:
+    return config, root
+
+
+def read_backbone_config(root: str | Path) -> PretrainedConfig:
+    """The architecture of a fully fine-tuned backbone (`backbone_config.json`)."""
+    config_dict = read_json(Path(root) / BACKBONE_CONFIG_FILE)
+    model_type = config_dict.pop("model_type")
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+def load_model_state(model: SLCAModel, root: str | Path) -> None:
+    """Fill a freshly built `model` with the adapter (or backbone) and aligned heads stored in `root`,
+    every tensor checked against the model's own before any data is read."""
+    root = Path(root)
+    if model.slca_config.use_lora:
         # PEFT stores adapter tensors without the adapter name ("lora_A.weight") and the trained copy
         # of a `modules_to_save` module under the module's own name.
         expected = {}
@@ -391,13 +345,15 @@ def load_model_files(
     else:
         expected = dict(model.base_backbone.state_dict())
         model.base_backbone.load_state_dict(read_safetensors(root / BACKBONE_FILE, expected), strict=True)
-    head_expected = dict(model.classifier.state_dict())
-    # Checkpoints before the run state had its own files kept the unaligned heads under `unaligned.`.
-    head_expected.update({f"unaligned.{k}": v for k, v in list(head_expected.items())})
-    head = read_safetensors(root / CLASSIFIER_FILE, head_expected)
+    head = _read_classifier(root, model)
     model.classifier.restore({k: v for k, v in head.items() if not k.startswith("unaligned.")})
-    model._legacy_unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")}
-    return model, root
+
+
+def _read_classifier(root: Path, model: SLCAModel) -> dict[str, torch.Tensor]:
+    expected = dict(model.classifier.state_dict())
+    # Checkpoints before the run state had its own files kept the unaligned heads under `unaligned.`.
+    expected.update({f"unaligned.{k}": v for k, v in list(expected.items())})
+    return read_safetensors(root / CLASSIFIER_FILE, expected)
 
 
 def load_learner_state(
@@ -407,27 +363,83 @@ def load_learner_state(
     when absent)."""
     root = Path(directory)
     statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
-    state = validate_state(_read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
+    state = validate_state(read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
         else None
-    unaligned = getattr(model, "_legacy_unaligned", None) or None
+    unaligned = None
     if (root / UNALIGNED_FILE).is_file():
-        expected = dict(model.classifier.state_dict())
-        unaligned = read_safetensors(root / UNALIGNED_FILE, expected)
+        unaligned = read_safetensors(root / UNALIGNED_FILE, dict(model.classifier.state_dict()))
+    elif (root / CLASSIFIER_FILE).is_file():
+        head = _read_classifier(root, model)
+        unaligned = {k.removeprefix("unaligned."): v for k, v in head.items() if k.startswith("unaligned.")} or None
     return statistics, state, unaligned
 
 
-def load_checkpoint(
-    path_or_repo_id: str | Path,
-    revision: str | None = None,
-    expected_base: str | Sequence[str | None] | None = None,
-) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
-    """Rebuild model, statistics, task history and unaligned head from a checkpoint.
+#: Files whose edits change nothing a run computes (the model card): not compared on resume.
+_UNCHECKED = {CARD_FILE}
+_warned_unchecked: set[str] = set()
 
-    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
-    its Hub id) refuses a checkpoint that was trained on another backbone.
+
+def verify_checkpoint(
+    path: str | Path,
+    expected_base: str | Sequence[str | None] | None = None,
+    *,
+    accept_changed_files: bool = False,
+) -> list[str]:
+    """Refuse a checkpoint whose files are not the ones slca-peft wrote, or whose base model's weights
+    were replaced, naming each difference; returns the differences (empty when it is intact).
+
+    Compares every file against the checkpoint's manifest (size and SHA-256: adapter, heads,
+    statistics, `continual_state.json` with its accuracies, ...) and the base model the checkpoint
+    would load (resolved as `read_model_config` does, `expected_base` included) against the digests
+    recorded when it was written. `accept_changed_files=True` (the recipe's `--accept_changed_files`)
+    logs the differences instead of raising. A checkpoint written before manifests existed is loaded
+    with one warning.
     """
-    model, root = load_model_files(path_or_repo_id, revision, expected_base)
-    statistics, state, unaligned = load_learner_state(root, model)
-    if state and state.get("label_names") and not model.label_names:
-        model.label_names = state["label_names"]
-    return model, statistics, state, unaligned
+    root = Path(path)
+    entries = manifest.read_manifest(root)
+    if entries is None:
+        if str(root) not in _warned_unchecked:
+            _warned_unchecked.add(str(root))
+            logger.warning("%s has no %s (written by an older slca-peft): its files and base model cannot be checked "
+                           "for changes.", root, manifest.MANIFEST_FILE)
+        return []
+    problems = []
+    for rel, entry in sorted(entries.items()):
+        if rel in _UNCHECKED:
+            continue
+        target = root / rel
+        if target.is_symlink() or not target.is_file():
+            problems.append(f"{rel} is missing" if not os.path.lexists(target) else f"{rel} is not a regular file")
+            continue
+        size, sha = manifest.file_sha256(target)
+        if (size, sha) != (entry.size, entry.sha256):
+            problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {sha[:12]})")
+    added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
+                   and p.name not in entries and p.name != manifest.MANIFEST_FILE)
+    problems += [f"{name} was added" for name in added]
+    recorded = manifest.read_manifest_extra(root).get("base_model")
+    if isinstance(recorded, dict) and isinstance(recorded.get("files"), dict):
+        config, _ = read_model_config(root, expected_base=expected_base)
+        base = config.base_model_name_or_path
+        current = model_file_digests(base) if base else None
+        if current is not None:
+            changes = describe_model_file_changes(recorded["files"], current)
+            problems += [f"base model {base}: {change}" for change in changes]
+    if problems:
+        message = (f"{root} is not the checkpoint slca-peft wrote: {'; '.join(problems[:8])}"
+                   f"{f' and {len(problems) - 8} more' if len(problems) > 8 else ''}")
+        if not accept_changed_files:
+            raise UserError(f"{message}. Resume from an unmodified checkpoint on the base model it was trained on, "
+                            "or pass --accept_changed_files (accept_changed_files=True) to use it as it is.")
+        logger.warning("%s; continuing because changed files were accepted.", message)
+    return problems
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete `task_<t>` checkpoint in a run's output directory (for `auto`)."""
+    candidates = []
+    for path in Path(output_dir).glob("task_*"):
+        suffix = path.name.removeprefix("task_")
+        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None

@@ -8,28 +8,38 @@ import sys
 
 
 def _export(ns: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
+    from .export import check_export_target
+    from .model import load_checkpoint
 
+    check_export_target(ns.output_dir, overwrite=ns.overwrite)  # before the checkpoint is loaded
     model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
-    model.export(ns.output_dir)  # the checkpoint's class names, when it has them
-    print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes)")
+    model.export(ns.output_dir, overwrite=ns.overwrite)  # the checkpoint's class names and results, when it has them
+    print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes, output k = class "
+          f"id k); upload it with: slca-peft push {ns.output_dir} <repo_id>")
 
 
 def _push(ns: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
-    from .hub import push_to_hub
+    from .hub import check_export, is_export, push_to_hub
+    from .model import load_checkpoint
 
-    load_checkpoint(ns.checkpoint)  # refuse to upload a checkpoint that does not load
-    print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=ns.commit_message,
-                      base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags))
+    # Refuse to upload a checkpoint or an export that does not load.
+    if is_export(ns.checkpoint):
+        check_export(ns.checkpoint)
+    else:
+        load_checkpoint(ns.checkpoint)
+    message = ns.commit_message or ("Upload exported SLCA++ model" if is_export(ns.checkpoint)
+                                    else "Upload SLCA++ continual checkpoint")
+    print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,
+                      base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags,
+                      token=ns.token))
 
 
 def _info(ns: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
+    from .model import load_checkpoint
 
     model, stats, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
     print(json.dumps({
-        "base_model": model.base_model_name_or_path,
+        "base_model": model.slca_config.base_model_name_or_path,
         "task_sizes": model.classifier.task_sizes,
         "classes_with_statistics": len(stats.classes) if stats else 0,
         "accuracy_matrix": (state or {}).get("accuracy_matrix"),
@@ -63,25 +73,30 @@ def main(argv: list[str] | None = None) -> None:
         # The recipe owns the training arguments (HfArgumentParser over SLCAConfig).
         from .recipe import main as train_main
 
-        train_main(argv[1:])
+        train_main(argv[1:], prog="slca-peft train")
         return
     parser = argparse.ArgumentParser(prog="slca-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train over a task sequence (the recipe; --help lists its flags)")
+    sub.add_parser("train", help="train over a task sequence (the recipe; `slca-peft train --help` lists its flags, "
+                   "`slca-peft train FILE.yaml` or `--config FILE` reads them from a file)")
     p = sub.add_parser("export", help="write a plain transformers checkpoint for pipeline()")
     p.add_argument("checkpoint")
     p.add_argument("output_dir")
     p.add_argument("--revision")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in output_dir (its files only; anything else there is refused)")
     p.set_defaults(func=_export)
-    p = sub.add_parser("push", help="upload a checkpoint directory to the Hub as one commit")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("push", help="upload a checkpoint or an export directory to the Hub as one commit")
+    p.add_argument("checkpoint", help="a task checkpoint, or a directory `slca-peft export` wrote")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--commit_message", default="Upload SLCA++ continual checkpoint")
+    p.add_argument("--commit_message", default=None)
     p.add_argument("--base_model_id", help="Hub id of the base model, for a checkpoint trained on a local copy")
     p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
     p.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--tags", nargs="*", default=None, help="extra model card tags")
+    p.add_argument("--token", default=None,
+                   help="Hub token with write access (default: the saved login or the HF_TOKEN variable)")
     p.set_defaults(func=_push)
     p = sub.add_parser("info", help="print what a checkpoint holds")
     p.add_argument("checkpoint")

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from .hardware import check_hardware
+from .model_config import BOUNDS, LORA_LAYOUTS, SLCAModelConfig
 
 logger = logging.getLogger(__name__)
+_model_default = SLCAModelConfig.default  # the model settings' defaults are SLCAModelConfig's
 
 METHODS = ("slca++", "slca", "sl", "seq_ft")
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
+#: `lr_scheduler_type` of the method's schedule: cosine per epoch down to a floor (docs/method.md). Every
+#: transformers scheduler name keeps its transformers meaning (`cosine`: per-step cosine to 0).
+SLCA_COSINE = "slca_cosine"
 ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj"]
-LORA_LAYOUTS = ("per_projection", "fused_qkv")
 
 # What `released_code=True` sets (the authors' released SLCA++ code): LoRA on the attention only, one
 # adapter on the fused qkv weight, a fresh trained final LayerNorm. CA at the training rate is the
@@ -28,11 +33,7 @@ _RELEASED_DEFAULTS = {
     "lora_layout": "fused_qkv",
     "reset_final_norm": True,
 }
-_PAPER_DEFAULTS = {
-    "lora_target_modules": DEFAULT_LORA_TARGETS,
-    "lora_layout": "per_projection",
-    "reset_final_norm": False,
-}
+_PAPER_DEFAULTS = {name: _model_default(name) for name in _RELEASED_DEFAULTS}
 
 # What each method changes relative to SLCA++ (Hybrid-SL + SCE + CA).
 _METHOD_DEFAULTS = {
@@ -43,20 +44,41 @@ _METHOD_DEFAULTS = {
 }
 
 
-# Parse-time range checks: (field, lower bound, lower bound allowed, upper bound). A bad value fails
-# here rather than after a task has trained.
+# Parse-time range checks: (field, lower bound, lower bound allowed, upper bound); the model settings'
+# bounds are `SLCAModelConfig`'s. A bad value fails here rather than after a task has trained.
 _BIG = 1 << 20
 _RANGES = (
-    ("lora_rank", 1, True, 4096), ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
+    *((name, low, True, high) for name, (low, high) in BOUNDS.items()),
+    ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
     ("ca_epochs", 0, True, 1e5), ("ca_samples_per_class", 1, True, 1e7), ("ca_batch_size", 1, True, _BIG),
     ("ca_covariance_rank", 1, True, 1e5), ("ca_temperature", 0, False, 1e4), ("ca_ridge", 0, True, 1e6),
     ("ca_lr", 0, True, 1e3), ("backbone_lr_scale", 0, True, 1e3), ("first_task_lora_lr_scale", 0, True, 1e3),
-    ("lora_scale", 0, True, 1e4), ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
+    ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
     ("momentum", 0, True, 1), ("lr_floor_decay", 0, True, 1), ("fc_scale_mu", 0, True, 1),
-    ("learning_rate", 0, False, 1e3), ("weight_decay", 0, True, 1e3), ("num_train_epochs", 0, False, 1e6),
+    ("learning_rate", 0, True, 1e3), ("weight_decay", 0, True, 1e3), ("num_train_epochs", 0, False, 1e6),
     ("per_device_train_batch_size", 1, True, _BIG), ("per_device_eval_batch_size", 1, True, _BIG),
     ("max_grad_norm", 0, True, math.inf), ("global_batch_size", 1, True, _BIG),
 )
+
+
+def resolve_released_code(knobs: dict[str, Any], released: bool) -> dict[str, Any]:
+    """`knobs` (lora_target_modules, lora_layout, reset_final_norm) with each unset (None) one filled
+    from the chosen setting, the released code's or the paper's; an explicit value wins, with a warning
+    when it departs from the released setting."""
+    defaults = _RELEASED_DEFAULTS if released else _PAPER_DEFAULTS
+    resolved, overridden = dict(knobs), []
+    for name, value in defaults.items():
+        current = resolved.get(name)
+        if current is None:
+            resolved[name] = list(value) if isinstance(value, list) else value
+        elif current != value:
+            overridden.append(f"{name}={current!r}")
+    if released and overridden:
+        logger.warning(
+            "released_code=True with %s set explicitly: the explicit value wins, so this run is not the "
+            "released code's setting.", ", ".join(overridden),
+        )
+    return resolved
 
 
 @dataclass
@@ -78,14 +100,15 @@ class SLCAConfig(TrainingArguments):
     )
     backbone_lr_scale: float | None = field(
         default=None,
-        metadata={"help": "Backbone lr = learning_rate x this (`bcb_lrscale`). Default per method: "
+        metadata={"help": "Backbone lr = learning_rate x this (LoRA's too after the first task). Default per method: "
                   "0.1 for slca++/sl, 0.01 for slca, 1.0 for seq_ft."},
     )
     first_task_lora_lr_scale: float = field(
         default=0.5, metadata={"help": "LoRA lr = learning_rate x this on the first task only (slca++/sl)."}
     )
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
-    lora_scale: float = field(default=0.8, metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
+    lora_rank: int = field(default=_model_default("lora_rank"), metadata={"help": "LoRA rank r."})
+    lora_scale: float = field(
+        default=_model_default("lora_scale"), metadata={"help": "LoRA scaling: the update is lora_scale * B A."})
     released_code: bool = field(
         default=False,
         metadata={"help": "Reproduce the authors' released code (which produced the published numbers): LoRA on "
@@ -111,10 +134,12 @@ class SLCAConfig(TrainingArguments):
                   "final_norm_eps). Default: false; true with released_code."},
     )
     final_norm_eps: float = field(
-        default=1e-5, metadata={"help": "eps of the fresh final LayerNorm (torch's default, as the released code)."}
+        default=_model_default("final_norm_eps"),
+        metadata={"help": "eps of the fresh final LayerNorm (torch's default, as the released code)."},
     )
     lora_svd_init: bool = field(
-        default=True, metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."}
+        default=_model_default("lora_svd_init"),
+        metadata={"help": "Initialise LoRA A with the top-r right singular vectors of W."},
     )
     sce_alpha: float = field(default=1.0, metadata={"help": "Symmetric CE: weight of cross-entropy."})
     sce_beta: float = field(default=0.1, metadata={"help": "Symmetric CE: weight of reverse cross-entropy."})
@@ -122,7 +147,7 @@ class SLCAConfig(TrainingArguments):
     lr_floor_decay: float = field(
         default=0.1,
         metadata={"help": "Cosine floor = learning_rate x backbone_lr_scale x this "
-                  "(0.1**len(milestones) in the reference code)."},
+                  "(lrate_decay**len(milestones) in the released code's models/slca_pp.py)."},
     )
     ca_epochs: int = field(default=5, metadata={"help": "Classifier-alignment epochs (0 disables CA)."})
     ca_samples_per_class: int = field(default=256, metadata={"help": "Gaussian samples per class per CA epoch."})
@@ -166,9 +191,12 @@ class SLCAConfig(TrainingArguments):
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Eval batch size per device."})
     lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "cosine = epoch-wise cosine down to the floor (docs/method.md)."}
+        default=SLCA_COSINE,
+        metadata={"help": f"{SLCA_COSINE} = the method's epoch-wise cosine down to the floor (docs/method.md); any "
+                  "transformers schedule keeps its meaning (cosine: per-step cosine to 0, linear, constant, ...)."},
     )
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (off in the reference)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (off, as in the released code's "
+                                                                "models/slca_pp.py)."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: images are transformed lazily with `with_transform`."}
     )
@@ -214,8 +242,16 @@ class SLCAConfig(TrainingArguments):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
         self._resolve_released_code()
+        if self.learning_rate == 0 and self.ca_lr is None and self.align:
+            raise ValueError("learning_rate=0 leaves classifier alignment at ca_lr = learning_rate = 0; "
+                             "set --ca_lr (e.g. 0.01) for alignment alone on frozen features, or --ca_epochs 0.")
         check_hardware(self)  # precision the machine lacks, loader defaults for the device
+        method_schedule = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) == SLCA_COSINE
+        if method_schedule:
+            self.lr_scheduler_type = SchedulerType.CONSTANT  # a name TrainingArguments validates; restored below
         super().__post_init__()
+        if method_schedule:
+            self.lr_scheduler_type = SLCA_COSINE
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
             if per_step != self.global_batch_size:
@@ -227,27 +263,16 @@ class SLCAConfig(TrainingArguments):
                 )
 
     def _resolve_released_code(self) -> None:
-        """Fill unset adaptation knobs from the chosen setting; explicit values win."""
-        defaults = _RELEASED_DEFAULTS if self.released_code else _PAPER_DEFAULTS
-        overridden = []
-        for name, value in defaults.items():
-            current = getattr(self, name)
-            if current is None:
-                setattr(self, name, list(value) if isinstance(value, list) else value)
-            elif current != value:
-                overridden.append(f"{name}={current!r}")
+        knobs = resolve_released_code({name: getattr(self, name) for name in _RELEASED_DEFAULTS}, self.released_code)
+        for name, value in knobs.items():
+            setattr(self, name, value)
         if self.lora_layout not in LORA_LAYOUTS:
             raise ValueError(f"lora_layout={self.lora_layout!r} is not one of {LORA_LAYOUTS}; pick one of them.")
-        if self.released_code and overridden:
-            logger.warning(
-                "released_code=True with %s set explicitly: the explicit value wins, so this run is not the "
-                "released code's setting.", ", ".join(overridden),
-            )
 
     @property
-    def alignment_lr(self) -> float:
-        """The CA learning rate: `ca_lr`, or `learning_rate` when unset."""
-        return self.learning_rate if self.ca_lr is None else self.ca_lr
+    def method_schedule(self) -> bool:
+        """Whether training follows the method's epoch-wise cosine (`lr_scheduler_type="slca_cosine"`)."""
+        return str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) == SLCA_COSINE
 
     @property
     def use_lora(self) -> bool:
@@ -267,3 +292,57 @@ class SLCAConfig(TrainingArguments):
     def slca_plus_plus_scaling(self) -> bool:
         """SLCA++ scales sampled features and old heads; SLCA decays class means instead."""
         return self.method in ("slca++", "sl")
+
+
+def as_slca_config(args: TrainingArguments | None) -> SLCAConfig:
+    """An `SLCAConfig` from a plain `TrainingArguments` (its values kept, the method's fields at their
+    defaults), as TRL's trainers convert theirs; every entry point that takes an `SLCAConfig` calls it."""
+    if args is None:
+        return SLCAConfig(output_dir="slca_output")
+    if isinstance(args, SLCAConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"expected SLCAConfig or TrainingArguments, got {type(args).__name__}; build one with "
+            "SLCAConfig(output_dir=..., <your TrainingArguments fields>)."
+        )
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict masks it
+    values.pop("push_to_hub_token", None)
+    config = SLCAConfig(**values)
+    logger.info("converted %s to SLCAConfig (its values kept; method %s with its defaults).",
+                type(args).__name__, config.method)
+    return config
+
+
+#: SLCAConfig fields that shape the model without being `SLCAModelConfig` fields.
+_SHAPING_FIELDS = ("method", "released_code")
+
+
+def model_settings(args: TrainingArguments | None = None, **overrides: Any) -> dict[str, Any]:
+    """The `SLCAModelConfig` fields chosen by `args` (an `SLCAConfig`, or a `TrainingArguments`, converted)
+    and by keywords: any `SLCAModelConfig` field and the `SLCAConfig` fields that shape the model
+    (`method`, `released_code`, the LoRA knobs). `released_code` fills the knobs not given as keywords,
+    as `SLCAConfig` does; a training setting (e.g. `learning_rate`) is refused, naming where it goes."""
+    settings = SLCAModelConfig.fields_from(as_slca_config(args)) if args is not None else {}
+    model_fields = {f.name for f in fields(SLCAModelConfig)}
+    for name in overrides:
+        if name in model_fields or name in _SHAPING_FIELDS:
+            continue
+        if name in {f.name for f in fields(SLCAConfig)}:
+            raise TypeError(f"{name} is a training setting, not a model one; set it in the SLCAConfig given to "
+                            "SLCATrainer or ContinualLearner.")
+        raise TypeError(f"unknown model setting {name!r}; model settings are {sorted(model_fields)} and "
+                        f"{list(_SHAPING_FIELDS)}.")
+    overrides = dict(overrides)
+    if "method" in overrides:
+        method = overrides.pop("method")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}; pick one of them.")
+        settings["use_lora"] = _METHOD_DEFAULTS[method]["use_lora"]
+    if "released_code" in overrides:
+        released = overrides.pop("released_code")
+        knobs = resolve_released_code({name: overrides.pop(name, None) for name in _RELEASED_DEFAULTS}, released)
+        settings.update(knobs)
+    settings.update(overrides)
+    return settings

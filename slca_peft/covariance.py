@@ -3,21 +3,18 @@
 Packed triangular factors, the blocked lower-triangle layout of the outer-product sums, the
 factorisation of each covariance into its stored form (pivoted Cholesky for low-rank factors, PPCA
 truncation, a Cholesky whose ridge grows until it succeeds), and the `SamplingPlan` that stacks
-every class's factor once and draws all classes in a few batched matrix products.
+every class's factor once and draws all classes in a few batched matrix products. Everything here
+takes tensors (per-class dicts of means and factors), not `ClassStatistics`.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .statistics import ClassStatistics
 
 # How one class is stored: the packed lower Cholesky factor of its covariance, or a d x r factor
 # plus a diagonal (ridge, residual or per-dimension variance).
@@ -46,6 +43,11 @@ def packed_size(d: int) -> int:
     return d * (d + 1) // 2
 
 
+def factor_rank(factor: torch.Tensor, d: int) -> int:
+    """Rank of a stored factor: d for a packed Cholesky factor, its column count for a d x r factor."""
+    return d if factor.ndim == 1 else factor.shape[1]
+
+
 def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
     """[..., d(d+1)/2] row-major lower triangles -> [..., d, d] lower-triangular matrices."""
     rows, cols = _tril_indices(d, packed.device)
@@ -54,7 +56,7 @@ def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
-class _BlockLayout:
+class BlockLayout:
     """The lower block triangle of a d x d matrix in s x s blocks (the last block zero-padded).
 
     Outer-product sums are accumulated in it: each update is one batched in-place product per class
@@ -218,27 +220,6 @@ def cholesky_with_ridge(cov: torch.Tensor, ridge: float, names: list[int]) -> to
     return factor
 
 
-class _CovarianceView(Mapping):
-    """Read-only mapping class -> float64 [d, d] covariance, materialised from the factor on access."""
-
-    def __init__(self, stats: ClassStatistics):
-        self._stats = stats
-
-    def __getitem__(self, cls: int) -> torch.Tensor:
-        if cls not in self._stats._factors:
-            raise KeyError(cls)
-        return self._stats.covariance(cls)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._stats.classes)
-
-    def __len__(self) -> int:
-        return len(self._stats._factors)
-
-    def __contains__(self, cls: object) -> bool:
-        return cls in self._stats._factors
-
-
 @dataclass
 class _Chunk:
     """Consecutive classes [start, stop) of the plan sampled together: factors transposed and padded
@@ -265,28 +246,43 @@ class SamplingPlan:
     means: torch.Tensor  # [C, d]
     chunks: list[_Chunk] = field(default_factory=list)
     cached: bool = True
-    stats: ClassStatistics | None = None
+    feature_dim: int = 0
+    factors: Mapping[int, torch.Tensor] = field(default_factory=dict)  # read again for chunks over the cache
+    noise: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(
-        cls, stats: ClassStatistics, key: tuple, device: torch.device, dtype: torch.dtype, cache_bytes: int
+        cls,
+        means: Mapping[int, torch.Tensor],
+        tasks: Mapping[int, int],
+        factors: Mapping[int, torch.Tensor],
+        noise: Mapping[int, torch.Tensor],
+        *,
+        feature_dim: int,
+        key: tuple,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_bytes: int,
     ) -> SamplingPlan:
-        """Group `stats`' classes into chunks and, when they fit in `cache_bytes`, stack their factors."""
-        d = stats.feature_dim
-        ranks = stats.ranks
-        kinds = {c: KIND_CHOLESKY if f.ndim == 1 else KIND_FACTOR for c, f in stats._factors.items()}
-        has_noise = {c: bool((stats._noise[c] != 0).any()) for c in stats._factors}
+        """Group the classes (keys of `means`: float64 [d] means, stored factors and [d] diagonals,
+        their tasks) into chunks and, when they fit in `cache_bytes`, stack their factors."""
+        d = feature_dim
+        ranks = {c: factor_rank(f, d) for c, f in factors.items()}
+        kinds = {c: KIND_CHOLESKY if f.ndim == 1 else KIND_FACTOR for c, f in factors.items()}
+        has_noise = {c: bool((noise[c] != 0).any()) for c in factors}
         # Plan order: classes sorted by (kind, rank), so that runs of the same kind and similar rank
         # share a chunk (padding bounded to about 25% of the chunk's factor) and every chunk is a
         # contiguous block of the output. One batched product per chunk, no per-class loop.
-        classes = sorted(stats.classes, key=lambda c: (kinds[c], ranks[c]))
-        means = torch.stack([stats.means[c] for c in classes]) if classes else torch.zeros(0, d)
+        classes = sorted(means, key=lambda c: (kinds[c], ranks[c], c))
+        stacked = torch.stack([means[c] for c in classes]) if classes else torch.zeros(0, d)
         plan = cls(
             key=key,
             classes=torch.tensor(classes, dtype=torch.int64).to(device),
-            tasks=torch.tensor([stats.task_of_class[c] for c in classes], dtype=torch.int64).to(device),
-            means=means.to(device=device, dtype=dtype),
-            stats=stats,
+            tasks=torch.tensor([tasks[c] for c in classes], dtype=torch.int64).to(device),
+            means=stacked.to(device=device, dtype=dtype),
+            feature_dim=d,
+            factors=factors,
+            noise=noise,
         )
         total = 0
         start = 0
@@ -320,18 +316,18 @@ class SamplingPlan:
     def _chunk_tensors(
         self, chunk: _Chunk, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        d = self.stats.feature_dim
+        d = self.feature_dim
         k = len(chunk.classes)
         factors_t = torch.zeros(k, chunk.rank, d, dtype=dtype)
         noise = torch.zeros(k, 1, d, dtype=dtype) if chunk.has_noise else None
         for i, c in enumerate(chunk.classes):  # once per plan, not per epoch (unless over the cache budget)
-            f = self.stats._factors[c]
+            f = self.factors[c]
             if f.ndim == 1:
                 factors_t[i] = unpack_tril(f, d).T
             else:
                 factors_t[i, : f.shape[1]] = f.T
             if noise is not None:
-                noise[i, 0] = self.stats._noise[c].sqrt()
+                noise[i, 0] = self.noise[c].sqrt()
         return factors_t.to(device), None if noise is None else noise.to(device)
 
     @property

@@ -25,6 +25,7 @@ scikit-learn and is the offline demo.
 
 from __future__ import annotations
 
+import difflib
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -97,6 +98,21 @@ def canonical_name(name: str) -> str:
     return key if key in KNOWN_DATASETS or key == "digits" else name
 
 
+def short_names() -> list[str]:
+    """The names `load_benchmark` knows without a Hub id."""
+    return [*KNOWN_DATASETS, "digits"]
+
+
+def unknown_dataset_message(name: str, err: BaseException | None = None) -> str:
+    """One line for a `--dataset` that is neither a short name nor a loadable Hub dataset."""
+    close = difflib.get_close_matches(name.strip().lower(), [*short_names(), *ALIASES], n=1)
+    hint = f"did you mean {canonical_name(close[0])!r}? " if close else ""
+    reason = f" ({' '.join(str(err).split())[:200]})" if err is not None else ""
+    return (f"--dataset {name!r} is not a known benchmark and did not load as a Hub dataset id{reason}; {hint}"
+            f"the short names are {', '.join(short_names())} (or a Hub id such as uoft-cs/cifar100, or image "
+            "folders with --train_dir/--test_dir).")
+
+
 def load_benchmark(
     name: str, data_dir: str | Path | None = None, revision: str | None = None
 ) -> tuple[DatasetDict, DatasetSpec]:
@@ -114,7 +130,12 @@ def load_benchmark(
     if data_dir is not None:
         return _load_local(key, Path(data_dir).expanduser())
     spec = KNOWN_DATASETS.get(key, DatasetSpec(name, "image", "label"))
-    data = load_dataset(spec.hub_id, spec.config, revision=revision or spec.revision)
+    try:
+        data = load_dataset(spec.hub_id, spec.config, revision=revision or spec.revision)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        if key in KNOWN_DATASETS or Path(name).exists():
+            raise
+        raise ValueError(unknown_dataset_message(name, err)) from err
     if spec.single_split is not None:
         if spec.single_split not in data:
             raise ValueError(f"{spec.hub_id} has no {spec.single_split!r} split (splits: {list(data)}).")

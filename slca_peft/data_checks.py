@@ -1,20 +1,28 @@
 """Data checked before the first task trains, so bad data stops a run before any work.
 
 - Every image is decoded once in full (`PIL.Image.load`, not `verify`, which misses truncated
-  files), on a thread pool with a progress bar; each failure is named by path.
+  files), on a thread pool with a progress bar (shown on the recipe's main process unless
+  `--disable_tqdm`); each failure is named by path.
 - Images whose pixels cannot be converted faithfully to 8 bit (float `F`, 32-bit `I` beyond 16-bit
   range) are refused with their path: they would become constant images.
 - Class folders: junk files (`.DS_Store`, `Thumbs.db`, `README.txt`, ...) are skipped with one
   summary warning; an empty class folder is an error; label files that `datasets`' imagefolder
   would use to relabel images (`metadata.csv`, `metadata.jsonl`, ...) are refused.
 - Every task has test images (error otherwise); a class without test images is warned about.
+
+The decode pass also hashes each file's bytes (the bytes it decodes: a file up to
+`HASH_IN_MEMORY_BYTES` is read once, hashed and decoded from memory), so the run fingerprint sees
+image content at no extra read: `content_digest` answers from what the pass recorded and reads
+the file only for an image the pass never saw.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +38,13 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 LABEL_FILES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
 #: Integer modes that hold 16-bit values at most once checked (16-bit PNGs open as "I").
 _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+#: Files up to this size are read once into memory, hashed and decoded from there; larger ones are
+#: hashed in a streamed pass and decoded from the (then cached) file.
+HASH_IN_MEMORY_BYTES = 64 << 20
+
+# path -> ((size, mtime_ns, inode), sha256 digest) of each file the decode pass read.
+_DIGESTS: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+_DIGESTS_LOCK = threading.Lock()
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +105,59 @@ def _faithful(img: Any, where: str) -> None:
                             "converted to 8 bit faithfully; rescale it to 8 or 16 bit first.")
 
 
+def _stamp(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+def _read_and_hash(path: str) -> Any:
+    """What PIL should open for `path` (its bytes when small), with the file's SHA-256 recorded."""
+    with open(path, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        digest = hashlib.sha256()
+        if info.st_size <= HASH_IN_MEMORY_BYTES:
+            data = fh.read()
+            digest.update(data)
+            handle: Any = io.BytesIO(data)
+        else:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+            handle = path
+    with _DIGESTS_LOCK:
+        _DIGESTS[path] = (_stamp(info), digest.digest())
+    return handle
+
+
+def content_digest(path: str | os.PathLike[str]) -> bytes:
+    """SHA-256 of a file's bytes: recorded by the decode pass, else read now (streamed)."""
+    key = os.fspath(path)
+    info = os.stat(key)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is not None and known[0] == _stamp(info):
+        return known[1]
+    digest = hashlib.sha256()
+    with open(key, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def forget_content_digests() -> None:
+    """Drop the digests the decode pass recorded (once the run fingerprint holds them)."""
+    with _DIGESTS_LOCK:
+        _DIGESTS.clear()
+
+
 def _decode(source: Any) -> str | None:
     """None when the image decodes in full, else the problem in one line."""
     from PIL import Image
 
     where = source if isinstance(source, str) else "image bytes"
+    handle: Any = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            handle = source if isinstance(source, str) else io.BytesIO(source)
+            handle = _read_and_hash(source) if isinstance(source, str) else io.BytesIO(source)
             with Image.open(handle) as img:
                 img.load()
                 _faithful(img, where)
@@ -108,20 +167,30 @@ def _decode(source: Any) -> str | None:
         return f"{where}: decompression bomb ({' '.join(str(err).split())}); remove the file or raise " \
                "PIL.Image.MAX_IMAGE_PIXELS if it is genuine."
     except (OSError, SyntaxError, ValueError) as err:
-        return f"unreadable image {where} ({' '.join(str(err).split())}); remove or replace the file."
+        text = " ".join(str(err).split())
+        if isinstance(handle, io.BytesIO):  # PIL names the in-memory copy; name the file
+            text = text.replace(repr(handle), repr(where))
+        return f"unreadable image {where} ({text}); remove or replace the file."
     return None
 
 
-def check_images(sources: Sequence[Any], *, description: str = "checking images", workers: int | None = None) -> None:
-    """Decode every image (a path or encoded bytes) once in full; raise naming every failure."""
+def check_images(sources: Sequence[Any], *, description: str = "checking images", workers: int | None = None,
+                 progress: bool | None = None) -> None:
+    """Decode every image (a path or encoded bytes) once in full; raise naming every failure.
+    `progress`: a progress bar for 500 images or more (None: unless `slca_peft.logging_utils`
+    disabled progress bars, as the recipe does with `--disable_tqdm` and on other processes)."""
     from tqdm.auto import tqdm
+
+    from .logging_utils import is_progress_bar_enabled
 
     if not sources:
         return
+    if progress is None:
+        progress = is_progress_bar_enabled()
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(_decode, sources, chunksize=64), total=len(sources), desc=description,
-                            unit="img", disable=len(sources) < 500, leave=False))
+                            unit="img", disable=not progress or len(sources) < 500, leave=False))
     problems = [r for r in results if r is not None]
     if problems:
         more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
@@ -144,9 +213,11 @@ def _image_sources(dataset: Any, image_column: str) -> Iterable[Any]:
     return sources
 
 
-def check_dataset_images(dataset: Any, image_column: str, *, description: str = "checking images") -> None:
+def check_dataset_images(dataset: Any, image_column: str, *, description: str = "checking images",
+                         progress: bool | None = None) -> None:
     """`check_images` over a `datasets.Dataset`'s image column (files or embedded bytes)."""
-    check_images([s for s in _image_sources(dataset, image_column) if s is not None], description=description)
+    check_images([s for s in _image_sources(dataset, image_column) if s is not None], description=description,
+                 progress=progress)
 
 
 def check_task_splits(tasks: Any) -> None:
@@ -168,10 +239,11 @@ def check_task_splits(tasks: Any) -> None:
                       UserWarning, stacklevel=2)
 
 
-def check_task_data(tasks: Any) -> None:
+def check_task_data(tasks: Any, *, progress: bool | None = None) -> None:
     """All checks on a task stream before it trains: test coverage, then every image decoded once."""
     check_task_splits(tasks)
     column = tasks.image_column
     for task in tasks:
         for split, data in (("train", task.train), ("test", task.test)):
-            check_dataset_images(data, column, description=f"checking task {task.task_id} {split} images")
+            check_dataset_images(data, column, description=f"checking task {task.task_id} {split} images",
+                                 progress=progress)

@@ -15,7 +15,7 @@ import torch
 from datasets import ClassLabel, Dataset
 
 from .data import image_dataset, load_split_image_folders
-from .tasks import Task, _label_ids, _with_labels, verify_image_folder
+from .tasks import Task, label_ids, verify_image_folder, with_labels
 
 #: DomainNet's domains, in the release's (alphabetical) order; pass your own order to `domains`.
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -101,7 +101,7 @@ class DomainSequence:
             for split, ds in (("train", train), ("test", test)):
                 if image_column not in ds.column_names or label_column not in ds.column_names:
                     raise ValueError(f"domain {name!r} {split} split lacks {image_column!r}/{label_column!r}.")
-            labels, train_ids, test_ids = _label_ids(train, test, label_column)
+            labels, train_ids, test_ids = label_ids(train, test, label_column)
             if self.label_names is None:
                 self.label_names = labels
             elif set(labels) != set(self.label_names):
@@ -117,8 +117,8 @@ class DomainSequence:
             feature = ClassLabel(names=labels)
             self._domains.append(
                 (
-                    _with_labels(train, label_column, train_ids, feature),
-                    _with_labels(test, label_column, test_ids, feature),
+                    with_labels(train, label_column, train_ids, feature),
+                    with_labels(test, label_column, test_ids, feature),
                 )
             )
         self.order = list(range(self.num_classes))
@@ -132,6 +132,11 @@ class DomainSequence:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def class_ids(self) -> list[int]:
+        """One head over the first domain's label ids, in their order: positions are the class ids."""
+        return list(range(self.num_classes))
 
     def __len__(self) -> int:
         return len(self._domains)

@@ -4,16 +4,26 @@
 `main` and turns any user error (also `ValueError`, `OSError`, YAML errors and `SystemExit` with a
 message) into `slca-peft: error: <message>` and exit status 2. `--debug` on the command line or
 `SLCA_PEFT_DEBUG=1` keeps the traceback. Other exceptions are bugs and keep their traceback.
+
+`read_json` is the one reader of a user's or a run's JSON: bounded in size, and a damaged or crafted
+file (invalid UTF-8, deeply nested, a 10,000-digit number) is a one-line error naming the file, never
+a `RecursionError` traceback. `no_exit` makes `sys.exit` inside user code (a callback) an error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 DEBUG_ENV = "SLCA_PEFT_DEBUG"
+#: Largest JSON file read (configs, states, metrics are kilobytes; a label list of a million classes ~30 MB).
+MAX_JSON_BYTES = 64 << 20
 
 
 class UserError(ValueError):
@@ -36,7 +46,54 @@ def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
+    if isinstance(err, UnicodeEncodeError) and isinstance(err.object, str) \
+            and any("\udc80" <= c <= "\udcff" for c in err.object):
+        # A file name that is not valid UTF-8 (os gives its bytes as surrogates): name it, escaped.
+        text = f"the name {err.object!r} is not valid UTF-8 ({text}); rename the file or folder"
     return text
+
+
+def loads_json(raw: str | bytes, source: str) -> Any:
+    """Parse JSON text read from `source`; anything unparsable is a `UserError` naming it."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise UserError(f"{source} nests JSON deeper than Python can parse; the file is damaged or crafted.") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, bad UTF-8, an int of > 4300 digits
+        raise UserError(f"{source} is not valid JSON ({one_line(err)}); the file is damaged.") from None
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in `path`, read at most `max_bytes` (a larger file is refused, naming it)."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise UserError(f"{path} is larger than {max_bytes} bytes, too large for the JSON slca-peft reads; "
+                        "the file is damaged or not the one meant.")
+    return loads_json(raw, str(path))
+
+
+def _exit_origin(err: BaseException) -> str:
+    """`function (file:line)` of the frame that called `sys.exit` (the last frame of its traceback)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return "user code"
+    last = frames[-1]
+    return f"{last.name} ({last.filename}:{last.lineno})"
+
+
+@contextmanager
+def no_exit(what: str) -> Iterator[None]:
+    """`sys.exit` (any code, 0 included) inside `what` becomes a `UserError` naming its caller: a callback
+    that exits has not finished the run, and exit status 0 would tell a script the run succeeded."""
+    try:
+        yield
+    except SystemExit as err:
+        raise UserError(
+            f"{_exit_origin(err)} called sys.exit({err.code!r}) during {what}, so the run did not finish; raise "
+            "an exception to stop a run from a callback (--resume_from auto continues after the last checkpoint)."
+        ) from None
 
 
 def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, prog: str = "slca-peft") -> Any:

@@ -3,46 +3,46 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .adapters import adapt_backbone, adapter_prefix, parameter_role, peft_config_from_dict, peft_config_to_dict
 from .backbones import (
     backbone_from_config,
     backbone_spec,
     check_pooled_feature,
-    class_token,
     feature_dim,
     load_backbone,
+    loading_kwargs,
     lora_targets_for,
-    norm_module_names,
     pooled_feature,
+    reset_final_norm,
+    split_loading_kwargs,
 )
 from .base_model import portable_name
+from .config import model_settings
 from .head import ContinualClassifier
-from .layout import check_fused_qkv_backbone, tie_fused_qkv
-from .layout import reset_final_norm as reset_final_norm_of
-from .lora_init import svd_init_lora
-from .model_config import SLCAModelConfig
-from .peft_methods import adapter_prefix, apply_peft_config, peft_config_from_dict, peft_config_to_dict
+from .model_config import SLCAModelConfig, fit_class_ids
+
+if TYPE_CHECKING:
+    from .statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
 
-# Parameter roles, used by the trainer to give each its slow-learner rate.
-HEAD, LORA, BACKBONE = "head", "lora", "backbone"
-
-
-def _linear_names(backbone: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
-
 
 def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
-    """PyTorch's fused attention (SDPA) where the architecture supports it, else its default."""
+    """PyTorch's fused attention (SDPA) where the architecture supports it, else its default (an
+    `attn_implementation` the caller chose wins)."""
+    if "attn_implementation" in kwargs:
+        return load(*args, **kwargs)
     try:
         return load(*args, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError) as error:
@@ -51,11 +51,12 @@ def _load_with_sdpa(load, *args: Any, **kwargs: Any) -> PreTrainedModel:
 
 
 class SLCAModel(nn.Module):
-    """Backbone (optionally LoRA-wrapped) + per-task heads, returning HF outputs.
+    """Backbone (optionally adapter-wrapped) + per-task heads, returning HF outputs.
 
-    Hybrid-SL (``use_lora=True``) trains LoRA on the target linears plus every LayerNorm, every bias
-    and the class token; full fine-tuning trains the whole backbone. Either way the head sees the
-    pooled feature of `features()`.
+    Hybrid-SL (``use_lora=True``) trains LoRA (or a user's PEFT adapter) on the target linears plus
+    every LayerNorm, every bias and the class token; full fine-tuning trains the whole backbone. Either
+    way the head sees the pooled feature of `features()`. The settings are `slca_config`
+    (`SLCAModelConfig`), what `slca_config.json` holds.
     """
 
     def __init__(self, backbone: PreTrainedModel, config: SLCAModelConfig | None = None, **overrides: Any):
@@ -96,34 +97,18 @@ class SLCAModel(nn.Module):
         self.slca_config = config
         check_pooled_feature(backbone, self.backbone_spec)
         if config.reset_final_norm:
-            reset_final_norm_of(backbone, config.final_norm_eps)
-        if config.use_lora and self.peft_config is not None:
-            if config.lora_layout == "fused_qkv" and not self.backbone_spec.fused_qkv:
-                raise ValueError("lora_layout='fused_qkv' (set by released_code) ties slca-peft's own LoRA; with "
-                                 "peft_config set lora_layout='per_projection' and configure the adapter yourself.")
-            backbone = apply_peft_config(backbone, self.peft_config, svd_init=config.lora_svd_init)
-        elif config.use_lora:
-            if config.lora_layout == "fused_qkv":
-                check_fused_qkv_backbone(backbone, config.lora_target_modules)
-            backbone = self._wrap_lora(backbone)
-        else:
-            backbone.requires_grad_(True)
-        self.backbone = backbone
+            reset_final_norm(backbone, config.final_norm_eps)
+        self.backbone = adapt_backbone(backbone, config, self.peft_config)
         self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
+        #: The task history (continual_state.json) and the checkpoint it was loaded from, when loaded from
+        #: one: cards of a push or an export keep the run's results and say where they come from.
+        self.task_history: dict[str, Any] | None = None
+        self.name_or_path: str | None = None
 
-    # Read-only views of the config, for code that reads the model's settings.
-    use_lora = property(lambda self: self.slca_config.use_lora)
-    lora_rank = property(lambda self: self.slca_config.lora_rank)
-    lora_scale = property(lambda self: self.slca_config.lora_scale)
-    lora_target_modules = property(lambda self: self.slca_config.lora_target_modules)
-    lora_svd_init = property(lambda self: self.slca_config.lora_svd_init)
-    lora_layout = property(lambda self: self.slca_config.lora_layout)
-    reset_final_norm = property(lambda self: self.slca_config.reset_final_norm)
-    final_norm_eps = property(lambda self: self.slca_config.final_norm_eps)
-    feature_dim = property(lambda self: self.slca_config.feature_dim)
-    feature_source = property(lambda self: self.slca_config.feature_source)
-    base_model_name_or_path = property(lambda self: self.slca_config.base_model_name_or_path)
-    revision = property(lambda self: self.slca_config.revision)
+    @property
+    def feature_dim(self) -> int:
+        """Width of the pooled feature the heads read (what class statistics are sized by)."""
+        return self.slca_config.feature_dim
 
     @property
     def label_names(self) -> list[str] | None:
@@ -134,6 +119,31 @@ class SLCAModel(nn.Module):
     def label_names(self, names: list[str] | None) -> None:
         self.slca_config.label_names = list(names) if names is not None else None
         self.slca_config.validate()
+
+    @property
+    def class_ids(self) -> list[int]:
+        """Position -> class id of every output (the dataset's label ids; the identity for files written
+        before class ids were recorded). Outputs grown since the ids were set take the next free ids."""
+        ids = fit_class_ids(self.slca_config.class_ids, self.classifier.num_classes)
+        return ids if ids is not None else list(range(self.classifier.num_classes))
+
+    @class_ids.setter
+    def class_ids(self, ids: list[int] | None) -> None:
+        self.slca_config.task_sizes = list(self.classifier.task_sizes)
+        self.slca_config.class_ids = [int(i) for i in ids] if ids is not None else None
+        self.slca_config.validate()
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> class name, by id (names `class_<id>` when the training data named none): what
+        an export's config holds, so `logits.argmax(-1) == batch["label"]` there."""
+        names = self.label_names or []
+        pairs = [(i, names[p] if p < len(names) else f"class_{i}") for p, i in enumerate(self.class_ids)]
+        return dict(sorted(pairs))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,65 +156,44 @@ class SLCAModel(nn.Module):
     ) -> SLCAModel:
         """Build from a Hub id, a local directory, a config (random weights) or a loaded model.
 
-        `args` (an `SLCAConfig`) supplies the method and LoRA settings; keyword arguments override it.
+        `args` (an `SLCAConfig`; a plain `TrainingArguments` is converted) supplies the model settings.
+        Keywords override it: any `SLCAModelConfig` field and the `SLCAConfig` fields that shape the
+        model (`method`, `released_code`, `lora_rank`, ...). Loading by name also takes transformers'
+        loading keywords (`token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`);
+        `device_map` and quantization are refused, saying why.
         """
-        settings: dict[str, Any] = {}
-        if args is not None:
-            settings = {
-                "use_lora": args.use_lora,
-                "lora_rank": args.lora_rank,
-                "lora_scale": args.lora_scale,
-                "lora_target_modules": args.lora_target_modules,
-                "lora_svd_init": args.lora_svd_init,
-                "lora_layout": args.lora_layout,
-                "reset_final_norm": args.reset_final_norm,
-                "final_norm_eps": args.final_norm_eps,
-            }
-        settings.update(kwargs)
+        loading, kwargs = split_loading_kwargs(kwargs, "SLCAModel.from_backbone")
+        settings = model_settings(args, **kwargs)
         name = None
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
             name = portable_name(model)
-            backbone = _load_with_sdpa(load_backbone, model, revision=revision)
+            backbone = _load_with_sdpa(load_backbone, str(model), revision=revision, **loading)
         elif isinstance(model, PretrainedConfig):
-            backbone = _load_with_sdpa(backbone_from_config, model)
+            extra = set(loading) - {"dtype", "attn_implementation"}
+            if revision is not None or extra:
+                raise ValueError(f"SLCAModel.from_backbone: {sorted(extra) or ['revision']} apply when loading by "
+                                 "name; a config builds random weights (only dtype applies).")
+            backbone = _load_with_sdpa(backbone_from_config, model, **loading)
         elif isinstance(model, PreTrainedModel):
+            if revision is not None or loading:
+                raise ValueError(f"SLCAModel.from_backbone: {sorted(loading) or ['revision']} apply when loading "
+                                 "by name; the model passed is already loaded (convert it with model.to(dtype)).")
             backbone = model
         else:
             raise TypeError(f"model must be a Hub id, a path, a config or a PreTrainedModel, got {type(model)}.")
         # As keywords: None targets (the backbone's defaults) and a PeftConfig are resolved in __init__.
         return cls(backbone, base_model_name_or_path=name, revision=revision, **settings)
 
-    def _wrap_lora(self, backbone: PreTrainedModel) -> PeftModel:
-        available = _linear_names(backbone)
-        missing = [t for t in self.lora_target_modules if t not in available]
-        if missing:
-            raise ValueError(
-                f"LoRA target module(s) {missing} match no linear layer of {type(backbone).__name__}. "
-                f"Linear layer names available: {available}. Set lora_target_modules to some of them."
-            )
-        norm_names = norm_module_names(backbone)
-        config = LoraConfig(
-            r=self.lora_rank,
-            lora_alpha=self.lora_scale * self.lora_rank,
-            target_modules=self.lora_target_modules,
-            lora_dropout=0.0,
-            bias="all",
-            modules_to_save=norm_names or None,
-        )
-        wrapped = get_peft_model(backbone, config)
-        # bias="all" also flags the biases of the frozen originals that modules_to_save keeps aside.
-        for name, param in wrapped.named_parameters():
-            if ".original_module." in name:
-                param.requires_grad_(False)
-        token = class_token(wrapped.get_base_model())
-        if token is not None:
-            token.requires_grad_(True)
-        if self.lora_svd_init:
-            svd_init_lora(wrapped)
-        if self.lora_layout == "fused_qkv":
-            tie_fused_qkv(wrapped, svd_init=self.lora_svd_init)
-        return wrapped
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (as `PreTrainedModel.device`)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's floating-point dtype (as `PreTrainedModel.dtype`): what the features come in."""
+        return self.base_backbone.dtype
 
     # ------------------------------------------------------------------ forward
     @property
@@ -250,16 +239,13 @@ class SLCAModel(nn.Module):
         """Which slow-learner rate a trainable parameter gets: head, adapter (LoRA or the PEFT method's
         own tensors, found by the tuner's prefix: `lora_`, `hada_`, `lokr_`, `ia3_`, ...), or other
         backbone."""
-        if name.startswith("classifier."):
-            return HEAD
-        if adapter_prefix(self.backbone) in name:
-            return LORA
-        return BACKBONE
+        return parameter_role(name, adapter_prefix(self.backbone))
 
     def settings(self) -> dict[str, Any]:
         """What `from_pretrained` needs to rebuild the same model around the referenced base
         (`slca_config.json`), with the classifier's current task sizes."""
         self.slca_config.task_sizes = list(self.classifier.task_sizes)
+        self.slca_config.class_ids = fit_class_ids(self.slca_config.class_ids, self.classifier.num_classes)
         return self.slca_config.to_dict()
 
     # ------------------------------------------------------------------ files
@@ -281,12 +267,63 @@ class SLCAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None,
-                        base_model_name_or_path: str | None = None) -> SLCAModel:
+                        base_model_name_or_path: str | None = None, **kwargs: Any) -> SLCAModel:
         """Load a directory or Hub repo written by `save_pretrained` (the base model is loaded from the
-        id or path the files reference; `base_model_name_or_path` points at it when it has moved)."""
-        from .checkpoint import load_model_files
+        id or path the files reference; `base_model_name_or_path` points at it when it has moved).
 
-        return load_model_files(path_or_repo_id, revision, expected_base=base_model_name_or_path)[0]
+        Takes transformers' loading keywords (`token`, `cache_dir`, `local_files_only`,
+        `force_download` for both the checkpoint and the base model; `dtype` for the backbone);
+        `device_map` and quantization are refused, saying why. The task history beside the files
+        (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
+        from .checkpoint import read_model_config
+        from .errors import read_json
+        from .files import STATE_FILE
+        from .model_config import validate_state
+
+        loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
+        config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
+                                         **hub_kwargs(loading))
+        model = cls._from_files(config, root, **loading)
+        state_path = root / STATE_FILE
+        if state_path.is_file():
+            model.task_history = validate_state(read_json(state_path), str(state_path))
+        model.name_or_path = str(path_or_repo_id)
+        return model
+
+    @classmethod
+    def _from_files(cls, config: SLCAModelConfig, root: Path, **loading: Any) -> SLCAModel:
+        """Build the model `config` (read from `root`) describes and fill it with `root`'s tensors
+        (`loading`: checked loading keywords for the base model)."""
+        from transformers import AutoModel
+
+        from .checkpoint import load_model_state, read_backbone_config
+        from .files import CONFIG_FILE
+
+        config_path = root / CONFIG_FILE
+        base = config.base_model_name_or_path
+        if config.use_lora:
+            try:
+                backbone = _load_with_sdpa(load_backbone, base, revision=config.revision, **loading)
+            except OSError as err:
+                if Path(base).is_absolute() or base.startswith("."):
+                    raise
+                # "runs/base" may be a Hub id or a path relative to where an older run started.
+                raise FileNotFoundError(
+                    f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
+                    f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
+                    "model's location: --model_name_or_path PATH with the recipe, or "
+                    "load_checkpoint(..., expected_base=PATH) from Python."
+                ) from err
+        else:
+            dtype = {"dtype": loading["dtype"]} if "dtype" in loading else {}
+            backbone = AutoModel.from_config(read_backbone_config(root), **dtype)
+        config.lora_svd_init = False  # the stored adapter replaces any initialisation
+        try:
+            model = cls(backbone, config)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+        load_model_state(model, root)
+        return model
 
     def push_to_hub(
         self,
@@ -304,21 +341,58 @@ class SLCAModel(nn.Module):
     ) -> Any:
         """Upload the model files as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is
         created as a branch when missing). The base model is referenced: pass `base_model_id` when
-        it was loaded from a local directory."""
+        it was loaded from a local directory. The card's results come from `state`, else `task_history`."""
         import tempfile
 
         from .hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "model"
-            self.save_pretrained(target, state=state, card=card)
+            # A loaded model's own task history keeps the card's results (model-index) without `state=`.
+            self.save_pretrained(target, state=state if state is not None else self.task_history, card=card)
             return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
                                revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
 
-    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None) -> Path:
+    def export(self, save_directory: str | Path, label_names: list[str] | None = None, image_processor=None,
+               card: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
         """Write a plain `AutoModelForImageClassification` checkpoint (LoRA merged, heads and scales
-        folded) that `pipeline("image-classification")` loads without slca-peft, with an image
-        processor that reproduces the evaluation transform. Class names default to `label_names`."""
+        folded, output k = class id k) that `pipeline("image-classification")` loads without slca-peft,
+        with an image processor that reproduces the evaluation transform and a model card (results of
+        `task_history`, the checkpoint it came from). Class names default to `id2label`; `card` may set
+        `license`, `datasets`, `tags`, `model_name`, `state` and `source`. The directory must be new or
+        empty; `overwrite=True` replaces a previous export's files only."""
         from .export import export_model
 
-        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor)
+        return export_model(self, save_directory, label_names=label_names, image_processor=image_processor, card=card,
+                            overwrite=overwrite)
+
+
+def load_checkpoint(
+    path_or_repo_id: str | Path,
+    revision: str | None = None,
+    expected_base: str | Sequence[str | None] | None = None,
+    **kwargs: Any,
+) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Rebuild model, statistics, task history and unaligned head from a checkpoint (directory or Hub
+    repo) that `slca_peft.checkpoint.save_checkpoint` wrote.
+
+    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
+    its Hub id) refuses a checkpoint that was trained on another backbone. `kwargs`: the loading
+    keywords of `SLCAModel.from_pretrained` (`token`, `cache_dir`, `local_files_only`,
+    `force_download`, `dtype`).
+    """
+    from .checkpoint import load_learner_state, read_model_config
+
+    loading = loading_kwargs("load_checkpoint", **kwargs)
+    config, root = read_model_config(path_or_repo_id, revision, expected_base, **hub_kwargs(loading))
+    model = SLCAModel._from_files(config, root, **loading)
+    statistics, state, unaligned = load_learner_state(root, model)
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    model.task_history, model.name_or_path = state, str(path_or_repo_id)
+    return model, statistics, state, unaligned
+
+
+def hub_kwargs(loading: dict[str, Any]) -> dict[str, Any]:
+    """The loading keywords that also apply to fetching a checkpoint repo (snapshot_download's)."""
+    return {k: v for k, v in loading.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}

@@ -8,20 +8,29 @@ is refused with an error instead of allocating the memory it asks for.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .config import DEFAULT_LORA_TARGETS
+from transformers import TrainingArguments
+
+from .peft_limits import MAX_RANK, check_peft_fields
 
 FORMAT_VERSION = 1
 
-# Bounds far above any real model, far below what would exhaust memory.
-MAX_LORA_RANK = 4096
-MAX_FEATURE_DIM = 65536
-MAX_CLASSES = 1_000_000
+#: LoRA targets of the paper's setting (transformers v5 ViT family names).
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
+LORA_LAYOUTS = ("per_projection", "fused_qkv")
+
+# Bounds far above any real model, far below what would exhaust memory (files and statistics alike).
+MAX_LORA_RANK = MAX_RANK
+MAX_FEATURE_DIM = 1 << 16
+MAX_CLASSES = 1 << 20
 MAX_TASKS = 10_000
 MAX_NAMES = 1024
 MAX_NAME_LENGTH = 1024
+#: (low, high), both allowed, of the bounded numeric settings: checked on every file and, for those a
+#: training run chooses, when `SLCAConfig` is parsed.
+BOUNDS = {"lora_rank": (1, MAX_LORA_RANK), "lora_scale": (0.0, 1e4), "final_norm_eps": (0.0, 1.0)}
 
 
 def _fail(name: str, problem: str) -> ValueError:
@@ -73,12 +82,33 @@ def check_str_list(name: str, value: Any, max_len: int) -> list[str]:
     return items
 
 
+def check_class_ids(name: str, value: Any) -> list[int]:
+    """Class ids: unique integers in [0, MAX_CLASSES)."""
+    ids = check_int_list(name, value, 0, MAX_CLASSES - 1, MAX_CLASSES)
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise _fail(name, f"repeats the class id(s) {repeated}; every output needs its own class id.")
+    return ids
+
+
+def fit_class_ids(ids: list[int] | None, num_classes: int) -> list[int] | None:
+    """`ids` for a head of `num_classes` outputs: outputs added since take the next free ids
+    (max + 1, ...); a class never changes id. None (files written before class ids) stays None."""
+    if ids is None:
+        return None
+    ids = list(ids[:num_classes])
+    start = max(ids, default=-1) + 1
+    return ids + list(range(start, start + num_classes - len(ids)))
+
+
 @dataclass
 class SLCAModelConfig:
     """Settings that rebuild an `SLCAModel` around its referenced base model.
 
     `base_model_name_or_path` is a Hub id or an absolute path (never relative, so the files load from
-    any working directory). `label_names` are the class names in class-index order, when known.
+    any working directory). `label_names` are the class names in position (output) order, when known;
+    `class_ids` the class id of each output position (the dataset's label id, see `stream_class_ids`),
+    None for files written before class ids existed (read as the identity).
     """
 
     base_model_name_or_path: str | None = None
@@ -95,6 +125,8 @@ class SLCAModelConfig:
     feature_dim: int | None = None
     feature_source: str | None = None
     label_names: list[str] | None = None
+    #: Position -> class id: output p of the model is the class the dataset labels `class_ids[p]`.
+    class_ids: list[int] | None = None
     #: A user's PEFT config as `PeftConfig.to_dict()` (JSON), or None for the built-in LoRA.
     peft_config: dict[str, Any] | None = None
 
@@ -105,14 +137,14 @@ class SLCAModelConfig:
         """Refuse any field of the wrong type or out of range, naming it."""
         check_str("base_model_name_or_path", self.base_model_name_or_path, optional=True)
         check_str("revision", self.revision, optional=True)
-        if self.lora_layout not in ("per_projection", "fused_qkv"):
+        if self.lora_layout not in LORA_LAYOUTS:
             raise _fail("lora_layout", f"must be 'per_projection' or 'fused_qkv', got {self.lora_layout!r}.")
-        check_float("final_norm_eps", self.final_norm_eps, 0.0, 1.0)
+        check_float("final_norm_eps", self.final_norm_eps, *BOUNDS["final_norm_eps"])
         for name in ("use_lora", "lora_svd_init", "reset_final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"must be true or false, got {getattr(self, name)!r}.")
-        check_int("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
-        check_float("lora_scale", self.lora_scale, -1e6, 1e6)
+        check_int("lora_rank", self.lora_rank, *BOUNDS["lora_rank"])
+        check_float("lora_scale", self.lora_scale, *BOUNDS["lora_scale"])
         self.lora_target_modules = check_str_list("lora_target_modules", self.lora_target_modules, MAX_NAMES)
         self.task_sizes = check_int_list("task_sizes", self.task_sizes, 1, MAX_CLASSES, MAX_TASKS)
         if sum(self.task_sizes) > MAX_CLASSES:
@@ -123,14 +155,15 @@ class SLCAModelConfig:
             raise _fail("feature_source", f"must be 'cls' or 'pooler', got {self.feature_source!r}.")
         if self.label_names is not None:
             self.label_names = check_str_list("label_names", self.label_names, MAX_CLASSES)
+        if self.class_ids is not None:
+            self.class_ids = check_class_ids("class_ids", self.class_ids)
+            if self.task_sizes and len(self.class_ids) != self.num_classes:
+                raise _fail("class_ids", f"has {len(self.class_ids)} entries for {self.num_classes} classes "
+                            f"(task_sizes {self.task_sizes}); give one class id per output.")
         if self.peft_config is not None:
             if not isinstance(self.peft_config, dict) or not isinstance(self.peft_config.get("peft_type"), str):
                 raise _fail("peft_config", "must be a PEFT config's fields (a JSON object with a 'peft_type').")
-            for key in ("r", "lora_alpha", "alpha"):  # ranks allocate memory: bound them as lora_rank
-                if isinstance(self.peft_config.get(key), int):
-                    check_int(f"peft_config.{key}", self.peft_config[key], 0, MAX_LORA_RANK * 1024)
-            if isinstance(self.peft_config.get("r"), int):
-                check_int("peft_config.r", self.peft_config["r"], 1, MAX_LORA_RANK)
+            check_peft_fields(self.peft_config)  # sizes, NaN, regexes: before PEFT builds anything
 
     @property
     def num_classes(self) -> int:
@@ -138,6 +171,24 @@ class SLCAModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field `name` (a fresh copy for lists), for configs that expose the same setting."""
+        spec = next(f for f in fields(cls) if f.name == name)
+        return spec.default_factory() if spec.default is MISSING else spec.default
+
+    @classmethod
+    def fields_from(cls, args: Any) -> dict[str, Any]:
+        """The model settings a training config chooses: every field of this class that the config's own
+        class defines (`SLCAConfig`: the LoRA knobs, `use_lora` from its method). `TrainingArguments`'
+        fields are not model settings, even where a name matches (its `label_names` are input keys)."""
+        own: set[str] = set()
+        for klass in type(args).__mro__:
+            if klass is TrainingArguments:
+                break
+            own.update(vars(klass))
+        return {f.name: getattr(args, f.name) for f in fields(cls) if f.name in own}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "slca_config.json") -> SLCAModelConfig:
@@ -179,6 +230,8 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
                 check_int(key, state[key], -(2**63), 2**64)
         if state.get("label_names") is not None:
             check_str_list("label_names", state["label_names"], MAX_CLASSES)
+        if state.get("class_ids") is not None:
+            check_class_ids("class_ids", state["class_ids"])
         if state.get("domains") is not None:
             check_str_list("domains", state["domains"], MAX_TASKS)
         if "method" in state:
@@ -186,7 +239,16 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
         matrix = check_list("accuracy_matrix", state.get("accuracy_matrix", []), MAX_TASKS)
         for t, row in enumerate(matrix):
             for j, value in enumerate(check_list(f"accuracy_matrix[{t}]", row, MAX_TASKS)):
-                check_float(f"accuracy_matrix[{t}][{j}]", value, 0.0, 100.0)
+                if value is not None:  # None: the task had no test data when this row was measured
+                    check_float(f"accuracy_matrix[{t}][{j}]", value, 0.0, 100.0)
+        for t, value in enumerate(check_list("task_data", state.get("task_data") or [], MAX_TASKS)):
+            check_str(f"task_data[{t}]", value, optional=True)
+        for i, segment in enumerate(check_list("segments", state.get("segments") or [], MAX_TASKS)):
+            if not isinstance(segment, dict) or len(segment) > 32:
+                raise _fail(f"segments[{i}]", "must be a JSON object of a few fields.")
+            for key in ("first_task", "tasks"):
+                check_int(f"segments[{i}].{key}", segment.get(key), 0, MAX_TASKS)
+            check_str(f"segments[{i}].data", segment.get("data"), optional=True)
         for t, value in enumerate(check_list("seen_accuracy", state.get("seen_accuracy", []), MAX_TASKS)):
             check_float(f"seen_accuracy[{t}]", value, 0.0, 100.0)
     except ValueError as err:

@@ -8,14 +8,13 @@ that the declared tensors tile the file exactly and are backed by data actually 
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from math import prod
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, loads_json
 
 #: Largest header accepted (the JSON listing of tensor names, dtypes, shapes, offsets).
 MAX_HEADER_BYTES = 16 << 20
@@ -37,10 +36,7 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise UserError(f"{path} is not a valid safetensors file (a {length}-byte header in a {size}-byte file); "
                             "it may be truncated.")
-        try:
-            header = json.loads(fh.read(length))
-        except ValueError as err:
-            raise UserError(f"{path} has an unreadable header ({err}); the file is damaged.") from None
+        header = loads_json(fh.read(length), f"{path}'s header")
     if not isinstance(header, dict):
         raise UserError(f"{path} has a header that is not a JSON object; the file is damaged.")
     metadata = header.pop("__metadata__", None) or {}

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,18 +38,19 @@ from safetensors.torch import save_file
 from .covariance import (
     KIND_CHOLESKY,
     KIND_FACTOR,
+    BlockLayout,
     SamplingPlan,
-    _BlockLayout,
-    _CovarianceView,
     cholesky_with_ridge,
+    factor_rank,
     factorise,
     packed_size,
     unpack_tril,
 )
+from .files import STATISTICS_FILE
+from .model_config import MAX_CLASSES, MAX_FEATURE_DIM  # bound what a statistics file header may declare
 
 logger = logging.getLogger(__name__)
 
-STATISTICS_FILE = "class_statistics.safetensors"
 COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
 FORMAT_VERSION = "2"
 
@@ -105,7 +107,8 @@ class ClassStatistics:
         self._noise: dict[int, torch.Tensor] = {}  # class -> float64 [d] diagonal added to F F^T
         # class -> [count, sum (d), outer-sum lower block triangle], float64, additive across processes
         self._pending: dict[int, torch.Tensor] = {}
-        self._layout = _BlockLayout(feature_dim)
+        self._reopened: dict[int, int] = {}  # class -> its task, for classes `reopen` made pending again
+        self._layout = BlockLayout(feature_dim)
         self._version = 0
         self._plan: SamplingPlan | None = None
 
@@ -148,9 +151,6 @@ class ClassStatistics:
             acc[0] += size
             acc[1 : 1 + d] += x.sum(dim=0)
             layout.accumulate(acc[1 + d :].view(-1, layout.s, layout.s), x)
-
-    def pending_classes(self) -> list[int]:
-        return sorted(self._pending)
 
     @torch.no_grad()
     def finalize(
@@ -212,11 +212,46 @@ class ClassStatistics:
                 self._factors[cls] = factors[i].cpu()
                 self._noise[cls] = noise[i].cpu()
                 self.counts[cls] = counts_list[lo + i]
-                self.task_of_class[cls] = task_id
+                self.task_of_class[cls] = self._reopened.pop(cls, task_id)
                 self._pending.pop(cls, None)
             del acc, cov
         self._changed()
         return classes
+
+    @torch.no_grad()
+    def reopen(self, classes: list[int], *, sums: bool = True, device: torch.device | str = "cpu") -> None:
+        """Accept more samples of finalized classes (a class's images arriving with later data).
+
+        Each class's count, sum and outer-product sum go back to the accumulators, rebuilt from its mean
+        and covariance (``n mu`` and ``(n - 1) Sigma + n mu mu^T``, Sigma without the ridge): exact up to
+        rounding for the "exact" and "full" forms, the stored approximation for "low_rank" and "diagonal".
+        `update` then adds the new samples and `finalize` refactorises the class, keeping its task. Pass
+        ``sums=False`` on every process but one, so that a reduction across processes counts the old
+        samples once.
+        """
+        for cls in classes:
+            if cls not in self.means:
+                raise ValueError(f"class {cls} has no statistics to add samples to.")
+        d, layout = self.feature_dim, self._layout
+        width = layout.b * layout.s
+        for cls in classes:
+            acc = torch.zeros(1 + d + layout.numel, dtype=torch.float64, device=device)
+            if sums:
+                n, mean = self.counts[cls], self.means[cls].to(device, torch.float64)
+                scatter = (self.covariance(cls).to(device) - self.ridge * torch.eye(d, dtype=torch.float64,
+                                                                                   device=device)) * (n - 1)
+                outer = torch.zeros(width, width, dtype=torch.float64, device=device)
+                outer[:d, :d] = scatter + n * torch.outer(mean, mean)
+                blocks = acc[1 + d :].view(-1, layout.s, layout.s)
+                for t, (i, j) in enumerate(zip(layout.bi.tolist(), layout.bj.tolist(), strict=True)):
+                    blocks[t] = outer[i * layout.s : (i + 1) * layout.s, j * layout.s : (j + 1) * layout.s]
+                acc[0] = n
+                acc[1 : 1 + d] = n * mean
+            self._reopened[cls] = self.task_of_class.pop(cls)
+            for store in (self.means, self.counts, self._factors, self._noise):
+                store.pop(cls)
+            self._pending[cls] = acc
+        self._changed()
 
     def _changed(self) -> None:
         self._version += 1
@@ -235,7 +270,17 @@ class ClassStatistics:
     @property
     def ranks(self) -> dict[int, int]:
         """class -> rank of its stored factor (d for a full Cholesky factor, 0 for a diagonal)."""
-        return {c: self.feature_dim if f.ndim == 1 else f.shape[1] for c, f in self._factors.items()}
+        return {c: factor_rank(f, self.feature_dim) for c, f in self._factors.items()}
+
+    @property
+    def factors(self) -> Mapping[int, torch.Tensor]:
+        """class -> stored float64 factor: packed lower Cholesky [d(d+1)/2] or [d, r] (read-only)."""
+        return MappingProxyType(self._factors)
+
+    @property
+    def noise(self) -> Mapping[int, torch.Tensor]:
+        """class -> float64 [d] diagonal added to ``F F^T`` (zero beside a Cholesky factor; read-only)."""
+        return MappingProxyType(self._noise)
 
     def covariance(self, cls: int) -> torch.Tensor:
         """The float64 [d, d] covariance of a class: ``L L^T`` or ``F F^T + diag(noise)``."""
@@ -272,7 +317,10 @@ class ClassStatistics:
         key = (self._version, str(device), dtype)
         if self._plan is None or self._plan.key != key:
             self._plan = None  # free the old plan's tensors before stacking the new one
-            self._plan = SamplingPlan.build(self, key, device, dtype, self.sampling_cache_bytes)
+            self._plan = SamplingPlan.build(
+                self.means, self.task_of_class, self.factors, self.noise, feature_dim=self.feature_dim, key=key,
+                device=device, dtype=dtype, cache_bytes=self.sampling_cache_bytes,
+            )
         return self._plan
 
     def sample(
@@ -388,9 +436,27 @@ class ClassStatistics:
         self.task_of_class[cls] = task
 
 
-#: Most classes a statistics file may hold, and the largest feature size: bounds what a header may declare.
-MAX_CLASSES = 1 << 20
-MAX_FEATURE_DIM = 1 << 16
+class _CovarianceView(Mapping):
+    """Read-only mapping class -> float64 [d, d] covariance, materialised from the factor on access."""
+
+    def __init__(self, stats: ClassStatistics):
+        self._stats = stats
+
+    def __getitem__(self, cls: int) -> torch.Tensor:
+        if cls not in self._stats.factors:
+            raise KeyError(cls)
+        return self._stats.covariance(cls)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._stats.classes)
+
+    def __len__(self) -> int:
+        return len(self._stats.factors)
+
+    def __contains__(self, cls: object) -> bool:
+        return cls in self._stats.factors
+
+
 _INTEGER_CODES = {"I64", "I32"}
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 

@@ -1,14 +1,15 @@
 """`TaskSequence`: split a labelled image dataset into class-incremental tasks.
 
-The class order follows the reference exactly (`np.random.seed(seed); np.random.permutation(n)`)
-so that a seed here gives the same tasks as the published runs. Labels are remapped to positions
-in that order, which makes task t own the contiguous range `[offset_t, offset_t + size_t)`.
+The class order follows the authors' released code exactly (`utils/data_manager.py`:
+`np.random.seed(seed); np.random.permutation(n)`) so that a seed here gives the same tasks as the
+published runs. Labels are remapped to positions in that order, which makes task t own the
+contiguous range `[offset_t, offset_t + size_t)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,10 +19,10 @@ from datasets import ClassLabel, Dataset, DatasetDict
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
-    """The reference's class permutation; `seed=None` keeps the natural order."""
+    """The class permutation of the released `utils/data_manager.py`; `seed=None` keeps the natural order."""
     if seed is None:
         return list(range(num_classes))
-    # Same stream as the reference's `np.random.seed(seed); np.random.permutation(n)`, without
+    # Same stream as the released code's `np.random.seed(seed); np.random.permutation(n)`, without
     # reseeding numpy's global generator under the user's feet.
     return np.random.RandomState(seed).permutation(num_classes).tolist()
 
@@ -53,14 +54,25 @@ class Task:
 
     task_id: int
     classes: list[int]
-    train: Dataset
-    test: Dataset
+    #: None for a task learned before this stream continued (its data is gone).
+    train: Dataset | None
+    #: None when the task's test data is not at hand (scored as missing, not as 0).
+    test: Dataset | None
     #: Outputs this task adds to the classifier; None means one per class of the task, 0 shares the
     #: existing head (a new domain over the same classes).
     new_outputs: int | None = None
     #: Added to a label to key its class statistics (a Gaussian per domain and class, say).
     statistics_offset: int = 0
     name: str | None = None
+    #: Classes learned before whose statistics this task's data adds to (no new output for them).
+    merged_classes: list[int] = field(default_factory=list)
+    #: The data class statistics are computed on, when it differs from `train` (it also holds the
+    #: images of `merged_classes`, which representation learning, on this task's outputs only, skips).
+    statistics_train: Dataset | None = None
+
+    @property
+    def statistics_data(self) -> Dataset | None:
+        return self.statistics_train if self.statistics_train is not None else self.train
 
     @property
     def offset(self) -> int:
@@ -84,7 +96,9 @@ class TaskStream(Protocol):
     """What `ContinualLearner` needs of a stream (`TaskSequence`, `DomainSequence` or your own).
 
     `statistics_labels` maps statistics keys back to classifier labels, so alignment trains the
-    right output from every stored Gaussian.
+    right output from every stored Gaussian. A stream may also have `class_ids` (position -> the
+    dataset's label id, what exports and `id2label` key classes by); without it the positions are the
+    ids (`stream_class_ids`), so streams written before keep working.
     """
 
     image_column: str
@@ -113,6 +127,9 @@ class TaskSequence:
     Each dataset needs an image column and an integer (or `ClassLabel`) or string label column.
     """
 
+    #: What the data is (a Hub dataset id, image folders): each task's history records it.
+    source: str | None = None
+
     def __init__(
         self,
         train: Dataset,
@@ -132,7 +149,7 @@ class TaskSequence:
                         "set image_column/label_column."
                     )
         self.image_column, self.label_column = image_column, label_column
-        names, train_ids, test_ids = _label_ids(train, test, label_column)
+        names, train_ids, test_ids = label_ids(train, test, label_column)
         num_classes = len(names)
         if num_classes < 2:
             raise ValueError(f"the training data has {num_classes} class; continual learning needs at least 2.")
@@ -154,8 +171,8 @@ class TaskSequence:
             raise ValueError(f"task(s) {untested} have no test images, so they cannot be scored; give every class "
                              "test images (or change init_cls/increment).")
         feature = ClassLabel(names=self.label_names)
-        self.train = _with_labels(train, label_column, self._train_labels, feature)
-        self.test = _with_labels(test, label_column, self._test_labels, feature)
+        self.train = with_labels(train, label_column, self._train_labels, feature)
+        self.test = with_labels(test, label_column, self._test_labels, feature)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -185,6 +202,12 @@ class TaskSequence:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def class_ids(self) -> list[int]:
+        """Position -> the dataset's label id (ClassLabel id, sorted-name index of folders and string
+        labels, integer labels as they are): position p holds label `order[p]`."""
+        return list(self.order)
 
     def __len__(self) -> int:
         return len(self.task_sizes)
@@ -232,7 +255,14 @@ class TaskSequence:
         }
 
 
-def _label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def stream_class_ids(tasks: TaskStream) -> list[int]:
+    """The class id of each position of a stream: its `class_ids`, or the identity for a stream that
+    has none (a custom stream written before class ids existed)."""
+    ids = getattr(tasks, "class_ids", None)
+    return [int(i) for i in ids] if ids is not None else list(range(tasks.num_classes))
+
+
+def label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Integer ids and names for both splits, matched by name so folder-built splits agree."""
     feature = train.features[column]
     train_raw, test_raw = train[column], test[column]
@@ -270,7 +300,8 @@ def _label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], n
     return names, train_ids, test_ids
 
 
-def _with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLabel) -> Dataset:
+def with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLabel) -> Dataset:
+    """`ds` with its label column replaced by the ids `label_ids` matched across splits."""
     ds = ds.remove_columns(column)
     return ds.add_column(column, labels.tolist(), feature=feature)
 

@@ -66,6 +66,24 @@ class ContinualTracker(TrainerCallback):
         for callback in self.callbacks:
             callback.on_log(self._args, state, TrainerControl(), logs=dict(metrics))
 
+    def log_scalars(self, scalars: dict[str, float], step: int | None = None) -> None:
+        """Send `scalars` under the names given (e.g. `time/training_seconds`). `log` goes through
+        the integrations' `on_log`, and TensorBoard's and W&B's file every name without an `eval_`
+        prefix under `train/`; these are not training metrics."""
+        if not self.callbacks or self._state is None:
+            return
+        step = self.global_step if step is None else step
+        for callback in self.callbacks:
+            name = type(callback).__name__
+            if name == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
+                for tag, value in scalars.items():
+                    callback.tb_writer.add_scalar(tag, value, step)
+                callback.tb_writer.flush()
+            elif name == "WandbCallback" and getattr(callback, "_wandb", None) is not None:
+                callback._wandb.log({**scalars, "train/global_step": step})
+            else:
+                callback.on_log(self._args, self._shifted(self._state, step), TrainerControl(), logs=dict(scalars))
+
     def log_image(self, tag: str, path: str | Path, step: int | None = None) -> None:
         """Send a PNG to the trackers that take images (TensorBoard, W&B, MLflow)."""
         step = self.global_step if step is None else step

@@ -1,10 +1,12 @@
 """`SLCATrainer`: a `Trainer` that learns one task slowly.
 
 It overrides a few hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
-group), the scheduler (epoch-wise cosine to the method's floor, after an optional warm-up), the loss
+group), the scheduler (`slca_cosine`: epoch-wise cosine to the method's floor, after an optional
+warm-up; any transformers schedule by its name), the loss
 (current task's logits only) and saving (slca-peft model files, arguments as JSON, no pickle).
 Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`. A plain
-`TrainingArguments` is converted to `SLCAConfig`; a field the trainer cannot honour is refused.
+`TrainingArguments` is converted to `SLCAConfig` (`slca_peft.config.as_slca_config`); a field the
+trainer cannot honour is refused.
 """
 
 from __future__ import annotations
@@ -16,38 +18,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
+from transformers.training_args import ParallelMode
 
-from .config import SLCAConfig
+from .adapters import ADAPTER, BACKBONE, HEAD
+from .backbones import input_size
+from .config import SLCAConfig, as_slca_config
 from .hardware import cpu_bf16_training
-from .losses import _symmetric_cross_entropy
-from .model import BACKBONE, HEAD, LORA, SLCAModel
+from .losses import symmetric_cross_entropy
+from .model import SLCAModel
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = "training_args.json"
 # Optimizers that need more than parameter groups (their own model hooks or per-layer state).
 _UNSUPPORTED_OPTIM = ("galore", "apollo", "lomo", "layerwise", "bnb", "8bit", "4bit", "paged", "torchao", "grokadamw")
-
-
-def as_slca_config(args: TrainingArguments | None) -> SLCAConfig:
-    """An `SLCAConfig` from a plain `TrainingArguments` (its values kept, the method's fields at their
-    defaults), as TRL's trainers convert theirs."""
-    if args is None:
-        return SLCAConfig(output_dir="slca_output")
-    if isinstance(args, SLCAConfig):
-        return args
-    if not isinstance(args, TrainingArguments):
-        raise TypeError(
-            f"SLCATrainer needs SLCAConfig or TrainingArguments, got {type(args).__name__}; build one with "
-            "SLCAConfig(output_dir=..., <your TrainingArguments fields>)."
-        )
-    values = args.to_dict()
-    values["hub_token"] = args.hub_token  # to_dict masks it
-    values.pop("push_to_hub_token", None)
-    config = SLCAConfig(**values)
-    logger.info("SLCATrainer: converted %s to SLCAConfig (its values kept; method %s with its defaults).",
-                type(args).__name__, config.method)
-    return config
+__all__ = ["SLCATrainer", "as_slca_config", "check_honoured", "epoch_cosine_lambda", "unused_trainable_parameters"]
 
 
 def check_honoured(args: SLCAConfig) -> None:
@@ -58,10 +43,9 @@ def check_honoured(args: SLCAConfig) -> None:
             f"optim={optim!r} is not supported: its optimizer needs more than the slow-learner parameter groups. "
             "Use optim='sgd' (the method's), or a plain torch optimizer such as 'adamw_torch'."
         )
-    scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    if scheduler == "cosine" and args.lr_scheduler_kwargs:
+    if args.method_schedule and args.lr_scheduler_kwargs:
         raise ValueError(
-            f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r} is not used by the cosine schedule (its floor is "
+            f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r} is not used by the slca_cosine schedule (its floor is "
             "learning_rate x backbone_lr_scale x lr_floor_decay); set lr_floor_decay, or another lr_scheduler_type."
         )
     if args.label_smoothing_factor:
@@ -84,10 +68,46 @@ def _sgd_implementation(param_groups: list[dict]) -> dict[str, bool]:
     return {"foreach": True}
 
 
+def unused_trainable_parameters(model: SLCAModel) -> list[str]:
+    """Trainable parameters that one forward/backward pass leaves without a gradient (e.g. a mask token
+    under full fine-tuning): DDP must search for unused parameters only when there are some. The pass
+    runs in eval mode (no dropout, so no random numbers drawn) on one blank image; gradients are restored."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name: p.grad for name, p in params.items()}
+    was_training = model.training
+    try:
+        for p in params.values():
+            p.grad = None
+        model.eval()
+        size, channels = input_size(model.config), getattr(model.config, "num_channels", 3)
+        pixels = torch.zeros(1, channels, size, size, device=model.device, dtype=model.dtype)
+        with torch.enable_grad():
+            model(pixel_values=pixels).logits.float().sum().backward()
+        return [name for name, p in params.items() if p.grad is None]
+    finally:
+        for name, p in params.items():
+            p.grad = saved[name]
+        model.train(was_training)
+
+
+def ddp_find_unused(model: SLCAModel, args: SLCAConfig) -> bool | None:
+    """`find_unused_parameters` for DDP: the user's value; else, in a distributed run without activation
+    checkpointing, whether any trainable parameter goes unused (the Trainer would say True for any model
+    that is not a `PreTrainedModel`, and DDP then warns on every run); None leaves the Trainer's choice."""
+    if args.ddp_find_unused_parameters is not None:
+        return args.ddp_find_unused_parameters
+    if args.parallel_mode != ParallelMode.DISTRIBUTED or args.gradient_checkpointing:
+        return None
+    unused = unused_trainable_parameters(model)
+    if unused:
+        logger.info("DDP looks for unused parameters: %s receive no gradient.", ", ".join(unused[:5]))
+    return bool(unused)
+
+
 def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epochs: int, warmup_steps: int = 0):
-    """LR multiplier of `CosineAnnealingLR(T_max=epochs, eta_min=floor)` stepped once per epoch,
-    as the reference does, expressed per optimizer step for the Trainer's scheduler; with
-    `warmup_steps`, a linear ramp from 0 first (as transformers' warm-up schedules)."""
+    """LR multiplier of `CosineAnnealingLR(T_max=epochs, eta_min=floor)` stepped once per epoch, as
+    the released code's `models/slca_pp.py` does, expressed per optimizer step for the Trainer's
+    scheduler; with `warmup_steps`, a linear ramp from 0 first (as transformers' warm-up schedules)."""
 
     def factor(step: int) -> float:
         if base_lr == 0:
@@ -128,7 +148,12 @@ class SLCATrainer(Trainer):
         if model is not None and model.classifier.num_tasks == 0:
             raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
         self._task_id = task_id
-        super().__init__(model=model, args=args, **kwargs)
+        find_unused = ddp_find_unused(model, args) if model is not None else None
+        user_value, args.ddp_find_unused_parameters = args.ddp_find_unused_parameters, find_unused
+        try:
+            super().__init__(model=model, args=args, **kwargs)  # reads it once, to build the DDP wrapper
+        finally:
+            args.ddp_find_unused_parameters = user_value
 
     # ------------------------------------------------------------------ task bookkeeping
     @property
@@ -149,8 +174,8 @@ class SLCATrainer(Trainer):
         args: SLCAConfig = self.args
         lr = args.learning_rate
         backbone = lr * args.backbone_lr_scale
-        lora = lr * args.first_task_lora_lr_scale if self.task_id == 0 else backbone
-        return {HEAD: lr, LORA: lora, BACKBONE: backbone}
+        adapter = lr * args.first_task_lora_lr_scale if self.task_id == 0 else backbone
+        return {HEAD: lr, ADAPTER: adapter, BACKBONE: backbone}
 
     # ------------------------------------------------------------------ hooks
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -158,14 +183,20 @@ class SLCATrainer(Trainer):
             opt_model = self.model if model is None else model
             slca_model = self.accelerator.unwrap_model(opt_model)
             rates = self.group_learning_rates()
-            groups: dict[str, list[torch.nn.Parameter]] = {HEAD: [], LORA: [], BACKBONE: []}
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            # The method's SGD decays every parameter, as the released code; other optimizers follow the
+            # Trainer's exemptions (no decay on biases and LayerNorm weights).
+            decayed = None if optim == "sgd" else set(self.get_decay_parameter_names(slca_model))
+            groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
             for name, param in slca_model.named_parameters():
                 if param.requires_grad:
-                    groups[slca_model.parameter_role(name)].append(param)
+                    key = (slca_model.parameter_role(name), decayed is None or name in decayed)
+                    groups.setdefault(key, []).append(param)
             param_groups = [
-                {"params": params, "lr": rates[role], "name": role} for role, params in groups.items() if params
+                {"params": groups[role, decay], "lr": rates[role], "name": role,
+                 "weight_decay": self.args.weight_decay if decay else 0.0}
+                for role in (HEAD, ADAPTER, BACKBONE) for decay in (True, False) if groups.get((role, decay))
             ]
-            optim = str(getattr(self.args.optim, "value", self.args.optim))
             if optim == "sgd":
                 self.optimizer = torch.optim.SGD(
                     param_groups, lr=self.args.learning_rate, momentum=self.args.momentum,
@@ -175,14 +206,11 @@ class SLCATrainer(Trainer):
                 # Any other plain torch optimizer, built the Trainer's way, with the same groups.
                 optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, slca_model)
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "model", "optimizer_dict")}
-                for group in param_groups:
-                    group.setdefault("weight_decay", self.args.weight_decay)
                 self.optimizer = optimizer_cls(param_groups, **kwargs)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        scheduler_type = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
-        if self.lr_scheduler is None and scheduler_type == "cosine":
+        if self.lr_scheduler is None and self.args.method_schedule:
             optimizer = optimizer or self.optimizer
             args: SLCAConfig = self.args
             if args.max_steps > 0:
@@ -218,7 +246,7 @@ class SLCATrainer(Trainer):
         targets = labels - known
         args: SLCAConfig = self.args
         if args.use_sce:
-            loss = _symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta)
+            loss = symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta, check_labels=False)
         else:
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss
@@ -243,6 +271,6 @@ class SLCATrainer(Trainer):
         self.slca_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())

@@ -21,17 +21,21 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .model import SLCAModel
 
 __all__ = [
     "EvalTransform",
     "ImageTransformConfig",
     "TrainTransform",
     "collate_fn",
+    "eval_transform_config",
     "make_batch_transform",
     "random_resized_crop_params",
 ]
@@ -132,6 +136,22 @@ class ImageTransformConfig:
         return cls(size=input_size(config), mean=(0.5,) * n, std=(0.5,) * n, brightness=brightness)
 
 
+def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
+    """Crop size and normalisation of the evaluation transform: the base model's
+    image processor statistics, or ViT's defaults (mean = std = 0.5) when it ships none. Training,
+    evaluation and an export's image processor all start from it, so they cannot disagree."""
+    base = model.slca_config.base_model_name_or_path
+    if base:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(base, revision=model.slca_config.revision)
+            return ImageTransformConfig.from_image_processor(processor)
+        except (OSError, ValueError, TypeError):
+            pass
+    return ImageTransformConfig.from_model_config(model.config)
+
+
 def _to_model_mode(img: Image.Image, num_channels: int) -> Image.Image:
     """Convert any PIL mode to 'RGB' (3 channels) or 'L' (1 channel); a conversion that loses
     information (alpha, bit depth, colour) warns once per source mode.
@@ -222,8 +242,8 @@ class _BaseTransform:
 class TrainTransform(_BaseTransform):
     """SLCA++ training augmentation: random resized crop, horizontal flip, optional brightness jitter.
 
-    With ``resize=N`` the crop is the reference's CUB-200 / Cars-196 form instead: resize to N×N
-    (bicubic), then a uniformly placed ``size``×``size`` crop.
+    With ``resize=N`` the crop is the CUB-200 / Cars-196 form of the authors' released code
+    (`utils/data.py`) instead: resize to N×N (bicubic), then a uniformly placed ``size``×``size`` crop.
 
     Brightness is applied to the ``[0, 1]`` float image (``clip(x * f, 0, 1)``, f ~ U[max(0, 1-b), 1+b])
     as torchvision's tensor path does, avoiding an extra 8-bit rounding step.

@@ -6,7 +6,12 @@ import gc
 import importlib.util
 import json
 import os
+import signal
 import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +135,52 @@ def frozen_gc():
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+def start_forked(child: Callable[[], int]) -> int:
+    """Start `child()` in a forked copy of this process and return its pid. A crash (SIGKILL), a lock held by
+    another process or a resource limit needs a process of its own, but not a fresh interpreter re-importing
+    torch. The child never returns into pytest: it exits with `child()`'s code, or 70 after a traceback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: see the docstring
+        pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            # The parent's OpenMP threads are not copied by fork(); a parallel region would wait for them forever
+            # (as in a DataLoader worker, one thread avoids the pool).
+            torch.set_num_threads(1)
+            code = child()
+        except BaseException:  # noqa: BLE001 - reported, then the child ends
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_forked(pid: int, timeout: float = 300) -> int:
+    """How a child of `start_forked` ended: its exit code, or minus the signal that killed it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"forked child {pid} still running after {timeout} s")
+        time.sleep(0.02)
+
+
+def run_forked(child: Callable[[], int], timeout: float = 300) -> int:
+    """`child()` in a forked copy of this process, waited for: its exit code, or minus the signal that killed it."""
+    return wait_forked(start_forked(child), timeout)
+
+
+@pytest.fixture
+def forked():
+    """`forked(child)`: see `run_forked`."""
+    return run_forked
 
 
 class _Exploit:

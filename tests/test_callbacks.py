@@ -9,6 +9,7 @@ import pytest
 
 from slca_peft import TaskSequence
 from slca_peft.callbacks import ContinualCallback, load_callback
+from slca_peft.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,38 @@ def test_callbacks_are_refused_when_they_are_neither_kind(tmp_path, make_learner
         make_learner(tasks(image_folders), tmp_path / "run", callbacks=[object()])
 
 
+class FixedScores(ContinualCallback):
+    """Stands in for the evaluation step: appends a made-up row and fires on_evaluate as it does."""
+
+    def on_task_end(self, learner, task):
+        t = task.task_id
+        learner.result.accuracy_matrix.append([float(10 * t + j) for j in range(t + 1)])
+        learner.result.seen_accuracy.append(float(t))
+        learner.result.task_test_sizes = [1] * (t + 1)
+        learner.call_event("on_evaluate", task, EvaluationStep.continual_metrics(learner))
+
+
+def test_a_built_in_step_is_replaced_in_place_or_removed(tmp_path, make_learner, image_folders):
+    recorder = Recorder()
+    learner = make_learner(tasks(image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
+                           callbacks=[recorder])
+    statistics_step = learner.get_callback(StatisticsStep)
+    assert learner.statistics is statistics_step.statistics  # the step owns them; the learner forwards
+    learner.replace_callback(EvaluationStep, FixedScores())
+    checkpoint = learner.pop_callback(CheckpointStep)
+    learner.remove_callback(ReportStep)
+    assert isinstance(checkpoint, CheckpointStep) and learner.pop_callback(CheckpointStep) is None
+    assert [type(c).__name__ for c in learner.callbacks] == [
+        "StatisticsStep", "AlignmentStep", "FixedScores", "PushStep", "Recorder"]
+    with pytest.raises(ValueError, match=r"no callback CheckpointStep to replace; the learner runs \['Statis"):
+        learner.replace_callback(CheckpointStep, FixedScores())
+    learner.callbacks.remove(recorder)  # the Recorder checks for checkpoints, which are gone
+    result = learner.run()
+    assert result.accuracy_matrix == [[0.0], [10.0, 11.0], [20.0, 21.0, 22.0]]
+    assert learner.statistics.classes == [0, 1, 2, 3, 4, 5]
+    assert not (tmp_path / "run" / "metrics.json").exists() and not list((tmp_path / "run").glob("task_*"))
+
+
 def test_load_callback_by_import_path():
     assert isinstance(load_callback("slca_peft.callbacks:ContinualCallback"), ContinualCallback)
     with pytest.raises(ValueError, match="cannot be imported"):
@@ -126,7 +159,7 @@ def test_no_module_outside_the_streams_branches_on_the_kind_of_stream():
     """Class- and domain-incremental runs go through the same loop code."""
     offenders = []
     for path in sorted((ROOT / "slca_peft").rglob("*.py")):
-        if path.name in ("tasks.py", "domains.py", "__init__.py", "recipe.py"):
+        if path.name in ("tasks.py", "domains.py", "continuation.py", "__init__.py", "recipe.py"):
             continue  # the streams themselves; the package exports; the recipe builds the stream it is asked for
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

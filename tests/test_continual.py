@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from slca_peft import TaskSequence
 
@@ -42,12 +43,35 @@ def test_three_task_run_on_an_image_folder(tmp_path, make_learner, image_folders
     assert learner.model.classifier.scales.tolist() == [1.0, 1.0, 1.0]
 
 
-def test_every_method_runs(tmp_path, make_learner, image_folders):
-    for method in ("slca", "sl", "seq_ft"):
-        _, result, computed = run(tmp_path / method, make_learner, image_folders, method=method,
-                                  num_train_epochs=1)
-        assert len(result.accuracy_matrix) == 3
-        assert len(computed) == 3  # statistics are cheap and kept for every method
+@pytest.mark.parametrize("method", ["slca", "sl", "seq_ft"])
+def test_each_method_trains_what_it_names(method, tmp_path, make_learner, tiny_image_folders):
+    """SLCA++'s ablations: LoRA (sl) leaves the backbone's linear weights as they were, full fine-tuning
+    (slca, seq_ft) changes every one; only the aligning methods (slca) leave aligned heads that differ from
+    the trained ones; statistics are kept for every method."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+    from torch import nn
+
+    tasks = TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=1993)
+    learner = make_learner(tasks, tmp_path / "run", init_cls=2, increment=2, method=method, num_train_epochs=1,
+                           ca_epochs=1, ca_samples_per_class=16)
+    model = learner.model
+    linears = {f"{name}.weight" for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and "lora_" not in name and name.startswith("backbone")}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = learner.run()
+    after = dict(model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    lora = any(isinstance(m, LoraLayer) for m in model.modules())
+    assert lora == (method == "sl") and len(linears) >= 8  # q, k, v, out, fc1, fc2 of two blocks
+    assert changed & linears == (set() if lora else linears)
+    if lora:
+        assert any("lora_B" in name for name in changed)
+    task = tmp_path / "run" / "task_1"
+    aligned, trained = load_file(task / "classifier.safetensors"), load_file(task / "classifier_unaligned.safetensors")
+    assert any(not torch.equal(aligned[k], trained[k]) for k in trained) == (method == "slca")
+    assert [len(row) for row in result.accuracy_matrix] == [1, 2]
+    assert learner.statistics.classes == [0, 1, 2, 3]  # statistics are cheap and kept for every method
 
 
 def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, make_learner, image_folders, hub,
@@ -58,7 +82,7 @@ def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, make_l
     with pytest.raises(ValueError, match="push_to_hub is on but its base model is the local path .*hub_base_model_id"):
         run(tmp_path, make_learner, image_folders, **push)
     assert not (tmp_path / "run").exists() and hub.uploads == []
-    with caplog.at_level("WARNING", logger="slca_peft.continual"):
+    with caplog.at_level("WARNING", logger="slca_peft.steps"):
         learner, result, _ = run(tmp_path, make_learner, image_folders, hub_base_model_id="me/tiny-vit", **push)
     assert [u["repo_id"] for u in hub.uploads] == ["me/slca-run"] * 3
     assert [u["message"].split(":")[0] for u in hub.uploads] == ["task 1/3", "task 2/3", "task 3/3"]

@@ -1,4 +1,6 @@
-"""Two real gloo processes (torchrun, --use_cpu) against one process: same statistics and accuracy."""
+"""Two real gloo processes (torchrun, --use_cpu) against one process: same statistics and accuracy, one
+set of checkpoints. The reduction itself and the refusal of a launch without a backend are checked in
+this process."""
 
 import json
 import os
@@ -8,15 +10,9 @@ from pathlib import Path
 
 import torch
 
-from slca_peft import (
-    ClassStatistics,
-    ContinualLearner,
-    EvalTransform,
-    ImageTransformConfig,
-    SLCAConfig,
-    SLCAModel,
-    TaskSequence,
-)
+from slca_peft import ClassStatistics, ContinualLearner, EvalTransform, SLCAConfig, TaskSequence
+from slca_peft.steps import EvaluationStep, StatisticsStep
+from slca_peft.transforms import eval_transform_config
 
 
 def free_port() -> int:
@@ -28,78 +24,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-WORKER = r'''
-import json, sys, torch
-from accelerate import PartialState
-from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, SLCAConfig, SLCAModel, TaskSequence
-base, train_dir, test_dir, out = sys.argv[1:5]
-args = SLCAConfig(output_dir=out, use_cpu=True, per_device_eval_batch_size=1, report_to="none")
-state = PartialState()
-tasks = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=3, increment=3, seed=1993)
-torch.manual_seed(0)
-model = SLCAModel.from_backbone(base)
-model.grow(3)
-transform = EvalTransform(ImageTransformConfig.from_model_config(model.config))
-learner = ContinualLearner(model, args, tasks, eval_transform=transform)
-learner.compute_statistics(tasks[0])
-row, seen, sizes = learner.evaluate(0)
-record = {"rank": state.process_index, "world_size": state.num_processes, "args_world_size": args.world_size,
-          "row": row, "sizes": sizes}
-with open(f"{out}/rank{state.process_index}.json", "w") as fh:
-    json.dump(record, fh)
-if state.is_main_process:
-    learner.statistics.save(out)
-'''
-
-
-def test_two_processes_compute_the_same_statistics_and_accuracy(tmp_path, base_model_dir, image_folders):
-    train_dir, test_dir = image_folders
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    out = tmp_path / "ddp"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(worker), str(base_model_dir), str(train_dir), str(test_dir), str(out)]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
-    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [(r["rank"], r["world_size"], r["args_world_size"]) for r in records] == [(0, 2, 2), (1, 2, 2)]
-
-    # The same model and data in this single process. Batches of one make every feature bit-identical
-    # (float32 matmuls depend on batch shape), so what is compared is the reduction itself.
-    tasks = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=3, increment=3, seed=1993)
-    torch.manual_seed(0)
-    model = SLCAModel.from_backbone(str(base_model_dir))
-    model.grow(3)
-    args = SLCAConfig(output_dir=str(tmp_path / "single"), use_cpu=True, per_device_eval_batch_size=1,
-                      report_to="none")
-    learner = ContinualLearner(model, args, tasks,
-                               eval_transform=EvalTransform(ImageTransformConfig.from_model_config(model.config)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): same float32 summation order
-    try:
-        learner.compute_statistics(tasks[0])
-        row, _, sizes = learner.evaluate(0)
-    finally:
-        torch.set_num_threads(threads)
-
-    ddp = ClassStatistics.load(out)
-    assert ddp.classes == learner.statistics.classes == [0, 1, 2]
-    for c in ddp.classes:
-        # 36 training images over 2 processes: each counted once (no sampler padding).
-        assert ddp.counts[c] == learner.statistics.counts[c] == 12
-        torch.testing.assert_close(ddp.means[c], learner.statistics.means[c], rtol=0, atol=1e-8)
-        torch.testing.assert_close(ddp.covariances[c], learner.statistics.covariances[c], rtol=0, atol=1e-8)
-    for record in records:
-        assert record["row"] == row and record["sizes"] == sizes == [15]
-
-
-def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch, recipe):
+def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch, recipe, tmp_path):
+    """Each process of such a launch parses the same arguments, so each stops here, before writing anything."""
     import pytest
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="--use_cpu true"):
-        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit, match="the launcher started 2 processes .* Pass --use_cpu true"):
+        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_statistics_reduced_over_three_fake_processes_equal_the_all_data_computation():
@@ -148,7 +81,7 @@ def test_statistics_reduced_over_three_fake_processes_equal_the_all_data_computa
             torch.testing.assert_close(shard.covariances[c], reference.covariances[c], rtol=0, atol=1e-10)
 
 
-def test_two_process_training_writes_one_set_of_checkpoints(tmp_path, base_model_dir):
+def test_two_processes_train_like_one_and_write_one_set_of_checkpoints(tmp_path, base_model_dir):
     from conftest import write_image_folder
 
     # 7 images per class and a first task of 3 classes: 21 images, uneven across the two processes.
@@ -160,29 +93,43 @@ def test_two_process_training_writes_one_set_of_checkpoints(tmp_path, base_model
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(recipe), "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir),
            "--test_dir", str(test_dir), "--init_cls", "3", "--increment", "2", "--num_train_epochs", "1",
-           "--per_device_train_batch_size", "4", "--ca_samples_per_class", "32", "--ca_batch_size", "32",
-           "--use_cpu", "true", "--disable_tqdm", "true", "--output_dir", str(out)]
+           "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "1", "--ca_samples_per_class", "32",
+           "--ca_batch_size", "32", "--use_cpu", "true", "--disable_tqdm", "true", "--output_dir", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Last-Acc") == 1  # the summary is printed by the main process only
     assert done.stdout.count("task 1/2 |") == 1 and done.stdout.count("task 2/2 |") == 1  # task results: once
     # One set of checkpoints and one report (written at the end of the run by the main process).
     assert sorted(p.name for p in out.iterdir()) == [
-        ".slca-run.lock", "accuracy_curve.png", "accuracy_matrix.png", "metrics.json", "results.md",
-        "run_fingerprint.json", "task_0", "task_1"]
+        ".slca-manifest.json", ".slca-run.lock", "accuracy_curve.png", "accuracy_matrix.png", "metrics.json",
+        "results.md", "run_fingerprint.json", "task_0", "task_1"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2]
-    stats = ClassStatistics.load(out / "task_1")
     # 21 and 14 training images over 2 shards (11 + 10 for the first task): none padded, none lost.
-    assert [stats.counts[c] for c in range(5)] == [7, 7, 7, 7, 7]
+    assert [ClassStatistics.load(out / "task_1").counts[c] for c in range(5)] == [7, 7, 7, 7, 7]
 
-
-def test_duplicate_launch_without_use_cpu_is_refused_in_both_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    recipe = Path(__file__).parents[1] / "recipes" / "train_seq.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(recipe), "--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "Pass --use_cpu true" in done.stderr + done.stdout
-    assert not (tmp_path / "o").exists()
+    # The same checkpoints in this single process. Batches of one make every feature bit-identical
+    # (float32 matmuls depend on batch shape) and one thread the summation order, as in the workers,
+    # so what is compared is the reduction across processes itself.
+    args = SLCAConfig(output_dir=str(tmp_path / "single"), use_cpu=True, per_device_eval_batch_size=1,
+                      report_to="none", init_cls=3, increment=2)
+    tasks = TaskSequence.from_image_folders(train_dir, test_dir, init_cls=3, increment=2, seed=args.class_order_seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        after_first = ContinualLearner.from_checkpoint(out / "task_0", args, tasks)
+        transform = EvalTransform(eval_transform_config(after_first.model))
+        single = ContinualLearner(after_first.model, args, tasks, eval_transform=transform)
+        single.get_callback(StatisticsStep).compute(single, tasks[0])
+        after_last = ContinualLearner.from_checkpoint(out / "task_1", args, tasks, eval_transform=transform)
+        row, _, sizes = after_last.get_callback(EvaluationStep).evaluate(after_last, 1)
+    finally:
+        torch.set_num_threads(threads)
+    ddp = after_first.statistics  # task 1's statistics, reduced over the two processes
+    assert ddp.classes == single.statistics.classes == [0, 1, 2]
+    for c in ddp.classes:
+        assert ddp.counts[c] == single.statistics.counts[c] == 7
+        torch.testing.assert_close(ddp.means[c], single.statistics.means[c], rtol=0, atol=1e-8)
+        torch.testing.assert_close(ddp.covariances[c], single.statistics.covariances[c], rtol=0, atol=1e-8)
+    # Every test image counted once by the two processes: the same accuracies as one process.
+    assert sizes == [9, 6] and row == metrics["accuracy_matrix"][1]

@@ -38,7 +38,7 @@ def test_domain_incremental_run_has_one_head_and_per_domain_metrics(tmp_path, ma
 
     def spy(task):
         row = original(task)
-        lora_rates.append(learner.trainer.group_learning_rates()["lora"])
+        lora_rates.append(learner.trainer.group_learning_rates()["adapter"])
         return row
 
     learner.learn_task = spy

@@ -1,5 +1,7 @@
 """Exports: the image processor reproduces the evaluation transform, pipeline() agrees with SLCAModel."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -29,8 +31,8 @@ def test_the_exported_processor_gives_the_eval_transforms_pixels(mode):
 def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recipe):
     from transformers import pipeline
 
-    from slca_peft.checkpoint import load_checkpoint
     from slca_peft.data import load_digits_dataset
+    from slca_peft.model import load_checkpoint
 
     recipe.main(["--model_name_or_path", str(ROOT / "recipes" / "assets" / "tiny_vit_letters"), "--dataset", "digits",
                  "--init_cls", "5", "--increment", "5", "--num_train_epochs", "1", "--per_device_train_batch_size",
@@ -56,3 +58,17 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     assert sorted(set(theirs)) <= [str(d) for d in range(10)]  # the real names, not class_<i>
     assert agreement >= 0.99 and abs(ours_acc - theirs_acc) <= 0.005
     assert ours_acc > 0.3  # a trained model, not chance (10 %)
+
+    # The export's output k is the dataset's label k: the usual `argmax == batch["label"]` scores what
+    # the run reported, although the run learned the digits in another order.
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    assert model.class_ids != list(range(10))
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    assert plain.config.id2label == {k: str(k) for k in range(10)}
+    batch = AutoImageProcessor.from_pretrained(tmp_path / "exported")(images, return_tensors="pt")
+    with torch.no_grad():
+        predicted = plain(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+    scored = 100.0 * (predicted == torch.tensor(test["label"])).float().mean().item()
+    reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["seen_accuracy"][-1]
+    assert abs(scored - reported) <= 0.5

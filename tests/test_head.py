@@ -13,7 +13,7 @@ def test_grow_initialises_and_freezes_old_heads():
     assert not clf.heads[0].weight.requires_grad and clf.heads[1].weight.requires_grad
     new = clf.heads[1]
     assert torch.count_nonzero(new.bias) == 0
-    # trunc_normal_(std=0.02) with the reference's absolute bounds [-2, 2]: a N(0, 0.02^2) in practice.
+    # trunc_normal_(std=0.02) with timm's absolute bounds [-2, 2] (the released `convs/linears.py`): N(0, 0.02^2).
     assert 0.016 < new.weight.std().item() < 0.024
     assert clf(torch.randn(3, 64)).shape == (3, 15)
 

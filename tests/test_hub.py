@@ -14,7 +14,8 @@ from peft import PeftModel
 from transformers import AutoModelForImageClassification, ViTModel
 
 from slca_peft import ClassStatistics, SLCAModel
-from slca_peft.checkpoint import load_checkpoint, save_checkpoint
+from slca_peft.checkpoint import save_checkpoint
+from slca_peft.model import load_checkpoint
 
 
 def trained_model(base_model_dir) -> SLCAModel:
@@ -47,7 +48,8 @@ def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_m
     save_checkpoint(model, tmp_path / "ckpt", statistics=stats_for(model), state={"accuracy_matrix": [[90.0]]},
                     unaligned_head=unaligned)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
+    assert files == [".slca-manifest.json", "README.md",
+                     "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
                      "classifier.safetensors", "classifier_unaligned.safetensors", "continual_state.json",
                      "slca_config.json"]
     loaded, stats, state, restored_unaligned = load_checkpoint(tmp_path / "ckpt")
@@ -272,12 +274,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, base_m
     model = trained_model(base_model_dir)
     model.save_pretrained(tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    import slca_peft.hub
+    import slca_peft.checkpoint
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(slca_peft.hub, "write_model_card", boom)
+    monkeypatch.setattr(slca_peft.checkpoint, "write_model_card", boom)
     with torch.no_grad():
         model.classifier.heads[0].bias.add_(1.0)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -359,3 +361,93 @@ def test_a_checkpoint_can_name_its_base_by_any_accepted_name(tmp_path, base_mode
     restored = load_checkpoint(tmp_path / "ckpt", expected_base=[str(base_model_dir), None, str(other_name)])[0]
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(restored.eval()(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+STATE = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
+         "task_test_sizes": [10, 15], "tasks_learned": 2, "task_sizes": [2, 3]}
+
+
+def test_a_checkpoint_card_claims_no_pipeline_and_says_how_to_get_one(tmp_path, base_model_dir):
+    from huggingface_hub import ModelCard
+
+    save_checkpoint(trained_model(base_model_dir), tmp_path / "ckpt", state=STATE)
+    card = ModelCard.load(tmp_path / "ckpt" / "README.md")
+    # pipeline() on these files would answer from a fresh random head: the card must not offer it.
+    assert "pipeline_tag" not in card.data.to_dict()
+    assert "slca-peft export <this repo or directory> exported/" in card.text and "model.export(" in card.text
+
+
+def test_the_export_carries_a_pipeline_card_with_results_and_provenance(tmp_path, base_model_dir, hub):
+    from huggingface_hub import ModelCard
+
+    from slca_peft.cli import main as cli_main
+
+    model = trained_model(base_model_dir)
+    model.class_ids = [4, 0, 3, 1, 2]
+    model.label_names = ["eel", "ant", "dog", "bee", "cat"]
+    save_checkpoint(model, tmp_path / "run" / "task_1", state=STATE)
+    loaded, *_ = load_checkpoint(tmp_path / "run" / "task_1")
+    loaded.slca_config.base_model_name_or_path = "google/vit-tiny-test"  # as if loaded by Hub id
+    loaded.export(tmp_path / "exported")
+    card = ModelCard.load(tmp_path / "exported" / "README.md")
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "image-classification" and data["library_name"] == "transformers"
+    assert data["base_model"] == "google/vit-tiny-test"
+    assert data["label_names"] == ["ant", "bee", "cat", "dog", "eel"]  # by class id
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["Last-Acc"] == pytest.approx(64.0)
+    assert str(tmp_path / "run" / "task_1") in card.text and "after task 2 of 2" in card.text
+    assert "- 4: eel" in card.text
+    # One command uploads it, the card pointing at the repo; a checkpoint's files are not needed.
+    cli_main(["push", str(tmp_path / "exported"), "me/slca-exported"])
+    (upload,) = hub.uploads
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(upload["files"])
+    assert upload["message"] == "Upload exported SLCA++ model"
+    assert 'pipeline("image-classification", model="me/slca-exported")' in upload["card"]
+    (tmp_path / "exported" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"is not a complete export \(missing \['model.safetensors'\]\)"):
+        cli_main(["push", str(tmp_path / "exported"), "me/slca-exported"])
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_checkpoint"])
+def test_a_loaded_checkpoint_pushed_again_keeps_its_results(tmp_path, base_model_dir, hub, loader):
+    from huggingface_hub import ModelCard
+
+    save_checkpoint(trained_model(base_model_dir), tmp_path / "ckpt", state=STATE)
+    if loader == "from_pretrained":
+        loaded = SLCAModel.from_pretrained(tmp_path / "ckpt")
+    else:
+        loaded, *_ = load_checkpoint(tmp_path / "ckpt")
+    loaded.push_to_hub("me/again", base_model_id="me/tiny-vit")  # no state=
+    results = {r.metric_name: r.metric_value for r in ModelCard(hub.uploads[-1]["card"]).data.eval_results}
+    assert results["Last-Acc"] == pytest.approx(64.0) and set(results) == {"Last-Acc", "Inc-Acc", "Forgetting"}
+
+
+def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_path, base_model_dir, monkeypatch):
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    cache = tmp_path / "elsewhere"  # not the default cache: only cache_dir finds it
+    lay_out_hub_cache(cache, "someone/tiny-slca", tmp_path / "ckpt")
+    seen = {}
+    import slca_peft.backbones as backbones
+
+    real = backbones.load_backbone
+
+    def spy(name, revision=None, **kwargs):
+        seen.update(kwargs)
+        return real(name, revision=revision, **{k: v for k, v in kwargs.items() if k != "token"})
+
+    monkeypatch.setattr("slca_peft.model.load_backbone", spy)
+    loaded = SLCAModel.from_pretrained("someone/tiny-slca", cache_dir=str(cache), local_files_only=True,
+                                       token="hf_x", dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and loaded.name_or_path == "someone/tiny-slca"
+    assert seen["cache_dir"] == str(cache) and seen["local_files_only"] and seen["token"] == "hf_x"
+    loaded, *_ = load_checkpoint("someone/tiny-slca", cache_dir=str(cache), local_files_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x).logits, model(x).logits, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="neither a local checkpoint directory nor a Hub repo"):
+        SLCAModel.from_pretrained("someone/tiny-slca", cache_dir=str(tmp_path / "empty"), local_files_only=True)
+    with pytest.raises(ValueError, match="SLCAModel.from_pretrained: device_map is not supported: .*model.to"):
+        SLCAModel.from_pretrained(tmp_path / "ckpt", device_map="auto")
+    with pytest.raises(TypeError, match=r"SLCAModel.from_pretrained: unknown keyword\(s\) \['cache'\]"):
+        SLCAModel.from_pretrained(tmp_path / "ckpt", cache="x")

@@ -1,20 +1,21 @@
 """A run killed with SIGKILL loses at most the task in progress; `--resume_from auto` finishes it
-with the same metrics as an uninterrupted run."""
+with the same metrics as an uninterrupted run.
 
+One run directory is killed four times, each restart resuming what the previous one left: while a
+task trains (from outside), in the statistics pass, in classifier alignment and halfway through a
+checkpoint write (from inside, at an exact call). Each killed run is a forked copy of the test
+process, so it dies as a crash kills it without a fresh interpreter. The last restart finishes and
+must give the uninterrupted run's metrics exactly."""
+
+import importlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "recipes" / "train_seq.py")
-KILL_AT = str(ROOT / "tests" / "helpers" / "kill_at.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+import torch
+from conftest import run_forked, start_forked, wait_forked
 
 
 def arguments(base_model_dir, image_folders, out, *extra):
@@ -27,70 +28,81 @@ def arguments(base_model_dir, image_folders, out, *extra):
             "--seed", "5", "--output_dir", str(out), *extra]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, base_model_dir, image_folders):
-    out = tmp_path_factory.mktemp("full")
-    cmd = [sys.executable, SCRIPT, *arguments(base_model_dir, image_folders, out)]
-    subprocess.run(cmd, env=ENV, check=True, capture_output=True)
-    return json.loads((out / "metrics.json").read_text())
-
-
-def kill_when(cmd, condition, timeout=300):
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    start = time.time()
+def single_threaded(recipe, args) -> int:
+    """The recipe on one thread (the same float32 sums in every run of this module); 0 once it has finished."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        while proc.poll() is None and time.time() - start < timeout:
-            if condition():
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
+        recipe.main(args)
     finally:
-        proc.wait()
-    return proc.returncode
+        torch.set_num_threads(threads)
+    return 0
 
 
-def killed_inside(target, marker, skip, args):
-    """Run the recipe, SIGKILLed from inside at the (skip+1)-th call of `target` once `marker` exists."""
-    proc = subprocess.run([sys.executable, KILL_AT, target, str(marker), str(skip), SCRIPT, *args],
-                          env=ENV, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+def killed_from_outside(recipe, args, when) -> int:
+    pid = start_forked(lambda: single_threaded(recipe, args))
+    deadline = time.monotonic() + 300
+    while not when() and time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        assert not done, "the run ended before the kill"
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return wait_forked(pid)
 
 
-def finish(args, run):
-    done = subprocess.run([sys.executable, SCRIPT, *args], env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert not list(run.glob(".task_*"))  # no half-written checkpoint left behind
-    return json.loads((run / "metrics.json").read_text())
+def killed_inside(recipe, args, target, skip) -> int:
+    """The recipe SIGKILLed from inside at the (skip+1)-th call of `target` ("module:Class.method")."""
+
+    def child() -> int:
+        module, _, path = target.partition(":")
+        owner = importlib.import_module(module)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original, calls = getattr(owner, name), []
+
+        def wrapper(*a, **kw):
+            calls.append(1)
+            if len(calls) > skip:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*a, **kw)
+
+        setattr(owner, name, wrapper)
+        return single_threaded(recipe, args)
+
+    return run_forked(child)
 
 
-def test_sigkill_during_training_then_resume_auto_matches(tmp_path, base_model_dir, image_folders, uninterrupted):
+def checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("task_*"))
+
+
+def test_a_run_killed_four_times_resumes_to_the_uninterrupted_metrics(tmp_path, base_model_dir, image_folders,
+                                                                      recipe):
+    single_threaded(recipe, arguments(base_model_dir, image_folders, tmp_path / "full"))
+    uninterrupted = json.loads((tmp_path / "full" / "metrics.json").read_text())
+
     run = tmp_path / "killed"
     args = arguments(base_model_dir, image_folders, run, "--resume_from", "auto")
-    cmd = [sys.executable, SCRIPT, *args]
-    # Killed while task 2 trains (task 1's checkpoint is complete), then while task 3 trains or writes.
-    assert kill_when(cmd, lambda: (run / "task_0").is_dir()) == -signal.SIGKILL
-    assert not (run / "metrics.json").exists()
-    assert kill_when(cmd, lambda: (run / "task_1").is_dir() or any(run.glob(".task_2.tmp-*"))) == -signal.SIGKILL
-    assert finish(args, run)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
-
-
-def test_sigkill_inside_statistics_alignment_and_a_checkpoint_write(
-    tmp_path, base_model_dir, image_folders, uninterrupted
-):
-    run = tmp_path / "killed"
-    args = arguments(base_model_dir, image_folders, run, "--resume_from", "auto")
-    # Task 2's statistics, after one batch has been accumulated.
-    killed_inside("slca_peft.statistics:ClassStatistics.update", run / "task_0", 1, args)
-    assert sorted(p.name for p in run.glob("task_*")) == ["task_0"]
-    # Task 2's classifier alignment, in its second epoch of 8 batches (the resumed run retrains task 2 first).
-    killed_inside("slca_peft.alignment:normalized_logits", run / "task_0", 10, args)
-    assert sorted(p.name for p in run.glob("task_*")) == ["task_0"]
-    # Task 3's checkpoint write: the adapter and heads are on disk, the statistics not yet.
-    killed_inside("slca_peft.statistics:ClassStatistics.save", run / "task_1", 0, args)
-    assert sorted(p.name for p in run.glob("task_*")) == ["task_0", "task_1"]
+    # Killed from outside while task 2 trains (task 1's checkpoint is complete).
+    assert killed_from_outside(recipe, args, lambda: (run / "task_0").is_dir()) == -signal.SIGKILL
+    assert checkpoints(run) == ["task_0"] and not (run / "metrics.json").exists()
+    # Task 2's statistics, after one batch has been accumulated (the restart retrains task 2 first).
+    assert killed_inside(recipe, args, "slca_peft.statistics:ClassStatistics.update", 1) == -signal.SIGKILL
+    assert checkpoints(run) == ["task_0"]
+    # Task 2's classifier alignment, in its second epoch of 8 batches.
+    assert killed_inside(recipe, args, "slca_peft.alignment:normalized_logits", 10) == -signal.SIGKILL
+    assert checkpoints(run) == ["task_0"]
+    # Task 3's checkpoint write: the adapter and heads are on disk, the statistics not yet (task 2's
+    # checkpoint is the first save of this restart).
+    assert killed_inside(recipe, args, "slca_peft.statistics:ClassStatistics.save", 1) == -signal.SIGKILL
+    assert checkpoints(run) == ["task_0", "task_1"]
     partial = list(run.glob(".task_2.tmp-*"))
     assert len(partial) == 1 and (partial[0] / "classifier.safetensors").is_file()
     assert not (partial[0] / "class_statistics.safetensors").exists()
-    resumed = finish(args, run)
+
+    assert run_forked(lambda: single_threaded(recipe, args)) == 0
+    assert not list(run.glob(".task_*"))  # the half-written checkpoint is gone
+    resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
     assert resumed["seen_accuracy"] == uninterrupted["seen_accuracy"]

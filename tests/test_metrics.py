@@ -13,6 +13,7 @@ import pytest
 
 from slca_peft.metrics import (
     CONTINUAL_ACCURACY_PATH,
+    format_accuracy_table,
     load_continual_accuracy,
     summarize_accuracy_matrix,
 )
@@ -64,7 +65,10 @@ def test_hand_computed_3x3(metric):
         "average_incremental_accuracy",
         "average_forgetting",
         "backward_transfer",
+        "missing_entries",
+        "forgetting_tasks",
     }
+    assert (out["missing_entries"], out["forgetting_tasks"]) == (0, [0, 1])  # every entry measured
 
 
 def test_forgetting_uses_best_earlier_accuracy_not_diagonal(metric):
@@ -166,3 +170,18 @@ def test_size_count_mismatch_raises():
 def test_empty_matrix_raises():
     with pytest.raises(ValueError, match="at least one task step"):
         summarize_accuracy_matrix([])
+
+
+def test_the_accuracy_table_as_text_and_as_markdown():
+    matrix, seen = [[90.0], [80.0, 70.5]], [90.0, 75.25]
+    assert format_accuracy_table(matrix, seen).splitlines() == [
+        "after \\ on T1     T2      all seen",
+        "task 1       90.0             90.0",  # a task not yet learned leaves its column blank
+        "task 2       80.0   70.5      75.2",
+    ]
+    assert format_accuracy_table(matrix, seen, markdown=True).splitlines() == [
+        "| after task | T1 | T2 | all seen |",
+        "|---|---|---|---|",
+        "| 1 | 90.0 | | 90.0 |",
+        "| 2 | 80.0 | 70.5 | 75.2 |",
+    ]

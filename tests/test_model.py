@@ -87,4 +87,27 @@ def test_backbone_without_pooled_feature_is_refused():
     # A DINOv2 has a class token: accepted.
     cfg = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                        intermediate_size=64)
-    assert SLCAModel.from_backbone(cfg).feature_source == "cls"
+    assert SLCAModel.from_backbone(cfg).slca_config.feature_source == "cls"
+
+
+def test_model_settings_come_from_the_training_config_once():
+    """`from_backbone` reads exactly the model fields SLCAConfig defines (not TrainingArguments' label_names,
+    which are input keys), and SLCAConfig's defaults are SLCAModelConfig's."""
+    from slca_peft import SLCAModelConfig
+
+    args = SLCAConfig(output_dir="x", released_code=True, lora_rank=8, label_names=["labels"])
+    assert SLCAModelConfig.fields_from(args) == {
+        "use_lora": True, "lora_rank": 8, "lora_scale": 0.8, "lora_target_modules": ["q_proj", "k_proj", "v_proj"],
+        "lora_svd_init": True, "lora_layout": "fused_qkv", "reset_final_norm": True, "final_norm_eps": 1e-5}
+    plain = SLCAModelConfig()
+    assert all(getattr(plain, k) == v for k, v in SLCAModelConfig.fields_from(SLCAConfig(output_dir="x")).items())
+
+
+@pytest.mark.parametrize(("name", "value"), [("lora_rank", 4097), ("lora_scale", -0.5), ("final_norm_eps", 2.0)])
+def test_model_setting_bounds_are_the_same_when_parsed_and_when_loaded(name, value):
+    from slca_peft import SLCAModelConfig
+
+    with pytest.raises(ValueError, match=f"--{name} .* is out of range"):
+        SLCAConfig(output_dir="x", **{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be in"):
+        SLCAModelConfig(**{name: value})

@@ -13,7 +13,8 @@ from peft import PeftModel
 from transformers import AutoModel
 
 from slca_peft import SLCAModel
-from slca_peft.checkpoint import load_checkpoint, save_checkpoint
+from slca_peft.checkpoint import save_checkpoint
+from slca_peft.model import load_checkpoint
 from slca_peft.model_config import SLCAModelConfig
 
 
@@ -57,7 +58,7 @@ def test_an_old_relative_base_path_loads_when_it_resolves_else_names_the_fix(tmp
     x = torch.randn(2, 3, 32, 32)
     monkeypatch.chdir(tmp_path)
     loaded = load_checkpoint("ckpt")[0].eval()
-    assert loaded.base_model_name_or_path == str(tmp_path / "outputs" / "run" / "base_model")
+    assert loaded.slca_config.base_model_name_or_path == str(tmp_path / "outputs" / "run" / "base_model")
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
     monkeypatch.chdir(tmp_path / "outputs")
     with pytest.raises(FileNotFoundError, match="'outputs/run/base_model', which does not exist.*--model_name_or_path"):
@@ -118,11 +119,11 @@ def test_a_crafted_config_is_refused_before_anything_is_allocated(tmp_path, base
     # Under a 3 GiB address-space cap, allocating what a file asks for would raise MemoryError.
     script = textwrap.dedent(f"""
         import resource
-        import slca_peft.checkpoint
+        import slca_peft.model
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
         for folder in {folders!r}:
             try:
-                slca_peft.checkpoint.load_checkpoint(folder)
+                slca_peft.model.load_checkpoint(folder)
                 print("LOADED")
             except ValueError as err:
                 print("REFUSED", str(err).replace("\\n", " "))
@@ -156,7 +157,7 @@ def test_a_damaged_task_history_is_refused_naming_the_field(tmp_path, base_model
 
 
 def test_a_missing_checkpoint_that_looks_like_a_repo_id_is_named(tmp_path, monkeypatch):
-    from slca_peft.checkpoint import load_checkpoint
+    from slca_peft.model import load_checkpoint
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="outputs/nope is neither a local checkpoint directory nor a Hub repo"):

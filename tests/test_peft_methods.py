@@ -22,8 +22,8 @@ from slca_peft import (
     TaskSequence,
     TrainTransform,
 )
-from slca_peft.callbacks import ReportStep
-from slca_peft.model import BACKBONE, LORA
+from slca_peft.adapters import ADAPTER, BACKBONE
+from slca_peft.steps import ReportStep
 
 METHODS = {
     "dora": (lambda: LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], use_dora=True),
@@ -53,9 +53,9 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
                       ca_samples_per_class=16, ca_batch_size=16, init_cls=2, increment=2, lora_svd_init=svd)
     model = SLCAModel.from_backbone(str(base_model_dir), args, peft_config=make_config())
     roles = {n: model.parameter_role(n) for n, p in model.named_parameters() if p.requires_grad}
-    adapter = [n for n, r in roles.items() if r == LORA]
+    adapter = [n for n, r in roles.items() if r == ADAPTER]
     assert adapter and all(prefix in n for n in adapter)
-    assert all(prefix not in n for n, r in roles.items() if r != LORA)
+    assert all(prefix not in n for n, r in roles.items() if r != ADAPTER)
     assert any(r == BACKBONE and "layernorm" in n for n, r in roles.items())  # Hybrid-SL norms beside it
     assert any(r == BACKBONE and n.endswith("cls_token") for n, r in roles.items())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in adapter}
@@ -63,7 +63,7 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
     tc = ImageTransformConfig.from_model_config(model.config)
     learner = ContinualLearner(model, args, two_tasks, train_transform=TrainTransform(tc, flip_p=0.0),
                                eval_transform=EvalTransform(tc))
-    learner.steps = [s for s in learner.steps if not isinstance(s, ReportStep)]  # no plots: not under test
+    learner.remove_callback(ReportStep)  # no plots: not under test
     result = learner.run()
     assert [len(row) for row in result.accuracy_matrix] == [1, 2]
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)  # adapter trained
@@ -81,7 +81,9 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
         # Export merges the adapter into a stock ViT that computes the same logits.
         model.export(str(tmp_path / "exported"))
         plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
-        torch.testing.assert_close(plain(pixel_values=x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+        # Output k of the export is class id k: its column class_ids[p] is the model's output p.
+        torch.testing.assert_close(plain(pixel_values=x).logits[:, model.class_ids], model(x).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_svd_initialisation_with_a_dora_config_keeps_the_base_model():
@@ -139,3 +141,23 @@ def test_recipe_reads_a_peft_config_file(recipe, tmp_path, vit_config):
     model_args.peft_config = str(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="must hold one JSON object"):
         recipe.build_model(model_args, args)
+
+
+@pytest.mark.parametrize("svd", [True, False])
+def test_built_in_lora_is_a_user_lora_config_with_the_same_settings(vit_config, svd):
+    """One path: the built-in settings and the LoraConfig they stand for give the same trainable set, the
+    same initial weights (from the same seed), the same roles and the same saved adapter config."""
+    torch.manual_seed(0)
+    built_in = SLCAModel.from_backbone(vit_config, lora_rank=2, lora_scale=1.5, lora_target_modules=["q_proj", "fc2"],
+                                       lora_svd_init=svd)
+    torch.manual_seed(0)
+    user = SLCAModel.from_backbone(vit_config, lora_svd_init=svd, peft_config=LoraConfig(
+        r=2, lora_alpha=3.0, target_modules=["q_proj", "fc2"], lora_dropout=0.0, bias="all"))
+    trainable = {m: {n for n, p in m.named_parameters() if p.requires_grad} for m in (built_in, user)}
+    assert trainable[built_in] == trainable[user] and any("lora_B" in n for n in trainable[user])
+    assert [built_in.parameter_role(n) for n in sorted(trainable[built_in])] == \
+        [user.parameter_role(n) for n in sorted(trainable[user])]
+    ours, theirs = built_in.state_dict(), user.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert built_in.backbone.peft_config["default"].to_dict() == user.backbone.peft_config["default"].to_dict()
+

@@ -34,11 +34,12 @@ def assert_png(path: Path, size=FIGURE_SIZE):
 
 
 def table_rows(results: Path) -> dict[str, list[str]]:
+    """{class-order seed (or "mean ± std"): [Last-Acc, Inc-Acc]} from results.md."""
     rows = {}
     for line in results.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and re.match(r"^[\d.]+", cells[1]):
-            rows[cells[0]] = cells[1:]
+        if len(cells) == 4 and re.match(r"^[\d.]+", cells[2]):
+            rows[cells[0] if cells[0].startswith("mean") else cells[1]] = cells[2:]
     return rows
 
 
@@ -52,7 +53,7 @@ def test_single_run_report(tmp_path, capsys):
     assert_png(run / "accuracy_matrix.png")
     assert_png(run / "accuracy_curve.png")
     rows = table_rows(run / "results.md")
-    assert rows == {"run": [f"{metrics['last_accuracy']:.2f}", f"{metrics['average_incremental_accuracy']:.2f}"]}
+    assert rows == {"–": [f"{metrics['last_accuracy']:.2f}", f"{metrics['average_incremental_accuracy']:.2f}"]}
 
 
 def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path, load_script):
@@ -90,31 +91,79 @@ def test_report_size_is_configurable_and_missing_metrics_are_explained(tmp_path)
         write_report(tmp_path / "empty")
 
 
-def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, base_model_dir, image_folders, hub, recipe):
-    train_dir, test_dir = image_folders
+def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, recipe, monkeypatch):
+    """`--seeds`: one run per class-order seed into seed_<s>/ (each with its own Hub repo), seeds.json with
+    every seed's numbers and their mean and sample std, and the report over the seeds at the end. The runs
+    themselves are stood in for by their metrics.json (a seed's run is `recipe.train`, tested elsewhere)."""
     out = tmp_path / "runs"
-    result = recipe.main([
-        "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-        "--init_cls", "6", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
-        "--ca_samples_per_class", "16", "--ca_batch_size", "32", "--ca_epochs", "1", "--use_cpu", "true",
-        "--disable_tqdm", "true", "--output_dir", str(out), "--seeds", "5", "7",
-        "--push_to_hub", "true", "--hub_model_id", "me/run", "--hub_base_model_id", "me/tiny-vit",
-    ])
-    # One repo per seed, one commit per task.
-    assert [(u["repo_id"], u["json"]["continual_state.json"]["seed"]) for u in hub.uploads] == [
-        ("me/run-seed5", 5), ("me/run-seed7", 7)]
+    shifts, calls = {5: 0.0, 7: 2.5}, []
+
+    def seed_metrics(shift):  # both summary numbers differ between the seeds
+        return {**fake_metrics(shift), "last_accuracy": 89.8 - shift}
+
+    def train(model_args, data_args, args):
+        calls.append((args.class_order_seed, args.output_dir, args.hub_model_id))
+        metrics = seed_metrics(shifts[args.class_order_seed])
+        Path(args.output_dir).mkdir(parents=True)
+        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(recipe, "train", train)
+    result = recipe.main(["--model_config", "m.json", "--train_dir", "train", "--test_dir", "test",
+                          "--output_dir", str(out), "--seeds", "5", "7", "--push_to_hub", "true",
+                          "--hub_model_id", "me/run"])
+    assert calls == [(5, str(out / "seed_5"), "me/run-seed5"), (7, str(out / "seed_7"), "me/run-seed7")]
     seeds = json.loads((out / "seeds.json").read_text())
-    assert seeds == result and seeds["seeds"] == [5, 7] and set(seeds["runs"]) == {"5", "7"}
-    for seed in ("5", "7"):
-        metrics = json.loads((out / f"seed_{seed}" / "metrics.json").read_text())
-        assert seeds["runs"][seed]["last_accuracy"] == metrics["last_accuracy"]
-        state = json.loads((out / f"seed_{seed}" / "task_0" / "continual_state.json").read_text())
-        assert state["seed"] == int(seed)
-    last = [seeds["runs"][s]["last_accuracy"] for s in ("5", "7")]
-    assert seeds["last_accuracy"]["mean"] == pytest.approx(statistics.mean(last))
-    assert seeds["last_accuracy"]["std"] == pytest.approx(statistics.stdev(last))
-    # The --seeds run writes the report over its seeds at its end; `slca-peft report` rewrites the same.
-    assert (out / "accuracy_matrix.png").is_file()
+    assert seeds == result and seeds["seeds"] == [5, 7] and seeds["method"] == "slca++"
+    for seed, shift in shifts.items():
+        metrics = seed_metrics(shift)
+        assert seeds["runs"][str(seed)] == {"output_dir": f"seed_{seed}", "last_accuracy": metrics["last_accuracy"],
+                                            "average_incremental_accuracy": metrics["average_incremental_accuracy"]}
+    for key in ("last_accuracy", "average_incremental_accuracy"):
+        a, b = (seed_metrics(shift)[key] for shift in shifts.values())
+        # Two values: mean (a + b) / 2, sample standard deviation |a - b| / sqrt(2).
+        assert seeds[key]["mean"] == pytest.approx((a + b) / 2)
+        assert seeds[key]["std"] == pytest.approx(abs(a - b) / 2**0.5) and seeds[key]["std"] > 0
+    # The --seeds run writes the report over its seeds (and each seed's) at its end; `slca-peft report`
+    # rewrites the same.
+    assert_png(out / "accuracy_matrix.png")
+    assert (out / "seed_7" / "results.md").is_file()
     assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
     write_report(out)
     assert set(table_rows(out / "results.md")) == {"5", "7", "mean ± std"}
+
+
+def captured_figures(monkeypatch) -> dict[str, object]:
+    """The figures write_report draws, by file name (saved as usual)."""
+    import slca_peft.plotting as plotting
+
+    figures, save = {}, plotting._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    return figures
+
+
+def test_report_names_both_seeds_the_all_seen_column_and_what_each_curve_is(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = fake_metrics(0.0)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "run_fingerprint.json").write_text(json.dumps({"seed": 42, "class_order_seed": 1993, "domains": None}))
+    figures = captured_figures(monkeypatch)
+    write_report(run)
+    text = (run / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| training seed"))
+    assert "class-order seed" in header
+    assert f"| 42 | 1993 | {metrics['last_accuracy']:.2f} |" in text
+    assert "std" not in text  # one run: no standard deviation to speak of
+    ax = figures["accuracy_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "all seen"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
+    shown = {t.get_text() for t in ax.texts}
+    assert {f"{v:.1f}" for v in metrics["seen_accuracy"]} <= shown
+    legend = figures["accuracy_curve.png"].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["class order seed 1993, training seed 42"]

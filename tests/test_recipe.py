@@ -38,6 +38,8 @@ def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, b
     metrics = json.loads((full / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert sorted(p.name for p in full.glob("task_*")) == ["task_0", "task_1", "task_2"]
+    state = json.loads((full / "task_2" / "continual_state.json").read_text())
+    assert state["seed"] == recipe.SLCAConfig(output_dir="x").class_order_seed  # the class order is recorded
 
     # An interrupted run: only the first two tasks finished.
     partial = tmp_path / "partial"
@@ -96,6 +98,21 @@ def test_cifar100_configs_match_the_paper(recipe, method):
 def test_trainer_flags_the_loop_cannot_honour_are_refused_naming_the_replacement(recipe, flags, message):
     with pytest.raises(SystemExit, match=message):
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o", *flags])
+
+
+def test_two_flags_at_once_are_all_named_and_other_rules_refuse_with_their_line(recipe, tmp_path):
+    with pytest.raises(SystemExit, match="--eval_strategy steps: .*; --save_strategy steps: .*drop the flag.$"):
+        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o",
+                           "--eval_strategy", "steps", "--save_strategy", "steps"])
+    for flags, message in [
+        (["--dataset", "digits"], "give --model_name_or_path (pre-trained backbone) or --model_config"),
+        (["--model_config", "m.json", "--dataset", "digits", "--seeds", "1", "2", "--resume_from", "runs/task_0"],
+         "with --seeds, --resume_from can only be `auto`"),
+    ]:
+        with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+            recipe.parse_args([*flags, "--output_dir", str(tmp_path / "o")])
+    for _, line in recipe.ARGUMENT_RULES + recipe.TRAINER_FLAG_RULES:
+        assert "--" in line and "\n" not in line  # each names its flag, on one line
 
 
 def test_the_dataset_hub_id_reaches_the_task_history(recipe):

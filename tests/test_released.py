@@ -117,7 +117,7 @@ def test_fused_update_is_a_rank_r_update_of_w_qkv_and_survives_save_load_export(
         assert torch.equal(model(pixels).logits, logits)  # and the weights come back exactly
     model.save_pretrained(str(tmp_path / "ckpt"))
     loaded = SLCAModel.from_pretrained(str(tmp_path / "ckpt")).eval()
-    assert loaded.lora_layout == "fused_qkv"
+    assert loaded.slca_config.lora_layout == "fused_qkv"
     for before, after in zip(blocks(model), blocks(loaded), strict=True):
         a0, b0 = qkv_lora(before)
         a1, b1 = qkv_lora(after)  # still tied after loading
@@ -145,7 +145,7 @@ def test_fresh_final_norm_and_its_eps_reload_exactly(tmp_path, base_model_dir, m
         features = model.features(pixels)
     model.save_pretrained(str(tmp_path / "ckpt"))
     loaded = SLCAModel.from_pretrained(str(tmp_path / "ckpt")).eval()
-    assert loaded.reset_final_norm and loaded.final_norm_eps == 1e-2
+    assert loaded.slca_config.reset_final_norm and loaded.slca_config.final_norm_eps == 1e-2
     with torch.no_grad():
         assert torch.equal(loaded.features(pixels), features)
 

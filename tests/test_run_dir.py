@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def test_broken_yaml_and_out_of_range_values_are_refused_at_parse_time(recipe, t
         recipe.parse_args(["--config", str(broken)])
     base = ["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")]
     for flag, value in [("ca_samples_per_class", "0"), ("lora_rank", "0"), ("fc_scale_mu", "-1"),
-                        ("ca_ridge", "nan"), ("learning_rate", "0"), ("lora_rank", "50000000")]:
+                        ("ca_ridge", "nan"), ("learning_rate", "-1"), ("lora_rank", "50000000")]:
         with pytest.raises(ValueError, match=f"--{flag} .* is out of range"):
             recipe.parse_args(base + [f"--{flag}", value])
 
@@ -90,8 +91,12 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     recipe.main(arguments(base_model_dir, image_folders, out))
     first = json.loads((out / "metrics.json").read_text())
     stamp = (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns
+    # The same command again has nothing to do: it reports the finished run.
+    assert recipe.main(arguments(base_model_dir, image_folders, out))["last_accuracy"] == first["last_accuracy"]
+    (out / "metrics.json").rename(tmp_path / "metrics.json")  # as if interrupted before the end
     with pytest.raises(UserError, match="already holds a run .*--resume_from auto.*--overwrite_output_dir"):
         recipe.main(arguments(base_model_dir, image_folders, out))
+    (tmp_path / "metrics.json").rename(out / "metrics.json")
     with pytest.raises(UserError, match=r"holds another run \(learning_rate \(0.05 -> 0.02\)"):
         recipe.main(arguments(base_model_dir, image_folders, out, "--learning_rate", "0.02"))
     assert (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns == stamp  # nothing was touched
@@ -128,66 +133,64 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
         recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0")))
 
 
-PAUSED_RUN = """
-import runpy, sys, time
-from pathlib import Path
-from slca_peft.continual import ContinualLearner
-go, script, *args = sys.argv[1:]
-learn = ContinualLearner.learn_task
-def paused(self, task):  # holds the directory until the test says go
-    while not Path(go).exists():
-        time.sleep(0.05)
-    return learn(self, task)
-ContinualLearner.learn_task = paused
-sys.argv = [script, *args]
-runpy.run_path(script, run_name="__main__")
-"""
+def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
+    from conftest import start_forked, wait_forked
 
+    from slca_peft.continual import ContinualLearner
 
-def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders):
     out, go = tmp_path / "run", tmp_path / "go"
-    args = arguments(base_model_dir, image_folders, out)
-    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(go), SCRIPT, *args], env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = arguments(base_model_dir, image_folders, out, "--init_cls", "6")  # one task
+
+    def first_run() -> int:  # another process, holding the directory until the test says go
+        learn = ContinualLearner.learn_task
+
+        def paused(self, task):
+            while not go.exists():
+                time.sleep(0.02)
+            return learn(self, task)
+
+        ContinualLearner.learn_task = paused
+        recipe.main(args)
+        return 0
+
+    first = start_forked(first_run)
     lock = out / ".slca-run.lock"
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
-        assert first.poll() is None, first.stderr.read()
-        time.sleep(0.05)
-    second = run_cli(*args)
-    go.touch()
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert f"another run (pid {first.pid}) is using" in second.stderr
-    assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [4, 2]
+        assert os.waitpid(first, os.WNOHANG)[0] == 0, "the first run ended early"
+        time.sleep(0.02)
+    try:  # the second run is this process
+        with pytest.raises(UserError, match=rf"another run \(pid {first}\) is using"):
+            recipe.main(args)
+    finally:
+        go.touch()
+    assert wait_forked(first) == 0
+    assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [6]
 
 
-KILL_BETWEEN_RENAMES = """
-import os, signal, sys
-from pathlib import Path
-from slca_peft import checkpoint
-target = Path(sys.argv[1])
-real, calls = os.replace, []
-def replace(src, dst):
-    calls.append(dst)
-    if len(calls) == 2:  # the old folder is aside, the new one not yet in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(src, dst)
-checkpoint.os.replace = replace
-with checkpoint.atomic_directory(target) as tmp:
-    (tmp / "weights").write_text("new")
-"""
-
-
-def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path):
+def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
+    from slca_peft import checkpoint
     from slca_peft.checkpoint import atomic_directory
     from slca_peft.run_dir import claim_run_directory
 
     run = tmp_path / "run"
     (run / "task_0").mkdir(parents=True)
     (run / "task_0" / "weights").write_text("old")
-    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(run / "task_0")], env=ENV)
-    assert proc.returncode == -9
+    def crash_between_the_renames() -> int:  # SIGKILLed: no `finally`, no cleanup, as in a crash
+        real, calls = os.replace, []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst)
+
+        checkpoint.os.replace = replace
+        with atomic_directory(run / "task_0") as tmp:
+            (tmp / "weights").write_text("new")
+        return 0
+
+    assert forked(crash_between_the_renames) == -signal.SIGKILL
     assert not (run / "task_0").exists() and len(list(run.glob(".task_0.old-*"))) == 1
     # The next start puts the old folder back.
     with claim_run_directory(run, {"method": "slca++"}, resume=True):
@@ -201,7 +204,7 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from slca_peft.checkpoint import atomic_directory, atomic_write_text
+    from slca_peft.files import atomic_directory, atomic_write_text
 
     old = os.umask(0o002)
     try:

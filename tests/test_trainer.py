@@ -33,10 +33,10 @@ def test_learning_rates_of_every_group_on_task_one_and_two(tmp_path, vit_config)
     model = SLCAModel.from_backbone(vit_config, args)
     model.grow(2)
     first = SLCATrainer(model=model, args=args)
-    assert group_lrs(first) == pytest.approx({"head": 0.01, "lora": 0.005, "backbone": 0.001})
+    assert group_lrs(first) == pytest.approx({"head": 0.01, "adapter": 0.005, "backbone": 0.001})
     model.grow(2)
     second = SLCATrainer(model=model, args=args)
-    assert group_lrs(second) == pytest.approx({"head": 0.01, "lora": 0.001, "backbone": 0.001})
+    assert group_lrs(second) == pytest.approx({"head": 0.01, "adapter": 0.001, "backbone": 0.001})
     # Old heads are frozen: only the newest head is in the head group.
     head_params = next(g for g in second.optimizer.param_groups if g["name"] == "head")["params"]
     assert {id(p) for p in head_params} == {id(p) for p in model.classifier.heads[1].parameters()}
@@ -126,7 +126,7 @@ def test_a_plain_training_arguments_is_converted_and_its_optimizer_honoured(tmp_
     model.grow(2)
     plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=0.02, optim="adamw_torch",
                               weight_decay=0.01, report_to="none", save_strategy="no")
-    with caplog.at_level("INFO", logger="slca_peft.trainer"):
+    with caplog.at_level("INFO", logger="slca_peft.config"):
         trainer = SLCATrainer(model=model, args=plain)
     assert isinstance(trainer.args, SLCAConfig) and trainer.args.learning_rate == 0.02
     assert trainer.args.first_task_lora_lr_scale == 0.5  # the method's fields at their defaults
@@ -134,8 +134,13 @@ def test_a_plain_training_arguments_is_converted_and_its_optimizer_honoured(tmp_
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is torch.optim.AdamW
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
-        {"head": 0.02, "lora": 0.02 * 0.5, "backbone": 0.02 * 0.1})
-    assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+        {"head": 0.02, "adapter": 0.02 * 0.5, "backbone": 0.02 * 0.1})
+    # Trainer's exemptions: no decay on biases and LayerNorm weights, decay on the rest.
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    exempt = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert {id(p) for n, p in named.items() if p.requires_grad and (n.endswith("bias") or "layernorm" in n)} == exempt
+    assert id(model.classifier.heads[0].weight) in decayed and not decayed & exempt
     # SLCAConfig's default stays the method's SGD, the multi-tensor implementation on CPU.
     sgd = SLCATrainer(model=model, args=make_args(tmp_path)).create_optimizer()
     assert type(sgd) is torch.optim.SGD and sgd.defaults["foreach"] and sgd.defaults["momentum"] == 0.9
@@ -144,7 +149,7 @@ def test_a_plain_training_arguments_is_converted_and_its_optimizer_honoured(tmp_
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("optim", "galore_adamw", "optim='galore_adamw' is not supported.*optim='sgd'"),
     ("label_smoothing_factor", 0.1, "label_smoothing_factor=0.1 is not applied"),
-    ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs=.* is not used by the cosine"),
+    ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs=.* is not used by the slca_cosine"),
 ])
 def test_fields_the_trainer_cannot_honour_are_refused_before_training(tmp_path, vit_config, field, value, message):
     model = SLCAModel.from_backbone(vit_config)

@@ -62,16 +62,24 @@ A[t][j] is the accuracy (in percent) on the test classes of task j after trainin
 - backward_transfer = mean_{j<T-1} (A[T-1][j] - A[j][j]) (Lopez-Paz & Ranzato, 2017).
 
 Forgetting and backward transfer are 0.0 when only one task has been seen.
+
+An entry may be missing (None): a task whose test data was not at hand when the row was measured
+(a model continued later on new data, without the old test sets). Every summary is then computed over
+the measured entries only: a step's accuracy over its measured tasks, forgetting and backward transfer
+over the old tasks measured at the end (and, for forgetting, at least once before). `missing_entries`
+counts the None entries and `forgetting_tasks` lists the tasks forgetting and BWT are averaged over,
+so a report can say what its numbers cover.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     accuracy_row (`list` of `list` of `float`): one row per task step, in task order. Row t holds
-        exactly t + 1 accuracies (percent), A[t][0..t]. Rows of a full square matrix must be cut to
-        their lower-triangular part first: `[row[: t + 1] for t, row in enumerate(matrix)]`.
-    task_test_size (`list` of `int`): number of test samples of each task (one per row, positive).
-        Required: `evaluate` needs every declared input. Pass the same value for every task
-        (e.g. all 1s) to weight tasks equally.
+        exactly t + 1 accuracies (percent), A[t][0..t], None where task j was not measured. Rows of a
+        full square matrix must be cut to their lower-triangular part first:
+        `[row[: t + 1] for t, row in enumerate(matrix)]`.
+    task_test_size (`list` of `int`): number of test samples of each task (one per row; positive for
+        every task measured at least once, 0 for a task never measured). Required: `evaluate` needs
+        every declared input. Pass the same value for every task (e.g. all 1s) to weight tasks equally.
 Returns:
     accuracy_per_step (`list` of `float`): micro accuracy over all seen classes after each step.
     last_accuracy (`float`): accuracy after the final step.
@@ -80,6 +88,8 @@ Returns:
         the old tasks (lower is better).
     backward_transfer (`float`): mean change from the just-learned accuracy to the final accuracy over
         the old tasks (negative means forgetting).
+    missing_entries (`int`): entries of the matrix that were not measured (None).
+    forgetting_tasks (`list` of `int`): the old tasks forgetting and backward transfer average over.
 Examples:
     >>> import evaluate
     >>> from slca_peft.metrics import CONTINUAL_ACCURACY_PATH
@@ -113,10 +123,13 @@ def _validate(rows: list[list[float]], sizes: list[int]) -> None:
                 f"lower triangle: [row[: t + 1] for t, row in enumerate(matrix)]."
             )
         for j, value in enumerate(row):
-            if value is None or not math.isfinite(value):
-                raise ValueError(f"accuracy_row {t} entry {j} must be a finite number, got {value!r}.")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"accuracy_row {t} entry {j} must be a finite number or None, got {value!r}.")
+        if all(value is None for value in row):
+            raise ValueError(f"accuracy_row {t} has no measured entry; a step is scored on at least one task.")
     for t, size in enumerate(sizes):
-        if size is None or size <= 0:
+        measured = any(row[t] is not None for row in rows[t:])
+        if size is None or size < 0 or (measured and size == 0):
             raise ValueError(f"task_test_size {t} must be a positive number of test samples, got {size!r}.")
 
 
@@ -146,29 +159,31 @@ class ContinualAccuracy(evaluate.Metric):
         rows = [list(r) if r is not None else None for r in accuracy_row]
         sizes = list(task_test_size)
         _validate(rows, sizes)
-        rows = [[float(v) for v in r] for r in rows]
+        rows = [[None if v is None else float(v) for v in r] for r in rows]
         num_tasks = len(rows)
 
         per_step = []
         for t, row in enumerate(rows):
-            seen = sizes[: t + 1]
-            per_step.append(sum(a * n for a, n in zip(row, seen, strict=True)) / sum(seen))
+            measured = [(a, n) for a, n in zip(row, sizes[: t + 1], strict=True) if a is not None]
+            per_step.append(sum(a * n for a, n in measured) / sum(n for _, n in measured))
 
-        old_tasks = range(num_tasks - 1)
         final = rows[-1]
-        if num_tasks > 1:
-            forgetting = [max(rows[s][j] for s in range(j, num_tasks - 1)) - final[j] for j in old_tasks]
-            bwt = [final[j] - rows[j][j] for j in old_tasks]
-            average_forgetting = sum(forgetting) / len(forgetting)
-            backward_transfer = sum(bwt) / len(bwt)
-        else:
-            average_forgetting = 0.0
-            backward_transfer = 0.0
+        forgetting, bwt, tasks = [], [], []
+        for j in range(num_tasks - 1):
+            earlier = [rows[s][j] for s in range(j, num_tasks - 1) if rows[s][j] is not None]
+            if final[j] is None or not earlier:
+                continue
+            tasks.append(j)
+            forgetting.append(max(earlier) - final[j])
+            if rows[j][j] is not None:
+                bwt.append(final[j] - rows[j][j])
 
         return {
             "accuracy_per_step": per_step,
             "last_accuracy": per_step[-1],
             "average_incremental_accuracy": sum(per_step) / num_tasks,
-            "average_forgetting": average_forgetting,
-            "backward_transfer": backward_transfer,
+            "average_forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
+            "backward_transfer": sum(bwt) / len(bwt) if bwt else 0.0,
+            "missing_entries": sum(v is None for row in rows for v in row),
+            "forgetting_tasks": tasks,
         }

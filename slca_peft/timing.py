@@ -1,0 +1,89 @@
+"""Where a run's time goes: seconds per phase of each task, and images per second where a phase
+streams images, so a user sees which knob to turn (batch sizes, `--bf16`, `ca_epochs`, ...).
+
+`ContinualLearner.learn_task` times the training and the `CallbackHandler` times every after-task
+step that names a `phase`; both write into `learner.result.timings[t]`, which checkpoints keep
+(a resumed run reports its earlier tasks too). Each task's record holds `<phase>_seconds` and, for
+training, statistics and evaluation, `<phase>_images` (training: epochs x training images;
+statistics: training images; evaluation: test images of every seen task).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+#: The phases of a task, in the order they run (the built-in steps' `phase` names after training).
+PHASES = ("training", "statistics", "alignment", "evaluation", "checkpoint")
+
+
+def clock() -> float:
+    """`time.perf_counter`, after the GPU finished what was queued (CUDA runs asynchronously)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
+def checked_timings(value: Any, tasks: int, source: str) -> list[dict[str, float]]:
+    """The `timings` of a task history, one record per learned task (`{}` for tasks a checkpoint
+    written before timings existed did not time); damaged ones are one error naming `source`."""
+    if value is None:
+        return [{} for _ in range(tasks)]
+    if not isinstance(value, list) or len(value) > tasks or not all(
+            isinstance(task, dict) and all(isinstance(k, str) and _number(v) for k, v in task.items())
+            for task in value):
+        raise ValueError(f"{source}: timings must be a list of at most {tasks} objects of non-negative numbers; "
+                         "the file is damaged or was not written by slca-peft.")
+    return [dict(task) for task in value] + [{} for _ in range(tasks - len(value))]
+
+
+def phases_of(record: dict[str, float]) -> list[str]:
+    """The phases `record` timed: the built-in ones in run order, then a callback's own `phase` names."""
+    timed = [k.removesuffix("_seconds") for k in record if k.endswith("_seconds") and k != "total_seconds"]
+    return [p for p in PHASES if p in timed] + [p for p in timed if p not in PHASES]
+
+
+def with_rates(record: dict[str, float]) -> dict[str, float]:
+    """`record`, phase by phase, with `<phase>_images_per_second`, then `total_seconds`."""
+    out: dict[str, float] = {}
+    for phase in PHASES:
+        seconds, images = record.get(f"{phase}_seconds"), record.get(f"{phase}_images")
+        if seconds is None:
+            continue
+        out[f"{phase}_seconds"] = seconds
+        if images is not None:
+            out[f"{phase}_images"] = images
+            if seconds > 0:
+                out[f"{phase}_images_per_second"] = images / seconds
+    for phase in phases_of(record):  # a callback's own phases
+        out.setdefault(f"{phase}_seconds", record[f"{phase}_seconds"])
+    out["total_seconds"] = sum(v for k, v in out.items() if k.endswith("_seconds"))
+    return out
+
+
+def timing_summary(timings: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """What metrics.json's `timings` holds: `per_task` (1-based `task`, seconds, images, images/s and
+    `total_seconds` of each task) and `total` (the same summed over the tasks timed)."""
+    per_task = [{"task": t + 1, **with_rates(record)} for t, record in enumerate(timings) if record]
+    total: dict[str, float] = {}
+    for record in timings:
+        for key, value in record.items():
+            total[key] = total.get(key, 0) + value
+    return {"per_task": per_task, "total": with_rates(total) if total else {}}
+
+
+def timing_line(record: dict[str, float]) -> str:
+    """`12.3 s | training 10.1 s (47 images/s) | statistics ...` for one task's log line."""
+    record = with_rates(record)
+    parts = [f"{record['total_seconds']:.1f} s"]
+    for phase in phases_of(record):
+        rate = record.get(f"{phase}_images_per_second")
+        parts.append(f"{phase} {record[f'{phase}_seconds']:.1f} s" + (f" ({rate:.0f} images/s)" if rate else ""))
+    return " | ".join(parts)
