@@ -41,6 +41,7 @@ from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
 from .errors import UserError, run_main
 from .files import atomic_directory, atomic_write_text
+from .hardware import log_bf16_choice, resolve_bf16_flag
 from .logging_utils import progress_bars
 from .manifest import MANIFEST_FILE, read_manifest, record_tree
 from .model import SLCAModel
@@ -328,6 +329,7 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
         if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
         argv = yaml_to_argv(config) + argv
+    argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
     model_args, data_args, args, *_ = _argument_parser(prog).parse_args_into_dataclasses(args=argv)
     check_arguments(model_args, data_args, args)
     from .run_dir import check_output_arguments  # noqa: PLC0415
@@ -485,6 +487,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         return run_main(lambda args: main(args, prog), prog=prog)
     model_args, data_args, args = parse_args(argv, prog)
     configure_logging(args)
+    log_bf16_choice()
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
     return train(model_args, data_args, args)

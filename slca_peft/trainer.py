@@ -24,6 +24,7 @@ from transformers.training_args import ParallelMode
 from .adapters import ADAPTER, BACKBONE, HEAD
 from .backbones import input_size
 from .config import SLCAConfig, as_slca_config
+from .hardware import cpu_bf16_training
 from .losses import symmetric_cross_entropy
 from .model import SLCAModel
 
@@ -259,7 +260,8 @@ class SLCATrainer(Trainer):
                 "Load the model with SLCAModel.from_pretrained(<checkpoint>) and train it again, or resume a "
                 "continual run after its last task with --resume_from (ContinualLearner.from_checkpoint)."
             )
-        return super().train(None, *args, **kwargs)
+        with cpu_bf16_training(self.model, self.args):  # eager attention, one cast per block norm
+            return super().train(None, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """`SLCAModel.save_pretrained` files and the arguments as JSON (no training_args.bin pickle)."""

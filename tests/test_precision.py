@@ -1,5 +1,6 @@
 """Mixed precision and loader settings: bf16 end to end on the CPU, checks against the hardware."""
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_vit_config
 
-from slca_peft import ClassStatistics, SLCAConfig, SLCAModel, TaskSequence
+from slca_peft import ClassStatistics, SLCAConfig, SLCAModel, TaskSequence, hardware
 from slca_peft.hardware import available_cores, check_hardware
 from slca_peft.inference import inference_context
 
@@ -109,3 +110,158 @@ def test_more_workers_than_cores_falls_back_with_one_warning(tmp_path, caplog):
     assert args.dataloader_num_workers == cores and args.dataloader_persistent_workers
     warnings = [r.getMessage() for r in caplog.records if r.name == "slca_peft.hardware"]
     assert len(warnings) == 1 and f"more than the {cores} CPU cores available; using {cores}" in warnings[0]
+
+
+# ---------------------------------------------------------------------------------------------- --bf16 auto
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """A machine without any GPU, whose CPU bf16 support the test sets with `cpu_only(found)`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "_has_accelerator", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def set_cpu(found: list[str]) -> None:
+        monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: found)
+
+    return set_cpu
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, True, ["AVX512-BF16", "AMX"]), (True, False, ["AVX512-BF16"]), (False, False, []),
+])
+def test_cpu_bf16_detection_asks_torch(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert hardware.cpu_bf16_instructions() == expected
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu avx512f avx512_bf16 amx_tile amx_bf16", ["AVX512-BF16", "AMX"]), ("fpu avx2 avx512f", []),
+])
+def test_cpu_bf16_detection_falls_back_to_cpuinfo(monkeypatch, tmp_path, flags, expected):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\n")
+    monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
+    assert hardware.cpu_bf16_instructions() == expected
+    monkeypatch.setattr(hardware, "CPUINFO", tmp_path / "missing")  # not Linux: nothing detected
+    assert hardware.cpu_bf16_instructions() == []
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_cuda_bf16_needs_compute_capability_8(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU")
+    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: ["AMX"])
+    bf16, why = hardware.choose_bf16(use_cpu=False)
+    assert bf16 is expected and f"compute capability {capability[0]}.{capability[1]}" in why
+    assert hardware.choose_bf16(use_cpu=True) == (True, "the CPU computes bfloat16 natively with AMX")
+
+
+def test_resolve_bf16_flag(cpu_only, tmp_path):
+    resolve = hardware.resolve_bf16_flag
+    cpu_only(["AVX512-BF16"])
+    # Explicit values pass through untouched; auto or nothing resolves, the last occurrence winning.
+    for explicit in (["--bf16", "false"], ["--bf16"], ["--bf16=true"], ["--bf16", "auto", "--bf16", "no"]):
+        assert resolve(explicit) == explicit
+    assert resolve(["--use_cpu", "true"]) == ["--use_cpu", "true", "--bf16", "true"]
+    assert resolve(["--bf16", "false", "--bf16=auto", "--seed", "1"]) == ["--seed", "1", "--use_cpu", "true",
+                                                                           "--bf16", "true"]
+    assert resolve(["--fp16", "true"]) == ["--fp16", "true", "--bf16", "false"]
+    assert resolve(["--use_cpu", "false"]) == ["--use_cpu", "false", "--bf16", "false"]  # no GPU and no CPU bf16
+    cpu_only([])
+    assert resolve(["--bf16", "AUTO", "--use_cpu", "true"]) == ["--use_cpu", "true", "--bf16", "false"]
+    # A resumed run keeps what its fingerprint recorded (a run from before `auto`, or from another machine).
+    (tmp_path / "seed_3").mkdir()
+    (tmp_path / "seed_3" / "run_fingerprint.json").write_text('{"bf16": true}')
+    resumed = ["--output_dir", str(tmp_path), "--resume_from", "auto", "--use_cpu", "true"]
+    assert resolve(resumed)[-2:] == ["--bf16", "true"]
+    assert resolve(resumed[:2] + resumed[4:])[-2:] == ["--bf16", "false"]  # not resuming: this machine decides
+
+
+def tiny_run_args(base_model_dir, image_folders, out) -> list[str]:
+    train_dir, test_dir = image_folders
+    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
+            "--init_cls", "4", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+            "--ca_samples_per_class", "16", "--ca_batch_size", "32", "--ca_epochs", "1", "--use_cpu", "true",
+            "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--output_dir", str(out)]
+
+
+def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_only, tmp_path, caplog):
+    argv = ["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path)]
+    cpu_only(["AMX"])
+    assert recipe.parse_args(argv)[2].bf16 is True  # the default is auto; no --use_cpu needed without a GPU
+    assert recipe.parse_args(argv + ["--bf16", "false"])[2].bf16 is False
+    with caplog.at_level(logging.INFO, logger="slca_peft.hardware"):
+        hardware.log_bf16_choice()
+        hardware.log_bf16_choice()
+    assert [r.getMessage() for r in caplog.records] == [
+        "--bf16 auto chose bfloat16 autocast: the CPU computes bfloat16 natively with AMX "
+        "(--bf16 true/false overrides)"]
+    cpu_only([])
+    assert recipe.parse_args(argv + ["--bf16", "auto"])[2].bf16 is False
+    assert recipe.parse_args(argv + ["--bf16", "true", "--use_cpu", "true"])[2].bf16 is True
+    # The Python API keeps transformers' default.
+    assert SLCAConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False
+
+
+def test_a_resumed_auto_run_resolves_as_it_started(recipe, cpu_only, tmp_path, base_model_dir, image_folders):
+    out = tmp_path / "run"
+    argv = tiny_run_args(base_model_dir, image_folders, out)
+    cpu_only(["AVX512-BF16"])
+    recipe.main(argv)
+    assert json.loads((out / "run_fingerprint.json").read_text())["bf16"] is True
+    # Resumed on the same machine, and on one without CPU bf16: both continue the bf16 run.
+    for found in (["AVX512-BF16"], []):
+        cpu_only(found)
+        assert recipe.parse_args(argv + ["--resume_from", "auto"])[2].bf16 is True
+        recipe.main(argv + ["--resume_from", "auto"])
+    # Forcing the other precision is a different run, refused by name.
+    with pytest.raises(ValueError, match=r"bf16 \(true -> false\)"):
+        recipe.main(argv + ["--resume_from", "auto", "--bf16", "false"])
+
+
+# ---------------------------------------------------------------------------------------------- CPU bf16 training
+def test_cpu_bf16_training_keeps_autocast_values_and_restores_everything():
+    torch.manual_seed(0)
+    model = SLCAModel.from_backbone(tiny_vit_config(initializer_range=0.5), task_sizes=[4])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    config = model.backbone.config
+    assert config._attn_implementation == "sdpa"
+    pixels, labels = torch.randn(6, 3, 32, 32), torch.arange(6) % 4
+
+    def run(fast: bool):
+        model.zero_grad(set_to_none=True)
+        with hardware.cpu_bf16_training(model, SimpleNamespace(bf16=fast)):
+            config._attn_implementation = "eager" if not fast else config._attn_implementation
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(pixel_values=pixels).logits
+            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_logits, plain_grads = run(False)  # autocast alone, with the same (eager) attention
+    config._attn_implementation = "sdpa"
+    seen = []
+    model.backbone.register_forward_hook(lambda *a: seen.append(config._attn_implementation))
+    fast_logits, fast_grads = run(True)
+    assert seen[-1] == "eager" and config._attn_implementation == "sdpa"  # restored on exit
+    loras = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert loras and all(m.cast_input_dtype_enabled for m in loras)
+    # The forward is autocast's, value for value; gradients differ only by bf16 sums over a norm's readers.
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=0, atol=0)
+    assert fast_grads.keys() == plain_grads.keys() and any("lora_A" in n for n in fast_grads)
+    largest = max(g.abs().max() for g in plain_grads.values())
+    for name, grad in fast_grads.items():  # (a key bias's gradient is 0 but for rounding: the absolute floor)
+        bound = 0.02 * plain_grads[name].abs().max() + 1e-3 * largest
+        assert (grad - plain_grads[name]).abs().max() <= bound, name
+    # No-grad passes and other precisions are left alone.
+    with hardware.cpu_bf16_training(model, SimpleNamespace(bf16=True)), torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.features(pixels).dtype == torch.float32  # the final norm is not cast
+    with hardware.cpu_bf16_training(model, SimpleNamespace(bf16=False)):
+        assert config._attn_implementation == "sdpa"
