@@ -45,6 +45,7 @@ from .logging_utils import progress_bars
 from .manifest import MANIFEST_FILE, read_manifest, record_tree
 from .model import SLCAModel
 from .plotting import mean_std
+from .previous_run import check_checkpoint_matches, check_resumable, finished_run
 from .recipe_args import (  # noqa: F401  (re-exported: the recipe's arguments, as before)
     ARGUMENT_RULES,
     CONFIG_PATH_KEYS,
@@ -58,7 +59,7 @@ from .recipe_args import (  # noqa: F401  (re-exported: the recipe's arguments, 
     refuse_trainer_flags,
     yaml_to_argv,
 )
-from .run_dir import check_checkpoint_matches, check_resumable, claim_run_directory, finished_run, run_fingerprint
+from .run_dir import claim_run_directory, run_fingerprint
 from .steps import write_plots
 from .tasks import TaskSequence
 from .transforms import EvalTransform, ImageTransformConfig, TrainTransform, eval_transform_config
