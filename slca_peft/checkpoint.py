@@ -35,13 +35,12 @@ from transformers import AutoConfig, PretrainedConfig
 
 from . import manifest
 from .base_model import portable_name, resolve_recorded_base
-from .errors import UserError, read_json
+from .errors import read_json
 from .files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
     BACKBONE_CONFIG_FILE,
     BACKBONE_FILE,
-    CARD_FILE,
     CLASSIFIER_FILE,
     CONFIG_FILE,
     PICKLE_SUFFIXES,
@@ -54,10 +53,10 @@ from .files import (
     settle_files,
     write_json,
 )
-from .fingerprint import describe_model_file_changes, model_file_digests
 from .model_card import write_model_card
 from .model_config import SLCAModelConfig, validate_state
 from .statistics import ClassStatistics
+from .verification import base_model_record, record_base_model, verify_files
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -138,7 +137,7 @@ def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str
         shutil.rmtree(tmp, ignore_errors=True)
     manifest.forget(directory, stale)
     manifest.record(directory, written)
-    _record_base(model, directory, kind="model")
+    record_base_model(model, directory, kind="model")
     return directory
 
 
@@ -181,22 +180,8 @@ def save_checkpoint(
     with atomic_directory(directory) as tmp:
         _write_model_files(model, tmp, state, card)
         save_learner_state(tmp, statistics=statistics, state=state, unaligned_head=unaligned_head)
-        manifest.record_tree(tmp, _base_record(model, kind="checkpoint"))
+        manifest.record_tree(tmp, base_model_record(model, kind="checkpoint"))
     return Path(directory)
-
-
-def _base_record(model: SLCAModel, *, kind: str) -> dict[str, Any]:
-    """The manifest's `kind` and, for an adapter on a local base model, that model's file digests."""
-    extra: dict[str, Any] = {"kind": kind}
-    base = model.settings()["base_model_name_or_path"]
-    if model.slca_config.use_lora and base and Path(base).is_dir():
-        extra["base_model"] = {"name": str(base), "files": model_file_digests(base)}
-    return extra
-
-
-def _record_base(model: SLCAModel, directory: Path, *, kind: str) -> None:
-    entries = manifest.read_manifest(directory) or {}
-    manifest.write_manifest(directory, entries.values(), _base_record(model, kind=kind))
 
 
 def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None, **hub: Any) -> Path:
@@ -374,11 +359,6 @@ def load_learner_state(
     return statistics, state, unaligned
 
 
-#: Files whose edits change nothing a run computes (the model card): not compared on resume.
-_UNCHECKED = {CARD_FILE}
-_warned_unchecked: set[str] = set()
-
-
 def verify_checkpoint(
     path: str | Path,
     expected_base: str | Sequence[str | None] | None = None,
@@ -391,48 +371,12 @@ def verify_checkpoint(
     Compares every file against the checkpoint's manifest (size and SHA-256: adapter, heads,
     statistics, `continual_state.json` with its accuracies, ...) and the base model the checkpoint
     would load (resolved as `read_model_config` does, `expected_base` included) against the digests
-    recorded when it was written. `accept_changed_files=True` (the recipe's `--accept_changed_files`)
-    logs the differences instead of raising. A checkpoint written before manifests existed is loaded
-    with one warning.
+    recorded when it was written (`slca_peft.verification`). `accept_changed_files=True` (the recipe's
+    `--accept_changed_files`) logs the differences instead of raising. A checkpoint written before
+    manifests existed is loaded with one warning.
     """
-    root = Path(path)
-    entries = manifest.read_manifest(root)
-    if entries is None:
-        if str(root) not in _warned_unchecked:
-            _warned_unchecked.add(str(root))
-            logger.warning("%s has no %s (written by an older slca-peft): its files and base model cannot be checked "
-                           "for changes.", root, manifest.MANIFEST_FILE)
-        return []
-    problems = []
-    for rel, entry in sorted(entries.items()):
-        if rel in _UNCHECKED:
-            continue
-        target = root / rel
-        if target.is_symlink() or not target.is_file():
-            problems.append(f"{rel} is missing" if not os.path.lexists(target) else f"{rel} is not a regular file")
-            continue
-        size, sha = manifest.file_sha256(target)
-        if (size, sha) != (entry.size, entry.sha256):
-            problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {sha[:12]})")
-    added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
-                   and p.name not in entries and p.name != manifest.MANIFEST_FILE)
-    problems += [f"{name} was added" for name in added]
-    recorded = manifest.read_manifest_extra(root).get("base_model")
-    if isinstance(recorded, dict) and isinstance(recorded.get("files"), dict):
-        config, _ = read_model_config(root, expected_base=expected_base)
-        base = config.base_model_name_or_path
-        current = model_file_digests(base) if base else None
-        if current is not None:
-            changes = describe_model_file_changes(recorded["files"], current)
-            problems += [f"base model {base}: {change}" for change in changes]
-    if problems:
-        message = (f"{root} is not the checkpoint slca-peft wrote: {'; '.join(problems[:8])}"
-                   f"{f' and {len(problems) - 8} more' if len(problems) > 8 else ''}")
-        if not accept_changed_files:
-            raise UserError(f"{message}. Resume from an unmodified checkpoint on the base model it was trained on, "
-                            "or pass --accept_changed_files (accept_changed_files=True) to use it as it is.")
-        logger.warning("%s; continuing because changed files were accepted.", message)
-    return problems
+    return verify_files(path, lambda: read_model_config(path, expected_base=expected_base)[0].base_model_name_or_path,
+                        accept_changed_files=accept_changed_files)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -19,7 +19,7 @@ from .model_config import validate_state
 
 if TYPE_CHECKING:
     from .config import SLCAConfig
-    from .recipe import DataArguments, ModelArguments
+    from .recipe_args import DataArguments, ModelArguments
     from .tasks import TaskSequence
 
 

@@ -134,6 +134,32 @@ def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
     ]
 
 
+def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] | None, license: str | None,
+               tags: list[str], model_name: str, **fields: Any) -> tuple[Any, str]:
+    """What a checkpoint's and an export's card share: the metadata (results as `model-index`, the
+    datasets, license, tags and a base model others can load) and the text's metrics line."""
+    from huggingface_hub import ModelCardData
+
+    dataset = (datasets or [None])[0] or state.get("dataset")
+    metrics = card_metrics(state)
+    eval_results = _eval_results(metrics, dataset)
+    data = ModelCardData(
+        tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
+        license=license or "other",
+        base_model=None if base is None or is_local_name(str(base)) else str(base),
+        datasets=list(datasets) if datasets else ([dataset] if dataset else None),
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+        **fields,
+    )
+    metrics_line = ""
+    if metrics:
+        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
+                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
+                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
+    return data, metrics_line
+
+
 def build_model_card(
     settings: dict[str, Any],
     state: dict[str, Any] | None = None,
@@ -146,33 +172,19 @@ def build_model_card(
 ):
     """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names,
     `model-index` results equal to the run's metrics) and a usage snippet."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     state = state or {}
     base = settings.get("base_model_name_or_path")
     label_names = settings.get("label_names") or state.get("label_names")
     num_classes = sum(settings.get("task_sizes") or [])
-    dataset = (datasets or [None])[0] or state.get("dataset")
     model_name = model_name or "SLCA++ continual checkpoint"
-    metrics = card_metrics(state)
-    eval_results = _eval_results(metrics, dataset)
     # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
-    data = ModelCardData(
-        library_name="slca-peft",
-        tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])),
-        license=license or "other",
-        base_model=None if base is None or is_local_name(str(base)) else str(base),
-        datasets=list(datasets) if datasets else ([dataset] if dataset else None),
-        model_name=model_name if eval_results else None,
-        eval_results=eval_results or None,
-        label_names=list(label_names[:num_classes]) if label_names else None,
+    data, metrics_line = _card_data(
+        state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
+        library_name="slca-peft", label_names=list(label_names[:num_classes]) if label_names else None,
     )
     learned = state.get("tasks_learned", len(settings.get("task_sizes") or []))
-    metrics_line = ""
-    if metrics:
-        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
-                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
-                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
     classes = ", ".join(label_names[:num_classes]) if label_names else "_Not named (class indices only)._"
     return ModelCard.from_template(
         data, template_str=_CARD_TEMPLATE, model_name=model_name, base_model=base, method=state.get("method", "slca++"),
@@ -239,33 +251,19 @@ def build_export_card(
 ):
     """The card of an export: a `pipeline("image-classification")` model, with the run's results and
     where it came from (which checkpoint, after which task)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     state = state or {}
-    dataset = (datasets or [None])[0] or state.get("dataset")
     model_name = model_name or "SLCA++ continual model (exported)"
-    metrics = card_metrics(state)
-    eval_results = _eval_results(metrics, dataset)
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=list(dict.fromkeys([*CARD_TAGS, "slca-peft", *(tags or [])])),
-        license=license or "other",
-        base_model=None if base_model is None or is_local_name(str(base_model)) else str(base_model),
-        datasets=list(datasets) if datasets else ([dataset] if dataset else None),
-        model_name=model_name if eval_results else None,
-        eval_results=eval_results or None,
+    data, metrics_line = _card_data(
+        state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
+        model_name=model_name, library_name="transformers", pipeline_tag="image-classification",
         label_names=[id2label[k] for k in sorted(id2label)],
     )
     learned = state.get("tasks_learned")
     total = len(state.get("task_sizes") or []) or learned
     provenance = (f"after task {learned} of {total} (method `{state.get('method', 'slca++')}`)" if learned
                   else "(no task history recorded)")
-    metrics_line = ""
-    if metrics:
-        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
-                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
-                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
     classes = "\n".join(f"- {k}: {id2label[k]}" for k in sorted(id2label))
     return ModelCard.from_template(
         data, template_str=_EXPORT_TEMPLATE, model_name=model_name, architecture=architecture,

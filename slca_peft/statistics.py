@@ -32,7 +32,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .covariance import (
@@ -43,18 +42,15 @@ from .covariance import (
     cholesky_with_ridge,
     factor_rank,
     factorise,
-    packed_size,
     unpack_tril,
 )
 from .files import STATISTICS_FILE
-from .model_config import MAX_CLASSES, MAX_FEATURE_DIM  # bound what a statistics file header may declare
+from .statistics_file import read_statistics_file
 
 logger = logging.getLogger(__name__)
 
 COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
 FORMAT_VERSION = "2"
-
-_V2_TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks", "factors", "noise"}
 
 # Work size (elements): classes per finalize block.
 _FINALIZE_BLOCK_ELEMENTS = 1 << 24
@@ -370,53 +366,10 @@ class ClassStatistics:
 
     @classmethod
     def load(cls, directory: str | Path, feature_dim: int | None = None) -> ClassStatistics:
-        path = Path(directory) / STATISTICS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; the checkpoint has no class statistics.")
-        _check_header(path, feature_dim)  # shapes, dtypes and sizes, before any tensor is read
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
-        integer = {"classes", "tasks", "counts", "kinds", "ranks"}
-        for key, tensor in state.items():
-            if tensor.is_floating_point() == (key in integer):
-                raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}; the file is damaged.")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
-        if set(state) != _V2_TENSORS:
-            raise ValueError(f"{path} holds tensors {sorted(state)}, expected {sorted(_V2_TENSORS)}.")
-        means = state["means"]
-        if means.ndim != 2:
-            raise ValueError(f"{path} has means of shape {tuple(means.shape)}; the file is damaged.")
-        num, dim = means.shape
-        if feature_dim is not None and dim != feature_dim:
-            raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
-        form = metadata.get("covariance_form", "exact")
-        rank = metadata.get("covariance_rank", "")
-        if form not in COVARIANCE_FORMS or (rank and not rank.isdigit()):
-            raise ValueError(f"{path} records covariance_form={form!r}, covariance_rank={rank!r}; not supported.")
-        kinds, ranks = state["kinds"], state["ranks"]
-        if (
-            any(state[k].shape != (num,) for k in ("classes", "tasks", "counts", "kinds", "ranks"))
-            or state["noise"].shape != (num, dim)
-            or state["factors"].ndim != 1
-            or state["ridge"].numel() != 1
-        ):
-            raise ValueError(f"{path} has inconsistent tensor shapes; the file is damaged.")
-        if not bool(((kinds == KIND_CHOLESKY) & (ranks == dim) | (kinds == KIND_FACTOR) & (ranks >= 0)
-                     & (ranks <= dim)).all()):
-            raise ValueError(f"{path} has invalid factor kinds or ranks; the file is damaged.")
-        sizes = torch.where(kinds == KIND_CHOLESKY, packed_size(dim), ranks * dim).tolist()
-        if sum(sizes) != state["factors"].numel():
-            raise ValueError(
-                f"{path} has {state['factors'].numel()} factor entries, its ranks need {sum(sizes)}; "
-                "the file is damaged."
-            )
-        if len(set(state["classes"].tolist())) != num:
-            raise ValueError(f"{path} lists a class twice; the file is damaged.")
+        state, form, rank, sizes = read_statistics_file(Path(directory) / STATISTICS_FILE, feature_dim,
+                                                         forms=COVARIANCE_FORMS)
+        kinds, means = state["kinds"], state["means"]
+        dim = means.shape[1]
         stats = cls(dim, ridge=float(state["ridge"]), covariance_form=form,
                     covariance_rank=int(rank) if rank and form == "low_rank" else None)
         flat = state["factors"].to(torch.float64)
@@ -455,31 +408,3 @@ class _CovarianceView(Mapping):
 
     def __contains__(self, cls: object) -> bool:
         return cls in self._stats.factors
-
-
-_INTEGER_CODES = {"I64", "I32"}
-_FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-
-
-def _check_header(path: Path, feature_dim: int | None) -> None:
-    """Refuse a statistics file whose header is inconsistent or declares more than its shapes allow,
-    reading only the header (a crafted file must not allocate memory)."""
-    from .safetensors_header import check_tensors, read_header
-
-    header, _ = read_header(path)
-    integer = {"classes", "tasks", "counts", "kinds", "ranks"}
-    check_tensors(path, header, {k: _INTEGER_CODES if k in integer else _FLOAT_CODES for k in _V2_TENSORS},
-                  max_bytes=1 << 62)
-    shape = header["means"]["shape"]
-    if len(shape) != 2 or shape[0] > MAX_CLASSES or not 0 < shape[1] <= MAX_FEATURE_DIM:
-        raise ValueError(f"{path} declares means of shape {shape}; the file is damaged.")
-    num, dim = shape
-    if feature_dim is not None and dim != feature_dim:
-        raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
-    expected = {"classes": [num], "tasks": [num], "counts": [num], "kinds": [num], "ranks": [num],
-                "noise": [num, dim]}
-    bad = [k for k, v in expected.items() if header[k]["shape"] != v]
-    factors = header["factors"]["shape"]
-    if bad or len(factors) != 1 or factors[0] > num * max(packed_size(dim), dim * dim) \
-            or header["ridge"]["shape"] not in ([], [1]):
-        raise ValueError(f"{path} has inconsistent tensor shapes ({bad or ['factors/ridge']}); the file is damaged.")

@@ -118,6 +118,18 @@ def image_folders(tmp_path_factory) -> tuple[Path, Path]:
     )
 
 
+def recipe_argv(base_model_dir, folders, out, *extra, init_cls: int = 2, ca_samples: int = 8) -> list[str]:
+    """The flags of a tiny CPU run of the recipe over image folders (train, test) into `out`: tasks of
+    `init_cls` then 2 classes, one epoch, `ca_samples` per class for the alignment. `extra` adds flags
+    or overrides these (the last value of a flag wins)."""
+    train_dir, test_dir = folders
+    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
+            "--init_cls", str(init_cls), "--increment", "2", "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "8", "--ca_samples_per_class", str(ca_samples),
+            "--ca_batch_size", str(2 * ca_samples), "--ca_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true",
+            "--report_to", "none", "--seed", "3", "--output_dir", str(out), *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_image_folders(tmp_path_factory) -> tuple[Path, Path]:
     """4 classes, 4 training and 2 test images each: the smallest data a 2-task run scores."""

@@ -9,16 +9,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import recipe_argv
 
 from slca_peft.cli import main as cli_main
-
-
-def tiny_run(base_model_dir, folders, out) -> list[str]:
-    train_dir, test_dir = folders
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", "2", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-            "--ca_samples_per_class", "8", "--ca_batch_size", "16", "--ca_epochs", "1", "--use_cpu", "true",
-            "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--output_dir", str(out)]
 
 
 def test_config_as_equals_flag_or_first_argument_and_listed_in_help(recipe, tmp_path, capsys):
@@ -78,7 +71,7 @@ def test_a_finished_run_started_again_reports_its_results(recipe, tmp_path, base
     from slca_peft.continual import ContinualLearner
 
     out = tmp_path / "run"
-    argv = tiny_run(base_model_dir, tiny_image_folders, out) + ["--seeds", "1", "2"]
+    argv = recipe_argv(base_model_dir, tiny_image_folders, out) + ["--seeds", "1", "2"]
     first = recipe.main(argv)
     capsys.readouterr()
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent.name.startswith("task_")}
@@ -126,7 +119,7 @@ def test_image_check_progress_bar_follows_disable_tqdm_and_the_main_process(reci
         return check(sources, progress=progress, **kwargs)
 
     monkeypatch.setattr(data_checks, "check_images", recorded)
-    argv = tiny_run(base_model_dir, tiny_image_folders, tmp_path / "o")
+    argv = recipe_argv(base_model_dir, tiny_image_folders, tmp_path / "o")
     for disable, main_process, expected in (("false", True, True), ("true", True, False), ("false", False, False)):
         argv[argv.index("--disable_tqdm") + 1] = disable
         _, data_args, args = recipe.parse_args(argv)

@@ -27,6 +27,14 @@ def fake_metrics(shift: float) -> dict:
     }
 
 
+def write_run(root: Path, shift: float = 0.0) -> dict:
+    """A finished run in `root` (created) as the report reads it: its metrics.json, returned."""
+    root.mkdir(parents=True, exist_ok=True)
+    metrics = fake_metrics(shift)
+    (root / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
 def assert_png(path: Path, size=FIGURE_SIZE):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(path) as img:
@@ -45,9 +53,7 @@ def table_rows(results: Path) -> dict[str, list[str]]:
 
 def test_single_run_report(tmp_path, capsys):
     run = tmp_path / "run"
-    run.mkdir()
-    metrics = fake_metrics(0.0)
-    (run / "metrics.json").write_text(json.dumps(metrics))
+    metrics = write_run(run)
     cli_main(["report", str(run)])
     assert "results.md" in capsys.readouterr().out
     assert_png(run / "accuracy_matrix.png")
@@ -60,9 +66,7 @@ def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path, load_script):
     root = tmp_path / "seeds"
     runs = {}
     for seed, shift in ((1993, 0.0), (1996, 1.5), (1997, 3.0)):
-        (root / f"seed_{seed}").mkdir(parents=True)
-        metrics = fake_metrics(shift)
-        (root / f"seed_{seed}" / "metrics.json").write_text(json.dumps(metrics))
+        metrics = write_run(root / f"seed_{seed}", shift)
         runs[str(seed)] = {"output_dir": f"seed_{seed}", "last_accuracy": metrics["last_accuracy"],
                            "average_incremental_accuracy": metrics["average_incremental_accuracy"]}
     (root / "seeds.json").write_text(json.dumps({"method": "slca++", "seeds": [1993, 1996, 1997], "runs": runs}))
@@ -83,8 +87,7 @@ def test_seeds_report_has_per_seed_rows_and_mean_std(tmp_path, load_script):
 
 def test_report_size_is_configurable_and_missing_metrics_are_explained(tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.json").write_text(json.dumps(fake_metrics(0.0)))
+    write_run(run)
     write_report(run, size=(400, 300))
     assert_png(run / "accuracy_curve.png", size=(400, 300))
     with pytest.raises(FileNotFoundError, match="finished run"):
@@ -149,9 +152,7 @@ def captured_figures(monkeypatch) -> dict[str, object]:
 
 def test_report_names_both_seeds_the_all_seen_column_and_what_each_curve_is(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    run.mkdir()
-    metrics = fake_metrics(0.0)
-    (run / "metrics.json").write_text(json.dumps(metrics))
+    metrics = write_run(run)
     (run / "run_fingerprint.json").write_text(json.dumps({"seed": 42, "class_order_seed": 1993, "domains": None}))
     figures = captured_figures(monkeypatch)
     write_report(run)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_vit_config
+from conftest import recipe_argv, tiny_vit_config
 
 from slca_peft import ClassStatistics, SLCAConfig, SLCAModel, TaskSequence, hardware
 from slca_peft.hardware import available_cores, check_hardware
@@ -181,14 +181,6 @@ def test_resolve_bf16_flag(cpu_only, tmp_path):
     assert resolve(resumed[:2] + resumed[4:])[-2:] == ["--bf16", "false"]  # not resuming: this machine decides
 
 
-def tiny_run_args(base_model_dir, image_folders, out) -> list[str]:
-    train_dir, test_dir = image_folders
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", "4", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-            "--ca_samples_per_class", "16", "--ca_batch_size", "32", "--ca_epochs", "1", "--use_cpu", "true",
-            "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--output_dir", str(out)]
-
-
 def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_only, tmp_path, caplog):
     argv = ["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path)]
     cpu_only(["AMX"])
@@ -209,7 +201,7 @@ def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_
 
 def test_a_resumed_auto_run_resolves_as_it_started(recipe, cpu_only, tmp_path, base_model_dir, image_folders):
     out = tmp_path / "run"
-    argv = tiny_run_args(base_model_dir, image_folders, out)
+    argv = recipe_argv(base_model_dir, image_folders, out, init_cls=4, ca_samples=16)
     cpu_only(["AVX512-BF16"])
     recipe.main(argv)
     assert json.loads((out / "run_fingerprint.json").read_text())["bf16"] is True

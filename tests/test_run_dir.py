@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import recipe_argv
 
 from slca_peft.errors import UserError
 
@@ -19,11 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 
 
 def arguments(base_model_dir, image_folders, out, *extra):
-    train_dir, test_dir = image_folders
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", "4", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-            "--learning_rate", "0.05", "--ca_samples_per_class", "16", "--ca_batch_size", "32", "--ca_epochs", "1",
-            "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "3", "--output_dir", str(out), *extra]
+    return recipe_argv(base_model_dir, image_folders, out, "--learning_rate", "0.05", *extra, init_cls=4, ca_samples=16)
 
 
 def run_cli(*args, env=None):

@@ -7,20 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import recipe_argv, write_image_folder
 from PIL import Image
 
 from slca_peft import manifest
 from slca_peft.errors import UserError
 from slca_peft.run_dir import LOCK_FILE, claim_run_directory, remove_previous_run
-
-
-def tiny_args(base_model_dir, folders, out, *extra):
-    train_dir, test_dir = folders
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", "2", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-            "--ca_samples_per_class", "8", "--ca_batch_size", "16", "--ca_epochs", "1", "--use_cpu", "true",
-            "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--output_dir", str(out), *extra]
 
 
 def listing(root):
@@ -194,12 +186,12 @@ def test_overwrite_with_resume_the_root_or_the_data_folder_is_refused(recipe, tm
         (["--output_dir", str(tiny_image_folders[1] / "class_00" / "out")], "overlaps the training data"),
     ]:
         with pytest.raises(UserError, match=message):
-            recipe.parse_args(tiny_args(base_model_dir, tiny_image_folders, out, *extra))
+            recipe.parse_args(recipe_argv(base_model_dir, tiny_image_folders, out, *extra))
     # The model in use lying in a previous run's base_model/ is never deleted by an overwrite.
     fake_run(out)
     shutil.copytree(base_model_dir, out / "base_model")
     with pytest.raises(UserError, match=r"would delete .*base_model, which holds the model in use"):
-        recipe.parse_args(tiny_args(out / "base_model", tiny_image_folders, out, "--overwrite_output_dir", "true"))
+        recipe.parse_args(recipe_argv(out / "base_model", tiny_image_folders, out, "--overwrite_output_dir", "true"))
     with pytest.raises(UserError, match="--overwrite_output_dir deletes the run"):
         with claim_run_directory(out, {}, overwrite=True, resume=True):
             pass
@@ -301,7 +293,7 @@ def test_an_older_fingerprint_is_compared_on_the_fields_it_has(tmp_path):
 def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(recipe, tmp_path, base_model_dir,
                                                                       tiny_image_folders, frozen_gc):
     out = tmp_path / "run"
-    bad = tiny_args(base_model_dir, tiny_image_folders, out, "--callbacks", "no_such_module:Step")
+    bad = recipe_argv(base_model_dir, tiny_image_folders, out, "--callbacks", "no_such_module:Step")
     with pytest.raises((UserError, ImportError, ValueError)):
         recipe.main(bad)
     assert not out.exists()  # it created the directory, and removed it again
@@ -311,7 +303,7 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(recipe, tm
         recipe.main(bad)
     assert listing(out) == ["notes.txt"]
     # The corrected command (other settings than the failed one) just runs.
-    summary = recipe.main(tiny_args(base_model_dir, tiny_image_folders, out, "--learning_rate", "0.02"))
+    summary = recipe.main(recipe_argv(base_model_dir, tiny_image_folders, out, "--learning_rate", "0.02"))
     assert "last_accuracy" in summary and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.glob("task_*")) == ["task_0", "task_1"]
     assert json.loads((out / "run_fingerprint.json").read_text())["learning_rate"] == 0.02
