@@ -294,6 +294,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         )
         logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
     elif model_args.continue_from:
+        if Path(model_args.continue_from).is_dir():  # a Hub repo carries no local history to compare
+            verify_checkpoint(model_args.continue_from, [model_args.model_name_or_path, args.hub_base_model_id],
+                              accept_changed_files=model_args.accept_changed_files)
         old_test = load_test_folder(data_args.old_test_dir) if data_args.old_test_dir else None
         learner = ContinualLearner.from_pretrained(
             model_args.continue_from, args, tasks, revision=model_args.continue_revision,

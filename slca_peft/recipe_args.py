@@ -57,8 +57,8 @@ class ModelArguments:
     resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
     accept_changed_files: bool = field(
         default=False,
-        metadata={"help": "Resume from a checkpoint whose files or base model weights changed since it was written "
-                  "(edited adapter or accuracies, replaced base weights); without it such a resume is refused."},
+        metadata={"help": "Resume or continue from a checkpoint whose files or base model weights changed since it was "
+                  "written (edited adapter or accuracies, replaced base weights); without it that is refused."},
     )
     continue_from: str | None = field(
         default=None,

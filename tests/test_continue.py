@@ -15,6 +15,7 @@ from conftest import write_image_folder
 from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, SLCAConfig, TaskSequence, TrainTransform
 from slca_peft.continuation import ContinuedStream
 from slca_peft.data import load_split_image_folders
+from slca_peft.errors import UserError
 from slca_peft.metrics import summarize_accuracy_matrix
 from slca_peft.model import load_checkpoint
 from slca_peft.statistics import ClassStatistics
@@ -277,6 +278,18 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     del resumed[i : i + 2]
     recipe.main(resumed + ["--resume_from", "auto"])
     assert json.loads((partial / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, base_model_dir, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(runs["checkpoint"], edited)
+    state = json.loads((edited / "continual_state.json").read_text())
+    state["accuracy_matrix"][-1][0] = 100.0  # a better-looking history
+    (edited / "continual_state.json").write_text(json.dumps(state))
+    out = tmp_path / "next"
+    with pytest.raises(UserError, match="continual_state.json"):
+        recipe.main(recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(edited)))
+    assert not (out / "task_2").exists()
 
 
 def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):
