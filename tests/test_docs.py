@@ -97,3 +97,11 @@ def test_the_python_examples_run_as_written(page, reader_dir, monkeypatch):
             raise AssertionError(f"{page}:{line}: the example raised {type(error).__name__}: {error}") from error
     if page == "docs/hub.md":
         assert sum(needs is None for *_, needs in blocks) >= 4, "most of hub.md's examples run offline"
+
+
+def test_the_api_table_of_docs_index_lists_the_package_s_public_names():
+    import slca_peft
+
+    text = (ROOT / "docs" / "index.md").read_text().split("## API overview", 1)[1].split("Helpers in submodules", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE))
+    assert listed == set(slca_peft.__all__) | {"__version__"}
