@@ -105,3 +105,12 @@ def test_the_api_table_of_docs_index_lists_the_package_s_public_names():
     text = (ROOT / "docs" / "index.md").read_text().split("## API overview", 1)[1].split("Helpers in submodules", 1)[0]
     listed = set(re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE))
     assert listed == set(slca_peft.__all__) | {"__version__"}
+
+
+def test_every_test_the_docs_name_exists():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {m for page in pages for m in re.findall(r"tests/test_\w+\.py::\w+", page.read_text())}
+    assert len(named) > 50, "the pattern no longer finds docs/reliability.md's pointers"
+    missing = [n for n in sorted(named) if not re.search(
+        rf"^(async )?def {n.split('::')[1]}\(", (ROOT / n.split("::")[0]).read_text(), re.MULTILINE)]
+    assert not missing, f"docs name tests that do not exist: {missing}"
