@@ -94,7 +94,8 @@ def test_two_processes_train_like_one_and_write_one_set_of_checkpoints(tmp_path,
            str(recipe), "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir),
            "--test_dir", str(test_dir), "--init_cls", "3", "--increment", "2", "--num_train_epochs", "1",
            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "1", "--ca_samples_per_class", "32",
-           "--ca_batch_size", "32", "--use_cpu", "true", "--disable_tqdm", "true", "--output_dir", str(out)]
+           "--ca_batch_size", "32", "--use_cpu", "true", "--bf16", "false", "--disable_tqdm", "true",
+           "--output_dir", str(out)]  # fp32, as the single-process recomputation below
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Last-Acc") == 1  # the summary is printed by the main process only
