@@ -19,7 +19,7 @@ cars196        Donghyun99/Stanford-Cars (`image` / `label`)     image folders
 =============  ===============================================  ==========================================
 
 "Image folders" means `train/<class>/*` and `test/<class>/*` under `data_dir` (the layout the authors'
-reference code reads for every benchmark); any benchmark accepts it. The digits set ships with
+released code, `utils/data.py`, reads for every benchmark); any benchmark accepts it. The digits set ships with
 scikit-learn and is the offline demo.
 """
 

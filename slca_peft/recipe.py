@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, set_seed
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     model_args, data_args, args = parse_args(argv, prog)
     configure_logging(args)
     log_bf16_choice()
+    # transformers' notice about its own renamed attribute, which PEFT reads while wrapping the backbone
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
     return train(model_args, data_args, args)
