@@ -387,3 +387,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
             candidates.append((int(suffix), path))
     return max(candidates)[1] if candidates else None
+
+
+#: Names that moved out of this module, still importable from it.
+_MOVED = {"load_checkpoint": "slca_peft.model", "atomic_directory": "slca_peft.files",
+          "atomic_write_text": "slca_peft.files", "recover_replaced": "slca_peft.files"}
+
+
+def __getattr__(name: str) -> Any:
+    """`from slca_peft.checkpoint import load_checkpoint` keeps working: building a model lives in
+    `slca_peft.model` (this module only reads and writes files), atomic writes in `slca_peft.files`."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
