@@ -5,7 +5,8 @@ streams images, so a user sees which knob to turn (batch sizes, `--bf16`, `ca_ep
 step that names a `phase`; both write into `learner.result.timings[t]`, which checkpoints keep
 (a resumed run reports its earlier tasks too). Each task's record holds `<phase>_seconds` and, for
 training, statistics and evaluation, `<phase>_images` (training: epochs x training images;
-statistics: training images; evaluation: test images of every seen task).
+statistics: the images the statistics pass reads, `task.statistics_data`; evaluation: test images
+of every seen task).
 """
 
 from __future__ import annotations
