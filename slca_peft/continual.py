@@ -284,7 +284,7 @@ class ContinualLearner:
             self.trainer.train()
         timing["training_seconds"] = clock() - start
         timing["training_images"] = round(len(task.train) * (self.trainer.state.epoch or 0))
-        timing["statistics_images"] = len(task.train)
+        timing["statistics_images"] = len(task.statistics_data)  # with the images of merged classes
         timing["evaluation_images"] = sum(len(self.tasks[j].test or ()) for j in range(t + 1))  # None: no test data
         self.unaligned_head = self.model.classifier.snapshot()
         self.call_event("on_task_end", task)

@@ -29,7 +29,7 @@ from typing import Any
 from .errors import UserError, read_json
 from .files import atomic_write_bytes
 from .manifest import safe_path
-from .timing import phases_of
+from .timing import is_timing_record, phases_of
 
 #: Figure size in pixels (width, height) at `DPI`.
 FIGURE_SIZE = (800, 600)
@@ -181,14 +181,9 @@ def _timings(path: Path, value: Any) -> dict[str, Any] | None:
     """metrics.json's `timings`, checked (None when absent)."""
     if value is None:
         return None
-
-    def numbers(record: Any) -> bool:
-        return isinstance(record, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in record.values())
-
     per_task = value.get("per_task") if isinstance(value, dict) else None
-    if not (isinstance(per_task, list) and len(per_task) <= MAX_TASKS and all(map(numbers, per_task))
-            and numbers(value.get("total")) and all("task" in r and "total_seconds" in r for r in per_task)
+    if not (isinstance(per_task, list) and len(per_task) <= MAX_TASKS and all(map(is_timing_record, per_task))
+            and is_timing_record(value.get("total")) and all("task" in r and "total_seconds" in r for r in per_task)
             and (not per_task or "total_seconds" in value["total"])):
         raise UserError(f"{path}: timings must hold per_task records and a total of non-negative numbers; the file "
                         "is damaged or was not written by slca-peft.")

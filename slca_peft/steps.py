@@ -30,7 +30,7 @@ from .files import METRICS_FILE, atomic_write_text, json_text
 from .hub import local_base_problem, push_to_hub
 from .inference import inference_context
 from .manifest import safe_path
-from .metrics import MISSING, coverage_note, format_accuracy_table
+from .metrics import coverage_note, format_accuracy, format_accuracy_table
 from .statistics import ClassStatistics
 from .tasks import stream_class_ids
 from .timing import timing_line, timing_summary, with_rates
@@ -306,7 +306,7 @@ class ReportStep(ContinualCallback):
             return
         row = learner.result.accuracy_matrix[-1]
         logger.info("task %d/%d | seen classes %5.1f%% | per task: %s", task.task_id + 1, len(learner.tasks),
-                    metrics["seen_accuracy"], " ".join(f"{MISSING:>5}" if a is None else f"{a:5.1f}" for a in row))
+                    metrics["seen_accuracy"], " ".join(format_accuracy(a, 5) for a in row))
         learner.tracker.log({f"eval_{key}": value for key, value in metrics.items()})
 
     def on_task_end(self, learner, task):

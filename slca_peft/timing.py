@@ -5,7 +5,8 @@ streams images, so a user sees which knob to turn (batch sizes, `--bf16`, `ca_ep
 step that names a `phase`; both write into `learner.result.timings[t]`, which checkpoints keep
 (a resumed run reports its earlier tasks too). Each task's record holds `<phase>_seconds` and, for
 training, statistics and evaluation, `<phase>_images` (training: epochs x training images;
-statistics: training images; evaluation: test images of every seen task).
+statistics: the images the statistics pass reads, `task.statistics_data`; evaluation: test images
+of every seen task).
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
 
 
+def is_timing_record(value: Any) -> bool:
+    """Whether `value` is a timing record as files hold it: names -> non-negative, finite numbers."""
+    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
+
+
 def checked_timings(value: Any, tasks: int, source: str) -> list[dict[str, float]]:
     """The `timings` of a task history, one record per learned task (`{}` for tasks a checkpoint
     written before timings existed did not time); damaged ones are one error naming `source`."""
     if value is None:
         return [{} for _ in range(tasks)]
-    if not isinstance(value, list) or len(value) > tasks or not all(
-            isinstance(task, dict) and all(isinstance(k, str) and _number(v) for k, v in task.items())
-            for task in value):
+    if not isinstance(value, list) or len(value) > tasks or not all(map(is_timing_record, value)):
         raise ValueError(f"{source}: timings must be a list of at most {tasks} objects of non-negative numbers; "
                          "the file is damaged or was not written by slca-peft.")
     return [dict(task) for task in value] + [{} for _ in range(tasks - len(value))]

@@ -205,6 +205,9 @@ def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders,
     stats = learner.statistics
     assert learner.model.classifier.task_sizes == [2, 2, 2]  # no second output for class_01
     assert stats.task_of_class[1] == 0 and stats.counts[1] == old_count + 8
+    # The statistics pass read the merged class's images too (3 classes x 8), training only the new ones.
+    assert learner.result.timings[-1]["statistics_images"] == 24
+    assert learner.result.timings[-1]["training_images"] == 2 * 16
     # The merged Gaussian is the one of the union: old sums plus the new images' features.
     from slca_peft.inference import inference_context
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import evaluate
 
 __all__ = [
-    "CONTINUAL_ACCURACY_PATH", "MISSING", "coverage_note", "format_accuracy_table", "load_continual_accuracy",
-    "summarize_accuracy_matrix",
+    "CONTINUAL_ACCURACY_PATH", "MISSING", "coverage_note", "format_accuracy", "format_accuracy_table",
+    "load_continual_accuracy", "summarize_accuracy_matrix",
 ]
 
 #: Folder of the local ``continual_accuracy`` evaluate module; pass it to ``evaluate.load``.
@@ -65,6 +65,11 @@ def coverage_note(summary: dict) -> str:
 MISSING = "—"
 
 
+def format_accuracy(value: float | None, width: int = 0) -> str:
+    """One accuracy entry with one decimal, right-aligned to `width`; a missing one (None) as `MISSING`."""
+    return f"{MISSING:>{width}}" if value is None else f"{value:>{width}.1f}"
+
+
 def format_accuracy_table(matrix: Sequence[Sequence[float | None]], seen: Sequence[float], *,
                           markdown: bool = False) -> str:
     """The accuracy matrix as a table: rows after task t, columns task j, last column all seen classes
@@ -77,13 +82,13 @@ def format_accuracy_table(matrix: Sequence[Sequence[float | None]], seen: Sequen
         header = "| after task | " + " | ".join(f"T{j + 1}" for j in range(n)) + " | all seen |"
         lines = [header, "|---" * (n + 2) + "|"]
         lines += [
-            f"| {t + 1} | " + " | ".join(MISSING if a is None else f"{a:.1f}" for a in row) + " |" * (n - len(row))
+            f"| {t + 1} | " + " | ".join(map(format_accuracy, row)) + " |" * (n - len(row))
             + f" | {seen[t]:.1f} |"
             for t, row in enumerate(matrix)
         ]
         return "\n".join(lines)
     lines = ["after \\ on " + " ".join(f"T{j + 1:<5d}" for j in range(n)) + "  all seen"]
     for t, row in enumerate(matrix):
-        cells = " ".join(f"{MISSING:>6}" if a is None else f"{a:6.1f}" for a in row) + "       " * (n - len(row))
+        cells = " ".join(format_accuracy(a, 6) for a in row) + "       " * (n - len(row))
         lines.append(f"task {t + 1:<6d}" + cells + f"  {seen[t]:8.1f}")
     return "\n".join(lines)
