@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, loads_json
+from .files import hash_stream
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 #: Fingerprints before version 2 hashed image file names and sizes, not content, had no PEFT config and
@@ -67,10 +68,7 @@ def _hash_file(path: Path, running: Any = None) -> tuple[str | None, str]:
         return _FILE_DIGESTS[key]
     digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-            if running is not None:
-                running.update(block)
+        hash_stream(fh, digest, *([running] if running is not None else []))
     header = _safetensors_header_sha256(path) if path.suffix == ".safetensors" else None
     _FILE_DIGESTS[key] = (header, digest.hexdigest())
     return _FILE_DIGESTS[key]

@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from .errors import UserError, loads_json
 from .files import atomic_write_bytes as write_file_atomically
+from .files import hash_stream
 
 MANIFEST_FILE = ".slca-manifest.json"
 MANIFEST_FORMAT = "slca-manifest"
@@ -43,7 +44,6 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_ENTRIES = 100_000
 MAX_PATH_CHARS = 1024
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,8 @@ def file_sha256(path: str | Path) -> tuple[int, str]:
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise UserError(f"{path} is not a regular file; slca-peft only records files it wrote.")
-        digest, size = hashlib.sha256(), 0
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-            size += len(block)
+        digest = hashlib.sha256()
+        size = hash_stream(fh, digest)
     return size, digest.hexdigest()
 
 
