@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError, loads_json
+from .errors import UserError, read_own_json
 from .files import atomic_write_bytes as write_file_atomically
 from .files import hash_stream
 
@@ -176,23 +176,9 @@ def _parse_entry(item: Any, where: Path) -> ManifestEntry:
 def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dict[str, Any]] | None:
     """({path: entry}, the other top-level fields) of `directory`'s manifest, or None when there is none."""
     where = Path(directory) / MANIFEST_FILE
-    try:
-        fd = os.open(where, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-                     | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
+    data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
+    if data is None:
         return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f"{where} is a symbolic link; slca-peft writes its manifest itself: remove the link.") \
-                from None
-        raise UserError(f"{where} is unreadable ({err.strerror}); remove it or fix its permissions.") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MANIFEST_BYTES:
-            raise UserError(f"{where} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes; it was not "
-                            "written by slca-peft: remove it.")
-        raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    data = loads_json(raw, str(where))
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
         raise UserError(f"{where} is not an slca-peft manifest; remove it.")
     if data.get("version") != MANIFEST_VERSION:
