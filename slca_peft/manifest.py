@@ -221,14 +221,19 @@ def write_manifest(directory: str | Path, entries: Iterable[ManifestEntry],
     return atomic_write_bytes(directory, MANIFEST_FILE, (text + "\n").encode())
 
 
-def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]]) -> dict[str, ManifestEntry]:
-    """Add (or refresh) the files at `paths` (relative to `directory`) in its manifest; returns it all."""
+def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]], extra: Mapping[str, Any] | None = None,
+           *, drop: Iterable[str] = ()) -> dict[str, ManifestEntry]:
+    """Add (or refresh) the files at `paths` (relative to `directory`) in its manifest and drop the
+    paths in `drop` (files the library removed), in one write; `extra` replaces the other top-level
+    fields (kept when None). Returns the entries."""
     root = Path(directory)
-    entries, extra = _read_document(root) or ({}, {})
+    entries, kept = _read_document(root) or ({}, {})
+    for rel in drop:
+        entries.pop(_check_relative(rel, root).as_posix(), None)
     for rel in paths:
         entry = entry_for(root, rel)
         entries[entry.path] = entry
-    write_manifest(root, entries.values(), extra)
+    write_manifest(root, entries.values(), kept if extra is None else extra)
     return entries
 
 
@@ -240,17 +245,6 @@ def record_tree(directory: str | Path, extra: Mapping[str, Any] | None = None) -
     entries = {e.path: e for e in (entry_for(root, rel) for rel in rels)}
     write_manifest(root, entries.values(), extra)
     return entries
-
-
-def forget(directory: str | Path, paths: Iterable[str]) -> None:
-    """Drop `paths` from the manifest (files the library removed or gave up)."""
-    document = _read_document(directory)
-    if document is None:
-        return
-    entries, extra = document
-    for rel in paths:
-        entries.pop(_check_relative(rel, Path(directory)).as_posix(), None)
-    write_manifest(directory, entries.values(), extra)
 
 
 # ---------------------------------------------------------------------------------------------- use
