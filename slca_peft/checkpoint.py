@@ -56,7 +56,7 @@ from .files import (
 from .model_card import write_model_card
 from .model_config import SLCAModelConfig, validate_state
 from .statistics import ClassStatistics
-from .verification import base_model_record, record_base_model, verify_files
+from .verification import base_model_record, verify_files
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -135,9 +135,7 @@ def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str
             os.replace(tmp / name, manifest.safe_path(directory, name, final_may_be_link=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    manifest.forget(directory, stale)
-    manifest.record(directory, written)
-    record_base_model(model, directory, kind="model")
+    manifest.record(directory, written, base_model_record(model, kind="model"), drop=stale)
     return directory
 
 

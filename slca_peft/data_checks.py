@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .files import hash_stream
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: Files that `datasets`' imagefolder reads as labels or captions, overriding the folder names.
@@ -119,8 +120,7 @@ def _read_and_hash(path: str) -> Any:
             digest.update(data)
             handle: Any = io.BytesIO(data)
         else:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+            hash_stream(fh, digest)
             handle = path
     with _DIGESTS_LOCK:
         _DIGESTS[path] = (_stamp(info), digest.digest())
@@ -137,8 +137,7 @@ def content_digest(path: str | os.PathLike[str]) -> bytes:
         return known[1]
     digest = hashlib.sha256()
     with open(key, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+        hash_stream(fh, digest)
     return digest.digest()
 
 

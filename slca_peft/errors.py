@@ -7,13 +7,16 @@ message) into `slca-peft: error: <message>` and exit status 2. `--debug` on the 
 
 `read_json` is the one reader of a user's or a run's JSON: bounded in size, and a damaged or crafted
 file (invalid UTF-8, deeply nested, a 10,000-digit number) is a one-line error naming the file, never
-a `RecursionError` traceback. `no_exit` makes `sys.exit` inside user code (a callback) an error.
+a `RecursionError` traceback; `read_own_json` reads a file the library wrote itself the same way,
+never through a symlink. `no_exit` makes `sys.exit` inside user code (a callback) an error.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -72,6 +75,33 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
         raise UserError(f"{path} is larger than {max_bytes} bytes, too large for the JSON slca-peft reads; "
                         "the file is damaged or not the one meant.")
     return loads_json(raw, str(path))
+
+
+def read_own_json(path: str | Path, max_bytes: int, fix: str) -> Any:
+    """The JSON value of a file slca-peft writes itself (a manifest, a fingerprint), or None when there
+    is none. Opened without following a symlink (the library never writes one, and reading through it
+    would trust another file) or blocking on a FIFO, a regular file of at most `max_bytes` only;
+    `fix` (e.g. "remove it") ends every refusal."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link, which slca-peft never writes; {fix}.") from None
+        raise UserError(f"{path} is unreadable ({err.strerror}); {fix} or fix its permissions.") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise UserError(f"{path} is not a regular file of at most {max_bytes} bytes, so slca-peft did not "
+                            f"write it; {fix}.")
+        raw = fh.read(max_bytes + 1)
+    try:
+        return loads_json(raw, str(path))
+    except UserError as err:
+        raise UserError(f"{err} {fix[:1].upper()}{fix[1:]}.") from None
 
 
 def _exit_origin(err: BaseException) -> str:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 CONFIG_FILE = "slca_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
@@ -39,6 +39,20 @@ STATE_FILE = "continual_state.json"
 METRICS_FILE = "metrics.json"
 #: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Block size of the streamed reads that hash a file, so a weight file is never held in memory whole.
+HASH_BLOCK_BYTES = 1 << 20
+
+
+def hash_stream(fh: IO[bytes], *digests: Any) -> int:
+    """Feed the rest of `fh` to every hashlib object in `digests` block by block, so each caller that
+    needs a digest (the manifest, the fingerprint, the data's content) hashes in one bounded read;
+    returns the bytes read."""
+    size = 0
+    for block in iter(lambda: fh.read(HASH_BLOCK_BYTES), b""):
+        for digest in digests:
+            digest.update(block)
+        size += len(block)
+    return size
 
 
 def current_umask() -> int:

@@ -9,17 +9,16 @@ by the bytes the decode pass read (`data_checks.content_digest`): no extra read 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, loads_json
+from .errors import UserError, loads_json, read_own_json
+from .files import hash_stream
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 #: Fingerprints before version 2 hashed image file names and sizes, not content, had no PEFT config and
@@ -67,10 +66,7 @@ def _hash_file(path: Path, running: Any = None) -> tuple[str | None, str]:
         return _FILE_DIGESTS[key]
     digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-            if running is not None:
-                running.update(block)
+        hash_stream(fh, digest, *([running] if running is not None else []))
     header = _safetensors_header_sha256(path) if path.suffix == ".safetensors" else None
     _FILE_DIGESTS[key] = (header, digest.hexdigest())
     return _FILE_DIGESTS[key]
@@ -227,30 +223,9 @@ def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _read_json_file(path: Path) -> Any:
-    """A small JSON file read without following a symlink, or None when there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f"{path} is a symbolic link, which slca-peft never writes; remove it.") from None
-        raise UserError(f"{path} is unreadable ({err.strerror}); remove it or fix its permissions.") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_JSON_BYTES:
-            raise UserError(f"{path} is not a JSON file slca-peft wrote; remove it or use --overwrite_output_dir.")
-        raw = fh.read(_MAX_JSON_BYTES + 1)
-    try:
-        return loads_json(raw, str(path))
-    except UserError as err:
-        raise UserError(f"{' '.join(str(err).split())[:200]} Remove it or use --overwrite_output_dir.") from None
-
-
 def read_fingerprint(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / FINGERPRINT_FILE
-    data = _read_json_file(path)
+    data = read_own_json(path, _MAX_JSON_BYTES, "remove it or use --overwrite_output_dir")
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; remove it or use --overwrite_output_dir.")
     if data is not None and "fingerprint_version" not in data and data.get("lr_scheduler_type") == "cosine":

@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError, loads_json
+from .errors import UserError, read_own_json
 from .files import atomic_write_bytes as write_file_atomically
+from .files import hash_stream
 
 MANIFEST_FILE = ".slca-manifest.json"
 MANIFEST_FORMAT = "slca-manifest"
@@ -43,7 +44,6 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_ENTRIES = 100_000
 MAX_PATH_CHARS = 1024
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,8 @@ def file_sha256(path: str | Path) -> tuple[int, str]:
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise UserError(f"{path} is not a regular file; slca-peft only records files it wrote.")
-        digest, size = hashlib.sha256(), 0
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-            size += len(block)
+        digest = hashlib.sha256()
+        size = hash_stream(fh, digest)
     return size, digest.hexdigest()
 
 
@@ -178,23 +176,9 @@ def _parse_entry(item: Any, where: Path) -> ManifestEntry:
 def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dict[str, Any]] | None:
     """({path: entry}, the other top-level fields) of `directory`'s manifest, or None when there is none."""
     where = Path(directory) / MANIFEST_FILE
-    try:
-        fd = os.open(where, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-                     | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
+    data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
+    if data is None:
         return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f"{where} is a symbolic link; slca-peft writes its manifest itself: remove the link.") \
-                from None
-        raise UserError(f"{where} is unreadable ({err.strerror}); remove it or fix its permissions.") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MANIFEST_BYTES:
-            raise UserError(f"{where} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes; it was not "
-                            "written by slca-peft: remove it.")
-        raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    data = loads_json(raw, str(where))
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
         raise UserError(f"{where} is not an slca-peft manifest; remove it.")
     if data.get("version") != MANIFEST_VERSION:
@@ -237,14 +221,19 @@ def write_manifest(directory: str | Path, entries: Iterable[ManifestEntry],
     return atomic_write_bytes(directory, MANIFEST_FILE, (text + "\n").encode())
 
 
-def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]]) -> dict[str, ManifestEntry]:
-    """Add (or refresh) the files at `paths` (relative to `directory`) in its manifest; returns it all."""
+def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]], extra: Mapping[str, Any] | None = None,
+           *, drop: Iterable[str] = ()) -> dict[str, ManifestEntry]:
+    """Add (or refresh) the files at `paths` (relative to `directory`) in its manifest and drop the
+    paths in `drop` (files the library removed), in one write; `extra` replaces the other top-level
+    fields (kept when None). Returns the entries."""
     root = Path(directory)
-    entries, extra = _read_document(root) or ({}, {})
+    entries, kept = _read_document(root) or ({}, {})
+    for rel in drop:
+        entries.pop(_check_relative(rel, root).as_posix(), None)
     for rel in paths:
         entry = entry_for(root, rel)
         entries[entry.path] = entry
-    write_manifest(root, entries.values(), extra)
+    write_manifest(root, entries.values(), kept if extra is None else extra)
     return entries
 
 
@@ -256,17 +245,6 @@ def record_tree(directory: str | Path, extra: Mapping[str, Any] | None = None) -
     entries = {e.path: e for e in (entry_for(root, rel) for rel in rels)}
     write_manifest(root, entries.values(), extra)
     return entries
-
-
-def forget(directory: str | Path, paths: Iterable[str]) -> None:
-    """Drop `paths` from the manifest (files the library removed or gave up)."""
-    document = _read_document(directory)
-    if document is None:
-        return
-    entries, extra = document
-    for rel in paths:
-        entries.pop(_check_relative(rel, Path(directory)).as_posix(), None)
-    write_manifest(directory, entries.values(), extra)
 
 
 # ---------------------------------------------------------------------------------------------- use

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from typing import Any
 
 from . import manifest
 from .errors import UserError
+from .files import json_text, recover_replaced
 from .fingerprint import (  # noqa: F401 - the fingerprint API, long documented here
     FINGERPRINT_FILE,
     FINGERPRINT_VERSION,
@@ -243,8 +243,6 @@ def remove_previous_run(root: str | Path) -> list[Path]:
 def recover_interrupted_replacements(root: str | Path) -> None:
     """A kill between the two renames of a checkpoint replacement leaves `.task_N.old-*` and no
     `task_N`: put the old folder back; when `task_N` exists, the leftover is removed."""
-    from .files import recover_replaced
-
     for old in sorted(Path(root).glob(".*.old-*")):
         if old.is_symlink():
             continue
@@ -350,9 +348,7 @@ def claim_run_directory(
     if not main_process:
         yield root
         return
-    if overwrite and resume:
-        raise UserError("--overwrite_output_dir deletes the run that --resume_from would continue; drop one of them.")
-    check_output_arguments(root)
+    check_output_arguments(root, overwrite=overwrite, resume_from=str(root) if resume else None)
     check_writable(root)
     created_dir = not os.path.lexists(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -395,8 +391,7 @@ def claim_run_directory(
                                 "another --output_dir.")
             wrote = old is None
             if wrote:
-                text = json.dumps(dict(fingerprint), indent=2, sort_keys=True) + "\n"
-                manifest.atomic_write_bytes(root, FINGERPRINT_FILE, text.encode())
+                manifest.atomic_write_bytes(root, FINGERPRINT_FILE, json_text(dict(fingerprint)).encode())
                 manifest.record(root, [FINGERPRINT_FILE])
             undo[0] = False
             try:

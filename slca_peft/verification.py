@@ -38,12 +38,6 @@ def base_model_record(model: SLCAModel, *, kind: str) -> dict[str, Any]:
     return extra
 
 
-def record_base_model(model: SLCAModel, directory: Path, *, kind: str) -> None:
-    """Add `base_model_record` to the manifest already in `directory`."""
-    entries = manifest.read_manifest(directory) or {}
-    manifest.write_manifest(directory, entries.values(), base_model_record(model, kind=kind))
-
-
 def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> list[str]:
     """Each listed file missing, replaced or edited, and each safetensors/JSON file added since."""
     problems = []
