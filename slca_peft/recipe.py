@@ -42,7 +42,7 @@ from .domains import DomainSequence
 from .errors import UserError, run_main
 from .files import atomic_directory, atomic_write_text
 from .hardware import log_bf16_choice
-from .logging_utils import progress_bars
+from .logging_utils import LIBRARY_NAME, progress_bars, set_verbosity_from_args
 from .manifest import MANIFEST_FILE, read_manifest, record_tree
 from .model import SLCAModel
 from .plotting import mean_std
@@ -191,15 +191,11 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def configure_logging(args: SLCAConfig) -> None:
-    """The library's records on stdout, once: INFO on the main process (or `--log_level`), WARNING on
-    the others (or `--log_level_replica`), as transformers' example scripts do."""
-    from transformers.training_args import trainer_log_levels as levels
-
-    chosen = levels[args.log_level if args.should_log else args.log_level_replica]
-    if chosen == -1:  # "passive"
-        chosen = logging.INFO if args.should_log else logging.WARNING
-    package = logging.getLogger("slca_peft")
-    package.setLevel(chosen)
+    """The library's records on stdout, once, with time and logger name, at the level the run itself
+    sets (`logging_utils.set_verbosity_from_args`: `--log_level` on the main process, `--log_level_replica`
+    on the others), so the lines before the first task follow the same rule as the rest."""
+    set_verbosity_from_args(args)
+    package = logging.getLogger(LIBRARY_NAME)
     if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
         handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
