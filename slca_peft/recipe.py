@@ -232,8 +232,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
 
 
 def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
-    # Checks that need no image decode run before the decode pass.
+    # What needs no image decode runs before the decode pass: the callbacks import, and the checkpoint a
+    # continuation goes on from is found (or the run refused) and hashed.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+    continuation = continuation_fingerprint(model_args, data_args, args.output_dir)
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
@@ -241,8 +243,7 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         args, base_model=model_args.model_name_or_path or model_args.model_config,
         base_revision=model_args.model_revision, tasks=tasks, peft_config=model_args.peft_config,
         extra={**{k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
-                                                     "horizontal_flip")},
-               **continuation_fingerprint(model_args, data_args, args.output_dir)},
+                                                     "horizontal_flip")}, **continuation},
     )
     done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
         finished_run(args.output_dir, fingerprint, len(tasks))
