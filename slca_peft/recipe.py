@@ -39,11 +39,12 @@ from .continue_run import continuation_fingerprint, continued_stream
 from .data import KNOWN_DATASETS, canonical_name, load_benchmark
 from .data_checks import check_task_data, check_task_splits
 from .domains import DomainSequence
-from .errors import UserError, run_main
+from .errors import UserError, read_json, run_main
 from .files import atomic_directory, atomic_write_text
 from .hardware import log_bf16_choice
-from .logging_utils import progress_bars
+from .logging_utils import LIBRARY_NAME, progress_bars, set_verbosity_from_args
 from .manifest import MANIFEST_FILE, read_manifest, record_tree
+from .metrics import summarize_accuracy_matrix
 from .model import SLCAModel
 from .plotting import mean_std
 from .previous_run import check_checkpoint_matches, check_resumable, finished_run
@@ -191,15 +192,11 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def configure_logging(args: SLCAConfig) -> None:
-    """The library's records on stdout, once: INFO on the main process (or `--log_level`), WARNING on
-    the others (or `--log_level_replica`), as transformers' example scripts do."""
-    from transformers.training_args import trainer_log_levels as levels
-
-    chosen = levels[args.log_level if args.should_log else args.log_level_replica]
-    if chosen == -1:  # "passive"
-        chosen = logging.INFO if args.should_log else logging.WARNING
-    package = logging.getLogger("slca_peft")
-    package.setLevel(chosen)
+    """The library's records on stdout, once, with time and logger name, at the level the run itself
+    sets (`logging_utils.set_verbosity_from_args`: `--log_level` on the main process, `--log_level_replica`
+    on the others), so the lines before the first task follow the same rule as the rest."""
+    set_verbosity_from_args(args)
+    package = logging.getLogger(LIBRARY_NAME)
     if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
         handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -236,8 +233,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
 
 
 def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
-    # Checks that need no image decode run before the decode pass.
+    # What needs no image decode runs before the decode pass: the callbacks import, and the checkpoint a
+    # continuation goes on from is found (or the run refused) and hashed.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+    continuation = continuation_fingerprint(model_args, data_args, args.output_dir)
     tasks = build_tasks(data_args, args)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
@@ -245,8 +244,7 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         args, base_model=model_args.model_name_or_path or model_args.model_config,
         base_revision=model_args.model_revision, tasks=tasks, peft_config=model_args.peft_config,
         extra={**{k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
-                                                     "horizontal_flip")},
-               **continuation_fingerprint(model_args, data_args, args.output_dir)},
+                                                     "horizontal_flip")}, **continuation},
     )
     done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
         finished_run(args.output_dir, fingerprint, len(tasks))
@@ -259,9 +257,6 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
 
 def _finished(args: SLCAConfig, metrics: dict) -> dict:
     """The summary of a finished run, logged as the run logged it, without training again."""
-    from .errors import read_json
-    from .metrics import summarize_accuracy_matrix
-
     last = Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}"
     state = read_json(last / "continual_state.json")
     summary = summarize_accuracy_matrix(metrics["accuracy_matrix"], state.get("task_test_sizes") or None)
@@ -279,6 +274,7 @@ def _finished(args: SLCAConfig, metrics: dict) -> dict:
 
 def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint,
            callbacks: list) -> dict:
+    expected_base = [model_args.model_name_or_path, args.hub_base_model_id]  # what the checkpoint must be trained on
     resume = model_args.resume_from
     if resume == "auto":
         resume = ContinualLearner.latest_checkpoint(args.output_dir)
@@ -287,23 +283,22 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         if Path(resume).is_dir():
             check_checkpoint_matches(resume, fingerprint)
             check_resumable(resume, align=args.align)
-            verify_checkpoint(resume, [model_args.model_name_or_path, args.hub_base_model_id],
-                              accept_changed_files=model_args.accept_changed_files)
+            verify_checkpoint(resume, expected_base, accept_changed_files=model_args.accept_changed_files)
         continued = continued_stream(model_args, data_args, tasks, args.output_dir)
         learner = ContinualLearner.from_checkpoint(
             resume, args, continued or tasks, revision=model_args.resume_revision,
-            expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
+            expected_base=expected_base,
             train_transform=None, eval_transform=None, callbacks=callbacks,
         )
         logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
     elif model_args.continue_from:
         if Path(model_args.continue_from).is_dir():  # a Hub repo carries no local history to compare
-            verify_checkpoint(model_args.continue_from, [model_args.model_name_or_path, args.hub_base_model_id],
+            verify_checkpoint(model_args.continue_from, expected_base,
                               accept_changed_files=model_args.accept_changed_files)
         old_test = load_test_folder(data_args.old_test_dir) if data_args.old_test_dir else None
         learner = ContinualLearner.from_pretrained(
             model_args.continue_from, args, tasks, revision=model_args.continue_revision,
-            expected_base=[model_args.model_name_or_path, args.hub_base_model_id],
+            expected_base=expected_base,
             merge_existing_classes=model_args.merge_existing_classes, old_test=old_test,
             train_transform=None, eval_transform=None, callbacks=callbacks,
         )

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import recipe_argv
 
 from slca_peft import TaskSequence
 from slca_peft.callbacks import ContinualCallback, load_callback
@@ -175,14 +176,8 @@ def test_no_module_outside_the_streams_branches_on_the_kind_of_stream():
 
 
 def test_recipe_output_has_no_line_twice(recipe, tmp_path, base_model_dir, image_folders, capsys):
-    train_dir, test_dir = image_folders
-    recipe.main(["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir",
-                 str(test_dir), "--init_cls", "3", "--increment", "3", "--num_train_epochs", "1", "--use_cpu", "true",
-                 "--ca_epochs", "1", "--ca_samples_per_class", "16", "--ca_batch_size", "16", "--disable_tqdm", "true",
-                 "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run"), "--seed", "0"])
-    recipe.main(["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir",
-                 str(test_dir), "--init_cls", "3", "--increment", "3", "--num_train_epochs", "1", "--use_cpu", "true",
-                 "--ca_epochs", "1", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "run2"), "--seed", "0"])
+    for out in (tmp_path / "run", tmp_path / "run2"):  # two runs in one process
+        recipe.main(recipe_argv(base_model_dir, image_folders, out, "--increment", "3", init_cls=3))
     out = capsys.readouterr().out
     task_lines = [line.split(": ", 1)[1] for line in out.splitlines() if "| seen classes" in line]
     # Two runs of two tasks each: four task lines, none repeated within a run (the handler is added once).
