@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .backbones import check_backbone_source
 from .config import SLCAConfig
 from .continue_run import check_continue_arguments
 from .errors import UserError
@@ -275,6 +276,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
     for broken, message in ARGUMENT_RULES:
         if broken(model_args, data_args, args):
             raise SystemExit(message.format(env=os.environ, seeds=" ".join(map(str, data_args.seeds or []))))
+    if model_args.model_name_or_path:  # a missing path or a checkpoint given as the backbone: before any decode
+        check_backbone_source(model_args.model_name_or_path)
     check_writable(args.output_dir)
 
 

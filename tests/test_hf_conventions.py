@@ -114,6 +114,17 @@ def test_errors_name_the_missing_path_the_checkpoint_and_the_known_datasets(tmp_
         load_benchmark("digit")
 
 
+def test_the_recipe_refuses_a_wrong_backbone_when_parsing_before_any_image_is_read(recipe, tmp_path, base_model_dir):
+    base = ["--dataset", "digits", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(FileNotFoundError, match="the backbone path .*gone does not exist"):
+        recipe.parse_args(base + ["--model_name_or_path", str(tmp_path / "gone")])
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    model.save_pretrained(tmp_path / "task_0")
+    with pytest.raises(ValueError, match="is an slca-peft checkpoint, not a base model"):
+        recipe.parse_args(base + ["--model_name_or_path", str(tmp_path / "task_0")])
+
+
 def test_ddp_looks_for_unused_parameters_only_when_some_are(vit_config):
     from slca_peft.trainer import ddp_find_unused, unused_trainable_parameters
 
