@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .peft_limits import MAX_RANK, check_peft_fields
+from .peft_limits import MAX_RANK, check_int, check_peft_fields
 
 FORMAT_VERSION = 1
 
@@ -35,15 +35,6 @@ BOUNDS = {"lora_rank": (1, MAX_LORA_RANK), "lora_scale": (0.0, 1e4), "final_norm
 
 def _fail(name: str, problem: str) -> ValueError:
     return ValueError(f"{name} {problem}")
-
-
-def check_int(name: str, value: Any, low: int, high: int) -> int:
-    """An int (not a bool, not a float such as 2e9) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, f"must be an integer, got {value!r}.")
-    if not low <= value <= high:
-        raise _fail(name, f"must be in [{low}, {high}], got {value}.")
-    return value
 
 
 def check_float(name: str, value: Any, low: float, high: float) -> float:
