@@ -20,6 +20,7 @@ from .backbones import (
     backbone_spec,
     check_pooled_feature,
     feature_dim,
+    hub_kwargs,
     load_backbone,
     loading_kwargs,
     lora_targets_for,
@@ -391,8 +392,3 @@ def load_checkpoint(
         model.label_names = state["label_names"]
     model.task_history, model.name_or_path = state, str(path_or_repo_id)
     return model, statistics, state, unaligned
-
-
-def hub_kwargs(loading: dict[str, Any]) -> dict[str, Any]:
-    """The loading keywords that also apply to fetching a checkpoint repo (snapshot_download's)."""
-    return {k: v for k, v in loading.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}
