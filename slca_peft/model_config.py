@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 
+from .errors import read_json
+from .files import STATE_FILE
 from .peft_limits import MAX_RANK, check_int, check_peft_fields
 
 FORMAT_VERSION = 1
@@ -245,3 +248,9 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
     except ValueError as err:
         raise ValueError(f"{source}: {err} The file is damaged or was not written by slca-peft.") from None
     return state
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    """The task history (`continual_state.json`) beside a checkpoint's files, checked; None without one."""
+    path = Path(directory) / STATE_FILE
+    return validate_state(read_json(path), str(path)) if path.is_file() else None
