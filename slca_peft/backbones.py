@@ -145,6 +145,11 @@ def loading_kwargs(caller: str = "from_pretrained", **kwargs: Any) -> dict[str, 
     return loading
 
 
+def hub_kwargs(loading: Mapping[str, Any]) -> dict[str, Any]:
+    """The loading keywords that also apply to fetching files from the Hub (snapshot_download's)."""
+    return {k: v for k, v in loading.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}
+
+
 def check_backbone_source(name_or_path: str | os.PathLike) -> None:
     """Refuse, naming the problem, a backbone name that is a missing local path or a folder that holds a
     fine-tuned result rather than a base model (an slca-peft checkpoint, a bare PEFT adapter)."""
@@ -187,9 +192,9 @@ def load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any)
 
     check_backbone_source(name_or_path)
     kwargs = loading_kwargs("load_backbone", **kwargs)
-    hub = {k: v for k, v in kwargs.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}
     try:
-        model_type = PretrainedConfig.get_config_dict(name_or_path, revision=revision, **hub)[0].get("model_type")
+        config = PretrainedConfig.get_config_dict(name_or_path, revision=revision, **hub_kwargs(kwargs))[0]
+        model_type = config.get("model_type")
     except OSError:
         model_type = None  # let the base model loader name the problem
     tower = VISION_TOWERS.get(model_type)

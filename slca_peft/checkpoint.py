@@ -54,7 +54,7 @@ from .files import (
     write_json,
 )
 from .model_card import write_model_card
-from .model_config import SLCAModelConfig, validate_state
+from .model_config import SLCAModelConfig, read_state, validate_state
 from .statistics import ClassStatistics
 from .verification import base_model_record, verify_files
 
@@ -346,8 +346,7 @@ def load_learner_state(
     when absent)."""
     root = Path(directory)
     statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
-    state = validate_state(read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
-        else None
+    state = read_state(root)
     unaligned = None
     if (root / UNALIGNED_FILE).is_file():
         unaligned = read_safetensors(root / UNALIGNED_FILE, dict(model.classifier.state_dict()))

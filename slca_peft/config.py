@@ -246,7 +246,7 @@ class SLCAConfig(TrainingArguments):
             raise ValueError("learning_rate=0 leaves classifier alignment at ca_lr = learning_rate = 0; "
                              "set --ca_lr (e.g. 0.01) for alignment alone on frozen features, or --ca_epochs 0.")
         check_hardware(self)  # precision the machine lacks, loader defaults for the device
-        method_schedule = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) == SLCA_COSINE
+        method_schedule = self.method_schedule
         if method_schedule:
             self.lr_scheduler_type = SchedulerType.CONSTANT  # a name TrainingArguments validates; restored below
         super().__post_init__()

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import latest_checkpoint, resolve_checkpoint
 from .continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
-from .errors import UserError, read_json
-from .files import STATE_FILE
-from .model_config import validate_state
+from .errors import UserError
+from .model_config import read_state
 
 if TYPE_CHECKING:
     from .config import SLCAConfig
@@ -68,8 +67,7 @@ def _resume_state(model_args: ModelArguments, output_dir: str) -> dict | None:
     if not resume:
         return None
     root = resolve_checkpoint(resume, model_args.resume_revision)
-    return validate_state(read_json(root / STATE_FILE), str(root / STATE_FILE)) if (root / STATE_FILE).is_file() \
-        else None
+    return read_state(root)
 
 
 def _continued_segment(model_args: ModelArguments, output_dir: str) -> dict | None:

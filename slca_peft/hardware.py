@@ -142,7 +142,7 @@ def resolve_bf16_flag(argv: Sequence[str]) -> list[str]:
         return argv
     for start, length, _ in reversed(occurrences):
         del argv[start : start + length]
-    use_cpu = bool(_last_bool(argv, "use_cpu")) or os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE
+    use_cpu = bool(_last_bool(argv, "use_cpu")) or _env_use_cpu()
     recorded = _recorded_bf16(argv)
     if _last_bool(argv, "fp16"):
         bf16, why = False, "--fp16 is set"
@@ -176,9 +176,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _env_use_cpu() -> bool:
+    """Whether `accelerate launch --cpu` (ACCELERATE_USE_CPU) forces the run onto the CPU."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE
+
+
 def uses_cuda(args) -> bool:
-    return not args.use_cpu and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes") \
-        and torch.cuda.is_available()
+    return not args.use_cpu and not _env_use_cpu() and torch.cuda.is_available()
 
 
 def check_hardware(args) -> None:

@@ -20,6 +20,7 @@ from .backbones import (
     backbone_spec,
     check_pooled_feature,
     feature_dim,
+    hub_kwargs,
     load_backbone,
     loading_kwargs,
     lora_targets_for,
@@ -30,7 +31,7 @@ from .backbones import (
 from .base_model import portable_name
 from .config import model_settings
 from .head import ContinualClassifier
-from .model_config import SLCAModelConfig, fit_class_ids
+from .model_config import SLCAModelConfig, fit_class_ids, read_state
 
 if TYPE_CHECKING:
     from .statistics import ClassStatistics
@@ -276,17 +277,11 @@ class SLCAModel(nn.Module):
         `device_map` and quantization are refused, saying why. The task history beside the files
         (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
         from .checkpoint import read_model_config
-        from .errors import read_json
-        from .files import STATE_FILE
-        from .model_config import validate_state
-
         loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)
-        state_path = root / STATE_FILE
-        if state_path.is_file():
-            model.task_history = validate_state(read_json(state_path), str(state_path))
+        model.task_history = read_state(root)
         model.name_or_path = str(path_or_repo_id)
         return model
 
@@ -391,8 +386,3 @@ def load_checkpoint(
         model.label_names = state["label_names"]
     model.task_history, model.name_or_path = state, str(path_or_repo_id)
     return model, statistics, state, unaligned
-
-
-def hub_kwargs(loading: dict[str, Any]) -> dict[str, Any]:
-    """The loading keywords that also apply to fetching a checkpoint repo (snapshot_download's)."""
-    return {k: v for k, v in loading.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}

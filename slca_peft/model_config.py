@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 
-from .peft_limits import MAX_RANK, check_peft_fields
+from .errors import read_json
+from .files import STATE_FILE
+from .peft_limits import MAX_RANK, check_int, check_peft_fields
 
 FORMAT_VERSION = 1
 
@@ -35,15 +38,6 @@ BOUNDS = {"lora_rank": (1, MAX_LORA_RANK), "lora_scale": (0.0, 1e4), "final_norm
 
 def _fail(name: str, problem: str) -> ValueError:
     return ValueError(f"{name} {problem}")
-
-
-def check_int(name: str, value: Any, low: int, high: int) -> int:
-    """An int (not a bool, not a float such as 2e9) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, f"must be an integer, got {value!r}.")
-    if not low <= value <= high:
-        raise _fail(name, f"must be in [{low}, {high}], got {value}.")
-    return value
 
 
 def check_float(name: str, value: Any, low: float, high: float) -> float:
@@ -254,3 +248,9 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
     except ValueError as err:
         raise ValueError(f"{source}: {err} The file is damaged or was not written by slca-peft.") from None
     return state
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    """The task history (`continual_state.json`) beside a checkpoint's files, checked; None without one."""
+    path = Path(directory) / STATE_FILE
+    return validate_state(read_json(path), str(path)) if path.is_file() else None

@@ -145,11 +145,14 @@ def _walk_values(name: str, value: Any, depth: int = 0) -> None:
         _check_number(name, value)
 
 
-def _size(name: str, value: Any, high: int, low: int = 0, why: str = "") -> None:
+def check_int(name: str, value: Any, low: int, high: int, why: str = "") -> int:
+    """An int (not a bool, not a float such as 2e9) in [low, high]; `why` says where `high` comes from.
+    The integer check of every file field (`slca_peft.model_config`), PEFT sizes included."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}.")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}]{why}, got {value}.")
+    return value
 
 
 def _fields(data: dict[str, Any]) -> Iterable[tuple[str, str, Any]]:
@@ -187,9 +190,9 @@ def check_peft_fields(data: dict[str, Any]) -> None:
                 raise ValueError(f"{name} as a fraction must be in (0, 1], got {value}.")
         elif kind in RANK_FIELDS or kind in DIM_FIELDS or kind in NUMEL_FIELDS or kind == "num_vectors":
             high = MAX_RANK if kind in RANK_FIELDS else MAX_SIZE if kind in DIM_FIELDS else MAX_ELEMENTS
-            _size(name, value, high, -1 if kind == "decompose_factor" else 0)
+            check_int(name, value, -1 if kind == "decompose_factor" else 0, high)
         elif kind in COUNT_FIELDS:
-            _size(name, value, MAX_COUNT)
+            check_int(name, value, 0, MAX_COUNT)
         elif kind in SCALE_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_SCALE:
                 raise ValueError(f"{name} must be a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {value!r}.")
@@ -207,7 +210,7 @@ def check_peft_sizes(data: dict[str, Any], shapes: dict[str, int], backbone: str
         cap = "rank" if kind in RANK_FIELDS else "dim" if kind in DIM_FIELDS else "numel" if kind in NUMEL_FIELDS \
             else None
         if cap is not None:
-            _size(name, value, caps[cap][0], -1 if kind == "decompose_factor" else 0, caps[cap][1])
+            check_int(name, value, -1 if kind == "decompose_factor" else 0, *caps[cap])
     vectors, length = data.get("num_vectors"), data.get("vector_length")
     if isinstance(vectors, int) and isinstance(length, int) and vectors * length > shapes["total"]:
         raise ValueError(f"peft_config.num_vectors x vector_length = {vectors} x {length} makes a vector bank larger "
