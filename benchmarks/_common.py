@@ -18,12 +18,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def setup(args) -> torch.device:
+def setup(args, measures_memory: bool = True) -> torch.device:
+    """Threads, seed and the environment line; `measures_memory` makes the resident set exact
+    (`exact_rss`), which scripts that time only leave off: it turns every large allocation into
+    fresh pages, a cost no user's process pays."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    if device.type == "cpu":
+    if device.type == "cpu" and measures_memory:
         exact_rss()
     print(environment(device), flush=True)
     return device

@@ -222,8 +222,9 @@ def cholesky_with_ridge(cov: torch.Tensor, ridge: float, names: list[int]) -> to
 
 @dataclass
 class _Chunk:
-    """Consecutive classes [start, stop) of the plan sampled together: factors transposed and padded
-    to the chunk's largest rank [k, r, d], noise standard deviations [k, 1, d] (None when no class of
+    """Consecutive classes [start, stop) of the plan sampled together: factors padded to the chunk's
+    largest rank [k, d, r] (lower triangular for Cholesky factors, multiplied through their transposed
+    view, which BLAS reads without a copy), noise standard deviations [k, 1, d] (None when no class of
     the chunk has a diagonal term)."""
 
     start: int
@@ -231,8 +232,8 @@ class _Chunk:
     classes: list[int]
     rank: int
     has_noise: bool
-    triangular: bool = False  # Cholesky factors: F^T is upper triangular
-    factors_t: torch.Tensor | None = None
+    triangular: bool = False  # Cholesky factors: F is lower triangular
+    factors: torch.Tensor | None = None
     noise_std: torch.Tensor | None = None
 
 
@@ -310,7 +311,7 @@ class SamplingPlan:
         plan.cached = total <= cache_bytes
         if plan.cached:
             for chunk in plan.chunks:
-                chunk.factors_t, chunk.noise_std = plan._chunk_tensors(chunk, device, dtype)
+                chunk.factors, chunk.noise_std = plan._chunk_tensors(chunk, device, dtype)
         return plan
 
     def _chunk_tensors(
@@ -318,23 +319,28 @@ class SamplingPlan:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         d = self.feature_dim
         k = len(chunk.classes)
-        factors_t = torch.zeros(k, chunk.rank, d, dtype=dtype)
+        factors = torch.zeros(k, d, chunk.rank, dtype=dtype)
         noise = torch.zeros(k, 1, d, dtype=dtype) if chunk.has_noise else None
+        flat = None
         for i, c in enumerate(chunk.classes):  # once per plan, not per epoch (unless over the cache budget)
             f = self.factors[c]
             if f.ndim == 1:
-                factors_t[i] = unpack_tril(f, d).T
+                if flat is None:  # position of each packed entry in a row-major d x d matrix
+                    rows, cols = _tril_indices(d)
+                    flat = rows * d + cols
+                # One scatter straight into the lower triangle (rows of the packed form stay contiguous).
+                factors[i].view(-1).index_copy_(0, flat, f.to(dtype))
             else:
-                factors_t[i, : f.shape[1]] = f.T
+                factors[i, :, : f.shape[1]] = f
             if noise is not None:
                 noise[i, 0] = self.noise[c].sqrt()
-        return factors_t.to(device), None if noise is None else noise.to(device)
+        return factors.to(device), None if noise is None else noise.to(device)
 
     @property
     def nbytes(self) -> int:
         total = self.means.numel() * self.means.element_size()
         for chunk in self.chunks:
-            for t in (chunk.factors_t, chunk.noise_std):
+            for t in (chunk.factors, chunk.noise_std):
                 total += 0 if t is None else t.numel() * t.element_size()
         return total
 
@@ -354,9 +360,9 @@ class SamplingPlan:
         n = samples_per_class
         out = torch.empty(num, n, dim, device=device, dtype=dtype)
         for chunk in self.chunks:
-            factors_t, noise_std = chunk.factors_t, chunk.noise_std
-            if factors_t is None:  # over the cache budget: materialise this chunk for this call only
-                factors_t, noise_std = self._chunk_tensors(chunk, device, dtype)
+            factors, noise_std = chunk.factors, chunk.noise_std
+            if factors is None:  # over the cache budget: materialise this chunk for this call only
+                factors, noise_std = self._chunk_tensors(chunk, device, dtype)
             step = max(1, _SAMPLE_STEP_ELEMENTS // max(1, n * max(dim, chunk.rank)))
             for lo in range(0, chunk.stop - chunk.start, step):
                 hi = min(lo + step, chunk.stop - chunk.start)
@@ -365,13 +371,14 @@ class SamplingPlan:
                 if chunk.rank:
                     z = torch.randn(hi - lo, n, chunk.rank, generator=generator, device=device, dtype=dtype)
                     if chunk.triangular and dim >= _TRIANGULAR_MIN_DIM:
-                        # z @ L^T with L^T upper triangular: output columns [a, b) only need rows < b,
-                        # which skips about 45 % of the product in 8 column blocks (same draws).
+                        # z @ L^T with L lower triangular: output columns [a, b) only need L's rows
+                        # [a, b) up to column b, which skips about 45 % of the product in 8 column
+                        # blocks (same draws).
                         edges = [dim * i // _TRIANGULAR_BLOCKS for i in range(_TRIANGULAR_BLOCKS + 1)]
                         for a, b in zip(edges[:-1], edges[1:], strict=True):
-                            target[..., a:b] = torch.baddbmm(mu[..., a:b], z[..., :b], factors_t[lo:hi, :b, a:b])
+                            target[..., a:b] = torch.baddbmm(mu[..., a:b], z[..., :b], factors[lo:hi, a:b, :b].mT)
                     else:
-                        torch.baddbmm(mu, z, factors_t[lo:hi], out=target)
+                        torch.baddbmm(mu, z, factors[lo:hi].mT, out=target)
                     del z
                 else:
                     target.copy_(mu.expand(hi - lo, n, dim))

@@ -387,5 +387,5 @@ def test_triangular_factors_are_sampled_blockwise_as_the_dense_product():
     assert all(chunk.triangular for chunk in plan.chunks)
     feats = plan.sample(n, torch.Generator().manual_seed(7))
     z = torch.randn(2, n, dim, generator=torch.Generator().manual_seed(7))  # the same draws, one dense product
-    expected = torch.baddbmm(plan.means[:, None, :], z, plan.chunks[0].factors_t)
+    expected = torch.baddbmm(plan.means[:, None, :], z, plan.chunks[0].factors.mT)
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
