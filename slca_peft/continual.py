@@ -168,7 +168,9 @@ class ContinualLearner:
             raise ValueError(f"{path_or_repo_id} lacks the class statistics of classes {missing[:5]}; it cannot go on.")
         model.label_names = tasks.label_names
         result = ContinualResult(accuracy_matrix=learned["accuracy_matrix"], seen_accuracy=learned["seen_accuracy"],
-                                 task_test_sizes=learned["task_test_sizes"])
+                                 task_test_sizes=learned["task_test_sizes"],
+                                 timings=checked_timings(learned["timings"], len(learned["accuracy_matrix"]),
+                                                         str(path_or_repo_id)))
         return cls(model, args, tasks, statistics=statistics, result=result, unaligned_head=unaligned, **kwargs)
 
     # ------------------------------------------------------------------ callbacks (as transformers.Trainer's)

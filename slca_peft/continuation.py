@@ -51,7 +51,8 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
     return {"tasks_learned": learned, "task_sizes": sizes, "label_names": names[:k], "class_ids": list(ids[:k]),
             "task_data": data, "segments": segments, "accuracy_matrix": matrix[:learned],
             "seen_accuracy": list(state.get("seen_accuracy") or [])[:learned],
-            "task_test_sizes": list(state.get("task_test_sizes") or [])[:learned]}
+            "task_test_sizes": list(state.get("task_test_sizes") or [])[:learned],
+            "timings": list(state.get("timings") or [])[:learned]}
 
 
 def before_last_continuation(state: Mapping[str, Any]) -> dict[str, Any] | None:

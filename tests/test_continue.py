@@ -80,6 +80,8 @@ def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, 
     learner = learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=runs["checkpoint"],
                           old_test=old_test_data(folders))
     assert len(learner.result.accuracy_matrix) == 2  # the learned tasks' rows come with the checkpoint
+    learned_timings = json.loads((runs["checkpoint"] / "continual_state.json").read_text())["timings"]
+    assert learner.result.timings == learned_timings and len(learned_timings) == 2 and all(learned_timings)  # and times
     result = learner.run()
     full = runs["full"]
     assert result.accuracy_matrix == full.result.accuracy_matrix
