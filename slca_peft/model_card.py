@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,20 +135,31 @@ def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
     ]
 
 
+def hub_datasets(state: dict[str, Any]) -> list[str]:
+    """The Hub datasets a task history learned from, in task order (a continuation on other data adds
+    its own); image folders, local paths and bundled data are no Hub datasets and are left out."""
+    recorded = [*(state.get("task_data") or []), state.get("dataset")]
+    return list(dict.fromkeys(
+        d for d in recorded
+        if isinstance(d, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", d) and not is_local_name(d)
+    ))
+
+
 def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] | None, license: str | None,
                tags: list[str], model_name: str, **fields: Any) -> tuple[Any, str]:
     """What a checkpoint's and an export's card share: the metadata (results as `model-index`, the
     datasets, license, tags and a base model others can load) and the text's metrics line."""
     from huggingface_hub import ModelCardData
 
-    dataset = (datasets or [None])[0] or state.get("dataset")
+    datasets = list(datasets) if datasets else hub_datasets(state)
+    dataset = datasets[0] if datasets else None
     metrics = card_metrics(state)
     eval_results = _eval_results(metrics, dataset)
     data = ModelCardData(
         tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
         license=license or "other",
         base_model=None if base is None or is_local_name(str(base)) else str(base),
-        datasets=list(datasets) if datasets else ([dataset] if dataset else None),
+        datasets=datasets or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
         **fields,

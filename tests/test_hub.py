@@ -451,3 +451,17 @@ def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_p
         SLCAModel.from_pretrained(tmp_path / "ckpt", device_map="auto")
     with pytest.raises(TypeError, match=r"SLCAModel.from_pretrained: unknown keyword\(s\) \['cache'\]"):
         SLCAModel.from_pretrained(tmp_path / "ckpt", cache="x")
+
+
+def test_the_card_names_every_hub_dataset_the_task_history_learned_from():
+    from slca_peft.model_card import build_model_card
+
+    settings = {"base_model_name_or_path": "google/vit-base-patch16-224-in21k", "task_sizes": [2, 2, 2]}
+    state = {"accuracy_matrix": [[90.0], [80.0, 70.0], [70.0, 60.0, 50.0]], "seen_accuracy": [90.0, 75.0, 60.0],
+             "task_test_sizes": [4, 4, 4], "tasks_learned": 3, "task_sizes": [2, 2, 2], "dataset": "me/birds",
+             "task_data": ["uoft-cs/cifar100", "image folders /data/a/train, /data/a/test", "me/birds"]}
+    data = build_model_card(settings, state).data.to_dict()
+    assert data["datasets"] == ["uoft-cs/cifar100", "me/birds"]  # continued on folders, then on another dataset
+    assert data["model-index"][0]["results"][0]["dataset"]["name"] == "uoft-cs/cifar100"
+    folders_only = {**state, "dataset": None, "task_data": ["image folders /data/a/train, /data/a/test", "digits"]}
+    assert "datasets" not in build_model_card(settings, folders_only).data.to_dict()
