@@ -173,7 +173,8 @@ def timing_table(timings: dict[str, Any] | None) -> str:
     lines.append(f"| all | {total['total_seconds']:.2f} | " + " | ".join(cell(total, p, True) for p in phases) + " |")
     lines += ["", "images/s: training counts every epoch's images, statistics the task's training images, evaluation "
               "the test images of every task seen. A blank cell was not timed (a task learned before a resume from "
-              "a checkpoint without timings; a checkpoint's own write, for the task a run resumed after).", ""]
+              "a checkpoint without timings; a checkpoint's own write, for the task a run resumed or continued "
+              "after).", ""]
     return "\n".join(lines)
 
 
