@@ -13,7 +13,9 @@
 The decode pass also hashes each file's bytes (the bytes it decodes: a file up to
 `HASH_IN_MEMORY_BYTES` is read once, hashed and decoded from memory), so the run fingerprint sees
 image content at no extra read: `content_digest` answers from what the pass recorded and reads
-the file only for an image the pass never saw.
+the file only for an image the pass never saw. What decoded in full is remembered for the process
+(files by path, size, mtime and inode; embedded images by their bytes' hash), so checking the same
+unchanged images again, as each seed of a `--seeds` run does, decodes nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ HASH_IN_MEMORY_BYTES = 64 << 20
 
 # path -> ((size, mtime_ns, inode), sha256 digest) of each file the decode pass read.
 _DIGESTS: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+# What decoded in full in this process: (path, stamp) of files, the sha256 of embedded image bytes.
+# Checking the same unchanged images again (each class-order seed of a `--seeds` run) decodes nothing.
+_DECODED: set[Any] = set()
 _DIGESTS_LOCK = threading.Lock()
 
 logger = logging.getLogger(__name__)
@@ -142,9 +147,23 @@ def content_digest(path: str | os.PathLike[str]) -> bytes:
 
 
 def forget_content_digests() -> None:
-    """Drop the digests the decode pass recorded (once the run fingerprint holds them)."""
+    """Drop the digests the decode pass recorded, and what it found decodable."""
     with _DIGESTS_LOCK:
         _DIGESTS.clear()
+        _DECODED.clear()
+
+
+def _decoded_before(source: Any) -> tuple[bool, Any]:
+    """(whether `source` decoded in full earlier in this process, its key for `_DECODED`): a file
+    counts only unchanged (same size, mtime and inode, its digest still recorded), bytes by content."""
+    if not isinstance(source, str):
+        key = hashlib.sha256(source).digest()
+        with _DIGESTS_LOCK:
+            return key in _DECODED, key
+    stamp = _stamp(os.stat(source))
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(source)
+        return (source, stamp) in _DECODED and known is not None and known[0] == stamp, None
 
 
 def _decode(source: Any) -> str | None:
@@ -154,6 +173,9 @@ def _decode(source: Any) -> str | None:
     where = source if isinstance(source, str) else "image bytes"
     handle: Any = None
     try:
+        seen, key = _decoded_before(source)
+        if seen:
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             handle = _read_and_hash(source) if isinstance(source, str) else io.BytesIO(source)
@@ -170,6 +192,10 @@ def _decode(source: Any) -> str | None:
         if isinstance(handle, io.BytesIO):  # PIL names the in-memory copy; name the file
             text = text.replace(repr(handle), repr(where))
         return f"unreadable image {where} ({text}); remove or replace the file."
+    with _DIGESTS_LOCK:
+        if key is None:  # a file: the stamp of the bytes just decoded
+            key = (source, _DIGESTS[source][0])
+        _DECODED.add(key)
     return None
 
 

@@ -112,3 +112,32 @@ def test_a_class_without_test_images_is_warned_about(recipe, tmp_path):
     assert seq.label_names == ["class_00", "class_01", "class_02", "class_03"] and seq.task_sizes == [2, 2]
     assert sorted(seq[0].train[seq.label_column]) == [0, 0, 0, 1, 1, 1]
     assert seq[0].test[seq.label_column] == [0, 0]
+
+
+def test_unchanged_images_are_decoded_once_per_process_changed_ones_again(tmp_path, monkeypatch):
+    import io
+    import os
+
+    from slca_peft import data_checks
+
+    data_checks.forget_content_digests()
+    folder = write_image_folder(tmp_path / "imgs", 2, 3)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    embedded = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(embedded, format="PNG")
+    sources = [*paths, embedded.getvalue()]
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    check_images(sources)
+    assert len(opened) == len(sources)
+    check_images(sources)  # the next class-order seed of a --seeds run: nothing to decode again
+    assert len(opened) == len(sources)
+    broken = paths[0]
+    data = open(broken, "rb").read()
+    with open(broken, "wb") as fh:  # same file, other (truncated) content
+        fh.write(data[: len(data) // 2])
+    os.utime(broken, ns=(1, 1))
+    with pytest.raises(UserError, match=r"unreadable image .*\.png"):
+        check_images(sources)
+    assert len(opened) == len(sources) + 1  # only the changed file was decoded again
