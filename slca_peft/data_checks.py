@@ -194,8 +194,10 @@ def _decode(source: Any) -> str | None:
         return f"unreadable image {where} ({text}); remove or replace the file."
     with _DIGESTS_LOCK:
         if key is None:  # a file: the stamp of the bytes just decoded
-            key = (source, _DIGESTS[source][0])
-        _DECODED.add(key)
+            known = _DIGESTS.get(source)
+            key = (source, known[0]) if known is not None else None
+        if key is not None:
+            _DECODED.add(key)
     return None
 
 

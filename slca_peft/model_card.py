@@ -137,12 +137,13 @@ def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
 
 def hub_datasets(state: dict[str, Any]) -> list[str]:
     """The Hub datasets a task history learned from, in task order (a continuation on other data adds
-    its own); image folders, local paths and bundled data are no Hub datasets and are left out."""
-    recorded = [*(state.get("task_data") or []), state.get("dataset")]
-    return list(dict.fromkeys(
-        d for d in recorded
-        if isinstance(d, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", d) and not is_local_name(d)
-    ))
+    its own), then the run's `dataset`: each task's data is named as recorded, so only `owner/name` ids
+    count (image folders, local paths and bundled data are no Hub datasets)."""
+    recorded = [d for d in state.get("task_data") or []
+                if isinstance(d, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", d) and not is_local_name(d)]
+    if isinstance(state.get("dataset"), str) and state["dataset"]:
+        recorded.append(state["dataset"])
+    return list(dict.fromkeys(recorded))
 
 
 def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] | None, license: str | None,
