@@ -42,6 +42,7 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
                          f"records {learned} tasks learned; it is damaged or was not written by slca-peft.")
     ids = state.get("class_ids") or state.get("class_order") or list(range(k))
     data = list(state.get("task_data") or [state.get("dataset")] * learned)[:learned]
+    timings = state.get("timings") or []
     segments = [dict(s) for s in state.get("segments") or [] if s.get("first_task", 0) < learned]
     if segments:
         segments[-1]["tasks"] = min(segments[-1]["tasks"], learned - segments[-1]["first_task"])
@@ -52,7 +53,7 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
             "task_data": data, "segments": segments, "accuracy_matrix": matrix[:learned],
             "seen_accuracy": list(state.get("seen_accuracy") or [])[:learned],
             "task_test_sizes": list(state.get("task_test_sizes") or [])[:learned],
-            "timings": list(state.get("timings") or [])[:learned]}
+            "timings": timings[:learned] if isinstance(timings, list) else timings}  # damaged: checked_timings says so
 
 
 def before_last_continuation(state: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ The decode pass also hashes each file's bytes (the bytes it decodes: a file up t
 `HASH_IN_MEMORY_BYTES` is read once, hashed and decoded from memory), so the run fingerprint sees
 image content at no extra read: `content_digest` answers from what the pass recorded and reads
 the file only for an image the pass never saw. What decoded in full is remembered for the process
-(files by path, size, mtime and inode; embedded images by their bytes' hash), so checking the same
+(files by path, size, mtime, ctime and inode; embedded images by their bytes' hash), so checking the same
 unchanged images again, as each seed of a `--seeds` run does, decodes nothing.
 """
 
@@ -45,8 +45,8 @@ _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 #: hashed in a streamed pass and decoded from the (then cached) file.
 HASH_IN_MEMORY_BYTES = 64 << 20
 
-# path -> ((size, mtime_ns, inode), sha256 digest) of each file the decode pass read.
-_DIGESTS: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+# path -> ((size, mtime_ns, ctime_ns, inode), sha256 digest) of each file the decode pass read.
+_DIGESTS: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
 # What decoded in full in this process: (path, stamp) of files, the sha256 of embedded image bytes.
 # Checking the same unchanged images again (each class-order seed of a `--seeds` run) decodes nothing.
 _DECODED: set[Any] = set()
@@ -111,12 +111,14 @@ def _faithful(img: Any, where: str) -> None:
                             "converted to 8 bit faithfully; rescale it to 8 or 16 bit first.")
 
 
-def _stamp(info: os.stat_result) -> tuple[int, int, int]:
-    return info.st_size, info.st_mtime_ns, info.st_ino
+def _stamp(info: os.stat_result) -> tuple[int, int, int, int]:
+    # ctime too: any write, chmod or rename moves it, and no copy tool can set it back.
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino
 
 
-def _read_and_hash(path: str) -> Any:
-    """What PIL should open for `path` (its bytes when small), with the file's SHA-256 recorded."""
+def _read_and_hash(path: str) -> tuple[Any, tuple[int, int, int, int]]:
+    """What PIL should open for `path` (its bytes when small), with the file's SHA-256 recorded, and
+    the stamp of what was read."""
     with open(path, "rb") as fh:
         info = os.fstat(fh.fileno())
         digest = hashlib.sha256()
@@ -127,9 +129,10 @@ def _read_and_hash(path: str) -> Any:
         else:
             hash_stream(fh, digest)
             handle = path
+    stamp = _stamp(info)
     with _DIGESTS_LOCK:
-        _DIGESTS[path] = (_stamp(info), digest.digest())
-    return handle
+        _DIGESTS[path] = (stamp, digest.digest())
+    return handle, stamp
 
 
 def content_digest(path: str | os.PathLike[str]) -> bytes:
@@ -155,7 +158,7 @@ def forget_content_digests() -> None:
 
 def _decoded_before(source: Any) -> tuple[bool, Any]:
     """(whether `source` decoded in full earlier in this process, its key for `_DECODED`): a file
-    counts only unchanged (same size, mtime and inode, its digest still recorded), bytes by content."""
+    counts only unchanged (same size, mtime, ctime and inode, its digest still recorded), bytes by content."""
     if not isinstance(source, str):
         key = hashlib.sha256(source).digest()
         with _DIGESTS_LOCK:
@@ -178,7 +181,11 @@ def _decode(source: Any) -> str | None:
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            handle = _read_and_hash(source) if isinstance(source, str) else io.BytesIO(source)
+            if isinstance(source, str):
+                handle, stamp = _read_and_hash(source)
+                key = (source, stamp)  # what is marked decoded is the content this call read
+            else:
+                handle = io.BytesIO(source)
             with Image.open(handle) as img:
                 img.load()
                 _faithful(img, where)
@@ -193,11 +200,7 @@ def _decode(source: Any) -> str | None:
             text = text.replace(repr(handle), repr(where))
         return f"unreadable image {where} ({text}); remove or replace the file."
     with _DIGESTS_LOCK:
-        if key is None:  # a file: the stamp of the bytes just decoded
-            known = _DIGESTS.get(source)
-            key = (source, known[0]) if known is not None else None
-        if key is not None:
-            _DECODED.add(key)
+        _DECODED.add(key)
     return None
 
 

@@ -152,8 +152,9 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
     datasets, license, tags and a base model others can load) and the text's metrics line."""
     from huggingface_hub import ModelCardData
 
+    # The results are over every task, so they name the run's own dataset (or "custom"), not the first task's.
+    dataset = (datasets or [None])[0] or state.get("dataset")
     datasets = list(datasets) if datasets else hub_datasets(state)
-    dataset = datasets[0] if datasets else None
     metrics = card_metrics(state)
     eval_results = _eval_results(metrics, dataset)
     data = ModelCardData(

@@ -106,6 +106,15 @@ def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, 
     assert "class_05" in card and "class_00" in card
 
 
+def test_damaged_timings_in_the_continued_checkpoint_are_one_error_naming_it(runs, folders, tmp_path):
+    copy = tmp_path / "ck"
+    shutil.copytree(runs["checkpoint"], copy)
+    state = json.loads((copy / "continual_state.json").read_text())
+    (copy / "continual_state.json").write_text(json.dumps({**state, "timings": 5}))
+    with pytest.raises(ValueError, match=rf"{copy}.*timings must be a list"):
+        learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=copy)
+
+
 def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp_path):
     from transformers import pipeline
 

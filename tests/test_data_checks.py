@@ -135,9 +135,11 @@ def test_unchanged_images_are_decoded_once_per_process_changed_ones_again(tmp_pa
     assert len(opened) == len(sources)
     broken = paths[0]
     data = open(broken, "rb").read()
-    with open(broken, "wb") as fh:  # same file, other (truncated) content
-        fh.write(data[: len(data) // 2])
-    os.utime(broken, ns=(1, 1))
+    before = os.stat(broken)
+    with open(broken, "wb") as fh:  # same file, same size, zeroed, its times put back
+        fh.write(bytes(len(data)))
+    os.utime(broken, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(broken).st_size == before.st_size and os.stat(broken).st_mtime_ns == before.st_mtime_ns
     with pytest.raises(UserError, match=r"unreadable image .*\.png"):
         check_images(sources)
     assert len(opened) == len(sources) + 1  # only the changed file was decoded again

@@ -462,6 +462,6 @@ def test_the_card_names_every_hub_dataset_the_task_history_learned_from():
              "task_data": ["uoft-cs/cifar100", "image folders /data/a/train, /data/a/test", "me/birds"]}
     data = build_model_card(settings, state).data.to_dict()
     assert data["datasets"] == ["uoft-cs/cifar100", "me/birds"]  # continued on folders, then on another dataset
-    assert data["model-index"][0]["results"][0]["dataset"]["name"] == "uoft-cs/cifar100"
+    assert data["model-index"][0]["results"][0]["dataset"]["name"] == "me/birds"  # results are the run's own
     folders_only = {**state, "dataset": None, "task_data": ["image folders /data/a/train, /data/a/test", "digits"]}
     assert "datasets" not in build_model_card(settings, folders_only).data.to_dict()
