@@ -37,6 +37,8 @@ from .tracking import ContinualTracker
 from .trainer import SLCATrainer
 from .transforms import collate_fn, make_batch_transform
 
+logger = logging_utils.get_logger(__name__)
+
 
 @dataclass
 class ContinualResult:
@@ -267,6 +269,12 @@ class ContinualLearner:
             ids = stream_class_ids(self.tasks)
             if len(ids) >= self.model.classifier.num_classes:
                 self.model.class_ids = ids[: self.model.classifier.num_classes]
+        if task.head_size == 1:
+            logger.warning(
+                "task %d brings one new class: the loss over the current task's logits is 0 for a single logit, so "
+                "training leaves the backbone and adapters as they are (only weight decay acts) and classifier "
+                "alignment alone fits its output; put two or more new classes in a task (init_cls / increment) to "
+                "also learn features for them.", t + 1)
         self.call_event("on_task_begin", task)
         # This task's times: training here, each after-task step with a `phase` in the CallbackHandler.
         timings, timing = self.result.timings, {}

@@ -237,6 +237,24 @@ def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders,
     torch.testing.assert_close(stats.covariances[1], cov, rtol=0, atol=1e-6)
 
 
+def test_a_task_of_one_new_class_says_that_only_alignment_fits_it(runs, folders, tmp_path):
+    import logging
+
+    learner = learner_for(TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=None),
+                          tmp_path / "one", checkpoint=runs["checkpoint"])
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("slca_peft").addHandler(handler)
+    try:
+        learner.run()
+    finally:
+        logging.getLogger("slca_peft").removeHandler(handler)
+    messages = [r.getMessage() for r in records if "one new class" in r.getMessage()]
+    assert [m.split(" brings")[0] for m in messages] == ["task 3", "task 4"]
+    assert learner.model.classifier.task_sizes == [2, 2, 1, 1]
+
+
 def test_reopened_statistics_equal_those_of_the_union():
     torch.manual_seed(0)
     for form in ("exact", "full"):

@@ -54,3 +54,11 @@ def test_alpha_beta_weighting_and_gradient_flows():
 def test_out_of_range_labels_are_refused():
     with pytest.raises(ValueError, match="current task"):
         symmetric_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+def test_a_task_of_one_class_gives_zero_loss_and_zero_gradient():
+    # Why the continual loop warns about one-class tasks: over a single logit nothing is learned.
+    logits = torch.randn(6, 1, requires_grad=True)
+    loss = symmetric_cross_entropy(logits, torch.zeros(6, dtype=torch.long), 1.0, 0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
