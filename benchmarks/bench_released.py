@@ -70,8 +70,8 @@ from slca_peft import (  # noqa: E402
     SLCAModel,
     SLCATrainer,
 )
-from slca_peft.hardware import cpu_bf16_training  # noqa: E402
-from slca_peft.inference import merged_adapters  # noqa: E402
+from slca_peft.models.inference import merged_adapters  # noqa: E402
+from slca_peft.utils.hardware import cpu_bf16_training  # noqa: E402
 
 TASK_SIZE = 10  # classes per task: two tasks while training (the second one learns), C / 10 when aligning
 RELEASED_SETTING = {"lora_rank": 4, "fc_scale_mu": 0.02, "sce_a": 1.0, "sce_b": 0.1, "bcb_lrscale": 0.1,
@@ -247,7 +247,7 @@ def slca_training_steps(s, setting: str, pixels, labels, out: str) -> tuple[dict
 
 @contextlib.contextmanager
 def slca_statistics_pass(s, setting: str, bf16: bool, pixels, labels, out: str):
-    """The statistics pass of `StatisticsStep.compute` (`slca_peft.steps`): what `inference_context` does, with
+    """The statistics pass of `StatisticsStep.compute` (continual/steps.py): what `inference_context` does, with
     the merge (once per pass) held for the whole benchmark and the thread-wide modes (inference mode,
     autocast) entered per call, so the rows interleaved with it run in their own."""
     model = slca_model(s, slca_args(setting, out)).eval()

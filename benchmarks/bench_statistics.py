@@ -2,7 +2,7 @@
 
 1. ViT-B/16 at 224 px (random weights from `ViTConfig()`), eval mode, `torch.inference_mode`:
    plain feature extraction versus the same pass plus `ClassStatistics.update` (float64 count, sum
-   and packed outer-product sum per class), as `StatisticsStep.compute` (slca_peft.steps) runs it.
+   and packed outer-product sum per class), as `StatisticsStep.compute` (slca_peft.continual.steps) runs it.
    Rows run interleaved over rounds; the median batch is reported.
 2. `ClassStatistics` alone at d = 768: update throughput on precomputed features and `finalize`
    time per class for each covariance form.

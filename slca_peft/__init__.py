@@ -1,42 +1,58 @@
 """slca-peft: SLCA++ continual learning (Slow Learner + Classifier Alignment) for Hugging Face ViTs."""
 
-from .alignment import AlignmentSettings, ClassifierAligner
-from .callbacks import ContinualCallback
-from .config import SLCAConfig
-from .continual import ContinualLearner, ContinualResult
-from .domains import DomainSequence
-from .head import ContinualClassifier
-from .inference import inference_context, merged_adapters
-from .losses import symmetric_cross_entropy
-from .model import SLCAModel
-from .model_config import SLCAModelConfig
-from .statistics import ClassStatistics
-from .tasks import Task, TaskSequence, TaskStream
-from .trainer import SLCATrainer
-from .transforms import EvalTransform, ImageTransformConfig, TrainTransform
+from .continual.callbacks import ContinualCallback
+from .continual.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from .continual.learner import ContinualLearner, ContinualResult
+from .continual.steps import AlignmentStep, CheckpointStep, EvaluationStep, PushStep, ReportStep, StatisticsStep
+from .data.continuation import ContinuedStream
+from .data.domains import DomainSequence
+from .data.tasks import Task, TaskSequence, TaskStream
+from .data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, collate_fn
+from .method.alignment import AlignmentSettings, ClassifierAligner
+from .method.config import SLCAConfig
+from .method.losses import symmetric_cross_entropy
+from .method.statistics import ClassStatistics
+from .method.trainer import SLCATrainer
+from .models.config import SLCAModelConfig
+from .models.head import ContinualClassifier
+from .models.inference import inference_context, merged_adapters
+from .models.model import SLCAModel
+from .sharing.export import export_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentSettings",
+    "AlignmentStep",
+    "CheckpointStep",
     "ClassStatistics",
     "ClassifierAligner",
     "ContinualCallback",
     "ContinualClassifier",
     "ContinualLearner",
     "ContinualResult",
+    "ContinuedStream",
     "DomainSequence",
     "EvalTransform",
+    "EvaluationStep",
     "ImageTransformConfig",
+    "PushStep",
+    "ReportStep",
     "SLCAConfig",
     "SLCAModel",
     "SLCAModelConfig",
     "SLCATrainer",
+    "StatisticsStep",
     "Task",
     "TaskSequence",
     "TaskStream",
     "TrainTransform",
+    "collate_fn",
+    "export_model",
     "inference_context",
+    "load_checkpoint",
     "merged_adapters",
+    "save_checkpoint",
     "symmetric_cross_entropy",
+    "verify_checkpoint",
 ]

@@ -62,10 +62,10 @@ def load_script():
 
 @pytest.fixture
 def recipe():
-    """The training recipe (`slca_peft.recipe`, which recipes/train_seq.py runs)."""
-    import slca_peft.recipe
+    """The training recipe (`slca_peft.commands.recipe`, which recipes/train_seq.py runs)."""
+    import slca_peft.commands.recipe
 
-    return slca_peft.recipe
+    return slca_peft.commands.recipe
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from slca_peft import AlignmentSettings, ClassifierAligner, ClassStatistics, ContinualClassifier
-from slca_peft.alignment import normalized_logits
+from slca_peft.method.alignment import normalized_logits
 
 
 def gaussian_tasks(task_sizes, dim=16, seed=0, n=200):
@@ -194,7 +194,7 @@ def test_sampling_plan_is_built_once_and_rebuilt_after_finalize():
 
 
 def test_plans_over_the_cache_budget_and_in_many_chunks_draw_the_same_samples(monkeypatch):
-    import slca_peft.covariance
+    import slca_peft.method.covariance
 
     stats = _mixed_statistics()
     reference = stats.sample(16, torch.Generator().manual_seed(3))
@@ -204,8 +204,8 @@ def test_plans_over_the_cache_budget_and_in_many_chunks_draw_the_same_samples(mo
     assert not plan.cached and plan.nbytes == plan.means.numel() * 4
     torch.testing.assert_close(stats.sample(16, torch.Generator().manual_seed(3)), reference, rtol=0, atol=0)
     # Chunks of one class each, drawn one by one, follow the same Gaussians.
-    monkeypatch.setattr(slca_peft.covariance, "_PLAN_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(slca_peft.covariance, "_SAMPLE_STEP_ELEMENTS", 1)
+    monkeypatch.setattr(slca_peft.method.covariance, "_PLAN_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(slca_peft.method.covariance, "_SAMPLE_STEP_ELEMENTS", 1)
     stats._changed()
     assert len(stats.sampling_plan("cpu").chunks) == 5
     feats = stats.sample(30000, torch.Generator().manual_seed(4))

@@ -1,4 +1,4 @@
-"""Every backbone row of `slca_peft.backbones`: LoRA targets by name, save/load and export -> pipeline()
+"""Every backbone row of `slca_peft.models.backbones`: LoRA targets by name, save/load and export -> pipeline()
 where a stock head reads the same feature (refused with the reason elsewhere). One row per export route
 (class token, class token + mean patch, pooler, timm head, refused) also runs 2 tasks with a resume."""
 
@@ -18,9 +18,10 @@ from slca_peft import (
     SLCAModel,
     TaskSequence,
     TrainTransform,
+    export_model,
 )
-from slca_peft.backbones import attention_linears, class_token, final_norm
-from slca_peft.steps import ReportStep
+from slca_peft.continual.steps import ReportStep
+from slca_peft.models.backbones import attention_linears, class_token, final_norm
 
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
            intermediate_size=64)
@@ -155,10 +156,10 @@ def _check_save_load_and_export(model, tmp_path, refusal):
     names = ["a", "b", "c", "d"]
     if refusal:
         with pytest.raises(ValueError, match=refusal):
-            model.export(str(tmp_path / "exported"), label_names=names)
+            export_model(model, str(tmp_path / "exported"), label_names=names)
         assert not (tmp_path / "exported").exists()
         return
-    model.export(str(tmp_path / "exported"), label_names=names)
+    export_model(model, str(tmp_path / "exported"), label_names=names)
     plain = T.AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
         # Output k of the export is class id k: its column class_ids[p] is the model's output p.

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from peft import LoHaConfig, LoKrConfig, LoraConfig, VBLoRAConfig
 
-import slca_peft.adapters as adapters
-from slca_peft.adapters import load_peft_config
-from slca_peft.errors import UserError, no_exit, read_json, run_main
-from slca_peft.model import SLCAModel
-from slca_peft.model_config import SLCAModelConfig
-from slca_peft.peft_limits import check_pattern
-from slca_peft.safetensors_header import read_header
+import slca_peft.models.adapters as adapters
+from slca_peft.models.adapters import load_peft_config
+from slca_peft.models.config import SLCAModelConfig
+from slca_peft.models.model import SLCAModel
+from slca_peft.models.peft_limits import check_pattern
+from slca_peft.utils.errors import UserError, no_exit, read_json, run_main
+from slca_peft.utils.safetensors_header import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -24,9 +24,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 BOMBS_UNDER_CAP = """
 import json, resource, sys
 from transformers import ViTConfig
-from slca_peft.adapters import load_peft_config
-from slca_peft.model import SLCAModel
-from slca_peft.model_config import SLCAModelConfig
+from slca_peft.models.adapters import load_peft_config
+from slca_peft.models.model import SLCAModel
+from slca_peft.models.config import SLCAModelConfig
 config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64)
 with open("/proc/self/status") as fh:
@@ -119,7 +119,7 @@ REGEXES_UNDER_TIMEOUT = """
 import sys
 from peft import LoraConfig
 from transformers import ViTConfig
-from slca_peft.model import SLCAModel
+from slca_peft.models.model import SLCAModel
 config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64)
 for pattern in sys.argv[1:]:
@@ -173,7 +173,7 @@ def test_deeply_nested_json_is_one_error_naming_the_file(tmp_path, capsys):
 
 
 def assert_one_line_error(capsys, argv, expected):
-    from slca_peft.cli import main as cli_main
+    from slca_peft.commands.cli import main as cli_main
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(cli_main, argv)
@@ -202,7 +202,7 @@ def test_a_file_name_that_is_not_utf8_is_named(tmp_path, capsys):
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from slca_peft.data import load_split_image_folders
+    from slca_peft.data.benchmarks import load_split_image_folders
 
     for split in ("train", "test"):
         for label in ("a", "b"):

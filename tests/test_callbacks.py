@@ -9,8 +9,8 @@ import pytest
 from conftest import recipe_argv
 
 from slca_peft import TaskSequence
-from slca_peft.callbacks import ContinualCallback, load_callback
-from slca_peft.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
+from slca_peft.continual.callbacks import ContinualCallback, load_callback
+from slca_peft.continual.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,9 +117,9 @@ def test_a_built_in_step_is_replaced_in_place_or_removed(tmp_path, make_learner,
 
 
 def test_load_callback_by_import_path():
-    assert isinstance(load_callback("slca_peft.callbacks:ContinualCallback"), ContinualCallback)
+    assert isinstance(load_callback("slca_peft.continual.callbacks:ContinualCallback"), ContinualCallback)
     with pytest.raises(ValueError, match="cannot be imported"):
-        load_callback("slca_peft.callbacks:Missing")
+        load_callback("slca_peft.continual.callbacks:Missing")
 
 
 def _scalars(log_dir: Path) -> tuple[dict[str, list[int]], list[str]]:

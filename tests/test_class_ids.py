@@ -6,10 +6,10 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
-from slca_peft import SLCAModel, TaskSequence
-from slca_peft.domains import DomainSequence
-from slca_peft.model_config import MAX_CLASSES, SLCAModelConfig, fit_class_ids, validate_state
-from slca_peft.tasks import class_order, stream_class_ids
+from slca_peft import SLCAModel, TaskSequence, export_model
+from slca_peft.data.domains import DomainSequence
+from slca_peft.data.tasks import class_order, stream_class_ids
+from slca_peft.models.config import MAX_CLASSES, SLCAModelConfig, fit_class_ids, validate_state
 
 
 def labelled(labels, names=None) -> Dataset:
@@ -104,7 +104,7 @@ def test_a_mid_stream_export_puts_each_output_at_its_class_id(tmp_path, base_mod
         model.classifier.heads[0].weight.add_(torch.randn_like(model.classifier.heads[0].weight))
     model.class_ids = [3, 1]  # the first task of a stream learned labels 3 and 1; 0 and 2 come later
     model.label_names = ["three", "one", "zero", "two"]
-    model.eval().export(tmp_path / "exported")
+    export_model(model.eval(), tmp_path / "exported")
     plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
     assert plain.config.id2label == {0: "class_0", 1: "one", 2: "class_2", 3: "three"}
     x = torch.randn(16, 3, 32, 32)

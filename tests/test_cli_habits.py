@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_argv
 
-from slca_peft.cli import main as cli_main
+from slca_peft.commands.cli import main as cli_main
 
 
 def test_config_as_equals_flag_or_first_argument_and_listed_in_help(recipe, tmp_path, capsys):
@@ -56,19 +56,19 @@ def test_relative_paths_in_a_config_resolve_next_to_it_first(recipe, tmp_path, m
 
 
 def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
-    import slca_peft.hub
-    import slca_peft.model
+    import slca_peft.models.hub
+    import slca_peft.models.model
 
     calls = []
-    monkeypatch.setattr(slca_peft.model, "load_checkpoint", lambda *a, **k: None)
-    monkeypatch.setattr(slca_peft.hub, "push_to_hub", lambda *a, **k: calls.append(k) or "https://hub/commit")
+    monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(slca_peft.models.hub, "push_to_hub", lambda *a, **k: calls.append(k) or "https://hub/commit")
     cli_main(["push", str(tmp_path), "me/model", "--token", "hf_secret"])
     assert calls[0]["token"] == "hf_secret" and "https://hub/commit" in capsys.readouterr().out
 
 
 def test_a_finished_run_started_again_reports_its_results(recipe, tmp_path, base_model_dir, tiny_image_folders,
                                                            monkeypatch, capsys):
-    from slca_peft.continual import ContinualLearner
+    from slca_peft.continual.learner import ContinualLearner
 
     out = tmp_path / "run"
     argv = recipe_argv(base_model_dir, tiny_image_folders, out) + ["--seeds", "1", "2"]
@@ -97,9 +97,9 @@ def test_image_check_progress_bar_follows_disable_tqdm_and_the_main_process(reci
     import datasets
     from transformers.utils import logging as hf_logging
 
-    import slca_peft.data_checks as data_checks
-    from slca_peft.config import SLCAConfig
-    from slca_peft.logging_utils import is_progress_bar_enabled, progress_bars
+    import slca_peft.data.checks as data_checks
+    from slca_peft.method.config import SLCAConfig
+    from slca_peft.utils.logging import is_progress_bar_enabled, progress_bars
 
     monkeypatch.setattr(data_checks, "_decode", lambda source: None)
     many = [f"image_{i}.png" for i in range(600)]
@@ -158,10 +158,10 @@ def test_a_run_logs_its_results_without_logging_set_up(tmp_path, capsys):
 def _check_run_verbosity(tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
-    from slca_peft.config import SLCAConfig
-    from slca_peft.logging_utils import set_verbosity_from_args
+    from slca_peft.method.config import SLCAConfig
+    from slca_peft.utils.logging import set_verbosity_from_args
 
-    task_line = logging.getLogger("slca_peft.callbacks")
+    task_line = logging.getLogger("slca_peft.continual.callbacks")
     for log_level, shown in (("passive", True), ("info", True), ("warning", False)):
         set_verbosity_from_args(SLCAConfig(output_dir=str(tmp_path), use_cpu=True, log_level=log_level))
         task_line.info("task 1/5 | seen classes  99.0%")
@@ -170,7 +170,7 @@ def _check_run_verbosity(tmp_path, capsys):
     try:
         hf_logging.set_verbosity_debug()
         set_verbosity_from_args(SLCAConfig(output_dir=str(tmp_path), use_cpu=True))
-        logging.getLogger("slca_peft.alignment").debug("alignment losses")
+        logging.getLogger("slca_peft.method.alignment").debug("alignment losses")
         assert "alignment losses" in capsys.readouterr().out
     finally:
         hf_logging.set_verbosity(previous)

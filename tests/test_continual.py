@@ -82,7 +82,7 @@ def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, make_l
     with pytest.raises(ValueError, match="push_to_hub is on but its base model is the local path .*hub_base_model_id"):
         run(tmp_path, make_learner, image_folders, **push)
     assert not (tmp_path / "run").exists() and hub.uploads == []
-    with caplog.at_level("WARNING", logger="slca_peft.steps"):
+    with caplog.at_level("WARNING", logger="slca_peft.continual.steps"):
         learner, result, _ = run(tmp_path, make_learner, image_folders, hub_base_model_id="me/tiny-vit", **push)
     assert [u["repo_id"] for u in hub.uploads] == ["me/slca-run"] * 3
     assert [u["message"].split(":")[0] for u in hub.uploads] == ["task 1/3", "task 2/3", "task 3/3"]

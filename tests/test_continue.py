@@ -12,13 +12,21 @@ import pytest
 import torch
 from conftest import write_image_folder
 
-from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, SLCAConfig, TaskSequence, TrainTransform
-from slca_peft.continuation import ContinuedStream
-from slca_peft.data import load_split_image_folders
-from slca_peft.errors import UserError
+from slca_peft import (
+    ContinualLearner,
+    EvalTransform,
+    ImageTransformConfig,
+    SLCAConfig,
+    TaskSequence,
+    TrainTransform,
+    export_model,
+    load_checkpoint,
+)
+from slca_peft.data.benchmarks import load_split_image_folders
+from slca_peft.data.continuation import ContinuedStream
+from slca_peft.method.statistics import ClassStatistics
 from slca_peft.metrics import summarize_accuracy_matrix
-from slca_peft.model import load_checkpoint
-from slca_peft.statistics import ClassStatistics
+from slca_peft.utils.errors import UserError
 
 SETTINGS = dict(use_cpu=True, num_train_epochs=2, per_device_train_batch_size=8, learning_rate=0.05, ca_lr=0.01,
                 seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=32, ca_batch_size=32, ca_epochs=2,
@@ -123,7 +131,7 @@ def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp
     result = learner.run()
     model, *_ = load_checkpoint(tmp_path / "phase2" / "task_2")
     model.eval()
-    model.export(tmp_path / "exported")
+    export_model(model, tmp_path / "exported")
     test = load_split_image_folders(*folders["full"])["test"]
     names = test.features["label"].names
     truth = [names[y] for y in test["label"]]
@@ -220,7 +228,7 @@ def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders,
     assert learner.result.timings[-1]["statistics_images"] == 24
     assert learner.result.timings[-1]["training_images"] == 2 * 16
     # The merged Gaussian is the one of the union: old sums plus the new images' features.
-    from slca_peft.inference import inference_context
+    from slca_peft.models.inference import inference_context
 
     tc = ImageTransformConfig.from_model_config(learner.model.config)
     transform = EvalTransform(tc)

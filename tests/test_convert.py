@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
-from slca_peft.cli import main as cli_main
-from slca_peft.convert import convert_timm_vit, extract_backbone, vit_config_from_timm
+from slca_peft.commands.cli import main as cli_main
+from slca_peft.models.convert import convert_timm_vit, extract_backbone, vit_config_from_timm
 
 DIM, DEPTH, HEADS, PATCH, IMAGE, MLP = 32, 2, 4, 8, 32, 64
 
@@ -127,7 +127,7 @@ def test_cli_converts_a_weights_only_checkpoint_to_a_safetensors_directory(tmp_p
 
 
 def test_damaged_files_are_reported_as_damaged_and_name_the_file(tmp_path):
-    from slca_peft.convert import load_timm_state_dict
+    from slca_peft.models.convert import load_timm_state_dict
 
     torch.save({"state_dict": timm_state_dict()}, tmp_path / "good.pth")
     raw = (tmp_path / "good.pth").read_bytes()

@@ -9,8 +9,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as HFImage
 from PIL import Image
 
-import slca_peft.data as data_module
-from slca_peft.data import KNOWN_DATASETS, load_benchmark, stratified_split
+import slca_peft.data.benchmarks as data_module
+from slca_peft.data.benchmarks import KNOWN_DATASETS, load_benchmark, stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

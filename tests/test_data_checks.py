@@ -7,9 +7,9 @@ import pytest
 from conftest import write_image_folder
 from PIL import Image
 
-from slca_peft.data_checks import check_images
-from slca_peft.errors import UserError
-from slca_peft.tasks import TaskSequence
+from slca_peft.data.checks import check_images
+from slca_peft.data.tasks import TaskSequence
+from slca_peft.utils.errors import UserError
 
 
 def folders(tmp_path, classes=4, train=3, test=2):
@@ -99,7 +99,7 @@ def test_images_that_cannot_be_converted_faithfully_or_bombs_are_named(tmp_path,
 
 
 def test_a_class_without_test_images_is_warned_about(recipe, tmp_path):
-    from slca_peft.data_checks import check_task_splits
+    from slca_peft.data.checks import check_task_splits
 
     train_dir, test_dir = folders(tmp_path)
     for path in (test_dir / "class_01").iterdir():
@@ -118,7 +118,7 @@ def test_unchanged_images_are_decoded_once_per_process_changed_ones_again(tmp_pa
     import io
     import os
 
-    from slca_peft import data_checks
+    from slca_peft.data import checks as data_checks
 
     data_checks.forget_content_digests()
     folder = write_image_folder(tmp_path / "imgs", 2, 3)

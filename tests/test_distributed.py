@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from slca_peft import ClassStatistics, ContinualLearner, EvalTransform, SLCAConfig, TaskSequence
-from slca_peft.steps import EvaluationStep, StatisticsStep
-from slca_peft.transforms import eval_transform_config
+from slca_peft.continual.steps import EvaluationStep, StatisticsStep
+from slca_peft.data.transforms import eval_transform_config
 
 
 def free_port() -> int:

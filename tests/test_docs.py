@@ -59,7 +59,7 @@ def reader_dir(tmp_path_factory):
         TaskSequence,
         TrainTransform,
     )
-    from slca_peft.steps import ReportStep
+    from slca_peft.continual.steps import ReportStep
 
     root = tmp_path_factory.mktemp("reader")
     (root / "recipes").mkdir()

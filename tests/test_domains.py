@@ -8,7 +8,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-from slca_peft.domains import DomainSequence
+from slca_peft.data.domains import DomainSequence
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -84,7 +84,7 @@ def write_domain(root, name: str, style: int, release_layout: bool, label_ids=(0
 
 
 def test_domain_folders_in_both_layouts_load_with_shared_classes(tmp_path):
-    from slca_peft.domains import load_domain_folders
+    from slca_peft.data.domains import load_domain_folders
 
     # The release lists number the classes in another order than the folders' sorted names.
     write_domain(tmp_path, "real", 0, release_layout=True, label_ids=(2, 0, 3, 1))

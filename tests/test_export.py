@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from slca_peft.export import eval_image_processor
-from slca_peft.transforms import EvalTransform, ImageTransformConfig
+from slca_peft import export_model
+from slca_peft.data.transforms import EvalTransform, ImageTransformConfig
+from slca_peft.sharing.export import eval_image_processor
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,8 @@ def test_the_exported_processor_gives_the_eval_transforms_pixels(mode):
 def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recipe):
     from transformers import pipeline
 
-    from slca_peft.data import load_digits_dataset
-    from slca_peft.model import load_checkpoint
+    from slca_peft import load_checkpoint
+    from slca_peft.data.benchmarks import load_digits_dataset
 
     recipe.main(["--model_name_or_path", str(ROOT / "recipes" / "assets" / "tiny_vit_letters"), "--dataset", "digits",
                  "--init_cls", "5", "--increment", "5", "--num_train_epochs", "1", "--per_device_train_batch_size",
@@ -41,10 +42,10 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
                  "--output_dir", str(tmp_path / "run")])
     model, *_ = load_checkpoint(tmp_path / "run" / "task_1")
     model.eval()
-    model.export(tmp_path / "exported")  # class names come from the checkpoint
+    export_model(model, tmp_path / "exported")  # class names come from the checkpoint
     test = load_digits_dataset()["test"]
     images, truth = list(test["image"]), [str(y) for y in test["label"]]
-    from slca_peft.export import eval_transform_config
+    from slca_peft.sharing.export import eval_transform_config
 
     transform = EvalTransform(eval_transform_config(model))  # what the run evaluated with
     with torch.no_grad():

@@ -12,14 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_hub import stats_for, trained_model
 
-from slca_peft import SLCAModel
-from slca_peft.callbacks import CallbackHandler, ContinualCallback, load_callback
-from slca_peft.checkpoint import save_checkpoint, verify_checkpoint
-from slca_peft.cli import main as cli_main
-from slca_peft.errors import UserError
-from slca_peft.hub import push_to_hub
-from slca_peft.manifest import MANIFEST_FILE, atomic_write_bytes
-from slca_peft.plotting import write_report
+from slca_peft import SLCAModel, export_model, save_checkpoint, verify_checkpoint
+from slca_peft.commands.cli import main as cli_main
+from slca_peft.continual.callbacks import CallbackHandler, ContinualCallback, load_callback
+from slca_peft.models.hub import push_to_hub
+from slca_peft.sharing.plotting import write_report
+from slca_peft.utils.errors import UserError
+from slca_peft.utils.manifest import MANIFEST_FILE, atomic_write_bytes
 
 STATE = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
          "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993}
@@ -37,7 +36,7 @@ def test_every_written_file_follows_the_umask_safetensors_included(tmp_path, bas
     try:
         checkpoint(model, tmp_path / "ck")
         model.save_pretrained(tmp_path / "model")
-        model.export(tmp_path / "export")
+        export_model(model, tmp_path / "export")
         atomic_write_bytes(tmp_path, "notes.json", b"{}")
     finally:
         os.umask(old)
@@ -83,17 +82,17 @@ def test_export_refuses_targets_it_does_not_own(tmp_path, base_model_dir):
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
     with pytest.raises(UserError, match=r"is not empty \(thesis.tex\) and holds no previous export"):
-        model.export(user)
+        export_model(model, user)
     assert (user / "thesis.tex").read_text() == "years of work"
     # A previous export: refused without overwrite; with it, its files alone are replaced.
     out = tmp_path / "export"
-    model.export(out)
+    export_model(model, out)
     (out / "my_readme.md").write_text("mine")
     with pytest.raises(UserError, match="holds a previous export; pass --overwrite"):
-        model.export(out)
+        export_model(model, out)
     with torch.no_grad():
         model.classifier.heads[0].bias.add_(1.0)
-    model.export(out, overwrite=True)
+    export_model(model, out, overwrite=True)
     assert (out / "my_readme.md").read_text() == "mine" and (out / "config.json").is_file()
     weights = load_file(out / "model.safetensors")
     assert torch.allclose(weights["classifier.bias"][:2], model.classifier.heads[0].bias.detach())

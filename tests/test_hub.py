@@ -13,9 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageClassification, ViTModel
 
-from slca_peft import ClassStatistics, SLCAModel
-from slca_peft.checkpoint import save_checkpoint
-from slca_peft.model import load_checkpoint
+from slca_peft import ClassStatistics, SLCAModel, export_model, load_checkpoint, save_checkpoint
 
 
 def trained_model(base_model_dir) -> SLCAModel:
@@ -115,7 +113,7 @@ def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_d
     bases = [upload["json"][f]["base_model_name_or_path"] for f in ("slca_config.json", "adapter_config.json")]
     assert bases == ["me/tiny-vit", "me/tiny-vit"]
     # A saved checkpoint pushed from the command line: same check, and the directory itself is unchanged.
-    from slca_peft.cli import main as cli_main
+    from slca_peft.commands.cli import main as cli_main
 
     save_checkpoint(model, tmp_path / "ckpt", statistics=stats_for(model), state=state)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
@@ -169,7 +167,7 @@ def test_a_local_base_is_never_named_as_the_cards_base_model(tmp_path, base_mode
 def test_export_matches_the_model_and_needs_no_slca_peft(tmp_path, base_model_dir):
     model = trained_model(base_model_dir)
     names = ["ant", "bee", "cat", "dog", "eel"]
-    model.export(str(tmp_path / "exported"), label_names=names)
+    export_model(model, str(tmp_path / "exported"), label_names=names)
     plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(plain(pixel_values=x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
@@ -231,7 +229,7 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path, base_model_di
 
 
 def test_a_pickle_that_runs_code_is_never_unpickled(tmp_path, base_model_dir, exploit):
-    from slca_peft.cli import main as cli_main
+    from slca_peft.commands.cli import main as cli_main
 
     payload, marker = exploit
     model = trained_model(base_model_dir)
@@ -274,12 +272,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, base_m
     model = trained_model(base_model_dir)
     model.save_pretrained(tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    import slca_peft.checkpoint
+    import slca_peft.models.saving
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(slca_peft.checkpoint, "write_model_card", boom)
+    monkeypatch.setattr(slca_peft.models.saving, "write_model_card", boom)
     with torch.no_grad():
         model.classifier.heads[0].bias.add_(1.0)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -318,7 +316,7 @@ def test_tampered_safetensors_are_refused(tmp_path, base_model_dir):
 
 
 def test_cli_export_uses_the_real_class_names(tmp_path, base_model_dir):
-    from slca_peft.cli import main
+    from slca_peft.commands.cli import main
 
     model = trained_model(base_model_dir)
     save_checkpoint(model, tmp_path / "ckpt", state={"label_names": ["a", "b", "c", "d", "e", "f"]})
@@ -374,13 +372,13 @@ def test_a_checkpoint_card_claims_no_pipeline_and_says_how_to_get_one(tmp_path, 
     card = ModelCard.load(tmp_path / "ckpt" / "README.md")
     # pipeline() on these files would answer from a fresh random head: the card must not offer it.
     assert "pipeline_tag" not in card.data.to_dict()
-    assert "slca-peft export <this repo or directory> exported/" in card.text and "model.export(" in card.text
+    assert "slca-peft export <this repo or directory> exported/" in card.text and "export_model(model, " in card.text
 
 
 def test_the_export_carries_a_pipeline_card_with_results_and_provenance(tmp_path, base_model_dir, hub):
     from huggingface_hub import ModelCard
 
-    from slca_peft.cli import main as cli_main
+    from slca_peft.commands.cli import main as cli_main
 
     model = trained_model(base_model_dir)
     model.class_ids = [4, 0, 3, 1, 2]
@@ -388,7 +386,7 @@ def test_the_export_carries_a_pipeline_card_with_results_and_provenance(tmp_path
     save_checkpoint(model, tmp_path / "run" / "task_1", state=STATE)
     loaded, *_ = load_checkpoint(tmp_path / "run" / "task_1")
     loaded.slca_config.base_model_name_or_path = "google/vit-tiny-test"  # as if loaded by Hub id
-    loaded.export(tmp_path / "exported")
+    export_model(loaded, tmp_path / "exported")
     card = ModelCard.load(tmp_path / "exported" / "README.md")
     data = card.data.to_dict()
     assert data["pipeline_tag"] == "image-classification" and data["library_name"] == "transformers"
@@ -429,7 +427,7 @@ def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_p
     cache = tmp_path / "elsewhere"  # not the default cache: only cache_dir finds it
     lay_out_hub_cache(cache, "someone/tiny-slca", tmp_path / "ckpt")
     seen = {}
-    import slca_peft.backbones as backbones
+    import slca_peft.models.backbones as backbones
 
     real = backbones.load_backbone
 
@@ -437,7 +435,7 @@ def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_p
         seen.update(kwargs)
         return real(name, revision=revision, **{k: v for k, v in kwargs.items() if k != "token"})
 
-    monkeypatch.setattr("slca_peft.model.load_backbone", spy)
+    monkeypatch.setattr("slca_peft.models.model.load_backbone", spy)
     loaded = SLCAModel.from_pretrained("someone/tiny-slca", cache_dir=str(cache), local_files_only=True,
                                        token="hf_x", dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16 and loaded.name_or_path == "someone/tiny-slca"
@@ -454,7 +452,7 @@ def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_p
 
 
 def test_the_card_names_every_hub_dataset_the_task_history_learned_from():
-    from slca_peft.model_card import build_model_card
+    from slca_peft.models.card import build_model_card
 
     settings = {"base_model_name_or_path": "google/vit-base-patch16-224-in21k", "task_sizes": [2, 2, 2]}
     state = {"accuracy_matrix": [[90.0], [80.0, 70.0], [70.0, 60.0, 50.0]], "seen_accuracy": [90.0, 75.0, 60.0],

@@ -1,6 +1,7 @@
-"""The package's import structure: every module imports on its own, no two modules import each other
-(directly or around a circle, lazily inside a function included), and no module imports another's
-private (`_name`) names. Imports under `if TYPE_CHECKING:` only name types and are not counted."""
+"""The package's import structure: every module imports on its own, the subpackages are layers (each
+imports only from those below it), no two modules import each other (directly or around a circle, lazily
+inside a function included), and no module imports another's private (`_name`) names. Imports under
+`if TYPE_CHECKING:` only name types and are not counted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "slca_peft"
+#: The subpackages, lowest first: each may import only from those before it (and from itself).
+LAYERS = ["utils", "metrics", "models", "data", "method", "sharing", "continual", "commands"]
 
 
 def module_files(package: Path) -> dict[str, Path]:
@@ -134,11 +137,54 @@ def test_every_module_imports(module):
 
 def test_no_module_imports_in_a_circle_or_takes_private_names():
     edges, private = import_graph(PACKAGE)
-    assert len(edges) > 30 and edges["slca_peft.continual"]  # the walk saw the package
+    assert len(edges) > 30 and edges["slca_peft.continual.learner"]  # the walk saw the package
     assert cycles(edges) == []
     assert private == []
 
 
 def test_the_file_layout_module_is_a_leaf():
     edges, _ = import_graph(PACKAGE)
-    assert edges["slca_peft.files"] == set()
+    assert edges["slca_peft.utils.files"] == set()
+
+
+def layer_violations(edges: dict[str, set[str]], layers: list[str]) -> list[str]:
+    """Every import of a module in subpackage A from subpackage B where B is not below A."""
+    def layer(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in layers else None
+
+    found = []
+    for source, targets in sorted(edges.items()):
+        here = layer(source)
+        for target in sorted(targets):
+            there = layer(target)
+            if here and there and layers.index(there) > layers.index(here):
+                found.append(f"{source} -> {target}")
+            if here and "." not in target:  # the top-level package re-exports every layer
+                found.append(f"{source} -> {target}")
+    return found
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    for sub in ("low", "high"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .high.b import thing\n")
+    (pkg / "high" / "b.py").write_text("from ..low.a import thing\n")
+    (pkg / "low" / "a.py").write_text("def f():\n    from ..high import b\nthing = 1\n")
+    edges, _ = import_graph(pkg)
+    assert layer_violations(edges, ["low", "high"]) == ["pkg.low.a -> pkg.high.b"]
+    assert layer_violations(edges, ["high", "low"]) == ["pkg.high.b -> pkg.low.a"]
+
+
+def test_the_subpackages_are_layers():
+    edges, _ = import_graph(PACKAGE)
+    subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert subpackages == sorted(LAYERS)
+    assert layer_violations(edges, LAYERS) == []
+
+
+def test_few_modules_stay_at_the_top():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py"]

@@ -4,7 +4,7 @@ from conftest import tiny_vit_config
 from peft.tuners.lora import LoraLayer
 
 from slca_peft import SLCAModel
-from slca_peft.inference import inference_context, merged_adapters
+from slca_peft.models.inference import inference_context, merged_adapters
 
 
 def trained_lora_model(**kwargs):

@@ -21,9 +21,10 @@ from slca_peft import (
     SLCAModel,
     TaskSequence,
     TrainTransform,
+    export_model,
 )
-from slca_peft.adapters import ADAPTER, BACKBONE
-from slca_peft.steps import ReportStep
+from slca_peft.continual.steps import ReportStep
+from slca_peft.models.adapters import ADAPTER, BACKBONE
 
 METHODS = {
     "dora": (lambda: LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], use_dora=True),
@@ -79,7 +80,7 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
         # Export merges the adapter into a stock ViT that computes the same logits.
-        model.export(str(tmp_path / "exported"))
+        export_model(model, str(tmp_path / "exported"))
         plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
         # Output k of the export is class id k: its column class_ids[p] is the model's output p.
         torch.testing.assert_close(plain(pixel_values=x).logits[:, model.class_ids], model(x).logits,
@@ -121,7 +122,7 @@ def test_export_of_an_adapter_peft_cannot_merge_is_refused(vit_config, tmp_path)
     model = SLCAModel.from_backbone(vit_config, peft_config=PolyConfig(target_modules=["q_proj"]), lora_svd_init=False)
     model.grow(2)
     with pytest.raises(ValueError, match="PEFT cannot merge this POLY adapter"):
-        model.export(str(tmp_path / "out"))
+        export_model(model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import recipe_argv, tiny_vit_config
 
-from slca_peft import ClassStatistics, SLCAConfig, SLCAModel, TaskSequence, hardware
-from slca_peft.hardware import available_cores, check_hardware
-from slca_peft.inference import inference_context
+from slca_peft import ClassStatistics, SLCAConfig, SLCAModel, TaskSequence
+from slca_peft.models.inference import inference_context
+from slca_peft.utils import hardware
+from slca_peft.utils.hardware import available_cores, check_hardware
 
 
 def test_bf16_run_end_to_end_on_the_cpu(tmp_path, make_learner, image_folders):
@@ -105,10 +106,10 @@ def test_loader_defaults_follow_the_device(tmp_path, monkeypatch):
 
 def test_more_workers_than_cores_falls_back_with_one_warning(tmp_path, caplog):
     cores = available_cores()
-    with caplog.at_level(logging.WARNING, logger="slca_peft.hardware"):
+    with caplog.at_level(logging.WARNING, logger="slca_peft.utils.hardware"):
         args = SLCAConfig(output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=cores + 3)
     assert args.dataloader_num_workers == cores and args.dataloader_persistent_workers
-    warnings = [r.getMessage() for r in caplog.records if r.name == "slca_peft.hardware"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "slca_peft.utils.hardware"]
     assert len(warnings) == 1 and f"more than the {cores} CPU cores available; using {cores}" in warnings[0]
 
 
@@ -186,7 +187,7 @@ def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_
     cpu_only(["AMX"])
     assert recipe.parse_args(argv)[2].bf16 is True  # the default is auto; no --use_cpu needed without a GPU
     assert recipe.parse_args(argv + ["--bf16", "false"])[2].bf16 is False
-    with caplog.at_level(logging.INFO, logger="slca_peft.hardware"):
+    with caplog.at_level(logging.INFO, logger="slca_peft.utils.hardware"):
         hardware.log_bf16_choice()
         hardware.log_bf16_choice()
     assert [r.getMessage() for r in caplog.records] == [

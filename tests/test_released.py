@@ -11,8 +11,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AutoModelForImageClassification, ViTModel
 
-from slca_peft import AlignmentSettings, SLCAConfig, SLCAModel, SLCATrainer
-from slca_peft.inference import merged_adapters
+from slca_peft import AlignmentSettings, SLCAConfig, SLCAModel, SLCATrainer, export_model
+from slca_peft.models.inference import merged_adapters
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -124,7 +124,7 @@ def test_fused_update_is_a_rank_r_update_of_w_qkv_and_survives_save_load_export(
         assert torch.equal(a0, a1) and torch.equal(b0, b1)
     with torch.no_grad():
         assert torch.equal(loaded(pixels).logits, logits)
-    loaded.export(str(tmp_path / "exported"))
+    export_model(loaded, str(tmp_path / "exported"))
     plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
     for block, exported in zip(blocks(model), plain.vit.layers, strict=True):
         a, b = qkv_lora(block)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_argv
 
-from slca_peft.errors import UserError
+from slca_peft.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "recipes" / "train_seq.py")
@@ -35,7 +35,7 @@ def run_cli(*args, env=None):
     (["--config", "missing.yaml"], "no such file"),
 ])
 def test_a_user_error_is_one_line_without_traceback(recipe, tmp_path, capsys, monkeypatch, args, message):
-    from slca_peft.errors import run_main
+    from slca_peft.utils.errors import run_main
 
     argv = args if args[0] == "--config" else ["--model_config", "m.json", "--dataset", "digits",
                                                "--output_dir", str(tmp_path / "o"), *args]
@@ -133,7 +133,7 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
 def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
     from conftest import start_forked, wait_forked
 
-    from slca_peft.continual import ContinualLearner
+    from slca_peft.continual.learner import ContinualLearner
 
     out, go = tmp_path / "run", tmp_path / "go"
     args = arguments(base_model_dir, image_folders, out, "--init_cls", "6")  # one task
@@ -166,9 +166,8 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
 
 
 def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
-    from slca_peft import checkpoint
-    from slca_peft.checkpoint import atomic_directory
-    from slca_peft.run_dir import claim_run_directory
+    from slca_peft.continual.run_dir import claim_run_directory
+    from slca_peft.utils.files import atomic_directory
 
     run = tmp_path / "run"
     (run / "task_0").mkdir(parents=True)
@@ -182,7 +181,7 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
                 os.kill(os.getpid(), signal.SIGKILL)
             real(src, dst)
 
-        checkpoint.os.replace = replace
+        os.replace = replace  # the forked child only
         with atomic_directory(run / "task_0") as tmp:
             (tmp / "weights").write_text("new")
         return 0
@@ -201,7 +200,7 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from slca_peft.files import atomic_directory, atomic_write_text
+    from slca_peft.utils.files import atomic_directory, atomic_write_text
 
     old = os.umask(0o002)
     try:

@@ -10,9 +10,9 @@ import pytest
 from conftest import recipe_argv, write_image_folder
 from PIL import Image
 
-from slca_peft import manifest
-from slca_peft.errors import UserError
-from slca_peft.run_dir import LOCK_FILE, claim_run_directory, remove_previous_run
+from slca_peft.continual.run_dir import LOCK_FILE, claim_run_directory, remove_previous_run
+from slca_peft.utils import manifest
+from slca_peft.utils.errors import UserError
 
 
 def listing(root):
@@ -200,9 +200,8 @@ def test_overwrite_with_resume_the_root_or_the_data_folder_is_refused(recipe, tm
 
 # ------------------------------------------------------------------------------------------- content
 def test_same_size_image_swaps_and_repaints_change_the_data_fingerprint(tmp_path):
-    from slca_peft.fingerprint import describe_mismatch
-    from slca_peft.run_dir import data_fingerprint
-    from slca_peft.tasks import TaskSequence
+    from slca_peft.continual.fingerprint import data_fingerprint, describe_mismatch
+    from slca_peft.data.tasks import TaskSequence
 
     bmp = tmp_path / "bmp"
     rng = np.random.RandomState(0)
@@ -214,7 +213,7 @@ def test_same_size_image_swaps_and_repaints_change_the_data_fingerprint(tmp_path
                 Image.fromarray(pixels).save(bmp / split / f"c{k}" / f"{i}.bmp")  # BMPs: one size for all
 
     def fingerprint():
-        from slca_peft.run_dir import run_fingerprint
+        from slca_peft.continual.fingerprint import run_fingerprint
 
         seq = TaskSequence.from_image_folders(bmp / "train", bmp / "test", init_cls=2, increment=2, seed=None)
         args = type("Args", (), {"method": "slca++"})()
@@ -247,7 +246,7 @@ def test_same_size_image_swaps_and_repaints_change_the_data_fingerprint(tmp_path
 
 
 def test_the_decode_pass_hashes_the_bytes_it_reads(tmp_path, monkeypatch):
-    from slca_peft import data_checks
+    from slca_peft.data import checks as data_checks
 
     folder = write_image_folder(tmp_path / "imgs", 1, 3)
     paths = sorted(str(p) for p in folder.rglob("*.png"))
@@ -269,8 +268,7 @@ def test_the_decode_pass_hashes_the_bytes_it_reads(tmp_path, monkeypatch):
 
 
 def test_the_peft_config_is_part_of_the_fingerprint(tmp_path):
-    from slca_peft.fingerprint import describe_mismatch
-    from slca_peft.run_dir import run_fingerprint
+    from slca_peft.continual.fingerprint import describe_mismatch, run_fingerprint
 
     config = tmp_path / "adapter_config.json"
     config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["query"]}))
@@ -279,14 +277,6 @@ def test_the_peft_config_is_part_of_the_fingerprint(tmp_path):
     config.write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["query"]}, indent=4))
     second = run_fingerprint(args, base_model=None, peft_config=config)
     assert first["peft_config"]["r"] == 4 and describe_mismatch(first, second) == "peft_config (r differ)"
-
-
-def test_an_older_fingerprint_is_compared_on_the_fields_it_has(tmp_path):
-    from slca_peft.run_dir import differing_fields
-
-    new = {"fingerprint_version": 2, "method": "slca++", "data_sha256": "b", "peft_config": None, "lr": 1}
-    assert differing_fields({"method": "slca++", "data_sha256": "a", "lr": 1}, new) == []
-    assert differing_fields({"method": "slca++", "data_sha256": "a", "lr": 2}, new) == ["lr"]
 
 
 # ------------------------------------------------------------------------------------------- failed start

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slca_peft import ClassStatistics
-from slca_peft.statistics import STATISTICS_FILE
+from slca_peft.method.statistics import STATISTICS_FILE
 
 
 def test_mean_and_covariance_match_numpy_over_uneven_batches():
@@ -183,7 +183,7 @@ def test_update_under_inference_mode_gives_the_same_numbers():
 
 def test_sharded_statistics_reduce_to_the_single_process_numbers(monkeypatch):
     """Two shards reduce in the same blocks; the sums stay exact whatever the block size."""
-    import slca_peft.statistics as module
+    import slca_peft.method.statistics as module
 
     monkeypatch.setattr(module, "_FINALIZE_BLOCK_ELEMENTS", 2 * 6 * 6)  # 2 classes per block
     d = 6

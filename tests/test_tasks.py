@@ -4,7 +4,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from PIL import Image
 
 from slca_peft import TaskSequence
-from slca_peft.tasks import class_order, split_sizes
+from slca_peft.data.tasks import class_order, split_sizes
 
 
 def labelled(labels, names=None) -> Dataset:

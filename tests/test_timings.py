@@ -11,9 +11,9 @@ import pytest
 from transformers import TrainerCallback
 
 from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, TaskSequence, TrainTransform
-from slca_peft.plotting import write_report
-from slca_peft.steps import AlignmentStep
-from slca_peft.timing import PHASES, checked_timings, phases_of, timing_summary, with_rates
+from slca_peft.continual.steps import AlignmentStep
+from slca_peft.sharing.plotting import write_report
+from slca_peft.utils.timing import PHASES, checked_timings, phases_of, timing_summary, with_rates
 
 pytestmark = pytest.mark.usefixtures("frozen_gc")
 
@@ -43,7 +43,7 @@ def test_every_phase_is_timed_where_it_runs_and_reported_everywhere(tmp_path, ma
                            report_to="tensorboard", callbacks=[SlowTraining()])
     learner.replace_callback(AlignmentStep, SlowAlignment())  # a subclass keeps the step's phase
     start = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="slca_peft.steps"):
+    with caplog.at_level(logging.INFO, logger="slca_peft.continual.steps"):
         result = learner.run()
     wall = time.perf_counter() - start
 

@@ -126,7 +126,7 @@ def test_a_plain_training_arguments_is_converted_and_its_optimizer_honoured(tmp_
     model.grow(2)
     plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=0.02, optim="adamw_torch",
                               weight_decay=0.01, report_to="none", save_strategy="no")
-    with caplog.at_level("INFO", logger="slca_peft.config"):
+    with caplog.at_level("INFO", logger="slca_peft.method.config"):
         trainer = SLCATrainer(model=model, args=plain)
     assert isinstance(trainer.args, SLCAConfig) and trainer.args.learning_rate == 0.02
     assert trainer.args.first_task_lora_lr_scale == 0.5  # the method's fields at their defaults

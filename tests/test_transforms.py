@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slca_peft.transforms import (
+from slca_peft.data.transforms import (
     EvalTransform,
     ImageTransformConfig,
     TrainTransform,

@@ -38,7 +38,7 @@ def test_sparse_statistics_declaring_512_gib_are_refused_without_allocating(tmp_
     def load_under_a_cap() -> int:  # in a child process: the address-space cap must not reach pytest
         import resource
 
-        from slca_peft.statistics import ClassStatistics
+        from slca_peft.method.statistics import ClassStatistics
 
         with open("/proc/self/status") as fh:
             used = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
@@ -60,7 +60,7 @@ def test_sparse_statistics_declaring_512_gib_are_refused_without_allocating(tmp_
 
 def test_report_writes_only_inside_the_run_directory(tmp_path):
     pytest.importorskip("matplotlib")
-    from slca_peft.plotting import write_report
+    from slca_peft.sharing.plotting import write_report
 
     run, victim = tmp_path / "run", tmp_path / "victim"
     victim.mkdir()

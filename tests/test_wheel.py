@@ -35,7 +35,7 @@ def test_slca_peft_train_runs_from_an_installed_wheel(tmp_path, tiny_image_folde
     script = f"""
 import contextlib, io, json, runpy, sys
 import slca_peft
-from slca_peft.recipe import parse_args
+from slca_peft.commands.recipe import parse_args
 help_text = io.StringIO()
 sys.argv = ["slca-peft", "train", "--help"]
 with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):

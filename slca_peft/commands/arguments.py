@@ -1,0 +1,303 @@
+"""The recipe's arguments: the model and data dataclasses, config files (`--config FILE` or a YAML/JSON first
+argument) and the checks that refuse a command line before anything runs.
+
+`parse_args` turns a command line into (`ModelArguments`, `DataArguments`, `SLCAConfig`); the recipe
+(`slca_peft.commands.recipe`) trains with them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..continual.run_dir import check_output_arguments, check_writable
+from ..method.config import SLCAConfig
+from ..models.backbones import check_backbone_source
+from ..utils.errors import UserError
+from ..utils.hardware import resolve_bf16_flag
+from .continue_run import check_continue_arguments
+
+
+def _shipped(kind: str, name: str) -> Path:
+    """A file under recipes/ (`configs`, `assets`): inside the installed package (a wheel ships them
+    as slca_peft/_recipes/configs, slca_peft/_recipes/assets, keeping the configs' relative paths to
+    the assets), else in the source tree."""
+    here = Path(__file__).resolve().parents[1]
+    installed = here / "_recipes" / kind / name
+    return installed if installed.exists() else here.parent / "recipes" / kind / name
+
+
+DEMO_CONFIG = _shipped("configs", "demo_digits.yaml")
+DEMO_BACKBONE = _shipped("assets", "tiny_vit_letters")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local directory of the pre-trained backbone."}
+    )
+    model_config: str | None = field(
+        default=None, metadata={"help": "A config JSON to build a randomly initialised backbone (demo, tests)."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the backbone."})
+    peft_config: str | None = field(
+        default=None,
+        metadata={"help": "A PEFT config JSON (adapter_config.json or PeftConfig.to_dict(): LoRA with DoRA/rsLoRA, "
+                  "LoHa, LoKr, IA3, ...) used as the slow learner instead of the lora_* settings."},
+    )
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue after the last task of a checkpoint: a task_<t> directory, a Hub repo id, "
+                  "or `auto` (the newest complete checkpoint in --output_dir, if any)."},
+    )
+    resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
+    accept_changed_files: bool = field(
+        default=False,
+        metadata={"help": "Resume or continue from a checkpoint whose files or base model weights changed since it was "
+                  "written (edited adapter or accuracies, replaced base weights); without it that is refused."},
+    )
+    continue_from: str | None = field(
+        default=None,
+        metadata={"help": "Teach a trained checkpoint (a task_<t> directory or a Hub repo id) the classes of new data "
+                  "(--train_dir/--test_dir or --dataset): they are split by --init_cls/--increment, ordered by "
+                  "--class_order_seed, and appended after the learned ones, which keep their ids. Not with "
+                  "--resume_from, which finishes an interrupted run of the same stream."},
+    )
+    continue_revision: str | None = field(default=None, metadata={"help": "Hub revision of --continue_from."})
+    merge_existing_classes: bool = field(
+        default=False,
+        metadata={"help": "With --continue_from: a new class named like a learned one adds its images to that class's "
+                  "statistics (no second output) instead of being refused."},
+    )
+    callbacks: list[str] | None = field(
+        default=None,
+        metadata={"help": "After-task steps of your own, run after the built-in ones: package.module:ClassName "
+                  "(a ContinualCallback or TrainerCallback subclass built without arguments)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A benchmark (cifar100, imagenet_r, cub200, cars196, digits) or any Hub image dataset id."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Read --dataset from this local copy instead of the Hub: the benchmark's usual layout "
+                  "(cifar-100-python/, imagenet-r/<wnid>/, CUB_200_2011/) or train/<class>/ + test/<class>/ folders."},
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of the dataset (default: the commit the benchmark is pinned to)."}
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
+    test_dir: str | None = field(default=None, metadata={"help": "Image folder with the same class names."})
+    image_column: str | None = field(default=None, metadata={"help": "Override the image column name."})
+    label_column: str | None = field(default=None, metadata={"help": "Override the label column name."})
+    brightness_jitter: float = field(default=0.0, metadata={"help": "Train brightness jitter (63/255 for CIFAR)."})
+    crop_scale_min: float = field(
+        default=0.08, metadata={"help": "Smallest area fraction of RandomResizedCrop (0.08 in the paper)."}
+    )
+    train_resize: int | None = field(
+        default=None,
+        metadata={"help": "Resize training images to N x N and random-crop the model's size instead of "
+                  "RandomResizedCrop (CUB-200's augmentation in the authors' released `utils/data.py`: 300)."},
+    )
+    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips while training."})
+    domains: list[str] | None = field(
+        default=None,
+        metadata={"help": "Domain-incremental: one task per domain, in this order, read from --data_dir (DomainNet's "
+                  "release with <domain>_train.txt/<domain>_test.txt, or <domain>/train/<class>/ + "
+                  "<domain>/test/<class>/). DomainNet: clipart infograph painting quickdraw real sketch."},
+    )
+    old_test_dir: str | None = field(
+        default=None,
+        metadata={"help": "With --continue_from: test images of learned classes (one sub-folder per class, named as "
+                  "the class), to keep scoring the old tasks; without it their accuracies are missing, not 0."},
+    )
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Class-order seeds to run one after another (the paper: 1993 1996 1997), each into "
+                  "OUTPUT_DIR/seed_<s>/, with a summary in OUTPUT_DIR/seeds.json. Overrides --class_order_seed."},
+    )
+
+
+#: Arguments that name an input file or folder: a relative value in a config file is looked up next to
+#: the file first (see `yaml_to_argv`). Outputs (`output_dir`, `logging_dir`) stay relative to the
+#: working directory, where the command runs.
+CONFIG_PATH_KEYS = ("model_name_or_path", "model_config", "peft_config", "resume_from", "dataset", "data_dir",
+                    "train_dir", "test_dir", "deepspeed", "fsdp_config", "accelerator_config")
+#: A config file given without `--config`, as the first argument (transformers' example scripts: `run_x.py args.json`).
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _resolve_config_path(value: str, base: Path) -> str:
+    """`value` against the config file's folder when it exists there, else as written (working directory).
+
+    When both name the same file, the value is kept as written, so a run started before this rule
+    keeps its fingerprint."""
+    path = Path(value).expanduser()
+    candidate = base / path
+    if path.is_absolute() or value == "auto" or not candidate.exists():
+        return value
+    if path.exists() and os.path.samefile(path, candidate):
+        return value
+    return os.path.normpath(candidate)
+
+
+def yaml_to_argv(path: str) -> list[str]:
+    """Turn a YAML (or JSON) mapping into command-line flags, so the command line can override any of
+    them. Relative input paths (`CONFIG_PATH_KEYS`) resolve against the file's own folder when they
+    exist there, so a config and the files beside it work from any working directory."""
+    kind = "JSON" if path.lower().endswith(".json") else "YAML"
+    if not Path(path).is_file():
+        raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}  # JSON is YAML
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of argument names to values.")
+    base = Path(path).resolve().parent
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv.extend(str(v) for v in value)
+        elif key in CONFIG_PATH_KEYS and isinstance(value, str):
+            argv.append(_resolve_config_path(value, base))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The config file (`--config FILE`, `--config=FILE`, or a .yaml/.yml/.json first argument) and the
+    other arguments."""
+    rest = list(argv)
+    found: list[str] = []
+    if rest and not rest[0].startswith("-") and rest[0].lower().endswith(CONFIG_SUFFIXES):
+        found.append(rest.pop(0))
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--config":
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise SystemExit("--config needs a value: --config path/to/file.yaml.")
+            found.append(rest[i + 1])
+            del rest[i : i + 2]
+        elif arg.startswith("--config="):
+            if not arg.removeprefix("--config="):
+                raise SystemExit("--config needs a value: --config path/to/file.yaml.")
+            found.append(arg.removeprefix("--config="))
+            del rest[i]
+        else:
+            i += 1
+    if len(found) > 1:
+        raise SystemExit(f"only one config file is read, got {len(found)} ({', '.join(found)}); merge them or "
+                         "override single values with flags.")
+    return (found[0] if found else None), rest
+
+
+def _argument_parser(prog: str | None = None) -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig), prog=prog)
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="A YAML or JSON file of arguments (also accepted as the first argument, as in transformers' example "
+             "scripts); flags on the command line override its values. A shipped config can be named without "
+             "its folder (e.g. cifar100_in21k_slca++.yaml).",
+    )
+    return parser
+
+
+def _value(option) -> str:
+    """An enum option's value as the command line spells it."""
+    return str(getattr(option, "value", option))
+
+
+#: Trainer flags the continual loop cannot honour, as (set, problem): every one set is named, with what to use.
+TRAINER_FLAG_RULES: tuple[tuple[Callable[[SLCAConfig], bool], str], ...] = (
+    (lambda a: _value(a.eval_strategy) != "no",
+     "--eval_strategy {eval}: the loop evaluates every seen task after each task (metrics.json); drop the flag"),
+    (lambda a: _value(a.save_strategy) != "no",
+     "--save_strategy {save}: the loop writes a checkpoint after each task (OUTPUT_DIR/task_<t>); drop the flag"),
+    (lambda a: a.load_best_model_at_end,
+     "--load_best_model_at_end: there is no best model across tasks; drop the flag"),
+    (lambda a: a.resume_from_checkpoint,
+     "--resume_from_checkpoint {a.resume_from_checkpoint}: use --resume_from {a.resume_from_checkpoint} "
+     "(a task_<t> checkpoint, a Hub repo id or `auto`)"),
+)
+
+#: Arguments refused before anything runs, as (broken, message) over the model, data and SLCAConfig
+#: arguments (`m`, `d`, `a`), checked in order: the first broken rule ends the run with its one line.
+ARGUMENT_RULES: tuple[tuple[Callable[[ModelArguments, DataArguments, SLCAConfig], bool], str], ...] = (
+    (lambda m, d, a: int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.world_size == 1,  # torchrun / accelerate
+     "the launcher started {env[WORLD_SIZE]} processes but each would train alone on all the data (no GPU backend was "
+     "found). Pass --use_cpu true for CPU processes (gloo), or check that the GPUs are visible."),
+    # --continue_from and --resume_from load the model from their checkpoint (--model_name_or_path then guards it).
+    (lambda m, d, a: not (m.model_name_or_path or m.model_config or m.continue_from or m.resume_from),
+     "give --model_name_or_path (pre-trained backbone) or --model_config (random init)."),
+    (lambda m, d, a: d.domains and (not d.data_dir or d.dataset or d.train_dir or d.test_dir),
+     "--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir."),
+    (lambda m, d, a: d.domains and d.seeds,
+     "--seeds varies the class order, which a domain-incremental run lacks; use --seed."),
+    (lambda m, d, a: not (d.domains or d.dataset or (d.train_dir and d.test_dir)),
+     "give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir."),
+    (lambda m, d, a: d.data_dir and not (d.dataset or d.domains),
+     "--data_dir needs --dataset NAME (e.g. --dataset cub200 --data_dir data/CUB_200_2011)."),
+    (lambda m, d, a: d.train_resize and d.crop_scale_min != 0.08,
+     "--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them."),
+    (lambda m, d, a: d.seeds and m.resume_from not in (None, "auto"),
+     "with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/)."),
+    (lambda m, d, a: d.seeds and len(set(d.seeds)) != len(d.seeds),
+     "--seeds {seeds} repeats a seed; give each seed once."),
+)
+
+
+def refuse_trainer_flags(args: SLCAConfig) -> None:
+    """Trainer flags the continual loop cannot honour, refused before anything runs, naming what to use."""
+    names = {"a": args, "eval": _value(args.eval_strategy), "save": _value(args.save_strategy)}
+    problems = [problem.format(**names) for is_set, problem in TRAINER_FLAG_RULES if is_set(args)]
+    if problems:
+        raise SystemExit("the continual loop cannot honour " + "; ".join(problems) + ".")
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> None:
+    """The trainer flags, `ARGUMENT_RULES` and the output directory: one line naming flag and fix."""
+    refuse_trainer_flags(args)
+    check_continue_arguments(model_args, data_args, args)
+    for broken, message in ARGUMENT_RULES:
+        if broken(model_args, data_args, args):
+            raise SystemExit(message.format(env=os.environ, seeds=" ".join(map(str, data_args.seeds or []))))
+    if model_args.model_name_or_path:  # a missing path or a checkpoint given as the backbone: before any decode
+        check_backbone_source(model_args.model_name_or_path)
+    check_writable(args.output_dir)
+
+
+def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
+    """The three argument dataclasses from `argv`: a config file (`--config FILE`, `--config=FILE` or a
+    .yaml/.json first argument) supplies defaults that the other flags override. `prog` names the
+    command in the usage line."""
+    config, argv = _split_config(argv)
+    chosen = {"--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
+    if config is None and not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv \
+            and "--help" not in argv:
+        config = str(DEMO_CONFIG)  # the offline demo, with any other flag overriding its settings
+    if config is not None:
+        if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
+            config = str(_shipped("configs", Path(config).name))  # a shipped config by name
+        argv = yaml_to_argv(config) + argv
+    argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
+    model_args, data_args, args, *_ = _argument_parser(prog).parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args, args)
+    check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
+                           data=[data_args.data_dir], image_folders=[data_args.train_dir, data_args.test_dir],
+                           model=model_args.model_name_or_path)
+    return model_args, data_args, args

@@ -1,0 +1,325 @@
+"""The training recipe: a ViT over a sequence of tasks with SLCA++ (or SLCA / SL / Seq-FT).
+
+It lives in the package so `slca-peft train` works from an installed wheel; `recipes/train_seq.py`
+is the thin entry point for `accelerate launch`.
+
+    python recipes/train_seq.py                      # offline demo: digits, tiny ViT
+    slca-peft train --num_train_epochs 2             # the demo with a flag overridden
+    python recipes/train_seq.py --config recipes/configs/cifar100_in21k_slca++.yaml   # the paper's CIFAR-100 row
+    slca-peft train --config cifar100_in21k_slca++.yaml   # a config shipped in the package, by name
+    python recipes/train_seq.py --config recipes/configs/cub200_in21k_slca++.yaml --data_dir data/CUB_200_2011
+    accelerate launch recipes/train_seq.py --config ... --output_dir runs/cifar --seeds 1993 1996 1997
+
+Any SLCAConfig / TrainingArguments field is a flag (`--learning_rate 0.01`); `--config file.yaml`
+supplies defaults that flags on the command line override. The arguments, config files and the checks
+that refuse a command line live in `slca_peft.commands.arguments`; this module turns them into data, a model
+and a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, set_seed
+
+from ..continual.callbacks import load_callback
+from ..continual.checkpoint import verify_checkpoint
+from ..continual.fingerprint import run_fingerprint
+from ..continual.learner import ContinualLearner
+from ..continual.previous_run import check_checkpoint_matches, check_resumable, finished_run
+from ..continual.run_dir import claim_run_directory
+from ..continual.steps import write_plots
+from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
+from ..data.checks import check_task_data, check_task_splits
+from ..data.continuation import load_test_folder
+from ..data.domains import DomainSequence
+from ..data.tasks import TaskSequence
+from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, eval_transform_config
+from ..method.config import SLCAConfig
+from ..metrics import summarize_accuracy_matrix
+from ..models.adapters import load_peft_config
+from ..models.model import SLCAModel
+from ..sharing.plotting import mean_std
+from ..utils.errors import UserError, read_json, run_main
+from ..utils.files import atomic_directory, atomic_write_text
+from ..utils.hardware import log_bf16_choice
+from ..utils.logging import LIBRARY_NAME, progress_bars, set_verbosity_from_args
+from ..utils.manifest import MANIFEST_FILE, read_manifest, record_tree
+from .arguments import (  # noqa: F401  (re-exported: the recipe's arguments, as before)
+    ARGUMENT_RULES,
+    CONFIG_PATH_KEYS,
+    DEMO_BACKBONE,
+    DEMO_CONFIG,
+    TRAINER_FLAG_RULES,
+    DataArguments,
+    ModelArguments,
+    check_arguments,
+    parse_args,
+    refuse_trainer_flags,
+    yaml_to_argv,
+)
+from .continue_run import continuation_fingerprint, continued_stream
+
+logger = logging.getLogger(__name__)
+
+
+def data_source(data_args: DataArguments) -> str | None:
+    """What the data is, as each task's history records it: the dataset's Hub id or name, or the image folders."""
+    if data_args.train_dir:
+        return f"image folders {data_args.train_dir}, {data_args.test_dir}"
+    return dataset_hub_id(data_args.dataset) or data_args.dataset
+
+
+def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+    """The task stream, with all of its data checked (every image decoded once) before any training;
+    the check's progress bars show on the main process unless `--disable_tqdm`."""
+    progress = not args.disable_tqdm and args.process_index == 0
+    with progress_bars(progress):
+        tasks = _load_tasks(data_args, args)
+        if not data_args.domains:
+            tasks.source = data_source(data_args)
+        if data_args.train_dir:
+            check_task_splits(tasks)  # from_image_folders has decoded every image
+        else:
+            check_task_data(tasks, progress=progress)
+    return tasks
+
+
+def _load_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+    if data_args.domains:
+        return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
+    split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
+    if data_args.train_dir:
+        return TaskSequence.from_image_folders(data_args.train_dir, data_args.test_dir, **split)
+    data, spec = load_benchmark(data_args.dataset, data_args.data_dir, data_args.dataset_revision)
+    return TaskSequence.from_dataset_dict(
+        data,
+        train_split=spec.train_split,
+        test_split=spec.test_split,
+        image_column=data_args.image_column or spec.image_column,
+        label_column=data_args.label_column or spec.label_column,
+        **split,
+    )
+
+
+def dataset_hub_id(name: str | None) -> str | None:
+    """The Hub id a model card names for `--dataset` (a benchmark's Hub copy, or the id given)."""
+    if not name:
+        return None
+    key = canonical_name(name)
+    if key in KNOWN_DATASETS:
+        return KNOWN_DATASETS[key].hub_id
+    return name if key != "digits" and "/" in name and not Path(name).exists() else None
+
+
+def build_model(model_args: ModelArguments, args: SLCAConfig) -> SLCAModel:
+    source = model_args.model_name_or_path
+    if source is None:
+        # A random backbone has no Hub id: save it so checkpoints can point at it.
+        set_seed(args.seed)
+        config = AutoConfig.from_pretrained(model_args.model_config)
+        source = str(Path(args.output_dir) / "base_model")
+        if args.process_index == 0:
+            if ContinualLearner.latest_checkpoint(args.output_dir) is not None:
+                raise UserError(f"{args.output_dir} holds checkpoints trained on its base_model/, which a new "
+                                "random backbone would replace; resume with --resume_from auto or use "
+                                "--overwrite_output_dir.")
+            if os.path.lexists(source) and read_manifest(source) is None:
+                raise UserError(f"{source} exists but was not written by slca-peft (it has no {MANIFEST_FILE}); "
+                                "--model_config saves its random backbone there: move that folder or choose another "
+                                "--output_dir.")
+            with atomic_directory(source) as tmp:
+                AutoModel.from_config(config).save_pretrained(tmp)
+                record_tree(tmp, {"kind": "model"})
+    peft_config = load_peft_config(model_args.peft_config) if model_args.peft_config else None
+    with args.main_process_first(desc="backbone"):
+        return SLCAModel.from_backbone(source, args, revision=model_args.model_revision, peft_config=peft_config)
+
+
+def transform_config_for(model: SLCAModel, brightness: float) -> ImageTransformConfig:
+    """The base model's image processor statistics, or ViT's defaults when it ships none (the same
+    ones an export's image processor uses)."""
+    return dataclasses.replace(eval_transform_config(model), brightness=brightness)
+
+
+def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    """Train once per class-order seed, each into OUTPUT_DIR/seed_<s>/, then write OUTPUT_DIR/seeds.json
+    with every seed's Last-Acc / Inc-Acc and their mean and sample standard deviation."""
+    root = Path(args.output_dir)
+    runs = {}
+    for seed in data_args.seeds:
+        seed_args = copy.copy(args)
+        seed_args.class_order_seed, seed_args.output_dir = seed, str(root / f"seed_{seed}")
+        if args.push_to_hub:  # one repo per seed: each has its own task history
+            seed_args.hub_model_id = f"{args.hub_model_id or root.absolute().name}-seed{seed}"
+        logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
+        summary = train(model_args, data_args, seed_args)
+        runs[str(seed)] = {
+            "output_dir": f"seed_{seed}",
+            "last_accuracy": summary["last_accuracy"],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+        }
+    result = {"method": args.method, "seeds": list(data_args.seeds), "runs": runs}
+    for key in ("last_accuracy", "average_incremental_accuracy"):
+        mean, std = mean_std([run[key] for run in runs.values()])
+        result[key] = {"mean": mean, "std": std}
+    if args.process_index == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "seeds.json", json.dumps(result, indent=2) + "\n")
+        last, inc = result["last_accuracy"], result["average_incremental_accuracy"]
+        logger.info(f"seeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
+              f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / 'seeds.json'})")
+        write_plots(root)  # mean heatmap, per-seed curves and the results table over the seeds
+    return result
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record is emitted."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(args: SLCAConfig) -> None:
+    """The library's records on stdout, once, with time and logger name, at the level the run itself
+    sets (`logging_utils.set_verbosity_from_args`: `--log_level` on the main process, `--log_level_replica`
+    on the others), so the lines before the first task follow the same rule as the rest."""
+    set_verbosity_from_args(args)
+    package = logging.getLogger(LIBRARY_NAME)
+    if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        package.addHandler(handler)
+    package.propagate = False  # one line per record, whatever the root logger does
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Train; with `argv=None` (the command line) a user error ends with one line, not a traceback.
+    `prog`: the command in the usage line (default: the script's name)."""
+    if argv is None:
+        prog = prog or os.path.basename(sys.argv[0]) or "slca-peft train"
+        return run_main(lambda args: main(args, prog), prog=prog)
+    model_args, data_args, args = parse_args(argv, prog)
+    configure_logging(args)
+    log_bf16_choice()
+    # transformers' notice about its own renamed attribute, which PEFT reads while wrapping the backbone
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if data_args.seeds:
+        return run_seeds(model_args, data_args, args)
+    return train(model_args, data_args, args)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    """One run over the task sequence of `args.class_order_seed`; returns the metrics summary.
+
+    The output directory is claimed for this run first (`claim_run_directory`): another run's files
+    there, a concurrent run or a resume with other settings stop it before any training. A run that
+    already finished there with the same settings is not repeated: its results are logged and returned
+    (nothing to do, as `make` would). Progress bars, of other libraries too, show on the main process
+    unless `--disable_tqdm`."""
+    with progress_bars(not args.disable_tqdm and args.process_index == 0):
+        return _start(model_args, data_args, args)
+
+
+def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> dict:
+    # What needs no image decode runs before the decode pass: the callbacks import, and the checkpoint a
+    # continuation goes on from is found (or the run refused) and hashed.
+    callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+    continuation = continuation_fingerprint(model_args, data_args, args.output_dir)
+    tasks = build_tasks(data_args, args)
+    logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
+                tasks.task_sizes, args.class_order_seed)
+    fingerprint = run_fingerprint(
+        args, base_model=model_args.model_name_or_path or model_args.model_config,
+        base_revision=model_args.model_revision, tasks=tasks, peft_config=model_args.peft_config,
+        extra={**{k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
+                                                     "horizontal_flip")}, **continuation},
+    )
+    done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
+        finished_run(args.output_dir, fingerprint, len(tasks))
+    if done is not None:
+        return _finished(args, done)
+    with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
+                             resume=bool(model_args.resume_from), main_process=args.process_index == 0):
+        return _train(model_args, data_args, args, tasks, fingerprint, callbacks)
+
+
+def _finished(args: SLCAConfig, metrics: dict) -> dict:
+    """The summary of a finished run, logged as the run logged it, without training again."""
+    last = Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}"
+    state = read_json(last / "continual_state.json")
+    summary = summarize_accuracy_matrix(metrics["accuracy_matrix"], state.get("task_test_sizes") or None)
+    if args.process_index == 0:
+        logger.info("nothing to do: %s already holds this run, finished (same settings and data). Last-Acc %.2f  "
+                    "Inc-Acc %.2f  forgetting %.2f  BWT %.2f  (%s); pass --overwrite_output_dir to train it again.",
+                    args.output_dir, summary["last_accuracy"], summary["average_incremental_accuracy"],
+                    summary["average_forgetting"], summary["backward_transfer"],
+                    Path(args.output_dir) / "metrics.json")
+        if args.push_to_hub:
+            logger.warning("--push_to_hub: nothing was trained, so nothing was pushed; upload a checkpoint with "
+                           "`slca-peft push %s REPO_ID`.", last)
+    return summary
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig, tasks, fingerprint,
+           callbacks: list) -> dict:
+    expected_base = [model_args.model_name_or_path, args.hub_base_model_id]  # what the checkpoint must be trained on
+    resume = model_args.resume_from
+    if resume == "auto":
+        resume = ContinualLearner.latest_checkpoint(args.output_dir)
+        logger.info("resume auto: %s", resume or "no complete checkpoint, starting from the first task")
+    if resume:
+        if Path(resume).is_dir():
+            check_checkpoint_matches(resume, fingerprint)
+            check_resumable(resume, align=args.align)
+            verify_checkpoint(resume, expected_base, accept_changed_files=model_args.accept_changed_files)
+        continued = continued_stream(model_args, data_args, tasks, args.output_dir)
+        learner = ContinualLearner.from_checkpoint(
+            resume, args, continued or tasks, revision=model_args.resume_revision,
+            expected_base=expected_base,
+            train_transform=None, eval_transform=None, callbacks=callbacks,
+        )
+        logger.info("resumed from %s after task %d", resume, len(learner.result.accuracy_matrix))
+    elif model_args.continue_from:
+        if Path(model_args.continue_from).is_dir():  # a Hub repo carries no local history to compare
+            verify_checkpoint(model_args.continue_from, expected_base,
+                              accept_changed_files=model_args.accept_changed_files)
+        old_test = load_test_folder(data_args.old_test_dir) if data_args.old_test_dir else None
+        learner = ContinualLearner.from_pretrained(
+            model_args.continue_from, args, tasks, revision=model_args.continue_revision,
+            expected_base=expected_base,
+            merge_existing_classes=model_args.merge_existing_classes, old_test=old_test,
+            train_transform=None, eval_transform=None, callbacks=callbacks,
+        )
+        logger.info("continuing %s (%d tasks, %d classes learned) with %d new classes in %d tasks",
+                    model_args.continue_from, learner.tasks.num_old_tasks, learner.tasks.num_old_classes,
+                    learner.tasks.num_classes - learner.tasks.num_old_classes, len(tasks))
+    else:
+        learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
+                                   eval_transform=None, callbacks=callbacks)
+    tc = transform_config_for(learner.model, data_args.brightness_jitter)
+    dataset_id = dataset_hub_id(data_args.dataset)
+    if dataset_id:
+        learner.run_metadata["dataset"] = dataset_id
+    learner.set_transforms(
+        TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
+                       resize=data_args.train_resize or None),
+        EvalTransform(tc),
+    )
+    return learner.run().summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""A continual checkpoint: the model files (`slca_peft.models.saving`) plus the learner's run state
+beside them, as a Trainer keeps trainer_state.json beside its model.
+
+Run state: `classifier_unaligned.safetensors` (heads before alignment: the next task learns from them),
+`class_statistics.safetensors` (per-class Gaussians) and `continual_state.json` (the task history).
+`save_checkpoint` writes model and run state atomically (the directory is complete or absent);
+`load_checkpoint` rebuilds all of it; `verify_checkpoint` refuses files slca-peft did not write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..method.statistics import ClassStatistics
+from ..models.backbones import hub_kwargs, loading_kwargs
+from ..models.config import read_state, validate_state
+from ..models.model import SLCAModel
+from ..models.saving import detached, read_model_config, read_safetensors, resolve_checkpoint, write_model_files
+from ..models.verification import base_model_record, verify_files
+from ..utils import manifest
+from ..utils.files import STATE_FILE, STATISTICS_FILE, UNALIGNED_FILE, atomic_directory, follow_umask, json_text
+
+
+def save_learner_state(
+    directory: str | Path,
+    *,
+    statistics: ClassStatistics | None = None,
+    state: dict[str, Any] | None = None,
+    unaligned_head: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the continual learner's run state beside the model files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if unaligned_head is not None:
+        manifest.safe_path(directory, UNALIGNED_FILE)
+        save_file(detached(unaligned_head), str(directory / UNALIGNED_FILE))
+        follow_umask(directory / UNALIGNED_FILE)
+    if statistics is not None:
+        manifest.safe_path(directory, STATISTICS_FILE)
+        statistics.save(directory)
+        follow_umask(directory / STATISTICS_FILE)
+    if state is not None:
+        validate_state(state)
+        manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
+
+
+def save_checkpoint(
+    model: SLCAModel,
+    directory: str | Path,
+    *,
+    statistics: ClassStatistics | None = None,
+    state: dict[str, Any] | None = None,
+    unaligned_head: dict[str, torch.Tensor] | None = None,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """Write everything needed to continue or serve `model`, atomically: the directory is either
+    complete or absent."""
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    with atomic_directory(directory) as tmp:
+        write_model_files(model, tmp, state, card)
+        save_learner_state(tmp, statistics=statistics, state=state, unaligned_head=unaligned_head)
+        manifest.record_tree(tmp, base_model_record(model, kind="checkpoint"))
+    return Path(directory)
+
+
+
+
+def load_learner_state(
+    directory: str | Path, model: SLCAModel
+) -> tuple[ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """The learner's run state `save_learner_state` wrote beside `model`'s files (each part None
+    when absent)."""
+    root = Path(directory)
+    statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
+    state = read_state(root)
+    unaligned = None
+    if (root / UNALIGNED_FILE).is_file():
+        unaligned = read_safetensors(root / UNALIGNED_FILE, dict(model.classifier.state_dict()))
+    return statistics, state, unaligned
+
+
+def verify_checkpoint(
+    path: str | Path,
+    expected_base: str | Sequence[str | None] | None = None,
+    *,
+    accept_changed_files: bool = False,
+) -> list[str]:
+    """Refuse a checkpoint whose files are not the ones slca-peft wrote, or whose base model's weights
+    were replaced, naming each difference; returns the differences (empty when it is intact).
+
+    Compares every file against the checkpoint's manifest (size and SHA-256: adapter, heads,
+    statistics, `continual_state.json` with its accuracies, ...) and the base model the checkpoint
+    would load (resolved as `read_model_config` does, `expected_base` included) against the digests
+    recorded when it was written (`slca_peft.models.verification`). `accept_changed_files=True` (the recipe's
+    `--accept_changed_files`) logs the differences instead of raising.
+    """
+    return verify_files(path, lambda: read_model_config(path, expected_base=expected_base)[0].base_model_name_or_path,
+                        accept_changed_files=accept_changed_files)
+
+
+def load_checkpoint(
+    path_or_repo_id: str | Path,
+    revision: str | None = None,
+    expected_base: str | Sequence[str | None] | None = None,
+    **kwargs: Any,
+) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Rebuild model, statistics, task history and unaligned head from a checkpoint (directory or Hub
+    repo) that `save_checkpoint` wrote.
+
+    `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
+    its Hub id) refuses a checkpoint that was trained on another backbone. `kwargs`: the loading
+    keywords of `SLCAModel.from_pretrained` (`token`, `cache_dir`, `local_files_only`,
+    `force_download`, `dtype`).
+    """
+    loading = loading_kwargs("load_checkpoint", **kwargs)
+    root = resolve_checkpoint(path_or_repo_id, revision, **hub_kwargs(loading))
+    model = SLCAModel.from_pretrained(root, base_model_name_or_path=expected_base, **loading)
+    statistics, state, unaligned = load_learner_state(root, model)
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    model.name_or_path = str(path_or_repo_id)
+    return model, statistics, state, unaligned

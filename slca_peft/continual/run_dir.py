@@ -1,0 +1,407 @@
+"""A run directory belongs to one run, and a run touches only what it wrote.
+
+When a run starts it writes `run_fingerprint.json` into its output directory: the method, every
+hyperparameter that changes results, the base model's identity and a content hash of its weight
+files, the PEFT config's content, the class order and a fingerprint of the data's content (each
+image's bytes, hashed by the decode pass that checks it). `claim_run_directory`, entered once every
+check that can fail before training has passed, then
+
+- refuses to start into a directory that holds another run, unless `overwrite`, which removes that
+  run's artefacts only (checkpoints, metrics, plots, results, seed runs, fingerprint, manifest: what
+  the fingerprint, the manifest and the library's own names say it wrote; never a symlink's target,
+  never a user's file beside them) and refuses a directory that holds files but no run;
+- refuses to resume when the fingerprint differs, naming the fields (and the classes whose data changed);
+- holds an advisory lock (`fcntl.flock` on `.slca-run.lock`, opened with `O_NOFOLLOW`, the holder's
+  pid written in it) so a second run into the same directory is refused while the first one is alive;
+- restores a task folder whose replacement was interrupted between its two renames;
+- leaves nothing behind when the run fails before finishing a task: the fingerprint, manifest and
+  lock it wrote are removed (and the directory, when it created it), so the corrected command runs.
+  A fingerprint left by a start killed before its first task is replaced by the next fresh start.
+
+The files a run wrote are listed in `.slca-manifest.json` (`slca_peft.utils.manifest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import stat
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..utils import manifest
+from ..utils.errors import UserError
+from ..utils.files import FINGERPRINT_FILE, STATE_FILE, json_text, recover_replaced
+from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
+
+LOCK_FILE = ".slca-run.lock"
+#: Files a run (or a `--seeds` run, or `slca-peft report`) writes at the top of its output directory.
+RUN_FILES = ("metrics.json", "results.md", "accuracy_matrix.png", "accuracy_curve.png", "seeds.json",
+             FINGERPRINT_FILE, manifest.MANIFEST_FILE)
+#: Directories a run writes: checkpoints (and their temporaries), seed runs, a random backbone.
+_TASK_DIR = re.compile(r"task_\d+")
+_TASK_TEMP = re.compile(r"\.task_\d+\.(tmp|old)-.*")
+_SEED_DIR = re.compile(r"seed_-?\d+")
+BASE_MODEL_DIR = "base_model"
+
+logger = logging.getLogger(__name__)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Refuse an output directory (or its nearest existing parent) this process cannot write."""
+    path = Path(output_dir).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {path} is not a directory; choose another --output_dir.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {path} is not writable; fix its permissions or choose "
+                        "another --output_dir.")
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def _within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, resume_from: str | None = None,
+                           data: Iterable[str | Path | None] = (), image_folders: Iterable[str | Path | None] = (),
+                           model: str | Path | None = None) -> None:
+    """Refuse an output directory a run must not write into, before anything is read.
+
+    `--overwrite_output_dir` with `--resume_from` (it would delete what the resume continues); the
+    filesystem root; a directory that is or holds the training data (`data`: e.g. `--data_dir`), or
+    also lies inside an image folder (`image_folders`: `--train_dir`, `--test_dir`, where it would
+    become a class); with `overwrite`, a directory whose run artefacts hold the `model` in use.
+    """
+    if overwrite and resume_from:
+        raise UserError(f"--overwrite_output_dir deletes the run that --resume_from {resume_from} would continue; "
+                        "drop one of them.")
+    out = _real(output_dir)
+    if os.path.dirname(out) == out:
+        raise UserError(f"--output_dir {output_dir} is the filesystem root; choose a directory of its own.")
+    folders = [(f, False) for f in data] + [(f, True) for f in image_folders]
+    for folder, inside_too in folders:
+        if folder is None or not os.path.exists(folder):
+            continue
+        real = _real(folder)
+        if _within(real, out) or inside_too and _within(out, real):
+            raise UserError(f"--output_dir {output_dir} overlaps the training data {folder}; a run's files would "
+                            "mix with its images: choose an --output_dir outside the data.")
+    if overwrite and model is not None and os.path.exists(model):
+        real = _real(model)
+        if _within(out, real):
+            raise UserError(f"--output_dir {output_dir} lies in the model in use ({model}); choose another "
+                            "--output_dir.")
+        if _within(real, out):
+            top = Path(os.path.relpath(real, out)).parts[0]
+            if top in RUN_FILES or top == BASE_MODEL_DIR or _TASK_DIR.fullmatch(top) or _SEED_DIR.fullmatch(top):
+                raise UserError(f"--overwrite_output_dir would delete {Path(output_dir) / top}, which holds the model "
+                                f"in use ({model}); move the model or choose another --output_dir.")
+
+
+# ---------------------------------------------------------------------------------------------- directory
+def _entries(root: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(root) as it:
+            return sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    return entry.is_dir(follow_symlinks=False)
+
+
+def _finished_a_task(root: Path) -> bool:
+    """Whether the run in `root` completed anything worth keeping (a checkpoint, metrics, a seed run)."""
+    for entry in _entries(root):
+        name = entry.name
+        if _TASK_DIR.fullmatch(name) or name.startswith(".task_") and ".old-" in name or _SEED_DIR.fullmatch(name):
+            return True
+        if name in ("metrics.json", "seeds.json"):
+            return True
+    return False
+
+
+def _holds_run(root: Path) -> bool:
+    """A fingerprint, a checkpoint (`task_<t>/continual_state.json`) or a seed run of slca-peft's."""
+    if (root / FINGERPRINT_FILE).is_file():
+        return True
+    for entry in _entries(root):
+        if _is_dir(entry) and _TASK_DIR.fullmatch(entry.name) and Path(entry.path, "continual_state.json").is_file():
+            return True
+        if _is_dir(entry) and _SEED_DIR.fullmatch(entry.name) and _holds_run(Path(entry.path)):
+            return True
+    return False
+
+
+def _run_artefacts(root: Path) -> list[Path]:
+    """What a start would collide with: checkpoints, seed runs and the files a run writes."""
+    found = []
+    for entry in _entries(root):
+        name = entry.name
+        if name in RUN_FILES and name != manifest.MANIFEST_FILE or (
+                _is_dir(entry) and (_TASK_DIR.fullmatch(name) or _TASK_TEMP.fullmatch(name)
+                                    or _SEED_DIR.fullmatch(name) and _holds_run(Path(entry.path)))):
+            found.append(Path(entry.path))
+    return found
+
+
+def _owned_by_run(root: Path, old: Mapping[str, Any] | None) -> list[Path]:
+    """The previous run's artefacts in `root`, checked before anything is deleted: a symlink at an
+    artefact's name is refused (the library never writes one)."""
+    owned = []
+    for entry in _entries(root):
+        name = entry.name
+        ours = (name in RUN_FILES or _TASK_DIR.fullmatch(name) or _TASK_TEMP.fullmatch(name)
+                or _SEED_DIR.fullmatch(name) and (entry.is_symlink() or _holds_run(Path(entry.path))))
+        if name == BASE_MODEL_DIR:  # a random backbone the run saved, unless it is the model the run used
+            used = str((old or {}).get("base_model", ""))
+            ours = old is not None and _real(used) != _real(entry.path) and os.path.isfile(used)
+        if not ours:
+            continue
+        if entry.is_symlink():
+            raise UserError(f"--overwrite_output_dir: {entry.path} is a symbolic link, which slca-peft never "
+                            "writes; remove it yourself or choose another --output_dir.")
+        owned.append(Path(entry.path))
+    for rel in sorted(manifest.read_manifest(root) or {}):
+        path = manifest.safe_path(root, rel, final_may_be_link=True)
+        if path.parent == root and not path.is_symlink() and path.is_file() and path not in owned:
+            owned.append(path)
+    return owned
+
+
+def _remove_tree(path: Path) -> None:
+    """A checkpoint or saved backbone: its manifest's files when it has one, else the whole folder
+    (`shutil.rmtree` unlinks symlinks inside without following them)."""
+    if (path / manifest.MANIFEST_FILE).is_file():
+        manifest.remove_owned(path)
+        if path.exists():
+            logger.warning("kept %s: it holds files slca-peft did not write (%s)", path,
+                           ", ".join(sorted(p.name for p in path.iterdir())[:5]))
+    else:
+        shutil.rmtree(path)
+
+
+def remove_previous_run(root: str | Path) -> list[Path]:
+    """Delete the previous run in `root` (see `claim_run_directory`'s `overwrite`); returns what went.
+
+    A directory with files but no run is refused, listing them; the lock file stays (it is held).
+    """
+    root = Path(root)
+    present = [e for e in _entries(root) if e.name not in (LOCK_FILE, manifest.MANIFEST_FILE)]
+    if not present:
+        return []
+    if not _holds_run(root):
+        names = [e.name + ("/" if _is_dir(e) else "") for e in present]
+        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        raise UserError(f"--overwrite_output_dir: {root} holds no slca-peft run but has files "
+                        f"({', '.join(names[:6])}{more}); it only replaces a previous run: choose an empty or "
+                        "new --output_dir.")
+    old = read_fingerprint(root) if (root / FINGERPRINT_FILE).is_file() else None
+    owned = _owned_by_run(root, old)
+    for path in owned:
+        if path.name == manifest.MANIFEST_FILE:
+            continue
+        if path.is_dir():
+            if _SEED_DIR.fullmatch(path.name):
+                with _lock(path):
+                    remove_previous_run(path)
+                (path / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                _remove_tree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (root / manifest.MANIFEST_FILE).unlink(missing_ok=True)
+    logger.info("--overwrite_output_dir: removed the previous run in %s (%s)", root,
+                ", ".join(p.name for p in owned[:8]) + (" ..." if len(owned) > 8 else ""))
+    return owned
+
+
+def recover_interrupted_replacements(root: str | Path) -> None:
+    """A kill between the two renames of a checkpoint replacement leaves `.task_N.old-*` and no
+    `task_N`: put the old folder back; when `task_N` exists, the leftover is removed."""
+    for old in sorted(Path(root).glob(".*.old-*")):
+        if old.is_symlink():
+            continue
+        recover_replaced(old.parent / old.name[1:].rsplit(".old-", 1)[0])
+
+
+def _open_lock(root: Path) -> tuple[int, bool]:
+    """The lock file's descriptor (never through a symlink; a regular file only) and whether it was created."""
+    path = root / LOCK_FILE
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    created = False
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        try:
+            fd, created = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; slca-peft's lock file is never a link (it would write "
+                            "through it): remove it and start again.") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; slca-peft's lock file is one: remove it and start again.")
+    return fd, created
+
+
+@contextlib.contextmanager
+def _lock(root: Path, *, on_error_remove: list[bool] | None = None) -> Iterator[bool]:
+    """Hold `root`'s lock; yields whether the lock file was created. When `on_error_remove` holds
+    True at an exception, the lock file is removed before the lock is released."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory lock
+        yield False
+        return
+    fd, created = _open_lock(root)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"another run (pid {holder}) is using {root}; wait for it to finish or choose another "
+                "--output_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield created
+        except BaseException:
+            if on_error_remove and on_error_remove[0]:
+                with contextlib.suppress(OSError):
+                    os.unlink(root / LOCK_FILE)
+            raise
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _undo_start(root: Path, *, created_dir: bool) -> None:
+    """A run that failed before finishing a task: remove the fingerprint and manifest it wrote (and,
+    in a directory it created, the backbone it saved), so the corrected command starts cleanly."""
+    (root / FINGERPRINT_FILE).unlink(missing_ok=True)
+    entries = manifest.read_manifest(root) or {}
+    entries.pop(FINGERPRINT_FILE, None)
+    if entries:
+        manifest.write_manifest(root, entries.values())
+    else:
+        (root / manifest.MANIFEST_FILE).unlink(missing_ok=True)
+    if created_dir:
+        base = root / BASE_MODEL_DIR
+        if base.is_dir() and not base.is_symlink():
+            shutil.rmtree(base)
+        for entry in _entries(root):
+            if _TASK_TEMP.fullmatch(entry.name) and _is_dir(entry):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claim_run_directory(
+    output_dir: str | Path,
+    fingerprint: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    main_process: bool = True,
+) -> Iterator[Path]:
+    """Hold `output_dir` for one run while the block runs (see the module docstring).
+
+    Enter it once every check that can fail before training has passed: a failure inside the block
+    before any task finished removes what the claim wrote. `resume`: the run continues the one
+    already in the directory (`--resume_from`), so its fingerprint must match. Only the main process
+    claims; the others yield at once.
+    """
+    root = Path(output_dir)
+    if not main_process:
+        yield root
+        return
+    check_output_arguments(root, overwrite=overwrite, resume_from=str(root) if resume else None)
+    check_writable(root)
+    created_dir = not os.path.lexists(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if root.is_symlink() and not root.is_dir():
+        raise UserError(f"--output_dir {root} is a broken symbolic link; choose another --output_dir.")
+    undo = [False]
+    try:
+        with _lock(root, on_error_remove=undo) as created_lock:
+            undo[0] = created_lock  # a refusal below leaves no lock file it created
+            recover_interrupted_replacements(root)
+            old = read_fingerprint(root)
+            artefacts = [p for p in _run_artefacts(root) if p.name != FINGERPRINT_FILE]
+            if overwrite:
+                remove_previous_run(root)
+                old = None
+            elif resume:
+                if old is not None and differing_fields(old, fingerprint):
+                    raise UserError(f"cannot resume: {root} holds a run with other settings: "
+                                    f"{describe_mismatch(old, fingerprint)}; resume with the same settings, or start "
+                                    "over with --overwrite_output_dir.")
+                if old is None and artefacts:
+                    logger.warning("%s has no %s (an older run); resuming without checking its settings.",
+                                   root, FINGERPRINT_FILE)
+            elif old is not None and differing_fields(old, fingerprint):
+                if _finished_a_task(root):
+                    raise UserError(
+                        f"{root} holds another run ({describe_mismatch(old, fingerprint)} differ); choose another "
+                        "--output_dir, or pass --overwrite_output_dir to replace it."
+                    )
+                logger.warning("%s holds the settings of a run that finished no task; replacing them.", root)
+                old = None
+            elif artefacts:
+                names = ", ".join(p.name for p in artefacts[:4])
+                if _holds_run(root):
+                    raise UserError(
+                        f"{root} already holds a run ({names}); continue it with --resume_from auto, choose another "
+                        "--output_dir, or pass --overwrite_output_dir to replace it."
+                    )
+                raise UserError(f"{root} holds files a run writes ({names}) but no slca-peft run; move them or choose "
+                                "another --output_dir.")
+            wrote = old is None
+            if wrote:
+                manifest.atomic_write_bytes(root, FINGERPRINT_FILE, json_text(dict(fingerprint)).encode())
+                manifest.record(root, [FINGERPRINT_FILE])
+            undo[0] = False
+            try:
+                yield root
+            except BaseException:
+                if wrote and not _finished_a_task(root):
+                    _undo_start(root, created_dir=created_dir)
+                    undo[0] = created_lock
+                raise
+    except BaseException:
+        if undo[0] and created_dir:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # empty again: the failed start left nothing
+        raise
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete `task_<t>` checkpoint in a run's output directory (for `auto`)."""
+    candidates = []
+    for path in Path(output_dir).glob("task_*"):
+        suffix = path.name.removeprefix("task_")
+        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None

@@ -1,0 +1,380 @@
+"""The built-in after-task steps of the continual loop, each owning its part of the work and its state.
+
+As Avalanche's plugins do, every step keeps what it produces: `StatisticsStep` the run's
+`ClassStatistics` (update over this process's share, reduce across processes, finalize;
+`learner.statistics` reads them), `EvaluationStep` the counting and the result rows it appends to
+`learner.result`, `CheckpointStep` the task checkpoints on disk, `PushStep` their uploads and
+`ReportStep` metrics.json and the plots. `ContinualLearner` only runs them, in the order
+`default_steps` gives, then the user's callbacks (the hook protocol: `slca_peft.continual.callbacks`).
+Replace or remove one with `learner.replace_callback(EvaluationStep, MyEvaluation())` or
+`learner.remove_callback(ReportStep)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import reduce
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.tasks import stream_class_ids
+from ..data.transforms import collate_fn
+from ..method.alignment import AlignmentSettings, ClassifierAligner
+from ..method.statistics import ClassStatistics
+from ..metrics import coverage_note, format_accuracy, format_accuracy_table
+from ..models.hub import local_base_problem, push_to_hub
+from ..models.inference import inference_context
+from ..utils.files import METRICS_FILE, atomic_write_text, json_text
+from ..utils.manifest import safe_path
+from ..utils.timing import timing_line, timing_summary, with_rates
+from .callbacks import ContinualCallback
+from .checkpoint import save_checkpoint
+
+if TYPE_CHECKING:
+    from ..data.tasks import Task
+    from ..method.config import SLCAConfig
+    from ..models.model import SLCAModel
+    from .learner import ContinualLearner
+
+logger = logging.getLogger(__name__)
+
+
+class StatisticsStep(ContinualCallback):
+    """Per-class Gaussians of the task's training features (kept; old data is gone).
+
+    Owns the run's `ClassStatistics` (`learner.statistics` reads it): one batched pass over the
+    task's training images with eval transforms, adapters merged and in the run's precision; float64
+    sums are reduced across processes, so every process holds the same, exact statistics.
+    """
+
+    phase = "statistics"
+
+    def __init__(self, statistics: ClassStatistics | None = None):
+        self.statistics = statistics
+
+    @staticmethod
+    def new_statistics(model: SLCAModel, args: SLCAConfig) -> ClassStatistics:
+        """Empty statistics in the covariance form the run asks for."""
+        return ClassStatistics(model.feature_dim, ridge=args.ca_ridge, covariance_form=args.ca_covariance_form,
+                               covariance_rank=args.ca_covariance_rank)
+
+    def on_task_end(self, learner, task):
+        self.compute(learner, task)
+
+    def compute(self, learner: ContinualLearner, task: Task) -> ClassStatistics:
+        """Add `task`'s classes to the statistics (update over this process's share, then finalize)."""
+        if self.statistics is None:
+            self.statistics = self.new_statistics(learner.model, learner.args)
+        device = learner.args.device
+        if task.merged_classes:  # learned classes this task's data adds images to: their sums, counted once
+            self.statistics.reopen([task.statistics_keys(c) for c in task.merged_classes],
+                                   sums=PartialState().process_index == 0, device=device)
+        batches = tqdm(self.loader(learner, task.statistics_data), desc=f"class statistics of task {task.task_id + 1}",
+                       unit="batch", leave=False, disable=not learner.show_progress)
+        with inference_context(learner.model, learner.args) as model:
+            for batch in batches:
+                feats = model.features(batch["pixel_values"].to(device))
+                self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
+        keys = [task.statistics_keys(c) for c in task.classes]
+        self.statistics.finalize(task.task_id, keys, reduce=_sum_over_processes)
+        return self.statistics
+
+    @staticmethod
+    def loader(learner: ContinualLearner, dataset) -> DataLoader:
+        """This process's exact share (every `world`-th sample): no sampler padding, so sums and
+        counts reduced across processes count every sample once."""
+        state = PartialState()
+        shard = dataset.select(range(state.process_index, len(dataset), state.num_processes))
+        args = learner.args
+        return DataLoader(
+            shard.with_transform(learner.eval_transform),
+            batch_size=args.per_device_eval_batch_size,
+            collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+
+
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    return reduce(tensor, reduction="sum") if PartialState().num_processes > 1 else tensor
+
+
+class AlignmentStep(ContinualCallback):
+    """Retrain every head on features sampled from the class Gaussians (from the second task on)."""
+
+    phase = "alignment"
+
+    def on_task_end(self, learner, task):
+        if not (learner.args.align and task.task_id > 0):
+            return
+        if learner.statistics is None:
+            raise RuntimeError("AlignmentStep samples the class statistics, but the learner has no StatisticsStep; "
+                               "keep it, or remove AlignmentStep too (learner.remove_callback(AlignmentStep)).")
+        aligner = ClassifierAligner(AlignmentSettings.from_config(learner.args), seed=learner.args.seed)
+        losses = aligner.align(
+            learner.model.classifier, learner.statistics, task.task_id, learner.tasks.statistics_labels,
+            progress=learner.show_progress,
+        )
+        logger.debug("task %d: classifier alignment losses %s", task.task_id + 1, [round(v, 4) for v in losses])
+
+
+class EvaluationStep(ContinualCallback):
+    """Accuracy on every seen task's test data with the aligned heads: appends the row to
+    `learner.result` and fires `on_evaluate` with `continual_metrics`.
+
+    A task whose test data is not at hand (`task.test is None`: learned before the stream was continued
+    on new data) gets a missing entry (None), neither 0 nor dropped; the accuracy over all seen classes
+    and the summaries are then over the tasks measured.
+    """
+
+    phase = "evaluation"
+
+    def __init__(self):
+        self._accelerator: Accelerator | None = None
+
+    def on_task_end(self, learner, task):
+        row, seen, sizes = self.evaluate(learner, task.task_id)
+        learner.result.accuracy_matrix.append(row)
+        learner.result.seen_accuracy.append(seen)
+        learner.result.task_test_sizes = sizes
+        learner.call_event("on_evaluate", task, self.continual_metrics(learner))
+
+    def accelerator(self, learner: ContinualLearner) -> Accelerator:
+        """The current task trainer's accelerator (one of this step's own before any training)."""
+        if learner.trainer is not None:
+            return learner.trainer.accelerator
+        if self._accelerator is None:
+            self._accelerator = Accelerator(cpu=learner.args.use_cpu)
+        return self._accelerator
+
+    def evaluate(self, learner: ContinualLearner, task_id: int) -> tuple[list[float], float, list[int]]:
+        """Accuracy on each seen task's test data and over all of it (micro), predicting among all
+        classes seen so far. Batches go through Accelerate (`gather_for_metrics`), so every test
+        sample is counted once whatever the number of processes."""
+        with inference_context(learner.model, learner.args):
+            correct, total = self.count_correct(learner, task_id)
+        given = np.array([learner.tasks[j].test is not None for j in range(task_id + 1)])
+        if (given & (total == 0)).any():
+            empty = [int(j) + 1 for j in np.nonzero(given & (total == 0))[0]]
+            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
+        if not given.any():
+            raise ValueError(f"no task up to task {task_id + 1} has test data; give the new data test images.")
+        row = [float(100.0 * c / n) if g else None for c, n, g in zip(correct, total, given, strict=True)]
+        # A task not measured now keeps the test size it was last measured with (0 if never): the weights
+        # of the summaries over earlier rows.
+        known = list(learner.result.task_test_sizes) + [0] * (task_id + 1)
+        sizes = [int(n) if g else int(known[j]) for j, (n, g) in enumerate(zip(total, given, strict=True))]
+        return row, float(100.0 * correct[given].sum() / total[given].sum()), sizes
+
+    def count_correct(self, learner: ContinualLearner, task_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Correct predictions and test samples of each task up to `task_id`."""
+        model, accelerator, args = learner.model, self.accelerator(learner), learner.args
+        correct = np.zeros(task_id + 1)
+        total = np.zeros(task_id + 1)
+        for j in range(task_id + 1):
+            if learner.tasks[j].test is None:
+                continue
+            loader = accelerator.prepare_data_loader(DataLoader(
+                learner.tasks[j].test.with_transform(learner.eval_transform),
+                batch_size=args.per_device_eval_batch_size,
+                collate_fn=collate_fn,
+                num_workers=args.dataloader_num_workers,
+            ))
+            hits = torch.zeros((), dtype=torch.long, device=accelerator.device)
+            for batch in tqdm(loader, desc=f"evaluating on task {j + 1}", unit="batch", leave=False,
+                              disable=not learner.show_progress):
+                preds = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits.argmax(dim=1)
+                preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(accelerator.device)))
+                hits += (preds == labels).sum()
+                total[j] += labels.numel()
+            correct[j] = hits.item()
+        return correct, total
+
+    @staticmethod
+    def continual_metrics(learner: ContinualLearner) -> dict[str, float]:
+        """The metrics after the newest task: accuracy on all seen classes, on each seen task, and
+        the stream summaries so far (Last-Acc, Inc-Acc, forgetting, BWT)."""
+        result = learner.result
+        summary = result.summary()
+        metrics = {"seen_accuracy": result.seen_accuracy[-1], "task": len(result.accuracy_matrix)}
+        row = result.accuracy_matrix[-1]
+        metrics.update({f"accuracy_{learner.tasks[j].display_name}": a for j, a in enumerate(row) if a is not None})
+        for key in ("last_accuracy", "average_incremental_accuracy", "average_forgetting", "backward_transfer"):
+            metrics[key] = float(summary[key])
+        return metrics
+
+
+class CheckpointStep(ContinualCallback):
+    """`OUTPUT_DIR/task_<t>`, written atomically: model, statistics, unaligned heads and task history."""
+
+    phase = "checkpoint"
+
+    def on_task_end(self, learner, task):
+        self.save(learner, learner.output_dir / f"task_{task.task_id}")
+
+    @staticmethod
+    def state(learner: ContinualLearner) -> dict[str, Any]:
+        """The task history a checkpoint records (`continual_state.json`)."""
+        result = learner.result
+        tasks = learner.tasks
+        # What each task was learned from (a `ContinuedStream` lists it per task; a stream's `source` else).
+        source = getattr(tasks, "source", None) or learner.run_metadata.get("dataset")
+        return {
+            "method": learner.args.method,
+            "tasks_learned": len(result.accuracy_matrix),
+            "task_data": [source] * len(tasks),
+            "class_ids": stream_class_ids(tasks),
+            **tasks.describe(),
+            "accuracy_matrix": result.accuracy_matrix,
+            "seen_accuracy": result.seen_accuracy,
+            "task_test_sizes": result.task_test_sizes,
+            "timings": result.timings,  # this task's without its own checkpoint write (timed after it)
+            "training_seed": learner.args.seed,
+            **learner.run_metadata,
+        }
+
+    def save(self, learner: ContinualLearner, directory: Path) -> None:
+        """The main process writes; the others wait so nobody reads a checkpoint being written."""
+        trainer = learner.trainer
+        state = self.state(learner)
+        learner.model.task_history = state  # a push or export of the model in memory keeps these results
+        if trainer is None or trainer.is_world_process_zero():
+            # A symlink at task_<t> (or a parent leading out of the run) is refused, never replaced or followed.
+            directory = safe_path(directory.parent, directory.name)
+            save_checkpoint(learner.model, directory, statistics=learner.statistics, state=state,
+                            unaligned_head=learner.unaligned_head)
+        if trainer is not None:
+            trainer.accelerator.wait_for_everyone()
+
+
+class PushStep(ContinualCallback):
+    """Uploads each task checkpoint as one commit (`--push_to_hub`); a Hub failure is logged with
+    the command that retries it, not fatal (the local checkpoint is complete)."""
+
+    def on_task_end(self, learner, task):
+        if learner.args.push_to_hub:
+            seen = learner.result.seen_accuracy[-1]
+            self.push(learner, learner.output_dir / f"task_{task.task_id}",
+                      f"task {task.task_id + 1}/{len(learner.tasks)}: seen classes {seen:.2f}%")
+
+    @staticmethod
+    def repo_id(args: SLCAConfig) -> str:
+        """`hub_model_id`, or the output directory's name."""
+        return args.hub_model_id or Path(args.output_dir).absolute().name
+
+    @staticmethod
+    def check_pushable(model: SLCAModel, args: SLCAConfig) -> None:
+        """Fail before any training if the pushed checkpoints could not be loaded elsewhere."""
+        problem = local_base_problem(model.settings()["base_model_name_or_path"], model.slca_config.use_lora,
+                                     args.hub_base_model_id)
+        if problem:
+            raise ValueError(f"push_to_hub is on but {problem}")
+
+    def push(self, learner: ContinualLearner, directory: Path, message: str) -> None:
+        """Upload a task checkpoint as one commit (main process only)."""
+        if not learner.is_main_process:
+            return
+        args, repo_id = learner.args, self.repo_id(learner.args)
+        try:
+            push_to_hub(directory, repo_id, private=args.hub_private_repo, token=args.hub_token,
+                        revision=args.hub_revision, commit_message=message, base_model_id=args.hub_base_model_id)
+        except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
+            options = "".join(
+                f" {flag} {value}" for flag, value in (("--base_model_id", args.hub_base_model_id),
+                                                       ("--revision", args.hub_revision)) if value
+            ) + (" --private" if args.hub_private_repo else "")
+            logger.warning(
+                "pushing %s to %s failed (%s); the checkpoint is complete on disk. Push it later with: "
+                "slca-peft push %s %s%s", directory, repo_id, err, directory, repo_id, options,
+            )
+        else:
+            logger.info("pushed %s to %s (%s)", directory.name, repo_id, message)
+
+
+class ReportStep(ContinualCallback):
+    """Logs each task's result once, sends the continual metrics to the trackers, and writes
+    metrics.json, the plots and results.md at the end of the run (main process only)."""
+
+    def on_evaluate(self, learner, task, metrics):
+        if not learner.is_main_process:
+            return
+        row = learner.result.accuracy_matrix[-1]
+        logger.info("task %d/%d | seen classes %5.1f%% | per task: %s", task.task_id + 1, len(learner.tasks),
+                    metrics["seen_accuracy"], " ".join(format_accuracy(a, 5) for a in row))
+        learner.tracker.log({f"eval_{key}": value for key, value in metrics.items()})
+
+    def on_task_end(self, learner, task):
+        """One line saying where the task's time went, and the same figures to the trackers (`time/...`)."""
+        if not learner.is_main_process or len(learner.result.timings) <= task.task_id:
+            return
+        record = with_rates(learner.result.timings[task.task_id])
+        logger.info("task %d/%d took %s", task.task_id + 1, len(learner.tasks), timing_line(record))
+        learner.tracker.log_scalars({f"time/{key}": value for key, value in record.items()
+                                     if key.endswith(("_seconds", "_per_second"))})
+
+    def on_run_end(self, learner, result):
+        if learner.is_main_process and result.accuracy_matrix:
+            path = safe_path(learner.output_dir, METRICS_FILE)  # a symlink there is refused, never written through
+            atomic_write_text(path, json_text(self.metrics(learner), sort_keys=False))
+            self._report(learner)
+        learner.tracker.close()
+
+    @staticmethod
+    def metrics(learner: ContinualLearner) -> dict[str, Any]:
+        """What metrics.json holds."""
+        result = learner.result
+        summary = result.summary()
+        return {
+            "accuracy_matrix": result.accuracy_matrix,
+            "last_accuracy": summary["last_accuracy"],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+            "average_forgetting": summary["average_forgetting"],
+            "backward_transfer": summary["backward_transfer"],
+            "seen_accuracy": result.seen_accuracy,
+            "missing_entries": summary["missing_entries"],
+            "class_order": learner.tasks.order,
+            "task_sizes": learner.tasks.task_sizes,
+            "method": learner.args.method,
+            "timings": timing_summary(result.timings),
+        }
+
+    @staticmethod
+    def _report(learner: ContinualLearner) -> None:
+        summary = learner.result.summary()
+        logger.info(
+            "accuracy (%%) on each task's test classes after learning each task:\n%s\nLast-Acc %.2f  Inc-Acc %.2f  "
+            "forgetting %.2f  BWT %.2f  (%s)%s",
+            format_accuracy_table(learner.result.accuracy_matrix, learner.result.seen_accuracy),
+            summary["last_accuracy"], summary["average_incremental_accuracy"], summary["average_forgetting"],
+            summary["backward_transfer"], learner.output_dir / METRICS_FILE,
+            f"\n{coverage_note(summary)}" if summary["missing_entries"] else "",
+        )
+        if write_plots(learner.output_dir):
+            learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / "accuracy_matrix.png")
+
+
+def write_plots(output_dir: Path) -> list[Path]:
+    """The heatmap, accuracy curve and results.md of a finished run (or `--seeds` run) when
+    matplotlib is installed; otherwise a note on how to make them later."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.info("plots skipped: install matplotlib (pip install 'slca-peft[plot]') and run "
+                    "`slca-peft report %s`", output_dir)
+        return []
+    from ..sharing.plotting import write_report
+
+    written = write_report(output_dir)
+    logger.info("report: %s", ", ".join(str(path) for path in written))
+    return written
+
+
+def default_steps(statistics: ClassStatistics | None = None) -> list[ContinualCallback]:
+    """The built-in after-task steps, in the order they run (`statistics`: those to continue from)."""
+    return [StatisticsStep(statistics), AlignmentStep(), EvaluationStep(), CheckpointStep(), PushStep(), ReportStep()]

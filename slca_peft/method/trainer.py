@@ -1,0 +1,276 @@
+"""`SLCATrainer`: a `Trainer` that learns one task slowly.
+
+It overrides a few hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
+group), the scheduler (`slca_cosine`: epoch-wise cosine to the method's floor, after an optional
+warm-up; any transformers schedule by its name), the loss
+(current task's logits only) and saving (slca-peft model files, arguments as JSON, no pickle).
+Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`. A plain
+`TrainingArguments` is converted to `SLCAConfig` (`slca_peft.method.config.as_slca_config`); a field the
+trainer cannot honour is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+from transformers.training_args import ParallelMode
+
+from ..models.adapters import ADAPTER, BACKBONE, HEAD
+from ..models.backbones import input_size
+from ..models.model import SLCAModel
+from ..utils.hardware import cpu_bf16_training
+from .config import SLCAConfig, as_slca_config
+from .losses import symmetric_cross_entropy
+
+logger = logging.getLogger(__name__)
+ARGS_FILE = "training_args.json"
+# Optimizers that need more than parameter groups (their own model hooks or per-layer state).
+_UNSUPPORTED_OPTIM = ("galore", "apollo", "lomo", "layerwise", "bnb", "8bit", "4bit", "paged", "torchao", "grokadamw")
+__all__ = ["SLCATrainer", "as_slca_config", "check_honoured", "epoch_cosine_lambda", "unused_trainable_parameters"]
+
+
+def check_honoured(args: SLCAConfig) -> None:
+    """Refuse, before training, a `TrainingArguments` value this trainer would otherwise ignore."""
+    optim = str(getattr(args.optim, "value", args.optim))
+    if any(word in optim for word in _UNSUPPORTED_OPTIM):
+        raise ValueError(
+            f"optim={optim!r} is not supported: its optimizer needs more than the slow-learner parameter groups. "
+            "Use optim='sgd' (the method's), or a plain torch optimizer such as 'adamw_torch'."
+        )
+    if args.method_schedule and args.lr_scheduler_kwargs:
+        raise ValueError(
+            f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r} is not used by the slca_cosine schedule (its floor is "
+            "learning_rate x backbone_lr_scale x lr_floor_decay); set lr_floor_decay, or another lr_scheduler_type."
+        )
+    if args.label_smoothing_factor:
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the task loss; "
+            "drop it (method slca++/sl use symmetric cross-entropy, see sce_alpha/sce_beta)."
+        )
+    if args.load_best_model_at_end:
+        raise ValueError(
+            "load_best_model_at_end=True is not supported: checkpoints hold slca-peft model files, which the "
+            "Trainer cannot reload; load one with SLCAModel.from_pretrained(<checkpoint-N>) instead."
+        )
+
+
+def _sgd_implementation(param_groups: list[dict]) -> dict[str, bool]:
+    """Fused SGD where PyTorch has it for these tensors (CUDA), else the multi-tensor (foreach) one."""
+    params = [p for group in param_groups for p in group["params"]]
+    if params and all(p.is_cuda for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def unused_trainable_parameters(model: SLCAModel) -> list[str]:
+    """Trainable parameters that one forward/backward pass leaves without a gradient (e.g. a mask token
+    under full fine-tuning): DDP must search for unused parameters only when there are some. The pass
+    runs in eval mode (no dropout, so no random numbers drawn) on one blank image; gradients are restored."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name: p.grad for name, p in params.items()}
+    was_training = model.training
+    try:
+        for p in params.values():
+            p.grad = None
+        model.eval()
+        size, channels = input_size(model.config), getattr(model.config, "num_channels", 3)
+        pixels = torch.zeros(1, channels, size, size, device=model.device, dtype=model.dtype)
+        with torch.enable_grad():
+            model(pixel_values=pixels).logits.float().sum().backward()
+        return [name for name, p in params.items() if p.grad is None]
+    finally:
+        for name, p in params.items():
+            p.grad = saved[name]
+        model.train(was_training)
+
+
+def ddp_find_unused(model: SLCAModel, args: SLCAConfig) -> bool | None:
+    """`find_unused_parameters` for DDP: the user's value; else, in a distributed run without activation
+    checkpointing, whether any trainable parameter goes unused (the Trainer would say True for any model
+    that is not a `PreTrainedModel`, and DDP then warns on every run); None leaves the Trainer's choice."""
+    if args.ddp_find_unused_parameters is not None:
+        return args.ddp_find_unused_parameters
+    if args.parallel_mode != ParallelMode.DISTRIBUTED or args.gradient_checkpointing:
+        return None
+    unused = unused_trainable_parameters(model)
+    if unused:
+        logger.info("DDP looks for unused parameters: %s receive no gradient.", ", ".join(unused[:5]))
+    return bool(unused)
+
+
+def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epochs: int, warmup_steps: int = 0):
+    """LR multiplier of `CosineAnnealingLR(T_max=epochs, eta_min=floor)` stepped once per epoch, as
+    the released code's `models/slca_pp.py` does, expressed per optimizer step for the Trainer's
+    scheduler; with `warmup_steps`, a linear ramp from 0 first (as transformers' warm-up schedules)."""
+
+    def factor(step: int) -> float:
+        if base_lr == 0:
+            return 0.0
+        if step < warmup_steps:
+            return step / warmup_steps
+        epoch = min(step // max(1, steps_per_epoch), epochs)
+        lr = floor + (base_lr - floor) * (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
+        return lr / base_lr
+
+    return factor
+
+
+class SLCATrainer(Trainer):
+    """Trains the current task of an `SLCAModel` with slow-learner rates.
+
+    The current task is the classifier's newest head; labels are global class indices and must
+    belong to it while training.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self, model: SLCAModel | None = None, args: SLCAConfig | None = None, task_id: int | None = None, **kwargs: Any
+    ):
+        if model is not None and not isinstance(model, SLCAModel):
+            raise TypeError(
+                f"SLCATrainer trains an SLCAModel, got {type(model).__name__}; wrap your backbone with "
+                "SLCAModel.from_backbone(...)."
+            )
+        args = as_slca_config(args)
+        check_honoured(args)
+        save = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if save != "no" and not args.save_only_model:
+            # Optimizer, scheduler and RNG states would be pickles: checkpoints hold the model files only.
+            logger.info("SLCATrainer: checkpoint-N folders hold the model files only (save_only_model=True).")
+            args.save_only_model = True
+        if model is not None and model.classifier.num_tasks == 0:
+            raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
+        self._task_id = task_id
+        find_unused = ddp_find_unused(model, args) if model is not None else None
+        user_value, args.ddp_find_unused_parameters = args.ddp_find_unused_parameters, find_unused
+        try:
+            super().__init__(model=model, args=args, **kwargs)  # reads it once, to build the DDP wrapper
+        finally:
+            args.ddp_find_unused_parameters = user_value
+
+    # ------------------------------------------------------------------ task bookkeeping
+    @property
+    def slca_model(self) -> SLCAModel:
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    @property
+    def task_id(self) -> int:
+        """The task being learned: the newest head unless given (domain-incremental runs share one head)."""
+        return self._task_id if self._task_id is not None else self.slca_model.classifier.num_tasks - 1
+
+    @property
+    def known_classes(self) -> int:
+        return self.slca_model.classifier.task_offsets()[-2]
+
+    def group_learning_rates(self) -> dict[str, float]:
+        """Learning rate of each parameter role for the current task (Slow Learner, docs/method.md)."""
+        args: SLCAConfig = self.args
+        lr = args.learning_rate
+        backbone = lr * args.backbone_lr_scale
+        adapter = lr * args.first_task_lora_lr_scale if self.task_id == 0 else backbone
+        return {HEAD: lr, ADAPTER: adapter, BACKBONE: backbone}
+
+    # ------------------------------------------------------------------ hooks
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            slca_model = self.accelerator.unwrap_model(opt_model)
+            rates = self.group_learning_rates()
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            # The method's SGD decays every parameter, as the released code; other optimizers follow the
+            # Trainer's exemptions (no decay on biases and LayerNorm weights).
+            decayed = None if optim == "sgd" else set(self.get_decay_parameter_names(slca_model))
+            groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+            for name, param in slca_model.named_parameters():
+                if param.requires_grad:
+                    key = (slca_model.parameter_role(name), decayed is None or name in decayed)
+                    groups.setdefault(key, []).append(param)
+            param_groups = [
+                {"params": groups[role, decay], "lr": rates[role], "name": role,
+                 "weight_decay": self.args.weight_decay if decay else 0.0}
+                for role in (HEAD, ADAPTER, BACKBONE) for decay in (True, False) if groups.get((role, decay))
+            ]
+            if optim == "sgd":
+                self.optimizer = torch.optim.SGD(
+                    param_groups, lr=self.args.learning_rate, momentum=self.args.momentum,
+                    weight_decay=self.args.weight_decay, **_sgd_implementation(param_groups),
+                )
+            else:
+                # Any other plain torch optimizer, built the Trainer's way, with the same groups.
+                optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, slca_model)
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "model", "optimizer_dict")}
+                self.optimizer = optimizer_cls(param_groups, **kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None and self.args.method_schedule:
+            optimizer = optimizer or self.optimizer
+            args: SLCAConfig = self.args
+            if args.max_steps > 0:
+                epochs, steps_per_epoch = num_training_steps, 1
+            else:
+                epochs = max(1, math.ceil(args.num_train_epochs))
+                steps_per_epoch = max(1, math.ceil(num_training_steps / epochs))
+            floor = args.learning_rate * args.backbone_lr_scale * args.lr_floor_decay
+            warmup = args.get_warmup_steps(num_training_steps)
+            lambdas = [
+                epoch_cosine_lambda(group["lr"], floor, steps_per_epoch, epochs, warmup)
+                for group in optimizer.param_groups
+            ]
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Loss on the current task's logits only (targets shifted by the known classes)."""
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(pixel_values=inputs["pixel_values"])
+        known, total = self.known_classes, self.slca_model.classifier.num_classes
+        if bool(((labels < known) | (labels >= total)).any()):  # one device sync per step
+            raise ValueError(
+                f"task {self.task_id} owns classes [{known}, {total}) but the batch has labels in "
+                f"[{int(labels.min())}, {int(labels.max())}]; train each task on its own classes "
+                "(TaskSequence remaps labels for you)."
+            )
+        logits = outputs.logits[:, known:]
+        targets = labels - known
+        args: SLCAConfig = self.args
+        if args.use_sce:
+            loss = symmetric_cross_entropy(logits, targets, args.sce_alpha, args.sce_beta, check_labels=False)
+        else:
+            loss = F.cross_entropy(logits.float(), targets)
+        outputs.loss = loss
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ saving
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint:
+            raise ValueError(
+                "resume_from_checkpoint is not supported: SLCATrainer checkpoints hold no optimizer state. "
+                "Load the model with SLCAModel.from_pretrained(<checkpoint>) and train it again, or resume a "
+                "continual run after its last task with --resume_from (ContinualLearner.from_checkpoint)."
+            )
+        with cpu_bf16_training(self.model, self.args):  # eager attention, one cast per block norm
+            return super().train(None, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`SLCAModel.save_pretrained` files and the arguments as JSON (no training_args.bin pickle)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.slca_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        from ..utils.files import atomic_write_text
+
+        atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())

@@ -1,0 +1,287 @@
+"""Model cards of slca-peft model folders and continual checkpoints (`huggingface_hub.ModelCard`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
+from ..utils.files import CARD_FILE
+from .base_model import is_local_name
+
+#: Where the card names its own repo until an upload knows it (`slca_peft.models.hub.push_to_hub` fills it in).
+REPO_PLACEHOLDER = "<this repo or directory>"
+CARD_TAGS = ["continual-learning", "slca", "lora", "image-classification"]
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
+{{ learned }} of {{ total }} tasks ({{ num_classes }} classes so far).
+
+## Accuracy (%) on each task's test classes after learning each task
+
+{{ accuracy_table }}
+
+{{ metrics_line }}
+
+## Tasks
+
+{{ task_history }}
+
+## Classes
+
+{{ classes }}
+
+## Usage
+
+This is a continual checkpoint: its classifier is slca-peft's per-task heads, which
+`transformers.pipeline()` cannot read (it would answer from a fresh, random head). For a
+`pipeline("image-classification")` model, export it (adapter merged, heads folded, output k = class id k):
+
+```bash
+slca-peft export {{ repo }} exported/        # or export_model(model, "exported/") in Python
+slca-peft push exported/ <your repo>          # upload the export, with its own model card
+```
+
+With slca-peft (continue training, inspect the per-task heads):
+
+```python
+from slca_peft import SLCAModel, export_model
+
+model = SLCAModel.from_pretrained("{{ repo }}")
+logits = model(pixel_values).logits      # over all classes seen so far
+export_model(model, "exported")          # plain transformers checkpoint for pipeline()
+```
+
+Without slca-peft, the backbone's adapted features with PEFT (the classifier needs slca-peft or an
+export):
+
+```python
+from peft import PeftModel
+from transformers import AutoModel
+
+backbone = PeftModel.from_pretrained(AutoModel.from_pretrained("{{ base_model }}"), "{{ repo }}")
+```
+
+Finish the stream it was cut from: `slca-peft train --resume_from {{ repo }} ...` (same data and split).
+Teach it new classes from new data: `slca-peft train --continue_from {{ repo }} --train_dir new/train
+--test_dir new/test ...` (old classes keep their ids; see docs/hub.md, "Continue learning later").
+"""
+
+
+def _accuracy_table(state: dict[str, Any]) -> str:
+    matrix = state.get("accuracy_matrix") or []
+    if not matrix:
+        return "_No task has been evaluated yet._"
+    seen = state.get("seen_accuracy") or [float("nan")] * len(matrix)
+    return format_accuracy_table(matrix, seen, markdown=True)
+
+
+def card_metrics(state: dict[str, Any]) -> dict[str, float]:
+    """Last-Acc, Inc-Acc and forgetting of a task history, computed as metrics.json's are."""
+    matrix = state.get("accuracy_matrix") or []
+    if not matrix:
+        return {}
+    summary = summarize_accuracy_matrix(matrix, state.get("task_test_sizes") or None)
+    return {
+        "last_accuracy": float(summary["last_accuracy"]),
+        "average_incremental_accuracy": float(summary["average_incremental_accuracy"]),
+        "average_forgetting": float(summary["average_forgetting"]),
+        "missing_entries": int(summary["missing_entries"]),
+    }
+
+
+def _task_history(state: dict[str, Any], label_names: list[str] | None) -> str:
+    """One row per learned task: its classes and the data it was learned from (grows with every
+    continuation on new data)."""
+    learned = int(state.get("tasks_learned", len(state.get("accuracy_matrix") or [])))
+    sizes = list(state.get("task_sizes") or [])[:learned]
+    if not sizes:
+        return "_No task has been learned yet._"
+    data = list(state.get("task_data") or [state.get("dataset")] * learned)
+    lines = ["| task | classes | data |", "|---|---|---|"]
+    start = 0
+    for t, size in enumerate(sizes):
+        names = label_names[start : start + size] if label_names and len(label_names) >= start + size else None
+        shown = ", ".join(names[:8]) + (f" (+{size - 8})" if size > 8 else "") if names else f"{size} classes"
+        source = data[t] if t < len(data) and data[t] else "not recorded"
+        lines.append(f"| {t + 1} | {shown} | {source} |")
+        start += size
+    return "\n".join(lines)
+
+
+_METRIC_NAMES = {
+    "last_accuracy": ("accuracy", "Last-Acc"),
+    "average_incremental_accuracy": ("accuracy", "Inc-Acc"),
+    "average_forgetting": ("forgetting", "Forgetting"),
+}
+
+
+def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="image-classification", task_name="Class-incremental image classification",
+            dataset_type=dataset or "custom", dataset_name=dataset or "custom",
+            metric_type=metric_type, metric_name=metric_name, metric_value=round(metrics[key], 4),
+        )
+        for key, (metric_type, metric_name) in _METRIC_NAMES.items() if key in metrics
+    ]
+
+
+def hub_datasets(state: dict[str, Any]) -> list[str]:
+    """The Hub datasets a task history learned from, in task order (a continuation on other data adds
+    its own), then the run's `dataset`: each task's data is named as recorded, so only `owner/name` ids
+    count (image folders, local paths and bundled data are no Hub datasets)."""
+    recorded = [d for d in state.get("task_data") or []
+                if isinstance(d, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", d) and not is_local_name(d)]
+    if isinstance(state.get("dataset"), str) and state["dataset"]:
+        recorded.append(state["dataset"])
+    return list(dict.fromkeys(recorded))
+
+
+def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] | None, license: str | None,
+               tags: list[str], model_name: str, **fields: Any) -> tuple[Any, str]:
+    """What a checkpoint's and an export's card share: the metadata (results as `model-index`, the
+    datasets, license, tags and a base model others can load) and the text's metrics line."""
+    from huggingface_hub import ModelCardData
+
+    # The results are over every task, so they name the run's own dataset (or "custom"), not the first task's.
+    dataset = (datasets or [None])[0] or state.get("dataset")
+    datasets = list(datasets) if datasets else hub_datasets(state)
+    metrics = card_metrics(state)
+    eval_results = _eval_results(metrics, dataset)
+    data = ModelCardData(
+        tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
+        license=license or "other",
+        base_model=None if base is None or is_local_name(str(base)) else str(base),
+        datasets=datasets or None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+        **fields,
+    )
+    metrics_line = ""
+    if metrics:
+        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
+                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
+                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
+    return data, metrics_line
+
+
+def build_model_card(
+    settings: dict[str, Any],
+    state: dict[str, Any] | None = None,
+    *,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    model_name: str | None = None,
+    repo: str = REPO_PLACEHOLDER,
+):
+    """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names,
+    `model-index` results equal to the run's metrics) and a usage snippet."""
+    from huggingface_hub import ModelCard
+
+    state = state or {}
+    base = settings.get("base_model_name_or_path")
+    label_names = settings.get("label_names") or state.get("label_names")
+    num_classes = sum(settings.get("task_sizes") or [])
+    model_name = model_name or "SLCA++ continual checkpoint"
+    # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
+    data, metrics_line = _card_data(
+        state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
+        library_name="slca-peft", label_names=list(label_names[:num_classes]) if label_names else None,
+    )
+    learned = state.get("tasks_learned", len(settings.get("task_sizes") or []))
+    classes = ", ".join(label_names[:num_classes]) if label_names else "_Not named (class indices only)._"
+    return ModelCard.from_template(
+        data, template_str=_CARD_TEMPLATE, model_name=model_name, base_model=base, method=state.get("method", "slca++"),
+        learned=learned, total=len(state.get("task_sizes") or []) or learned, num_classes=num_classes,
+        accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes, repo=repo,
+        task_history=_task_history(state, label_names),
+    )
+
+
+def write_model_card(directory: str | Path, settings: dict[str, Any], state: dict[str, Any] | None,
+                     **card: Any) -> Path:
+    """README.md of a model folder."""
+    path = Path(directory) / CARD_FILE
+    build_model_card(settings, state, **card).save(path)
+    return path
+
+
+_EXPORT_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A plain `{{ architecture }}` exported by slca-peft from the continual checkpoint `{{ source }}`
+{{ provenance }}: the adapter is merged into the `{{ base_model }}` backbone and the per-task heads are
+folded into one classifier. It needs only `transformers` (no slca-peft, no `trust_remote_code`).
+
+Output k is the class the training dataset labels k (its class id), so
+`(logits.argmax(-1) == batch["label"])` on that dataset scores what the run reported.
+
+## Usage
+
+```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{{ repo }}")
+classify("some_image.jpg", top_k=3)
+```
+
+## Accuracy (%) of the run on each task's test classes after learning each task
+
+{{ accuracy_table }}
+
+{{ metrics_line }}
+
+## Classes (class id: name)
+
+{{ classes }}
+"""
+
+
+def build_export_card(
+    base_model: str | None,
+    id2label: dict[int, str],
+    state: dict[str, Any] | None = None,
+    *,
+    architecture: str = "AutoModelForImageClassification",
+    source: str | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    model_name: str | None = None,
+    repo: str = REPO_PLACEHOLDER,
+):
+    """The card of an export: a `pipeline("image-classification")` model, with the run's results and
+    where it came from (which checkpoint, after which task)."""
+    from huggingface_hub import ModelCard
+
+    state = state or {}
+    model_name = model_name or "SLCA++ continual model (exported)"
+    data, metrics_line = _card_data(
+        state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
+        model_name=model_name, library_name="transformers", pipeline_tag="image-classification",
+        label_names=[id2label[k] for k in sorted(id2label)],
+    )
+    learned = state.get("tasks_learned")
+    total = len(state.get("task_sizes") or []) or learned
+    provenance = (f"after task {learned} of {total} (method `{state.get('method', 'slca++')}`)" if learned
+                  else "(no task history recorded)")
+    classes = "\n".join(f"- {k}: {id2label[k]}" for k in sorted(id2label))
+    return ModelCard.from_template(
+        data, template_str=_EXPORT_TEMPLATE, model_name=model_name, architecture=architecture,
+        source=source or "(built in memory)", provenance=provenance,
+        base_model=data.base_model or f"{Path(str(base_model)).name} (a local copy)",
+        accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes, repo=repo,
+    )

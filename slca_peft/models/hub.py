@@ -1,0 +1,133 @@
+"""Hub uploads of slca-peft model folders and continual checkpoints (the cards: `slca_peft.models.card`)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..utils.errors import read_json
+from ..utils.files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, STATE_FILE, write_json
+from ..utils.manifest import regular_files_for_upload
+from .base_model import is_local_name
+from .card import REPO_PLACEHOLDER, write_model_card
+
+
+def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | None) -> str | None:
+    """Why an upload of a checkpoint on `base` could not be loaded elsewhere, or None if it can."""
+    if base_model_id is not None or not use_lora or not base or not is_local_name(str(base)):
+        return None
+    return (
+        f"its base model is the local path {base!r}, which nobody who downloads the repo can load. "
+        "Upload the base model first (e.g. ViTModel.from_pretrained(path).push_to_hub('me/base')) and pass its "
+        "Hub id as base_model_id (`slca-peft push ... --base_model_id me/base`, or `--hub_base_model_id` when "
+        "training with --push_to_hub)."
+    )
+
+
+def is_export(directory: str | Path) -> bool:
+    """A folder `export` wrote (a stock transformers model), not an slca-peft checkpoint."""
+    directory = Path(directory)
+    return (directory / "config.json").is_file() and not (directory / CONFIG_FILE).is_file()
+
+
+def check_export(directory: str | Path) -> None:
+    """Refuse, naming what is missing, an export folder `pipeline()` could not load."""
+    directory = Path(directory)
+    config = read_json(directory / "config.json")
+    missing = [name for name in ("preprocessor_config.json", CARD_FILE) if not (directory / name).is_file()]
+    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors")
+    if not isinstance(config, dict) or not config.get("architectures") or not config.get("id2label") or missing:
+        raise ValueError(f"{directory} is not a complete export (missing {missing or ['config.json fields']}); "
+                         "write it again with `slca-peft export CHECKPOINT DIR`.")
+
+
+def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, tags: list[str] | None) -> None:
+    """Make an upload copy name `base_model_id` as its base model in every file that records it, and
+    its card point at the repo."""
+    settings: dict[str, Any] = {}
+    local_base = None
+    for name in (CONFIG_FILE, ADAPTER_CONFIG_FILE):
+        path = directory / name
+        if path.is_file():
+            data = read_json(path)
+            if base_model_id is not None:
+                local_base = local_base or data.get("base_model_name_or_path")
+                data["base_model_name_or_path"] = base_model_id
+                write_json(path, data)
+            settings = data if name == CONFIG_FILE else settings
+    card_path = directory / CARD_FILE
+    if not card_path.is_file():
+        state_path = directory / STATE_FILE
+        write_model_card(directory, settings, read_json(state_path) if state_path.is_file() else None)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path)
+    if base_model_id is not None:
+        card.data.base_model = base_model_id
+        if local_base:
+            card.text = card.text.replace(str(local_base), base_model_id)
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
+    card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
+    card.save(card_path)
+
+
+def _copy_for_upload(directory: Path, folder: Path) -> None:
+    """Copy what an upload of `directory` may send: the regular files of its manifest (for a folder
+    written before manifests, its regular files), never a symlink or its target (a token file linked
+    into a checkpoint must not leave the machine)."""
+    folder.mkdir(parents=True)
+    for path in regular_files_for_upload(directory):
+        target = folder / path.relative_to(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target, follow_symlinks=False)
+
+
+def push_to_hub(
+    directory: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    commit_message: str = "Upload SLCA++ continual checkpoint",
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    base_model_id: str | None = None,
+) -> Any:
+    """Create the repo (and the `revision` branch) if needed and upload a model folder or checkpoint
+    as one commit, or as one pull request with `create_pr`. Only the regular files slca-peft wrote
+    there (its manifest) are sent: never a symlink's target, never a file put beside them.
+
+    A LoRA checkpoint refers to its base model by name; one built on a local directory would load
+    nowhere else, so it is refused unless `base_model_id` names the same weights on the Hub (the
+    uploaded copy then records that id; the local directory is left as it is).
+    """
+    from huggingface_hub import HfApi
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    settings = read_json(config_path) if config_path.is_file() else {}
+    base = settings.get("base_model_name_or_path")
+    problem = local_base_problem(base, settings.get("use_lora", False), base_model_id)
+    if problem:
+        raise ValueError(f"{directory}: {problem}")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / directory.name
+        _copy_for_upload(directory, folder)
+        _prepare_upload(folder, repo_id, base_model_id, tags)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision not in (None, "main"):
+            # upload_folder refuses a branch that does not exist yet (a pull request targets it too).
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )

@@ -1,0 +1,282 @@
+"""Export to a plain `AutoModelForImageClassification` checkpoint that needs no slca-peft.
+
+Each backbone's route (which stock head reads the feature the continual heads were trained on) is
+in `slca_peft.models.backbones`; backbones with no such head are refused with the reason. The adapter is
+merged into the frozen weights, the trained LayerNorms/biases/class token are taken over, and the
+per-task heads with their scales are folded into one linear layer:
+`head_j(s_j * f) = (s_j W_j) f + b_j`. The folded rows are then put in class-id order, so output k
+is the class the dataset labels k (`SLCAModel.class_ids`; the identity for checkpoints written before
+class ids were recorded) and `logits.argmax(-1) == batch["label"]` scores the export.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from ..data.transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
+from ..models.backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
+from ..models.card import build_export_card
+from ..utils import manifest
+from ..utils.errors import UserError
+from ..utils.files import (
+    CARD_FILE,
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    atomic_directory,
+    settle_files,
+)
+
+if TYPE_CHECKING:
+    from ..models.model import SLCAModel
+
+def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight and bias equal to the concatenated, scaled task heads."""
+    clf = model.classifier
+    weight = torch.cat([head.weight.detach() * clf.scales[i] for i, head in enumerate(clf.heads)])
+    bias = torch.cat([head.bias.detach() for head in clf.heads])
+    return weight, bias
+
+
+def rows_by_class_id(weight: torch.Tensor, bias: torch.Tensor, class_ids: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The head with row p moved to row `class_ids[p]`, and the ids below the largest that no output
+    has (classes not learned yet, mid-stream): those rows get zero weight and the dtype's lowest bias,
+    so they never win an argmax and get no probability."""
+    size = max(class_ids) + 1
+    index = torch.tensor(class_ids, dtype=torch.long)
+    out_weight = weight.new_zeros(size, weight.shape[1]).index_copy(0, index, weight)
+    out_bias = bias.new_full((size,), torch.finfo(bias.dtype).min).index_copy(0, index, bias)
+    return out_weight, out_bias, sorted(set(range(size)) - set(class_ids))
+
+
+def export_route(model: SLCAModel) -> str:
+    """The backbone table's export route for `model`, or one error saying why there is none (raised
+    before any work: a stock head reading another feature would silently change every prediction)."""
+    spec = model.backbone_spec
+    if spec.export_route is None:
+        raise ValueError(
+            f"export: a {spec.model_type} backbone cannot become a stock *ForImageClassification model: "
+            f"{spec.export_refusal}. Keep it as an slca-peft checkpoint (save_pretrained / from_pretrained)."
+        )
+    return spec.export_route
+
+
+def merged_backbone(model: SLCAModel) -> torch.nn.Module:
+    """A copy of the backbone with the adapter merged into its weights (PEFT's merge_and_unload)."""
+    backbone = copy.deepcopy(model.backbone)
+    if not isinstance(backbone, PeftModel):
+        return backbone
+    method = getattr(backbone.peft_config["default"].peft_type, "value", "LoRA")
+    try:
+        return backbone.merge_and_unload()
+    except (NotImplementedError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"export: PEFT cannot merge this {method} adapter into the backbone ({err}); a stock model has no "
+            "place for unmerged adapter weights. Keep it as an slca-peft checkpoint, or train with a method PEFT "
+            "merges (LoRA, DoRA, LoHa, LoKr, IA3)."
+        ) from err
+
+
+def _classifier_config(model: SLCAModel, names: list[str]):
+    config = copy.deepcopy(model.config)
+    config.num_labels = len(names)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+    for timm_field, value in (("label_names", list(names)), ("num_classes", len(names))):
+        if hasattr(config, timm_field):  # TimmWrapperConfig writes these instead of id2label
+            setattr(config, timm_field, value)
+    # The plain *ForImageClassification (DeiT also maps to a distillation variant reading two tokens).
+    stock = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
+    config.architectures = [stock if isinstance(stock, str) else stock[0]]
+    return config
+
+
+def _load_backbone(classifier, backbone: torch.nn.Module, route: str) -> None:
+    """Copy the merged backbone's weights into the stock model's backbone, refusing any mismatch."""
+    state = backbone.state_dict()
+    if route == TIMM_HEAD:  # both hold the timm module as `timm_model`; only timm's head is new
+        missing, unexpected = classifier.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("timm_model.head.")]
+    else:
+        target = getattr(classifier, classifier.base_model_prefix)
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if route != POOLER_HEAD:  # ViT/DeiT keep no pooler; BEiT and Swin read theirs
+            missing = [k for k in missing if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise RuntimeError(f"backbone weights do not fit the exported model: missing {missing}, "
+                           f"unexpected {unexpected}.")
+
+
+def export_model(
+    model: SLCAModel, directory: str | Path, label_names: list[str] | None = None, image_processor=None,
+    card: dict | None = None, *, overwrite: bool = False,
+) -> Path:
+    """Write `directory` for `pipeline("image-classification", model=directory)`: output k is class id
+    k. `label_names` (one per output, in class-id order) default to the model's `id2label`; `card`
+    (`source`, `task`, `state`, `license`, `datasets`) feeds the export's model card.
+
+    The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
+    replaced (`check_export_target`)."""
+    previous = check_export_target(directory, overwrite=overwrite)
+    route = export_route(model)
+    weight, bias, missing = rows_by_class_id(*folded_head(model), model.class_ids)
+    if missing:
+        logging.getLogger(__name__).warning(
+            "export: class id(s) %s have not been learned yet; their outputs never win (zero weight, lowest "
+            "bias). Export the last task's checkpoint for a model of every class.", missing[:10],
+        )
+    num_outputs = weight.shape[0]
+    if label_names is None:
+        id2label = model.id2label
+        names = [id2label.get(k, f"class_{k}") for k in range(num_outputs)]
+    else:
+        names = list(label_names)
+    if len(names) != num_outputs:
+        raise ValueError(f"{len(names)} label names for {num_outputs} outputs; pass one name per class id "
+                         f"0..{num_outputs - 1}, in class-id order.")
+    config = _classifier_config(model, names)
+    eps = model.slca_config.final_norm_eps
+    if model.slca_config.reset_final_norm and getattr(config, "layer_norm_eps", eps) != eps:
+        # One eps serves every LayerNorm of a transformers ViT: the fresh final norm's cannot be kept.
+        logging.getLogger(__name__).warning(
+            "the final LayerNorm uses eps %g but the exported %s config has layer_norm_eps %g for every norm; "
+            "exported logits differ from the model's by a tiny amount.",
+            eps, config.model_type, config.layer_norm_eps,
+        )
+    backbone = merged_backbone(model)
+    classifier = AutoModelForImageClassification.from_config(config)
+    _load_backbone(classifier, backbone, route)
+    head = classifier.timm_model.get_classifier() if route == TIMM_HEAD else classifier.classifier
+    with torch.no_grad():
+        if route == CLS_MEAN_HEAD:
+            # DINOv2's head reads [class token, mean patch token]: the patch half gets zero weight.
+            head.weight.zero_()
+            head.weight[:, : weight.shape[1]].copy_(weight)
+        else:
+            head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    processor = image_processor or default_image_processor(model)
+    card = dict(card or {})
+    readme = build_export_card(
+        model.slca_config.base_model_name_or_path, dict(enumerate(names)),
+        card.pop("state", getattr(model, "task_history", None)), architecture=config.architectures[0],
+        source=card.pop("source", getattr(model, "name_or_path", None)), **card,
+    )
+    _write_export(Path(directory), previous, classifier, processor, readme)
+    return Path(directory)
+
+
+#: The manifest `kind` of an export folder (what `--overwrite` may replace).
+EXPORT_KIND = "export"
+#: What marks a folder as slca-peft's own: a checkpoint or model folder, or a run directory.
+_CHECKPOINT_MARKERS = (CONFIG_FILE, STATE_FILE)
+_RUN_MARKERS = (FINGERPRINT_FILE, ".slca-run.lock", METRICS_FILE, "seeds.json")
+
+
+def _owner(folder: Path) -> str | None:
+    """'checkpoint' or 'run directory' when `folder` is one, else None."""
+    if any((folder / name).is_file() for name in _CHECKPOINT_MARKERS):
+        return "checkpoint"
+    if any((folder / name).is_file() for name in _RUN_MARKERS) or any(
+            (p / STATE_FILE).is_file() for p in folder.glob("task_*")):
+        return "run directory"
+    return None
+
+
+def check_export_target(directory: str | Path, *, overwrite: bool = False) -> bool:
+    """Refuse an export target that would delete what is not the export's; returns whether it holds a
+    previous export (to be replaced, with `overwrite`).
+
+    Refused: a target that is, or lies inside, a checkpoint or a run directory (`export ck ck`,
+    `export run/task_2 run`); a symbolic link; a non-empty folder that is not a previous export (a
+    user's folder); a previous export without `overwrite`.
+    """
+    target = Path(directory)
+    if target.is_symlink():
+        raise UserError(f"export: {target} is a symbolic link; give the export a real, new directory.")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"export: {target} is a file; give the export a new or empty directory.")
+    real = Path(os.path.realpath(target))
+    for folder in (real, *real.parents):
+        kind = _owner(folder) if folder.is_dir() else None
+        if kind:
+            where = "is" if folder == real else f"lies inside {folder}, which is"
+            raise UserError(f"export: {target} {where} a {kind}; writing the export there would delete or mix with "
+                            "its files: give the export a directory of its own.")
+    if not target.is_dir() or not any(target.iterdir()):
+        return False
+    if manifest.read_manifest_extra(target).get("kind") != EXPORT_KIND:
+        names = sorted(p.name for p in target.iterdir())
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise UserError(f"export: {target} is not empty ({', '.join(names[:5])}{more}) and holds no previous export; "
+                        "give the export a new or empty directory.")
+    if not overwrite:
+        raise UserError(f"export: {target} holds a previous export; pass --overwrite (overwrite=True) to replace its "
+                        "files, or give another directory.")
+    return True
+
+
+def _write_export(target: Path, previous: bool, classifier, processor, readme) -> None:
+    """Write the export through a temporary sibling; a previous export loses only its own files
+    (those its manifest lists), then the new ones move in."""
+    if not previous:
+        with atomic_directory(target) as tmp:
+            classifier.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            readme.save(Path(tmp) / CARD_FILE)
+            manifest.record_tree(tmp, {"kind": EXPORT_KIND})
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        classifier.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        readme.save(tmp / CARD_FILE)
+        settle_files(tmp)
+        manifest.remove_owned(target)
+        target.mkdir(exist_ok=True)
+        for child in sorted(tmp.iterdir()):
+            os.replace(child, manifest.safe_path(target, child.name, final_may_be_link=True))
+        manifest.record_tree(target, {"kind": EXPORT_KIND})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
+    """A transformers image processor that computes `EvalTransform(config)`: shorter side to
+    round(size * 256 / 224) with PIL's bicubic (the longer side truncated), centre crop, rescale
+    by 1/255, normalise. Saved as `CLIPImageProcessor`; the PIL backend (the one used where
+    torchvision is not installed, or with `backend="pil"`) gives the same pixels."""
+    size = config.size
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": round(size * EVAL_RESIZE_RATIO)},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(config.mean),
+        image_std=list(config.std),
+        do_convert_rgb=config.num_channels == 3,
+    )
+
+
+def default_image_processor(model: SLCAModel) -> CLIPImageProcessorPil:
+    """The processor matching the transform slca-peft evaluates `model` with."""
+    return eval_image_processor(eval_transform_config(model))

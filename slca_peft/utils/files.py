@@ -1,0 +1,153 @@
+"""File names of a checkpoint and the writes that never leave half a file or folder behind.
+
+The leaf every module that touches the disk shares (it imports nothing from slca_peft), so the
+layout of a checkpoint is written down once:
+
+  slca_config.json                  `SLCAModelConfig`: settings, class names, the referenced base model
+  adapter_config.json,
+  adapter_model.safetensors         PEFT adapter (LoRA or the user's method, plus trained norms/biases)
+  backbone.safetensors,
+  backbone_config.json              the whole backbone, for full fine-tuning
+  classifier.safetensors            aligned heads + scales
+  README.md                         model card
+  classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
+  class_statistics.safetensors      per-class Gaussians
+  continual_state.json              task history: class order, task sizes, names, accuracy matrix
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+CONFIG_FILE = "slca_config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
+ADAPTER_FILE = "adapter_model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_CONFIG_FILE = "backbone_config.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+CARD_FILE = "README.md"
+UNALIGNED_FILE = "classifier_unaligned.safetensors"
+STATISTICS_FILE = "class_statistics.safetensors"
+STATE_FILE = "continual_state.json"
+METRICS_FILE = "metrics.json"  # a run directory's accuracy matrix and timings
+FINGERPRINT_FILE = "run_fingerprint.json"  # a run directory's settings and data digests
+#: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Block size of the streamed reads that hash a file, so a weight file is never held in memory whole.
+HASH_BLOCK_BYTES = 1 << 20
+
+
+def hash_stream(fh: IO[bytes], *digests: Any) -> int:
+    """Feed the rest of `fh` to every hashlib object in `digests` block by block, so each caller that
+    needs a digest (the manifest, the fingerprint, the data's content) hashes in one bounded read;
+    returns the bytes read."""
+    size = 0
+    for block in iter(lambda: fh.read(HASH_BLOCK_BYTES), b""):
+        for digest in digests:
+            digest.update(block)
+        size += len(block)
+    return size
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, *, directory: bool = False) -> None:
+    """Give a file (0666) or folder (0777) the permissions the umask allows: writers that make
+    private temporaries (mkstemp, mkdtemp, safetensors' `save_file`) leave 0600 / 0700 behind."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def recover_replaced(target: str | Path) -> None:
+    """Undo a replacement killed between its two renames: `.NAME.old-*` goes back to `NAME` when
+    `NAME` is missing, and is removed when `NAME` exists (the replacement completed)."""
+    target = Path(target)
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory and move it to `path` only if the block succeeds, so a
+    checkpoint directory is either complete or absent (an older one is replaced at the end)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_replaced(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    follow_umask(tmp, directory=True)  # mkdtemp makes 0700; the checkpoint follows the umask
+    try:
+        yield tmp
+        settle_files(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def settle_files(folder: str | Path) -> None:
+    """Flush every regular file written into `folder` to disk and give it the umask's permissions
+    (safetensors files are created 0600 whatever the umask), before the folder is renamed into place."""
+    for child in Path(folder).iterdir():
+        if child.is_file() and not child.is_symlink():
+            follow_umask(child)
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a file through a temporary sibling and a rename, so readers never see half of it; a
+    symlink at `path` is replaced, never written through. Permissions follow the umask.
+
+    The one atomic file write of the library (`slca_peft.utils.manifest.atomic_write_bytes` checks the
+    path's parents against its root, then calls this)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_text(data: Any, *, sort_keys: bool = True) -> str:
+    """The JSON every slca-peft file holds: indented, keys sorted (unless told otherwise), a final newline."""
+    return json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """A JSON file in a folder that is itself being written atomically (no rename of its own)."""
+    Path(path).write_text(json_text(data))

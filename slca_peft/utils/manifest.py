@@ -1,0 +1,330 @@
+"""What the library wrote into a directory, so destructive operations touch nothing else.
+
+A run directory, a checkpoint or an export holds `.slca-manifest.json`: a JSON object
+`{"format": "slca-manifest", "version": 1, "files": [{"path", "size", "sha256"}, ...]}` listing every
+regular file the library wrote there, by POSIX path relative to the directory. Deletion
+(`remove_owned`), overwriting and uploading (`regular_files_for_upload`) go through it:
+
+- only listed paths are touched, and only while they are regular files: a symlink is never followed,
+  never counted as ours, and a listed path under a symlinked sub-directory is refused;
+- every path stays inside the directory (no absolute path, no `..`, no NUL);
+- the manifest itself is read bounded (size, entries, path length) and validated before use.
+
+Other top-level fields say what the directory is: `kind` (`"checkpoint"`, `"model"`, `"export"`) and,
+for a checkpoint on a local base model, `base_model` (`{"name", "files": {file: {size, sha256,
+header_sha256}}}`), which `slca_peft.verify_checkpoint` compares on resume.
+
+`safe_path` and `open_for_write` give the same guarantee to any write: a path whose parent
+components lead out of the root through a symlink is refused, and the final component is opened
+with `O_NOFOLLOW`, so a symlink planted at a file's name cannot redirect the write.
+
+It imports nothing from slca_peft but the leaves `errors` and `files`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from .errors import UserError, read_own_json
+from .files import atomic_write_bytes as write_file_atomically
+from .files import hash_stream
+
+MANIFEST_FILE = ".slca-manifest.json"
+MANIFEST_FORMAT = "slca-manifest"
+MANIFEST_VERSION = 1
+#: Bounds on what a manifest may hold before any entry is used.
+MAX_MANIFEST_BYTES = 32 << 20
+MAX_ENTRIES = 100_000
+MAX_PATH_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One file the library wrote: POSIX path relative to the directory, size in bytes, SHA-256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def _check_relative(rel: str | os.PathLike[str], root: Path) -> PurePosixPath:
+    text = os.fspath(rel)
+    if not isinstance(text, str) or not text or "\0" in text or len(text) > MAX_PATH_CHARS:
+        raise UserError(f"{root}: {text!r} is not a valid relative path; slca-peft only writes inside {root}.")
+    posix = PurePosixPath(text.replace(os.sep, "/"))
+    if posix.is_absolute() or any(part in ("..", "") for part in posix.parts) or posix.parts[:1] == (".",):
+        raise UserError(f"{root}: {text!r} leads outside the directory; slca-peft only writes inside {root}.")
+    return posix
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def safe_path(root: str | Path, rel: str | os.PathLike[str], *, final_may_be_link: bool = False) -> Path:
+    """`root / rel`, refused when any component leads out of `root` through a symlink or `..`.
+
+    Parent components that are symlinks must resolve inside `root` (the root itself may be a link:
+    the user chose it). The final component must not be a symlink unless `final_may_be_link` (for a
+    caller that replaces it by a rename, never following it). Components that do not exist yet are fine.
+    """
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    posix = _check_relative(rel, root)
+    current = root
+    for i, part in enumerate(posix.parts):
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            break  # nothing further exists: nothing further can be a link
+        last = i == len(posix.parts) - 1
+        if last and final_may_be_link:
+            break
+        if stat.S_ISLNK(info.st_mode):
+            if last:
+                raise UserError(f"{current} is a symbolic link, which slca-peft never writes through; remove it or "
+                                "choose another directory.")
+            if not _inside(os.path.realpath(current), real_root):
+                raise UserError(f"{current} is a symbolic link leading outside {root}; slca-peft only writes inside "
+                                "the directory it was given; remove the link or choose another directory.")
+        elif not last and not stat.S_ISDIR(info.st_mode):
+            raise UserError(f"{current} is not a directory, so {root / posix} cannot be written; remove it.")
+    return root / Path(*posix.parts)
+
+
+def open_for_write(root: str | Path, rel: str | os.PathLike[str], *, mode: int = 0o666, append: bool = False,
+                   binary: bool = True) -> IO[Any]:
+    """Open `root / rel` for writing (created with `mode` under the umask), refusing symlinks.
+
+    Parents are created as needed and checked by `safe_path`; the file itself is opened with
+    `O_NOFOLLOW`, so a symlink put there between the check and the open still fails. A path that is
+    not a regular file (a FIFO, a device) is refused too.
+    """
+    path = safe_path(root, rel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safe_path(root, rel)  # the parents just created (or raced in) are still ours
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_NONBLOCK", 0)
+    flags |= os.O_APPEND if append else 0
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link, which slca-peft never writes through; remove it.") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path} is not a regular file; remove it so slca-peft can write there.")
+        if not append:
+            os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"}))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def atomic_write_bytes(root: str | Path, rel: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `root / rel` atomically (`files.atomic_write_bytes`: a temporary sibling renamed over it,
+    permissions from the umask), refusing a path whose parents lead out of `root` through a symlink;
+    a symlink at the name itself is replaced, never followed."""
+    path = safe_path(root, rel, final_may_be_link=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safe_path(root, rel, final_may_be_link=True)  # the parents just created (or raced in) are still ours
+    return write_file_atomically(path, data)
+
+
+# ---------------------------------------------------------------------------------------------- entries
+def file_sha256(path: str | Path) -> tuple[int, str]:
+    """(size, SHA-256) of a regular file, read in blocks without following a symlink."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UserError(f"{path} is not a regular file; slca-peft only records files it wrote.")
+        digest = hashlib.sha256()
+        size = hash_stream(fh, digest)
+    return size, digest.hexdigest()
+
+
+def entry_for(root: str | Path, rel: str | os.PathLike[str]) -> ManifestEntry:
+    posix = _check_relative(rel, Path(root))
+    size, sha = file_sha256(safe_path(root, posix.as_posix()))
+    return ManifestEntry(posix.as_posix(), size, sha)
+
+
+def _parse_entry(item: Any, where: Path) -> ManifestEntry:
+    if not isinstance(item, dict) or set(item) != {"path", "size", "sha256"}:
+        raise UserError(f"{where}: an entry is not {{path, size, sha256}}; it was not written by slca-peft.")
+    path, size, sha = item["path"], item["size"], item["sha256"]
+    if not isinstance(path, str) or type(size) is not int or size < 0 or not isinstance(sha, str) \
+            or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise UserError(f"{where}: entry {str(path)[:80]!r} has an invalid size or sha256; it was not written by "
+                        "slca-peft.")
+    return ManifestEntry(_check_relative(path, where.parent).as_posix(), size, sha)
+
+
+def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dict[str, Any]] | None:
+    """({path: entry}, the other top-level fields) of `directory`'s manifest, or None when there is none."""
+    where = Path(directory) / MANIFEST_FILE
+    data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
+    if data is None:
+        return None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+        raise UserError(f"{where} is not an slca-peft manifest; remove it.")
+    if data.get("version") != MANIFEST_VERSION:
+        raise UserError(f"{where} has manifest version {data.get('version')!r}; this slca-peft reads version "
+                        f"{MANIFEST_VERSION}: upgrade slca-peft.")
+    if len(data["files"]) > MAX_ENTRIES:
+        raise UserError(f"{where} lists {len(data['files'])} files, more than {MAX_ENTRIES}; remove it.")
+    entries: dict[str, ManifestEntry] = {}
+    for item in data["files"]:
+        entry = _parse_entry(item, where)
+        if entry.path == MANIFEST_FILE or entry.path in entries:
+            raise UserError(f"{where} lists {entry.path!r} twice or lists itself; remove it.")
+        entries[entry.path] = entry
+    extra = {k: v for k, v in data.items() if k not in ("format", "version", "files")}
+    return entries, extra
+
+
+def read_manifest(directory: str | Path) -> dict[str, ManifestEntry] | None:
+    """The manifest of `directory` as {path: entry}, or None when there is none.
+
+    Read bounded and with `O_NOFOLLOW` (a symlinked manifest is refused), validated entry by entry.
+    """
+    document = _read_document(directory)
+    return None if document is None else document[0]
+
+
+def read_manifest_extra(directory: str | Path) -> dict[str, Any]:
+    """The manifest's fields besides its file list (`kind`, a checkpoint's `base_model`); {} without one."""
+    document = _read_document(directory)
+    return {} if document is None else document[1]
+
+
+def write_manifest(directory: str | Path, entries: Iterable[ManifestEntry],
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the manifest of `directory` atomically (sorted by path), with `extra` top-level fields."""
+    unique = {e.path: e for e in entries}
+    files = [asdict(unique[k]) for k in sorted(unique)]
+    document = {**(extra or {}), "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
+    text = json.dumps(document, indent=1, sort_keys=True)
+    return atomic_write_bytes(directory, MANIFEST_FILE, (text + "\n").encode())
+
+
+def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]], extra: Mapping[str, Any] | None = None,
+           *, drop: Iterable[str] = ()) -> dict[str, ManifestEntry]:
+    """Add (or refresh) the files at `paths` (relative to `directory`) in its manifest and drop the
+    paths in `drop` (files the library removed), in one write; `extra` replaces the other top-level
+    fields (kept when None). Returns the entries."""
+    root = Path(directory)
+    entries, kept = _read_document(root) or ({}, {})
+    for rel in drop:
+        entries.pop(_check_relative(rel, root).as_posix(), None)
+    for rel in paths:
+        entry = entry_for(root, rel)
+        entries[entry.path] = entry
+    write_manifest(root, entries.values(), kept if extra is None else extra)
+    return entries
+
+
+def record_tree(directory: str | Path, extra: Mapping[str, Any] | None = None) -> dict[str, ManifestEntry]:
+    """A fresh manifest of every regular file under `directory` (for a folder the library just wrote
+    in full, e.g. a checkpoint's temporary directory), with `extra` top-level fields; symlinks are not listed."""
+    root = Path(directory)
+    rels = [p.relative_to(root).as_posix() for p in _walk_regular(root) if p.name != MANIFEST_FILE]
+    entries = {e.path: e for e in (entry_for(root, rel) for rel in rels)}
+    write_manifest(root, entries.values(), extra)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------- use
+def _walk_regular(root: Path) -> list[Path]:
+    """Regular files under `root`, never descending into a symlinked directory."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(folder, d)))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                found.append(path)
+    return found
+
+
+def _listed_regular(root: Path, rel: str) -> Path | None:
+    """The listed file if it is still a regular file reached without symlinks; a symlinked parent is refused."""
+    posix = PurePosixPath(rel)
+    current = root
+    for part in posix.parts[:-1]:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            raise UserError(f"{current} is a symbolic link to a directory, which slca-peft never writes, so it will "
+                            f"not touch {rel} through it; remove the link.")
+        if not stat.S_ISDIR(info.st_mode):
+            return None
+    path = current / posix.parts[-1]
+    try:
+        return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+    except FileNotFoundError:
+        return None
+
+
+def owned_files(directory: str | Path) -> list[Path]:
+    """The manifest's files that are still regular files inside `directory` (none without a manifest)."""
+    root = Path(directory)
+    entries = read_manifest(root) or {}
+    return [p for p in (_listed_regular(root, rel) for rel in sorted(entries)) if p is not None]
+
+
+def remove_owned(directory: str | Path) -> list[Path]:
+    """Delete the manifest's regular files, the directories they leave empty, and the manifest.
+
+    Nothing else: an unlisted file, a symlink at a listed name (it stays), a listed path under a
+    symlinked sub-directory (refused before anything is deleted). `directory` itself is removed only
+    when it ends up empty. Returns the files removed.
+    """
+    root = Path(directory)
+    if os.path.islink(root):
+        raise UserError(f"{root} is a symbolic link; slca-peft removes files only in a real directory it wrote.")
+    files = owned_files(root)  # raises on a symlinked sub-directory before anything is deleted
+    for path in files:
+        path.unlink(missing_ok=True)
+    parents = sorted({p.parent for p in files if p.parent != root}, key=lambda p: len(p.parts), reverse=True)
+    for folder in parents:
+        while folder != root and _inside(str(folder), str(root)):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+    manifest = root / MANIFEST_FILE
+    if manifest.is_file() and not manifest.is_symlink():
+        manifest.unlink()
+    try:
+        root.rmdir()
+    except OSError:
+        pass  # files the library did not write stay, and so does their folder
+    return files
+
+
+def regular_files_for_upload(directory: str | Path) -> list[Path]:
+    """The files an upload of `directory` may send: the manifest's regular files (never a symlink's
+    target). A directory without a manifest (written before manifests existed) gives its regular files,
+    walked without following symlinks."""
+    root = Path(directory)
+    if read_manifest(root) is None:
+        return [p for p in _walk_regular(root) if p.name != MANIFEST_FILE]
+    return owned_files(root)
