@@ -45,10 +45,11 @@ from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransfor
 from ..method.config import SLCAConfig
 from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
+from ..models.config import read_state
 from ..models.model import SLCAModel
 from ..sharing.plotting import mean_std
-from ..utils.errors import UserError, read_json, run_main
-from ..utils.files import atomic_directory, atomic_write_text
+from ..utils.errors import UserError, run_main
+from ..utils.files import METRICS_FILE, atomic_directory, atomic_write_text, task_dir_name
 from ..utils.hardware import log_bf16_choice
 from ..utils.logging import LIBRARY_NAME, progress_bars, set_verbosity_from_args
 from ..utils.manifest import MANIFEST_FILE, read_manifest, record_tree
@@ -258,15 +259,15 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
 
 def _finished(args: SLCAConfig, metrics: dict) -> dict:
     """The summary of a finished run, logged as the run logged it, without training again."""
-    last = Path(args.output_dir) / f"task_{len(metrics['accuracy_matrix']) - 1}"
-    state = read_json(last / "continual_state.json")
+    last = Path(args.output_dir) / task_dir_name(len(metrics["accuracy_matrix"]) - 1)
+    state = read_state(last) or {}
     summary = summarize_accuracy_matrix(metrics["accuracy_matrix"], state.get("task_test_sizes") or None)
     if args.process_index == 0:
         logger.info("nothing to do: %s already holds this run, finished (same settings and data). Last-Acc %.2f  "
                     "Inc-Acc %.2f  forgetting %.2f  BWT %.2f  (%s); pass --overwrite_output_dir to train it again.",
                     args.output_dir, summary["last_accuracy"], summary["average_incremental_accuracy"],
                     summary["average_forgetting"], summary["backward_transfer"],
-                    Path(args.output_dir) / "metrics.json")
+                    Path(args.output_dir) / METRICS_FILE)
         if args.push_to_hub:
             logger.warning("--push_to_hub: nothing was trained, so nothing was pushed; upload a checkpoint with "
                            "`slca-peft push %s REPO_ID`.", last)

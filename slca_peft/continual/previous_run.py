@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.errors import UserError, read_json
+from ..utils.files import METRICS_FILE, STATE_FILE, task_dir_name
 from ..utils.safetensors_header import read_header
 from .fingerprint import FINGERPRINT_FILE, describe_mismatch, differing_fields, read_fingerprint
 
@@ -52,15 +53,15 @@ def finished_run(output_dir: str | Path, fingerprint: Mapping[str, Any], num_tas
     (a checkpoint for each of the `num_tasks` tasks and metrics over all of them), else None: starting
     it again has nothing to do."""
     root = Path(output_dir)
-    if not (root / FINGERPRINT_FILE).is_file() or not (root / "metrics.json").is_file():
+    if not (root / FINGERPRINT_FILE).is_file() or not (root / METRICS_FILE).is_file():
         return None
     old = read_fingerprint(root)
     if old is None or differing_fields(old, fingerprint):
         return None
-    if not all((root / f"task_{t}" / "continual_state.json").is_file() for t in range(num_tasks)):
+    if not all((root / task_dir_name(t) / STATE_FILE).is_file() for t in range(num_tasks)):
         return None
     try:
-        metrics = read_json(root / "metrics.json")
+        metrics = read_json(root / METRICS_FILE)
     except (OSError, ValueError):
         return None
     matrix = metrics.get("accuracy_matrix") if isinstance(metrics, dict) else None

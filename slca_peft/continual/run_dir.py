@@ -36,12 +36,12 @@ from typing import Any
 
 from ..utils import manifest
 from ..utils.errors import UserError
-from ..utils.files import FINGERPRINT_FILE, STATE_FILE, json_text, recover_replaced
+from ..utils.files import FINGERPRINT_FILE, METRICS_FILE, STATE_FILE, checkpoint_dirs, json_text, recover_replaced
 from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
 
 LOCK_FILE = ".slca-run.lock"
 #: Files a run (or a `--seeds` run, or `slca-peft report`) writes at the top of its output directory.
-RUN_FILES = ("metrics.json", "results.md", "accuracy_matrix.png", "accuracy_curve.png", "seeds.json",
+RUN_FILES = (METRICS_FILE, "results.md", "accuracy_matrix.png", "accuracy_curve.png", "seeds.json",
              FINGERPRINT_FILE, manifest.MANIFEST_FILE)
 #: Directories a run writes: checkpoints (and their temporaries), seed runs, a random backbone.
 _TASK_DIR = re.compile(r"task_\d+")
@@ -127,7 +127,7 @@ def _finished_a_task(root: Path) -> bool:
         name = entry.name
         if _TASK_DIR.fullmatch(name) or name.startswith(".task_") and ".old-" in name or _SEED_DIR.fullmatch(name):
             return True
-        if name in ("metrics.json", "seeds.json"):
+        if name in (METRICS_FILE, "seeds.json"):
             return True
     return False
 
@@ -137,7 +137,7 @@ def _holds_run(root: Path) -> bool:
     if (root / FINGERPRINT_FILE).is_file():
         return True
     for entry in _entries(root):
-        if _is_dir(entry) and _TASK_DIR.fullmatch(entry.name) and Path(entry.path, "continual_state.json").is_file():
+        if _is_dir(entry) and _TASK_DIR.fullmatch(entry.name) and Path(entry.path, STATE_FILE).is_file():
             return True
         if _is_dir(entry) and _SEED_DIR.fullmatch(entry.name) and _holds_run(Path(entry.path)):
             return True
@@ -398,10 +398,6 @@ def claim_run_directory(
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete `task_<t>` checkpoint in a run's output directory (for `auto`)."""
-    candidates = []
-    for path in Path(output_dir).glob("task_*"):
-        suffix = path.name.removeprefix("task_")
-        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
-            candidates.append((int(suffix), path))
-    return max(candidates)[1] if candidates else None
+    """The newest complete task checkpoint in a run's output directory (for `auto`)."""
+    found = checkpoint_dirs(output_dir)
+    return found[max(found)] if found else None

@@ -30,7 +30,7 @@ from ..method.statistics import ClassStatistics
 from ..metrics import coverage_note, format_accuracy, format_accuracy_table
 from ..models.hub import local_base_problem, push_to_hub
 from ..models.inference import inference_context
-from ..utils.files import METRICS_FILE, atomic_write_text, json_text
+from ..utils.files import METRICS_FILE, atomic_write_text, json_text, task_dir_name
 from ..utils.manifest import safe_path
 from ..utils.timing import timing_line, timing_summary, with_rates
 from .callbacks import ContinualCallback
@@ -216,7 +216,7 @@ class CheckpointStep(ContinualCallback):
     phase = "checkpoint"
 
     def on_task_end(self, learner, task):
-        self.save(learner, learner.output_dir / f"task_{task.task_id}")
+        self.save(learner, learner.output_dir / task_dir_name(task.task_id))
 
     @staticmethod
     def state(learner: ContinualLearner) -> dict[str, Any]:
@@ -260,7 +260,7 @@ class PushStep(ContinualCallback):
     def on_task_end(self, learner, task):
         if learner.args.push_to_hub:
             seen = learner.result.seen_accuracy[-1]
-            self.push(learner, learner.output_dir / f"task_{task.task_id}",
+            self.push(learner, learner.output_dir / task_dir_name(task.task_id),
                       f"task {task.task_id + 1}/{len(learner.tasks)}: seen classes {seen:.2f}%")
 
     @staticmethod

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.errors import read_json
-from ..utils.files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, STATE_FILE, write_json
+from ..utils.files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, write_json
 from ..utils.manifest import regular_files_for_upload
 from .base_model import is_local_name
 from .card import REPO_PLACEHOLDER, write_model_card
+from .config import read_state
 
 
 def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | None) -> str | None:
@@ -60,8 +61,7 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
             settings = data if name == CONFIG_FILE else settings
     card_path = directory / CARD_FILE
     if not card_path.is_file():
-        state_path = directory / STATE_FILE
-        write_model_card(directory, settings, read_json(state_path) if state_path.is_file() else None)
+        write_model_card(directory, settings, read_state(directory))
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(card_path)

@@ -37,6 +37,7 @@ from ..utils.files import (
     METRICS_FILE,
     STATE_FILE,
     atomic_directory,
+    checkpoint_dirs,
     settle_files,
 )
 
@@ -191,8 +192,7 @@ def _owner(folder: Path) -> str | None:
     """'checkpoint' or 'run directory' when `folder` is one, else None."""
     if any((folder / name).is_file() for name in _CHECKPOINT_MARKERS):
         return "checkpoint"
-    if any((folder / name).is_file() for name in _RUN_MARKERS) or any(
-            (p / STATE_FILE).is_file() for p in folder.glob("task_*")):
+    if any((folder / name).is_file() for name in _RUN_MARKERS) or checkpoint_dirs(folder):
         return "run directory"
     return None
 

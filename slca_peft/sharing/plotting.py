@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.errors import UserError, read_json
-from ..utils.files import atomic_write_bytes
+from ..utils.files import METRICS_FILE, atomic_write_bytes
 from ..utils.manifest import safe_path
 from ..utils.timing import is_timing_record, phases_of
 
@@ -266,7 +266,7 @@ def _seed_dirs(root: Path) -> dict[str, Path]:
                     f"not a folder inside {root}; the report only writes inside the run directory."
                 )
         return dirs
-    found = sorted((p for p in root.glob("seed_*") if (p / "metrics.json").is_file()),
+    found = sorted((p for p in root.glob("seed_*") if (p / METRICS_FILE).is_file()),
                    key=lambda p: (len(p.name), p.name))
     return {p.name.removeprefix("seed_"): p for p in found}
 
@@ -299,11 +299,11 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
     seed_dirs = _seed_dirs(root)
     targets = _targets(root)
     written: list[Path] = []
-    if seed_dirs and not (root / "metrics.json").is_file():
+    if seed_dirs and not (root / METRICS_FILE).is_file():
         for path in seed_dirs.values():
             _check_inside(root, path)
             _targets(path)
-        runs = {seed: read_metrics(path / "metrics.json") for seed, path in seed_dirs.items()}
+        runs = {seed: read_metrics(path / METRICS_FILE) for seed, path in seed_dirs.items()}
         seeds = {seed: _run_seeds(path, class_order_seed=seed) for seed, path in seed_dirs.items()}
         for path in seed_dirs.values():
             written += write_report(path, size=size)
@@ -321,7 +321,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
                                            title=f"{method} on {root.name}, class-order seeds {label}"))
         table = results_table(runs, title=f"{method} — {root.name}", seeds=seeds)
     else:
-        run = read_metrics(root / "metrics.json")
+        run = read_metrics(root / METRICS_FILE)
         method = run.get("method", "")
         seeds = {"run": _run_seeds(root)}
         written.append(plot_accuracy_matrix(run["accuracy_matrix"], targets["accuracy_matrix.png"],
@@ -331,7 +331,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
                                            targets["accuracy_curve.png"], size=size,
                                            title=f"{method} on {root.name}"))
         table = results_table({"run": run}, title=f"{method} — {root.name}", seeds=seeds)
-        table += timing_table(_timings(root / "metrics.json", run.get("timings")))
+        table += timing_table(_timings(root / METRICS_FILE, run.get("timings")))
     written.append(atomic_write_bytes(targets["results.md"], table.encode("utf-8")))
     return written
 

@@ -38,6 +38,8 @@ STATISTICS_FILE = "class_statistics.safetensors"
 STATE_FILE = "continual_state.json"
 METRICS_FILE = "metrics.json"  # a run directory's accuracy matrix and timings
 FINGERPRINT_FILE = "run_fingerprint.json"  # a run directory's settings and data digests
+#: A run directory holds one checkpoint folder per learned task, named by `task_dir_name`.
+TASK_DIR_PREFIX = "task_"
 #: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Block size of the streamed reads that hash a file, so a weight file is never held in memory whole.
@@ -151,3 +153,27 @@ def json_text(data: Any, *, sort_keys: bool = True) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """A JSON file in a folder that is itself being written atomically (no rename of its own)."""
     Path(path).write_text(json_text(data))
+
+
+def task_dir_name(task_id: int) -> str:
+    """The checkpoint folder of task `task_id` (0-based) in a run directory."""
+    return f"{TASK_DIR_PREFIX}{task_id}"
+
+
+def task_index(name: str) -> int | None:
+    """The task id a checkpoint folder name stands for, or None for any other name."""
+    suffix = name.removeprefix(TASK_DIR_PREFIX)
+    return int(suffix) if name.startswith(TASK_DIR_PREFIX) and suffix.isdigit() and suffix.isascii() else None
+
+
+def checkpoint_dirs(output_dir: str | Path) -> dict[int, Path]:
+    """{task id: folder} of the complete task checkpoints (those with a task history) in a run directory."""
+    found = {}
+    root = Path(output_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            index = task_index(path.name)
+            if index is not None and path.is_dir() and not path.is_symlink() and (path / STATE_FILE).is_file():
+                found[index] = path
+    return dict(sorted(found.items()))
+
