@@ -17,7 +17,7 @@ from transformers import HfArgumentParser
 
 from ..continual.run_dir import check_output_arguments, check_writable
 from ..method.config import SLCAConfig
-from ..models.backbones import check_backbone_source
+from ..models.loading import check_backbone_source
 from ..utils.errors import UserError
 from ..utils.hardware import resolve_bf16_flag
 from .continue_run import check_continue_arguments
