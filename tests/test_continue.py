@@ -22,8 +22,8 @@ from slca_peft import (
     export_model,
     load_checkpoint,
 )
-from slca_peft.data.benchmarks import load_split_image_folders
 from slca_peft.data.continuation import ContinuedStream
+from slca_peft.data.formats import load_split_image_folders
 from slca_peft.method.statistics import ClassStatistics
 from slca_peft.metrics import summarize_accuracy_matrix
 from slca_peft.utils.errors import UserError

@@ -10,7 +10,8 @@ from datasets import Image as HFImage
 from PIL import Image
 
 import slca_peft.data.benchmarks as data_module
-from slca_peft.data.benchmarks import KNOWN_DATASETS, load_benchmark, stratified_split
+from slca_peft.data.benchmarks import KNOWN_DATASETS, load_benchmark
+from slca_peft.data.formats import stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

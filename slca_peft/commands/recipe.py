@@ -47,7 +47,7 @@ from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
 from ..models.config import read_state
 from ..models.model import SLCAModel
-from ..sharing.plotting import mean_std
+from ..sharing.report import mean_std
 from ..utils.errors import UserError, run_main
 from ..utils.files import METRICS_FILE, atomic_directory, atomic_write_text, task_dir_name
 from ..utils.hardware import log_bf16_choice
