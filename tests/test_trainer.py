@@ -195,5 +195,9 @@ def test_save_model_writes_a_folder_slca_model_loads(tmp_path, base_model_dir):
     import json
 
     assert json.loads((tmp_path / "saved" / "training_args.json").read_text())["learning_rate"] == 0.05
-    with pytest.raises(ValueError, match="resume_from_checkpoint is not supported.*--resume_from"):
-        trainer.train(resume_from_checkpoint=True)
+    # A checkpoint-N folder also holds the training states, as safetensors + JSON: resuming from it works.
+    checkpoint = next((tmp_path / "run").glob("checkpoint-*"))
+    assert {"optimizer.json", "optimizer.safetensors", "scheduler.json", "rng_state.json", "rng_state.safetensors",
+            "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    trainer.train(resume_from_checkpoint=True)  # the run had finished: nothing left to train
+    assert trainer.state.global_step == 2

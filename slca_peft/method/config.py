@@ -178,7 +178,9 @@ class SLCAConfig(TrainingArguments):
                   "TrainingArguments (adamw_torch, ...), each with the slow-learner rate groups."},
     )
     save_strategy: str = field(
-        default="no", metadata={"help": "Trainer checkpoints off: the continual loop checkpoints per task."}
+        default="no",
+        metadata={"help": "Trainer checkpoints (checkpoint-N) off: the continual loop checkpoints per task (the "
+                  "recipe refuses another value). SLCATrainer alone honours epoch/steps, with resumable states."},
     )
     overwrite_output_dir: bool = field(
         default=False,

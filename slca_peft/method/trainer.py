@@ -3,8 +3,13 @@
 It overrides a few hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
 group), the scheduler (`slca_cosine`: epoch-wise cosine to the method's floor, after an optional
 warm-up; any transformers schedule by its name), the loss (`symmetric_cross_entropy` on the current
-task's logits only) and saving (slca-peft model files, arguments as JSON, no pickle).
-Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`. A plain
+task's logits only) and the files (slca-peft model files, arguments as JSON, no pickle).
+Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`, and the
+checkpoint flags of transformers' example scripts (`save_strategy`/`eval_strategy`,
+`load_best_model_at_end` with `metric_for_best_model`, `save_total_limit`, `resume_from_checkpoint`):
+a `checkpoint-N` folder holds the model files and the optimizer, scheduler, gradient scaler and random
+number generator states as safetensors + JSON (`slca_peft.utils.state_files`) where `Trainer` writes
+pickles, so a run killed mid-way resumes to the weights an uninterrupted run reaches. A plain
 `TrainingArguments` is converted to `SLCAConfig` (`slca_peft.method.config.as_slca_config`); a field the
 trainer cannot honour is refused.
 """
@@ -14,8 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -24,11 +31,16 @@ from transformers.training_args import ParallelMode
 from ..models.adapters import ADAPTER, BACKBONE, HEAD
 from ..models.backbones import input_size
 from ..models.model import SLCAModel
+from ..models.saving import load_model_state
+from ..utils.files import atomic_write_text
 from ..utils.hardware import cpu_bf16_training
+from ..utils.state_files import has_state, load_state, save_state
 from .config import SLCAConfig, as_slca_config
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = "training_args.json"
+#: The states a `checkpoint-N` folder holds beside the model files, each as NAME.safetensors + NAME.json.
+OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
 # Optimizers that need more than parameter groups (their own model hooks or per-layer state).
 _UNSUPPORTED_OPTIM = ("galore", "apollo", "lomo", "layerwise", "bnb", "8bit", "4bit", "paged", "torchao", "grokadamw")
 __all__ = ["SLCATrainer", "as_slca_config", "check_honoured", "epoch_cosine_lambda", "symmetric_cross_entropy",
@@ -77,11 +89,6 @@ def check_honoured(args: SLCAConfig) -> None:
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the task loss; "
             "drop it (method slca++/sl use symmetric cross-entropy, see sce_alpha/sce_beta)."
-        )
-    if args.load_best_model_at_end:
-        raise ValueError(
-            "load_best_model_at_end=True is not supported: checkpoints hold slca-peft model files, which the "
-            "Trainer cannot reload; load one with SLCAModel.from_pretrained(<checkpoint-N>) instead."
         )
 
 
@@ -165,11 +172,6 @@ class SLCATrainer(Trainer):
             )
         args = as_slca_config(args)
         check_honoured(args)
-        save = str(getattr(args.save_strategy, "value", args.save_strategy))
-        if save != "no" and not args.save_only_model:
-            # Optimizer, scheduler and RNG states would be pickles: checkpoints hold the model files only.
-            logger.info("SLCATrainer: checkpoint-N folders hold the model files only (save_only_model=True).")
-            args.save_only_model = True
         if model is not None and model.classifier.num_tasks == 0:
             raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
         self._task_id = task_id
@@ -277,16 +279,86 @@ class SLCATrainer(Trainer):
         outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ checkpoints (no pickle)
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        if resume_from_checkpoint:
-            raise ValueError(
-                "resume_from_checkpoint is not supported: SLCATrainer checkpoints hold no optimizer state. "
-                "Load the model with SLCAModel.from_pretrained(<checkpoint>) and train it again, or resume a "
-                "continual run after its last task with --resume_from (ContinualLearner.from_checkpoint)."
-            )
+        """`Trainer.train`; `resume_from_checkpoint` (a `checkpoint-N` folder, or True for the newest in
+        `output_dir`) continues from the model files and training states that folder holds."""
         with cpu_bf16_training(self.model, self.args):  # eager attention, one cast per block norm
-            return super().train(None, *args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _refuse_sharded(self, what: str) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(f"{what} under DeepSpeed or FSDP is not supported: their checkpoints are pickles; set "
+                             "save_only_model=True and resume_from_checkpoint=None.")
+
+    def _rng_name(self) -> str:
+        return RNG_STATE if self.args.world_size <= 1 else f"{RNG_STATE}_{self.args.process_index}"
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The optimizer and scheduler states as safetensors + JSON (`Trainer` writes pickles)."""
+        self._refuse_sharded("saving optimizer state")
+        if self.args.should_save:
+            save_state(self.optimizer.state_dict(), output_dir, OPTIMIZER_STATE)
+            save_state(self.lr_scheduler.state_dict(), output_dir, SCHEDULER_STATE)
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            save_state(scaler.state_dict(), output_dir, SCALER_STATE)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Python's, numpy's, torch's and CUDA's generator states, one file pair per process."""
+        states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                                  "cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.random.get_rng_state_all()
+        os.makedirs(output_dir, exist_ok=True)  # another process may get here before the main one saved
+        save_state(states, output_dir, self._rng_name())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """The model files of a `checkpoint-N` folder, loaded into the model in place."""
+        self._refuse_sharded("resume_from_checkpoint")
+        target = self.slca_model if model is None else self.accelerator.unwrap_model(model)
+        logger.info("Loading model from %s.", resume_from_checkpoint)
+        load_model_state(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: the best checkpoint's model files, loaded in place."""
+        best = self.state.best_model_checkpoint
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        load_model_state(self.slca_model, best)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        if not has_state(checkpoint, OPTIMIZER_STATE):
+            logger.warning("%s holds no optimizer state (written with save_only_model=True); training goes on "
+                           "with a fresh optimizer and schedule.", checkpoint)
+            return
+        self.optimizer.load_state_dict(load_state(checkpoint, OPTIMIZER_STATE))
+        self.lr_scheduler.load_state_dict(load_state(checkpoint, SCHEDULER_STATE))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None and has_state(checkpoint, SCALER_STATE):
+            scaler.load_state_dict(load_state(checkpoint, SCALER_STATE))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        if not has_state(checkpoint, self._rng_name()):
+            logger.info("%s holds no random number generator state for this process; the resumed run may differ "
+                        "from an uninterrupted one.", checkpoint)
+            return
+        states = load_state(checkpoint, self._rng_name())
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if torch.cuda.is_available() and "cuda" in states:
+            try:
+                torch.cuda.random.set_rng_state_all(states["cuda"])
+            except (RuntimeError, IndexError) as err:
+                logger.info("CUDA generator states not restored (%s); the resumed run may differ.", err)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """`SLCAModel.save_pretrained` files and the arguments as JSON (no training_args.bin pickle)."""
@@ -296,6 +368,4 @@ class SLCATrainer(Trainer):
         self.slca_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        from ..utils.files import atomic_write_text
-
         atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())
