@@ -118,7 +118,7 @@ def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_image_
     # Task 1, then a fresh process resumes from its checkpoint with the same backbone state and learns task 2.
     first = _learner(tmp_path / "run", tiny_image_folders, model_dir=base)
     first.learn_task(first.tasks[0])
-    learner = _learner(tmp_path / "run", tiny_image_folders, resume_from=str(tmp_path / "run" / "task_0"))
+    learner = _learner(tmp_path / "run", tiny_image_folders, resume_from=str(tmp_path / "run" / "task_1"))
     with torch.no_grad():
         torch.testing.assert_close(learner.model.eval().features(x), first.model.eval().features(x))
     result = learner.run()

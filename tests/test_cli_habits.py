@@ -191,3 +191,95 @@ def test_a_python_api_run_shows_each_task_result(make_learner, tmp_path, tiny_im
         learner.run()
     out = capsys.readouterr().out
     assert "task 1/2" in out and "task 2/2" in out and "Last-Acc" in out
+
+
+def test_a_config_key_that_is_no_flag_is_refused_naming_it(recipe, tmp_path):
+    """Keys are checked as HfArgumentParser.parse_dict checks them, not matched as argparse prefixes (which
+    trained `learning_rat: 0.1` silently with learning_rate 0.1)."""
+    (tmp_path / "m.json").write_text("{}")
+    base = "model_config: m.json\ndataset: digits\noutput_dir: out\n"
+    (tmp_path / "typo.yaml").write_text(base + "learning_rat: 0.1\nfoo: 1\n")
+    with pytest.raises(UserError) as refused:
+        recipe.parse_args([str(tmp_path / "typo.yaml")])
+    message = str(refused.value)
+    assert "unknown keys learning_rat (did you mean learning_rate?), foo" in message and "\n" not in message
+    (tmp_path / "hyphen.json").write_text(json.dumps({"model_config": "m.json", "dataset": "digits",
+                                                      "output_dir": "out", "learning-rate": 0.1}))
+    with pytest.raises(UserError, match=r"unknown key learning-rate \(did you mean learning_rate\?\)"):
+        recipe.parse_args(["--config", str(tmp_path / "hyphen.json")])
+    # Exact keys keep working, mappings reach TrainingArguments as the JSON it reads, booleans and lists as flags.
+    (tmp_path / "ok.yaml").write_text(base + "learning_rate: 0.1\nlr_scheduler_type: cosine\n"
+                                      "lr_scheduler_kwargs: {num_cycles: 0.25}\nhorizontal_flip: false\n"
+                                      "lora_target_modules: [q_proj, v_proj]\ntrain_resize: null\n")
+    _, data_args, args = recipe.parse_args([str(tmp_path / "ok.yaml"), "--learning_rate", "0.2"])
+    assert (args.learning_rate, args.lr_scheduler_kwargs, data_args.horizontal_flip) == (0.2, {"num_cycles": 0.25},
+                                                                                          False)
+    assert args.lora_target_modules == ["q_proj", "v_proj"] and data_args.train_resize is None
+
+
+def test_help_lists_the_recipes_own_flags_before_training_arguments_and_the_version_is_shown(recipe, capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"], prog="slca-peft train")
+    text = capsys.readouterr().out
+    usage, _, body = text.partition("\n\n")
+    assert usage == "usage: slca-peft train [CONFIG.yaml | --config FILE] [--FLAG VALUE ...]"
+    order = [body.index(heading) for heading in ("--config FILE", "model arguments:", "  --resume_from ",
+                                                  "data arguments:", "  --train_dir ", "SLCA++ method (SLCAConfig):",
+                                                  "  --ca_epochs ", "  --init_cls ", "TrainingArguments with",
+                                                  "  --learning_rate ", "other TrainingArguments", "  --adam_beta1 ")]
+    assert order == sorted(order)
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0
+    import slca_peft
+
+    assert capsys.readouterr().out.startswith(f"slca-peft {slca_peft.__version__} (transformers ")
+
+
+def test_disable_tqdm_quiets_every_bar_of_a_python_api_run(tmp_path, base_model_dir, tiny_image_folders, capfd):
+    """Not only the recipe: loading the backbone or a checkpoint with the run's arguments, the run and the
+    trainer turn transformers', datasets' and the Hub's bars off with `disable_tqdm`, and put them back."""
+    from transformers.utils import logging as hf_logging
+
+    from slca_peft import (
+        ContinualLearner,
+        EvalTransform,
+        ImageTransformConfig,
+        SLCAConfig,
+        SLCAModel,
+        TaskSequence,
+        TrainTransform,
+    )
+
+    tasks = TaskSequence.from_image_folders(*map(str, tiny_image_folders), init_cls=2, increment=2)
+    capfd.readouterr()
+    for disable in (False, True):
+        args = SLCAConfig(output_dir=str(tmp_path / str(disable)), use_cpu=True, num_train_epochs=1,
+                          per_device_train_batch_size=8, report_to="none", ca_samples_per_class=8, ca_batch_size=8,
+                          ca_epochs=1, disable_tqdm=disable)
+        model = SLCAModel.from_backbone(str(base_model_dir), args)
+        config = ImageTransformConfig.from_model_config(model.config)
+        learner = ContinualLearner(model, args, tasks, train_transform=TrainTransform(config),
+                                   eval_transform=EvalTransform(config))
+        learner.run()
+        ContinualLearner.from_checkpoint(learner.output_dir / "task_2", args, tasks)
+        bars = capfd.readouterr().err
+        assert ("Loading weights" in bars and "%|" in bars) is not disable, bars[-2000:]
+        assert hf_logging.is_progress_bar_enabled()  # put back after each call
+
+
+def test_the_known_third_party_warnings_are_filtered_in_the_cli_and_the_api(tmp_path, base_model_dir):
+    import warnings
+
+    from slca_peft import SLCAModel, save_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = SLCAModel.from_backbone(str(base_model_dir))
+        model.grow(2)
+        save_checkpoint(model, tmp_path / "run" / "task_1", state={"tasks_learned": 1, "accuracy_matrix": [[50.0]]})
+        cli_main(["info", str(tmp_path / "run" / "task_1")])
+        cli_main(["export", str(tmp_path / "run" / "task_1"), str(tmp_path / "export")])
+        filters = list(warnings.filters)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    assert filters == [warnings.filters[0]] or "is_gradient_checkpointing" not in str(filters)  # scoped, not global

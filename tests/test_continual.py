@@ -67,7 +67,7 @@ def test_each_method_trains_what_it_names(method, tmp_path, make_learner, tiny_i
     assert changed & linears == (set() if lora else linears)
     if lora:
         assert any("lora_B" in name for name in changed)
-    task = tmp_path / "run" / "task_1"
+    task = tmp_path / "run" / "task_2"
     aligned, trained = load_file(task / "classifier.safetensors"), load_file(task / "classifier_unaligned.safetensors")
     assert any(not torch.equal(aligned[k], trained[k]) for k in trained) == (method == "slca")
     assert [len(row) for row in result.accuracy_matrix] == [1, 2]
@@ -89,9 +89,9 @@ def test_push_to_hub_uploads_each_task_checkpoint_as_one_commit(tmp_path, make_l
     assert [u["json"]["continual_state.json"]["tasks_learned"] for u in hub.uploads] == [1, 2, 3]
     assert {u["json"]["slca_config.json"]["base_model_name_or_path"] for u in hub.uploads} == {"me/tiny-vit"}
     assert hub.repos == [("me/slca-run", True)] * 3
-    retry = f"slca-peft push {tmp_path / 'run' / 'task_1'} me/slca-run --base_model_id me/tiny-vit --private"
+    retry = f"slca-peft push {tmp_path / 'run' / 'task_2'} me/slca-run --base_model_id me/tiny-vit --private"
     assert retry in caplog.text
     assert len(result.accuracy_matrix) == 3
     # The local checkpoints keep the path they were built from; only the uploads name the Hub id.
-    saved = json.loads((tmp_path / "run" / "task_2" / "slca_config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "task_3" / "slca_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(base_model_dir)

@@ -77,7 +77,7 @@ def runs(tmp_path_factory, folders, base_model_dir, frozen_gc):
     full.run()
     phase1 = learner_for(sequence(folders["a"]), root / "phase1", base_model_dir)
     phase1.run()
-    return {"root": root, "full": full, "phase1": phase1, "checkpoint": root / "phase1" / "task_1"}
+    return {"root": root, "full": full, "phase1": phase1, "checkpoint": root / "phase1" / "task_2"}
 
 
 def old_test_data(folders):
@@ -102,7 +102,7 @@ def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, 
         assert torch.equal(learner.statistics.covariances[c], full.statistics.covariances[c])
 
     # The final checkpoint knows every class by name; the old ones kept their ids.
-    final = tmp_path / "phase2" / "task_2"
+    final = tmp_path / "phase2" / "task_3"
     model, stats, state, _ = load_checkpoint(final)
     names = [f"class_{k:02d}" for k in range(6)]
     assert model.label_names == state["label_names"] == names
@@ -129,7 +129,7 @@ def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp
     learner = learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=runs["checkpoint"],
                           old_test=old_test_data(folders))
     result = learner.run()
-    model, *_ = load_checkpoint(tmp_path / "phase2" / "task_2")
+    model, *_ = load_checkpoint(tmp_path / "phase2" / "task_3")
     model.eval()
     export_model(model, tmp_path / "exported")
     test = load_split_image_folders(*folders["full"])["test"]
@@ -168,12 +168,12 @@ def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders,
     assert summary["last_accuracy"] == pytest.approx(last[2])
     metrics = json.loads((tmp_path / "phase2" / "metrics.json").read_text())
     assert metrics["accuracy_matrix"][2][:2] == [None, None] and metrics["missing_entries"] == 2
-    state = json.loads((tmp_path / "phase2" / "task_2" / "continual_state.json").read_text())
+    state = json.loads((tmp_path / "phase2" / "task_3" / "continual_state.json").read_text())
     assert state["accuracy_matrix"][2][:2] == [None, None]
-    card = (tmp_path / "phase2" / "task_2" / "README.md").read_text()
+    card = (tmp_path / "phase2" / "task_3" / "README.md").read_text()
     assert "| 3 | — | — |" in card and "measured entries only" in card
     # A checkpoint with missing entries goes on again (a second continuation), history growing.
-    load_checkpoint(tmp_path / "phase2" / "task_2")
+    load_checkpoint(tmp_path / "phase2" / "task_3")
 
 
 def test_summaries_are_over_the_measured_entries():
@@ -300,7 +300,7 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2, 3, 4]
     assert None not in metrics["accuracy_matrix"][-1]  # the old test data was given
     assert metrics["task_sizes"] == [2, 2, 1, 1]
-    state = json.loads((out / "task_3" / "continual_state.json").read_text())
+    state = json.loads((out / "task_4" / "continual_state.json").read_text())
     assert state["label_names"][:4] == [f"class_{k:02d}" for k in range(4)]
     assert sorted(state["label_names"][4:]) == ["class_04", "class_05"]
     assert state["class_ids"][:4] == [0, 1, 2, 3] and sorted(state["class_ids"][4:]) == [4, 5]
@@ -311,7 +311,7 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     # An interrupted continuation resumes with --resume_from and the same new data, exactly.
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
-    shutil.rmtree(partial / "task_3")
+    shutil.rmtree(partial / "task_4")
     (partial / "metrics.json").unlink()
     resumed = [a if a != str(out) else str(partial) for a in args]
     i = resumed.index("--continue_from")
@@ -329,7 +329,7 @@ def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, 
     out = tmp_path / "next"
     with pytest.raises(UserError, match="continual_state.json"):
         recipe.main(recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(edited)))
-    assert not (out / "task_2").exists()
+    assert not (out / "task_3").exists()
 
 
 def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):

@@ -104,11 +104,11 @@ def test_two_processes_train_like_one_and_write_one_set_of_checkpoints(tmp_path,
     # One set of checkpoints and one report (written at the end of the run by the main process).
     assert sorted(p.name for p in out.iterdir()) == [
         ".slca-manifest.json", ".slca-run.lock", "accuracy_curve.png", "accuracy_matrix.png", "metrics.json",
-        "results.md", "run_fingerprint.json", "task_0", "task_1"]
+        "results.md", "run_fingerprint.json", "task_1", "task_2"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2]
     # 21 and 14 training images over 2 shards (11 + 10 for the first task): none padded, none lost.
-    assert [ClassStatistics.load(out / "task_1").counts[c] for c in range(5)] == [7, 7, 7, 7, 7]
+    assert [ClassStatistics.load(out / "task_2").counts[c] for c in range(5)] == [7, 7, 7, 7, 7]
 
     # The same checkpoints in this single process. Batches of one make every feature bit-identical
     # (float32 matmuls depend on batch shape) and one thread the summation order, as in the workers,
@@ -119,11 +119,11 @@ def test_two_processes_train_like_one_and_write_one_set_of_checkpoints(tmp_path,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        after_first = ContinualLearner.from_checkpoint(out / "task_0", args, tasks)
+        after_first = ContinualLearner.from_checkpoint(out / "task_1", args, tasks)
         transform = EvalTransform(eval_transform_config(after_first.model))
         single = ContinualLearner(after_first.model, args, tasks, eval_transform=transform)
         single.get_callback(StatisticsStep).compute(single, tasks[0])
-        after_last = ContinualLearner.from_checkpoint(out / "task_1", args, tasks, eval_transform=transform)
+        after_last = ContinualLearner.from_checkpoint(out / "task_2", args, tasks, eval_transform=transform)
         row, _, sizes = after_last.get_callback(EvaluationStep).evaluate(after_last, 1)
     finally:
         torch.set_num_threads(threads)

@@ -55,7 +55,7 @@ def test_domain_incremental_run_has_one_head_and_per_domain_metrics(tmp_path, ma
     assert lora_rates == pytest.approx([0.025, 0.005, 0.005])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["task_sizes"] == [4, 4, 4]
-    state = json.loads((tmp_path / "task_2" / "continual_state.json").read_text())
+    state = json.loads((tmp_path / "task_3" / "continual_state.json").read_text())
     assert state["incremental"] == "domain" and state["domains"] == ["clean", "noisy", "noisier"]
 
 
@@ -124,14 +124,14 @@ def test_recipe_runs_a_domain_incremental_stream(tmp_path, base_model_dir, recip
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2] and metrics["task_sizes"] == [4, 4]
     assert summary["last_accuracy"] == metrics["last_accuracy"]
-    state = json.loads((out / "task_1" / "continual_state.json").read_text())
+    state = json.loads((out / "task_2" / "continual_state.json").read_text())
     assert state["incremental"] == "domain" and state["domains"] == ["clipart", "painting"]
     with pytest.raises(UserError, match="--seeds varies the class order"):
         recipe.parse_args(args + ["--seeds", "1", "2"])
     with pytest.raises(UserError, match="--domains reads every domain from --data_dir"):
         recipe.parse_args(args + ["--test_dir", str(root)])
     # Killed after the first domain: resuming finishes with the same matrix; another domain order is refused.
-    shutil.rmtree(out / "task_1")
+    shutil.rmtree(out / "task_2")
     (out / "metrics.json").unlink()
     swap = {"clipart": "painting", "painting": "clipart"}
     swapped = [swap.get(a, a) for a in args]

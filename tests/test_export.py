@@ -40,7 +40,7 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
                  "64", "--learning_rate", "0.05", "--ca_epochs", "1", "--ca_samples_per_class", "32",
                  "--use_cpu", "true", "--seed", "0", "--report_to", "none", "--disable_tqdm", "true",
                  "--output_dir", str(tmp_path / "run")])
-    model, *_ = load_checkpoint(tmp_path / "run" / "task_1")
+    model, *_ = load_checkpoint(tmp_path / "run" / "task_2")
     model.eval()
     export_model(model, tmp_path / "exported")  # class names come from the checkpoint
     test = load_digits_dataset()["test"]

@@ -103,10 +103,10 @@ def test_swapped_base_weights_under_a_moved_checkpoint_are_refused(tmp_path, bas
     shutil.copytree(base_model_dir, base)
     model = SLCAModel.from_backbone(str(base))
     model.grow(2)
-    checkpoint(model, tmp_path / "run" / "task_0")
-    moved = tmp_path / "elsewhere" / "task_0"
+    checkpoint(model, tmp_path / "run" / "task_1")
+    moved = tmp_path / "elsewhere" / "task_1"
     moved.parent.mkdir()
-    shutil.move(tmp_path / "run" / "task_0", moved)
+    shutil.move(tmp_path / "run" / "task_1", moved)
     assert verify_checkpoint(moved) == []
     weights = load_file(base / "model.safetensors")
     save_file({k: v + 1 for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})

@@ -85,19 +85,19 @@ def test_a_run_killed_four_times_resumes_to_the_uninterrupted_metrics(tmp_path, 
     run = tmp_path / "killed"
     args = arguments(base_model_dir, image_folders, run, "--resume_from", "auto")
     # Killed from outside while task 2 trains (task 1's checkpoint is complete).
-    assert killed_from_outside(recipe, args, lambda: (run / "task_0").is_dir()) == -signal.SIGKILL
-    assert checkpoints(run) == ["task_0"] and not (run / "metrics.json").exists()
+    assert killed_from_outside(recipe, args, lambda: (run / "task_1").is_dir()) == -signal.SIGKILL
+    assert checkpoints(run) == ["task_1"] and not (run / "metrics.json").exists()
     # Task 2's statistics, after one batch has been accumulated (the restart retrains task 2 first).
     assert killed_inside(recipe, args, "slca_peft.method.statistics:ClassStatistics.update", 1) == -signal.SIGKILL
-    assert checkpoints(run) == ["task_0"]
+    assert checkpoints(run) == ["task_1"]
     # Task 2's classifier alignment, in its second epoch of 8 batches.
     assert killed_inside(recipe, args, "slca_peft.method.alignment:normalized_logits", 10) == -signal.SIGKILL
-    assert checkpoints(run) == ["task_0"]
+    assert checkpoints(run) == ["task_1"]
     # Task 3's checkpoint write: the adapter and heads are on disk, the statistics not yet (task 2's
     # checkpoint is the first save of this restart).
     assert killed_inside(recipe, args, "slca_peft.method.statistics:ClassStatistics.save", 1) == -signal.SIGKILL
-    assert checkpoints(run) == ["task_0", "task_1"]
-    partial = list(run.glob(".task_2.tmp-*"))
+    assert checkpoints(run) == ["task_1", "task_2"]
+    partial = list(run.glob(".task_3.tmp-*"))
     assert len(partial) == 1 and (partial[0] / "classifier.safetensors").is_file()
     assert not (partial[0] / "class_statistics.safetensors").exists()
 

@@ -70,7 +70,7 @@ def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)  # adapter trained
 
     # The checkpoint records the PEFT config; from_pretrained rebuilds it and gives the same logits.
-    saved = json.loads((tmp_path / "run" / "task_1" / "slca_config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "task_2" / "slca_config.json").read_text())
     assert saved["peft_config"]["peft_type"] == make_config().peft_type.value
     model.eval()
     x = torch.randn(3, 3, 32, 32)

@@ -39,14 +39,14 @@ def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, b
     assert "Last-Acc" in out and "task 3/3" in out
     metrics = json.loads((full / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
-    assert sorted(p.name for p in full.glob("task_*")) == ["task_0", "task_1", "task_2"]
-    state = json.loads((full / "task_2" / "continual_state.json").read_text())
+    assert sorted(p.name for p in full.glob("task_*")) == ["task_1", "task_2", "task_3"]
+    state = json.loads((full / "task_3" / "continual_state.json").read_text())
     assert state["seed"] == recipe.SLCAConfig(output_dir="x").class_order_seed  # the class order is recorded
 
     # An interrupted run: only the first two tasks finished.
     partial = tmp_path / "partial"
     shutil.copytree(full, partial)
-    shutil.rmtree(partial / "task_2")
+    shutil.rmtree(partial / "task_3")
     (partial / "metrics.json").unlink()
     recipe.main(common_args(base_model_dir, image_folders, partial) + ["--resume_from", "auto"])
     resumed = json.loads((partial / "metrics.json").read_text())
@@ -62,12 +62,12 @@ def test_resume_with_another_class_order_is_refused_and_writes_nothing(recipe, t
     recipe.main(args)
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     with pytest.raises(ValueError, match="class_order"):
-        recipe.main(args + ["--class_order_seed", "7", "--resume_from", str(out / "task_0")])
+        recipe.main(args + ["--class_order_seed", "7", "--resume_from", str(out / "task_1")])
     with pytest.raises(ValueError, match="task_sizes"):
-        recipe.main(args + ["--increment", "1", "--resume_from", str(out / "task_0")])
+        recipe.main(args + ["--increment", "1", "--resume_from", str(out / "task_1")])
     # The run directory's fingerprint lists every setting that differs ...
     with pytest.raises(ValueError, match=r'lora_layout \("per_projection" -> "fused_qkv"\).*reset_final_norm'):
-        recipe.main(args + ["--released_code", "true", "--resume_from", str(out / "task_0")])
+        recipe.main(args + ["--released_code", "true", "--resume_from", str(out / "task_1")])
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     # ... and the Python API, which has no run directory to compare with, checks the model's own setting.
     from slca_peft import ContinualLearner, SLCAConfig, TaskSequence
@@ -75,7 +75,7 @@ def test_resume_with_another_class_order_is_refused_and_writes_nothing(recipe, t
     tasks = TaskSequence.from_image_folders(*image_folders, init_cls=4, increment=2, seed=1993)
     released = SLCAConfig(output_dir=str(tmp_path / "api"), use_cpu=True, released_code=True, report_to="none")
     with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
-        ContinualLearner.from_checkpoint(out / "task_0", released, tasks)
+        ContinualLearner.from_checkpoint(out / "task_1", released, tasks)
 
 
 @pytest.mark.parametrize("method", ["slca++", "slca", "sl", "seq_ft"])
@@ -95,7 +95,7 @@ def test_cifar100_configs_match_the_paper(recipe, method):
     (["--eval_strategy", "epoch"], "--eval_strategy epoch: the loop evaluates every seen task"),
     (["--save_strategy", "steps"], "--save_strategy steps: the loop writes a checkpoint after each task"),
     (["--load_best_model_at_end", "true", "--eval_strategy", "no"], "--load_best_model_at_end"),
-    (["--resume_from_checkpoint", "runs/x/task_2"], "use --resume_from runs/x/task_2"),
+    (["--resume_from_checkpoint", "runs/x/task_3"], "use --resume_from runs/x/task_3"),
 ])
 def test_trainer_flags_the_loop_cannot_honour_are_refused_naming_the_replacement(recipe, flags, message):
     with pytest.raises(UserError, match=message):
@@ -108,7 +108,7 @@ def test_two_flags_at_once_are_all_named_and_other_rules_refuse_with_their_line(
                            "--eval_strategy", "steps", "--save_strategy", "steps"])
     for flags, message in [
         (["--dataset", "digits"], "give --model_name_or_path (pre-trained backbone) or --model_config"),
-        (["--model_config", "m.json", "--dataset", "digits", "--seeds", "1", "2", "--resume_from", "runs/task_0"],
+        (["--model_config", "m.json", "--dataset", "digits", "--seeds", "1", "2", "--resume_from", "runs/task_1"],
          "with --seeds, --resume_from can only be `auto`"),
     ]:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -87,7 +87,7 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     out = tmp_path / "run"
     recipe.main(arguments(base_model_dir, image_folders, out))
     first = json.loads((out / "metrics.json").read_text())
-    stamp = (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns
+    stamp = (out / "task_1" / "classifier.safetensors").stat().st_mtime_ns
     # The same command again has nothing to do: it reports the finished run.
     assert recipe.main(arguments(base_model_dir, image_folders, out))["last_accuracy"] == first["last_accuracy"]
     (out / "metrics.json").rename(tmp_path / "metrics.json")  # as if interrupted before the end
@@ -96,13 +96,13 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     (tmp_path / "metrics.json").rename(out / "metrics.json")
     with pytest.raises(UserError, match=r"holds another run \(learning_rate \(0.05 -> 0.02\)"):
         recipe.main(arguments(base_model_dir, image_folders, out, "--learning_rate", "0.02"))
-    assert (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns == stamp  # nothing was touched
+    assert (out / "task_1" / "classifier.safetensors").stat().st_mtime_ns == stamp  # nothing was touched
     # resume auto of the finished run trains nothing and reports the same metrics.
     recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", "auto"))
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == first["accuracy_matrix"]
     # --overwrite_output_dir replaces the old run: other settings, fresh checkpoints.
     recipe.main(arguments(base_model_dir, image_folders, out, "--init_cls", "2", "--overwrite_output_dir", "true"))
-    assert sorted(p.name for p in out.glob("task_*")) == ["task_0", "task_1", "task_2"]
+    assert sorted(p.name for p in out.glob("task_*")) == ["task_1", "task_2", "task_3"]
     assert json.loads((out / "run_fingerprint.json").read_text())["init_cls"] == 2
 
 
@@ -114,7 +114,7 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
     listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     changed = ["--lora_rank", "2", "--lora_target_modules", "q_proj", "v_proj", "--ca_covariance_form", "diagonal",
                "--learning_rate", "0.02"]
-    for resume in ("auto", str(out / "task_0")):
+    for resume in ("auto", str(out / "task_1")):
         with pytest.raises(UserError) as err:
             recipe.main(arguments(base_model_dir, image_folders, out, *changed, "--resume_from", resume))
         for name in ("lora_rank", "lora_target_modules", "ca_covariance_form", "learning_rate"):
@@ -123,11 +123,11 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
     # A checkpoint without the unaligned heads would resume from the aligned ones: refused.
     from safetensors.torch import load_file, save_file
 
-    path = out / "task_0" / "classifier.safetensors"
-    (out / "task_0" / "classifier_unaligned.safetensors").unlink(missing_ok=True)
+    path = out / "task_1" / "classifier.safetensors"
+    (out / "task_1" / "classifier_unaligned.safetensors").unlink(missing_ok=True)
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("unaligned.")}, path)
     with pytest.raises(UserError, match="has no unaligned heads"):
-        recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0")))
+        recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", str(out / "task_1")))
 
 
 def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
@@ -170,8 +170,8 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
     from slca_peft.utils.files import atomic_directory
 
     run = tmp_path / "run"
-    (run / "task_0").mkdir(parents=True)
-    (run / "task_0" / "weights").write_text("old")
+    (run / "task_1").mkdir(parents=True)
+    (run / "task_1" / "weights").write_text("old")
     def crash_between_the_renames() -> int:  # SIGKILLed: no `finally`, no cleanup, as in a crash
         real, calls = os.replace, []
 
@@ -182,21 +182,21 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
             real(src, dst)
 
         os.replace = replace  # the forked child only
-        with atomic_directory(run / "task_0") as tmp:
+        with atomic_directory(run / "task_1") as tmp:
             (tmp / "weights").write_text("new")
         return 0
 
     assert forked(crash_between_the_renames) == -signal.SIGKILL
-    assert not (run / "task_0").exists() and len(list(run.glob(".task_0.old-*"))) == 1
+    assert not (run / "task_1").exists() and len(list(run.glob(".task_1.old-*"))) == 1
     # The next start puts the old folder back.
     with claim_run_directory(run, {"method": "slca++"}, resume=True):
-        assert (run / "task_0" / "weights").read_text() == "old"
-    assert not list(run.glob(".task_0.old-*"))
+        assert (run / "task_1" / "weights").read_text() == "old"
+    assert not list(run.glob(".task_1.old-*"))
     # A leftover next to a complete folder is removed at the next write.
-    (run / ".task_0.old-1").mkdir()
-    with atomic_directory(run / "task_0") as tmp:
+    (run / ".task_1.old-1").mkdir()
+    with atomic_directory(run / "task_1") as tmp:
         (tmp / "weights").write_text("new")
-    assert (run / "task_0" / "weights").read_text() == "new" and not list(run.glob(".task_0.*"))
+    assert (run / "task_1" / "weights").read_text() == "new" and not list(run.glob(".task_1.*"))
 
 
 def test_written_files_follow_the_umask(tmp_path):
@@ -205,12 +205,12 @@ def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o002)
     try:
         atomic_write_text(tmp_path / "a.json", "{}")
-        with atomic_directory(tmp_path / "task_0") as tmp:
+        with atomic_directory(tmp_path / "task_1") as tmp:
             (tmp / "x").write_text("1")
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o664
-    assert (tmp_path / "task_0").stat().st_mode & 0o777 == 0o775
+    assert (tmp_path / "task_1").stat().st_mode & 0o777 == 0o775
 
 
 def test_a_model_config_run_never_replaces_the_base_model_under_checkpoints(recipe, tmp_path, vit_config):
@@ -221,8 +221,8 @@ def test_a_model_config_run_never_replaces_the_base_model_under_checkpoints(reci
                                              str(out), "--use_cpu", "true"])
     recipe.build_model(model_args, args)
     weights = (out / "base_model" / "model.safetensors").read_bytes()
-    (out / "task_0").mkdir()
-    (out / "task_0" / "continual_state.json").write_text("{}")
+    (out / "task_1").mkdir()
+    (out / "task_1" / "continual_state.json").write_text("{}")
     with pytest.raises(UserError, match="holds checkpoints trained on its base_model/"):
         recipe.build_model(model_args, args)
     assert (out / "base_model" / "model.safetensors").read_bytes() == weights

@@ -62,7 +62,7 @@ def test_remove_owned_never_follows_a_symlink_out(tmp_path):
     outside.mkdir()
     (outside / "weights.safetensors").write_bytes(b"theirs")
     (outside / "token").write_text("secret")
-    ck = tmp_path / "task_0"
+    ck = tmp_path / "task_1"
     (ck / "sub").mkdir(parents=True)
     (ck / "adapter.safetensors").write_bytes(b"ours")
     (ck / "sub" / "a.json").write_text("{}")
@@ -80,7 +80,7 @@ def test_remove_owned_never_follows_a_symlink_out(tmp_path):
     assert listing(ck) == ["notes.txt", "sub", "sub/a.json", "token"]
     assert (outside / "weights.safetensors").read_bytes() == b"theirs" and (outside / "token").read_text() == "secret"
     # A listed file under a symlinked sub-directory is refused before anything is deleted.
-    ck2 = tmp_path / "task_1"
+    ck2 = tmp_path / "task_2"
     (ck2 / "sub").mkdir(parents=True)
     (ck2 / "sub" / "w.safetensors").write_bytes(b"1")
     (ck2 / "keep.json").write_text("{}")
@@ -112,10 +112,10 @@ def test_a_manifest_is_read_bounded_and_validated(tmp_path):
 # ------------------------------------------------------------------------------------------- overwrite
 def fake_run(root, fingerprint=None):
     """The files a finished run leaves, with a manifest listing its fingerprint."""
-    (root / "task_0").mkdir(parents=True)
-    (root / "task_0" / "continual_state.json").write_text("{}")
-    (root / "task_0" / "adapter_model.safetensors").write_bytes(b"w")
-    (root / ".task_1.tmp-abc").mkdir()
+    (root / "task_1").mkdir(parents=True)
+    (root / "task_1" / "continual_state.json").write_text("{}")
+    (root / "task_1" / "adapter_model.safetensors").write_bytes(b"w")
+    (root / ".task_2.tmp-abc").mkdir()
     for name in ("metrics.json", "results.md", "accuracy_matrix.png"):
         (root / name).write_text("x")
     (root / "run_fingerprint.json").write_text(json.dumps(fingerprint or {"method": "slca++"}))
@@ -196,7 +196,7 @@ def test_overwrite_with_resume_the_root_or_the_data_folder_is_refused(recipe, tm
     with pytest.raises(UserError, match="--overwrite_output_dir deletes the run"):
         with claim_run_directory(out, {}, overwrite=True, resume=True):
             pass
-    assert (out / "task_0" / "continual_state.json").is_file()
+    assert (out / "task_1" / "continual_state.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------- content
@@ -232,7 +232,7 @@ def test_same_size_image_swaps_and_repaints_change_the_data_fingerprint(tmp_path
     assert describe_mismatch(first, swapped) == "data_class_sha256 (c0, c1 differ), data_sha256"
     run = tmp_path / "run"
     with claim_run_directory(run, first):
-        (run / "task_0").mkdir()
+        (run / "task_1").mkdir()
     with pytest.raises(UserError, match=r"cannot resume: .* data_class_sha256 \(c0, c1 differ\), data_sha256;"):
         with claim_run_directory(run, swapped, resume=True):
             pass
@@ -296,7 +296,7 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(recipe, tm
     # The corrected command (other settings than the failed one) just runs.
     summary = recipe.main(recipe_argv(base_model_dir, tiny_image_folders, out, "--learning_rate", "0.02"))
     assert "last_accuracy" in summary and (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.glob("task_*")) == ["task_0", "task_1"]
+    assert sorted(p.name for p in out.glob("task_*")) == ["task_1", "task_2"]
     assert json.loads((out / "run_fingerprint.json").read_text())["learning_rate"] == 0.02
     assert "run_fingerprint.json" in manifest.read_manifest(out)
 
@@ -308,8 +308,8 @@ def test_a_fingerprint_of_a_start_killed_before_its_first_task_is_replaced(tmp_p
     with claim_run_directory(run, {"method": "slca++", "lr": 2}):
         pass
     assert json.loads((run / "run_fingerprint.json").read_text())["lr"] == 2
-    (run / "task_0").mkdir()
+    (run / "task_1").mkdir()
     with pytest.raises(UserError, match=r"holds another run \(lr \(2 -> 3\) differ\)"):
         with claim_run_directory(run, {"method": "slca++", "lr": 3}):
             pass
-    assert os.listdir(run / "task_0") == []
+    assert os.listdir(run / "task_1") == []

@@ -103,14 +103,14 @@ def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, t
     stream = tasks(tiny_image_folders)
     first = make_learner(stream, tmp_path / "first", num_train_epochs=1, ca_epochs=1, ca_samples_per_class=16)
     first.run()
-    saved = json.loads((tmp_path / "first" / "task_0" / "continual_state.json").read_text())["timings"]
+    saved = json.loads((tmp_path / "first" / "task_1" / "continual_state.json").read_text())["timings"]
     # A checkpoint holds its task's times up to its own write.
     assert len(saved) == 1 and set(saved[0]) >= {f"{p}_seconds" for p in PHASES[:-1]}
     assert saved[0] == {k: v for k, v in first.result.timings[0].items() if k != "checkpoint_seconds"}
 
     args = first.args
     args.output_dir = str(tmp_path / "first")
-    resumed = _resume(tmp_path / "first" / "task_0", args, stream)
+    resumed = _resume(tmp_path / "first" / "task_1", args, stream)
     result = resumed.run()
     assert result.timings[0] == saved[0]  # kept, not measured again
     assert all(result.timings[1][f"{p}_seconds"] > 0 for p in PHASES)
@@ -118,11 +118,11 @@ def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, t
     assert [r["task"] for r in per_task] == [1, 2] and "checkpoint_seconds" not in per_task[0]
 
     # A checkpoint from before timings: the earlier task is untimed ({}), and the report still works.
-    state_file = tmp_path / "first" / "task_0" / "continual_state.json"
+    state_file = tmp_path / "first" / "task_1" / "continual_state.json"
     state = json.loads(state_file.read_text())
     del state["timings"]
     state_file.write_text(json.dumps(state))
-    result = _resume(tmp_path / "first" / "task_0", args, stream).run()
+    result = _resume(tmp_path / "first" / "task_1", args, stream).run()
     assert result.timings[0] == {} and result.timings[1]["training_seconds"] > 0
     metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert [r["task"] for r in metrics["timings"]["per_task"]] == [2]

@@ -59,4 +59,4 @@ print(json.dumps({{"module": slca_peft.__file__, "backbone": demo.model_name_or_
     assert Path(where["module"]).is_relative_to(target) and Path(where["backbone"]).is_relative_to(target)
     assert where["dataset"] == "digits" and where["shipped"] == "google/vit-base-patch16-224-in21k"
     metrics = json.loads((cwd / "run" / "metrics.json").read_text())
-    assert len(metrics["accuracy_matrix"]) == 1 and (cwd / "run" / "task_0" / "slca_config.json").is_file()
+    assert len(metrics["accuracy_matrix"]) == 1 and (cwd / "run" / "task_1" / "slca_config.json").is_file()

@@ -7,15 +7,19 @@ argument) and the checks that refuse a command line before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_type_hints
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
-from ..continual.run_dir import check_output_arguments, check_writable
+from ..continual.run_dir import check_output_arguments, check_writable, task_checkpoint
 from ..method.config import SLCAConfig
 from ..models.loading import check_backbone_source
 from ..utils.errors import UserError
@@ -126,7 +130,7 @@ class DataArguments:
 
 
 #: Arguments that name an input file or folder: a relative value in a config file is looked up next to
-#: the file first (see `yaml_to_argv`). Outputs (`output_dir`, `logging_dir`) stay relative to the
+#: the file first (see `read_config`). Outputs (`output_dir`, `logging_dir`) stay relative to the
 #: working directory, where the command runs.
 CONFIG_PATH_KEYS = ("model_name_or_path", "model_config", "peft_config", "resume_from", "dataset", "data_dir",
                     "train_dir", "test_dir", "deepspeed", "fsdp_config", "accelerator_config")
@@ -148,10 +152,28 @@ def _resolve_config_path(value: str, base: Path) -> str:
     return os.path.normpath(candidate)
 
 
-def yaml_to_argv(path: str) -> list[str]:
-    """Turn a YAML (or JSON) mapping into command-line flags, so the command line can override any of
-    them. Relative input paths (`CONFIG_PATH_KEYS`) resolve against the file's own folder when they
-    exist there, so a config and the files beside it work from any working directory."""
+def _flag_values(key: str, value, base: Path) -> list[str]:
+    """The command-line tokens after `--key` for a config file's value (None when the value means the default)."""
+    if value is None or value == []:
+        return []
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, list):
+        return [json.dumps(v) if isinstance(v, dict) else str(v) for v in value]
+    if isinstance(value, dict):  # accelerator_config, lr_scheduler_kwargs, ...: TrainingArguments reads JSON
+        return [json.dumps(value)]
+    if key in CONFIG_PATH_KEYS and isinstance(value, str):
+        return [_resolve_config_path(value, base)]
+    return [str(value)]
+
+
+def read_config(path: str, parser: HfArgumentParser) -> list[str]:
+    """A YAML or JSON file of arguments as the flags it stands for, to go before the command line's (which
+    then override them, as `HfArgumentParser` reads an `.args` file). Its keys are checked as
+    `HfArgumentParser.parse_dict` checks a dict: each must name a field of the parser's dataclasses, exactly;
+    any other is refused in one line naming it (and the field it may mean). Relative input paths
+    (`CONFIG_PATH_KEYS`) resolve against the file's own folder when they exist there, so a config and the
+    files beside it work from any working directory."""
     kind = "JSON" if path.lower().endswith(".json") else "YAML"
     if not Path(path).is_file():
         raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
@@ -161,18 +183,21 @@ def yaml_to_argv(path: str) -> list[str]:
         raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of argument names to values.")
+    known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+    unknown = [str(key) for key in data if str(key) not in known]
+    if unknown:
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+            named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise UserError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(named)}; a key is "
+                        f"a flag's name without -- (`{parser.prog} --help` lists them).")
     base = Path(path).resolve().parent
     argv: list[str] = []
     for key, value in data.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(v) for v in value)
-        elif key in CONFIG_PATH_KEYS and isinstance(value, str):
-            argv.append(_resolve_config_path(value, base))
-        else:
-            argv.append(str(value))
+        values = _flag_values(str(key), value, base)
+        if values:
+            argv += [f"--{key}", *values]
     return argv
 
 
@@ -204,8 +229,34 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return (found[0] if found else None), rest
 
 
+class RecipeArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose `--help` lists the recipe's own flags first, in groups: the model and data
+    arguments, SLCAConfig's method fields, the TrainingArguments whose defaults SLCAConfig changes, then the
+    rest of TrainingArguments (some 700 lines)."""
+
+    GROUPS = {ModelArguments: "model arguments", DataArguments: "data arguments"}
+
+    def _add_dataclass_arguments(self, dtype) -> None:
+        hints = get_type_hints(dtype)
+        if issubclass(dtype, TrainingArguments):
+            inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+            declared = set(vars(dtype).get("__annotations__", {}))  # the fields SLCAConfig itself declares
+            method = self.add_argument_group(f"SLCA++ method ({dtype.__name__})")
+            changed = self.add_argument_group(f"TrainingArguments with {dtype.__name__}'s defaults")
+            rest = self.add_argument_group("other TrainingArguments (transformers)")
+            group_of = lambda name: rest if name not in declared else changed if name in inherited else method  # noqa: E731
+        else:
+            group = self.add_argument_group(self.GROUPS.get(dtype, dtype.__name__))
+            group_of = lambda name: group  # noqa: E731
+        for f in dataclasses.fields(dtype):
+            if f.init:
+                f.type = hints[f.name]
+                self._parse_dataclass_field(group_of(f.name), f)
+
+
 def _argument_parser(prog: str | None = None) -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, SLCAConfig), prog=prog)
+    parser = RecipeArgumentParser((ModelArguments, DataArguments, SLCAConfig), prog=prog,
+                                  usage="%(prog)s [CONFIG.yaml | --config FILE] [--FLAG VALUE ...]")
     parser.add_argument(
         "--config", metavar="FILE",
         help="A YAML or JSON file of arguments (also accepted as the first argument, as in transformers' example "
@@ -308,6 +359,19 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
     check_writable(args.output_dir)
 
 
+def _given(argv: list[str], *names: str) -> bool:
+    """Whether any of these flags is on the command line (or in the config file, whose keys are flags by now)."""
+    flags = {f"--{name}" for name in names} | {f"--{name.replace('_', '-')}" for name in names}
+    return any(token.split("=", 1)[0] in flags for token in argv)
+
+
+def _resolve_run_directories(model_args: ModelArguments) -> ModelArguments:
+    """`--resume_from RUN` and `--continue_from RUN` given a run directory: its last complete task."""
+    changes = {name: task_checkpoint(value, f"--{name}") for name in ("resume_from", "continue_from")
+               if (value := getattr(model_args, name))}
+    return dataclasses.replace(model_args, **changes)
+
+
 def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
     """The three argument dataclasses from `argv`: a config file (`--config FILE`, `--config=FILE` or a
     .yaml/.json first argument) supplies defaults that the other flags override. `prog` names the
@@ -317,12 +381,16 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
     if config is None and not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv \
             and "--help" not in argv:
         config = str(DEMO_CONFIG)  # the offline demo, with any other flag overriding its settings
+    parser = _argument_parser(prog)
     if config is not None:
         if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
-        argv = yaml_to_argv(config) + argv
+        argv = read_config(config, parser) + argv
     argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
-    model_args, data_args, args, *_ = _argument_parser(prog).parse_args_into_dataclasses(args=argv)
+    model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(args=argv)
+    model_args = _resolve_run_directories(model_args)
+    if model_args.continue_from and not _given(argv, "init_cls", "increment"):
+        args.init_cls = args.increment = None  # the new classes as one task (TaskSequence's split)
     check_arguments(model_args, data_args, args)
     check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
                            data=[data_args.data_dir], image_folders=[data_args.train_dir, data_args.test_dir],

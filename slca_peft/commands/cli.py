@@ -61,6 +61,20 @@ def _report(ns: argparse.Namespace) -> None:
         print(path)
 
 
+def version_line() -> str:
+    """`slca-peft X (transformers Y, peft Z, torch W)`: the installed distributions' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("transformers", "peft", "torch"))
+    return f"slca-peft {installed('slca-peft')} ({libraries})"
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `slca-peft` command; from the command line (`argv=None`) a user error is one line on stderr
     (`--debug` or SLCA_PEFT_DEBUG=1 for the traceback)."""
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         train_main(argv[1:], prog="slca-peft train")
         return
     parser = argparse.ArgumentParser(prog="slca-peft", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train over a task sequence (the recipe; `slca-peft train --help` lists its flags, "
                    "`slca-peft train FILE.yaml` or `--config FILE` reads them from a file)")

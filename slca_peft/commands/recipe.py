@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, set_seed
@@ -52,7 +51,7 @@ from ..sharing.report import mean_std
 from ..utils.errors import UserError, run_main
 from ..utils.files import METRICS_FILE, atomic_directory, atomic_write_text, task_dir_name
 from ..utils.hardware import log_bf16_choice
-from ..utils.logging import LIBRARY_NAME, progress_bars, set_verbosity_from_args
+from ..utils.logging import LIBRARY_NAME, progress_bars, set_verbosity_from_args, shows_progress
 from ..utils.manifest import MANIFEST_FILE, read_manifest, record_tree
 from .arguments import DataArguments, ModelArguments, parse_args
 
@@ -69,7 +68,7 @@ def data_source(data_args: DataArguments) -> str | None:
 def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
     """The task stream, with all of its data checked (every image decoded once) before any training;
     the check's progress bars show on the main process unless `--disable_tqdm`."""
-    progress = not args.disable_tqdm and args.process_index == 0
+    progress = shows_progress(args)
     with progress_bars(progress):
         tasks = _load_tasks(data_args, args)
         if not data_args.domains:
@@ -203,8 +202,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     model_args, data_args, args = parse_args(argv, prog)
     configure_logging(args)
     log_bf16_choice()
-    # transformers' notice about its own renamed attribute, which PEFT reads while wrapping the backbone
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
     return train(model_args, data_args, args)
@@ -218,7 +215,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig
     already finished there with the same settings is not repeated: its results are logged and returned
     (nothing to do, as `make` would). Progress bars, of other libraries too, show on the main process
     unless `--disable_tqdm`."""
-    with progress_bars(not args.disable_tqdm and args.process_index == 0):
+    with progress_bars(shows_progress(args)):
         return _start(model_args, data_args, args)
 
 
@@ -294,9 +291,10 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
             merge_existing_classes=model_args.merge_existing_classes, old_test=old_test,
             train_transform=None, eval_transform=None, callbacks=callbacks,
         )
-        logger.info("continuing %s (%d tasks, %d classes learned) with %d new classes in %d tasks",
+        logger.info("continuing %s (%d tasks, %d classes learned) with %d new classes in %d tasks%s",
                     model_args.continue_from, learner.tasks.num_old_tasks, learner.tasks.num_old_classes,
-                    learner.tasks.num_classes - learner.tasks.num_old_classes, len(tasks))
+                    learner.tasks.num_classes - learner.tasks.num_old_classes, len(tasks),
+                    " (--init_cls/--increment split them)" if args.init_cls else "")
     else:
         learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
                                    eval_transform=None, callbacks=callbacks)

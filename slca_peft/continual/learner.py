@@ -31,6 +31,7 @@ from ..models.backbones import lora_targets_for
 from ..models.model import SLCAModel
 from ..utils import logging as logging_utils
 from ..utils.errors import no_exit
+from ..utils.files import task_dir_name
 from ..utils.timing import checked_timings, clock
 from .callbacks import Callback, CallbackHandler, ContinualCallback
 from .checkpoint import load_checkpoint
@@ -121,7 +122,8 @@ class ContinualLearner:
 
         The checkpoint must describe the same stream: class order, split and label names.
         """
-        model, statistics, state, unaligned = load_checkpoint(checkpoint, revision, expected_base=expected_base)
+        with logging_utils.progress_bars(logging_utils.shows_progress(args)):
+            model, statistics, state, unaligned = load_checkpoint(checkpoint, revision, expected_base=expected_base)
         check_resumable(checkpoint, model, statistics, state, args, tasks)
         result = ContinualResult(accuracy_matrix=state["accuracy_matrix"], seen_accuracy=state["seen_accuracy"],
                                  task_test_sizes=state["task_test_sizes"],
@@ -152,7 +154,9 @@ class ContinualLearner:
         training, as is another base model than `expected_base`. To finish the stream a checkpoint was
         cut from after an interruption, use `from_checkpoint`.
         """
-        model, statistics, state, unaligned = load_checkpoint(path_or_repo_id, revision, expected_base=expected_base)
+        with logging_utils.progress_bars(logging_utils.shows_progress(args)):
+            model, statistics, state, unaligned = load_checkpoint(path_or_repo_id, revision,
+                                                                  expected_base=expected_base)
         if state is None or statistics is None:
             raise ValueError(f"{path_or_repo_id} has no task history or class statistics, which continuing needs; "
                              "give a task_<t> checkpoint written by ContinualLearner (or the recipe).")
@@ -245,10 +249,11 @@ class ContinualLearner:
         start = len(self.result.accuracy_matrix)
         if self.unaligned_head is not None:
             self.model.classifier.restore(self.unaligned_head)
-        self.call_event("on_run_begin")
-        for t in range(start, len(self.tasks)):
-            self.learn_task(self.tasks[t])
-        self.call_event("on_run_end", self.result)
+        with logging_utils.progress_bars(self.show_progress):  # transformers', datasets' and the Hub's bars too
+            self.call_event("on_run_begin")
+            for t in range(start, len(self.tasks)):
+                self.learn_task(self.tasks[t])
+            self.call_event("on_run_end", self.result)
         return self.result
 
     def learn_task(self, task: Task) -> list[float]:
@@ -259,7 +264,7 @@ class ContinualLearner:
         if heads != expected:
             raise RuntimeError(
                 f"the classifier has {heads} heads but task {t + 1} needs {expected} before it; resume from the "
-                f"checkpoint of task {t} (task_{t - 1}) with its model."
+                f"checkpoint of task {t} ({task_dir_name(t - 1)}) with its model."
             )
         # Everything a task does is a function of (seed, task id, model state), so a run resumed from a
         # checkpoint repeats an uninterrupted one exactly.

@@ -50,15 +50,15 @@ def check_checkpoint_matches(checkpoint: str | Path, fingerprint: Mapping[str, A
 
 def finished_run(output_dir: str | Path, fingerprint: Mapping[str, Any], num_tasks: int) -> dict[str, Any] | None:
     """metrics.json of the run in `output_dir` when it is this run (same fingerprint) and finished
-    (a checkpoint for each of the `num_tasks` tasks and metrics over all of them), else None: starting
-    it again has nothing to do."""
+    (the checkpoint of its last task, the earlier ones being optional under `save_total_limit`, and metrics
+    over all `num_tasks` tasks), else None: starting it again has nothing to do."""
     root = Path(output_dir)
     if not (root / FINGERPRINT_FILE).is_file() or not (root / METRICS_FILE).is_file():
         return None
     old = read_fingerprint(root)
     if old is None or differing_fields(old, fingerprint):
         return None
-    if not all((root / task_dir_name(t) / STATE_FILE).is_file() for t in range(num_tasks)):
+    if not (root / task_dir_name(num_tasks - 1) / STATE_FILE).is_file():
         return None
     try:
         metrics = read_json(root / METRICS_FILE)

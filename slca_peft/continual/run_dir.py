@@ -34,7 +34,15 @@ from typing import Any
 
 from ..utils import manifest
 from ..utils.errors import UserError
-from ..utils.files import FINGERPRINT_FILE, METRICS_FILE, STATE_FILE, checkpoint_dirs, json_text, recover_replaced
+from ..utils.files import (
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    checkpoint_dirs,
+    json_text,
+    recover_replaced,
+)
 from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
 from .lock import LOCK_FILE, run_lock
 
@@ -339,3 +347,32 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete task checkpoint in a run's output directory (for `auto`)."""
     found = checkpoint_dirs(output_dir)
     return found[max(found)] if found else None
+
+
+def task_checkpoint(path: str, flag: str) -> str:
+    """What `--resume_from` / `--continue_from` names, as a task checkpoint: a run directory (one without a
+    checkpoint's own files) stands for its last complete task; one with no complete task is refused in one
+    line. A task folder, a Hub repo id or `auto` is returned as given."""
+    folder = Path(path)
+    if path == "auto" or not folder.is_dir() or (folder / STATE_FILE).is_file() or (folder / CONFIG_FILE).is_file():
+        return path
+    found = latest_checkpoint(folder)
+    if found is not None:
+        return str(found)
+    fix = "RUN/task_N or auto" if flag == "--resume_from" else "RUN/task_N"
+    raise UserError(f"{flag} {path}: a directory with no complete task checkpoint (task_N/{STATE_FILE}) and no "
+                    f"checkpoint files of its own; give {fix}.")
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """`save_total_limit` for a run directory: the newest `keep` task checkpoints stay (the newest, which a
+    resume continues from, always does); older ones are removed, their own files only. None or 0: all stay."""
+    if not keep or keep < 1:
+        return []
+    found = checkpoint_dirs(output_dir)
+    removed = [found[t] for t in sorted(found)[:-keep]]
+    for path in removed:
+        _remove_tree(path)
+    if removed:
+        logger.info("save_total_limit %d: removed %s", keep, ", ".join(p.name for p in removed))
+    return removed

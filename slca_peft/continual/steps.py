@@ -35,6 +35,7 @@ from ..utils.manifest import safe_path
 from ..utils.timing import timing_line, timing_summary, with_rates
 from .callbacks import ContinualCallback
 from .checkpoint import save_checkpoint
+from .run_dir import prune_checkpoints
 
 if TYPE_CHECKING:
     from ..data.tasks import Task
@@ -249,6 +250,7 @@ class CheckpointStep(ContinualCallback):
             directory = safe_path(directory.parent, directory.name)
             save_checkpoint(learner.model, directory, statistics=learner.statistics, state=state,
                             unaligned_head=learner.unaligned_head)
+            prune_checkpoints(directory.parent, learner.args.save_total_limit)  # only once the new one is whole
         if trainer is not None:
             trainer.accelerator.wait_for_everyone()
 

@@ -27,8 +27,12 @@ def class_order(num_classes: int, seed: int | None) -> list[int]:
     return np.random.RandomState(seed).permutation(num_classes).tolist()
 
 
-def split_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
-    """Classes per task: `init_cls`, then `increment` each, the last task taking the remainder."""
+def split_sizes(num_classes: int, init_cls: int | None, increment: int | None) -> list[int]:
+    """Classes per task: `init_cls`, then `increment` each, the last task taking the remainder; every class
+    in one task when `init_cls` is None."""
+    if init_cls is None:
+        return [num_classes]
+    increment = num_classes if increment is None else increment
     if init_cls > num_classes:
         raise ValueError(
             f"init_cls={init_cls} is larger than the {num_classes} classes of the dataset; lower init_cls."
@@ -124,7 +128,9 @@ class TaskStream(Protocol):
 class TaskSequence:
     """Class-incremental tasks over a train/test pair of `datasets.Dataset`s.
 
-    Each dataset needs an image column and an integer (or `ClassLabel`) or string label column.
+    Each dataset needs an image column and an integer (or `ClassLabel`) or string label column. The classes,
+    in `seed`'s order, are split into tasks of `init_cls`, then `increment` classes (`split_sizes`);
+    `init_cls=None` puts every class in one task.
     """
 
     #: What the data is (a Hub dataset id, image folders): each task's history records it.
@@ -135,8 +141,8 @@ class TaskSequence:
         train: Dataset,
         test: Dataset,
         *,
-        init_cls: int,
-        increment: int,
+        init_cls: int | None,
+        increment: int | None,
         seed: int | None = 1993,
         image_column: str = "image",
         label_column: str = "label",
@@ -162,7 +168,9 @@ class TaskSequence:
         position[self.order] = np.arange(num_classes)
         self.label_names = [names[c] for c in self.order]
         self.task_sizes = split_sizes(num_classes, init_cls, increment)
-        self.init_cls, self.increment = init_cls, increment
+        # As recorded in each task history: the sizes used (None, every class in one task, as that one size).
+        self.init_cls = self.task_sizes[0]
+        self.increment = increment if init_cls is not None and increment is not None else self.task_sizes[0]
         self._train_labels = position[train_ids]
         self._test_labels = position[test_ids]
         tested = np.bincount(self._test_labels, minlength=num_classes)

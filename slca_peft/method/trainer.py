@@ -34,6 +34,7 @@ from ..models.model import SLCAModel
 from ..models.saving import load_model_state
 from ..utils.files import atomic_write_text
 from ..utils.hardware import cpu_bf16_training
+from ..utils.logging import progress_bars, shows_progress
 from ..utils.state_files import has_state, load_state, save_state
 from .config import SLCAConfig, as_slca_config
 
@@ -283,7 +284,8 @@ class SLCATrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`; `resume_from_checkpoint` (a `checkpoint-N` folder, or True for the newest in
         `output_dir`) continues from the model files and training states that folder holds."""
-        with cpu_bf16_training(self.model, self.args):  # eager attention, one cast per block norm
+        # eager attention on CPU bf16; `disable_tqdm` also silences transformers', datasets' and the Hub's bars
+        with cpu_bf16_training(self.model, self.args), progress_bars(shows_progress(self.args)):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _refuse_sharded(self, what: str) -> None:

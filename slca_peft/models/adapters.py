@@ -30,6 +30,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..utils.errors import read_json
+from ..utils.logging import known_warnings_filtered
 from .backbones import FUSED_QKV_NAMES, QKV_NAMES, backbone_spec, class_token, linear_names, norm_module_names
 from .config import SLCAModelConfig
 from .peft_limits import check_peft_fields, check_peft_sizes
@@ -275,7 +276,8 @@ def apply_peft_config(backbone: nn.Module, config: PeftConfig, svd_init: bool,
     applied = copy.deepcopy(config)
     if applied.modules_to_save is None:
         applied.modules_to_save = norm_module_names(backbone) or None
-    wrapped = get_peft_model(backbone, applied)
+    with known_warnings_filtered():  # PEFT reads transformers' renamed `is_gradient_checkpointing`
+        wrapped = get_peft_model(backbone, applied)
     # PEFT's bias="all" also flags the biases of the frozen originals that modules_to_save keeps aside.
     for name, param in wrapped.named_parameters():
         if ".original_module." in name:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..utils.logging import progress_bars, shows_progress
 from .adapters import adapt_backbone, adapter_prefix, parameter_role, peft_config_from_dict, peft_config_to_dict
 from .backbones import (
     backbone_spec,
@@ -169,7 +170,8 @@ class SLCAModel(nn.Module):
         if isinstance(model, (str, os.PathLike)):
             # A local directory is recorded as an absolute path, so checkpoints load from anywhere.
             name = portable_name(model)
-            backbone = _load_with_sdpa(load_backbone, str(model), revision=revision, **loading)
+            with progress_bars(args is None or shows_progress(args)):  # `disable_tqdm` reaches the loading bar
+                backbone = _load_with_sdpa(load_backbone, str(model), revision=revision, **loading)
         elif isinstance(model, PretrainedConfig):
             extra = set(loading) - {"dtype", "attn_implementation"}
             if revision is not None or extra:

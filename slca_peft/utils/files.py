@@ -156,14 +156,17 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def task_dir_name(task_id: int) -> str:
-    """The checkpoint folder of task `task_id` (0-based) in a run directory."""
-    return f"{TASK_DIR_PREFIX}{task_id}"
+    """The checkpoint folder of task `task_id` (0-based, as the code counts) in a run directory, numbered as the
+    logs count tasks, from 1: `task_1` holds the first task ("task 1/5"), `task_5` the fifth."""
+    return f"{TASK_DIR_PREFIX}{task_id + 1}"
 
 
 def task_index(name: str) -> int | None:
-    """The task id a checkpoint folder name stands for, or None for any other name."""
+    """The task id (0-based) a checkpoint folder name stands for, or None for any other name."""
     suffix = name.removeprefix(TASK_DIR_PREFIX)
-    return int(suffix) if name.startswith(TASK_DIR_PREFIX) and suffix.isdigit() and suffix.isascii() else None
+    if not (name.startswith(TASK_DIR_PREFIX) and suffix.isdigit() and suffix.isascii()) or int(suffix) < 1:
+        return None
+    return int(suffix) - 1
 
 
 def checkpoint_dirs(output_dir: str | Path) -> dict[int, Path]:

@@ -16,8 +16,11 @@ transformers' verbosity is DEBUG), and transformers' verbosity on the others (WA
 So `SLCAConfig(log_level="warning")` silences the task lines, and
 `transformers.logging.set_verbosity_debug()` adds the library's debug records.
 
-Progress bars that run before a run's arguments exist (the image check) follow
-`enable_progress_bar` / `disable_progress_bar`, as transformers' do.
+Progress bars go through the libraries' own switches: `progress_bars(False)` turns off transformers',
+`datasets`' and `huggingface_hub`'s for a block, and the library's own (the image check) follow
+transformers' switch. A run turns them off with `disable_tqdm` (and on every process but the main one)
+from the Python API as from the recipe: loading a backbone or checkpoint with those arguments,
+`ContinualLearner.run` and `SLCATrainer.train` run inside `progress_bars(shows_progress(args))`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,19 @@ import contextlib
 import logging
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 LIBRARY_NAME = "slca_peft"
+#: Other libraries' warnings that the library's own calls trigger on every run and a user cannot act on, as
+#: (message regex, category): filtered around those calls (`known_warnings_filtered`), wherever they run from.
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # transformers 5 renamed `is_gradient_checkpointing`; PEFT reads the old name while wrapping a backbone.
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
 
 _lock = threading.Lock()
-_progress_bars = True
 
 
 class _DefaultHandler(logging.Handler):
@@ -94,31 +103,29 @@ def set_verbosity_from_args(args: Any) -> int:
     return chosen
 
 
-def enable_progress_bar() -> None:
-    global _progress_bars
-    _progress_bars = True
-
-
-def disable_progress_bar() -> None:
-    global _progress_bars
-    _progress_bars = False
-
-
 def is_progress_bar_enabled() -> bool:
-    return _progress_bars
+    """Whether the library's own progress bars (the image check) show: transformers' switch, so
+    `transformers.utils.logging.disable_progress_bar()` turns them off too, and `progress_bars(False)` for a block."""
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.is_progress_bar_enabled()
+
+
+def shows_progress(args: Any) -> bool:
+    """Whether a run with these `TrainingArguments` shows progress bars: on the main process unless `disable_tqdm`."""
+    return not args.disable_tqdm and getattr(args, "process_index", 0) == 0
 
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
-    """Progress bars on or off inside the block, restored after it. Off also turns off, for the
-    block, those of transformers (loading and writing weights), `datasets` (building a dataset) and
-    `huggingface_hub` (downloads), which Trainer's `disable_tqdm` does not reach."""
-    global _progress_bars
+    """Progress bars off inside the block unless `enabled`, restored after it, through the libraries' own
+    switches: transformers' (loading and writing weights; the library's bars follow it), `datasets`'
+    (building a dataset) and `huggingface_hub`'s (downloads, uploads), which Trainer's `disable_tqdm` does
+    not reach. `enabled=True` changes nothing: bars switched off by the application stay off."""
     import datasets
     import huggingface_hub.utils as hub
     from transformers.utils import logging as hf_logging
 
-    previous, _progress_bars = _progress_bars, enabled
     switches = [  # (is off now, turn off, turn on)
         (datasets.are_progress_bars_disabled, datasets.disable_progress_bars, datasets.enable_progress_bars),
         (hub.are_progress_bars_disabled, hub.disable_progress_bars, hub.enable_progress_bars),
@@ -134,6 +141,15 @@ def progress_bars(enabled: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        _progress_bars = previous
         for on in turned_off:
             on()
+
+
+@contextlib.contextmanager
+def known_warnings_filtered() -> Iterator[None]:
+    """`KNOWN_WARNINGS` ignored inside the block (the recipe, the `slca-peft` commands and the Python API all
+    reach them through the same calls); every other warning shows as before."""
+    with warnings.catch_warnings():
+        for message, category in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
