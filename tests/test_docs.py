@@ -4,7 +4,7 @@ The rule: every ```python block of those pages runs, in page order, each in a fr
 temporary working directory that holds what a reader has after `bash scripts/demo.sh` in a checkout:
 
 - `recipes/assets/tiny_vit_letters`, the demo's backbone (the shipped folder);
-- `outputs/demo_digits/task_0` ... `task_4`, a run of the demo's shape (that backbone, 5 tasks of 2
+- `outputs/demo_digits/task_1` ... `task_5`, a run of the demo's shape (that backbone, 5 tasks of 2
   classes), trained here for one epoch on tiny synthetic images so that it takes seconds;
 - `some_image.jpg`, an image to classify.
 

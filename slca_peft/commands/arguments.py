@@ -1,5 +1,6 @@
-"""The recipe's arguments: the model and data dataclasses, config files (`--config FILE` or a YAML/JSON first
-argument) and the checks that refuse a command line before anything runs.
+"""The recipe's arguments: the model and data dataclasses, their parser (`--help` lists the recipe's own flags
+first), config files (`slca_peft.commands.config_file`) and the checks that refuse a command line before
+anything runs.
 
 `parse_args` turns a command line into (`ModelArguments`, `DataArguments`, `SLCAConfig`); the recipe
 (`slca_peft.commands.recipe`) trains with them.
@@ -8,15 +9,12 @@ argument) and the checks that refuse a command line before anything runs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..continual.run_dir import check_output_arguments, check_writable, task_checkpoint
@@ -24,18 +22,7 @@ from ..method.config import SLCAConfig
 from ..models.loading import check_backbone_source
 from ..utils.errors import UserError
 from ..utils.hardware import resolve_bf16_flag
-
-
-def _shipped(kind: str, name: str) -> Path:
-    """A file under recipes/ (`configs`, `assets`): inside the installed package (a wheel ships them
-    as slca_peft/_recipes/configs, slca_peft/_recipes/assets, keeping the configs' relative paths to
-    the assets), else in the source tree."""
-    here = Path(__file__).resolve().parents[1]
-    installed = here / "_recipes" / kind / name
-    return installed if installed.exists() else here.parent / "recipes" / kind / name
-
-
-DEMO_CONFIG = _shipped("configs", "demo_digits.yaml")
+from .config_file import DEMO_CONFIG, read_config, shipped_file, split_config
 
 
 @dataclass
@@ -54,8 +41,9 @@ class ModelArguments:
     )
     resume_from: str | None = field(
         default=None,
-        metadata={"help": "Continue after the last task of a checkpoint: a task_<t> directory, a Hub repo id, "
-                  "or `auto` (the newest complete checkpoint in --output_dir, if any)."},
+        metadata={"help": "Continue after the last task of a checkpoint: a task_<t> directory, a run directory (its "
+                  "newest complete task_<t>), a Hub repo id, or `auto` (the newest complete checkpoint in "
+                  "--output_dir, if any)."},
     )
     resume_revision: str | None = field(default=None, metadata={"help": "Hub revision of --resume_from."})
     accept_changed_files: bool = field(
@@ -65,10 +53,11 @@ class ModelArguments:
     )
     continue_from: str | None = field(
         default=None,
-        metadata={"help": "Teach a trained checkpoint (a task_<t> directory or a Hub repo id) the classes of new data "
-                  "(--train_dir/--test_dir or --dataset): they are split by --init_cls/--increment, ordered by "
-                  "--class_order_seed, and appended after the learned ones, which keep their ids. Not with "
-                  "--resume_from, which finishes an interrupted run of the same stream."},
+        metadata={"help": "Teach a trained checkpoint (a task_<t> directory, a run directory or a Hub repo id) the "
+                  "classes of new data (--train_dir/--test_dir or --dataset): one task of them unless "
+                  "--init_cls/--increment are given, ordered by --class_order_seed, and appended after the learned "
+                  "ones, which keep their ids. Not with --resume_from, which finishes an interrupted run of the "
+                  "same stream."},
     )
     continue_revision: str | None = field(default=None, metadata={"help": "Hub revision of --continue_from."})
     merge_existing_classes: bool = field(
@@ -129,106 +118,6 @@ class DataArguments:
     )
 
 
-#: Arguments that name an input file or folder: a relative value in a config file is looked up next to
-#: the file first (see `read_config`). Outputs (`output_dir`, `logging_dir`) stay relative to the
-#: working directory, where the command runs.
-CONFIG_PATH_KEYS = ("model_name_or_path", "model_config", "peft_config", "resume_from", "dataset", "data_dir",
-                    "train_dir", "test_dir", "deepspeed", "fsdp_config", "accelerator_config")
-#: A config file given without `--config`, as the first argument (transformers' example scripts: `run_x.py args.json`).
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def _resolve_config_path(value: str, base: Path) -> str:
-    """`value` against the config file's folder when it exists there, else as written (working directory).
-
-    When both name the same file, the value is kept as written, so a run started before this rule
-    keeps its fingerprint."""
-    path = Path(value).expanduser()
-    candidate = base / path
-    if path.is_absolute() or value == "auto" or not candidate.exists():
-        return value
-    if path.exists() and os.path.samefile(path, candidate):
-        return value
-    return os.path.normpath(candidate)
-
-
-def _flag_values(key: str, value, base: Path) -> list[str]:
-    """The command-line tokens after `--key` for a config file's value (None when the value means the default)."""
-    if value is None or value == []:
-        return []
-    if isinstance(value, bool):
-        return ["true" if value else "false"]
-    if isinstance(value, list):
-        return [json.dumps(v) if isinstance(v, dict) else str(v) for v in value]
-    if isinstance(value, dict):  # accelerator_config, lr_scheduler_kwargs, ...: TrainingArguments reads JSON
-        return [json.dumps(value)]
-    if key in CONFIG_PATH_KEYS and isinstance(value, str):
-        return [_resolve_config_path(value, base)]
-    return [str(value)]
-
-
-def read_config(path: str, parser: HfArgumentParser) -> list[str]:
-    """A YAML or JSON file of arguments as the flags it stands for, to go before the command line's (which
-    then override them, as `HfArgumentParser` reads an `.args` file). Its keys are checked as
-    `HfArgumentParser.parse_dict` checks a dict: each must name a field of the parser's dataclasses, exactly;
-    any other is refused in one line naming it (and the field it may mean). Relative input paths
-    (`CONFIG_PATH_KEYS`) resolve against the file's own folder when they exist there, so a config and the
-    files beside it work from any working directory."""
-    kind = "JSON" if path.lower().endswith(".json") else "YAML"
-    if not Path(path).is_file():
-        raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}  # JSON is YAML
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of argument names to values.")
-    known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
-    unknown = [str(key) for key in data if str(key) not in known]
-    if unknown:
-        named = []
-        for key in unknown:
-            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
-            named.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise UserError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(named)}; a key is "
-                        f"a flag's name without -- (`{parser.prog} --help` lists them).")
-    base = Path(path).resolve().parent
-    argv: list[str] = []
-    for key, value in data.items():
-        values = _flag_values(str(key), value, base)
-        if values:
-            argv += [f"--{key}", *values]
-    return argv
-
-
-def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
-    """The config file (`--config FILE`, `--config=FILE`, or a .yaml/.yml/.json first argument) and the
-    other arguments."""
-    rest = list(argv)
-    found: list[str] = []
-    if rest and not rest[0].startswith("-") and rest[0].lower().endswith(CONFIG_SUFFIXES):
-        found.append(rest.pop(0))
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if arg == "--config":
-            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
-                raise UserError("--config needs a value: --config path/to/file.yaml.")
-            found.append(rest[i + 1])
-            del rest[i : i + 2]
-        elif arg.startswith("--config="):
-            if not arg.removeprefix("--config="):
-                raise UserError("--config needs a value: --config path/to/file.yaml.")
-            found.append(arg.removeprefix("--config="))
-            del rest[i]
-        else:
-            i += 1
-    if len(found) > 1:
-        raise UserError(f"only one config file is read, got {len(found)} ({', '.join(found)}); merge them or "
-                         "override single values with flags.")
-    return (found[0] if found else None), rest
-
-
 class RecipeArgumentParser(HfArgumentParser):
     """`HfArgumentParser` whose `--help` lists the recipe's own flags first, in groups: the model and data
     arguments, SLCAConfig's method fields, the TrainingArguments whose defaults SLCAConfig changes, then the
@@ -281,7 +170,7 @@ TRAINER_FLAG_RULES: tuple[tuple[Callable[[SLCAConfig], bool], str], ...] = (
      "--load_best_model_at_end: there is no best model across tasks; drop the flag"),
     (lambda a: a.resume_from_checkpoint,
      "--resume_from_checkpoint {a.resume_from_checkpoint}: use --resume_from {a.resume_from_checkpoint} "
-     "(a task_<t> checkpoint, a Hub repo id or `auto`)"),
+     "(a task_<t> checkpoint, a run directory, a Hub repo id or `auto`)"),
 )
 
 #: Arguments refused before anything runs, as (broken, message) over the model, data and SLCAConfig
@@ -376,15 +265,15 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
     """The three argument dataclasses from `argv`: a config file (`--config FILE`, `--config=FILE` or a
     .yaml/.json first argument) supplies defaults that the other flags override. `prog` names the
     command in the usage line."""
-    config, argv = _split_config(argv)
+    config, argv = split_config(argv)
     chosen = {"--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
     if config is None and not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv \
             and "--help" not in argv:
         config = str(DEMO_CONFIG)  # the offline demo, with any other flag overriding its settings
     parser = _argument_parser(prog)
     if config is not None:
-        if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
-            config = str(_shipped("configs", Path(config).name))  # a shipped config by name
+        if not Path(config).exists() and shipped_file("configs", Path(config).name).is_file():
+            config = str(shipped_file("configs", Path(config).name))  # a shipped config by name
         argv = read_config(config, parser) + argv
     argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
     model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(args=argv)
