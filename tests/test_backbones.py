@@ -11,13 +11,10 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from slca_peft import (
-    ContinualLearner,
-    EvalTransform,
     ImageTransformConfig,
     SLCAConfig,
     SLCAModel,
     TaskSequence,
-    TrainTransform,
     export_model,
 )
 from slca_peft.continual.steps import ReportStep
@@ -67,24 +64,14 @@ def _get(module, path):
 pytestmark = pytest.mark.usefixtures("frozen_gc")
 
 
-def _args(out, **overrides):
-    return SLCAConfig(**{**dict(
-        output_dir=str(out), use_cpu=True, num_train_epochs=1, per_device_train_batch_size=8, learning_rate=0.05,
-        seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=16, ca_batch_size=16, ca_epochs=1,
-        init_cls=2, increment=2, per_device_eval_batch_size=8), **overrides})
+#: Two tasks of two classes, one epoch; alignment at the training learning rate (`ca_lr` unset).
+SETTINGS = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate=0.05, ca_lr=None, seed=0,
+                ca_samples_per_class=16, ca_batch_size=16, ca_epochs=1, init_cls=2, increment=2,
+                per_device_eval_batch_size=8)
 
 
-def _learner(out, folders, model_dir=None, resume_from=None):
-    tasks = TaskSequence.from_image_folders(*folders, init_cls=2, increment=2, seed=1993)
-    args = _args(out)
-    if resume_from:
-        learner = ContinualLearner.from_checkpoint(resume_from, args, tasks)
-    else:
-        learner = ContinualLearner(SLCAModel.from_backbone(str(model_dir), args), args, tasks)
-    learner.remove_callback(ReportStep)  # no plots: not under test
-    tc = ImageTransformConfig.from_model_config(learner.model.config)
-    learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
-    return learner
+def _tasks(folders):
+    return TaskSequence.from_image_folders(*folders, init_cls=2, increment=2, seed=1993)
 
 
 @pytest.mark.parametrize("model_type", list(ROWS))
@@ -109,16 +96,19 @@ FAMILIES = ["vit", "dinov2", "beit", "timm_wrapper", "clip_vision_model"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_image_folders):
+def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_image_folders, make_learner):
     make, _, _, refusal = ROWS[model_type]
     torch.manual_seed(0)
     base = tmp_path / "base"
     T.AutoModel.from_config(make()).save_pretrained(base)
     x = torch.randn(3, 3, 32, 32)
     # Task 1, then a fresh process resumes from its checkpoint with the same backbone state and learns task 2.
-    first = _learner(tmp_path / "run", tiny_image_folders, model_dir=base)
+    first = make_learner(_tasks(tiny_image_folders), tmp_path / "run", base_model=base, **SETTINGS)
+    first.remove_callback(ReportStep)  # no plots: not under test
     first.learn_task(first.tasks[0])
-    learner = _learner(tmp_path / "run", tiny_image_folders, resume_from=str(tmp_path / "run" / "task_0"))
+    learner = make_learner(_tasks(tiny_image_folders), tmp_path / "run", resume_from=str(tmp_path / "run" / "task_0"),
+                           **SETTINGS)
+    learner.remove_callback(ReportStep)
     with torch.no_grad():
         torch.testing.assert_close(learner.model.eval().features(x), first.model.eval().features(x))
     result = learner.run()

@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import recipe_argv, write_image_folder
 
 from slca_peft import (
-    ContinualLearner,
     EvalTransform,
     ImageTransformConfig,
-    SLCAConfig,
     TaskSequence,
-    TrainTransform,
     export_model,
     load_checkpoint,
 )
@@ -52,30 +49,17 @@ def folders(tmp_path_factory):
     return sets
 
 
-def learner_for(tasks, output_dir, base_model_dir=None, checkpoint=None, config=None, **kw):
-    from slca_peft import SLCAModel
-
-    args = SLCAConfig(output_dir=str(output_dir), **{**SETTINGS, **(config or {})})
-    if checkpoint is None:
-        learner = ContinualLearner(SLCAModel.from_backbone(str(base_model_dir), args), args, tasks)
-    else:
-        learner = ContinualLearner.from_pretrained(checkpoint, args, tasks, **kw)
-    tc = ImageTransformConfig.from_model_config(learner.model.config)
-    learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
-    return learner
-
-
 def sequence(pair, seed=None):
     return TaskSequence.from_image_folders(*pair, init_cls=2, increment=2, seed=seed)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, folders, base_model_dir, frozen_gc):
+def runs(tmp_path_factory, folders, make_learner, frozen_gc):
     """An uninterrupted run over all six classes, and phase 1 over set A (two tasks)."""
     root = tmp_path_factory.mktemp("runs")
-    full = learner_for(sequence(folders["full"]), root / "full", base_model_dir)
+    full = make_learner(sequence(folders["full"]), root / "full", **SETTINGS)
     full.run()
-    phase1 = learner_for(sequence(folders["a"]), root / "phase1", base_model_dir)
+    phase1 = make_learner(sequence(folders["a"]), root / "phase1", **SETTINGS)
     phase1.run()
     return {"root": root, "full": full, "phase1": phase1, "checkpoint": root / "phase1" / "task_1"}
 
@@ -84,9 +68,9 @@ def old_test_data(folders):
     return load_split_image_folders(*folders["a"])["test"]
 
 
-def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, folders, tmp_path):
-    learner = learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=runs["checkpoint"],
-                          old_test=old_test_data(folders))
+def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, folders, tmp_path, make_learner):
+    learner = make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=runs["checkpoint"],
+                           old_test=old_test_data(folders), **SETTINGS)
     assert len(learner.result.accuracy_matrix) == 2  # the learned tasks' rows come with the checkpoint
     learned_timings = json.loads((runs["checkpoint"] / "continual_state.json").read_text())["timings"]
     assert learner.result.timings == learned_timings and len(learned_timings) == 2 and all(learned_timings)  # and times
@@ -114,20 +98,20 @@ def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, 
     assert "class_05" in card and "class_00" in card
 
 
-def test_damaged_timings_in_the_continued_checkpoint_are_one_error_naming_it(runs, folders, tmp_path):
+def test_damaged_timings_in_the_continued_checkpoint_are_one_error_naming_it(runs, folders, tmp_path, make_learner):
     copy = tmp_path / "ck"
     shutil.copytree(runs["checkpoint"], copy)
     state = json.loads((copy / "continual_state.json").read_text())
     (copy / "continual_state.json").write_text(json.dumps({**state, "timings": 5}))
     with pytest.raises(ValueError, match=rf"{copy}.*timings must be a list"):
-        learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=copy)
+        make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=copy, **SETTINGS)
 
 
-def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp_path):
+def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp_path, make_learner):
     from transformers import pipeline
 
-    learner = learner_for(sequence(folders["b"]), tmp_path / "phase2", checkpoint=runs["checkpoint"],
-                          old_test=old_test_data(folders))
+    learner = make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=runs["checkpoint"],
+                           old_test=old_test_data(folders), **SETTINGS)
     result = learner.run()
     model, *_ = load_checkpoint(tmp_path / "phase2" / "task_2")
     model.eval()
@@ -144,11 +128,11 @@ def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp
     assert accuracy == pytest.approx(result.seen_accuracy[-1], abs=100.0 / len(truth) + 1e-6)
 
 
-def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders, tmp_path, hub):
+def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders, tmp_path, hub, make_learner):
     push = dict(push_to_hub=True, hub_model_id="me/continued", hub_base_model_id="me/tiny-vit")
     new = sequence(folders["b"])
     new.source = "me/new-classes"
-    learner = learner_for(new, tmp_path / "phase2", checkpoint=runs["checkpoint"], config=push)
+    learner = make_learner(new, tmp_path / "phase2", continue_from=runs["checkpoint"], **SETTINGS, **push)
     result = learner.run()
     # What going on again needs is pushed: statistics, unaligned heads, the history with each task's data.
     (upload,) = hub.uploads
@@ -211,11 +195,12 @@ def test_a_new_class_named_like_a_learned_one_is_refused(runs, folders, tmp_path
         ContinuedStream(phase1_state(runs), only, merge_existing_classes=True)
 
 
-def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders, tmp_path):
+def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders, tmp_path, make_learner):
     clash = copy_classes(folders["full"][0], tmp_path / "train", ["class_01", "class_04", "class_05"])
     clash_test = copy_classes(folders["full"][1], tmp_path / "test", ["class_01", "class_04", "class_05"])
     new = TaskSequence.from_image_folders(clash, clash_test, init_cls=3, increment=1, seed=None)
-    learner = learner_for(new, tmp_path / "merged", checkpoint=runs["checkpoint"], merge_existing_classes=True)
+    learner = make_learner(new, tmp_path / "merged", continue_from=runs["checkpoint"], merge_existing_classes=True,
+                           **SETTINGS)
     before = learner.statistics
     old_count, old_mean = before.counts[1], before.means[1].clone()
     old_scatter = (before.covariances[1] - before.ridge * torch.eye(before.feature_dim, dtype=torch.float64)) * (
@@ -245,11 +230,11 @@ def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders,
     torch.testing.assert_close(stats.covariances[1], cov, rtol=0, atol=1e-6)
 
 
-def test_a_task_of_one_new_class_says_that_only_alignment_fits_it(runs, folders, tmp_path):
+def test_a_task_of_one_new_class_says_that_only_alignment_fits_it(runs, folders, tmp_path, make_learner):
     import logging
 
-    learner = learner_for(TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=None),
-                          tmp_path / "one", checkpoint=runs["checkpoint"])
+    learner = make_learner(TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=None),
+                           tmp_path / "one", continue_from=runs["checkpoint"], **SETTINGS)
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
@@ -282,19 +267,16 @@ def test_reopened_statistics_equal_those_of_the_union():
             torch.testing.assert_close(merged.covariances[0], union.covariances[0], rtol=0, atol=1e-10)
 
 
-def recipe_args(base_model_dir, pair, out, *extra):
-    return ["--train_dir", str(pair[0]), "--test_dir", str(pair[1]), "--init_cls", "1", "--increment", "1",
-            "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "0.05",
-            "--ca_epochs", "1", "--ca_samples_per_class", "16", "--crop_scale_min", "0.8", "--horizontal_flip",
-            "false", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0",
-            "--output_dir", str(out), *extra]
+#: Tasks of one class; no --model_name_or_path: a continuation takes the checkpoint's base model.
+FLAGS = dict(init_cls=1, increment=1, learning_rate=0.05, ca_samples_per_class=16, ca_batch_size=None,
+             crop_scale_min=0.8, horizontal_flip=False, seed=0)
 
 
 def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, runs, folders, base_model_dir,
                                                                           tmp_path):
     out = tmp_path / "next"
-    args = recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(runs["checkpoint"]),
-                       "--old_test_dir", str(folders["a"][1]), "--class_order_seed", "7")
+    args = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]),
+                       "--old_test_dir", str(folders["a"][1]), "--class_order_seed", "7", **FLAGS)
     recipe.main(args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2, 3, 4]
@@ -328,18 +310,18 @@ def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, 
     (edited / "continual_state.json").write_text(json.dumps(state))
     out = tmp_path / "next"
     with pytest.raises(UserError, match="continual_state.json"):
-        recipe.main(recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(edited)))
+        recipe.main(recipe_argv(None, folders["b"], out, "--continue_from", str(edited), **FLAGS))
     assert not (out / "task_2").exists()
 
 
 def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):
     out = tmp_path / "next"
-    base = recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(runs["checkpoint"]))
+    base = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)
     with pytest.raises(SystemExit, match="--continue_from teaches .* --resume_from finishes"):
         recipe.parse_args(base + ["--resume_from", "auto"])
     with pytest.raises(SystemExit, match="--old_test_dir go with --continue_from"):
-        recipe.parse_args(recipe_args(base_model_dir, folders["b"], out, "--model_name_or_path", str(base_model_dir),
-                                      "--old_test_dir", "x"))
+        recipe.parse_args(recipe_argv(None, folders["b"], out, "--model_name_or_path", str(base_model_dir),
+                                      "--old_test_dir", "x", **FLAGS))
     with pytest.raises(ValueError, match="trained with method 'slca\\+\\+', not 'slca'"):
         recipe.main(base + ["--method", "slca"])
     with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
@@ -347,7 +329,7 @@ def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders,
     other = shutil.copytree(base_model_dir, tmp_path / "other-vit")
     with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses"):
         recipe.main(base + ["--model_name_or_path", str(other)])
-    clash = recipe_args(base_model_dir, folders["full"], out, "--continue_from", str(runs["checkpoint"]))
+    clash = recipe_argv(None, folders["full"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)
     with pytest.raises(ValueError, match=r"\['class_00', 'class_01', 'class_02', 'class_03'\] are already learned"):
         recipe.main(clash)
     assert not out.exists()  # every refusal came before any training and left nothing

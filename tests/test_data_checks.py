@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import recipe_argv, write_image_folder
 from PIL import Image
 
 from slca_peft.data.checks import check_images
@@ -17,11 +17,8 @@ def folders(tmp_path, classes=4, train=3, test=2):
             write_image_folder(tmp_path / "test", classes, test, seed=2))
 
 
-def recipe_args(base_model_dir, train_dir, test_dir, out):
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", "2", "--increment", "2", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-            "--ca_samples_per_class", "8", "--ca_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true",
-            "--output_dir", str(out)]
+#: The recipe's own seed and alignment batch: these runs stop at the image checks.
+FLAGS = dict(per_device_train_batch_size=4, ca_batch_size=None, report_to=None, seed=None)
 
 
 def test_a_truncated_jpeg_is_named_before_training(recipe, tmp_path, base_model_dir):
@@ -34,7 +31,7 @@ def test_a_truncated_jpeg_is_named_before_training(recipe, tmp_path, base_model_
         img.verify()  # what the old check did: it passes
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"unreadable image .*class_03/cut\.jpg \(image file is truncated"):
-        recipe.main(recipe_args(base_model_dir, train_dir, test_dir, out))
+        recipe.main(recipe_argv(base_model_dir, (train_dir, test_dir), out, **FLAGS))
     assert not list(out.glob("task_*"))
 
 
@@ -46,7 +43,7 @@ def test_a_task_without_test_images_is_refused_before_training(recipe, tmp_path,
         (test_dir / name).rmdir()
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"task\(s\) \[\d\] have no test images"):
-        recipe.main(recipe_args(base_model_dir, train_dir, test_dir, out) + ["--class_order_seed", "0"])
+        recipe.main(recipe_argv(base_model_dir, (train_dir, test_dir), out, **FLAGS) + ["--class_order_seed", "0"])
     assert not list(out.glob("task_*"))
 
 

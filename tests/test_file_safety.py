@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from conftest import stats_for, trained_model
 from safetensors.torch import load_file, save_file
-from test_hub import stats_for, trained_model
 
 from slca_peft import SLCAModel, export_model, save_checkpoint, verify_checkpoint
 from slca_peft.commands.cli import main as cli_main

@@ -10,31 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stats_for, trained_model
 from peft import PeftModel
 from transformers import AutoModelForImageClassification, ViTModel
 
-from slca_peft import ClassStatistics, SLCAModel, export_model, load_checkpoint, save_checkpoint
-
-
-def trained_model(base_model_dir) -> SLCAModel:
-    """A model with two tasks whose every trainable tensor and head differs from its initial value."""
-    torch.manual_seed(0)
-    model = SLCAModel.from_backbone(str(base_model_dir))
-    model.grow(2)
-    model.grow(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad or "heads" in name:
-                param.add_(0.05 * torch.randn_like(param))
-        model.classifier.scales[0] = 1.02
-    return model.eval()
-
-
-def stats_for(model) -> ClassStatistics:
-    stats = ClassStatistics(model.feature_dim)
-    stats.update(torch.randn(20, model.feature_dim), torch.arange(5).repeat(4))
-    stats.finalize(0)
-    return stats
+from slca_peft import SLCAModel, export_model, load_checkpoint, save_checkpoint
 
 
 def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_model_dir):

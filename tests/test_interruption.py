@@ -15,17 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import run_forked, start_forked, wait_forked
+from conftest import recipe_argv, run_forked, start_forked, wait_forked
 
-
-def arguments(base_model_dir, image_folders, out, *extra):
-    train_dir, test_dir = image_folders
-    return ["--model_name_or_path", str(base_model_dir),
-            "--train_dir", str(train_dir), "--test_dir", str(test_dir), "--init_cls", "2", "--increment", "2",
-            "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "0.05",
-            "--ca_samples_per_class", "64", "--ca_batch_size", "32", "--ca_epochs", "3",
-            "--per_device_eval_batch_size", "4", "--use_cpu", "true", "--disable_tqdm", "true",
-            "--seed", "5", "--output_dir", str(out), *extra]
+#: Two tasks of 2 classes, long enough to be killed in each phase.
+FLAGS = dict(num_train_epochs=2, learning_rate=0.05, ca_samples_per_class=64, ca_batch_size=32, ca_epochs=3,
+             per_device_eval_batch_size=4, seed=5, report_to=None)
 
 
 def single_threaded(recipe, args) -> int:
@@ -79,11 +73,11 @@ def checkpoints(run: Path) -> list[str]:
 
 def test_a_run_killed_four_times_resumes_to_the_uninterrupted_metrics(tmp_path, base_model_dir, image_folders,
                                                                       recipe):
-    single_threaded(recipe, arguments(base_model_dir, image_folders, tmp_path / "full"))
+    single_threaded(recipe, recipe_argv(base_model_dir, image_folders, tmp_path / "full", **FLAGS))
     uninterrupted = json.loads((tmp_path / "full" / "metrics.json").read_text())
 
     run = tmp_path / "killed"
-    args = arguments(base_model_dir, image_folders, run, "--resume_from", "auto")
+    args = recipe_argv(base_model_dir, image_folders, run, "--resume_from", "auto", **FLAGS)
     # Killed from outside while task 2 trains (task 1's checkpoint is complete).
     assert killed_from_outside(recipe, args, lambda: (run / "task_0").is_dir()) == -signal.SIGKILL
     assert checkpoints(run) == ["task_0"] and not (run / "metrics.json").exists()

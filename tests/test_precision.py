@@ -202,7 +202,7 @@ def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_
 
 def test_a_resumed_auto_run_resolves_as_it_started(recipe, cpu_only, tmp_path, base_model_dir, image_folders):
     out = tmp_path / "run"
-    argv = recipe_argv(base_model_dir, image_folders, out, init_cls=4, ca_samples=16)
+    argv = recipe_argv(base_model_dir, image_folders, out, init_cls=4, ca_samples_per_class=16, ca_batch_size=32)
     cpu_only(["AVX512-BF16"])
     recipe.main(argv)
     assert json.loads((out / "run_fingerprint.json").read_text())["bf16"] is True

@@ -5,17 +5,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import recipe_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def common_args(base_model_dir, image_folders, out):
-    train_dir, test_dir = image_folders
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", "2", "--increment", "2", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
-            "--learning_rate", "0.05", "--ca_samples_per_class", "64", "--ca_batch_size", "32",
-            "--crop_scale_min", "0.8", "--horizontal_flip", "false", "--use_cpu", "true", "--disable_tqdm", "true",
-            "--seed", "3", "--output_dir", str(out)]
+#: Two epochs of 2-class tasks without flips, aligned with the default number of epochs.
+FLAGS = dict(num_train_epochs=2, learning_rate=0.05, ca_samples_per_class=64, ca_batch_size=32, ca_epochs=None,
+             crop_scale_min=0.8, horizontal_flip=False, report_to=None)
 
 
 def test_yaml_config_is_overridden_by_the_command_line(recipe, tmp_path):
@@ -32,7 +29,7 @@ def test_yaml_config_is_overridden_by_the_command_line(recipe, tmp_path):
 
 def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, base_model_dir, image_folders, capsys):
     full = tmp_path / "full"
-    recipe.main(common_args(base_model_dir, image_folders, full))
+    recipe.main(recipe_argv(base_model_dir, image_folders, full, **FLAGS))
     out = capsys.readouterr().out
     assert "Last-Acc" in out and "task 3/3" in out
     metrics = json.loads((full / "metrics.json").read_text())
@@ -46,7 +43,7 @@ def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, b
     shutil.copytree(full, partial)
     shutil.rmtree(partial / "task_2")
     (partial / "metrics.json").unlink()
-    recipe.main(common_args(base_model_dir, image_folders, partial) + ["--resume_from", "auto"])
+    recipe.main(recipe_argv(base_model_dir, image_folders, partial, **FLAGS) + ["--resume_from", "auto"])
     resumed = json.loads((partial / "metrics.json").read_text())
     assert resumed["accuracy_matrix"] == metrics["accuracy_matrix"]
     assert resumed["last_accuracy"] == metrics["last_accuracy"]
@@ -54,7 +51,7 @@ def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, b
 
 def test_resume_with_another_class_order_is_refused_and_writes_nothing(recipe, tmp_path, base_model_dir, image_folders):
     out = tmp_path / "run"
-    args = common_args(base_model_dir, image_folders, out)
+    args = recipe_argv(base_model_dir, image_folders, out, **FLAGS)
     args[args.index("--num_train_epochs") + 1] = "1"
     args += ["--init_cls", "4"]  # two tasks: 4 + 2
     recipe.main(args)

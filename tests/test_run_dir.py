@@ -19,8 +19,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
        "PYTHONPATH": str(ROOT)}
 
 
-def arguments(base_model_dir, image_folders, out, *extra):
-    return recipe_argv(base_model_dir, image_folders, out, "--learning_rate", "0.05", *extra, init_cls=4, ca_samples=16)
+#: Two tasks of 4 and 2 classes.
+FLAGS = dict(init_cls=4, ca_samples_per_class=16, ca_batch_size=32, learning_rate=0.05)
 
 
 def run_cli(*args, env=None):
@@ -85,23 +85,25 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     recipe, tmp_path, base_model_dir, image_folders
 ):
     out = tmp_path / "run"
-    recipe.main(arguments(base_model_dir, image_folders, out))
+    recipe.main(recipe_argv(base_model_dir, image_folders, out, **FLAGS))
     first = json.loads((out / "metrics.json").read_text())
     stamp = (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns
     # The same command again has nothing to do: it reports the finished run.
-    assert recipe.main(arguments(base_model_dir, image_folders, out))["last_accuracy"] == first["last_accuracy"]
+    again = recipe.main(recipe_argv(base_model_dir, image_folders, out, **FLAGS))
+    assert again["last_accuracy"] == first["last_accuracy"]
     (out / "metrics.json").rename(tmp_path / "metrics.json")  # as if interrupted before the end
     with pytest.raises(UserError, match="already holds a run .*--resume_from auto.*--overwrite_output_dir"):
-        recipe.main(arguments(base_model_dir, image_folders, out))
+        recipe.main(recipe_argv(base_model_dir, image_folders, out, **FLAGS))
     (tmp_path / "metrics.json").rename(out / "metrics.json")
     with pytest.raises(UserError, match=r"holds another run \(learning_rate \(0.05 -> 0.02\)"):
-        recipe.main(arguments(base_model_dir, image_folders, out, "--learning_rate", "0.02"))
+        recipe.main(recipe_argv(base_model_dir, image_folders, out, "--learning_rate", "0.02", **FLAGS))
     assert (out / "task_0" / "classifier.safetensors").stat().st_mtime_ns == stamp  # nothing was touched
     # resume auto of the finished run trains nothing and reports the same metrics.
-    recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", "auto"))
+    recipe.main(recipe_argv(base_model_dir, image_folders, out, "--resume_from", "auto", **FLAGS))
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == first["accuracy_matrix"]
     # --overwrite_output_dir replaces the old run: other settings, fresh checkpoints.
-    recipe.main(arguments(base_model_dir, image_folders, out, "--init_cls", "2", "--overwrite_output_dir", "true"))
+    recipe.main(recipe_argv(base_model_dir, image_folders, out, "--init_cls", "2", "--overwrite_output_dir", "true",
+                            **FLAGS))
     assert sorted(p.name for p in out.glob("task_*")) == ["task_0", "task_1", "task_2"]
     assert json.loads((out / "run_fingerprint.json").read_text())["init_cls"] == 2
 
@@ -110,13 +112,13 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
     recipe, tmp_path, base_model_dir, image_folders
 ):
     out = tmp_path / "run"
-    recipe.main(arguments(base_model_dir, image_folders, out))
+    recipe.main(recipe_argv(base_model_dir, image_folders, out, **FLAGS))
     listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     changed = ["--lora_rank", "2", "--lora_target_modules", "q_proj", "v_proj", "--ca_covariance_form", "diagonal",
                "--learning_rate", "0.02"]
     for resume in ("auto", str(out / "task_0")):
         with pytest.raises(UserError) as err:
-            recipe.main(arguments(base_model_dir, image_folders, out, *changed, "--resume_from", resume))
+            recipe.main(recipe_argv(base_model_dir, image_folders, out, *changed, "--resume_from", resume, **FLAGS))
         for name in ("lora_rank", "lora_target_modules", "ca_covariance_form", "learning_rate"):
             assert name in str(err.value)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
@@ -127,7 +129,7 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
     (out / "task_0" / "classifier_unaligned.safetensors").unlink(missing_ok=True)
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("unaligned.")}, path)
     with pytest.raises(UserError, match="has no unaligned heads"):
-        recipe.main(arguments(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0")))
+        recipe.main(recipe_argv(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0"), **FLAGS))
 
 
 def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
@@ -136,7 +138,7 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
     from slca_peft.continual.learner import ContinualLearner
 
     out, go = tmp_path / "run", tmp_path / "go"
-    args = arguments(base_model_dir, image_folders, out, "--init_cls", "6")  # one task
+    args = recipe_argv(base_model_dir, image_folders, out, "--init_cls", "6", **FLAGS)  # one task
 
     def first_run() -> int:  # another process, holding the directory until the test says go
         learn = ContinualLearner.learn_task

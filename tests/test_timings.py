@@ -10,7 +10,7 @@ import time
 import pytest
 from transformers import TrainerCallback
 
-from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, TaskSequence, TrainTransform
+from slca_peft import TaskSequence
 from slca_peft.continual.steps import AlignmentStep
 from slca_peft.sharing.plotting import write_report
 from slca_peft.utils.timing import PHASES, checked_timings, phases_of, timing_summary, with_rates
@@ -91,26 +91,18 @@ def test_every_phase_is_timed_where_it_runs_and_reported_everywhere(tmp_path, ma
         [r["training_seconds"] for r in timings])
 
 
-def _resume(checkpoint, args, stream):
-    learner = ContinualLearner.from_checkpoint(checkpoint, args, stream)
-    tc = ImageTransformConfig.from_model_config(learner.model.config)
-    learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
-    return learner
-
-
 def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, tiny_image_folders):
     pytest.importorskip("matplotlib")
     stream = tasks(tiny_image_folders)
-    first = make_learner(stream, tmp_path / "first", num_train_epochs=1, ca_epochs=1, ca_samples_per_class=16)
+    settings = dict(num_train_epochs=1, ca_epochs=1, ca_samples_per_class=16)
+    first = make_learner(stream, tmp_path / "first", **settings)
     first.run()
     saved = json.loads((tmp_path / "first" / "task_0" / "continual_state.json").read_text())["timings"]
     # A checkpoint holds its task's times up to its own write.
     assert len(saved) == 1 and set(saved[0]) >= {f"{p}_seconds" for p in PHASES[:-1]}
     assert saved[0] == {k: v for k, v in first.result.timings[0].items() if k != "checkpoint_seconds"}
 
-    args = first.args
-    args.output_dir = str(tmp_path / "first")
-    resumed = _resume(tmp_path / "first" / "task_0", args, stream)
+    resumed = make_learner(stream, tmp_path / "first", resume_from=tmp_path / "first" / "task_0", **settings)
     result = resumed.run()
     assert result.timings[0] == saved[0]  # kept, not measured again
     assert all(result.timings[1][f"{p}_seconds"] > 0 for p in PHASES)
@@ -122,7 +114,7 @@ def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, t
     state = json.loads(state_file.read_text())
     del state["timings"]
     state_file.write_text(json.dumps(state))
-    result = _resume(tmp_path / "first" / "task_0", args, stream).run()
+    result = make_learner(stream, tmp_path / "first", resume_from=tmp_path / "first" / "task_0", **settings).run()
     assert result.timings[0] == {} and result.timings[1]["training_seconds"] > 0
     metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert [r["task"] for r in metrics["timings"]["per_task"]] == [2]
