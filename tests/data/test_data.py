@@ -5,14 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as HFImage
 from PIL import Image
 
 import slca_peft.data.benchmarks as data_module
 from slca_peft.data.benchmarks import KNOWN_DATASETS, load_benchmark, stratified_split
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_image(path: Path, value: int, fmt: str = "PNG") -> None:

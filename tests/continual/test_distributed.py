@@ -6,9 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from conftest import ROOT
 
 from slca_peft import ClassStatistics, ContinualLearner, EvalTransform, SLCAConfig, TaskSequence
 from slca_peft.continual.steps import EvaluationStep, StatisticsStep
@@ -89,7 +89,7 @@ def test_two_processes_train_like_one_and_write_one_set_of_checkpoints(tmp_path,
     test_dir = write_image_folder(tmp_path / "test", num_classes=5, per_class=3, seed=4)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    recipe = Path(__file__).parents[1] / "recipes" / "train_seq.py"
+    recipe = ROOT / "recipes" / "train_seq.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(recipe), "--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir),
            "--test_dir", str(test_dir), "--init_cls", "3", "--increment", "2", "--num_train_epochs", "1",

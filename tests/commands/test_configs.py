@@ -3,14 +3,13 @@ settings, carries the paper's numbers and those of the authors' released configs
 config has a `*_released.yaml` twin in the released code's setting."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from slca_peft import AlignmentSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 
 # benchmark: (init_cls, increment, IN21K epochs, sce_alpha, sce_beta, SLCA++ weight decay, CA temperature)

@@ -2,13 +2,9 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-from conftest import recipe_argv
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import ROOT, recipe_argv
 
 #: Two epochs of 2-class tasks without flips, aligned with the default number of epochs.
 FLAGS = dict(num_train_epochs=2, learning_rate=0.05, ca_samples_per_class=64, ca_batch_size=32, ca_epochs=None,

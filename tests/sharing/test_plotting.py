@@ -13,7 +13,6 @@ from PIL import Image  # noqa: E402
 from slca_peft.commands.cli import main as cli_main  # noqa: E402
 from slca_peft.sharing.plotting import FIGURE_SIZE, write_report  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

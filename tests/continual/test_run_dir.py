@@ -6,14 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import recipe_argv
+from conftest import ROOT, recipe_argv
 
 from slca_peft.utils.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "recipes" / "train_seq.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "PYTHONPATH": str(ROOT)}

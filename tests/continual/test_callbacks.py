@@ -6,13 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import recipe_argv
+from conftest import ROOT, recipe_argv
 
 from slca_peft import TaskSequence
 from slca_peft.continual.callbacks import ContinualCallback, load_callback
 from slca_peft.continual.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Recorder(ContinualCallback):

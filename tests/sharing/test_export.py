@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 from slca_peft import export_model
 from slca_peft.data.transforms import EvalTransform, ImageTransformConfig
 from slca_peft.sharing.export import eval_image_processor
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
