@@ -81,6 +81,7 @@ def reader_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", ["README.md", "docs/hub.md"])
 def test_the_python_examples_run_as_written(page, reader_dir, monkeypatch):
     blocks = python_blocks(ROOT / page)

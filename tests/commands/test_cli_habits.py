@@ -66,6 +66,7 @@ def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
     assert calls[0]["token"] == "hf_secret" and "https://hub/commit" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_finished_run_started_again_reports_its_results(recipe, tmp_path, base_model_dir, tiny_image_folders,
                                                            monkeypatch, capsys):
     from slca_peft.continual.learner import ContinualLearner
@@ -181,6 +182,7 @@ def _check_run_verbosity(tmp_path, capsys):
     assert stream.getvalue() == "once\n" and "once" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_python_api_run_shows_each_task_result(make_learner, tmp_path, tiny_image_folders, capsys):
     from slca_peft import TaskSequence
 

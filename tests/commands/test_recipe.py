@@ -23,6 +23,7 @@ def test_yaml_config_is_overridden_by_the_command_line(recipe, tmp_path):
         recipe.parse_args(["--model_config", "m.json", "--output_dir", "o"])
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, base_model_dir, image_folders, capsys):
     full = tmp_path / "full"
     recipe.main(recipe_argv(base_model_dir, image_folders, full, **FLAGS))
@@ -45,6 +46,7 @@ def test_resume_after_an_interruption_gives_the_same_metrics(recipe, tmp_path, b
     assert resumed["last_accuracy"] == metrics["last_accuracy"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_class_order_is_refused_and_writes_nothing(recipe, tmp_path, base_model_dir, image_folders):
     out = tmp_path / "run"
     args = recipe_argv(base_model_dir, image_folders, out, **FLAGS)

@@ -49,6 +49,7 @@ def tasks(image_folders):
     return TaskSequence.from_image_folders(*image_folders, init_cls=2, increment=2, seed=1993)
 
 
+@pytest.mark.slow
 def test_a_user_callback_is_called_once_per_task_in_order_after_alignment(tmp_path, make_learner, image_folders):
     recorder = Recorder()
     learner = make_learner(tasks(image_folders), tmp_path / "run", num_train_epochs=1, callbacks=[recorder])
@@ -69,6 +70,7 @@ def test_a_user_callback_is_called_once_per_task_in_order_after_alignment(tmp_pa
     assert learner.model.classifier.scales.tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_a_failing_callback_stops_the_run_and_is_named(tmp_path, make_learner, image_folders):
     learner = make_learner(tasks(image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
                            callbacks=[Failing()])
@@ -93,6 +95,7 @@ class FixedScores(ContinualCallback):
         learner.call_event("on_evaluate", task, EvaluationStep.continual_metrics(learner))
 
 
+@pytest.mark.slow
 def test_a_built_in_step_is_replaced_in_place_or_removed(tmp_path, make_learner, image_folders):
     recorder = Recorder()
     learner = make_learner(tasks(image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
@@ -129,6 +132,7 @@ def _scalars(log_dir: Path) -> tuple[dict[str, list[int]], list[str]]:
     return {tag: [e.step for e in acc.Scalars(tag)] for tag in tags["scalars"]}, tags["images"]
 
 
+@pytest.mark.slow
 def test_one_tensorboard_run_with_continual_metrics_and_a_global_step(tmp_path, make_learner, image_folders):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
@@ -173,6 +177,7 @@ def test_no_module_outside_the_streams_branches_on_the_kind_of_stream():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_recipe_output_has_no_line_twice(recipe, tmp_path, base_model_dir, image_folders, capsys):
     for out in (tmp_path / "run", tmp_path / "run2"):  # two runs in one process
         recipe.main(recipe_argv(base_model_dir, image_folders, out, "--increment", "3", init_cls=3))

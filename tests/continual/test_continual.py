@@ -6,6 +6,8 @@ import torch
 
 from slca_peft import TaskSequence
 
+pytestmark = pytest.mark.slow
+
 
 def run(tmp_path, make_learner, image_folders, **kw):
     tasks = TaskSequence.from_image_folders(*image_folders, init_cls=2, increment=2, seed=1993)

@@ -68,6 +68,7 @@ def old_test_data(folders):
     return load_split_image_folders(*folders["a"])["test"]
 
 
+@pytest.mark.slow
 def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, folders, tmp_path, make_learner):
     learner = make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=runs["checkpoint"],
                            old_test=old_test_data(folders), **SETTINGS)
@@ -98,6 +99,7 @@ def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, 
     assert "class_05" in card and "class_00" in card
 
 
+@pytest.mark.slow
 def test_damaged_timings_in_the_continued_checkpoint_are_one_error_naming_it(runs, folders, tmp_path, make_learner):
     copy = tmp_path / "ck"
     shutil.copytree(runs["checkpoint"], copy)
@@ -107,6 +109,7 @@ def test_damaged_timings_in_the_continued_checkpoint_are_one_error_naming_it(run
         make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=copy, **SETTINGS)
 
 
+@pytest.mark.slow
 def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp_path, make_learner):
     from transformers import pipeline
 
@@ -128,6 +131,7 @@ def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp
     assert accuracy == pytest.approx(result.seen_accuracy[-1], abs=100.0 / len(truth) + 1e-6)
 
 
+@pytest.mark.slow
 def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders, tmp_path, hub, make_learner):
     push = dict(push_to_hub=True, hub_model_id="me/continued", hub_base_model_id="me/tiny-vit")
     new = sequence(folders["b"])
@@ -175,6 +179,7 @@ def phase1_state(runs):
     return load_checkpoint(runs["checkpoint"])[2]
 
 
+@pytest.mark.slow
 def test_a_new_class_named_like_a_learned_one_is_refused(runs, folders, tmp_path):
     clash = copy_classes(folders["full"][0], tmp_path / "train", ["class_01", "class_04", "class_05"])
     clash_test = copy_classes(folders["full"][1], tmp_path / "test", ["class_01", "class_04", "class_05"])
@@ -195,6 +200,7 @@ def test_a_new_class_named_like_a_learned_one_is_refused(runs, folders, tmp_path
         ContinuedStream(phase1_state(runs), only, merge_existing_classes=True)
 
 
+@pytest.mark.slow
 def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders, tmp_path, make_learner):
     clash = copy_classes(folders["full"][0], tmp_path / "train", ["class_01", "class_04", "class_05"])
     clash_test = copy_classes(folders["full"][1], tmp_path / "test", ["class_01", "class_04", "class_05"])
@@ -230,6 +236,7 @@ def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders,
     torch.testing.assert_close(stats.covariances[1], cov, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_task_of_one_new_class_says_that_only_alignment_fits_it(runs, folders, tmp_path, make_learner):
     import logging
 
@@ -272,6 +279,7 @@ FLAGS = dict(init_cls=1, increment=1, learning_rate=0.05, ca_samples_per_class=1
              crop_scale_min=0.8, horizontal_flip=False, seed=0)
 
 
+@pytest.mark.slow
 def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, runs, folders, base_model_dir,
                                                                           tmp_path):
     out = tmp_path / "next"
@@ -302,6 +310,7 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     assert json.loads((partial / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
 
 
+@pytest.mark.slow
 def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, base_model_dir, tmp_path):
     edited = tmp_path / "edited"
     shutil.copytree(runs["checkpoint"], edited)
@@ -314,6 +323,7 @@ def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, 
     assert not (out / "task_2").exists()
 
 
+@pytest.mark.slow
 def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):
     out = tmp_path / "next"
     base = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -26,8 +27,6 @@ def free_port() -> int:
 
 def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch, recipe, tmp_path):
     """Each process of such a launch parses the same arguments, so each stops here, before writing anything."""
-    import pytest
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(SystemExit, match="the launcher started 2 processes .* Pass --use_cpu true"):
@@ -81,6 +80,7 @@ def test_statistics_reduced_over_three_fake_processes_equal_the_all_data_computa
             torch.testing.assert_close(shard.covariances[c], reference.covariances[c], rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_write_one_set_of_checkpoints(tmp_path, base_model_dir):
     from conftest import write_image_folder
 

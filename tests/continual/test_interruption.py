@@ -14,8 +14,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import recipe_argv, run_forked, start_forked, wait_forked
+
+pytestmark = pytest.mark.slow
 
 #: Two tasks of 2 classes, long enough to be killed in each phase.
 FLAGS = dict(num_train_epochs=2, learning_rate=0.05, ca_samples_per_class=64, ca_batch_size=32, ca_epochs=3,

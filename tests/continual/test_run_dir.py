@@ -48,6 +48,7 @@ def test_a_user_error_is_one_line_without_traceback(recipe, tmp_path, capsys, mo
         run_main(recipe.main, argv)
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_real_process_exits_non_zero_with_one_line(tmp_path):
     proc = run_cli("--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o"),
                    "--ca_batch_size", "0")
@@ -79,6 +80,7 @@ def test_a_read_only_output_directory_is_refused_before_any_work(recipe, tmp_pat
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(locked / "o")])
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     recipe, tmp_path, base_model_dir, image_folders
 ):
@@ -106,6 +108,7 @@ def test_a_second_run_into_a_used_directory_is_refused_unless_overwrite(
     assert json.loads((out / "run_fingerprint.json").read_text())["init_cls"] == 2
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
     recipe, tmp_path, base_model_dir, image_folders
 ):
@@ -130,6 +133,7 @@ def test_resume_with_other_settings_or_without_unaligned_heads_is_refused(
         recipe.main(recipe_argv(base_model_dir, image_folders, out, "--resume_from", str(out / "task_0"), **FLAGS))
 
 
+@pytest.mark.slow
 def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_dir, image_folders, recipe):
     from conftest import start_forked, wait_forked
 
@@ -165,6 +169,7 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
     assert json.loads((out / "metrics.json").read_text())["task_sizes"] == [6]
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
     from slca_peft.continual.run_dir import claim_run_directory
     from slca_peft.utils.files import atomic_directory

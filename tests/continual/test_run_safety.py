@@ -280,6 +280,7 @@ def test_the_peft_config_is_part_of_the_fingerprint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- failed start
+@pytest.mark.slow
 def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(recipe, tmp_path, base_model_dir,
                                                                       tiny_image_folders, frozen_gc):
     out = tmp_path / "run"

@@ -28,6 +28,7 @@ def domain(style: int, per_class: int, seed: int) -> Dataset:
     return Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
+@pytest.mark.slow
 def test_domain_incremental_run_has_one_head_and_per_domain_metrics(tmp_path, make_learner):
     domains = [(domain(s, 8, seed=s), domain(s, 4, seed=10 + s)) for s in range(3)]
     tasks = DomainSequence(domains, domain_names=["clean", "noisy", "noisier"])
@@ -110,6 +111,7 @@ def test_domain_folders_in_both_layouts_load_with_shared_classes(tmp_path):
         load_domain_folders(tmp_path, ["quickdraw"])
 
 
+@pytest.mark.slow
 def test_recipe_runs_a_domain_incremental_stream(tmp_path, base_model_dir, recipe):
     root = tmp_path / "domainnet"
     for style, name in enumerate(["clipart", "painting"]):

@@ -9,7 +9,7 @@ from PIL import Image
 from slca_peft import TaskSequence
 
 # Conversions warn once per mode by design; this module feeds them on purpose.
-pytestmark = pytest.mark.filterwarnings("ignore:images in mode")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:images in mode")]
 
 MODES = ["RGB", "L", "RGBA", "I;16", "LA", "P"]
 GREY_PALETTE = [v for i in range(256) for v in (i, i, i)]

@@ -31,6 +31,7 @@ def sparse_statistics(directory: Path, declared: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_sparse_statistics_declaring_512_gib_are_refused_without_allocating(tmp_path, forked):
     path = sparse_statistics(tmp_path, 512 << 30)

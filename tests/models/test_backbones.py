@@ -95,6 +95,7 @@ def test_backbone_row_targets_norm_and_class_token(model_type):
 FAMILIES = ["vit", "dinov2", "beit", "timm_wrapper", "clip_vision_model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_two_tasks_save_load_resume_and_export(model_type, tmp_path, tiny_image_folders, make_learner):
     make, _, _, refusal = ROWS[model_type]

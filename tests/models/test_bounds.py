@@ -47,6 +47,7 @@ SLCA_CONFIG = {"use_lora": True, "lora_rank": 4, "lora_scale": 0.8, "lora_target
                "task_sizes": [2], "feature_dim": 32}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_peft_size_bombs_are_refused_under_an_address_space_cap(tmp_path):
     bombs = {  # each would allocate 4-16 GB
@@ -135,6 +136,7 @@ print("SAFE", sorted(model.backbone.peft_config["default"].target_modules))
 """
 
 
+@pytest.mark.slow
 def test_backtracking_regexes_are_refused_within_a_time_limit():
     proc = subprocess.run([sys.executable, "-c", REGEXES_UNDER_TIMEOUT, *BACKTRACKING], env=ENV, capture_output=True,
                           text=True, timeout=120)

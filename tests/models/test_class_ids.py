@@ -80,6 +80,7 @@ def test_model_ids_names_and_files(tmp_path, base_model_dir):
         old.class_ids = [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path, make_learner, tiny_image_folders):
     tasks = TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=3)
     assert tasks.class_ids != [0, 1, 2, 3]

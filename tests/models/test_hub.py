@@ -144,6 +144,7 @@ def test_a_local_base_is_never_named_as_the_cards_base_model(tmp_path, base_mode
     assert "base_model" not in ModelCard.load(tmp_path / "ckpt" / "README.md").data.to_dict()
 
 
+@pytest.mark.slow
 def test_export_matches_the_model_and_needs_no_slca_peft(tmp_path, base_model_dir):
     model = trained_model(base_model_dir)
     names = ["ant", "bee", "cat", "dog", "eel"]

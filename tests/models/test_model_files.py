@@ -103,6 +103,7 @@ CRAFTED = [
 ]
 
 
+@pytest.mark.slow
 def test_a_crafted_config_is_refused_before_anything_is_allocated(tmp_path, base_model_dir):
     import re
 

@@ -46,6 +46,7 @@ def two_tasks(tiny_image_folders):
     return TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=1993)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_peft_method_as_slow_learner(method, tmp_path, base_model_dir, two_tasks):
     make_config, prefix, svd = METHODS[method]

@@ -28,6 +28,7 @@ def test_the_exported_processor_gives_the_eval_transforms_pixels(mode):
         torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recipe):
     from transformers import pipeline
 

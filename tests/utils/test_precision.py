@@ -14,6 +14,7 @@ from slca_peft.utils import hardware
 from slca_peft.utils.hardware import available_cores, check_hardware
 
 
+@pytest.mark.slow
 def test_bf16_run_end_to_end_on_the_cpu(tmp_path, make_learner, image_folders):
     tasks = TaskSequence.from_image_folders(*image_folders, init_cls=3, increment=3, seed=1993)
     learner = make_learner(tasks, tmp_path / "run", init_cls=3, increment=3, bf16=True, ca_epochs=2)
@@ -200,6 +201,7 @@ def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_
     assert SLCAConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False
 
 
+@pytest.mark.slow
 def test_a_resumed_auto_run_resolves_as_it_started(recipe, cpu_only, tmp_path, base_model_dir, image_folders):
     out = tmp_path / "run"
     argv = recipe_argv(base_model_dir, image_folders, out, init_cls=4, ca_samples_per_class=16, ca_batch_size=32)

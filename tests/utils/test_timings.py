@@ -35,6 +35,7 @@ class SlowAlignment(AlignmentStep):
         super().on_task_end(learner, task)
 
 
+@pytest.mark.slow
 def test_every_phase_is_timed_where_it_runs_and_reported_everywhere(tmp_path, make_learner, tiny_image_folders,
                                                                     caplog):
     pytest.importorskip("tensorboard")
@@ -91,6 +92,7 @@ def test_every_phase_is_timed_where_it_runs_and_reported_everywhere(tmp_path, ma
         [r["training_seconds"] for r in timings])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, tiny_image_folders):
     pytest.importorskip("matplotlib")
     stream = tasks(tiny_image_folders)
