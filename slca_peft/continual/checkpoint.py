@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..method.statistics import ClassStatistics
-from ..models.backbones import hub_kwargs, loading_kwargs
 from ..models.config import read_state, validate_state
+from ..models.loading import hub_kwargs, loading_kwargs
 from ..models.model import SLCAModel
 from ..models.saving import detached, read_model_config, read_safetensors, resolve_checkpoint, write_model_files
 from ..models.verification import base_model_record, verify_files

@@ -9,17 +9,10 @@ in the table gets a spec inferred from its modules and outputs.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
 import torch
-import transformers
 from torch import nn
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 # How the head input is read from the backbone output.
 CLS, POOLER = "cls", "pooler"
@@ -91,124 +84,6 @@ SPECS: dict[str, BackboneSpec] = {
         ),
     )
 }
-
-
-#: Multimodal checkpoints whose image tower is the backbone (a Hub id of the whole model loads its tower).
-VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
-
-
-#: `from_pretrained` keywords passed through to transformers when a model is loaded by name.
-LOADING_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "dtype",
-                    "attn_implementation")
-_QUANTIZED = ("quantized backbones are not supported: the slow learner trains the backbone's norms and biases; "
-              "load it unquantized (dtype=torch.bfloat16 halves its memory).")
-#: Loading keywords refused, and why (with what to do instead).
-REFUSED_LOADING_KEYWORDS = {
-    "device_map": "an SLCAModel keeps its backbone and heads on one device, which training and alignment move "
-    "as a whole; load without device_map and call model.to(device) (several GPUs: accelerate launch, one copy "
-    "per process, docs/distributed.md).",
-    "quantization_config": _QUANTIZED, "load_in_8bit": _QUANTIZED, "load_in_4bit": _QUANTIZED,
-    "trust_remote_code": "slca-peft builds only architectures transformers ships and runs no code from a "
-    "checkpoint; use a backbone whose model_type transformers knows.",
-    "use_safetensors": "slca-peft always reads safetensors (never pickles); drop the keyword.",
-    "from_tf": "slca-peft reads safetensors weights only; convert the checkpoint and drop the keyword.",
-    "from_flax": "slca-peft reads safetensors weights only; convert the checkpoint and drop the keyword.",
-}
-
-
-def split_loading_kwargs(kwargs: Mapping[str, Any], caller: str = "from_pretrained"
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the loading keywords among `kwargs`, the rest). A refused one (`device_map`, quantization,
-    `trust_remote_code`) raises, saying why and what to do; `torch_dtype` is read as `dtype`, as
-    transformers v5 does; unset (None) keywords are dropped so transformers' defaults apply."""
-    loading, rest = {}, {}
-    for name, value in kwargs.items():
-        if name in REFUSED_LOADING_KEYWORDS:
-            raise ValueError(f"{caller}: {name} is not supported: {REFUSED_LOADING_KEYWORDS[name]}")
-        if name == "torch_dtype":
-            name = "dtype"
-        if name in LOADING_KEYWORDS:
-            if value is not None:
-                loading[name] = value
-        else:
-            rest[name] = value
-    return loading, rest
-
-
-def loading_kwargs(caller: str = "from_pretrained", **kwargs: Any) -> dict[str, Any]:
-    """The keywords a `from_pretrained` passes on to transformers' (`LOADING_KEYWORDS`), checked: a refused
-    or unknown one raises a one-line error naming it."""
-    loading, rest = split_loading_kwargs(kwargs, caller)
-    if rest:
-        raise TypeError(f"{caller}: unknown keyword(s) {sorted(rest)}; the loading keywords are "
-                        f"{list(LOADING_KEYWORDS)}.")
-    return loading
-
-
-def hub_kwargs(loading: Mapping[str, Any]) -> dict[str, Any]:
-    """The loading keywords that also apply to fetching files from the Hub (snapshot_download's)."""
-    return {k: v for k, v in loading.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}
-
-
-def check_backbone_source(name_or_path: str | os.PathLike) -> None:
-    """Refuse, naming the problem, a backbone name that is a missing local path or a folder that holds a
-    fine-tuned result rather than a base model (an slca-peft checkpoint, a bare PEFT adapter)."""
-    from .base_model import is_local_name
-
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "slca_config.json").is_file():
-            raise ValueError(
-                f"{name} is an slca-peft checkpoint, not a base model: load it with SLCAModel.from_pretrained("
-                f"{name!r}), or continue its run with --resume_from {name} (--model_name_or_path names the "
-                "base model it was trained on)."
-            )
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            try:
-                base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            except (OSError, ValueError, AttributeError):
-                base = None
-            raise ValueError(
-                f"{name} holds a PEFT adapter (adapter_config.json), not a base model: pass its base model"
-                f"{f' ({base})' if base else ''} as the backbone, and the adapter's settings as peft_config "
-                "(--peft_config)."
-            )
-    elif path.exists():
-        raise ValueError(f"the backbone {name} is a file, not a model folder; pass the folder that holds its "
-                         "config.json (a config JSON alone, for random weights: --model_config).")
-    elif is_local_name(name):
-        raise FileNotFoundError(
-            f"the backbone path {name} does not exist (relative paths resolve from {os.getcwd()}); pass an "
-            "existing model folder or a Hub id such as google/vit-base-patch16-224-in21k."
-        )
-
-
-def load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any) -> PreTrainedModel:
-    """The base model loader (safetensors only), except that a CLIP or SigLIP checkpoint gives its
-    vision tower. The config is read as JSON, so nothing from the checkpoint runs. `kwargs` are loading
-    keywords (`loading_kwargs`: token, cache_dir, local_files_only, force_download, dtype, ...)."""
-    from .base_model import load_base_model
-
-    check_backbone_source(name_or_path)
-    kwargs = loading_kwargs("load_backbone", **kwargs)
-    try:
-        config = PretrainedConfig.get_config_dict(name_or_path, revision=revision, **hub_kwargs(kwargs))[0]
-        model_type = config.get("model_type")
-    except OSError:
-        model_type = None  # let the base model loader name the problem
-    tower = VISION_TOWERS.get(model_type)
-    if tower is not None:
-        return getattr(transformers, tower).from_pretrained(name_or_path, revision=revision, use_safetensors=True,
-                                                             **kwargs)
-    return load_base_model(name_or_path, revision=revision, **kwargs)
-
-
-def backbone_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
-    """A randomly initialised backbone; a CLIP or SigLIP config gives its vision tower."""
-    if config.model_type in VISION_TOWERS:
-        config = config.vision_config
-    return AutoModel.from_config(config, **kwargs)
 
 
 def linear_names(model: nn.Module) -> list[str]:

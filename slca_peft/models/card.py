@@ -8,7 +8,7 @@ from typing import Any
 
 from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
 from ..utils.files import CARD_FILE
-from .base_model import is_local_name
+from .loading import is_local_name
 
 #: Where the card names its own repo until an upload knows it (`slca_peft.models.hub.push_to_hub` fills it in).
 REPO_PLACEHOLDER = "<this repo or directory>"

@@ -10,9 +10,9 @@ from typing import Any
 from ..utils.errors import read_json
 from ..utils.files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, write_json
 from ..utils.manifest import regular_files_for_upload
-from .base_model import is_local_name
 from .card import REPO_PLACEHOLDER, write_model_card
 from .config import read_state
+from .loading import is_local_name
 
 
 def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | None) -> str | None:

@@ -15,21 +15,23 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .adapters import adapt_backbone, adapter_prefix, parameter_role, peft_config_from_dict, peft_config_to_dict
 from .backbones import (
-    backbone_from_config,
     backbone_spec,
     check_pooled_feature,
     feature_dim,
-    hub_kwargs,
-    load_backbone,
-    loading_kwargs,
     lora_targets_for,
     pooled_feature,
     reset_final_norm,
-    split_loading_kwargs,
 )
-from .base_model import portable_name
 from .config import SLCAModelConfig, fit_class_ids, model_settings, read_state
 from .head import ContinualClassifier
+from .loading import (
+    backbone_from_config,
+    hub_kwargs,
+    load_backbone,
+    loading_kwargs,
+    portable_name,
+    split_loading_kwargs,
+)
 
 if TYPE_CHECKING:
     pass
@@ -300,12 +302,10 @@ class SLCAModel(nn.Module):
             except OSError as err:
                 if Path(base).is_absolute() or base.startswith("."):
                     raise
-                # "runs/base" may be a Hub id or a path relative to where an older run started.
                 raise FileNotFoundError(
                     f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
-                    f"loadable Hub model ({err}). If it is a path relative to where the run started, pass the base "
-                    "model's location: --model_name_or_path PATH with the recipe, or "
-                    "load_checkpoint(..., expected_base=PATH) from Python."
+                    f"loadable Hub model ({err}); pass the base model's location: --model_name_or_path PATH with "
+                    "the recipe, or load_checkpoint(..., expected_base=PATH) from Python."
                 ) from err
         else:
             dtype = {"dtype": loading["dtype"]} if "dtype" in loading else {}

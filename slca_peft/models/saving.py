@@ -39,9 +39,9 @@ from ..utils.files import (
     settle_files,
     write_json,
 )
-from .base_model import portable_name, resolve_recorded_base
 from .card import write_model_card
 from .config import SLCAModelConfig
+from .loading import portable_name, resolve_recorded_base
 from .verification import base_model_record
 
 if TYPE_CHECKING:

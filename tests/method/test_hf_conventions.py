@@ -20,8 +20,8 @@ def plain_args(tmp_path, **kw) -> TrainingArguments:
 
 
 def test_from_backbone_takes_the_loading_keywords_and_the_model_settings(base_model_dir, tmp_path, monkeypatch):
-    import slca_peft.models.base_model as base_model
-    from slca_peft.models.backbones import loading_kwargs
+    import slca_peft.models.loading as base_model
+    from slca_peft.models.loading import loading_kwargs
 
     seen = {}
     real = base_model.AutoModel.from_pretrained

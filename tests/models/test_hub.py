@@ -408,9 +408,9 @@ def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_p
     cache = tmp_path / "elsewhere"  # not the default cache: only cache_dir finds it
     lay_out_hub_cache(cache, "someone/tiny-slca", tmp_path / "ckpt")
     seen = {}
-    import slca_peft.models.backbones as backbones
+    import slca_peft.models.loading as loading
 
-    real = backbones.load_backbone
+    real = loading.load_backbone
 
     def spy(name, revision=None, **kwargs):
         seen.update(kwargs)

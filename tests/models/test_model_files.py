@@ -45,24 +45,18 @@ def test_plain_peft_loads_the_adapter_from_another_working_directory(tmp_path, b
     torch.testing.assert_close(SLCAModel.from_pretrained(tmp_path / "ckpt").eval()(x).logits, model(x).logits)
 
 
-def test_an_old_relative_base_path_loads_when_it_resolves_else_names_the_fix(tmp_path, base_model_dir, monkeypatch):
-    model = small_model(base_model_dir)
+def test_a_moved_base_model_is_named_with_the_fix_and_found_where_the_caller_points(tmp_path, base_model_dir):
+    base = tmp_path / "bases" / "tiny"
+    shutil.copytree(base_model_dir, base)
+    model = small_model(str(base))
     save_checkpoint(model, tmp_path / "ckpt", state={"accuracy_matrix": [[50.0]], "label_names": ["a", "b"]})
-    config_path = tmp_path / "ckpt" / "slca_config.json"
-    config = json.loads(config_path.read_text())
-    shutil.copytree(base_model_dir, tmp_path / "outputs" / "run" / "base_model")
-    config["base_model_name_or_path"] = "outputs/run/base_model"  # what older versions wrote
-    config_path.write_text(json.dumps(config))
+    assert json.loads((tmp_path / "ckpt" / "slca_config.json").read_text())["base_model_name_or_path"] == str(base)
+    shutil.move(base, tmp_path / "moved")
     x = torch.randn(2, 3, 32, 32)
-    monkeypatch.chdir(tmp_path)
-    loaded = load_checkpoint("ckpt")[0].eval()
-    assert loaded.slca_config.base_model_name_or_path == str(tmp_path / "outputs" / "run" / "base_model")
-    torch.testing.assert_close(loaded(x).logits, model(x).logits)
-    monkeypatch.chdir(tmp_path / "outputs")
-    with pytest.raises(FileNotFoundError, match="'outputs/run/base_model', which does not exist.*--model_name_or_path"):
+    with pytest.raises(FileNotFoundError, match=f"'{base}', which does not exist.*--model_name_or_path"):
         load_checkpoint(tmp_path / "ckpt")
     # Passing the base model's location (what --model_name_or_path does on resume) loads it.
-    loaded = load_checkpoint(tmp_path / "ckpt", expected_base=str(base_model_dir))[0].eval()
+    loaded = load_checkpoint(tmp_path / "ckpt", expected_base=str(tmp_path / "moved"))[0].eval()
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
     assert loaded.label_names == ["a", "b"]
 
