@@ -1,0 +1,214 @@
+"""SLCATrainer in transformers' stock image-classification script.
+
+`run_image_classification` below has the shape of transformers'
+`examples/pytorch/image-classification/run_image_classification.py`: `HfArgumentParser` over its model and
+data dataclasses and `TrainingArguments`, an `imagefolder` dataset with `with_transform`, the last checkpoint
+detected in `output_dir`, and the `Trainer` doing the rest (train, save_model, metrics, state, evaluate), with
+`SLCATrainer` and an `SLCAModel` swapped in. It runs with the script's usual flags (`eval_strategy`/
+`save_strategy` epoch, `load_best_model_at_end` with `metric_for_best_model`, `save_total_limit`), and a run
+SIGKILLed mid-way resumes with `resume_from_checkpoint` to the weights an uninterrupted run reaches: the
+optimizer, scheduler and random number generator states are saved as safetensors + JSON, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_forked, tiny_vit_config, write_image_folder
+from safetensors.torch import load_file
+from transformers import (
+    AutoImageProcessor,
+    HfArgumentParser,
+    TrainerCallback,
+    TrainingArguments,
+    ViTImageProcessor,
+    ViTModel,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from slca_peft import EvalTransform, ImageTransformConfig, SLCAModel, SLCATrainer, TrainTransform
+from slca_peft.utils.files import PICKLE_SUFFIXES
+
+
+@dataclass
+class DataTrainingArguments:
+    train_dir: str | None = field(default=None, metadata={"help": "A folder containing the training data."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder containing the validation data."})
+    image_column_name: str = field(default="image")
+    label_column_name: str = field(default="label")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="google/vit-base-patch16-224-in21k")
+    image_processor_name: str | None = field(default=None)
+    cache_dir: str | None = field(default=None)
+
+
+def collate_fn(examples):
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    labels = torch.tensor([example["label"] for example in examples])
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def run_image_classification(argv: list[str], callbacks=()) -> int:
+    """The stock script's main() with SLCATrainer (and an SLCAModel) in place of Trainer (and AutoModel...)."""
+    from datasets import load_dataset
+
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+
+    data_files = {"train": os.path.join(data_args.train_dir, "**"),
+                  "validation": os.path.join(data_args.validation_dir, "**")}
+    dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+    labels = dataset["train"].features[data_args.label_column_name].names
+
+    def compute_metrics(p):
+        return {"accuracy": float((np.argmax(p.predictions, axis=1) == p.label_ids).mean())}
+
+    model = SLCAModel.from_backbone(model_args.model_name_or_path, training_args)  # was AutoModelFor...
+    model.grow(len(labels))
+    model.label_names = labels
+    image_processor = AutoImageProcessor.from_pretrained(
+        model_args.image_processor_name or model_args.model_name_or_path)
+    config = ImageTransformConfig.from_image_processor(image_processor)
+    _train_transforms, _val_transforms = TrainTransform(config, scale=(0.5, 1.0)), EvalTransform(config)
+
+    def train_transforms(example_batch):
+        example_batch["pixel_values"] = [_train_transforms(image.convert("RGB"))
+                                         for image in example_batch[data_args.image_column_name]]
+        return example_batch
+
+    def val_transforms(example_batch):
+        example_batch["pixel_values"] = [_val_transforms(image.convert("RGB"))
+                                         for image in example_batch[data_args.image_column_name]]
+        return example_batch
+
+    dataset["train"] = dataset["train"].with_transform(train_transforms)
+    dataset["validation"] = dataset["validation"].with_transform(val_transforms)
+
+    trainer = SLCATrainer(  # was Trainer
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+        data_collator=collate_fn,
+        callbacks=list(callbacks),
+    )
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return 0
+
+
+class KillAfterSave(TrainerCallback):
+    """SIGKILLs the process once checkpoint-`step` is written: a crash mid-task."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def stock_inputs(tmp_path_factory):
+    """A tiny ViT with dropout (so resuming needs torch's generator state) and its image processor, and
+    3 classes of local images."""
+    root = tmp_path_factory.mktemp("stock")
+    torch.manual_seed(0)
+    base = root / "tiny-vit"
+    ViTModel(tiny_vit_config(initializer_range=1.0, hidden_dropout_prob=0.1), add_pooling_layer=False).save_pretrained(
+        base)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(base)
+    train = write_image_folder(root / "train", num_classes=3, per_class=8, seed=1)
+    validation = write_image_folder(root / "validation", num_classes=3, per_class=3, seed=2)
+    return base, train, validation, root / "cache"
+
+
+def flags(inputs, out: Path, *extra: str) -> list[str]:
+    base, train, validation, cache = inputs
+    return ["--model_name_or_path", str(base), "--train_dir", str(train), "--validation_dir", str(validation),
+            "--cache_dir", str(cache), "--output_dir", str(out), "--do_train", "--do_eval",
+            "--remove_unused_columns", "false", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+            "--load_best_model_at_end", "--metric_for_best_model", "accuracy", "--save_total_limit", "2",
+            "--num_train_epochs", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4",
+            "--learning_rate", "0.05", "--optim", "sgd", "--logging_strategy", "epoch", "--use_cpu",
+            "--seed", "7", "--report_to", "none", "--disable_tqdm", "true", *extra]
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for name in ("adapter_model.safetensors", "classifier.safetensors", "optimizer.safetensors"):
+        if (folder / name).is_file():
+            found.update({f"{name}:{k}": v for k, v in load_file(folder / name).items()})
+    return found
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    left, right = tensors(a), tensors(b)
+    assert left.keys() == right.keys() and left
+    for key in left:
+        assert torch.equal(left[key], right[key]), f"{a.name}/{key} differs"
+
+
+@pytest.mark.slow
+def test_stock_script_trains_evaluates_keeps_the_best_and_resumes_a_killed_run_exactly(stock_inputs, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    steps_per_epoch = 3  # 24 images, batches of 8
+    assert run_forked(lambda: run_image_classification(flags(stock_inputs, whole))) == 0
+    # Killed right after the checkpoint of epoch 2 is written, then the same command: the script finds the
+    # checkpoint and resumes from it; --resume_from_checkpoint names it the other way.
+    assert run_forked(lambda: run_image_classification(
+        flags(stock_inputs, killed), callbacks=[KillAfterSave(2 * steps_per_epoch)])) == -signal.SIGKILL
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    resumed = flags(stock_inputs, killed, "--resume_from_checkpoint", str(killed / "checkpoint-6"))
+    assert run_forked(lambda: run_image_classification(resumed)) == 0
+
+    # The checkpoints each run kept (save_total_limit 2, the best one among them) and the final model.
+    kept = sorted(p.name for p in whole.glob("checkpoint-*"))
+    assert kept == sorted(p.name for p in killed.glob("checkpoint-*")) and len(kept) <= 3
+    for name in kept:
+        assert_same_tensors(whole / name, killed / name)
+        assert {"optimizer.json", "scheduler.json", "rng_state.json", "trainer_state.json"} <= {
+            p.name for p in (whole / name).iterdir()}
+    assert_same_tensors(whole, killed)
+    state = json.loads((whole / "trainer_state.json").read_text())
+    resumed_state = json.loads((killed / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"].endswith(resumed_state["best_model_checkpoint"].rsplit("/", 1)[-1])
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert losses == [e["loss"] for e in resumed_state["log_history"] if "loss" in e] and len(losses) == 4
+
+    # load_best_model_at_end: the model saved at the end is the best checkpoint's.
+    best = Path(state["best_model_checkpoint"]).name
+    final, best_files = tensors(whole), tensors(whole / best)
+    for key in [k for k in final if not k.startswith("optimizer")]:
+        assert torch.equal(final[key], best_files[key])
+    evaluated = json.loads((whole / "eval_results.json").read_text())
+    assert evaluated["eval_accuracy"] == state["best_metric"]
+    # Nothing anywhere is a pickle.
+    written = [p.name for run in (whole, killed) for p in run.rglob("*") if p.is_file()]
+    assert not [n for n in written if n.endswith(PICKLE_SUFFIXES)], written
+    assert SLCAModel.from_pretrained(whole / best).classifier.num_classes == 3
