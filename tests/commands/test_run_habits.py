@@ -9,6 +9,7 @@ import pytest
 from conftest import recipe_argv
 
 from slca_peft import TaskSequence
+from slca_peft.continual.run_dir import latest_checkpoint
 from slca_peft.utils.errors import UserError
 from slca_peft.utils.files import checkpoint_dirs, task_dir_name, task_index
 
@@ -20,6 +21,11 @@ def test_task_folders_are_numbered_from_one_as_the_logs_count_tasks(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "continual_state.json").write_text("{}")
     assert checkpoint_dirs(tmp_path) == {1: tmp_path / "task_2", 9: tmp_path / "task_10"}
+    # A run directory numbered from task_0 (an earlier slca-peft) is refused, saying how to rename it.
+    with pytest.raises(UserError, match="numbers its checkpoints from task_0.*rename each task_N to task_N"):
+        latest_checkpoint(tmp_path)
+    (tmp_path / "task_0" / "continual_state.json").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "task_10"
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from conftest import ROOT, recipe_argv
 from slca_peft import TaskSequence
 from slca_peft.continual.callbacks import ContinualCallback, load_callback
 from slca_peft.continual.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
+from slca_peft.utils.files import task_dir_name
 
 
 class Recorder(ContinualCallback):
@@ -34,7 +35,7 @@ class Recorder(ContinualCallback):
     def on_task_end(self, learner, task):
         self.calls.append(("task_end", task.task_id))
         self.scales.append(learner.model.classifier.scales.tolist())
-        assert (learner.output_dir / f"task_{task.task_id}" / "continual_state.json").is_file()
+        assert (learner.output_dir / task_dir_name(task.task_id) / "continual_state.json").is_file()
 
     def on_run_end(self, learner, result):
         self.calls.append(("run_end", None))

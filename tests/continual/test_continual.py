@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from slca_peft import TaskSequence
+from slca_peft.utils.files import task_dir_name
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_three_task_run_on_an_image_folder(tmp_path, make_learner, image_folders
     assert computed == [(0, [0, 1]), (1, [2, 3]), (2, [4, 5])]
     assert learner.statistics.task_of_class == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
     for t in range(3):
-        assert (tmp_path / "run" / f"task_{t}" / "classifier.safetensors").is_file()
+        assert (tmp_path / "run" / task_dir_name(t) / "classifier.safetensors").is_file()
     # After the run the model holds the unaligned heads (representation learning continues from them),
     # and all scales are back to 1.
     assert learner.model.classifier.scales.tolist() == [1.0, 1.0, 1.0]

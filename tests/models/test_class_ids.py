@@ -10,6 +10,7 @@ from slca_peft import SLCAModel, TaskSequence, export_model
 from slca_peft.data.domains import DomainSequence
 from slca_peft.data.tasks import class_order, stream_class_ids
 from slca_peft.models.config import MAX_CLASSES, SLCAModelConfig, fit_class_ids, validate_state
+from slca_peft.utils.files import task_dir_name
 
 
 def labelled(labels, names=None) -> Dataset:
@@ -88,7 +89,7 @@ def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path,
     learner.run()
     assert learner.model.class_ids == tasks.class_ids
     for t in (0, 1):
-        folder = tmp_path / "run" / f"task_{t}"
+        folder = tmp_path / "run" / task_dir_name(t)
         config = json.loads((folder / "slca_config.json").read_text())
         state = json.loads((folder / "continual_state.json").read_text())
         assert config["class_ids"] == tasks.class_ids[: 2 * (t + 1)]

@@ -37,6 +37,8 @@ def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_m
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "ckpt").iterdir())
 
 
+# Plain PEFT, as a user calls it (outside the library's filter of transformers' rename warning).
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_adapter_directory_loads_with_peft_onto_the_base_model(tmp_path, base_model_dir):
     model = trained_model(base_model_dir)
     model.save_pretrained(tmp_path / "ckpt")

@@ -27,6 +27,8 @@ def small_model(base_dir) -> SLCAModel:
     return model.eval()
 
 
+# Plain PEFT, as a user calls it (outside the library's filter of transformers' rename warning).
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_plain_peft_loads_the_adapter_from_another_working_directory(tmp_path, base_model_dir, monkeypatch):
     base = tmp_path / "bases" / "tiny"
     shutil.copytree(base_model_dir, base)
