@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slca_peft.sharing.plotting import mean_std
+from slca_peft.sharing.report import mean_std
 from slca_peft.utils.errors import UserError, read_json, run_main
 
 METRICS = {"Last-Acc": "last_accuracy", "Inc-Acc": "average_incremental_accuracy"}

@@ -202,7 +202,7 @@ def test_a_file_name_that_is_not_utf8_is_named(tmp_path, capsys):
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from slca_peft.data.benchmarks import load_split_image_folders
+    from slca_peft.data.formats import load_split_image_folders
 
     for split in ("train", "test"):
         for label in ("a", "b"):

@@ -12,6 +12,7 @@ import pytest
 from conftest import recipe_argv
 
 from slca_peft.commands.cli import main as cli_main
+from slca_peft.utils.errors import UserError
 
 
 def test_config_as_equals_flag_or_first_argument_and_listed_in_help(recipe, tmp_path, capsys):
@@ -24,7 +25,7 @@ def test_config_as_equals_flag_or_first_argument_and_listed_in_help(recipe, tmp_
                        (["--config", str(tmp_path / "c.json")], 0.3)):
         model_args, data_args, args = recipe.parse_args(argv)
         assert (args.learning_rate, data_args.dataset) == (rate, "digits"), argv
-    with pytest.raises(SystemExit, match="only one config file"):
+    with pytest.raises(UserError, match="only one config file"):
         recipe.parse_args([str(tmp_path / "c.yaml"), "--config", str(tmp_path / "c.json")])
 
     with pytest.raises(SystemExit) as done:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from slca_peft import AlignmentSettings
+from slca_peft.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -106,7 +107,7 @@ def test_seeds_from_a_config_are_overridden_on_the_command_line(recipe):
 
 def test_train_resize_and_a_random_resized_crop_scale_are_not_combined(recipe):
     path = CONFIGS / "cub200_in21k_slca++.yaml"
-    with pytest.raises(SystemExit, match="--crop_scale_min sets RandomResizedCrop, which --train_resize replaces"):
+    with pytest.raises(UserError, match="--crop_scale_min sets RandomResizedCrop, which --train_resize replaces"):
         recipe.parse_args(["--config", str(path), "--crop_scale_min", "0.5"])
     _, data_args, _ = recipe.parse_args(["--config", str(path), "--crop_scale_min", "0.5", "--train_resize", "0"])
     assert not data_args.train_resize and data_args.crop_scale_min == 0.5

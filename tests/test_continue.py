@@ -22,8 +22,8 @@ from slca_peft import (
     export_model,
     load_checkpoint,
 )
-from slca_peft.data.benchmarks import load_split_image_folders
 from slca_peft.data.continuation import ContinuedStream
+from slca_peft.data.formats import load_split_image_folders
 from slca_peft.method.statistics import ClassStatistics
 from slca_peft.metrics import summarize_accuracy_matrix
 from slca_peft.utils.errors import UserError
@@ -335,9 +335,9 @@ def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, 
 def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):
     out = tmp_path / "next"
     base = recipe_args(base_model_dir, folders["b"], out, "--continue_from", str(runs["checkpoint"]))
-    with pytest.raises(SystemExit, match="--continue_from teaches .* --resume_from finishes"):
+    with pytest.raises(UserError, match="--continue_from teaches .* --resume_from finishes"):
         recipe.parse_args(base + ["--resume_from", "auto"])
-    with pytest.raises(SystemExit, match="--old_test_dir go with --continue_from"):
+    with pytest.raises(UserError, match="--old_test_dir go with --continue_from"):
         recipe.parse_args(recipe_args(base_model_dir, folders["b"], out, "--model_name_or_path", str(base_model_dir),
                                       "--old_test_dir", "x"))
     with pytest.raises(ValueError, match="trained with method 'slca\\+\\+', not 'slca'"):

@@ -10,7 +10,9 @@ from datasets import Image as HFImage
 from PIL import Image
 
 import slca_peft.data.benchmarks as data_module
-from slca_peft.data.benchmarks import KNOWN_DATASETS, load_benchmark, stratified_split
+from slca_peft.data.benchmarks import KNOWN_DATASETS, load_benchmark
+from slca_peft.data.formats import stratified_split
+from slca_peft.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +187,6 @@ def test_recipe_dataset_and_data_dir_flags(tmp_path, recipe):
     assert tasks.num_classes == 3 and tasks.task_sizes == [2, 1]
     assert (len(tasks.train), len(tasks.test)) == (9, 3)
     assert sorted(tasks.label_names)[0] == "001.Black_footed_Albatross"
-    with pytest.raises(SystemExit, match="--data_dir needs --dataset"):
+    with pytest.raises(UserError, match="--data_dir needs --dataset"):
         recipe.parse_args(["--model_config", "m.json", "--train_dir", "a", "--test_dir", "b", "--data_dir", "x",
                            "--output_dir", "o"])

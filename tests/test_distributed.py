@@ -13,6 +13,7 @@ import torch
 from slca_peft import ClassStatistics, ContinualLearner, EvalTransform, SLCAConfig, TaskSequence
 from slca_peft.continual.steps import EvaluationStep, StatisticsStep
 from slca_peft.data.transforms import eval_transform_config
+from slca_peft.utils.errors import UserError
 
 
 def free_port() -> int:
@@ -30,7 +31,7 @@ def test_a_launch_that_would_duplicate_training_is_refused(monkeypatch, recipe, 
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(SystemExit, match="the launcher started 2 processes .* Pass --use_cpu true"):
+    with pytest.raises(UserError, match="the launcher started 2 processes .* Pass --use_cpu true"):
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 

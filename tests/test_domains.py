@@ -9,6 +9,7 @@ from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
 from slca_peft.data.domains import DomainSequence
+from slca_peft.utils.errors import UserError
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -125,9 +126,9 @@ def test_recipe_runs_a_domain_incremental_stream(tmp_path, base_model_dir, recip
     assert summary["last_accuracy"] == metrics["last_accuracy"]
     state = json.loads((out / "task_1" / "continual_state.json").read_text())
     assert state["incremental"] == "domain" and state["domains"] == ["clipart", "painting"]
-    with pytest.raises(SystemExit, match="--seeds varies the class order"):
+    with pytest.raises(UserError, match="--seeds varies the class order"):
         recipe.parse_args(args + ["--seeds", "1", "2"])
-    with pytest.raises(SystemExit, match="--domains reads every domain from --data_dir"):
+    with pytest.raises(UserError, match="--domains reads every domain from --data_dir"):
         recipe.parse_args(args + ["--test_dir", str(root)])
     # Killed after the first domain: resuming finishes with the same matrix; another domain order is refused.
     shutil.rmtree(out / "task_1")

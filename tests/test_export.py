@@ -33,7 +33,7 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     from transformers import pipeline
 
     from slca_peft import load_checkpoint
-    from slca_peft.data.benchmarks import load_digits_dataset
+    from slca_peft.data.formats import load_digits_dataset
 
     recipe.main(["--model_name_or_path", str(ROOT / "recipes" / "assets" / "tiny_vit_letters"), "--dataset", "digits",
                  "--init_cls", "5", "--increment", "5", "--num_train_epochs", "1", "--per_device_train_batch_size",

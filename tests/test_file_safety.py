@@ -16,7 +16,7 @@ from slca_peft import SLCAModel, export_model, save_checkpoint, verify_checkpoin
 from slca_peft.commands.cli import main as cli_main
 from slca_peft.continual.callbacks import CallbackHandler, ContinualCallback, load_callback
 from slca_peft.models.hub import push_to_hub
-from slca_peft.sharing.plotting import write_report
+from slca_peft.sharing.report import write_report
 from slca_peft.utils.errors import UserError
 from slca_peft.utils.manifest import MANIFEST_FILE, atomic_write_bytes
 

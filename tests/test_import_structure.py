@@ -188,3 +188,8 @@ def test_the_subpackages_are_layers():
 def test_few_modules_stay_at_the_top():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert top == ["__init__.py"]
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 400} == {}

@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
 from slca_peft.commands.cli import main as cli_main  # noqa: E402
-from slca_peft.sharing.plotting import FIGURE_SIZE, write_report  # noqa: E402
+from slca_peft.sharing.report import FIGURE_SIZE, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -138,7 +138,7 @@ def test_train_seq_seeds_writes_seeds_json_and_report_reads_it(tmp_path, recipe,
 
 def captured_figures(monkeypatch) -> dict[str, object]:
     """The figures write_report draws, by file name (saved as usual)."""
-    import slca_peft.sharing.plotting as plotting
+    import slca_peft.sharing.figures as plotting
 
     figures, save = {}, plotting._save
 

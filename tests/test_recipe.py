@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from slca_peft.utils.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def test_yaml_config_is_overridden_by_the_command_line(recipe, tmp_path):
     assert (args.method, args.learning_rate, args.backbone_lr_scale) == ("slca", 0.02, 0.01)
     assert args.lora_target_modules == ["q_proj", "v_proj"] and data_args.dataset == "digits"
     assert model_args.model_config == "m.json"
-    with pytest.raises(SystemExit, match="--dataset NAME, both --train_dir and --test_dir"):
+    with pytest.raises(UserError, match="--dataset NAME, both --train_dir and --test_dir"):
         recipe.parse_args(["--model_config", "m.json", "--output_dir", "o"])
 
 
@@ -96,12 +98,12 @@ def test_cifar100_configs_match_the_paper(recipe, method):
     (["--resume_from_checkpoint", "runs/x/task_2"], "use --resume_from runs/x/task_2"),
 ])
 def test_trainer_flags_the_loop_cannot_honour_are_refused_naming_the_replacement(recipe, flags, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o", *flags])
 
 
 def test_two_flags_at_once_are_all_named_and_other_rules_refuse_with_their_line(recipe, tmp_path):
-    with pytest.raises(SystemExit, match="--eval_strategy steps: .*; --save_strategy steps: .*drop the flag.$"):
+    with pytest.raises(UserError, match="--eval_strategy steps: .*; --save_strategy steps: .*drop the flag.$"):
         recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", "o",
                            "--eval_strategy", "steps", "--save_strategy", "steps"])
     for flags, message in [
@@ -109,9 +111,11 @@ def test_two_flags_at_once_are_all_named_and_other_rules_refuse_with_their_line(
         (["--model_config", "m.json", "--dataset", "digits", "--seeds", "1", "2", "--resume_from", "runs/task_0"],
          "with --seeds, --resume_from can only be `auto`"),
     ]:
-        with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             recipe.parse_args([*flags, "--output_dir", str(tmp_path / "o")])
-    for _, line in recipe.ARGUMENT_RULES + recipe.TRAINER_FLAG_RULES:
+    from slca_peft.commands.arguments import ARGUMENT_RULES, TRAINER_FLAG_RULES
+
+    for _, line in ARGUMENT_RULES + TRAINER_FLAG_RULES:
         assert "--" in line and "\n" not in line  # each names its flag, on one line
 
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import recipe_argv, write_image_folder
 from PIL import Image
 
-from slca_peft.continual.run_dir import LOCK_FILE, claim_run_directory, remove_previous_run
+from slca_peft.continual.lock import LOCK_FILE
+from slca_peft.continual.run_dir import claim_run_directory, remove_previous_run
 from slca_peft.utils import manifest
 from slca_peft.utils.errors import UserError
 

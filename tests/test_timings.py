@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, TaskSequence, TrainTransform
 from slca_peft.continual.steps import AlignmentStep
-from slca_peft.sharing.plotting import write_report
+from slca_peft.sharing.report import write_report
 from slca_peft.utils.timing import PHASES, checked_timings, phases_of, timing_summary, with_rates
 
 pytestmark = pytest.mark.usefixtures("frozen_gc")

@@ -60,7 +60,7 @@ def test_sparse_statistics_declaring_512_gib_are_refused_without_allocating(tmp_
 
 def test_report_writes_only_inside_the_run_directory(tmp_path):
     pytest.importorskip("matplotlib")
-    from slca_peft.sharing.plotting import write_report
+    from slca_peft.sharing.report import write_report
 
     run, victim = tmp_path / "run", tmp_path / "victim"
     victim.mkdir()

@@ -55,7 +55,7 @@ def _convert(ns: argparse.Namespace) -> None:
 
 
 def _report(ns: argparse.Namespace) -> None:
-    from ..sharing.plotting import write_report
+    from ..sharing.report import write_report
 
     for path in write_report(ns.output_dir):
         print(path)

@@ -96,7 +96,7 @@ def write_plots(output_dir: Path) -> list[Path]:
         logger.info("plots skipped: install matplotlib (pip install 'slca-peft[plot]') and run "
                     "`slca-peft report %s`", output_dir)
         return []
-    from ..sharing.plotting import write_report
+    from ..sharing.report import write_report
 
     written = write_report(output_dir)
     logger.info("report: %s", ", ".join(str(path) for path in written))

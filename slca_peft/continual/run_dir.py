@@ -11,7 +11,7 @@ check that can fail before training has passed, then
   the fingerprint, the manifest and the library's own names say it wrote; never a symlink's target,
   never a user's file beside them) and refuses a directory that holds files but no run;
 - refuses to resume when the fingerprint differs, naming the fields (and the classes whose data changed);
-- holds an advisory lock (`fcntl.flock` on `.slca-run.lock`, opened with `O_NOFOLLOW`, the holder's
+- holds the run's lock (`slca_peft.continual.lock`: `fcntl.flock` on `.slca-run.lock`, the holder's
   pid written in it) so a second run into the same directory is refused while the first one is alive;
 - restores a task folder whose replacement was interrupted between its two renames;
 - leaves nothing behind when the run fails before finishing a task: the fingerprint, manifest and
@@ -24,12 +24,10 @@ The files a run wrote are listed in `.slca-manifest.json` (`slca_peft.utils.mani
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
 import shutil
-import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,8 +36,8 @@ from ..utils import manifest
 from ..utils.errors import UserError
 from ..utils.files import FINGERPRINT_FILE, METRICS_FILE, STATE_FILE, checkpoint_dirs, json_text, recover_replaced
 from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
+from .lock import LOCK_FILE, run_lock
 
-LOCK_FILE = ".slca-run.lock"
 #: Files a run (or a `--seeds` run, or `slca-peft report`) writes at the top of its output directory.
 RUN_FILES = (METRICS_FILE, "results.md", "accuracy_matrix.png", "accuracy_curve.png", "seeds.json",
              FINGERPRINT_FILE, manifest.MANIFEST_FILE)
@@ -214,7 +212,7 @@ def remove_previous_run(root: str | Path) -> list[Path]:
             continue
         if path.is_dir():
             if _SEED_DIR.fullmatch(path.name):
-                with _lock(path):
+                with run_lock(path):
                     remove_previous_run(path)
                 (path / LOCK_FILE).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
@@ -236,66 +234,6 @@ def recover_interrupted_replacements(root: str | Path) -> None:
         if old.is_symlink():
             continue
         recover_replaced(old.parent / old.name[1:].rsplit(".old-", 1)[0])
-
-
-def _open_lock(root: Path) -> tuple[int, bool]:
-    """The lock file's descriptor (never through a symlink; a regular file only) and whether it was created."""
-    path = root / LOCK_FILE
-    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    created = False
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        try:
-            fd, created = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666), True
-        except FileExistsError:
-            fd = os.open(path, flags)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f"{path} is a symbolic link; slca-peft's lock file is never a link (it would write "
-                            "through it): remove it and start again.") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"{path} is not a regular file; slca-peft's lock file is one: remove it and start again.")
-    return fd, created
-
-
-@contextlib.contextmanager
-def _lock(root: Path, *, on_error_remove: list[bool] | None = None) -> Iterator[bool]:
-    """Hold `root`'s lock; yields whether the lock file was created. When `on_error_remove` holds
-    True at an exception, the lock file is removed before the lock is released."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory lock
-        yield False
-        return
-    fd, created = _open_lock(root)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(
-                f"another run (pid {holder}) is using {root}; wait for it to finish or choose another "
-                "--output_dir."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield created
-        except BaseException:
-            if on_error_remove and on_error_remove[0]:
-                with contextlib.suppress(OSError):
-                    os.unlink(root / LOCK_FILE)
-            raise
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _undo_start(root: Path, *, created_dir: bool) -> None:
@@ -345,7 +283,7 @@ def claim_run_directory(
         raise UserError(f"--output_dir {root} is a broken symbolic link; choose another --output_dir.")
     undo = [False]
     try:
-        with _lock(root, on_error_remove=undo) as created_lock:
+        with run_lock(root, on_error_remove=undo) as created_lock:
             undo[0] = created_lock  # a refusal below leaves no lock file it created
             recover_interrupted_replacements(root)
             old = read_fingerprint(root)

@@ -255,8 +255,8 @@ def checkpoint_digest(directory: str | Path) -> str:
 def load_test_folder(directory: str | Path) -> Dataset:
     """An image folder of test images (one sub-folder per class, named as the class), every image
     decoded once first: the old test data `--old_test_dir` names."""
-    from .benchmarks import image_dataset
     from .checks import check_dataset_images, list_class_folder
+    from .formats import image_dataset
 
     root = Path(directory)
     if not root.is_dir():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from .benchmarks import image_dataset, load_split_image_folders
+from .formats import image_dataset, load_split_image_folders
 from .tasks import Task, label_ids, verify_image_folder, with_labels
 
 #: DomainNet's domains, in the release's (alphabetical) order; pass your own order to `domains`.

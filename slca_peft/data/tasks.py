@@ -188,8 +188,8 @@ class TaskSequence:
     def from_image_folders(cls, train_dir: str | Path, test_dir: str | Path, **kwargs) -> TaskSequence:
         """One sub-folder per class in each directory (any folder name is a class name). Every image is
         decoded once first, so a bad file fails, named, before training (see `slca_peft.data.checks`)."""
-        from .benchmarks import load_split_image_folders
         from .checks import check_dataset_images
+        from .formats import load_split_image_folders
 
         for directory in (train_dir, test_dir):
             verify_image_folder(directory, decode=False)

@@ -19,8 +19,8 @@ Storage: `finalize` factorises each class covariance once, into the most compact
   PCA: the trace is kept). With ``covariance_rank=None`` the factor is exact (rank up to d).
 * ``"diagonal"``: the per-dimension variances only (plus the ridge); correlations are dropped.
 
-Sampling (`sampling_plan(...).sample`) stacks the factors once per device and draws every class in
-a few batched matrix products: ``mu + F z1 + sqrt(noise) * z2``.
+Sampling (`sampling_plan(...).sample`) draws every class in a few batched matrix products:
+``mu + F z1 + sqrt(noise) * z2``. The file format is `statistics_file`'s.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from types import MappingProxyType
 import torch
 from safetensors.torch import save_file
 
+from ..utils.errors import check_choice
 from ..utils.files import STATISTICS_FILE
 from .covariance import (
     KIND_CHOLESKY,
@@ -45,15 +46,12 @@ from .covariance import (
     factorise,
     unpack_tril,
 )
-from .statistics_file import read_statistics_file
+from .statistics_file import file_metadata, read_statistics_file
 
 logger = logging.getLogger(__name__)
 
 COVARIANCE_FORMS = ("exact", "full", "low_rank", "diagonal")
-FORMAT_VERSION = "2"
-
-# Work size (elements): classes per finalize block.
-_FINALIZE_BLOCK_ELEMENTS = 1 << 24
+_FINALIZE_BLOCK_ELEMENTS = 1 << 24  # work size (elements): classes per finalize block
 
 
 class ClassStatistics:
@@ -81,16 +79,12 @@ class ClassStatistics:
         covariance_form: str = "exact",
         covariance_rank: int | None = None,
     ):
-        if covariance_form not in COVARIANCE_FORMS:
-            raise ValueError(f"covariance_form={covariance_form!r} is not one of {COVARIANCE_FORMS}.")
-        if covariance_rank is not None:
-            if covariance_form != "low_rank":
-                raise ValueError(
-                    f"covariance_rank applies to covariance_form='low_rank', not {covariance_form!r}."
-                )
-            if int(covariance_rank) < 1:
-                raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}.")
-            covariance_rank = int(covariance_rank)
+        check_choice("covariance_form", covariance_form, COVARIANCE_FORMS)
+        if covariance_rank is not None and covariance_form != "low_rank":
+            raise ValueError(f"covariance_rank applies to covariance_form='low_rank', not {covariance_form!r}.")
+        if covariance_rank is not None and int(covariance_rank) < 1:
+            raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}.")
+        covariance_rank = None if covariance_rank is None else int(covariance_rank)
         self.feature_dim = feature_dim
         self.ridge = ridge
         self.covariance_form = covariance_form
@@ -352,12 +346,7 @@ class ClassStatistics:
         }
 
     def metadata(self) -> dict[str, str]:
-        return {
-            "format": "slca-peft class statistics",
-            "version": FORMAT_VERSION,
-            "covariance_form": self.covariance_form,
-            "covariance_rank": "" if self.covariance_rank is None else str(self.covariance_rank),
-        }
+        return file_metadata(self.covariance_form, self.covariance_rank)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / STATISTICS_FILE

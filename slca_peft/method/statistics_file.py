@@ -19,10 +19,17 @@ from ..utils.safetensors_header import check_tensors, read_header
 from .covariance import KIND_CHOLESKY, KIND_FACTOR, packed_size
 
 #: The tensors of a version-2 statistics file.
+FORMAT_VERSION = "2"
 TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks", "factors", "noise"}
 _INTEGER_TENSORS = {"classes", "tasks", "counts", "kinds", "ranks"}
 _INTEGER_CODES = {"I64", "I32"}
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+
+
+def file_metadata(covariance_form: str, covariance_rank: int | None) -> dict[str, str]:
+    """The string metadata a statistics file records beside its tensors."""
+    return {"format": "slca-peft class statistics", "version": FORMAT_VERSION, "covariance_form": covariance_form,
+            "covariance_rank": "" if covariance_rank is None else str(covariance_rank)}
 
 
 def _check_header(path: Path, feature_dim: int | None) -> None:

@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,12 @@ MAX_JSON_BYTES = 64 << 20
 
 class UserError(ValueError):
     """A problem with the user's input (arguments, data, files) that the message says how to fix."""
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Refuse a setting that is not one of `choices`, naming them."""
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {tuple(choices)}; pick one of them.")
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
