@@ -253,13 +253,18 @@ def test_the_decode_pass_hashes_the_bytes_it_reads(tmp_path, monkeypatch):
     paths = sorted(str(p) for p in folder.rglob("*.png"))
     data_checks.forget_content_digests()
     opened = []
-    real_open = open
+    real_open, real_os_open = open, os.open
 
     def counting_open(file, *args, **kwargs):
         opened.append(str(file))
         return real_open(file, *args, **kwargs)
 
+    def counting_os_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(os, "open", counting_os_open)  # the bounded reader opens with os.open
     data_checks.check_images(paths, workers=1)
     digests = [data_checks.content_digest(p) for p in paths]
     assert sorted(opened) == paths  # one read per image, by the decode; the fingerprint reads nothing more
