@@ -9,7 +9,6 @@ runs it with the base model the checkpoint would load.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,18 +38,25 @@ def base_model_record(model: SLCAModel, *, kind: str) -> dict[str, Any]:
 
 
 def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> list[str]:
-    """Each listed file missing, replaced or edited, and each safetensors/JSON file added since."""
+    """Each listed file missing, replaced or edited, and each safetensors/JSON file added since. Every
+    listed file is read through folders opened without following a symlink (`manifest.check_listed`):
+    a symlinked sub-folder on the way is a difference, never followed."""
     problems = []
     for rel, entry in sorted(entries.items()):
         if rel in UNCHECKED_FILES:
             continue
-        target = root / rel
-        if target.is_symlink() or not target.is_file():
-            problems.append(f"{rel} is missing" if not os.path.lexists(target) else f"{rel} is not a regular file")
+        try:
+            state = manifest.check_listed(root, entry)
+        except UserError:
+            problems.append(f"{rel} lies under a symbolic link")
             continue
-        size, sha = manifest.file_sha256(target)
-        if (size, sha) != (entry.size, entry.sha256):
+        if state == "missing":
+            problems.append(f"{rel} is missing")
+        elif state == "its content changed since slca-peft wrote it":
+            size, sha = manifest.file_sha256(root / rel)
             problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {sha[:12]})")
+        elif state is not None:
+            problems.append(f"{rel} is not a regular file")
     added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
                    and p.name not in entries and p.name != manifest.MANIFEST_FILE)
     return problems + [f"{name} was added" for name in added]

@@ -3,12 +3,21 @@
 A run directory, a checkpoint or an export holds `.slca-manifest.json`: a JSON object
 `{"format": "slca-manifest", "version": 1, "files": [{"path", "size", "sha256"}, ...]}` listing every
 regular file the library wrote there, by POSIX path relative to the directory. Deletion
-(`remove_owned`), overwriting and uploading (`regular_files_for_upload`) go through it:
+(`plan_removal` then `carry_out`, or `remove_owned`), overwriting and uploading (`copy_verified`) go
+through it, checking each file against its record before acting:
 
-- only listed paths are touched, and only while they are regular files: a symlink is never followed,
-  never counted as ours, and a listed path under a symlinked sub-directory is refused;
-- every path stays inside the directory (no absolute path, no `..`, no NUL);
+- only listed paths are touched, and only while they are regular files with the recorded size and
+  SHA-256, reached without a symlink: a file whose content changed since is the user's (kept, and
+  said so), a symlink is never followed nor counted as ours, and a listed path under a symlinked
+  sub-directory is refused before anything is deleted;
+- every path stays inside the directory (no absolute path, no `..`, no NUL), and a manifest that
+  lists a manifest or the run lock (`.slca-run.lock`, which a run holds while it overwrites) is refused;
 - the manifest itself is read bounded (size, entries, path length) and validated before use.
+
+A manifest is a record of what the library wrote, not a signature: it stops a deletion or upload
+from touching what the library did not write (a file put beside, a file edited since, a link), but
+anyone who can write the directory can write a manifest that lists their own file with its true
+size and SHA-256, and that file is then treated as the library's.
 
 Other top-level fields say what the directory is: `kind` (`"checkpoint"`, `"model"`, `"export"`) and,
 for a checkpoint on a local base model, `base_model` (`{"name", "files": {file: {size, sha256,
@@ -23,19 +32,23 @@ It imports nothing from slca_peft but the leaves `errors` and `files`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from .errors import UserError, read_own_json
+from .files import HASH_BLOCK_BYTES, LOCK_FILE, hash_stream
 from .files import atomic_write_bytes as write_file_atomically
-from .files import hash_stream
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = ".slca-manifest.json"
 MANIFEST_FORMAT = "slca-manifest"
@@ -189,8 +202,11 @@ def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dic
     entries: dict[str, ManifestEntry] = {}
     for item in data["files"]:
         entry = _parse_entry(item, where)
-        if entry.path == MANIFEST_FILE or entry.path in entries:
-            raise UserError(f"{where} lists {entry.path!r} twice or lists itself; remove it.")
+        if entry.path in entries:
+            raise UserError(f"{where} lists {entry.path!r} twice; remove it.")
+        if PurePosixPath(entry.path).name in (MANIFEST_FILE, LOCK_FILE):
+            raise UserError(f"{where} lists {entry.path!r}, a file slca-peft never records (a manifest, or the lock a "
+                            "run holds); the manifest is damaged or crafted: remove it.")
         entries[entry.path] = entry
     extra = {k: v for k, v in data.items() if k not in ("format", "version", "files")}
     return entries, extra
@@ -260,49 +276,147 @@ def _walk_regular(root: Path) -> list[Path]:
     return found
 
 
-def _listed_regular(root: Path, rel: str) -> Path | None:
-    """The listed file if it is still a regular file reached without symlinks; a symlinked parent is refused."""
-    posix = PurePosixPath(rel)
-    current = root
-    for part in posix.parts[:-1]:
-        current = current / part
-        try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISLNK(info.st_mode):
-            raise UserError(f"{current} is a symbolic link to a directory, which slca-peft never writes, so it will "
-                            f"not touch {rel} through it; remove the link.")
-        if not stat.S_ISDIR(info.st_mode):
-            return None
-    path = current / posix.parts[-1]
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@contextlib.contextmanager
+def _parent_fd(root: Path, rel: str) -> Iterator[int | None]:
+    """A descriptor of the folder holding `rel` inside `root`, every component below `root` opened
+    without following a symlink (so nothing can redirect what is read or deleted there); None when a
+    component is missing or not a folder. A symlinked component is refused."""
+    fd = os.open(root, _DIR_FLAGS)  # the root itself may be a link: the user chose it
     try:
-        return path if stat.S_ISREG(os.lstat(path).st_mode) else None
-    except FileNotFoundError:
-        return None
+        current = root
+        for part in PurePosixPath(rel).parts[:-1]:
+            current = current / part
+            try:
+                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                info = None
+            if info is not None and stat.S_ISLNK(info.st_mode):
+                raise UserError(f"{current} is a symbolic link to a directory, which slca-peft never writes, so it "
+                                f"will not touch {rel} through it; remove the link.")
+            if info is None or not stat.S_ISDIR(info.st_mode):
+                os.close(fd)
+                fd = -1
+                yield None
+                return
+            child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def open_listed(root: str | Path, rel: str) -> Iterator[tuple[str, IO[bytes] | None]]:
+    """(`"regular"`, the open file) for a listed path that is a regular file reached without any
+    symlink, else (`"missing"` | `"a symbolic link"` | `"not a regular file"`, None); a FIFO is never
+    waited on. A symlinked sub-directory on the way is refused (`UserError`)."""
+    root = Path(root)
+    name = PurePosixPath(rel).name
+    with _parent_fd(root, rel) as parent:
+        if parent is None:
+            yield "missing", None
+            return
+        flags = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(name, flags, dir_fd=parent)
+        except FileNotFoundError:
+            yield "missing", None
+            return
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                yield "a symbolic link", None
+                return
+            if err.errno in (errno.ENXIO, errno.EISDIR):
+                yield "not a regular file", None
+                return
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            yield "not a regular file", None
+            return
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
+            yield "regular", fh
+
+
+def check_listed(root: str | Path, entry: ManifestEntry) -> str | None:
+    """None when `entry` is still the file slca-peft wrote (a regular file reached without a symlink,
+    of the recorded size and SHA-256), `"missing"` when it is gone, else why it is not ours any more.
+    A symlinked sub-directory on the way is refused (`UserError`)."""
+    with open_listed(root, entry.path) as (state, fh):
+        if fh is None:
+            return state
+        if os.fstat(fh.fileno()).st_size != entry.size:
+            return "its content changed since slca-peft wrote it"
+        digest = hashlib.sha256()
+        size = hash_stream(fh, digest)
+    if (size, digest.hexdigest()) != (entry.size, entry.sha256):
+        return "its content changed since slca-peft wrote it"
+    return None
 
 
 def owned_files(directory: str | Path) -> list[Path]:
-    """The manifest's files that are still regular files inside `directory` (none without a manifest)."""
+    """The manifest's files that are still the ones slca-peft wrote (`check_listed`); none without a manifest."""
     root = Path(directory)
     entries = read_manifest(root) or {}
-    return [p for p in (_listed_regular(root, rel) for rel in sorted(entries)) if p is not None]
+    return [root / rel for rel, entry in sorted(entries.items()) if check_listed(root, entry) is None]
 
 
-def remove_owned(directory: str | Path) -> list[Path]:
-    """Delete the manifest's regular files, the directories they leave empty, and the manifest.
+@dataclass
+class RemovalPlan:
+    """What deleting a directory's own files will do, decided before anything is deleted: the listed
+    files that are still the library's (`remove`), those kept with the reason (`kept`: edited since,
+    replaced by a link or a folder), and whether the manifest goes too."""
 
-    Nothing else: an unlisted file, a symlink at a listed name (it stays), a listed path under a
-    symlinked sub-directory (refused before anything is deleted). `directory` itself is removed only
-    when it ends up empty. Returns the files removed.
-    """
+    root: Path
+    remove: list[str]
+    kept: list[str]
+    manifest: bool
+
+    def say_kept(self, what: str = "") -> None:
+        """Log each kept file once (a file the library did not write, or no longer wrote, is the user's)."""
+        for item in self.kept:
+            logger.warning("%skept %s: %s; slca-peft deletes only the files it wrote, unchanged.",
+                           what, self.root / item.split(" (", 1)[0], item.split(" (", 1)[1].rstrip(")"))
+
+
+def plan_removal(directory: str | Path) -> RemovalPlan:
+    """Check, before anything is deleted, every file `directory`'s manifest lists (`check_listed`):
+    refused (`UserError`) when the directory is a symlink, the manifest is invalid or lists the lock or
+    a manifest, or a listed path lies under a symlinked sub-directory."""
     root = Path(directory)
     if os.path.islink(root):
         raise UserError(f"{root} is a symbolic link; slca-peft removes files only in a real directory it wrote.")
-    files = owned_files(root)  # raises on a symlinked sub-directory before anything is deleted
-    for path in files:
-        path.unlink(missing_ok=True)
-    parents = sorted({p.parent for p in files if p.parent != root}, key=lambda p: len(p.parts), reverse=True)
+    entries = read_manifest(root)
+    remove, kept = [], []
+    for rel, entry in sorted((entries or {}).items()):
+        state = check_listed(root, entry)
+        if state is None:
+            remove.append(rel)
+        elif state != "missing":
+            kept.append(f"{rel} ({state})")
+    return RemovalPlan(root, remove, kept, entries is not None)
+
+
+def carry_out(plan: RemovalPlan) -> list[Path]:
+    """Delete what `plan` found to be the library's, each file unlinked through folders opened without
+    following a symlink; then the folders it leaves empty, the manifest, and the directory itself
+    when nothing else is left. Returns the files removed."""
+    root = plan.root
+    removed = []
+    for rel in plan.remove:
+        with _parent_fd(root, rel) as parent:
+            if parent is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(PurePosixPath(rel).name, dir_fd=parent)
+                    removed.append(root / rel)
+    parents = sorted({p.parent for p in removed if p.parent != root}, key=lambda p: len(p.parts), reverse=True)
     for folder in parents:
         while folder != root and _inside(str(folder), str(root)):
             try:
@@ -311,20 +425,46 @@ def remove_owned(directory: str | Path) -> list[Path]:
                 break
             folder = folder.parent
     manifest = root / MANIFEST_FILE
-    if manifest.is_file() and not manifest.is_symlink():
+    if plan.manifest and manifest.is_file() and not manifest.is_symlink():
         manifest.unlink()
-    try:
-        root.rmdir()
-    except OSError:
-        pass  # files the library did not write stay, and so does their folder
-    return files
+    with contextlib.suppress(OSError):
+        root.rmdir()  # files the library did not write stay, and so does their folder
+    return removed
 
 
-def regular_files_for_upload(directory: str | Path) -> list[Path]:
-    """The files an upload of `directory` may send: the manifest's regular files (never a symlink's
-    target). A directory without a manifest (written before manifests existed) gives its regular files,
-    walked without following symlinks."""
-    root = Path(directory)
-    if read_manifest(root) is None:
-        return [p for p in _walk_regular(root) if p.name != MANIFEST_FILE]
-    return owned_files(root)
+def remove_owned(directory: str | Path) -> list[Path]:
+    """Delete the manifest's files that are still the library's, the folders they leave empty, and the
+    manifest (`plan_removal`, then `carry_out`): an unlisted file, an edited one, a symlink at a listed
+    name stay (a warning names each kept listed file); a listed path under a symlinked sub-directory is
+    refused before anything is deleted. `directory` itself goes only when it ends up empty."""
+    plan = plan_removal(directory)
+    plan.say_kept()
+    return carry_out(plan)
+
+
+def copy_verified(root: str | Path, entry: ManifestEntry, target: str | Path, *, may_change: bool = False) -> None:
+    """Copy the listed file `entry` of `root` to `target`, hashing the bytes copied: refused
+    (`UserError`, `target` removed) unless it is a regular file reached without a symlink, with one
+    link (a hard link may be another file's name, e.g. a token's), of the recorded size and SHA-256
+    (`may_change`: any content, for a file the user may edit, such as the model card)."""
+    root, target = Path(root), Path(target)
+    fix = "an upload sends only the files slca-peft wrote, unchanged: write the folder again"
+    with open_listed(root, entry.path) as (state, fh):
+        if fh is None:
+            raise UserError(f"{root / entry.path} is {state}, not the file slca-peft wrote there; {fix}.")
+        links = os.fstat(fh.fileno()).st_nlink
+        if links > 1:
+            raise UserError(f"{root / entry.path} has {links} hard links, so it may be another file's content "
+                            f"(slca-peft writes files with one link); {fix}, or copy it with cp.")
+        digest = hashlib.sha256()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as out:
+            size = 0
+            for block in iter(lambda: fh.read(HASH_BLOCK_BYTES), b""):
+                digest.update(block)
+                out.write(block)
+                size += len(block)
+    if not may_change and (size, digest.hexdigest()) != (entry.size, entry.sha256):
+        target.unlink()
+        raise UserError(f"{root / entry.path} changed since slca-peft wrote it (sha256 {entry.sha256[:12]} -> "
+                        f"{digest.hexdigest()[:12]}); {fix}.")
