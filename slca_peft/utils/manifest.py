@@ -27,7 +27,7 @@ header_sha256}}}`), which `slca_peft.verify_checkpoint` compares on resume.
 components lead out of the root through a symlink is refused, and the final component is opened
 with `O_NOFOLLOW`, so a symlink planted at a file's name cannot redirect the write.
 
-It imports nothing from slca_peft but the leaves `errors` and `files`.
+It imports nothing from slca_peft but `errors`, `files` and `listed` (reading a listed file without symlinks).
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from .errors import UserError, read_own_json
-from .files import HASH_BLOCK_BYTES, LOCK_FILE, hash_stream
+from .files import LOCK_FILE, hash_stream
 from .files import atomic_write_bytes as write_file_atomically
+from .listed import ManifestEntry, check_listed, copy_verified, open_listed, parent_fd  # noqa: F401  (this API)
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_ENTRIES = 100_000
 MAX_PATH_CHARS = 1024
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One file the library wrote: POSIX path relative to the directory, size in bytes, SHA-256."""
-
-    path: str
-    size: int
-    sha256: str
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -276,91 +268,6 @@ def _walk_regular(root: Path) -> list[Path]:
     return found
 
 
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-@contextlib.contextmanager
-def _parent_fd(root: Path, rel: str) -> Iterator[int | None]:
-    """A descriptor of the folder holding `rel` inside `root`, every component below `root` opened
-    without following a symlink (so nothing can redirect what is read or deleted there); None when a
-    component is missing or not a folder. A symlinked component is refused."""
-    fd = os.open(root, _DIR_FLAGS)  # the root itself may be a link: the user chose it
-    try:
-        current = root
-        for part in PurePosixPath(rel).parts[:-1]:
-            current = current / part
-            try:
-                info = os.stat(part, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                info = None
-            if info is not None and stat.S_ISLNK(info.st_mode):
-                raise UserError(f"{current} is a symbolic link to a directory, which slca-peft never writes, so it "
-                                f"will not touch {rel} through it; remove the link.")
-            if info is None or not stat.S_ISDIR(info.st_mode):
-                os.close(fd)
-                fd = -1
-                yield None
-                return
-            child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        yield fd
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def open_listed(root: str | Path, rel: str) -> Iterator[tuple[str, IO[bytes] | None]]:
-    """(`"regular"`, the open file) for a listed path that is a regular file reached without any
-    symlink, else (`"missing"` | `"a symbolic link"` | `"not a regular file"`, None); a FIFO is never
-    waited on. A symlinked sub-directory on the way is refused (`UserError`)."""
-    root = Path(root)
-    name = PurePosixPath(rel).name
-    with _parent_fd(root, rel) as parent:
-        if parent is None:
-            yield "missing", None
-            return
-        flags = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-        try:
-            fd = os.open(name, flags, dir_fd=parent)
-        except FileNotFoundError:
-            yield "missing", None
-            return
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                yield "a symbolic link", None
-                return
-            if err.errno in (errno.ENXIO, errno.EISDIR):
-                yield "not a regular file", None
-                return
-            raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            yield "not a regular file", None
-            return
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as fh:
-            yield "regular", fh
-
-
-def check_listed(root: str | Path, entry: ManifestEntry) -> str | None:
-    """None when `entry` is still the file slca-peft wrote (a regular file reached without a symlink,
-    of the recorded size and SHA-256), `"missing"` when it is gone, else why it is not ours any more.
-    A symlinked sub-directory on the way is refused (`UserError`)."""
-    with open_listed(root, entry.path) as (state, fh):
-        if fh is None:
-            return state
-        if os.fstat(fh.fileno()).st_size != entry.size:
-            return "its content changed since slca-peft wrote it"
-        digest = hashlib.sha256()
-        size = hash_stream(fh, digest)
-    if (size, digest.hexdigest()) != (entry.size, entry.sha256):
-        return "its content changed since slca-peft wrote it"
-    return None
-
-
 def owned_files(directory: str | Path) -> list[Path]:
     """The manifest's files that are still the ones slca-peft wrote (`check_listed`); none without a manifest."""
     root = Path(directory)
@@ -411,7 +318,7 @@ def carry_out(plan: RemovalPlan) -> list[Path]:
     root = plan.root
     removed = []
     for rel in plan.remove:
-        with _parent_fd(root, rel) as parent:
+        with parent_fd(root, rel) as parent:
             if parent is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(PurePosixPath(rel).name, dir_fd=parent)
@@ -440,31 +347,3 @@ def remove_owned(directory: str | Path) -> list[Path]:
     plan = plan_removal(directory)
     plan.say_kept()
     return carry_out(plan)
-
-
-def copy_verified(root: str | Path, entry: ManifestEntry, target: str | Path, *, may_change: bool = False) -> None:
-    """Copy the listed file `entry` of `root` to `target`, hashing the bytes copied: refused
-    (`UserError`, `target` removed) unless it is a regular file reached without a symlink, with one
-    link (a hard link may be another file's name, e.g. a token's), of the recorded size and SHA-256
-    (`may_change`: any content, for a file the user may edit, such as the model card)."""
-    root, target = Path(root), Path(target)
-    fix = "an upload sends only the files slca-peft wrote, unchanged: write the folder again"
-    with open_listed(root, entry.path) as (state, fh):
-        if fh is None:
-            raise UserError(f"{root / entry.path} is {state}, not the file slca-peft wrote there; {fix}.")
-        links = os.fstat(fh.fileno()).st_nlink
-        if links > 1:
-            raise UserError(f"{root / entry.path} has {links} hard links, so it may be another file's content "
-                            f"(slca-peft writes files with one link); {fix}, or copy it with cp.")
-        digest = hashlib.sha256()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "xb") as out:
-            size = 0
-            for block in iter(lambda: fh.read(HASH_BLOCK_BYTES), b""):
-                digest.update(block)
-                out.write(block)
-                size += len(block)
-    if not may_change and (size, digest.hexdigest()) != (entry.size, entry.sha256):
-        target.unlink()
-        raise UserError(f"{root / entry.path} changed since slca-peft wrote it (sha256 {entry.sha256[:12]} -> "
-                        f"{digest.hexdigest()[:12]}); {fix}.")
