@@ -3,7 +3,9 @@
 `--continue_from CHECKPOINT_OR_REPO` teaches a trained checkpoint the classes of new data
 (`ContinualLearner.from_pretrained`, a `ContinuedStream`). An interrupted continuation resumes with
 `--resume_from` and the same new data: its checkpoint records the history it started from and the
-checkpoint it went on from, so the same stream (and the same fingerprint) is rebuilt.
+checkpoint it went on from, so the same stream (and the same fingerprint) is rebuilt; the checkpoint
+it went on from is not needed any more (the run's fingerprint recorded its digest). Killed before it
+finished a new task, it has no checkpoint to resume: the original command runs it again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..continual.fingerprint import read_fingerprint
 from ..continual.run_dir import latest_checkpoint
 from ..data.continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
 from ..models.config import read_state
@@ -37,7 +40,8 @@ def check_continue_arguments(model_args: ModelArguments, data_args: DataArgument
     if model_args.resume_from:
         raise SystemExit("--continue_from teaches a checkpoint new classes from new data; --resume_from finishes an "
                          "interrupted run of the same stream: give one of them (an interrupted --continue_from run "
-                         "resumes with --resume_from and the same new data).")
+                         "resumes with --resume_from auto and the same new data once it finished a new task; before "
+                         "that, rerun the original --continue_from command).")
     refused = [(data_args.domains, "--domains (a domain-incremental stream adds no classes)"),
                (data_args.seeds, "--seeds (one checkpoint goes on with one stream; use --class_order_seed)"),
                (model_args.model_config, "--model_config (the model is the checkpoint's)"),
@@ -84,11 +88,24 @@ def continuation_fingerprint(model_args: ModelArguments, data_args: DataArgument
         return {}
     checkpoint, revision = source
     try:
-        root = resolve_checkpoint(checkpoint, revision)
+        digest = checkpoint_digest(resolve_checkpoint(checkpoint, revision))
     except FileNotFoundError as err:
-        raise UserError(f"this run goes on from {checkpoint}, which is needed ({err})") from None
-    return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": checkpoint_digest(root),
+        # Resuming: the continuation's own checkpoint holds everything it learned, so the run's recorded
+        # digest of where it went on from stands in for the source, which may be gone.
+        recorded = _recorded_source(output_dir, checkpoint) if not model_args.continue_from else None
+        if recorded is None:
+            raise UserError(f"this run goes on from {checkpoint}, which is needed ({err})") from None
+        digest = recorded
+    return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": digest,
             "merge_existing_classes": model_args.merge_existing_classes, "old_test_dir": data_args.old_test_dir}
+
+
+def _recorded_source(output_dir: str, checkpoint: str) -> str | None:
+    """The digest of `checkpoint` that the run in `output_dir` recorded when it went on from it, if any."""
+    recorded = read_fingerprint(output_dir) if Path(output_dir).is_dir() else None
+    if recorded and recorded.get("continue_from") == checkpoint and isinstance(recorded.get("continue_sha256"), str):
+        return recorded["continue_sha256"]
+    return None
 
 
 def continued_stream(model_args: ModelArguments, data_args: DataArguments, tasks: TaskSequence,

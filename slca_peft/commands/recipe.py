@@ -78,12 +78,13 @@ def data_source(data_args: DataArguments) -> str | None:
     return dataset_hub_id(data_args.dataset) or data_args.dataset
 
 
-def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+def build_tasks(data_args: DataArguments, args: SLCAConfig, *, min_classes: int = 2) -> TaskSequence | DomainSequence:
     """The task stream, with all of its data checked (every image decoded once) before any training;
-    the check's progress bars show on the main process unless `--disable_tqdm`."""
+    the check's progress bars show on the main process unless `--disable_tqdm`. `min_classes`: 1 for the
+    new data of a continuation (a task of one class is supported), else 2."""
     progress = not args.disable_tqdm and args.process_index == 0
     with progress_bars(progress):
-        tasks = _load_tasks(data_args, args)
+        tasks = _load_tasks(data_args, args, min_classes)
         if not data_args.domains:
             tasks.source = data_source(data_args)
         if data_args.train_dir:
@@ -93,10 +94,11 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | Do
     return tasks
 
 
-def _load_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+def _load_tasks(data_args: DataArguments, args: SLCAConfig, min_classes: int = 2) -> TaskSequence | DomainSequence:
     if data_args.domains:
         return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
-    split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
+    split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed,
+             "min_classes": min_classes}
     if data_args.train_dir:
         return TaskSequence.from_image_folders(data_args.train_dir, data_args.test_dir, **split)
     data, spec = load_benchmark(data_args.dataset, data_args.data_dir, data_args.dataset_revision)
@@ -239,7 +241,7 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     # continuation goes on from is found (or the run refused) and hashed.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
     continuation = continuation_fingerprint(model_args, data_args, args.output_dir)
-    tasks = build_tasks(data_args, args)
+    tasks = build_tasks(data_args, args, min_classes=1 if continuation else 2)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
     fingerprint = run_fingerprint(

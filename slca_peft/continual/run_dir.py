@@ -83,7 +83,8 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
     `--overwrite_output_dir` with `--resume_from` (it would delete what the resume continues); the
     filesystem root; a directory that is or holds the training data (`data`: e.g. `--data_dir`), or
     also lies inside an image folder (`image_folders`: `--train_dir`, `--test_dir`, where it would
-    become a class); with `overwrite`, a directory whose run artefacts hold the `model` in use.
+    become a class); the base `model`'s own folder; with `overwrite`, a directory whose run artefacts hold
+    the `model` in use.
     """
     if overwrite and resume_from:
         raise UserError(f"--overwrite_output_dir deletes the run that --resume_from {resume_from} would continue; "
@@ -99,6 +100,9 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
         if _within(real, out) or inside_too and _within(out, real):
             raise UserError(f"--output_dir {output_dir} overlaps the training data {folder}; a run's files would "
                             "mix with its images: choose an --output_dir outside the data.")
+    if model is not None and os.path.isdir(model) and _real(model) == out:
+        raise UserError(f"--output_dir {output_dir} is the base model's folder ({model}); the run's checkpoints would "
+                        "mix with the model's files: choose another --output_dir.")
     if overwrite and model is not None and os.path.exists(model):
         real = _real(model)
         if _within(out, real):
@@ -200,6 +204,11 @@ def claim_run_directory(
                 remove_previous_run(root)
                 old = None
             elif resume:
+                if old is not None and old.get("continue_from") and not fingerprint.get("continue_from") \
+                        and latest_checkpoint(root) is None:
+                    raise UserError(f"cannot resume: {root} holds a --continue_from {old['continue_from']} run that "
+                                    "was stopped before it finished a new task, so it has no checkpoint to resume; "
+                                    "rerun the original command (--continue_from, without --resume_from).")
                 if old is not None and differing_fields(old, fingerprint):
                     raise UserError(f"cannot resume: {root} holds a run with other settings: "
                                     f"{describe_mismatch(old, fingerprint)}; resume with the same settings, or start "

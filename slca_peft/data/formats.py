@@ -58,7 +58,7 @@ def image_dataset(paths: Sequence[str], labels: Sequence[int], names: Sequence[s
     return Dataset.from_dict({"image": list(paths), "label": list(labels)}, features=features)
 
 
-def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> DatasetDict:
+def load_split_image_folders(train_dir: str | Path, test_dir: str | Path, *, min_classes: int = 2) -> DatasetDict:
     """`train/<class>/*` and `test/<class>/*`: class ids follow the sorted training folder names.
 
     Built from the file listing (`data_checks.list_class_folder`), not datasets' imagefolder: any folder
@@ -70,8 +70,9 @@ def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> Dat
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist.")
     names = [p.name for p in class_folders(train_root)]
-    if len(names) < 2:
-        raise ValueError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder.")
+    if len(names) < min_classes:
+        raise ValueError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder (at "
+                         f"least {min_classes}).")
     unknown = sorted({p.name for p in class_folders(test_root)} - set(names))
     if unknown:
         raise ValueError(f"test class folder(s) {unknown[:5]} have no training folder in {train_root}.")
