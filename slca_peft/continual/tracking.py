@@ -17,6 +17,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import get_reporting_integration_callbacks
 
+from ..utils.errors import open_regular
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ class ContinualTracker(TrainerCallback):
                 import numpy as np
                 from PIL import Image
 
-                with Image.open(path) as image:
+                with open_regular(path, fix="the plot is written by the run") as handle, Image.open(handle) as image:
                     array = np.asarray(image.convert("RGB"))
                 callback.tb_writer.add_image(tag, array, step, dataformats="HWC")
                 callback.tb_writer.flush()

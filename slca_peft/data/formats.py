@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
+from ..utils.errors import open_regular, read_text
 from .checks import IMAGE_EXTENSIONS, list_class_folder
+
+#: Largest list file of a dataset release read (CUB-200's, DomainNet's are megabytes).
+LIST_FILE_BYTES = 256 << 20
 
 #: Fraction of each ImageNet-R class held out for testing, as in the continual-learning literature (80/20).
 IMAGENET_R_TEST_FRACTION = 0.2
@@ -112,7 +116,7 @@ def load_imagenet_r_folder(
 
 def _read_table(path: Path, columns: int) -> list[list[str]]:
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, LIST_FILE_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=columns - 1)
@@ -172,7 +176,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle_cifar(path: Path) -> dict:
-    with path.open("rb") as handle:
+    with open_regular(path, fix="give the CIFAR archive's batch files") as handle:
         data = _CifarUnpickler(handle, encoding="bytes").load()
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a CIFAR batch (a dict).")

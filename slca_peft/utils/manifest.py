@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError, read_own_json
+from .errors import UserError, open_regular, read_own_json
 from .files import LOCK_FILE, hash_stream
 from .files import atomic_write_bytes as write_file_atomically
 from .listed import ManifestEntry, check_listed, copy_verified, open_listed, parent_fd  # noqa: F401  (this API)
@@ -151,11 +151,8 @@ def atomic_write_bytes(root: str | Path, rel: str | os.PathLike[str], data: byte
 
 # ---------------------------------------------------------------------------------------------- entries
 def file_sha256(path: str | Path) -> tuple[int, str]:
-    """(size, SHA-256) of a regular file, read in blocks without following a symlink."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise UserError(f"{path} is not a regular file; slca-peft only records files it wrote.")
+    """(size, SHA-256) of a regular file, read in blocks without following a symlink (`open_regular`)."""
+    with open_regular(path, follow=False, fix="slca-peft only records files it wrote") as fh:
         digest = hashlib.sha256()
         size = hash_stream(fh, digest)
     return size, digest.hexdigest()
