@@ -194,8 +194,12 @@ def plan_previous_run(root: str | Path) -> RunRemoval | None:
             raise UserError(f"--overwrite_output_dir: {path} is a symbolic link, which slca-peft never writes; remove "
                             "it yourself or choose another --output_dir.")
         if seed:
-            with run_lock(path):
-                plan.seeds.append(plan_previous_run(path) or RunRemoval(path))
+            with run_lock(path) as created:  # a run alive in the seed folder is refused, naming its pid
+                try:
+                    plan.seeds.append(plan_previous_run(path) or RunRemoval(path))
+                finally:
+                    if created:  # planning leaves no lock file behind
+                        (path / LOCK_FILE).unlink(missing_ok=True)
         elif task and name.startswith(".") and ".tmp-" in name:
             plan.temporaries.append(path)
         elif task or base:

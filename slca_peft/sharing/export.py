@@ -328,6 +328,10 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
             readme.save(Path(tmp) / CARD_FILE)
             manifest.record_tree(tmp, {"kind": EXPORT_KIND})
         return
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        # Left by a kill: the new export before its swap, or the old one after it, each holding only second
+        # names (hard links or copies) of the files carried over, which are in `target`.
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         follow_umask(tmp, directory=True)
