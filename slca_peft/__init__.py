@@ -10,9 +10,8 @@ from .data.tasks import Task, TaskSequence, TaskStream
 from .data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, collate_fn
 from .method.alignment import AlignmentSettings, ClassifierAligner
 from .method.config import SLCAConfig
-from .method.losses import symmetric_cross_entropy
 from .method.statistics import ClassStatistics
-from .method.trainer import SLCATrainer
+from .method.trainer import SLCATrainer, symmetric_cross_entropy
 from .models.config import SLCAModelConfig
 from .models.head import ContinualClassifier
 from .models.inference import inference_context, merged_adapters

@@ -20,7 +20,6 @@ from ..method.config import SLCAConfig
 from ..models.loading import check_backbone_source
 from ..utils.errors import UserError, read_text
 from ..utils.hardware import option_spellings, resolve_bf16_flag
-from .continue_run import check_continue_arguments
 
 
 def _shipped(kind: str, name: str) -> Path:
@@ -33,7 +32,6 @@ def _shipped(kind: str, name: str) -> Path:
 
 
 DEMO_CONFIG = _shipped("configs", "demo_digits.yaml")
-DEMO_BACKBONE = _shipped("assets", "tiny_vit_letters")
 
 
 @dataclass
@@ -190,18 +188,18 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = rest[i]
         if arg == "--config":
             if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
-                raise SystemExit("--config needs a value: --config path/to/file.yaml.")
+                raise UserError("--config needs a value: --config path/to/file.yaml.")
             found.append(rest[i + 1])
             del rest[i : i + 2]
         elif arg.startswith("--config="):
             if not arg.removeprefix("--config="):
-                raise SystemExit("--config needs a value: --config path/to/file.yaml.")
+                raise UserError("--config needs a value: --config path/to/file.yaml.")
             found.append(arg.removeprefix("--config="))
             del rest[i]
         else:
             i += 1
     if len(found) > 1:
-        raise SystemExit(f"only one config file is read, got {len(found)} ({', '.join(found)}); merge them or "
+        raise UserError(f"only one config file is read, got {len(found)} ({', '.join(found)}); merge them or "
                          "override single values with flags.")
     return (found[0] if found else None), rest
 
@@ -266,7 +264,37 @@ def refuse_trainer_flags(args: SLCAConfig) -> None:
     names = {"a": args, "eval": _value(args.eval_strategy), "save": _value(args.save_strategy)}
     problems = [problem.format(**names) for is_set, problem in TRAINER_FLAG_RULES if is_set(args)]
     if problems:
-        raise SystemExit("the continual loop cannot honour " + "; ".join(problems) + ".")
+        raise UserError("the continual loop cannot honour " + "; ".join(problems) + ".")
+
+
+def check_continue_arguments(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> None:
+    """`--continue_from` and its options, refused in one line where they cannot apply."""
+    options = [flag for flag, value in (("--merge_existing_classes", model_args.merge_existing_classes),
+                                        ("--old_test_dir", data_args.old_test_dir)) if value]
+    if not model_args.continue_from:
+        if model_args.continue_revision:
+            raise UserError("--continue_revision is the Hub revision of --continue_from; add --continue_from REPO.")
+        if options and not model_args.resume_from:  # resuming an interrupted continuation takes them again
+            raise UserError(f"{' and '.join(options)} go with --continue_from (new classes from new data); add "
+                             "--continue_from CHECKPOINT_OR_REPO or drop them.")
+        return
+    if model_args.resume_from:
+        raise UserError("--continue_from teaches a checkpoint new classes from new data; --resume_from finishes an "
+                         "interrupted run of the same stream: give one of them (an interrupted --continue_from run "
+                         "resumes with --resume_from auto and the same new data once it finished a new task; "
+                         "before that, rerun the original --continue_from command).")
+    refused = [(data_args.domains, "--domains (a domain-incremental stream adds no classes)"),
+               (data_args.seeds, "--seeds (one checkpoint goes on with one stream; use --class_order_seed)"),
+               (model_args.model_config, "--model_config (the model is the checkpoint's)"),
+               (model_args.peft_config, "--peft_config (the adapter is the checkpoint's)")]
+    for given, flag in refused:
+        if given:
+            raise UserError(f"--continue_from cannot take {flag}; drop it.")
+    source = Path(model_args.continue_from)
+    if args.overwrite_output_dir and source.exists() and source.resolve().is_relative_to(
+            Path(args.output_dir).resolve()):
+        raise UserError(f"--overwrite_output_dir would delete {source}, which --continue_from goes on from; choose "
+                         "another --output_dir.")
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfig) -> None:
@@ -275,7 +303,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, args: 
     check_continue_arguments(model_args, data_args, args)
     for broken, message in ARGUMENT_RULES:
         if broken(model_args, data_args, args):
-            raise SystemExit(message.format(env=os.environ, seeds=" ".join(map(str, data_args.seeds or []))))
+            raise UserError(message.format(env=os.environ, seeds=" ".join(map(str, data_args.seeds or []))))
     if model_args.model_name_or_path:  # a missing path or a checkpoint given as the backbone: before any decode
         check_backbone_source(model_args.model_name_or_path)
     check_writable(args.output_dir)

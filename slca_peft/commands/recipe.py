@@ -31,14 +31,14 @@ from transformers import AutoConfig, AutoModel, set_seed
 
 from ..continual.callbacks import load_callback
 from ..continual.checkpoint import verify_checkpoint
-from ..continual.fingerprint import run_fingerprint
+from ..continual.fingerprint import read_fingerprint, run_fingerprint
 from ..continual.learner import ContinualLearner
 from ..continual.previous_run import check_checkpoint_matches, check_resumable, finished_run
-from ..continual.run_dir import claim_run_directory
+from ..continual.run_dir import claim_run_directory, latest_checkpoint
 from ..continual.steps import write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
 from ..data.checks import check_task_data, check_task_splits
-from ..data.continuation import load_test_folder
+from ..data.continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
 from ..data.domains import DomainSequence
 from ..data.tasks import TaskSequence
 from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, eval_transform_config
@@ -47,26 +47,14 @@ from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
 from ..models.config import read_state
 from ..models.model import SLCAModel
+from ..models.saving import resolve_checkpoint
 from ..sharing.report import mean_std
 from ..utils.errors import UserError, run_main
 from ..utils.files import METRICS_FILE, atomic_directory, atomic_write_text, task_dir_name
 from ..utils.hardware import log_bf16_choice
 from ..utils.logging import LIBRARY_NAME, progress_bars, set_verbosity_from_args
 from ..utils.manifest import MANIFEST_FILE, read_manifest, record_tree
-from .arguments import (  # noqa: F401  (re-exported: the recipe's arguments, as before)
-    ARGUMENT_RULES,
-    CONFIG_PATH_KEYS,
-    DEMO_BACKBONE,
-    DEMO_CONFIG,
-    TRAINER_FLAG_RULES,
-    DataArguments,
-    ModelArguments,
-    check_arguments,
-    parse_args,
-    refuse_trainer_flags,
-    yaml_to_argv,
-)
-from .continue_run import continuation_fingerprint, continued_stream
+from .arguments import DataArguments, ModelArguments, parse_args
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +228,11 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     # What needs no image decode runs before the decode pass: the callbacks import, and the checkpoint a
     # continuation goes on from is found (or the run refused) and hashed.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+    named_checkpoint, resuming = model_args.resume_from not in (None, "auto"), bool(model_args.resume_from)
+    if model_args.resume_from == "auto":  # resolved once, in this run's own output directory
+        found = latest_checkpoint(args.output_dir)
+        logger.info("resume auto: %s", found or "no complete checkpoint, starting from the first task")
+        model_args = dataclasses.replace(model_args, resume_from=str(found) if found else None)
     continuation = continuation_fingerprint(model_args, data_args, args.output_dir)
     tasks = build_tasks(data_args, args, min_classes=1 if continuation else 2)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
@@ -250,12 +243,12 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         extra={**{k: getattr(data_args, k) for k in ("brightness_jitter", "crop_scale_min", "train_resize",
                                                      "horizontal_flip")}, **continuation},
     )
-    done = None if args.overwrite_output_dir or model_args.resume_from not in (None, "auto") else \
+    done = None if args.overwrite_output_dir or named_checkpoint else \
         finished_run(args.output_dir, fingerprint, len(tasks))
     if done is not None:
         return _finished(args, done)
     with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
-                             resume=bool(model_args.resume_from), main_process=args.process_index == 0):
+                             resume=resuming, main_process=args.process_index == 0):
         return _train(model_args, data_args, args, tasks, fingerprint, callbacks)
 
 
@@ -280,15 +273,12 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
            callbacks: list) -> dict:
     expected_base = [model_args.model_name_or_path, args.hub_base_model_id]  # what the checkpoint must be trained on
     resume = model_args.resume_from
-    if resume == "auto":
-        resume = ContinualLearner.latest_checkpoint(args.output_dir)
-        logger.info("resume auto: %s", resume or "no complete checkpoint, starting from the first task")
     if resume:
         if Path(resume).is_dir():
             check_checkpoint_matches(resume, fingerprint)
             check_resumable(resume, align=args.align)
             verify_checkpoint(resume, expected_base, accept_changed_files=model_args.accept_changed_files)
-        continued = continued_stream(model_args, data_args, tasks, args.output_dir)
+        continued = continued_stream(model_args, data_args, tasks)
         learner = ContinualLearner.from_checkpoint(
             resume, args, continued or tasks, revision=model_args.resume_revision,
             expected_base=expected_base,
@@ -322,6 +312,71 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         EvalTransform(tc),
     )
     return learner.run().summary()
+
+
+# ------------------------------------------------------------------------------------------ continuations
+def continuation_of(model_args: ModelArguments) -> tuple[str, str | None] | None:
+    """(checkpoint, revision) this run goes on from with new classes: `--continue_from`, or, when resuming an
+    interrupted continuation, the one its checkpoint records. None for a run of one stream."""
+    if model_args.continue_from:
+        return model_args.continue_from, model_args.continue_revision
+    segment = _continued_segment(model_args)
+    return (segment["continued_from"], segment.get("continued_revision")) if segment else None
+
+
+def _resume_state(model_args: ModelArguments) -> dict | None:
+    if not model_args.resume_from:
+        return None
+    return read_state(resolve_checkpoint(model_args.resume_from, model_args.resume_revision))
+
+
+def _continued_segment(model_args: ModelArguments) -> dict | None:
+    state = _resume_state(model_args)
+    segments = (state or {}).get("segments") or []
+    return segments[-1] if len(segments) > 1 and segments[-1].get("continued_from") else None
+
+
+def continuation_fingerprint(model_args: ModelArguments, data_args: DataArguments, output_dir: str | None = None
+                             ) -> dict:
+    """What a continuation adds to the run fingerprint: the checkpoint it goes on from, by content. Resuming
+    an interrupted continuation does not need that checkpoint any more (its own last checkpoint holds all
+    it learned): when it is gone, the digest the run in `output_dir` recorded of it stands in."""
+    source = continuation_of(model_args)
+    if source is None:
+        return {}
+    checkpoint, revision = source
+    try:
+        digest = checkpoint_digest(resolve_checkpoint(checkpoint, revision))
+    except FileNotFoundError as err:
+        recorded = _recorded_source(output_dir, checkpoint) if output_dir and not model_args.continue_from else None
+        if recorded is None:
+            raise UserError(f"this run goes on from {checkpoint}, which is needed ({err})") from None
+        digest = recorded
+    return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": digest,
+            "merge_existing_classes": model_args.merge_existing_classes, "old_test_dir": data_args.old_test_dir}
+
+
+def _recorded_source(output_dir: str, checkpoint: str) -> str | None:
+    """The digest of `checkpoint` that the run in `output_dir` recorded when it went on from it, if any."""
+    recorded = read_fingerprint(output_dir) if Path(output_dir).is_dir() else None
+    if recorded and recorded.get("continue_from") == checkpoint and isinstance(recorded.get("continue_sha256"), str):
+        return recorded["continue_sha256"]
+    return None
+
+
+def continued_stream(model_args: ModelArguments, data_args: DataArguments, tasks: TaskSequence
+                     ) -> ContinuedStream | None:
+    """The stream an interrupted continuation was learning (its history before the new data, then the new
+    data's tasks), to resume it; None when the checkpoint resumed is not a continuation."""
+    state = _resume_state(model_args)
+    previous = before_last_continuation(state) if state else None
+    if previous is None:
+        return None
+    segment = state["segments"][-1]
+    old_test = load_test_folder(data_args.old_test_dir) if data_args.old_test_dir else None
+    return ContinuedStream(previous, tasks, merge_existing_classes=model_args.merge_existing_classes,
+                           old_test=old_test, continued_from=segment["continued_from"],
+                           continued_revision=segment.get("continued_revision"))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ..models.config import (
     SLCAModelConfig,
     resolve_released_code,
 )
+from ..utils.errors import UserError, check_choice
 from ..utils.hardware import check_hardware
 
 logger = logging.getLogger(__name__)
@@ -194,8 +195,7 @@ class SLCAConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}; pick one of them.")
+        check_choice("method", self.method, METHODS)
         if self.backbone_lr_scale is None:
             self.backbone_lr_scale = METHOD_DEFAULTS[self.method]["backbone_lr_scale"]
         for name, low, inclusive, high in _RANGES:
@@ -204,12 +204,12 @@ class SLCAConfig(TrainingArguments):
                 continue
             if not math.isfinite(value) or value < low or (not inclusive and value == low) or value > high:
                 bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high:.10g}" if high != math.inf else "")
-                raise ValueError(f"--{name} {value} is out of range: it must be {bound}.")
+                raise UserError(f"--{name} {value} is out of range: it must be {bound}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
         self._resolve_released_code()
         if self.learning_rate == 0 and self.ca_lr is None and self.align:
-            raise ValueError("learning_rate=0 leaves classifier alignment at ca_lr = learning_rate = 0; "
+            raise UserError("learning_rate=0 leaves classifier alignment at ca_lr = learning_rate = 0; "
                              "set --ca_lr (e.g. 0.01) for alignment alone on frozen features, or --ca_epochs 0.")
         check_hardware(self)  # precision the machine lacks, loader defaults for the device
         method_schedule = self.method_schedule
@@ -221,7 +221,7 @@ class SLCAConfig(TrainingArguments):
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
             if per_step != self.global_batch_size:
-                raise ValueError(
+                raise UserError(
                     f"per_device_train_batch_size {self.per_device_train_batch_size} x {self.world_size} "
                     f"process(es) x gradient_accumulation_steps {self.gradient_accumulation_steps} = {per_step}, "
                     f"not global_batch_size {self.global_batch_size}; set per_device_train_batch_size to "
@@ -232,8 +232,7 @@ class SLCAConfig(TrainingArguments):
         knobs = resolve_released_code({name: getattr(self, name) for name in RELEASED_DEFAULTS}, self.released_code)
         for name, value in knobs.items():
             setattr(self, name, value)
-        if self.lora_layout not in LORA_LAYOUTS:
-            raise ValueError(f"lora_layout={self.lora_layout!r} is not one of {LORA_LAYOUTS}; pick one of them.")
+        check_choice("lora_layout", self.lora_layout, LORA_LAYOUTS)
 
     @property
     def method_schedule(self) -> bool:

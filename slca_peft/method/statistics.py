@@ -34,6 +34,7 @@ from types import MappingProxyType
 import torch
 from safetensors.torch import save_file
 
+from ..utils.errors import check_choice
 from ..utils.files import STATISTICS_FILE
 from .covariance import (
     KIND_CHOLESKY,
@@ -78,8 +79,7 @@ class ClassStatistics:
         covariance_form: str = "exact",
         covariance_rank: int | None = None,
     ):
-        if covariance_form not in COVARIANCE_FORMS:
-            raise ValueError(f"covariance_form={covariance_form!r} is not one of {COVARIANCE_FORMS}.")
+        check_choice("covariance_form", covariance_form, COVARIANCE_FORMS)
         if covariance_rank is not None and covariance_form != "low_rank":
             raise ValueError(f"covariance_rank applies to covariance_form='low_rank', not {covariance_form!r}.")
         if covariance_rank is not None and int(covariance_rank) < 1:

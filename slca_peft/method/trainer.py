@@ -2,8 +2,8 @@
 
 It overrides a few hooks and leaves the loop alone: the optimizer (slow-learner rate per parameter
 group), the scheduler (`slca_cosine`: epoch-wise cosine to the method's floor, after an optional
-warm-up; any transformers schedule by its name), the loss
-(current task's logits only) and saving (slca-peft model files, arguments as JSON, no pickle).
+warm-up; any transformers schedule by its name), the loss (`symmetric_cross_entropy` on the current
+task's logits only) and saving (slca-peft model files, arguments as JSON, no pickle).
 Anything a `Trainer` accepts still works: datasets, collators, callbacks, `report_to`. A plain
 `TrainingArguments` is converted to `SLCAConfig` (`slca_peft.method.config.as_slca_config`); a field the
 trainer cannot honour is refused.
@@ -26,13 +26,38 @@ from ..models.backbones import input_size
 from ..models.model import SLCAModel
 from ..utils.hardware import cpu_bf16_training
 from .config import SLCAConfig, as_slca_config
-from .losses import symmetric_cross_entropy
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = "training_args.json"
 # Optimizers that need more than parameter groups (their own model hooks or per-layer state).
 _UNSUPPORTED_OPTIM = ("galore", "apollo", "lomo", "layerwise", "bnb", "8bit", "4bit", "paged", "torchao", "grokadamw")
-__all__ = ["SLCATrainer", "as_slca_config", "check_honoured", "epoch_cosine_lambda", "unused_trainable_parameters"]
+__all__ = ["SLCATrainer", "as_slca_config", "check_honoured", "epoch_cosine_lambda", "symmetric_cross_entropy",
+           "unused_trainable_parameters"]
+
+
+def symmetric_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0, beta: float = 0.1, *, check_labels: bool = True
+) -> torch.Tensor:
+    """`alpha * CE + beta * RCE`, averaged over the batch.
+
+    The reverse term caps log 0 at log 1e-4 and clamps the softmax at 1e-7, which bounds the
+    penalty of confident wrong predictions (the robustness SLCA++ relies on). `check_labels=False`
+    skips the label range check (a device sync) for callers that have validated the labels (the
+    trainer's hot path).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}.")
+    num_classes = logits.shape[1]
+    if check_labels and bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for these logits, got range "
+            f"[{int(labels.min())}, {int(labels.max())}]; shift them to the current task's classes."
+        )
+    ce = F.cross_entropy(logits.float(), labels)
+    probs = torch.softmax(logits.float(), dim=1).clamp(min=1e-7, max=1.0)
+    one_hot = F.one_hot(labels, num_classes).float().clamp(min=1e-4, max=1.0)
+    rce = -(probs * torch.log(one_hot)).sum(dim=1).mean()
+    return alpha * ce + beta * rce
 
 
 def check_honoured(args: SLCAConfig) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from ..utils.errors import read_json
+from ..utils.errors import check_choice, read_json
 from ..utils.files import STATE_FILE
 from .peft_limits import MAX_RANK, check_int, check_peft_fields
 
@@ -336,8 +336,7 @@ def model_settings(args: TrainingArguments | None = None, **overrides: Any) -> d
     overrides = dict(overrides)
     if "method" in overrides:
         method = overrides.pop("method")
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not one of {METHODS}; pick one of them.")
+        check_choice("method", method, METHODS)
         settings["use_lora"] = METHOD_DEFAULTS[method]["use_lora"]
     if "released_code" in overrides:
         released = overrides.pop("released_code")

@@ -11,7 +11,7 @@ blocking and refused, so is a device such as `/dev/zero`, a directory or a socke
 size, optionally never through a symlink (`follow=False`, for the files the library writes itself)
 and never out of a given directory (`root`: a symlink inside it leading elsewhere is refused). A
 damaged or crafted JSON file (invalid UTF-8, deeply nested, a 10,000-digit number) is a one-line
-error naming the file, never a `RecursionError` traceback. `tests/test_bounded_reads.py` walks the
+error naming the file, never a `RecursionError` traceback. `tests/utils/test_bounded_reads.py` walks the
 package for any other read. `no_exit` makes `sys.exit` inside user code (a callback) an error.
 """
 
@@ -23,7 +23,7 @@ import os
 import stat
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +35,12 @@ MAX_JSON_BYTES = 64 << 20
 
 class UserError(ValueError):
     """A problem with the user's input (arguments, data, files) that the message says how to fix."""
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Refuse a setting that is not one of `choices`, naming them."""
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {tuple(choices)}; pick one of them.")
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

@@ -80,14 +80,6 @@ def set_verbosity(level: int) -> None:
     _library_root().setLevel(level)
 
 
-def set_verbosity_info() -> None:
-    set_verbosity(logging.INFO)
-
-
-def set_verbosity_warning() -> None:
-    set_verbosity(logging.WARNING)
-
-
 def set_verbosity_from_args(args: Any) -> int:
     """The level a run logs at, from its `TrainingArguments` (see the module docstring); returns it."""
     from transformers.training_args import trainer_log_levels
