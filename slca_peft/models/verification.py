@@ -8,6 +8,7 @@ runs it with the base model the checkpoint would load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..utils import manifest
 from ..utils.digests import describe_model_file_changes, model_file_digests
-from ..utils.errors import UserError
-from ..utils.files import CARD_FILE
+from ..utils.errors import UserError, open_regular
+from ..utils.files import CARD_FILE, hash_stream
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -50,16 +51,25 @@ def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> li
         except UserError:
             problems.append(f"{rel} lies under a symbolic link")
             continue
+        if state == "a symbolic link" and manifest.is_hub_blob_link(root, rel):  # a Hub download (cache links)
+            same = _blob_sha256(root / rel) == (entry.size, entry.sha256)
+            state = None if same else "its content changed since slca-peft wrote it"
         if state == "missing":
             problems.append(f"{rel} is missing")
         elif state == "its content changed since slca-peft wrote it":
-            size, sha = manifest.file_sha256(root / rel)
-            problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {sha[:12]})")
+            problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {_blob_sha256(root / rel)[1][:12]})")
         elif state is not None:
             problems.append(f"{rel} is not a regular file")
     added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
                    and p.name not in entries and p.name != manifest.MANIFEST_FILE)
     return problems + [f"{name} was added" for name in added]
+
+
+def _blob_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open_regular(path, fix="a checkpoint holds regular files") as fh:
+        size = hash_stream(fh, digest)
+    return size, digest.hexdigest()
 
 
 def verify_files(path: str | Path, resolve_base: Callable[[], str | None], *, accept_changed_files: bool = False,

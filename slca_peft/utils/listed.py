@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from .errors import UserError
+from .errors import UserError, open_regular
 from .files import HASH_BLOCK_BYTES, hash_stream
 
 
@@ -126,7 +126,10 @@ def copy_verified(root: str | Path, entry: ManifestEntry, target: str | Path, *,
     (`may_change`: any content, for a file the user may edit, such as the model card)."""
     root, target = Path(root), Path(target)
     fix = "an upload sends only the files slca-peft wrote, unchanged: write the folder again"
-    with open_listed(root, entry.path) as (state, fh):
+    with contextlib.ExitStack() as stack:
+        state, fh = stack.enter_context(open_listed(root, entry.path))
+        if fh is None and is_hub_blob_link(root, entry.path):  # a Hub download: the cache's link to its blob
+            state, fh = "regular", stack.enter_context(open_regular(root / entry.path, fix=fix))
         if fh is None:
             raise UserError(f"{root / entry.path} is {state}, not the file slca-peft wrote there; {fix}.")
         links = os.fstat(fh.fileno()).st_nlink
@@ -145,3 +148,15 @@ def copy_verified(root: str | Path, entry: ManifestEntry, target: str | Path, *,
         target.unlink()
         raise UserError(f"{root / entry.path} changed since slca-peft wrote it (sha256 {entry.sha256[:12]} -> "
                         f"{digest.hexdigest()[:12]}); {fix}.")
+
+
+def is_hub_blob_link(root: str | Path, rel: str) -> bool:
+    """Whether `root` is a Hugging Face cache snapshot (`models--org--name/snapshots/<commit>`) and `rel` a
+    top-level link into that repo's own `blobs/` folder: how the cache stores every downloaded file, so the
+    one kind of link a check of a downloaded checkpoint follows."""
+    root = Path(root)
+    repo = root.parent.parent
+    if root.parent.name != "snapshots" or not repo.name.startswith("models--") or "/" in rel:
+        return False
+    return os.path.islink(root / rel) and \
+        os.path.dirname(os.path.realpath(root / rel)) == os.path.realpath(repo / "blobs")

@@ -44,10 +44,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError, open_regular, read_own_json
+from .errors import UserError, open_regular, read_json, read_own_json
 from .files import LOCK_FILE, hash_stream
 from .files import atomic_write_bytes as write_file_atomically
-from .listed import ManifestEntry, check_listed, copy_verified, open_listed, parent_fd  # noqa: F401  (this API)
+from .listed import (  # noqa: F401  (part of this module's API)
+    ManifestEntry,
+    check_listed,
+    copy_verified,
+    is_hub_blob_link,
+    open_listed,
+    parent_fd,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +185,10 @@ def _parse_entry(item: Any, where: Path) -> ManifestEntry:
 def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dict[str, Any]] | None:
     """({path: entry}, the other top-level fields) of `directory`'s manifest, or None when there is none."""
     where = Path(directory) / MANIFEST_FILE
-    data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
+    if is_hub_blob_link(directory, MANIFEST_FILE):  # a Hub download: the cache links the file to its blob
+        data = read_json(where, MAX_MANIFEST_BYTES)
+    else:
+        data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
     if data is None:
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):

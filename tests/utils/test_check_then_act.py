@@ -284,3 +284,55 @@ def test_where_names_cannot_be_exchanged_two_renames_and_a_recovery_replace_the_
     os.replace(out, tmp_path / ".export.old-1")
     export_model(model, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_hub_download_is_checked_through_the_cache_s_own_links_only(tmp_path, base_model_dir):
+    """The Hugging Face cache stores a download as `snapshots/<commit>/<file>` links to `blobs/<sha>`: those
+    links are followed (into the repo's own blobs), any other link is not."""
+    model = trained_model(base_model_dir)
+    ck = checkpoint(model, tmp_path / "ck")
+    repo = tmp_path / "hub" / "models--me--ck"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(ck.iterdir()):
+        blob = repo / "blobs" / sha(path.read_bytes())
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert verify_checkpoint(snapshot) == []
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    (snapshot / "continual_state.json").unlink()
+    (snapshot / "continual_state.json").symlink_to(outside)
+    with pytest.raises(UserError, match="continual_state.json is not a regular file"):
+        verify_checkpoint(snapshot)
+
+
+def test_a_pushed_checkpoint_downloaded_from_the_hub_checks_and_pushes_again(tmp_path, base_model_dir, hub,
+                                                                           monkeypatch):
+    """What push uploads carries its own manifest: the download (the cache's links to blobs) is verified
+    and pushed again."""
+    from slca_peft.models import hub as hub_module
+
+    captured = {}
+    real_record = hub_module._record_upload
+
+    def keep(folder, extra):
+        real_record(folder, extra)
+        if "folder" not in captured:
+            captured["folder"] = shutil.copytree(folder, tmp_path / "uploaded")
+
+    monkeypatch.setattr(hub_module, "_record_upload", keep)
+    model = trained_model(base_model_dir)
+    push_to_hub(checkpoint(model, tmp_path / "ck"), "me/ck", base_model_id="me/base")
+    repo = tmp_path / "hub" / "models--me--ck"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(captured["folder"].iterdir()):
+        blob = repo / "blobs" / sha(path.read_bytes())
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert manifest.read_manifest_extra(snapshot) == {"kind": "checkpoint"}
+    push_to_hub(snapshot, "me/ck2")
+    assert sorted(hub.uploads[-1]["files"]) == sorted(hub.uploads[0]["files"])
