@@ -107,7 +107,7 @@ def test_a_built_in_step_is_replaced_in_place_or_removed(tmp_path, make_learner,
     learner.remove_callback(ReportStep)
     assert isinstance(checkpoint, CheckpointStep) and learner.pop_callback(CheckpointStep) is None
     assert [type(c).__name__ for c in learner.callbacks] == [
-        "StatisticsStep", "AlignmentStep", "FixedScores", "PushStep", "Recorder"]
+        "StatisticsStep", "AlignmentStep", "FixedScores", "PushStep", "TrackerStep", "Recorder"]
     with pytest.raises(ValueError, match=r"no callback CheckpointStep to replace; the learner runs \['Statis"):
         learner.replace_callback(CheckpointStep, FixedScores())
     learner.callbacks.remove(recorder)  # the Recorder checks for checkpoints, which are gone
@@ -186,3 +186,116 @@ def test_recipe_output_has_no_line_twice(recipe, tmp_path, base_model_dir, image
     # Two runs of two tasks each: four task lines, none repeated within a run (the handler is added once).
     assert len(task_lines) == 4 and task_lines[0].startswith("task 1/2") and task_lines[1].startswith("task 2/2")
     assert out.count("Last-Acc") == 2
+
+
+# ---------------------------------------------------------------------- steps own what they hold
+class HoldsTracker(ContinualCallback):
+    """Keeps the tracker the run had, and records on_exception."""
+
+    def __init__(self, fail_on_exception: bool = False):
+        self.tracker = None
+        self.errors: list[str] = []
+        self.fail_on_exception = fail_on_exception
+
+    def on_run_begin(self, learner):
+        self.tracker = learner.tracker
+
+    def on_exception(self, learner, error):
+        self.errors.append(type(error).__name__)
+        if self.fail_on_exception:
+            raise OSError("disk full while closing")
+
+
+def _tensorboard_writer_open(tracker) -> bool:
+    return any(getattr(c, "tb_writer", None) is not None for c in tracker.callbacks)
+
+
+def tiny_tasks(folders):
+    return TaskSequence.from_image_folders(*folders, init_cls=2, increment=2, seed=1993)
+
+
+def test_removing_the_report_step_still_closes_the_trackers_at_run_end(tmp_path, make_learner, tiny_image_folders):
+    pytest.importorskip("tensorboard")
+    holder = HoldsTracker()
+    learner = make_learner(tiny_tasks(tiny_image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
+                           ca_samples_per_class=16, report_to="tensorboard", callbacks=[holder])
+    learner.remove_callback(ReportStep)
+    assert learner.tracker is None  # built when the run begins, by the TrackerStep
+    learner.run()
+    assert holder.tracker is not None and holder.tracker.callbacks  # the trainers reported to it ...
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert not _tensorboard_writer_open(holder.tracker)  # ... and it was closed at the end
+    assert learner.tracker is None and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_failing_run_closes_the_trackers_and_every_callback_hears_of_it(tmp_path, make_learner,
+                                                                         tiny_image_folders, caplog):
+    pytest.importorskip("tensorboard")
+    first, second = HoldsTracker(fail_on_exception=True), HoldsTracker()
+    learner = make_learner(tiny_tasks(tiny_image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
+                           ca_samples_per_class=16, report_to="tensorboard", callbacks=[first, Failing(), second])
+    with caplog.at_level("WARNING", logger="slca_peft.continual.callbacks"):
+        with pytest.raises(RuntimeError, match=r"Failing\.on_task_end failed: KeyError"):  # the run's error
+            learner.run()
+    assert first.errors == second.errors == ["RuntimeError"]  # one on_exception failing does not stop the others
+    assert "HoldsTracker.on_exception failed after RuntimeError: OSError: disk full" in caplog.text
+    assert not _tensorboard_writer_open(first.tracker) and learner.tracker is None
+
+
+def test_without_the_tracker_step_nothing_reports_to_trackers(tmp_path, make_learner, tiny_image_folders):
+    from slca_peft.continual.steps import TrackerStep
+
+    learner = make_learner(tiny_tasks(tiny_image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
+                           ca_samples_per_class=16, report_to="tensorboard")
+    learner.remove_callback(TrackerStep)
+    learner.run()
+    assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))  # the task trainers' trackers are off too
+    assert (tmp_path / "run" / "metrics.json").is_file()  # the ReportStep reports to the log and files only
+
+
+def test_push_to_hub_is_checked_when_the_run_begins_and_a_step_added_later_makes_its_statistics(
+        tmp_path, make_learner, tiny_image_folders, hub):
+    learner = make_learner(tiny_tasks(tiny_image_folders), tmp_path / "run", push_to_hub=True)  # built: no check
+    with pytest.raises(ValueError, match="push_to_hub is on but its base model is the local path"):
+        learner.run()
+    assert not (tmp_path / "run").exists() and learner.model.classifier.num_tasks == 0  # before any training
+    learner = make_learner(tiny_tasks(tiny_image_folders), tmp_path / "run", num_train_epochs=1, ca_epochs=1,
+                           ca_samples_per_class=16, ca_covariance_form="diagonal")
+    learner.replace_callback(StatisticsStep, StatisticsStep())  # no statistics yet: made when the run begins
+    assert learner.statistics is None
+    learner.run()
+    assert learner.statistics.covariance_form == "diagonal" and learner.statistics.classes == [0, 1, 2, 3]
+
+
+def test_the_alignment_step_owns_the_unaligned_heads_and_puts_them_back_after_growing():
+    import torch
+
+    from slca_peft.continual.steps import AlignmentStep
+    from slca_peft.models.head import ContinualClassifier
+
+    class Learner:  # what the step reads of a learner
+        def __init__(self, classifier):
+            self.model = type("Model", (), {"classifier": classifier})()
+
+    torch.manual_seed(0)
+    classifier = ContinualClassifier(8)
+    classifier.grow(3)
+    step = AlignmentStep()
+    step.unaligned_head = classifier.snapshot()
+    with torch.no_grad():  # as alignment does: other weights, other scales
+        classifier.heads[0].weight.mul_(3)
+        classifier.scales.fill_(1.5)
+    reference = ContinualClassifier(8)
+    reference.grow(3)
+    reference.restore(step.unaligned_head)
+    torch.manual_seed(1)
+    reference.grow(2)
+    torch.manual_seed(1)
+    classifier.grow(2)
+    step.restore(Learner(classifier))  # after the next task's head was grown: it keeps its new weights
+    for key, value in reference.state_dict().items():
+        assert torch.equal(classifier.state_dict()[key], value), key
+    assert not classifier.heads[0].weight.requires_grad and classifier.heads[1].weight.requires_grad
+    with pytest.raises(ValueError, match="do not match this classifier"):
+        step.unaligned_head = {"other.weight": torch.zeros(1)}
+        step.restore(Learner(classifier))

@@ -231,3 +231,50 @@ def test_a_model_config_run_never_replaces_the_base_model_under_checkpoints(reci
     with pytest.raises(UserError, match="holds checkpoints trained on its base_model/"):
         recipe.build_model(model_args, args)
     assert (out / "base_model" / "model.safetensors").read_bytes() == weights
+
+
+def test_the_resume_checks_live_in_one_module_one_function_each():
+    """Every check made before going on from an earlier run is a function of continual/resume.py, defined
+    there only; no two functions of the continual package share a name (two `check_resumable`s did)."""
+    import ast
+
+    from slca_peft.continual import learner, resume
+
+    continual = ROOT / "slca_peft" / "continual"
+    assert not (continual / "previous_run.py").exists()
+    defined: dict[str, list[str]] = {}
+    for path in sorted(continual.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name, []).append(path.name)
+    assert {name: files for name, files in defined.items() if len(files) > 1} == {}
+    checks = {"finished_run", "checkpoint_fingerprint", "check_checkpoint_matches", "check_unaligned_heads",
+              "check_run_state", "check_same_stream", "check_same_model", "check_heads_before", "check_learned_tasks"}
+    assert {name: defined.get(name) for name in checks} == {name: ["resume.py"] for name in checks}
+    assert "check_resumable" not in defined and learner.check_same_model is resume.check_same_model
+
+
+def test_a_checkpoint_without_history_is_refused_in_one_line_naming_the_fix(tmp_path):
+    from slca_peft.continual.resume import check_run_state
+
+    for statistics, state in ((None, {"accuracy_matrix": []}), (object(), None)):
+        with pytest.raises(UserError) as err:
+            check_run_state(tmp_path / "ckpt", statistics, state)
+        message = str(err.value)
+        assert "\n" not in message and "cannot be resumed" in message
+        assert message.endswith("give a task_<t> checkpoint written by ContinualLearner (or the recipe).")
+
+
+def test_one_function_reads_a_result_from_a_task_history():
+    from slca_peft.continual.result import ContinualResult
+
+    history = {"accuracy_matrix": [[90.0], [80.0, 70.0]], "seen_accuracy": [90.0, 75.0], "task_test_sizes": [2, 2],
+               "timings": [{"training_seconds": 1.0}]}  # the second task from before timings
+    result = ContinualResult.from_history(history, "ckpt")
+    assert result.timings == [{"training_seconds": 1.0}, {}] and result.summary()["last_accuracy"] == 75.0
+    assert ContinualResult.from_history({**history, "timings": None}, "ckpt").timings == [{}, {}]
+    with pytest.raises(ValueError, match="^ckpt: timings must be a list"):
+        ContinualResult.from_history({**history, "timings": [{"training_seconds": -1}]}, "ckpt")
+    # A continued run's second task: its record replaces the one a failed try left, earlier gaps filled.
+    record = result.new_timing(3)
+    assert result.timings == [{"training_seconds": 1.0}, {}, {}, {}] and result.timings[3] is record
