@@ -21,7 +21,7 @@ from ..continual.run_dir import check_output_arguments, check_writable, task_che
 from ..method.config import SLCAConfig
 from ..models.loading import check_backbone_source
 from ..utils.errors import UserError
-from ..utils.hardware import resolve_bf16_flag
+from ..utils.hardware import option_spellings, resolve_bf16_flag
 from .config_file import DEMO_CONFIG, read_config, shipped_file, split_config
 
 
@@ -221,7 +221,8 @@ def check_continue_arguments(model_args: ModelArguments, data_args: DataArgument
     if model_args.resume_from:
         raise UserError("--continue_from teaches a checkpoint new classes from new data; --resume_from finishes an "
                          "interrupted run of the same stream: give one of them (an interrupted --continue_from run "
-                         "resumes with --resume_from and the same new data).")
+                         "resumes with --resume_from auto and the same new data once it finished a new task; "
+                         "before that, rerun the original --continue_from command).")
     refused = [(data_args.domains, "--domains (a domain-incremental stream adds no classes)"),
                (data_args.seeds, "--seeds (one checkpoint goes on with one stream; use --class_order_seed)"),
                (model_args.model_config, "--model_config (the model is the checkpoint's)"),
@@ -275,7 +276,8 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
         if not Path(config).exists() and shipped_file("configs", Path(config).name).is_file():
             config = str(shipped_file("configs", Path(config).name))  # a shipped config by name
         argv = read_config(config, parser) + argv
-    argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
+    # `--bf16 auto`, the recipe's default: bf16 where the hardware has it (read in every spelling the parser takes)
+    argv = resolve_bf16_flag(argv, *option_spellings(parser))
     model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(args=argv)
     model_args = _resolve_run_directories(model_args)
     if model_args.continue_from and not _given(argv, "init_cls", "increment"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from ..utils.errors import UserError
+from ..utils.errors import UserError, read_text
 
 
 def shipped_file(kind: str, name: str) -> Path:
@@ -81,7 +81,7 @@ def read_config(path: str, parser: HfArgumentParser) -> list[str]:
     if not Path(path).is_file():
         raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}  # JSON is YAML
+        data = yaml.safe_load(read_text(path, fix=f"give --config a {kind} file")) or {}  # JSON is YAML
     except yaml.YAMLError as err:
         raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
     if not isinstance(data, dict):
