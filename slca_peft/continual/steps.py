@@ -189,7 +189,9 @@ class EvaluationStep(ContinualCallback):
             hits = torch.zeros((), dtype=torch.long, device=accelerator.device)
             for batch in tqdm(loader, desc=f"evaluating on task {j + 1}", unit="batch", leave=False,
                               disable=not learner.show_progress):
-                preds = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits.argmax(dim=1)
+                # The heads' position order: the stream's test labels are positions.
+                pixels = batch["pixel_values"].to(accelerator.device)
+                preds = model(pixel_values=pixels, positions=True).logits.argmax(dim=1)
                 preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(accelerator.device)))
                 hits += (preds == labels).sum()
                 total[j] += labels.numel()

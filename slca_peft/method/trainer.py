@@ -107,7 +107,7 @@ def unused_trainable_parameters(model: SLCAModel) -> list[str]:
         size, channels = input_size(model.config), getattr(model.config, "num_channels", 3)
         pixels = torch.zeros(1, channels, size, size, device=model.device, dtype=model.dtype)
         with torch.enable_grad():
-            model(pixel_values=pixels).logits.float().sum().backward()
+            model(pixel_values=pixels, positions=True).logits.float().sum().backward()
         return [name for name, p in params.items() if p.grad is None]
     finally:
         for name, p in params.items():
@@ -255,11 +255,13 @@ class SLCATrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Loss on the current task's logits only (targets shifted by the known classes)."""
+        """Training: the loss on the current task's logits only (the heads' position order, targets
+        shifted by the known classes). Evaluation: the model's own loss, its labels class ids by then
+        (`prediction_step`)."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        outputs = model(pixel_values=inputs["pixel_values"])
+        outputs = model(pixel_values=inputs["pixel_values"], positions=True)
         known, total = self.known_classes, self.slca_model.classifier.num_classes
         if bool(((labels < known) | (labels >= total)).any()):  # one device sync per step
             raise ValueError(
@@ -276,6 +278,24 @@ class SLCATrainer(Trainer):
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`evaluate` / `predict` report in class ids, as `SLCAModel.forward` and an export do: the logits
+        are the model's (output k = class id k) and the data's labels (the stream's positions, as
+        training takes them) come back as class ids, so `compute_metrics` compares `argmax` with
+        `label_ids` and names either through `model.config.id2label`."""
+        labels = inputs.get("labels")
+        if labels is not None:
+            inputs = {**inputs, "labels": self.class_id_labels(labels)}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def class_id_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class id of each label (a position of the stream, as its data carries it)."""
+        model = self.slca_model
+        if labels.numel() and int(labels.max()) >= model.classifier.num_classes:
+            raise ValueError(f"label {int(labels.max())} is beyond the {model.classifier.num_classes} classes seen "
+                             "so far; grow the classifier for the task before evaluating on it.")
+        return torch.as_tensor(model.class_ids, device=labels.device)[labels]
 
     # ------------------------------------------------------------------ saving
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):

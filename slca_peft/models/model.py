@@ -23,7 +23,7 @@ from .backbones import (
     reset_final_norm,
 )
 from .config import SLCAModelConfig, fit_class_ids, model_settings, read_state
-from .head import ContinualClassifier
+from .head import ContinualClassifier, by_class_id
 from .loading import (
     backbone_from_config,
     hub_kwargs,
@@ -135,12 +135,18 @@ class SLCAModel(nn.Module):
         self.slca_config.validate()
 
     @property
+    def num_outputs(self) -> int:
+        """Width of `forward`'s logits: the largest class id + 1 (0 before any head)."""
+        return max(self.class_ids, default=-1) + 1
+
+    @property
     def id2label(self) -> dict[int, str]:
-        """Class id -> class name, by id (names `class_<id>` when the training data named none): what
-        an export's config holds, so `logits.argmax(-1) == batch["label"]` there."""
+        """Output k -> the name of class id k, for every output `forward` gives (what `config.id2label`
+        and an export's config hold): a learned class's name (`class_<id>` when the training data named
+        none), and `class_<k>` for an id below the largest that is not learned yet (its output never wins)."""
         names = self.label_names or []
-        pairs = [(i, names[p] if p < len(names) else f"class_{i}") for p, i in enumerate(self.class_ids)]
-        return dict(sorted(pairs))
+        known = {i: names[p] if p < len(names) else f"class_{i}" for p, i in enumerate(self.class_ids)}
+        return {k: known.get(k, f"class_{k}") for k in range(self.num_outputs)}
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -203,26 +209,53 @@ class SLCAModel(nn.Module):
 
     @property
     def config(self) -> PretrainedConfig:
-        return self.base_backbone.config
+        """The backbone's config, its `id2label` / `label2id` (and so `num_labels`) naming the model's
+        outputs, as `forward` orders them: `model.config.id2label[logits.argmax(-1)]` names the prediction."""
+        config = self.base_backbone.config
+        if self.classifier.num_tasks:
+            id2label = self.id2label
+            if getattr(config, "id2label", None) != id2label:
+                config.id2label = id2label
+                config.label2id = {name: i for i, name in id2label.items()}
+        return config
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pooled image feature the backbone table names (ViT family: the class token after the
         final LayerNorm)."""
         return pooled_feature(self.backbone_spec, self.backbone(pixel_values=pixel_values))
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
-        """Logits over all classes seen so far; `loss` is plain cross-entropy over them when labels
-        are given (the trainer replaces it with the current-task loss while training)."""
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, *,
+                positions: bool = False) -> ImageClassifierOutput:
+        """Logits over all classes seen so far in class-id order, as an export's: output k is the class
+        the dataset labels k (`config.id2label[k]`); an id below the largest that is not learned yet gets
+        the dtype's lowest value (never the argmax, no probability). `labels` are class ids and `loss` is
+        cross-entropy over them (the trainer replaces it with the current-task loss while training).
+
+        `positions=True` gives the heads' own order instead (output p is class `class_ids[p]`, each
+        task's outputs contiguous), with `labels` as positions: the internal path of the task loss and
+        the per-task evaluation, whose data carries the stream's labels (positions)."""
         logits = self.classifier(self.features(pixel_values))
+        if not positions:
+            logits = by_class_id(logits, self.class_ids, dim=1)
         loss = None
         if labels is not None:
-            if labels.numel() and int(labels.max()) >= logits.shape[1]:
-                raise ValueError(
-                    f"label {int(labels.max())} is beyond the {logits.shape[1]} classes seen so far; "
-                    "grow the classifier for the task before training or evaluating on it."
-                )
+            self._check_labels(labels, logits.shape[1], positions)
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def _check_labels(self, labels: torch.Tensor, width: int, positions: bool) -> None:
+        if not labels.numel():
+            return
+        if positions:
+            if int(labels.max()) >= width:
+                raise ValueError(f"label {int(labels.max())} is beyond the {width} classes seen so far; grow the "
+                                 "classifier for the task before training or evaluating on it.")
+            return
+        unknown = sorted(set(labels.unique().tolist()) - set(self.class_ids))
+        if unknown:
+            raise ValueError(f"label(s) {unknown[:5]} are not class ids this model has learned (its outputs are class "
+                             f"ids {sorted(self.class_ids)[:10]}{' ...' if len(self.class_ids) > 10 else ''}); labels "
+                             "are class ids, as `config.label2id` gives them (positions need positions=True).")
 
     def merged_adapters(self):
         """Context manager: LoRA merged into the weights for no-grad passes, the exact weights
@@ -274,7 +307,8 @@ class SLCAModel(nn.Module):
 
         Takes transformers' loading keywords (`token`, `cache_dir`, `local_files_only`,
         `force_download` for both the checkpoint and the base model; `dtype` for the backbone);
-        `device_map` and quantization are refused, saying why. The task history beside the files
+        `device_map` and quantization are refused, saying why. The model comes back in eval mode, as
+        transformers' does (`model.train()` before training it by hand). The task history beside the files
         (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
         from .saving import read_model_config
         loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
@@ -283,7 +317,7 @@ class SLCAModel(nn.Module):
         model = cls._from_files(config, root, **loading)
         model.task_history = read_state(root)
         model.name_or_path = str(path_or_repo_id)
-        return model
+        return model.eval()
 
     @classmethod
     def _from_files(cls, config: SLCAModelConfig, root: Path, **loading: Any) -> SLCAModel:
