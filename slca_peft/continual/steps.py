@@ -245,7 +245,9 @@ class CheckpointStep(ContinualCallback):
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         trainer = learner.trainer
         state = self.state(learner)
-        learner.model.task_history = state  # a push or export of the model in memory keeps these results
+        # The model in memory carries its run state: a push or export keeps these results, and a push can be continued.
+        learner.model.task_history = state
+        learner.model.class_statistics, learner.model.unaligned_head = learner.statistics, learner.unaligned_head
         if trainer is None or trainer.is_world_process_zero():
             # A symlink at task_<t> (or a parent leading out of the run) is refused, never replaced or followed.
             directory = safe_path(directory.parent, directory.name)

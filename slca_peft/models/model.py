@@ -22,7 +22,7 @@ from .backbones import (
     pooled_feature,
     reset_final_norm,
 )
-from .config import SLCAModelConfig, fit_class_ids, model_settings, read_state
+from .config import SLCAModelConfig, fit_class_ids, model_settings, names_by_class_id, read_state
 from .head import ContinualClassifier, by_class_id
 from .loading import (
     backbone_from_config,
@@ -34,7 +34,7 @@ from .loading import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from ..method.statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class SLCAModel(nn.Module):
         #: one: cards of a push or an export keep the run's results and say where they come from.
         self.task_history: dict[str, Any] | None = None
         self.name_or_path: str | None = None
+        #: The rest of a continual checkpoint's run state, when the model carries it (`load_checkpoint`,
+        #: `ContinualLearner`): its class statistics and heads before alignment, which `push_to_hub`
+        #: uploads so the repo can be continued.
+        self.class_statistics: ClassStatistics | None = None
+        self.unaligned_head: dict[str, torch.Tensor] | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -144,9 +149,7 @@ class SLCAModel(nn.Module):
         """Output k -> the name of class id k, for every output `forward` gives (what `config.id2label`
         and an export's config hold): a learned class's name (`class_<id>` when the training data named
         none), and `class_<k>` for an id below the largest that is not learned yet (its output never wins)."""
-        names = self.label_names or []
-        known = {i: names[p] if p < len(names) else f"class_{i}" for p, i in enumerate(self.class_ids)}
-        return {k: known.get(k, f"class_{k}") for k in range(self.num_outputs)}
+        return names_by_class_id(self.label_names, self.class_ids)
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -357,6 +360,7 @@ class SLCAModel(nn.Module):
         repo_id: str,
         *,
         commit_message: str = "Upload SLCA++ model",
+        commit_description: str | None = None,
         private: bool | None = None,
         token: str | None = None,
         revision: str | None = None,
@@ -366,16 +370,17 @@ class SLCAModel(nn.Module):
         state: dict[str, Any] | None = None,
         card: dict[str, Any] | None = None,
     ) -> Any:
-        """Upload the model files as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is
-        created as a branch when missing). The base model is referenced: pass `base_model_id` when
-        it was loaded from a local directory. The card's results come from `state`, else `task_history`."""
-        import tempfile
+        """Upload the model as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is created
+        as a branch when missing; `commit_description` and `create_pr` as huggingface_hub takes them).
 
-        from .hub import push_to_hub
+        A model that carries its run state (task history and class statistics: after `load_checkpoint`,
+        or trained by a `ContinualLearner`) is uploaded as a continual checkpoint, which `--continue_from`
+        / `--resume_from` go on from; one without it as its model files, with a one-line warning saying
+        what it lacks. The base model is referenced: pass `base_model_id` when it was loaded from a local
+        directory (a local base is refused otherwise, as by `slca-peft push`). `state` replaces the task
+        history; `card` sets the card's `license`, `datasets`, `tags` and `model_name`."""
+        from .hub import push_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "model"
-            # A loaded model's own task history keeps the card's results (model-index) without `state=`.
-            self.save_pretrained(target, state=state if state is not None else self.task_history, card=card)
-            return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
-                               revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
+        return push_model(self, repo_id, commit_message=commit_message, commit_description=commit_description,
+                          private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
+                          base_model_id=base_model_id, state=state, card=card)
