@@ -26,6 +26,7 @@ from ..models.backbones import input_size
 from ..models.model import SLCAModel
 from ..utils.hardware import cpu_bf16_training
 from .config import SLCAConfig, as_slca_config
+from .trainer_hub import TrainerHub
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = "training_args.json"
@@ -146,11 +147,13 @@ def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epoc
     return factor
 
 
-class SLCATrainer(Trainer):
+class SLCATrainer(TrainerHub, Trainer):
     """Trains the current task of an `SLCAModel` with slow-learner rates.
 
-    The current task is the classifier's newest head; labels are global class indices and must
-    belong to it while training.
+    The current task is the classifier's newest head; the data's labels are the stream's positions
+    (`TaskSequence` gives them) and must belong to it while training. `evaluate` / `predict` report in
+    class ids, as the model answers; `push_to_hub` / `create_model_card` go the library's way
+    (`slca_peft.method.trainer_hub`).
     """
 
     loss_is_scaled_for_ga = False

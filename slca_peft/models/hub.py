@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..utils.errors import read_json
-from ..utils.files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, STATE_FILE, STATISTICS_FILE, write_json
+from ..utils.files import (
+    ADAPTER_CONFIG_FILE,
+    BACKBONE_CONFIG_FILE,
+    CARD_FILE,
+    CONFIG_FILE,
+    STATE_FILE,
+    STATISTICS_FILE,
+    write_json,
+)
 from ..utils.manifest import regular_files_for_upload
 from .card import REPO_PLACEHOLDER, write_model_card
 from .config import read_state
@@ -69,6 +77,11 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
                 data["base_model_name_or_path"] = public
                 write_json(path, data)
             settings = data if name == CONFIG_FILE else settings
+    backbone_config = directory / BACKBONE_CONFIG_FILE
+    if backbone_config.is_file():  # a full fine-tuning's backbone config records where the base was loaded from
+        data = read_json(backbone_config)
+        if data.get("_name_or_path") != public_name(data.get("_name_or_path")):
+            write_json(backbone_config, {**data, "_name_or_path": base_model_id or public_name(data["_name_or_path"])})
     state = read_state(directory)
     if state is not None:
         write_json(directory / STATE_FILE, public_state(state))
