@@ -27,23 +27,62 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_learner(base_model_dir):
     """`make_learner(tasks, output_dir, callbacks=None, **config)`: a ContinualLearner on the tiny base model with
-    test-sized settings (keywords override `SLCAConfig` fields) and mild, flip-free augmentation."""
+    test-sized settings (keywords override `SLCAConfig` fields) and mild, flip-free augmentation.
+
+    `base_model` starts from another backbone folder; `resume_from` finishes the stream of a checkpoint
+    (`ContinualLearner.from_checkpoint`); `continue_from` goes on from one with new classes
+    (`ContinualLearner.from_pretrained`, with its `old_test` and `merge_existing_classes`). Session-scoped, so
+    module-scoped fixtures can train with it too."""
     from slca_peft import ContinualLearner, EvalTransform, ImageTransformConfig, SLCAConfig, SLCAModel, TrainTransform
 
-    def make(tasks, output_dir, callbacks=None, **config):
+    def make(tasks, output_dir, callbacks=None, *, base_model=None, resume_from=None, continue_from=None,
+             old_test=None, merge_existing_classes=False, **config):
         values = dict(output_dir=str(output_dir), use_cpu=True, num_train_epochs=4, per_device_train_batch_size=8,
                       learning_rate=0.05, ca_lr=0.01, seed=0, disable_tqdm=True, report_to="none",
                       ca_samples_per_class=128, ca_batch_size=32, ca_epochs=5)
         args = SLCAConfig(**{**values, **config})
-        model = SLCAModel.from_backbone(str(base_model_dir), args)
-        tc = ImageTransformConfig.from_model_config(model.config)
-        return ContinualLearner(model, args, tasks, train_transform=TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0),
-                                eval_transform=EvalTransform(tc), callbacks=callbacks)
+        if resume_from is not None:
+            learner = ContinualLearner.from_checkpoint(resume_from, args, tasks, callbacks=callbacks)
+        elif continue_from is not None:
+            learner = ContinualLearner.from_pretrained(continue_from, args, tasks, callbacks=callbacks,
+                                                       old_test=old_test, merge_existing_classes=merge_existing_classes)
+        else:
+            model = SLCAModel.from_backbone(str(base_model or base_model_dir), args)
+            learner = ContinualLearner(model, args, tasks, callbacks=callbacks)
+        tc = ImageTransformConfig.from_model_config(learner.model.config)
+        learner.set_transforms(TrainTransform(tc, scale=(0.8, 1.0), flip_p=0.0), EvalTransform(tc))
+        return learner
 
     return make
+
+
+def trained_model(base_model_dir):
+    """A model with two tasks whose every trainable tensor and head differs from its initial value."""
+    from slca_peft import SLCAModel
+
+    torch.manual_seed(0)
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    model.grow(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad or "heads" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        model.classifier.scales[0] = 1.02
+    return model.eval()
+
+
+def stats_for(model):
+    """Class statistics of 5 classes over random features of `model`'s width."""
+    from slca_peft import ClassStatistics
+
+    stats = ClassStatistics(model.feature_dim)
+    stats.update(torch.randn(20, model.feature_dim), torch.arange(5).repeat(4))
+    stats.finalize(0)
+    return stats
 
 
 def _load_script(name: str):
@@ -118,16 +157,25 @@ def image_folders(tmp_path_factory) -> tuple[Path, Path]:
     )
 
 
-def recipe_argv(base_model_dir, folders, out, *extra, init_cls: int = 2, ca_samples: int = 8) -> list[str]:
-    """The flags of a tiny CPU run of the recipe over image folders (train, test) into `out`: tasks of
-    `init_cls` then 2 classes, one epoch, `ca_samples` per class for the alignment. `extra` adds flags
-    or overrides these (the last value of a flag wins)."""
+#: The flags `recipe_argv` gives unless told otherwise: a tiny CPU run of 2-class tasks, one epoch.
+RECIPE_FLAGS = dict(init_cls=2, increment=2, num_train_epochs=1, per_device_train_batch_size=8,
+                    ca_samples_per_class=8, ca_batch_size=16, ca_epochs=1, use_cpu=True, disable_tqdm=True,
+                    report_to="none", seed=3)
+
+
+def recipe_argv(base_model_dir, folders, out, *extra, **flags) -> list[str]:
+    """The argument list of a tiny CPU run of the recipe over image folders (train, test) into `out`.
+
+    Keywords set flags by their names (`init_cls=4`, `learning_rate=0.05`, `horizontal_flip=False`) over
+    `RECIPE_FLAGS`; a keyword set to None leaves its flag out (the recipe's default), as a `base_model_dir`
+    of None leaves out --model_name_or_path (a continuation takes the checkpoint's). `extra` comes last: more
+    flags, or overrides of these (the last value of a flag wins)."""
     train_dir, test_dir = folders
-    return ["--model_name_or_path", str(base_model_dir), "--train_dir", str(train_dir), "--test_dir", str(test_dir),
-            "--init_cls", str(init_cls), "--increment", "2", "--num_train_epochs", "1",
-            "--per_device_train_batch_size", "8", "--ca_samples_per_class", str(ca_samples),
-            "--ca_batch_size", str(2 * ca_samples), "--ca_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true",
-            "--report_to", "none", "--seed", "3", "--output_dir", str(out), *extra]
+    values = {"model_name_or_path": base_model_dir, "train_dir": train_dir, "test_dir": test_dir,
+              **RECIPE_FLAGS, **flags}
+    argv = [item for name, value in values.items() if value is not None
+            for item in (f"--{name}", str(value).lower() if isinstance(value, bool) else str(value))]
+    return [*argv, "--output_dir", str(out), *extra]
 
 
 @pytest.fixture(scope="session")

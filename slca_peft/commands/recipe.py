@@ -33,9 +33,9 @@ from ..continual.callbacks import load_callback
 from ..continual.checkpoint import verify_checkpoint
 from ..continual.fingerprint import run_fingerprint
 from ..continual.learner import ContinualLearner
-from ..continual.previous_run import check_checkpoint_matches, check_resumable, finished_run
+from ..continual.resume import check_checkpoint_matches, check_unaligned_heads, finished_run
 from ..continual.run_dir import claim_run_directory, latest_checkpoint
-from ..continual.steps import write_plots
+from ..continual.steps import CheckpointStep, write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
 from ..data.checks import check_task_data, check_task_splits
 from ..data.continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
@@ -274,7 +274,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     if resume:
         if Path(resume).is_dir():
             check_checkpoint_matches(resume, fingerprint)
-            check_resumable(resume, align=args.align)
+            check_unaligned_heads(resume, align=args.align)
             verify_checkpoint(resume, expected_base, accept_changed_files=model_args.accept_changed_files)
         continued = continued_stream(model_args, data_args, tasks)
         learner = ContinualLearner.from_checkpoint(
@@ -302,8 +302,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
                                    eval_transform=None, callbacks=callbacks)
     tc = transform_config_for(learner.model, data_args.brightness_jitter)
     dataset_id = dataset_hub_id(data_args.dataset)
-    if dataset_id:
-        learner.run_metadata["dataset"] = dataset_id
+    if dataset_id:  # each checkpoint's task history names it
+        learner.get_callback(CheckpointStep).run_metadata["dataset"] = dataset_id
     learner.set_transforms(
         TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
                        resize=data_args.train_resize or None),

@@ -2,24 +2,31 @@
 
 `ContinualLearner.run()` calls, for each task of the stream:
 
-    grow the classifier -> on_task_begin -> train (SLCATrainer) -> on_task_end -> restore unaligned heads
+    grow the classifier -> on_task_begin -> train (SLCATrainer) -> on_task_end
 
-and `on_run_begin` / `on_run_end` around the whole stream. `on_task_end` runs the built-in steps
-first, in this order, then the callbacks you pass:
+and `on_run_begin` / `on_run_end` around the whole stream; when the run stops with an error (in a
+task, a hook or on_run_end itself, Ctrl-C included) every callback's `on_exception` runs instead of
+the rest, then the error goes on. `on_task_end` runs the built-in steps first, in this order, then
+the callbacks you pass:
 
     StatisticsStep -> AlignmentStep -> EvaluationStep (fires on_evaluate) -> CheckpointStep
-    -> PushStep -> ReportStep
+    -> PushStep -> ReportStep -> TrackerStep
 
 so a callback of yours sees the aligned heads, the new accuracy row and a checkpoint on disk. The
 learner keeps them all in a `CallbackHandler` (`learner.callbacks`, in run order) managed as
 `transformers.Trainer`'s callbacks are: `add_callback`, `pop_callback`, `remove_callback`, plus
-`replace_callback` to swap a built-in step in place. Hooks get the learner, which holds everything
-a task produced: `model`, `args`, `tasks`, `statistics`, `result`, `trainer` (this task's
-`SLCATrainer`), `unaligned_head` and `tracker`.
+`replace_callback` to swap a built-in step in place.
+
+Each step owns what it makes, as Avalanche's plugins do: it creates it (or takes a checkpoint's),
+checks what it needs in `on_run_begin` and closes it in `on_run_end` and `on_exception`, so removing
+a step leaves nothing open. Hooks get the learner, which holds the loop's own parts (`model`, `args`,
+`tasks`, `result`, `trainer`: this task's `SLCATrainer`) and reads the steps' (`statistics`,
+`unaligned_head`, `tracker`; None without the step).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +37,10 @@ from ..utils.timing import clock
 
 if TYPE_CHECKING:
     from ..data.tasks import Task
-    from .learner import ContinualLearner, ContinualResult
+    from .learner import ContinualLearner
+    from .result import ContinualResult
+
+logger = logging.getLogger(__name__)
 
 
 class ContinualCallback:
@@ -50,13 +60,23 @@ class ContinualCallback:
         """The classifier has grown for `task`; training has not started."""
 
     def on_task_end(self, learner: ContinualLearner, task: Task) -> None:
-        """`task` is trained; `learner.unaligned_head` holds its heads before alignment."""
+        """`task` is trained; from the `AlignmentStep` on, `learner.unaligned_head` holds its heads
+        before alignment."""
 
     def on_evaluate(self, learner: ContinualLearner, task: Task, metrics: dict[str, float]) -> None:
         """The seen tasks were just scored (`metrics` as `EvaluationStep.continual_metrics`)."""
 
     def on_run_end(self, learner: ContinualLearner, result: ContinualResult) -> None:
         """Every task is learned."""
+
+    def on_exception(self, learner: ContinualLearner, error: BaseException) -> None:
+        """The run stopped with `error` (on_run_end does not run): close what the callback holds.
+        Every callback's on_exception runs, then `error` is raised again."""
+
+    def trainer_callbacks(self) -> list[TrainerCallback]:
+        """`TrainerCallback`s this callback holds and hands to every task's trainer (the
+        `TrackerStep`'s tracker); none here."""
+        return []
 
 
 Callback = ContinualCallback | TrainerCallback
@@ -123,9 +143,17 @@ class CallbackHandler:
         held_names = [type(c).__name__ for c in self.callbacks]
         raise ValueError(f"no callback {name} to replace; the learner runs {held_names}.")
 
+    def task_trainer_callbacks(self) -> list[TrainerCallback]:
+        """What a task's trainer gets: the `TrainerCallback`s given, then those the callbacks hold."""
+        held = [c for callback in self.callbacks for c in callback.trainer_callbacks()]
+        return [*self.trainer_callbacks, *held]
+
     def call_event(self, event: str, learner: ContinualLearner, *args: Any) -> None:
         """Run hook `event` on every callback in order; an error in a callback of the user's is
         re-raised naming it."""
+        if event == "on_exception":
+            self.call_on_exception(learner, *args)
+            return
         for callback in list(self.callbacks):
             phase = getattr(callback, "phase", None) if event == "on_task_end" else None
             if phase and learner.result.timings:  # the task's record, which learn_task opened
@@ -134,6 +162,17 @@ class CallbackHandler:
                 learner.result.timings[-1][f"{phase}_seconds"] = clock() - start
             else:
                 self._call(callback, event, learner, *args)
+
+    def call_on_exception(self, learner: ContinualLearner, error: BaseException) -> None:
+        """Run `on_exception` on every callback, whatever one of them raises: the run's own error is
+        the one that goes on (a callback's is logged)."""
+        for callback in list(self.callbacks):
+            try:
+                with no_exit(f"continual callback {type(callback).__name__}.on_exception"):
+                    callback.on_exception(learner, error)
+            except Exception as err:  # noqa: BLE001 - the run's error, not this one, is raised
+                logger.warning("continual callback %s.on_exception failed after %s: %s: %s", type(callback).__name__,
+                               type(error).__name__, type(err).__name__, err)
 
     def _call(self, callback: ContinualCallback, event: str, learner: ContinualLearner, *args: Any) -> None:
         if isinstance(callback, self.step_classes):

@@ -1,13 +1,16 @@
 """The built-in after-task steps of the continual loop, each owning its part of the work and its state.
 
-As Avalanche's plugins do, every step keeps what it produces: `StatisticsStep` the run's
-`ClassStatistics` (update over this process's share, reduce across processes, finalize;
-`learner.statistics` reads them), `EvaluationStep` the counting and the result rows it appends to
-`learner.result`, `CheckpointStep` the task checkpoints on disk, `PushStep` their uploads and
-`ReportStep` metrics.json and the plots. `ContinualLearner` only runs them, in the order
-`default_steps` gives, then the user's callbacks (the hook protocol: `slca_peft.continual.callbacks`).
-Replace or remove one with `learner.replace_callback(EvaluationStep, MyEvaluation())` or
-`learner.remove_callback(ReportStep)`.
+As Avalanche's plugins do, every step keeps what it produces, checks what it needs when the run
+begins and lets go of it when the run ends or fails: `StatisticsStep` the run's `ClassStatistics`
+(update over this process's share, reduce across processes, finalize; `learner.statistics` reads
+them), `AlignmentStep` the heads before alignment (`learner.unaligned_head`), put back for the next
+task, `EvaluationStep` the counting and the result rows it appends to `learner.result`,
+`CheckpointStep` the task checkpoints on disk, `PushStep` their uploads (checked pushable first),
+`ReportStep` metrics.json and the plots (`slca_peft.continual.reporting`) and `TrackerStep` the
+`report_to` trackers (`slca_peft.continual.tracking`). `ContinualLearner` only runs them, in the
+order `default_steps` gives, then the user's callbacks (the hook protocol:
+`slca_peft.continual.callbacks`). Replace or remove one with
+`learner.replace_callback(EvaluationStep, MyEvaluation())` or `learner.remove_callback(ReportStep)`.
 """
 
 from __future__ import annotations
@@ -27,20 +30,23 @@ from ..data.tasks import stream_class_ids
 from ..data.transforms import collate_fn
 from ..method.alignment import AlignmentSettings, ClassifierAligner
 from ..method.statistics import ClassStatistics
-from ..metrics import coverage_note, format_accuracy, format_accuracy_table
 from ..models.hub import local_base_problem, push_to_hub
 from ..models.inference import inference_context
-from ..utils.files import METRICS_FILE, atomic_write_text, json_text, task_dir_name
+from ..utils.files import task_dir_name
 from ..utils.manifest import safe_path
-from ..utils.timing import timing_line, timing_summary, with_rates
 from .callbacks import ContinualCallback
 from .checkpoint import save_checkpoint
+from .reporting import ReportStep, write_plots
+from .tracking import TrackerStep
 
 if TYPE_CHECKING:
     from ..data.tasks import Task
     from ..method.config import SLCAConfig
     from ..models.model import SLCAModel
     from .learner import ContinualLearner
+
+__all__ = ["AlignmentStep", "CheckpointStep", "EvaluationStep", "PushStep", "ReportStep", "StatisticsStep",
+           "TrackerStep", "default_steps", "write_plots"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,14 @@ class StatisticsStep(ContinualCallback):
     phase = "statistics"
 
     def __init__(self, statistics: ClassStatistics | None = None):
+        #: A checkpoint's statistics to go on from; None: empty ones are made when the run begins.
         self.statistics = statistics
+
+    @classmethod
+    def for_run(cls, model: SLCAModel, args: SLCAConfig, statistics: ClassStatistics | None = None) -> StatisticsStep:
+        """The step of a run of `model` with `args`: with `statistics` to continue from, else with empty
+        ones in the covariance form the run asks for (readable as `learner.statistics` before the run)."""
+        return cls(statistics or cls.new_statistics(model, args))
 
     @staticmethod
     def new_statistics(model: SLCAModel, args: SLCAConfig) -> ClassStatistics:
@@ -64,13 +77,16 @@ class StatisticsStep(ContinualCallback):
         return ClassStatistics(model.feature_dim, ridge=args.ca_ridge, covariance_form=args.ca_covariance_form,
                                covariance_rank=args.ca_covariance_rank)
 
+    def on_run_begin(self, learner):
+        if self.statistics is None:
+            self.statistics = self.new_statistics(learner.model, learner.args)
+
     def on_task_end(self, learner, task):
         self.compute(learner, task)
 
     def compute(self, learner: ContinualLearner, task: Task) -> ClassStatistics:
         """Add `task`'s classes to the statistics (update over this process's share, then finalize)."""
-        if self.statistics is None:
-            self.statistics = self.new_statistics(learner.model, learner.args)
+        self.on_run_begin(learner)  # called on its own, before any run
         device = learner.args.device
         if task.merged_classes:  # learned classes this task's data adds images to: their sums, counted once
             self.statistics.reopen([task.statistics_keys(c) for c in task.merged_classes],
@@ -106,16 +122,47 @@ def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class AlignmentStep(ContinualCallback):
-    """Retrain every head on features sampled from the class Gaussians (from the second task on)."""
+    """Retrain every head on features sampled from the class Gaussians (from the second task on).
+
+    Owns the heads before alignment (`unaligned_head`, `learner.unaligned_head` reads them): taken
+    when a task ends, before aligning; written with each checkpoint; put back into the classifier when
+    the next task begins (representation learning goes on from them, not from the aligned heads) and
+    when the run ends. A resumed run starts from those its checkpoint kept.
+    """
 
     phase = "alignment"
 
-    def on_task_end(self, learner, task):
-        if not (learner.args.align and task.task_id > 0):
-            return
-        if learner.statistics is None:
+    def __init__(self, unaligned_head: dict[str, torch.Tensor] | None = None):
+        self.unaligned_head = unaligned_head
+
+    def on_run_begin(self, learner):
+        if learner.args.align and len(learner.tasks) > 1 and learner.get_callback(StatisticsStep) is None:
             raise RuntimeError("AlignmentStep samples the class statistics, but the learner has no StatisticsStep; "
                                "keep it, or remove AlignmentStep too (learner.remove_callback(AlignmentStep)).")
+        self.restore(learner)
+
+    def on_task_begin(self, learner, task):
+        self.restore(learner)
+
+    def on_run_end(self, learner, result):
+        self.restore(learner)
+
+    def restore(self, learner: ContinualLearner) -> None:
+        """Put the unaligned heads back into the heads they were taken of (one grown since keeps its own)."""
+        if self.unaligned_head is None:
+            return
+        classifier = learner.model.classifier
+        current = classifier.state_dict()
+        if not set(self.unaligned_head) <= set(current):
+            classifier.restore(self.unaligned_head)  # raises, naming both
+        with torch.no_grad():
+            for key, value in self.unaligned_head.items():
+                current[key][: len(value)].copy_(value)  # `scales` gains one entry per head grown
+
+    def on_task_end(self, learner, task):
+        self.unaligned_head = learner.model.classifier.snapshot()
+        if not (learner.args.align and task.task_id > 0):
+            return
         aligner = ClassifierAligner(AlignmentSettings.from_config(learner.args), seed=learner.args.seed)
         losses = aligner.align(
             learner.model.classifier, learner.statistics, task.task_id, learner.tasks.statistics_labels,
@@ -137,6 +184,12 @@ class EvaluationStep(ContinualCallback):
 
     def __init__(self):
         self._accelerator: Accelerator | None = None
+
+    def on_run_end(self, learner, result):
+        self._accelerator = None
+
+    def on_exception(self, learner, error):
+        self._accelerator = None
 
     def on_task_end(self, learner, task):
         row, seen, sizes = self.evaluate(learner, task.task_id)
@@ -217,16 +270,19 @@ class CheckpointStep(ContinualCallback):
 
     phase = "checkpoint"
 
+    def __init__(self, run_metadata: dict[str, Any] | None = None):
+        #: Extra facts each task history records (the recipe sets the dataset's Hub id, `dataset`).
+        self.run_metadata: dict[str, Any] = dict(run_metadata or {})
+
     def on_task_end(self, learner, task):
         self.save(learner, learner.output_dir / task_dir_name(task.task_id))
 
-    @staticmethod
-    def state(learner: ContinualLearner) -> dict[str, Any]:
+    def state(self, learner: ContinualLearner) -> dict[str, Any]:
         """The task history a checkpoint records (`continual_state.json`)."""
         result = learner.result
         tasks = learner.tasks
         # What each task was learned from (a `ContinuedStream` lists it per task; a stream's `source` else).
-        source = getattr(tasks, "source", None) or learner.run_metadata.get("dataset")
+        source = getattr(tasks, "source", None) or self.run_metadata.get("dataset")
         return {
             "method": learner.args.method,
             "tasks_learned": len(result.accuracy_matrix),
@@ -238,7 +294,7 @@ class CheckpointStep(ContinualCallback):
             "task_test_sizes": result.task_test_sizes,
             "timings": result.timings,  # this task's without its own checkpoint write (timed after it)
             "training_seed": learner.args.seed,
-            **learner.run_metadata,
+            **self.run_metadata,
         }
 
     def save(self, learner: ContinualLearner, directory: Path) -> None:
@@ -259,7 +315,12 @@ class CheckpointStep(ContinualCallback):
 
 class PushStep(ContinualCallback):
     """Uploads each task checkpoint as one commit (`--push_to_hub`); a Hub failure is logged with
-    the command that retries it, not fatal (the local checkpoint is complete)."""
+    the command that retries it, not fatal (the local checkpoint is complete). Whether the checkpoints
+    could be loaded elsewhere is checked when the run begins, before any training."""
+
+    def on_run_begin(self, learner):
+        if learner.args.push_to_hub:
+            self.check_pushable(learner.model, learner.args)
 
     def on_task_end(self, learner, task):
         if learner.args.push_to_hub:
@@ -301,84 +362,9 @@ class PushStep(ContinualCallback):
             logger.info("pushed %s to %s (%s)", directory.name, repo_id, message)
 
 
-class ReportStep(ContinualCallback):
-    """Logs each task's result once, sends the continual metrics to the trackers, and writes
-    metrics.json, the plots and results.md at the end of the run (main process only)."""
-
-    def on_evaluate(self, learner, task, metrics):
-        if not learner.is_main_process:
-            return
-        row = learner.result.accuracy_matrix[-1]
-        logger.info("task %d/%d | seen classes %5.1f%% | per task: %s", task.task_id + 1, len(learner.tasks),
-                    metrics["seen_accuracy"], " ".join(format_accuracy(a, 5) for a in row))
-        learner.tracker.log({f"eval_{key}": value for key, value in metrics.items()})
-
-    def on_task_end(self, learner, task):
-        """One line saying where the task's time went, and the same figures to the trackers (`time/...`)."""
-        if not learner.is_main_process or len(learner.result.timings) <= task.task_id:
-            return
-        record = with_rates(learner.result.timings[task.task_id])
-        logger.info("task %d/%d took %s", task.task_id + 1, len(learner.tasks), timing_line(record))
-        learner.tracker.log_scalars({f"time/{key}": value for key, value in record.items()
-                                     if key.endswith(("_seconds", "_per_second"))})
-
-    def on_run_end(self, learner, result):
-        if learner.is_main_process and result.accuracy_matrix:
-            path = safe_path(learner.output_dir, METRICS_FILE)  # a symlink there is refused, never written through
-            atomic_write_text(path, json_text(self.metrics(learner), sort_keys=False))
-            self._report(learner)
-        learner.tracker.close()
-
-    @staticmethod
-    def metrics(learner: ContinualLearner) -> dict[str, Any]:
-        """What metrics.json holds."""
-        result = learner.result
-        summary = result.summary()
-        return {
-            "accuracy_matrix": result.accuracy_matrix,
-            "last_accuracy": summary["last_accuracy"],
-            "average_incremental_accuracy": summary["average_incremental_accuracy"],
-            "average_forgetting": summary["average_forgetting"],
-            "backward_transfer": summary["backward_transfer"],
-            "seen_accuracy": result.seen_accuracy,
-            "missing_entries": summary["missing_entries"],
-            "class_order": learner.tasks.order,
-            "task_sizes": learner.tasks.task_sizes,
-            "method": learner.args.method,
-            "timings": timing_summary(result.timings),
-        }
-
-    @staticmethod
-    def _report(learner: ContinualLearner) -> None:
-        summary = learner.result.summary()
-        logger.info(
-            "accuracy (%%) on each task's test classes after learning each task:\n%s\nLast-Acc %.2f  Inc-Acc %.2f  "
-            "forgetting %.2f  BWT %.2f  (%s)%s",
-            format_accuracy_table(learner.result.accuracy_matrix, learner.result.seen_accuracy),
-            summary["last_accuracy"], summary["average_incremental_accuracy"], summary["average_forgetting"],
-            summary["backward_transfer"], learner.output_dir / METRICS_FILE,
-            f"\n{coverage_note(summary)}" if summary["missing_entries"] else "",
-        )
-        if write_plots(learner.output_dir):
-            learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / "accuracy_matrix.png")
-
-
-def write_plots(output_dir: Path) -> list[Path]:
-    """The heatmap, accuracy curve and results.md of a finished run (or `--seeds` run) when
-    matplotlib is installed; otherwise a note on how to make them later."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        logger.info("plots skipped: install matplotlib (pip install 'slca-peft[plot]') and run "
-                    "`slca-peft report %s`", output_dir)
-        return []
-    from ..sharing.report import write_report
-
-    written = write_report(output_dir)
-    logger.info("report: %s", ", ".join(str(path) for path in written))
-    return written
-
-
-def default_steps(statistics: ClassStatistics | None = None) -> list[ContinualCallback]:
-    """The built-in after-task steps, in the order they run (`statistics`: those to continue from)."""
-    return [StatisticsStep(statistics), AlignmentStep(), EvaluationStep(), CheckpointStep(), PushStep(), ReportStep()]
+def default_steps(model: SLCAModel, args: SLCAConfig, *, statistics: ClassStatistics | None = None,
+                  unaligned_head: dict[str, torch.Tensor] | None = None) -> list[ContinualCallback]:
+    """The built-in steps of a run of `model` with `args`, in the order they run (`statistics` and
+    `unaligned_head`: a checkpoint's, to continue from)."""
+    return [StatisticsStep.for_run(model, args, statistics), AlignmentStep(unaligned_head), EvaluationStep(),
+            CheckpointStep(), PushStep(), ReportStep(), TrackerStep()]

@@ -5,6 +5,10 @@ its step counter, so one trainer per task would give one tracker run per task. `
 builds the integrations once, is handed to every task's trainer as a callback, and forwards every
 event with the global step shifted by the steps of the tasks before: the trackers see one run whose
 step keeps counting across tasks, and the continual metrics are logged on the same path.
+
+`TrackerStep`, a built-in step of the loop, owns that tracker: it builds it when the run begins,
+hands it to each task's trainer and closes it when the run ends or fails, so a run without the
+`ReportStep` still ends its tracker run (and one without the `TrackerStep` reports to no tracker).
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import get_reporting_integration_callbacks
+
+from .callbacks import ContinualCallback
+
+if TYPE_CHECKING:
+    from .learner import ContinualLearner
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +119,34 @@ class ContinualTracker(TrainerCallback):
             for callback in self.callbacks:
                 callback.on_train_end(self._args, self._shifted(self._state, self.global_step), TrainerControl())
         self._started = False
+
+
+class TrackerStep(ContinualCallback):
+    """Owns the run's `ContinualTracker` (`learner.tracker` reads it): built from `args.report_to`
+    when the run begins, handed to every task's trainer, closed when the run ends (after the
+    `ReportStep` sent the last figures) or fails. None outside a run."""
+
+    def __init__(self):
+        self.tracker: ContinualTracker | None = None
+
+    def on_run_begin(self, learner: ContinualLearner) -> None:
+        self.close()  # a tracker left by a run that stopped without on_exception
+        self.tracker = ContinualTracker(learner.args.report_to)
+
+    def trainer_callbacks(self) -> list[TrainerCallback]:
+        return [self.tracker] if self.tracker is not None else []
+
+    def on_run_end(self, learner, result):
+        self.close()
+
+    def on_exception(self, learner, error):
+        self.close()
+
+    def close(self) -> None:
+        """End the trackers' run, if one is open."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.close()
 
 
 def _forwarder(event: str):

@@ -1,0 +1,195 @@
+"""The command line and the library behave as Hugging Face users expect: config files in any of the
+example scripts' forms, per-command usage lines, `push --token`, a finished run not repeated, quiet
+progress bars with `--disable_tqdm`, and each task's result shown without any logging set-up."""
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import recipe_argv
+
+from slca_peft.commands.cli import main as cli_main
+from slca_peft.utils.errors import UserError
+
+
+def test_config_as_equals_flag_or_first_argument_and_listed_in_help(recipe, tmp_path, capsys):
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "c.yaml").write_text("model_config: m.json\ndataset: digits\nlearning_rate: 0.1\noutput_dir: out\n")
+    (tmp_path / "c.json").write_text(json.dumps({"model_config": "m.json", "dataset": "digits", "learning_rate": 0.3,
+                                                 "output_dir": "out"}))
+    for argv, rate in (([f"--config={tmp_path / 'c.yaml'}"], 0.1), ([str(tmp_path / "c.yaml")], 0.1),
+                       ([str(tmp_path / "c.json"), "--learning_rate", "0.02"], 0.02),
+                       (["--config", str(tmp_path / "c.json")], 0.3)):
+        model_args, data_args, args = recipe.parse_args(argv)
+        assert (args.learning_rate, data_args.dataset) == (rate, "digits"), argv
+    with pytest.raises(UserError, match="only one config file"):
+        recipe.parse_args([str(tmp_path / "c.yaml"), "--config", str(tmp_path / "c.json")])
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["train", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: slca-peft train ") and "--config FILE" in text
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    assert capsys.readouterr().out.startswith("usage: slca-peft export ")
+
+
+def test_relative_paths_in_a_config_resolve_next_to_it_first(recipe, tmp_path, monkeypatch):
+    configs = tmp_path / "project" / "configs"
+    (configs / "models").mkdir(parents=True)
+    (configs / "models" / "m.json").write_text("{}")
+    (configs / "c.yaml").write_text("model_config: models/m.json\ndataset: digits\ndata_dir: data\n"
+                                    "output_dir: runs/x\n")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)  # exists only relative to the working directory
+    monkeypatch.chdir(elsewhere)
+    model_args, data_args, args = recipe.parse_args(["--config", str(configs / "c.yaml")])
+    assert Path(model_args.model_config) == configs / "models" / "m.json"
+    assert data_args.data_dir == "data" and args.output_dir == "runs/x"  # as written: the working directory's
+
+    # A shipped config by name, from a directory that has nothing of the source tree.
+    model_args, _, _ = recipe.parse_args(["--config", "demo_digits.yaml", "--output_dir", "o"])
+    assert (Path(model_args.model_name_or_path) / "config.json").is_file()
+
+
+def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
+    import slca_peft.models.hub
+    import slca_peft.models.model
+
+    calls = []
+    monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(slca_peft.models.hub, "push_to_hub", lambda *a, **k: calls.append(k) or "https://hub/commit")
+    cli_main(["push", str(tmp_path), "me/model", "--token", "hf_secret"])
+    assert calls[0]["token"] == "hf_secret" and "https://hub/commit" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_reports_its_results(recipe, tmp_path, base_model_dir, tiny_image_folders,
+                                                           monkeypatch, capsys):
+    from slca_peft.continual.learner import ContinualLearner
+
+    out = tmp_path / "run"
+    argv = recipe_argv(base_model_dir, tiny_image_folders, out) + ["--seeds", "1", "2"]
+    first = recipe.main(argv)
+    capsys.readouterr()
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent.name.startswith("task_")}
+
+    def no_training(self):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(ContinualLearner, "run", no_training)
+    again = recipe.main(argv)
+    text = capsys.readouterr().out
+    assert again == first
+    for seed in (1, 2):
+        assert f"nothing to do: {out / f'seed_{seed}'} already holds this run" in text
+        assert str(out / f"seed_{seed}" / "metrics.json") in text
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # no checkpoint rewritten
+    # Other settings are still refused.
+    with pytest.raises(ValueError, match="holds another run"):
+        recipe.main(argv + ["--learning_rate", "0.02"])
+
+
+def test_image_check_progress_bar_follows_disable_tqdm_and_the_main_process(recipe, tmp_path, tiny_image_folders,
+                                                                             base_model_dir, monkeypatch, capsys):
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    import slca_peft.data.checks as data_checks
+    from slca_peft.method.config import SLCAConfig
+    from slca_peft.utils.logging import is_progress_bar_enabled, progress_bars
+
+    monkeypatch.setattr(data_checks, "_decode", lambda source: None)
+    many = [f"image_{i}.png" for i in range(600)]
+    data_checks.check_images(many, progress=False)
+    with progress_bars(False):
+        data_checks.check_images(many)
+    assert "checking images" not in capsys.readouterr().err
+    data_checks.check_images(many)
+    assert "checking images" in capsys.readouterr().err
+
+    # The recipe turns the check's bars off with --disable_tqdm, and on every process but the main one.
+    shown = []
+    check = data_checks.check_images
+
+    def recorded(sources, progress=None, **kwargs):
+        shown.append(is_progress_bar_enabled() if progress is None else progress)
+        return check(sources, progress=progress, **kwargs)
+
+    monkeypatch.setattr(data_checks, "check_images", recorded)
+    argv = recipe_argv(base_model_dir, tiny_image_folders, tmp_path / "o")
+    for disable, main_process, expected in (("false", True, True), ("true", True, False), ("false", False, False)):
+        argv[argv.index("--disable_tqdm") + 1] = disable
+        _, data_args, args = recipe.parse_args(argv)
+        if not main_process:
+            monkeypatch.setattr(SLCAConfig, "process_index", property(lambda self: 1))
+        shown.clear()
+        recipe.build_tasks(data_args, args)
+        assert shown and set(shown) == {expected}, (disable, main_process)
+        # The whole run: transformers' (loading, writing weights) and datasets' bars follow too.
+        monkeypatch.setattr(recipe, "_start", lambda *a: (hf_logging.is_progress_bar_enabled(),
+                                                          not datasets.are_progress_bars_disabled()))
+        assert recipe.train(None, data_args, args) == (expected, expected)
+        assert hf_logging.is_progress_bar_enabled()  # restored after the run
+
+
+@contextlib.contextmanager
+def bare_logging():
+    """Logging as in a fresh Python process: no handler on the root logger (pytest adds its own for
+    each test's call), the library's logger untouched; restored afterwards."""
+    root, library = logging.getLogger(), logging.getLogger("slca_peft")
+    saved = root.handlers, library.handlers, library.propagate, library.level
+    root.handlers, library.handlers, library.propagate = [], [], True
+    library.setLevel(logging.NOTSET)
+    try:
+        yield
+    finally:
+        root.handlers, library.handlers, library.propagate = saved[:3]
+        library.setLevel(saved[3])
+
+
+def test_a_run_logs_its_results_without_logging_set_up(tmp_path, capsys):
+    with bare_logging():
+        _check_run_verbosity(tmp_path, capsys)
+
+
+def _check_run_verbosity(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from slca_peft.method.config import SLCAConfig
+    from slca_peft.utils.logging import set_verbosity_from_args
+
+    task_line = logging.getLogger("slca_peft.continual.callbacks")
+    for log_level, shown in (("passive", True), ("info", True), ("warning", False)):
+        set_verbosity_from_args(SLCAConfig(output_dir=str(tmp_path), use_cpu=True, log_level=log_level))
+        task_line.info("task 1/5 | seen classes  99.0%")
+        assert ("task 1/5" in capsys.readouterr().out) is shown, log_level
+    previous = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_debug()
+        set_verbosity_from_args(SLCAConfig(output_dir=str(tmp_path), use_cpu=True))
+        logging.getLogger("slca_peft.method.alignment").debug("alignment losses")
+        assert "alignment losses" in capsys.readouterr().out
+    finally:
+        hf_logging.set_verbosity(previous)
+    # Once the application configures logging, the records go to its handlers only (never twice).
+    stream = io.StringIO()
+    logging.getLogger().addHandler(logging.StreamHandler(stream))
+    task_line.warning("once")
+    assert stream.getvalue() == "once\n" and "once" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_python_api_run_shows_each_task_result(make_learner, tmp_path, tiny_image_folders, capsys):
+    from slca_peft import TaskSequence
+
+    tasks = TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=1993)
+    learner = make_learner(tasks, tmp_path / "run", num_train_epochs=1, ca_epochs=1, ca_samples_per_class=8)
+    with bare_logging(), contextlib.redirect_stderr(io.StringIO()):
+        learner.run()
+    out = capsys.readouterr().out
+    assert "task 1/2" in out and "task 2/2" in out and "Last-Acc" in out

@@ -1,0 +1,364 @@
+"""Continue learning later: a checkpoint goes on with new classes from new data (ContinuedStream,
+ContinualLearner.from_pretrained, the recipe's --continue_from)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import recipe_argv, write_image_folder
+
+from slca_peft import (
+    EvalTransform,
+    ImageTransformConfig,
+    TaskSequence,
+    export_model,
+    load_checkpoint,
+)
+from slca_peft.data.continuation import ContinuedStream
+from slca_peft.data.formats import load_split_image_folders
+from slca_peft.method.statistics import ClassStatistics
+from slca_peft.metrics import summarize_accuracy_matrix
+from slca_peft.utils.errors import UserError
+
+SETTINGS = dict(use_cpu=True, num_train_epochs=2, per_device_train_batch_size=8, learning_rate=0.05, ca_lr=0.01,
+                seed=0, disable_tqdm=True, report_to="none", ca_samples_per_class=32, ca_batch_size=32, ca_epochs=2,
+                init_cls=2, increment=2)
+
+
+def copy_classes(src: Path, dst: Path, names: list[str]) -> Path:
+    for name in names:
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Six classes; set A (class_00..03) and set B (class_04, class_05) as separate image folders."""
+    root = tmp_path_factory.mktemp("continue")
+    full = {split: write_image_folder(root / "full" / split, 6, per_class=n, seed=s)
+            for split, n, s in (("train", 8, 1), ("test", 3, 2))}
+    a_names, b_names = [f"class_{k:02d}" for k in range(4)], ["class_04", "class_05"]
+    sets = {"full": (full["train"], full["test"])}
+    for key, names in (("a", a_names), ("b", b_names)):
+        sets[key] = tuple(copy_classes(full[split], root / key / split, names) for split in ("train", "test"))
+    return sets
+
+
+def sequence(pair, seed=None):
+    return TaskSequence.from_image_folders(*pair, init_cls=2, increment=2, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, folders, make_learner, frozen_gc):
+    """An uninterrupted run over all six classes, and phase 1 over set A (two tasks)."""
+    root = tmp_path_factory.mktemp("runs")
+    full = make_learner(sequence(folders["full"]), root / "full", **SETTINGS)
+    full.run()
+    phase1 = make_learner(sequence(folders["a"]), root / "phase1", **SETTINGS)
+    phase1.run()
+    return {"root": root, "full": full, "phase1": phase1, "checkpoint": root / "phase1" / "task_1"}
+
+
+def old_test_data(folders):
+    return load_split_image_folders(*folders["a"])["test"]
+
+
+@pytest.mark.slow
+def test_continuing_with_the_next_classes_ends_like_the_uninterrupted_run(runs, folders, tmp_path, make_learner):
+    learner = make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=runs["checkpoint"],
+                           old_test=old_test_data(folders), **SETTINGS)
+    assert len(learner.result.accuracy_matrix) == 2  # the learned tasks' rows come with the checkpoint
+    learned_timings = json.loads((runs["checkpoint"] / "continual_state.json").read_text())["timings"]
+    assert learner.result.timings == learned_timings and len(learned_timings) == 2 and all(learned_timings)  # and times
+    result = learner.run()
+    full = runs["full"]
+    assert result.accuracy_matrix == full.result.accuracy_matrix
+    assert result.seen_accuracy == full.result.seen_accuracy
+    ours, theirs = learner.model.state_dict(), full.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for c in range(6):
+        assert torch.equal(learner.statistics.means[c], full.statistics.means[c])
+        assert torch.equal(learner.statistics.covariances[c], full.statistics.covariances[c])
+
+    # The final checkpoint knows every class by name; the old ones kept their ids.
+    final = tmp_path / "phase2" / "task_2"
+    model, stats, state, _ = load_checkpoint(final)
+    names = [f"class_{k:02d}" for k in range(6)]
+    assert model.label_names == state["label_names"] == names
+    assert state["class_order"] == [0, 1, 2, 3, 4, 5] and state["task_sizes"] == [2, 2, 2]
+    assert sorted(stats.classes) == list(range(6))
+    assert state["task_data"][:2] == [None, None] and len(state["segments"]) == 2
+    assert state["segments"][1]["first_task"] == 2 and state["segments"][1]["continued_from"] == str(runs["checkpoint"])
+    card = (final / "README.md").read_text()
+    assert "class_05" in card and "class_00" in card
+
+
+@pytest.mark.slow
+def test_damaged_timings_in_the_continued_checkpoint_are_one_error_naming_it(runs, folders, tmp_path, make_learner):
+    copy = tmp_path / "ck"
+    shutil.copytree(runs["checkpoint"], copy)
+    state = json.loads((copy / "continual_state.json").read_text())
+    (copy / "continual_state.json").write_text(json.dumps({**state, "timings": 5}))
+    with pytest.raises(ValueError, match=rf"{copy}.*timings must be a list"):
+        make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=copy, **SETTINGS)
+
+
+@pytest.mark.slow
+def test_export_after_continuation_names_classes_of_both_sets(runs, folders, tmp_path, make_learner):
+    from transformers import pipeline
+
+    learner = make_learner(sequence(folders["b"]), tmp_path / "phase2", continue_from=runs["checkpoint"],
+                           old_test=old_test_data(folders), **SETTINGS)
+    result = learner.run()
+    model, *_ = load_checkpoint(tmp_path / "phase2" / "task_2")
+    model.eval()
+    export_model(model, tmp_path / "exported")
+    test = load_split_image_folders(*folders["full"])["test"]
+    names = test.features["label"].names
+    truth = [names[y] for y in test["label"]]
+    pipe = pipeline("image-classification", model=str(tmp_path / "exported"), device="cpu")
+    predicted = [r[0]["label"] for r in pipe(list(test["image"]), top_k=1)]
+    assert set(predicted) <= set(names)
+    assert set(predicted) & {"class_00", "class_01", "class_02", "class_03"} and set(predicted) & {"class_04",
+                                                                                                   "class_05"}
+    accuracy = 100.0 * np.mean([p == t for p, t in zip(predicted, truth, strict=True)])
+    assert accuracy == pytest.approx(result.seen_accuracy[-1], abs=100.0 / len(truth) + 1e-6)
+
+
+@pytest.mark.slow
+def test_without_the_old_test_data_old_tasks_are_missing_not_zero(runs, folders, tmp_path, hub, make_learner):
+    push = dict(push_to_hub=True, hub_model_id="me/continued", hub_base_model_id="me/tiny-vit")
+    new = sequence(folders["b"])
+    new.source = "me/new-classes"
+    learner = make_learner(new, tmp_path / "phase2", continue_from=runs["checkpoint"], **SETTINGS, **push)
+    result = learner.run()
+    # What going on again needs is pushed: statistics, unaligned heads, the history with each task's data.
+    (upload,) = hub.uploads
+    assert {"class_statistics.safetensors", "classifier_unaligned.safetensors", "continual_state.json",
+            "README.md"} <= set(upload["files"])
+    pushed = upload["json"]["continual_state.json"]
+    assert pushed["task_data"] == [None, None, "me/new-classes"] and pushed["accuracy_matrix"][2][:2] == [None, None]
+    assert "| 3 | class_04, class_05 | me/new-classes |" in upload["card"]
+    assert "| 1 | class_00, class_01 | not recorded |" in upload["card"]
+    first = runs["phase1"].result
+    assert result.accuracy_matrix[:2] == first.accuracy_matrix
+    last = result.accuracy_matrix[2]
+    assert last[:2] == [None, None] and 0.0 <= last[2] <= 100.0
+    assert result.seen_accuracy[2] == last[2]  # over the measured task only
+    summary = result.summary()
+    assert summary["missing_entries"] == 2 and summary["forgetting_tasks"] == []
+    assert summary["last_accuracy"] == pytest.approx(last[2])
+    metrics = json.loads((tmp_path / "phase2" / "metrics.json").read_text())
+    assert metrics["accuracy_matrix"][2][:2] == [None, None] and metrics["missing_entries"] == 2
+    state = json.loads((tmp_path / "phase2" / "task_2" / "continual_state.json").read_text())
+    assert state["accuracy_matrix"][2][:2] == [None, None]
+    card = (tmp_path / "phase2" / "task_2" / "README.md").read_text()
+    assert "| 3 | — | — |" in card and "measured entries only" in card
+    # A checkpoint with missing entries goes on again (a second continuation), history growing.
+    load_checkpoint(tmp_path / "phase2" / "task_2")
+
+
+def test_summaries_are_over_the_measured_entries():
+    matrix = [[90.0], [70.0, 80.0], [None, None, 60.0], [None, 50.0, 40.0, 30.0]]
+    summary = summarize_accuracy_matrix(matrix, [10, 10, 10, 20])
+    assert summary["accuracy_per_step"] == pytest.approx([90.0, 75.0, 60.0, (500 + 400 + 600) / 40])
+    assert summary["forgetting_tasks"] == [1, 2] and summary["missing_entries"] == 3
+    assert summary["average_forgetting"] == pytest.approx(((80 - 50) + (60 - 40)) / 2)
+    assert summary["backward_transfer"] == pytest.approx(((50 - 80) + (40 - 60)) / 2)
+    with pytest.raises(ValueError, match="no measured entry"):
+        summarize_accuracy_matrix([[90.0], [None, None]], [1, 1])
+
+
+def phase1_state(runs):
+    return load_checkpoint(runs["checkpoint"])[2]
+
+
+@pytest.mark.slow
+def test_a_new_class_named_like_a_learned_one_is_refused(runs, folders, tmp_path):
+    clash = copy_classes(folders["full"][0], tmp_path / "train", ["class_01", "class_04", "class_05"])
+    clash_test = copy_classes(folders["full"][1], tmp_path / "test", ["class_01", "class_04", "class_05"])
+    new = TaskSequence.from_image_folders(clash, clash_test, init_cls=3, increment=1, seed=None)
+    with pytest.raises(ValueError, match=r"class\(es\) \['class_01'\] are already learned \(class ids \[1\]\).*"
+                                         "merge_existing_classes"):
+        ContinuedStream(phase1_state(runs), new)
+    # Asked to, the images go to the learned class: no second output, ids of the new classes follow.
+    stream = ContinuedStream(phase1_state(runs), new, merge_existing_classes=True)
+    assert stream.label_names[4:] == ["class_04", "class_05"] and stream.class_ids == [0, 1, 2, 3, 4, 5]
+    assert stream.task_sizes == [2, 2, 2]
+    task = stream[2]
+    assert task.head_size == 2 and task.merged_classes == [1] and sorted(task.classes) == [1, 4, 5]
+    assert set(task.train["label"]) == {4, 5} and set(task.statistics_data["label"]) == {1, 4, 5}
+    # A new task made only of learned classes would add no output: refused, naming them.
+    only = TaskSequence.from_image_folders(clash, clash_test, init_cls=1, increment=2, seed=None)
+    with pytest.raises(ValueError, match=r"only adds images to the learned class\(es\) \['class_01'\]"):
+        ContinuedStream(phase1_state(runs), only, merge_existing_classes=True)
+
+
+@pytest.mark.slow
+def test_merging_into_a_learned_class_adds_its_statistics_exactly(runs, folders, tmp_path, make_learner):
+    clash = copy_classes(folders["full"][0], tmp_path / "train", ["class_01", "class_04", "class_05"])
+    clash_test = copy_classes(folders["full"][1], tmp_path / "test", ["class_01", "class_04", "class_05"])
+    new = TaskSequence.from_image_folders(clash, clash_test, init_cls=3, increment=1, seed=None)
+    learner = make_learner(new, tmp_path / "merged", continue_from=runs["checkpoint"], merge_existing_classes=True,
+                           **SETTINGS)
+    before = learner.statistics
+    old_count, old_mean = before.counts[1], before.means[1].clone()
+    old_scatter = (before.covariances[1] - before.ridge * torch.eye(before.feature_dim, dtype=torch.float64)) * (
+        old_count - 1)
+    learner.run()
+    stats = learner.statistics
+    assert learner.model.classifier.task_sizes == [2, 2, 2]  # no second output for class_01
+    assert stats.task_of_class[1] == 0 and stats.counts[1] == old_count + 8
+    # The statistics pass read the merged class's images too (3 classes x 8), training only the new ones.
+    assert learner.result.timings[-1]["statistics_images"] == 24
+    assert learner.result.timings[-1]["training_images"] == 2 * 16
+    # The merged Gaussian is the one of the union: old sums plus the new images' features.
+    from slca_peft.models.inference import inference_context
+
+    tc = ImageTransformConfig.from_model_config(learner.model.config)
+    transform = EvalTransform(tc)
+    images = [im for im, y in zip(new.train["image"], new.train["label"], strict=True) if y == 0]
+    with torch.no_grad(), inference_context(learner.model, learner.args) as model:
+        # The statistics were computed before alignment changed the heads; features do not depend on them.
+        feats = model.features(torch.stack([transform(im) for im in images])).double()
+    n = old_count + len(images)
+    mean = (old_mean * old_count + feats.sum(0)) / n
+    outer = old_scatter + old_count * torch.outer(old_mean, old_mean) + feats.T @ feats
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1) + stats.ridge * torch.eye(stats.feature_dim,
+                                                                                     dtype=torch.float64)
+    torch.testing.assert_close(stats.means[1], mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats.covariances[1], cov, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_task_of_one_new_class_says_that_only_alignment_fits_it(runs, folders, tmp_path, make_learner):
+    import logging
+
+    learner = make_learner(TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=None),
+                           tmp_path / "one", continue_from=runs["checkpoint"], **SETTINGS)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("slca_peft").addHandler(handler)
+    try:
+        learner.run()
+    finally:
+        logging.getLogger("slca_peft").removeHandler(handler)
+    messages = [r.getMessage() for r in records if "one new class" in r.getMessage()]
+    assert [m.split(" brings")[0] for m in messages] == ["task 3", "task 4"]
+    assert learner.model.classifier.task_sizes == [2, 2, 1, 1]
+
+
+def test_reopened_statistics_equal_those_of_the_union():
+    torch.manual_seed(0)
+    for form in ("exact", "full"):
+        for d in (8, 150):  # 150: more than one block of the outer-product layout
+            a, b = torch.randn(30, d) * 2 + 1, torch.randn(12, d) + 3
+            merged = ClassStatistics(d, covariance_form=form)
+            merged.update(a, torch.zeros(30))
+            merged.finalize(0, [0])
+            merged.reopen([0])
+            merged.update(b, torch.zeros(12))
+            merged.finalize(3, [0])
+            union = ClassStatistics(d, covariance_form=form)
+            union.update(torch.cat([a, b]), torch.zeros(42))
+            union.finalize(0, [0])
+            assert merged.task_of_class == {0: 0} and merged.counts == {0: 42}
+            torch.testing.assert_close(merged.means[0], union.means[0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(merged.covariances[0], union.covariances[0], rtol=0, atol=1e-10)
+
+
+#: Tasks of one class; no --model_name_or_path: a continuation takes the checkpoint's base model.
+FLAGS = dict(init_cls=1, increment=1, learning_rate=0.05, ca_samples_per_class=16, ca_batch_size=None,
+             crop_scale_min=0.8, horizontal_flip=False, seed=0)
+
+
+@pytest.mark.slow
+def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, runs, folders, base_model_dir,
+                                                                          tmp_path):
+    out = tmp_path / "next"
+    args = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]),
+                       "--old_test_dir", str(folders["a"][1]), "--class_order_seed", "7", **FLAGS)
+    recipe.main(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2, 3, 4]
+    assert None not in metrics["accuracy_matrix"][-1]  # the old test data was given
+    assert metrics["task_sizes"] == [2, 2, 1, 1]
+    state = json.loads((out / "task_3" / "continual_state.json").read_text())
+    assert state["label_names"][:4] == [f"class_{k:02d}" for k in range(4)]
+    assert sorted(state["label_names"][4:]) == ["class_04", "class_05"]
+    assert state["class_ids"][:4] == [0, 1, 2, 3] and sorted(state["class_ids"][4:]) == [4, 5]
+    assert state["task_data"][2:] == [f"image folders {folders['b'][0]}, {folders['b'][1]}"] * 2
+    fingerprint = json.loads((out / "run_fingerprint.json").read_text())
+    assert fingerprint["continue_from"] == str(runs["checkpoint"]) and len(fingerprint["continue_sha256"]) == 64
+
+    # An interrupted continuation resumes with --resume_from and the same new data, exactly.
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    shutil.rmtree(partial / "task_3")
+    (partial / "metrics.json").unlink()
+    resumed = [a if a != str(out) else str(partial) for a in args]
+    i = resumed.index("--continue_from")
+    del resumed[i : i + 2]
+    recipe.main(resumed + ["--resume_from", "auto"])
+    assert json.loads((partial / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+@pytest.mark.slow
+def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, base_model_dir, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(runs["checkpoint"], edited)
+    state = json.loads((edited / "continual_state.json").read_text())
+    state["accuracy_matrix"][-1][0] = 100.0  # a better-looking history
+    (edited / "continual_state.json").write_text(json.dumps(state))
+    out = tmp_path / "next"
+    with pytest.raises(UserError, match="continual_state.json"):
+        recipe.main(recipe_argv(None, folders["b"], out, "--continue_from", str(edited), **FLAGS))
+    assert not (out / "task_2").exists()
+
+
+@pytest.mark.slow
+def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders, base_model_dir, tmp_path):
+    out = tmp_path / "next"
+    base = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)
+    with pytest.raises(UserError, match="--continue_from teaches .* --resume_from finishes"):
+        recipe.parse_args(base + ["--resume_from", "auto"])
+    with pytest.raises(UserError, match="--old_test_dir go with --continue_from"):
+        recipe.parse_args(recipe_argv(None, folders["b"], out, "--model_name_or_path", str(base_model_dir),
+                                      "--old_test_dir", "x", **FLAGS))
+    with pytest.raises(ValueError, match="trained with method 'slca\\+\\+', not 'slca'"):
+        recipe.main(base + ["--method", "slca"])
+    with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
+        recipe.main(base + ["--released_code", "true"])
+    other = shutil.copytree(base_model_dir, tmp_path / "other-vit")
+    with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses"):
+        recipe.main(base + ["--model_name_or_path", str(other)])
+    clash = recipe_argv(None, folders["full"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)
+    with pytest.raises(ValueError, match=r"\['class_00', 'class_01', 'class_02', 'class_03'\] are already learned"):
+        recipe.main(clash)
+    assert not out.exists()  # every refusal came before any training and left nothing
+
+
+def test_new_classes_take_the_next_free_ids_in_their_own_label_order(folders):
+    # A history cut with a class-order seed, written mid-stream: 1 of 2 tasks learned.
+    previous = {"tasks_learned": 1, "task_sizes": [2, 2], "class_order": [2, 0, 3, 1],
+                "label_names": ["class_02", "class_00", "class_03", "class_01"], "accuracy_matrix": [[80.0]],
+                "seen_accuracy": [80.0], "task_test_sizes": [6], "seed": 1993, "init_cls": 2, "increment": 2}
+    new = TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=0)  # order [1, 0]
+    stream = ContinuedStream(previous, new)
+    assert new.order == [1, 0]
+    assert stream.label_names == ["class_02", "class_00", "class_05", "class_04"]
+    assert stream.class_ids == stream.order == [2, 0, 4, 3]  # next free after max(2, 0) = 2: ids 3, 4
+    assert stream.task_sizes == [2, 1, 1] and stream.num_old_tasks == 1 and len(stream) == 3
+    old, first_new = stream[0], stream[1]
+    assert (old.classes, old.train, old.test) == ([0, 1], None, None)
+    assert first_new.task_id == 1 and first_new.classes == [2] and set(first_new.train["label"]) == {2}
+    described = stream.describe()
+    assert [s["first_task"] for s in described["segments"]] == [0, 1]
+    assert described["task_sizes"] == [2, 1, 1] and described["class_ids"] == [2, 0, 4, 3]

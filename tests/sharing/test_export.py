@@ -1,0 +1,78 @@
+"""Exports: the image processor reproduces the evaluation transform, pipeline() agrees with SLCAModel."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+from slca_peft import export_model
+from slca_peft.data.transforms import EvalTransform, ImageTransformConfig
+from slca_peft.sharing.export import eval_image_processor
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_exported_processor_gives_the_eval_transforms_pixels(mode):
+    config = ImageTransformConfig(size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    processor, transform = eval_image_processor(config), EvalTransform(config)
+    rng = np.random.default_rng(0)
+    # Odd sizes and aspect ratios: the resize truncates the longer side, the crop offset is odd.
+    for w, h in [(8, 8), (37, 50), (50, 37), (41, 97), (97, 41), (100, 33), (13, 29), (45, 44), (32, 32)]:
+        shape = (h, w, 3) if mode == "RGB" else (h, w)
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        ours = transform(img)
+        theirs = torch.from_numpy(np.asarray(processor(img, return_tensors="np")["pixel_values"][0]))
+        assert theirs.shape == ours.shape == (3, 32, 32)
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recipe):
+    from transformers import pipeline
+
+    from slca_peft import load_checkpoint
+    from slca_peft.data.formats import load_digits_dataset
+
+    recipe.main(["--model_name_or_path", str(ROOT / "recipes" / "assets" / "tiny_vit_letters"), "--dataset", "digits",
+                 "--init_cls", "5", "--increment", "5", "--num_train_epochs", "1", "--per_device_train_batch_size",
+                 "64", "--learning_rate", "0.05", "--ca_epochs", "1", "--ca_samples_per_class", "32",
+                 "--use_cpu", "true", "--seed", "0", "--report_to", "none", "--disable_tqdm", "true",
+                 "--output_dir", str(tmp_path / "run")])
+    model, *_ = load_checkpoint(tmp_path / "run" / "task_1")
+    model.eval()
+    export_model(model, tmp_path / "exported")  # class names come from the checkpoint
+    test = load_digits_dataset()["test"]
+    images, truth = list(test["image"]), [str(y) for y in test["label"]]
+    from slca_peft.sharing.export import eval_transform_config
+
+    transform = EvalTransform(eval_transform_config(model))  # what the run evaluated with
+    with torch.no_grad():
+        logits = model(torch.stack([transform(im) for im in images])).logits
+    ours = [model.config.id2label[i] for i in logits.argmax(1).tolist()]  # the transformers idiom
+    pipe = pipeline("image-classification", model=str(tmp_path / "exported"), device="cpu")
+    theirs = [r[0]["label"] for r in pipe(images, top_k=1, batch_size=64)]
+    agreement = np.mean([a == b for a, b in zip(ours, theirs, strict=True)])
+    ours_acc = np.mean([a == b for a, b in zip(ours, truth, strict=True)])
+    theirs_acc = np.mean([a == b for a, b in zip(theirs, truth, strict=True)])
+    assert sorted(set(theirs)) <= [str(d) for d in range(10)]  # the real names, not class_<i>
+    assert agreement >= 0.99 and abs(ours_acc - theirs_acc) <= 0.005
+    assert ours_acc > 0.3  # a trained model, not chance (10 %)
+
+    # The export's output k is the dataset's label k: the usual `argmax == batch["label"]` scores what
+    # the run reported, although the run learned the digits in another order.
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    assert model.class_ids != list(range(10))
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    assert plain.config.id2label == {k: str(k) for k in range(10)}
+    batch = AutoImageProcessor.from_pretrained(tmp_path / "exported")(images, return_tensors="pt")
+    with torch.no_grad():
+        predicted = plain(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+    scored = 100.0 * (predicted == torch.tensor(test["label"])).float().mean().item()
+    reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["seen_accuracy"][-1]
+    assert abs(scored - reported) <= 0.5
+    # The same idiom scores the SLCAModel itself: its output k is the dataset's label k too.
+    model_scored = 100.0 * (logits.argmax(-1) == torch.tensor(test["label"])).float().mean().item()
+    assert abs(model_scored - reported) <= 0.5 and abs(model_scored - scored) <= 0.5
