@@ -9,7 +9,7 @@ from typing import Any
 from .loading import is_local_name
 
 #: How a task history records image folders as a task's data (`slca_peft.commands.recipe.data_source`).
-_FOLDERS = "image folders "
+IMAGE_FOLDERS = "image folders "
 
 def public_name(value: str | None, kind: str = "data") -> str | None:
     """How an uploaded file names a data source or a checkpoint: a Hub id (or a bundled dataset's name)
@@ -18,8 +18,8 @@ def public_name(value: str | None, kind: str = "data") -> str | None:
     of this machine."""
     if not isinstance(value, str) or not value:
         return value
-    if value.startswith(_FOLDERS):
-        return _FOLDERS + ", ".join(Path(part).name or part for part in value[len(_FOLDERS):].split(", "))
+    if value.startswith(IMAGE_FOLDERS):
+        return IMAGE_FOLDERS + ", ".join(Path(part).name or part for part in value[len(IMAGE_FOLDERS):].split(", "))
     if not is_local_name(value):
         return value
     name = Path(value).expanduser().name or value
