@@ -4,6 +4,7 @@ from .continual.callbacks import ContinualCallback
 from .continual.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from .continual.learner import ContinualLearner, ContinualResult
 from .continual.steps import AlignmentStep, CheckpointStep, EvaluationStep, PushStep, ReportStep, StatisticsStep
+from .continual.tracking import TrackerStep
 from .data.continuation import ContinuedStream
 from .data.domains import DomainSequence
 from .data.tasks import Task, TaskSequence, TaskStream
@@ -45,6 +46,7 @@ __all__ = [
     "Task",
     "TaskSequence",
     "TaskStream",
+    "TrackerStep",
     "TrainTransform",
     "collate_fn",
     "export_model",

@@ -26,7 +26,7 @@ class ContinualResult:
 
     def new_timing(self, task_id: int) -> dict[str, float]:
         """Task `task_id`'s timing record, empty, in place of any a failed try left (tasks before it
-        that a checkpoint from before timings did not time get `{}`)."""
+        without a record, in a result built by hand, get `{}`)."""
         del self.timings[task_id:]
         self.timings.extend({} for _ in range(task_id - len(self.timings)))
         self.timings.append({})
@@ -34,8 +34,8 @@ class ContinualResult:
 
     @classmethod
     def from_history(cls, history: Mapping[str, Any], source: str) -> ContinualResult:
-        """The result a task history records, to go on from. Timings are one record per learned task
-        (`{}` where a checkpoint from before timings has none); damaged ones are one error naming `source`."""
+        """The result a task history records, to go on from. Timings are one record per learned task;
+        missing or damaged ones are one error naming `source`."""
         matrix = history["accuracy_matrix"]
         return cls(accuracy_matrix=matrix, seen_accuracy=history["seen_accuracy"],
                    task_test_sizes=history["task_test_sizes"],

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..models.backbones import lora_targets_for
 from ..utils.errors import UserError, read_json
-from ..utils.files import METRICS_FILE, STATE_FILE, task_dir_name
-from ..utils.safetensors_header import read_header
-from .fingerprint import FINGERPRINT_FILE, describe_mismatch, differing_fields, read_fingerprint
+from ..utils.files import CLASSIFIER_FILE, FINGERPRINT_FILE, METRICS_FILE, STATE_FILE, UNALIGNED_FILE, task_dir_name
+from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
 
 if TYPE_CHECKING:
     from ..data.continuation import ContinuedStream
@@ -75,11 +74,8 @@ def check_checkpoint_matches(checkpoint: str | Path, fingerprint: Mapping[str, A
 def check_unaligned_heads(checkpoint: str | Path, *, align: bool) -> None:
     """Refuse a local checkpoint the loop cannot continue exactly: with alignment on, it must hold
     the unaligned heads (the next task trains from them, not from the aligned ones)."""
-    path = Path(checkpoint) / "classifier.safetensors"
-    if not align or not path.is_file() or (path.parent / "classifier_unaligned.safetensors").is_file():
-        return
-    header, _ = read_header(path)  # the header only (older checkpoints kept them under `unaligned.`)
-    if not any(k.startswith("unaligned.") for k in header):
+    path = Path(checkpoint) / CLASSIFIER_FILE
+    if align and path.is_file() and not (path.parent / UNALIGNED_FILE).is_file():
         raise UserError(
             f"{path} has no unaligned heads, so a resumed run would continue from the aligned ones and give "
             "other results; resume from a checkpoint written by the training loop, or start over."

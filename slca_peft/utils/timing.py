@@ -38,14 +38,12 @@ def is_timing_record(value: Any) -> bool:
 
 
 def checked_timings(value: Any, tasks: int, source: str) -> list[dict[str, float]]:
-    """The `timings` of a task history, one record per learned task (`{}` for tasks a checkpoint
-    written before timings existed did not time); damaged ones are one error naming `source`."""
-    if value is None:
-        return [{} for _ in range(tasks)]
-    if not isinstance(value, list) or len(value) > tasks or not all(map(is_timing_record, value)):
-        raise ValueError(f"{source}: timings must be a list of at most {tasks} objects of non-negative numbers; "
+    """The `timings` of a task history, one record per learned task; missing or damaged ones are one
+    error naming `source`."""
+    if not isinstance(value, list) or len(value) != tasks or not all(map(is_timing_record, value)):
+        raise ValueError(f"{source}: timings must be a list of {tasks} objects of non-negative numbers; "
                          "the file is damaged or was not written by slca-peft.")
-    return [dict(task) for task in value] + [{} for _ in range(tasks - len(value))]
+    return [dict(task) for task in value]
 
 
 def phases_of(record: dict[str, float]) -> list[str]:

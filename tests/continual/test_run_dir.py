@@ -269,12 +269,13 @@ def test_one_function_reads_a_result_from_a_task_history():
     from slca_peft.continual.result import ContinualResult
 
     history = {"accuracy_matrix": [[90.0], [80.0, 70.0]], "seen_accuracy": [90.0, 75.0], "task_test_sizes": [2, 2],
-               "timings": [{"training_seconds": 1.0}]}  # the second task from before timings
+               "timings": [{"training_seconds": 1.0}, {"training_seconds": 2.0}]}
     result = ContinualResult.from_history(history, "ckpt")
-    assert result.timings == [{"training_seconds": 1.0}, {}] and result.summary()["last_accuracy"] == 75.0
-    assert ContinualResult.from_history({**history, "timings": None}, "ckpt").timings == [{}, {}]
-    with pytest.raises(ValueError, match="^ckpt: timings must be a list"):
-        ContinualResult.from_history({**history, "timings": [{"training_seconds": -1}]}, "ckpt")
-    # A continued run's second task: its record replaces the one a failed try left, earlier gaps filled.
-    record = result.new_timing(3)
-    assert result.timings == [{"training_seconds": 1.0}, {}, {}, {}] and result.timings[3] is record
+    assert result.timings == history["timings"] and result.summary()["last_accuracy"] == 75.0
+    for damaged in (None, [{"training_seconds": 1.0}], [{"training_seconds": -1}, {}]):
+        with pytest.raises(ValueError, match="^ckpt: timings must be a list of 2 objects"):
+            ContinualResult.from_history({**history, "timings": damaged}, "ckpt")
+    # A run's next task: its record replaces the one a failed try left.
+    result.timings.append({"training_seconds": 9.0})
+    record = result.new_timing(2)
+    assert result.timings == [{"training_seconds": 1.0}, {"training_seconds": 2.0}, {}] and result.timings[2] is record
