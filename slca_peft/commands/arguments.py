@@ -18,8 +18,8 @@ from transformers import HfArgumentParser
 from ..continual.run_dir import check_output_arguments, check_writable
 from ..method.config import SLCAConfig
 from ..models.loading import check_backbone_source
-from ..utils.errors import UserError
-from ..utils.hardware import resolve_bf16_flag
+from ..utils.errors import UserError, read_text
+from ..utils.hardware import option_spellings, resolve_bf16_flag
 
 
 def _shipped(kind: str, name: str) -> Path:
@@ -156,7 +156,7 @@ def yaml_to_argv(path: str) -> list[str]:
     if not Path(path).is_file():
         raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}  # JSON is YAML
+        data = yaml.safe_load(read_text(path, fix=f"give --config a {kind} file")) or {}  # JSON is YAML
     except yaml.YAMLError as err:
         raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
     if not isinstance(data, dict):
@@ -281,7 +281,8 @@ def check_continue_arguments(model_args: ModelArguments, data_args: DataArgument
     if model_args.resume_from:
         raise UserError("--continue_from teaches a checkpoint new classes from new data; --resume_from finishes an "
                          "interrupted run of the same stream: give one of them (an interrupted --continue_from run "
-                         "resumes with --resume_from and the same new data).")
+                         "resumes with --resume_from auto and the same new data once it finished a new task; "
+                         "before that, rerun the original --continue_from command).")
     refused = [(data_args.domains, "--domains (a domain-incremental stream adds no classes)"),
                (data_args.seeds, "--seeds (one checkpoint goes on with one stream; use --class_order_seed)"),
                (model_args.model_config, "--model_config (the model is the checkpoint's)"),
@@ -321,8 +322,10 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
         if not Path(config).exists() and _shipped("configs", Path(config).name).is_file():
             config = str(_shipped("configs", Path(config).name))  # a shipped config by name
         argv = yaml_to_argv(config) + argv
-    argv = resolve_bf16_flag(argv)  # `--bf16 auto`, the recipe's default: bf16 where the hardware has it
-    model_args, data_args, args, *_ = _argument_parser(prog).parse_args_into_dataclasses(args=argv)
+    parser = _argument_parser(prog)
+    # `--bf16 auto`, the recipe's default: bf16 where the hardware has it (read in every spelling the parser takes)
+    argv = resolve_bf16_flag(argv, *option_spellings(parser))
+    model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(args=argv)
     check_arguments(model_args, data_args, args)
     check_output_arguments(args.output_dir, overwrite=args.overwrite_output_dir, resume_from=model_args.resume_from,
                            data=[data_args.data_dir], image_folders=[data_args.train_dir, data_args.test_dir],

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModel, set_seed
 
 from ..continual.callbacks import load_callback
 from ..continual.checkpoint import verify_checkpoint
-from ..continual.fingerprint import run_fingerprint
+from ..continual.fingerprint import read_fingerprint, run_fingerprint
 from ..continual.learner import ContinualLearner
 from ..continual.resume import check_checkpoint_matches, check_unaligned_heads, finished_run
 from ..continual.run_dir import claim_run_directory, latest_checkpoint
@@ -67,12 +67,13 @@ def data_source(data_args: DataArguments) -> str | None:
     return dataset_hub_id(data_args.dataset) or data_args.dataset
 
 
-def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+def build_tasks(data_args: DataArguments, args: SLCAConfig, *, min_classes: int = 2) -> TaskSequence | DomainSequence:
     """The task stream, with all of its data checked (every image decoded once) before any training;
-    the check's progress bars show on the main process unless `--disable_tqdm`."""
+    the check's progress bars show on the main process unless `--disable_tqdm`. `min_classes`: 1 for the
+    new data of a continuation (a task of one class is supported), else 2."""
     progress = not args.disable_tqdm and args.process_index == 0
     with progress_bars(progress):
-        tasks = _load_tasks(data_args, args)
+        tasks = _load_tasks(data_args, args, min_classes)
         if not data_args.domains:
             tasks.source = data_source(data_args)
         if data_args.train_dir:
@@ -82,10 +83,11 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | Do
     return tasks
 
 
-def _load_tasks(data_args: DataArguments, args: SLCAConfig) -> TaskSequence | DomainSequence:
+def _load_tasks(data_args: DataArguments, args: SLCAConfig, min_classes: int = 2) -> TaskSequence | DomainSequence:
     if data_args.domains:
         return DomainSequence.from_folders(data_args.data_dir, data_args.domains)
-    split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed}
+    split = {"init_cls": args.init_cls, "increment": args.increment, "seed": args.class_order_seed,
+             "min_classes": min_classes}
     if data_args.train_dir:
         return TaskSequence.from_image_folders(data_args.train_dir, data_args.test_dir, **split)
     data, spec = load_benchmark(data_args.dataset, data_args.data_dir, data_args.dataset_revision)
@@ -232,8 +234,8 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
         found = latest_checkpoint(args.output_dir)
         logger.info("resume auto: %s", found or "no complete checkpoint, starting from the first task")
         model_args = dataclasses.replace(model_args, resume_from=str(found) if found else None)
-    continuation = continuation_fingerprint(model_args, data_args)
-    tasks = build_tasks(data_args, args)
+    continuation = continuation_fingerprint(model_args, data_args, args.output_dir)
+    tasks = build_tasks(data_args, args, min_classes=1 if continuation else 2)
     logger.info("%d classes in %d tasks %s, class order seed %s", tasks.num_classes, len(tasks),
                 tasks.task_sizes, args.class_order_seed)
     fingerprint = run_fingerprint(
@@ -335,18 +337,32 @@ def _continued_segment(model_args: ModelArguments) -> dict | None:
     return segments[-1] if len(segments) > 1 and segments[-1].get("continued_from") else None
 
 
-def continuation_fingerprint(model_args: ModelArguments, data_args: DataArguments) -> dict:
-    """What a continuation adds to the run fingerprint: the checkpoint it goes on from, by content."""
+def continuation_fingerprint(model_args: ModelArguments, data_args: DataArguments, output_dir: str | None = None
+                             ) -> dict:
+    """What a continuation adds to the run fingerprint: the checkpoint it goes on from, by content. Resuming
+    an interrupted continuation does not need that checkpoint any more (its own last checkpoint holds all
+    it learned): when it is gone, the digest the run in `output_dir` recorded of it stands in."""
     source = continuation_of(model_args)
     if source is None:
         return {}
     checkpoint, revision = source
     try:
-        root = resolve_checkpoint(checkpoint, revision)
+        digest = checkpoint_digest(resolve_checkpoint(checkpoint, revision))
     except FileNotFoundError as err:
-        raise UserError(f"this run goes on from {checkpoint}, which is needed ({err})") from None
-    return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": checkpoint_digest(root),
+        recorded = _recorded_source(output_dir, checkpoint) if output_dir and not model_args.continue_from else None
+        if recorded is None:
+            raise UserError(f"this run goes on from {checkpoint}, which is needed ({err})") from None
+        digest = recorded
+    return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": digest,
             "merge_existing_classes": model_args.merge_existing_classes, "old_test_dir": data_args.old_test_dir}
+
+
+def _recorded_source(output_dir: str, checkpoint: str) -> str | None:
+    """The digest of `checkpoint` that the run in `output_dir` recorded when it went on from it, if any."""
+    recorded = read_fingerprint(output_dir) if Path(output_dir).is_dir() else None
+    if recorded and recorded.get("continue_from") == checkpoint and isinstance(recorded.get("continue_sha256"), str):
+        return recorded["continue_sha256"]
+    return None
 
 
 def continued_stream(model_args: ModelArguments, data_args: DataArguments, tasks: TaskSequence

@@ -200,6 +200,9 @@ def load_callback(spec: str) -> Any:
         raise UserError(f"--callbacks {spec!r}: give it as package.module:ClassName.")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as err:  # even sys.exit(0): the run would end "successfully" without training
+        raise UserError(f"--callbacks {spec!r}: importing {module_name!r} called sys.exit({err.code!r}), so nothing "
+                        "would train; put the module's script code under `if __name__ == \"__main__\":`.") from None
     except SyntaxError as err:
         raise UserError(f"--callbacks {spec!r}: {err.filename}:{err.lineno} has a syntax error ({err.msg}); fix "
                         "the module.") from None

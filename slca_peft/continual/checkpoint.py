@@ -56,6 +56,14 @@ def load_learner_state(
     when absent)."""
     root = Path(directory)
     statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
+    if statistics is not None:  # each class a position of this model, each task one it learned
+        sizes = model.slca_config.task_sizes
+        outside = [c for c in statistics.classes if c >= model.classifier.num_classes]
+        late = [t for t in statistics.task_of_class.values() if t >= len(sizes)]
+        if outside or late:
+            raise ValueError(f"{root / STATISTICS_FILE} holds statistics of class {outside[:3]} or task {late[:3]} "
+                             f"beyond the model's {model.classifier.num_classes} classes in {len(sizes)} tasks; the "
+                             "file is damaged or was not written with this checkpoint.")
     state = read_state(root)
     unaligned = None
     if (root / UNALIGNED_FILE).is_file():

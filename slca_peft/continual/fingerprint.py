@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.digests import sha256_files
-from ..utils.errors import UserError, loads_json, read_own_json
+from ..utils.errors import UserError, loads_json, read_bytes, read_own_json
 from ..utils.files import FINGERPRINT_FILE
 
 #: Written into every fingerprint: a fingerprint of another version differs in that field.
@@ -81,9 +81,7 @@ def _peft_config_content(path: str | Path) -> Any:
     """The `--peft_config` file's content for the fingerprint: its JSON (canonical), else its hash."""
     path = Path(path)
     try:
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise UserError(f"--peft_config {path} is larger than {_MAX_JSON_BYTES} bytes; it is not a PEFT config.")
-        raw = path.read_bytes()
+        raw = read_bytes(path, _MAX_JSON_BYTES, fix="give --peft_config a PEFT config (adapter_config.json)")
     except OSError as err:
         raise UserError(f"--peft_config {path} is unreadable ({err.strerror}); give an adapter_config.json.") from None
     try:
@@ -113,7 +111,8 @@ def run_fingerprint(args: Any, *, base_model: str | None, base_revision: str | N
     fingerprint["base_model"] = str(base_model)
     fingerprint["base_model_revision"] = base_revision
     if base is not None and base.is_file():
-        fingerprint["base_model_sha256"] = hashlib.sha256(base.read_bytes()).hexdigest()
+        fingerprint["base_model_sha256"] = hashlib.sha256(read_bytes(base, _MAX_JSON_BYTES, fix="give --model_config "
+                                                                     "a config JSON")).hexdigest()
     else:
         fingerprint["base_model_sha256"] = sha256_files(base) if base is not None else None
     fingerprint["peft_config"] = _peft_config_content(peft_config) if peft_config else None

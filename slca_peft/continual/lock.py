@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..utils.errors import UserError
+from ..utils.files import LOCK_FILE
 
-LOCK_FILE = ".slca-run.lock"
+__all__ = ["LOCK_FILE", "run_lock"]
 
 
 def _open_lock(root: Path) -> tuple[int, bool]:

@@ -7,9 +7,10 @@ image's bytes, hashed by the decode pass that checks it). `claim_run_directory`,
 check that can fail before training has passed, then
 
 - refuses to start into a directory that holds another run, unless `overwrite`, which removes that
-  run's artefacts only (checkpoints, metrics, plots, results, seed runs, fingerprint, manifest: what
-  the fingerprint, the manifest and the library's own names say it wrote; never a symlink's target,
-  never a user's file beside them) and refuses a directory that holds files but no run;
+  run's artefacts only (`slca_peft.continual.overwrite`: checkpoints, metrics, plots, results, seed
+  runs, fingerprint, manifest, each checked against what the run wrote before anything is deleted;
+  never a symlink's target, never a user's file beside them) and refuses a directory that holds files
+  but no run;
 - refuses to resume when the fingerprint differs, naming the fields (and the classes whose data changed);
 - holds the run's lock (`slca_peft.continual.lock`: `fcntl.flock` on `.slca-run.lock`, the holder's
   pid written in it) so a second run into the same directory is refused while the first one is alive;
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -34,18 +34,23 @@ from typing import Any
 
 from ..utils import manifest
 from ..utils.errors import UserError
-from ..utils.files import FINGERPRINT_FILE, METRICS_FILE, STATE_FILE, checkpoint_dirs, json_text, recover_replaced
+from ..utils.files import FINGERPRINT_FILE, METRICS_FILE, checkpoint_dirs, json_text, recover_replaced
 from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
-from .lock import LOCK_FILE, run_lock
+from .lock import run_lock
+from .overwrite import (  # noqa: F401  (RUN_FILES, BASE_MODEL_DIR, remove_previous_run: importable from here, as before)
+    BASE_MODEL_DIR,
+    RUN_FILES,
+    SEED_DIR,
+    TASK_DIR,
+    TASK_TEMP,
+    holds_run,
+    is_real_dir,
+    list_entries,
+    remove_previous_run,
+)
 
-#: Files a run (or a `--seeds` run, or `slca-peft report`) writes at the top of its output directory.
-RUN_FILES = (METRICS_FILE, "results.md", "accuracy_matrix.png", "accuracy_curve.png", "seeds.json",
-             FINGERPRINT_FILE, manifest.MANIFEST_FILE)
-#: Directories a run writes: checkpoints (and their temporaries), seed runs, a random backbone.
-_TASK_DIR = re.compile(r"task_\d+")
-_TASK_TEMP = re.compile(r"\.task_\d+\.(tmp|old)-.*")
-_SEED_DIR = re.compile(r"seed_-?\d+")
-BASE_MODEL_DIR = "base_model"
+_TASK_DIR, _TASK_TEMP, _SEED_DIR = TASK_DIR, TASK_TEMP, SEED_DIR
+_entries, _is_dir, _holds_run = list_entries, is_real_dir, holds_run
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,8 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
     `--overwrite_output_dir` with `--resume_from` (it would delete what the resume continues); the
     filesystem root; a directory that is or holds the training data (`data`: e.g. `--data_dir`), or
     also lies inside an image folder (`image_folders`: `--train_dir`, `--test_dir`, where it would
-    become a class); with `overwrite`, a directory whose run artefacts hold the `model` in use.
+    become a class); the base `model`'s own folder; with `overwrite`, a directory whose run artefacts hold
+    the `model` in use.
     """
     if overwrite and resume_from:
         raise UserError(f"--overwrite_output_dir deletes the run that --resume_from {resume_from} would continue; "
@@ -94,6 +100,9 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
         if _within(real, out) or inside_too and _within(out, real):
             raise UserError(f"--output_dir {output_dir} overlaps the training data {folder}; a run's files would "
                             "mix with its images: choose an --output_dir outside the data.")
+    if model is not None and os.path.isdir(model) and _real(model) == out:
+        raise UserError(f"--output_dir {output_dir} is the base model's folder ({model}); the run's checkpoints would "
+                        "mix with the model's files: choose another --output_dir.")
     if overwrite and model is not None and os.path.exists(model):
         real = _real(model)
         if _within(out, real):
@@ -107,18 +116,6 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
 
 
 # ---------------------------------------------------------------------------------------------- directory
-def _entries(root: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(root) as it:
-            return sorted(it, key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    return entry.is_dir(follow_symlinks=False)
-
-
 def _finished_a_task(root: Path) -> bool:
     """Whether the run in `root` completed anything worth keeping (a checkpoint, metrics, a seed run)."""
     for entry in _entries(root):
@@ -126,18 +123,6 @@ def _finished_a_task(root: Path) -> bool:
         if _TASK_DIR.fullmatch(name) or name.startswith(".task_") and ".old-" in name or _SEED_DIR.fullmatch(name):
             return True
         if name in (METRICS_FILE, "seeds.json"):
-            return True
-    return False
-
-
-def _holds_run(root: Path) -> bool:
-    """A fingerprint, a checkpoint (`task_<t>/continual_state.json`) or a seed run of slca-peft's."""
-    if (root / FINGERPRINT_FILE).is_file():
-        return True
-    for entry in _entries(root):
-        if _is_dir(entry) and _TASK_DIR.fullmatch(entry.name) and Path(entry.path, STATE_FILE).is_file():
-            return True
-        if _is_dir(entry) and _SEED_DIR.fullmatch(entry.name) and _holds_run(Path(entry.path)):
             return True
     return False
 
@@ -152,79 +137,6 @@ def _run_artefacts(root: Path) -> list[Path]:
                                     or _SEED_DIR.fullmatch(name) and _holds_run(Path(entry.path)))):
             found.append(Path(entry.path))
     return found
-
-
-def _owned_by_run(root: Path, old: Mapping[str, Any] | None) -> list[Path]:
-    """The previous run's artefacts in `root`, checked before anything is deleted: a symlink at an
-    artefact's name is refused (the library never writes one)."""
-    owned = []
-    for entry in _entries(root):
-        name = entry.name
-        ours = (name in RUN_FILES or _TASK_DIR.fullmatch(name) or _TASK_TEMP.fullmatch(name)
-                or _SEED_DIR.fullmatch(name) and (entry.is_symlink() or _holds_run(Path(entry.path))))
-        if name == BASE_MODEL_DIR:  # a random backbone the run saved, unless it is the model the run used
-            used = str((old or {}).get("base_model", ""))
-            ours = old is not None and _real(used) != _real(entry.path) and os.path.isfile(used)
-        if not ours:
-            continue
-        if entry.is_symlink():
-            raise UserError(f"--overwrite_output_dir: {entry.path} is a symbolic link, which slca-peft never "
-                            "writes; remove it yourself or choose another --output_dir.")
-        owned.append(Path(entry.path))
-    for rel in sorted(manifest.read_manifest(root) or {}):
-        path = manifest.safe_path(root, rel, final_may_be_link=True)
-        if path.parent == root and not path.is_symlink() and path.is_file() and path not in owned:
-            owned.append(path)
-    return owned
-
-
-def _remove_tree(path: Path) -> None:
-    """A checkpoint or saved backbone: its manifest's files when it has one, else the whole folder
-    (`shutil.rmtree` unlinks symlinks inside without following them)."""
-    if (path / manifest.MANIFEST_FILE).is_file():
-        manifest.remove_owned(path)
-        if path.exists():
-            logger.warning("kept %s: it holds files slca-peft did not write (%s)", path,
-                           ", ".join(sorted(p.name for p in path.iterdir())[:5]))
-    else:
-        shutil.rmtree(path)
-
-
-def remove_previous_run(root: str | Path) -> list[Path]:
-    """Delete the previous run in `root` (see `claim_run_directory`'s `overwrite`); returns what went.
-
-    A directory with files but no run is refused, listing them; the lock file stays (it is held).
-    """
-    root = Path(root)
-    present = [e for e in _entries(root) if e.name not in (LOCK_FILE, manifest.MANIFEST_FILE)]
-    if not present:
-        return []
-    if not _holds_run(root):
-        names = [e.name + ("/" if _is_dir(e) else "") for e in present]
-        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
-        raise UserError(f"--overwrite_output_dir: {root} holds no slca-peft run but has files "
-                        f"({', '.join(names[:6])}{more}); it only replaces a previous run: choose an empty or "
-                        "new --output_dir.")
-    old = read_fingerprint(root) if (root / FINGERPRINT_FILE).is_file() else None
-    owned = _owned_by_run(root, old)
-    for path in owned:
-        if path.name == manifest.MANIFEST_FILE:
-            continue
-        if path.is_dir():
-            if _SEED_DIR.fullmatch(path.name):
-                with run_lock(path):
-                    remove_previous_run(path)
-                (path / LOCK_FILE).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-            else:
-                _remove_tree(path)
-        else:
-            path.unlink(missing_ok=True)
-    (root / manifest.MANIFEST_FILE).unlink(missing_ok=True)
-    logger.info("--overwrite_output_dir: removed the previous run in %s (%s)", root,
-                ", ".join(p.name for p in owned[:8]) + (" ..." if len(owned) > 8 else ""))
-    return owned
 
 
 def recover_interrupted_replacements(root: str | Path) -> None:
@@ -292,6 +204,11 @@ def claim_run_directory(
                 remove_previous_run(root)
                 old = None
             elif resume:
+                if old is not None and old.get("continue_from") and not fingerprint.get("continue_from") \
+                        and latest_checkpoint(root) is None:
+                    raise UserError(f"cannot resume: {root} holds a --continue_from {old['continue_from']} run that "
+                                    "was stopped before it finished a new task, so it has no checkpoint to resume; "
+                                    "rerun the original command (--continue_from, without --resume_from).")
                 if old is not None and differing_fields(old, fingerprint):
                     raise UserError(f"cannot resume: {root} holds a run with other settings: "
                                     f"{describe_mismatch(old, fingerprint)}; resume with the same settings, or start "

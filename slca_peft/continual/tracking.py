@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import get_reporting_integration_callbacks
 
+from ..utils.errors import open_regular
 from .callbacks import ContinualCallback
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class ContinualTracker(TrainerCallback):
                 import numpy as np
                 from PIL import Image
 
-                with Image.open(path) as image:
+                with open_regular(path, fix="the plot is written by the run") as handle, Image.open(handle) as image:
                     array = np.asarray(image.convert("RGB"))
                 callback.tb_writer.add_image(tag, array, step, dataformats="HWC")
                 callback.tb_writer.flush()

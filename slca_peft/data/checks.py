@@ -14,8 +14,14 @@ The decode pass also hashes each file's bytes (the bytes it decodes: a file up t
 `HASH_IN_MEMORY_BYTES` is read once, hashed and decoded from memory), so the run fingerprint sees
 image content at no extra read: `content_digest` answers from what the pass recorded and reads
 the file only for an image the pass never saw. What decoded in full is remembered for the process
-(files by path, size, mtime, ctime and inode; embedded images by their bytes' hash), so checking the same
-unchanged images again, as each seed of a `--seeds` run does, decodes nothing.
+by the SHA-256 of its bytes, never by file stamps (a write through a shared memory map changes
+neither size, mtime, ctime nor inode): each pass reads and hashes every file again, which costs
+little next to decoding, and skips only the decode of bytes that decoded before. So each seed of a
+`--seeds` run checks, and its fingerprint records, the bytes that are there when it starts.
+
+Image files are opened as regular files only (`open_regular`: a FIFO among the images is refused,
+never waited on); a symbolic link that leads nowhere and a class folder that cannot be read are
+errors naming them and the fix, never a class silently missing images.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.errors import UserError
+from ..utils.errors import UserError, open_regular
 from ..utils.files import hash_stream
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -45,11 +51,13 @@ _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 #: hashed in a streamed pass and decoded from the (then cached) file.
 HASH_IN_MEMORY_BYTES = 64 << 20
 
-# path -> ((size, mtime_ns, ctime_ns, inode), sha256 digest) of each file the decode pass read.
+# path -> ((size, mtime_ns, ctime_ns, inode), sha256 digest) of each file the decode pass last read: what
+# `content_digest` gives the fingerprint (the stamp only says when a file must be read again, never that
+# it need not be decoded).
 _DIGESTS: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
-# What decoded in full in this process: (path, stamp) of files, the sha256 of embedded image bytes.
-# Checking the same unchanged images again (each class-order seed of a `--seeds` run) decodes nothing.
-_DECODED: set[Any] = set()
+# The sha256 of every content (file or embedded bytes) that decoded in full in this process: checking the
+# same bytes again (each class-order seed of a `--seeds` run) hashes them but decodes nothing.
+_DECODED: set[bytes] = set()
 _DIGESTS_LOCK = threading.Lock()
 
 logger = logging.getLogger(__name__)
@@ -61,7 +69,7 @@ def list_class_folder(root: Path, names: Sequence[str], *, require_all: bool = T
     A class folder without images is an error (`require_all`: also a missing one); label files are
     refused; other non-image files are skipped with one warning for the whole folder.
     """
-    label_files = sorted(p for p in root.rglob("*") if p.name in LABEL_FILES)
+    label_files = sorted(p for p in _walk_files(root) if p.name in LABEL_FILES)
     if label_files:
         raise UserError(
             f"{label_files[0]} would relabel images (datasets' imagefolder reads it) but slca-peft labels each image "
@@ -77,7 +85,7 @@ def list_class_folder(root: Path, names: Sequence[str], *, require_all: bool = T
             if require_all:
                 empty.append(name)
             continue
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        files = sorted(p for p in _walk_files(folder) if p.is_file())
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
         skipped += [p for p in files if p not in set(images)]
         if not images:
@@ -99,6 +107,26 @@ def list_class_folder(root: Path, names: Sequence[str], *, require_all: bool = T
     return paths, labels
 
 
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under `root` (not descending into folder links, as `rglob`), refusing what would make a class
+    silently lose images: a folder that cannot be read (`chmod 000`), a symbolic link to nothing."""
+    def refuse(err: OSError) -> None:
+        where = err.filename or root
+        raise UserError(f"{where} cannot be read ({err.strerror}); its images would be missing from the run: fix "
+                        f"its permissions (chmod -R u+rX {where}) or move it out of {root}.")
+
+    found = []
+    for folder, dirs, files in os.walk(root, onerror=refuse):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_symlink() and not path.exists():
+                raise UserError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does not exist; restore "
+                                "its target or remove the link.")
+            found.append(path)
+    return found
+
+
 def _faithful(img: Any, where: str) -> None:
     mode = img.mode
     if mode == "F" or mode.startswith(("F;", "I;32")):
@@ -116,10 +144,11 @@ def _stamp(info: os.stat_result) -> tuple[int, int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino
 
 
-def _read_and_hash(path: str) -> tuple[Any, tuple[int, int, int, int]]:
-    """What PIL should open for `path` (its bytes when small), with the file's SHA-256 recorded, and
-    the stamp of what was read."""
-    with open(path, "rb") as fh:
+def _read_and_hash(path: str) -> tuple[Any, bytes]:
+    """What PIL should open for `path` (its bytes when small, else the path) and the SHA-256 of the
+    bytes read, recorded for `content_digest`. A regular file only (`open_regular`: a FIFO there is
+    refused, never waited on)."""
+    with open_regular(path, fix="an image must be a regular file: replace or remove it") as fh:
         info = os.fstat(fh.fileno())
         digest = hashlib.sha256()
         if info.st_size <= HASH_IN_MEMORY_BYTES:
@@ -129,14 +158,13 @@ def _read_and_hash(path: str) -> tuple[Any, tuple[int, int, int, int]]:
         else:
             hash_stream(fh, digest)
             handle = path
-    stamp = _stamp(info)
     with _DIGESTS_LOCK:
-        _DIGESTS[path] = (stamp, digest.digest())
-    return handle, stamp
+        _DIGESTS[path] = (_stamp(info), digest.digest())
+    return handle, digest.digest()
 
 
 def content_digest(path: str | os.PathLike[str]) -> bytes:
-    """SHA-256 of a file's bytes: recorded by the decode pass, else read now (streamed)."""
+    """SHA-256 of a file's bytes: those the decode pass last read (the pass that checked them), else read now."""
     key = os.fspath(path)
     info = os.stat(key)
     with _DIGESTS_LOCK:
@@ -144,7 +172,7 @@ def content_digest(path: str | os.PathLike[str]) -> bytes:
     if known is not None and known[0] == _stamp(info):
         return known[1]
     digest = hashlib.sha256()
-    with open(key, "rb") as fh:
+    with open_regular(key, fix="an image must be a regular file: replace or remove it") as fh:
         hash_stream(fh, digest)
     return digest.digest()
 
@@ -156,36 +184,23 @@ def forget_content_digests() -> None:
         _DECODED.clear()
 
 
-def _decoded_before(source: Any) -> tuple[bool, Any]:
-    """(whether `source` decoded in full earlier in this process, its key for `_DECODED`): a file
-    counts only unchanged (same size, mtime, ctime and inode, its digest still recorded), bytes by content."""
-    if not isinstance(source, str):
-        key = hashlib.sha256(source).digest()
-        with _DIGESTS_LOCK:
-            return key in _DECODED, key
-    stamp = _stamp(os.stat(source))
-    with _DIGESTS_LOCK:
-        known = _DIGESTS.get(source)
-        return (source, stamp) in _DECODED and known is not None and known[0] == stamp, None
-
-
 def _decode(source: Any) -> str | None:
-    """None when the image decodes in full, else the problem in one line."""
+    """None when the image decodes in full, else the problem in one line. Its bytes are read and hashed
+    every time; only the decode of bytes that decoded before is skipped."""
     from PIL import Image
 
     where = source if isinstance(source, str) else "image bytes"
     handle: Any = None
     try:
-        seen, key = _decoded_before(source)
-        if seen:
-            return None
+        if isinstance(source, str):
+            handle, key = _read_and_hash(source)
+        else:
+            handle, key = io.BytesIO(source), hashlib.sha256(source).digest()
+        with _DIGESTS_LOCK:
+            if key in _DECODED:
+                return None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if isinstance(source, str):
-                handle, stamp = _read_and_hash(source)
-                key = (source, stamp)  # what is marked decoded is the content this call read
-            else:
-                handle = io.BytesIO(source)
             with Image.open(handle) as img:
                 img.load()
                 _faithful(img, where)

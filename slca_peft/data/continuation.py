@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
+from ..models.config import MAX_CLASSES
+from ..utils.errors import open_regular
+from ..utils.files import hash_stream
 from .tasks import Task, TaskSequence, with_labels
 
 
@@ -131,6 +134,10 @@ class ContinuedStream:
         # Next free class ids, in the new data's own label-id order.
         new_dataset_ids = [new.order[p] for p in fresh]
         next_id = max(old_ids, default=-1) + 1
+        if next_id + len(fresh) > MAX_CLASSES:
+            raise ValueError(f"the checkpoint's largest class id is {next_id - 1}, so the new data's {len(fresh)} "
+                             f"class(es) would take ids beyond the {MAX_CLASSES} slca-peft allows; its task history "
+                             "is damaged or crafted (refused before any training).")
         id_of = {d: next_id + i for i, d in enumerate(sorted(new_dataset_ids))}
         self.label_names = old_names + [new.label_names[p] for p in fresh]
         self.class_ids = old_ids + [id_of[d] for d in new_dataset_ids]
@@ -241,14 +248,14 @@ class ContinuedStream:
 
 def checkpoint_digest(directory: str | Path) -> str:
     """Content hash of a checkpoint directory's files (names and bytes): what a continuation's run
-    fingerprint records of the checkpoint it started from."""
+    fingerprint records of the checkpoint it started from. Each file is opened as a regular file only
+    (`open_regular`: a FIFO or device there is refused, never read forever)."""
     digest = hashlib.sha256()
     root = Path(directory)
     for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        with open_regular(path, fix="a checkpoint holds regular files only: remove it") as fh:
+            hash_stream(fh, digest)
     return digest.hexdigest()
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from .formats import image_dataset, load_split_image_folders
+from ..utils.errors import read_text
+from .formats import LIST_FILE_BYTES, image_dataset, load_split_image_folders
 from .tasks import Task, label_ids, verify_image_folder, with_labels
 
 #: DomainNet's domains, in the release's (alphabetical) order; pass your own order to `domains`.
@@ -24,7 +25,7 @@ DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "s
 def _domainnet_split(root: Path, list_file: Path) -> Dataset:
     """One `<domain>_<split>.txt` of the DomainNet release: `<domain>/<class>/<file> <label>` per line."""
     paths, labels, names = [], [], {}
-    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(list_file, LIST_FILE_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()

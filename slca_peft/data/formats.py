@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
+from ..utils.errors import open_regular, read_text
 from .checks import IMAGE_EXTENSIONS, list_class_folder
+
+#: Largest list file of a dataset release read (CUB-200's, DomainNet's are megabytes).
+LIST_FILE_BYTES = 256 << 20
 
 #: Fraction of each ImageNet-R class held out for testing, as in the continual-learning literature (80/20).
 IMAGENET_R_TEST_FRACTION = 0.2
@@ -58,7 +62,7 @@ def image_dataset(paths: Sequence[str], labels: Sequence[int], names: Sequence[s
     return Dataset.from_dict({"image": list(paths), "label": list(labels)}, features=features)
 
 
-def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> DatasetDict:
+def load_split_image_folders(train_dir: str | Path, test_dir: str | Path, *, min_classes: int = 2) -> DatasetDict:
     """`train/<class>/*` and `test/<class>/*`: class ids follow the sorted training folder names.
 
     Built from the file listing (`data_checks.list_class_folder`), not datasets' imagefolder: any folder
@@ -70,8 +74,9 @@ def load_split_image_folders(train_dir: str | Path, test_dir: str | Path) -> Dat
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist.")
     names = [p.name for p in class_folders(train_root)]
-    if len(names) < 2:
-        raise ValueError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder.")
+    if len(names) < min_classes:
+        raise ValueError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder (at "
+                         f"least {min_classes}).")
     unknown = sorted({p.name for p in class_folders(test_root)} - set(names))
     if unknown:
         raise ValueError(f"test class folder(s) {unknown[:5]} have no training folder in {train_root}.")
@@ -111,7 +116,7 @@ def load_imagenet_r_folder(
 
 def _read_table(path: Path, columns: int) -> list[list[str]]:
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, LIST_FILE_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=columns - 1)
@@ -171,7 +176,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle_cifar(path: Path) -> dict:
-    with path.open("rb") as handle:
+    with open_regular(path, fix="give the CIFAR archive's batch files") as handle:
         data = _CifarUnpickler(handle, encoding="bytes").load()
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a CIFAR batch (a dict).")

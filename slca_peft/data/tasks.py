@@ -140,6 +140,7 @@ class TaskSequence:
         seed: int | None = 1993,
         image_column: str = "image",
         label_column: str = "label",
+        min_classes: int = 2,
     ):
         for name, ds in (("train", train), ("test", test)):
             for column in (image_column, label_column):
@@ -151,8 +152,11 @@ class TaskSequence:
         self.image_column, self.label_column = image_column, label_column
         names, train_ids, test_ids = label_ids(train, test, label_column)
         num_classes = len(names)
-        if num_classes < 2:
-            raise ValueError(f"the training data has {num_classes} class; continual learning needs at least 2.")
+        if num_classes < min_classes:
+            raise ValueError(f"the training data has {num_classes} class(es); continual learning needs at least "
+                             f"{min_classes}" + (" (new data that continues a checkpoint may have one: "
+                                                 "TaskSequence(..., min_classes=1), as --continue_from uses)."
+                                                 if min_classes > 1 else "."))
         missing = sorted(set(range(num_classes)) - set(np.unique(train_ids).tolist()))
         if missing:
             raise ValueError(f"class(es) {[names[i] for i in missing]} have no training image.")
@@ -191,9 +195,10 @@ class TaskSequence:
         from .checks import check_dataset_images
         from .formats import load_split_image_folders
 
+        minimum = kwargs.get("min_classes", 2)
         for directory in (train_dir, test_dir):
-            verify_image_folder(directory, decode=False)
-        data = load_split_image_folders(train_dir, test_dir)
+            verify_image_folder(directory, decode=False, min_classes=minimum)
+        data = load_split_image_folders(train_dir, test_dir, min_classes=minimum)
         for split in ("train", "test"):
             check_dataset_images(data[split], "image", description=f"checking {split} images")
         return cls(data["train"], data["test"], **kwargs)
@@ -306,19 +311,22 @@ def with_labels(ds: Dataset, column: str, labels: np.ndarray, feature: ClassLabe
     return ds.add_column(column, labels.tolist(), feature=feature)
 
 
-def verify_image_folder(directory: str | Path, *, decode: bool = True) -> None:
-    """Fail early on a missing folder, fewer than two classes, or (`decode`) an image PIL cannot decode
-    in full or convert faithfully, naming the file."""
+def verify_image_folder(directory: str | Path, *, decode: bool = True, min_classes: int = 2) -> None:
+    """Fail early on a missing folder, fewer than `min_classes` classes (two; one for new data that
+    continues a checkpoint), or (`decode`) an image PIL cannot decode in full or convert faithfully,
+    naming the file."""
     from .checks import check_images, list_class_folder
 
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist.")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise ValueError(
             f"image folder {root} has {len(classes)} class sub-folder(s); put each class's images in its "
-            "own sub-folder, with at least two classes."
+            f"own sub-folder, with at least {min_classes} classes"
+            + (" (one is enough for new data that continues a checkpoint, --continue_from)."
+               if min_classes > 1 else ".")
         )
     if decode:
         check_images(list_class_folder(root, classes)[0], description=f"checking {root}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..models.config import MAX_CLASSES, MAX_FEATURE_DIM  # bound what a statistics file header may declare
+from ..models.config import MAX_CLASSES, MAX_FEATURE_DIM, MAX_TASKS  # bound what a statistics file may declare
 from ..utils.safetensors_header import check_tensors, read_header
 from .covariance import KIND_CHOLESKY, KIND_FACTOR, packed_size
 
@@ -24,6 +24,10 @@ TENSORS = {"classes", "tasks", "counts", "means", "ridge", "kinds", "ranks", "fa
 _INTEGER_TENSORS = {"classes", "tasks", "counts", "kinds", "ranks"}
 _INTEGER_CODES = {"I64", "I32"}
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+#: Bounds on the values a statistics file carries, checked at load (before any training uses them): the
+#: ridge as `--ca_ridge` allows it, a class's sample count exact in float64.
+MAX_RIDGE = 1e6
+MAX_COUNT = 1 << 53
 
 
 def file_metadata(covariance_form: str, covariance_rank: int | None) -> dict[str, str]:
@@ -103,4 +107,21 @@ def read_statistics_file(path: Path, feature_dim: int | None, *, forms: tuple[st
         )
     if len(set(state["classes"].tolist())) != num:
         raise ValueError(f"{path} lists a class twice; the file is damaged.")
+    _check_values(path, state)
     return state, form, rank, sizes
+
+
+def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """The values a run would train with, bounded now rather than failing (or overflowing) after a task
+    trained: the ridge, class positions, task ids and sample counts."""
+    ridge = float(state["ridge"].reshape(-1)[0])
+    problems = []
+    if not 0.0 <= ridge <= MAX_RIDGE:
+        problems.append(f"ridge {ridge:g} (allowed: 0 to {MAX_RIDGE:g}, as --ca_ridge)")
+    for key, low, high in (("classes", 0, MAX_CLASSES - 1), ("tasks", 0, MAX_TASKS - 1), ("counts", 1, MAX_COUNT)):
+        values = state[key]
+        if values.numel() and not bool(((values >= low) & (values <= high)).all()):
+            bad = values[(values < low) | (values > high)][0].item()
+            problems.append(f"{key} value {bad} (allowed: {low} to {high})")
+    if problems:
+        raise ValueError(f"{path} holds {'; '.join(problems)}; the file is damaged or was not written by slca-peft.")

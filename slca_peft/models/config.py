@@ -253,7 +253,14 @@ def validate_state(state: Any, source: str = "continual_state.json") -> dict[str
                 raise _fail(f"segments[{i}]", "must be a JSON object of a few fields.")
             for key in ("first_task", "tasks"):
                 check_int(f"segments[{i}].{key}", segment.get(key), 0, MAX_TASKS)
-            check_str(f"segments[{i}].data", segment.get("data"), optional=True)
+            for key in ("data", "continued_from", "continued_revision"):
+                check_str(f"segments[{i}].{key}", segment.get(key), optional=True)
+            bounds = (("seed", -(2**63), 2**64), ("init_cls", 0, MAX_CLASSES), ("increment", 0, MAX_CLASSES))
+            for key, low, high in bounds:
+                if segment.get(key) is not None:
+                    check_int(f"segments[{i}].{key}", segment[key], low, high)
+            if segment.get("merged_classes") is not None:
+                check_str_list(f"segments[{i}].merged_classes", segment["merged_classes"], MAX_CLASSES)
         for t, value in enumerate(check_list("seen_accuracy", state.get("seen_accuracy", []), MAX_TASKS)):
             check_float(f"seen_accuracy[{t}]", value, 0.0, 100.0)
     except ValueError as err:

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+from ..utils.errors import open_regular
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +55,8 @@ def load_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path, fix="give the checkpoint file") as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "GLOBAL" not in str(err):  # torch names the refused global; anything else is a damaged file
             raise ValueError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err

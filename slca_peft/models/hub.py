@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils.errors import read_json
+from ..utils.errors import UserError, read_json
 from ..utils.files import (
     ADAPTER_CONFIG_FILE,
     BACKBONE_CONFIG_FILE,
@@ -18,7 +17,7 @@ from ..utils.files import (
     STATISTICS_FILE,
     write_json,
 )
-from ..utils.manifest import regular_files_for_upload
+from ..utils.manifest import MANIFEST_FILE, copy_verified, read_manifest, read_manifest_extra, record_tree
 from .card import REPO_PLACEHOLDER, write_model_card
 from .config import read_state
 from .loading import is_local_name
@@ -102,15 +101,29 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
     card.save(card_path)
 
 
-def _copy_for_upload(directory: Path, folder: Path) -> None:
-    """Copy what an upload of `directory` may send: the regular files of its manifest (for a folder
-    written before manifests, its regular files), never a symlink or its target (a token file linked
-    into a checkpoint must not leave the machine)."""
+def _copy_for_upload(directory: Path, folder: Path) -> dict:
+    """Copy what an upload of `directory` may send: the files its manifest lists, each a regular file
+    with one link, reached without a symlink, whose SHA-256 still matches the record (the model card
+    excepted: the user may edit it), hashed as it is copied (`manifest.copy_verified`). Nothing else
+    goes: a file put beside them, a symlink or its target, a hard link to a token. Returns the
+    manifest's other fields. A folder without a manifest is refused."""
+    entries = read_manifest(directory)
+    if entries is None:
+        raise UserError(f"{directory} has no {MANIFEST_FILE}, so slca-peft cannot tell which of its files it wrote "
+                        "and uploads none of them; push a checkpoint or model folder slca-peft wrote (save_checkpoint, "
+                        "save_pretrained), or write a stock model with `slca-peft export CHECKPOINT DIR` and push "
+                        "that.")
     folder.mkdir(parents=True)
-    for path in regular_files_for_upload(directory):
-        target = folder / path.relative_to(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target, follow_symlinks=False)
+    for rel, entry in sorted(entries.items()):
+        copy_verified(directory, entry, folder / rel, may_change=rel == CARD_FILE)
+    return read_manifest_extra(directory)
+
+
+def _record_upload(folder: Path, extra: dict) -> None:
+    """The upload copy's own manifest, written after `_prepare_upload` edited it (base model id, card), so
+    what is pushed is a folder slca-peft can check and push again; a local base model's digests (its
+    path names a folder nobody who downloads the repo has) are dropped."""
+    record_tree(folder, {k: v for k, v in extra.items() if k != "base_model"})
 
 
 def push_to_hub(
@@ -127,8 +140,10 @@ def push_to_hub(
     base_model_id: str | None = None,
 ) -> Any:
     """Create the repo (and the `revision` branch) if needed and upload a model folder or checkpoint
-    as one commit, or as one pull request with `create_pr`. Only the regular files slca-peft wrote
-    there (its manifest) are sent: never a symlink's target, never a file put beside them.
+    as one commit, or as one pull request with `create_pr`. Only the files slca-peft wrote there (its
+    manifest), unchanged, are sent (`_copy_for_upload`): never a symlink's target, a hard link, a file
+    put beside them or one edited since (the model card excepted); a folder without a manifest is
+    refused. The uploaded copy carries a manifest of its own files as uploaded.
 
     A LoRA checkpoint refers to its base model by name; one built on a local directory would load
     nowhere else, so it is refused unless `base_model_id` names the same weights on the Hub (the
@@ -146,8 +161,9 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / directory.name
-        _copy_for_upload(directory, folder)
+        extra = _copy_for_upload(directory, folder)
         _prepare_upload(folder, repo_id, base_model_id, tags)
+        _record_upload(folder, extra)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision not in (None, "main"):
             # upload_folder refuses a branch that does not exist yet (a pull request targets it too).

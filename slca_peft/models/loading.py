@@ -8,7 +8,6 @@ absolute path. Base weights are only read from safetensors (never a pickle).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import transformers
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+
+from ..utils.errors import read_json
 
 #: Multimodal checkpoints whose image tower is the backbone (a Hub id of the whole model loads its tower).
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -88,7 +89,7 @@ def check_backbone_source(name_or_path: str | os.PathLike) -> None:
             )
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
             try:
-                base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                base = read_json(path / "adapter_config.json", 1 << 20).get("base_model_name_or_path")
             except (OSError, ValueError, AttributeError):
                 base = None
             raise ValueError(

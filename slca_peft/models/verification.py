@@ -8,16 +8,16 @@ runs it with the base model the checkpoint would load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..utils import manifest
 from ..utils.digests import describe_model_file_changes, model_file_digests
-from ..utils.errors import UserError
-from ..utils.files import CARD_FILE
+from ..utils.errors import UserError, open_regular
+from ..utils.files import CARD_FILE, hash_stream
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -39,21 +39,37 @@ def base_model_record(model: SLCAModel, *, kind: str) -> dict[str, Any]:
 
 
 def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> list[str]:
-    """Each listed file missing, replaced or edited, and each safetensors/JSON file added since."""
+    """Each listed file missing, replaced or edited, and each safetensors/JSON file added since. Every
+    listed file is read through folders opened without following a symlink (`manifest.check_listed`):
+    a symlinked sub-folder on the way is a difference, never followed."""
     problems = []
     for rel, entry in sorted(entries.items()):
         if rel in UNCHECKED_FILES:
             continue
-        target = root / rel
-        if target.is_symlink() or not target.is_file():
-            problems.append(f"{rel} is missing" if not os.path.lexists(target) else f"{rel} is not a regular file")
+        try:
+            state = manifest.check_listed(root, entry)
+        except UserError:
+            problems.append(f"{rel} lies under a symbolic link")
             continue
-        size, sha = manifest.file_sha256(target)
-        if (size, sha) != (entry.size, entry.sha256):
-            problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {sha[:12]})")
+        if state == "a symbolic link" and manifest.is_hub_blob_link(root, rel):  # a Hub download (cache links)
+            same = _blob_sha256(root / rel) == (entry.size, entry.sha256)
+            state = None if same else "its content changed since slca-peft wrote it"
+        if state == "missing":
+            problems.append(f"{rel} is missing")
+        elif state == "its content changed since slca-peft wrote it":
+            problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {_blob_sha256(root / rel)[1][:12]})")
+        elif state is not None:
+            problems.append(f"{rel} is not a regular file")
     added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
                    and p.name not in entries and p.name != manifest.MANIFEST_FILE)
     return problems + [f"{name} was added" for name in added]
+
+
+def _blob_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open_regular(path, fix="a checkpoint holds regular files") as fh:
+        size = hash_stream(fh, digest)
+    return size, digest.hexdigest()
 
 
 def verify_files(path: str | Path, resolve_base: Callable[[], str | None], *, accept_changed_files: bool = False,

@@ -12,10 +12,12 @@ ids were recorded), the export's logits are the model's, and `config.id2label` i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,11 +38,15 @@ from ..utils.files import (
     CARD_FILE,
     CONFIG_FILE,
     FINGERPRINT_FILE,
+    LOCK_FILE,
     METRICS_FILE,
     STATE_FILE,
     atomic_directory,
     checkpoint_dirs,
+    follow_umask,
+    recover_replaced,
     settle_files,
+    swap_directories,
 )
 
 if TYPE_CHECKING:
@@ -177,7 +183,7 @@ def export_model(
 EXPORT_KIND = "export"
 #: What marks a folder as slca-peft's own: a checkpoint or model folder, or a run directory.
 _CHECKPOINT_MARKERS = (CONFIG_FILE, STATE_FILE)
-_RUN_MARKERS = (FINGERPRINT_FILE, ".slca-run.lock", METRICS_FILE, "seeds.json")
+_RUN_MARKERS = (FINGERPRINT_FILE, LOCK_FILE, METRICS_FILE, "seeds.json")
 
 
 def _owner(folder: Path) -> str | None:
@@ -195,9 +201,11 @@ def check_export_target(directory: str | Path, *, overwrite: bool = False) -> bo
 
     Refused: a target that is, or lies inside, a checkpoint or a run directory (`export ck ck`,
     `export run/task_2 run`); a symbolic link; a non-empty folder that is not a previous export (a
-    user's folder); a previous export without `overwrite`.
+    user's folder); a previous export without `overwrite`; with it, a previous export whose manifest is
+    invalid or lists a path under a symlinked sub-folder, or that holds a FIFO, device or socket.
     """
     target = Path(directory)
+    recover_replaced(target)  # a replacement killed between its two renames (where names cannot be exchanged)
     if target.is_symlink():
         raise UserError(f"export: {target} is a symbolic link; give the export a real, new directory.")
     if target.exists() and not target.is_dir():
@@ -219,12 +227,92 @@ def check_export_target(directory: str | Path, *, overwrite: bool = False) -> bo
     if not overwrite:
         raise UserError(f"export: {target} holds a previous export; pass --overwrite (overwrite=True) to replace its "
                         "files, or give another directory.")
+    _replacement(target)  # every refusal before any work
     return True
 
 
+def _replacement(target: Path) -> tuple[manifest.RemovalPlan, list[str]]:
+    """(the previous export's own files, checked against its manifest; everything else in `target`, by
+    relative path: files and links put there, files edited since, empty folders), refused before
+    anything is written when the manifest is invalid or something there cannot be carried over."""
+    plan = manifest.plan_removal(target)
+    ours = set(plan.remove) | {manifest.MANIFEST_FILE}
+    theirs = []
+    for folder, dirs, files in os.walk(target):
+        here = Path(folder)
+        for name in sorted(dirs):
+            path = here / name
+            if path.is_symlink():
+                theirs.append(path.relative_to(target).as_posix())
+            elif not any(path.iterdir()):
+                theirs.append(path.relative_to(target).as_posix())
+        dirs[:] = sorted(d for d in dirs if not (here / d).is_symlink())
+        for name in sorted(files):
+            path = here / name
+            rel = path.relative_to(target).as_posix()
+            if rel in ours:
+                continue
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise UserError(f"export: {path} is not a regular file or link (a FIFO, device or socket) and not the "
+                                "previous export's; move it out of the folder, then export again.")
+            theirs.append(rel)
+    return plan, theirs
+
+
+def _carry_over(target: Path, tmp: Path, theirs: list[str]) -> None:
+    """Give the new export (`tmp`) the user's files from `target` under their own paths (hard links,
+    else copies, so the files stay in `target` too until the swap); a name the new export writes is
+    refused first, before anything is carried."""
+    for rel in theirs:
+        parts = Path(rel).parts
+        for depth in range(1, len(parts) + 1):
+            there = tmp.joinpath(*parts[:depth])
+            if os.path.lexists(there) and (depth == len(parts) or not there.is_dir() or there.is_symlink()):
+                raise UserError(f"export: {target / rel} is not the previous export's (a file put there or edited "
+                                f"since) and the new export writes {Path(*parts[:depth]).as_posix()}: move it out of "
+                                "the folder, then export again; nothing was changed.")
+    for rel in theirs:
+        source, copy = target / rel, tmp / rel
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            os.symlink(os.readlink(source), copy)
+        elif source.is_dir():
+            copy.mkdir(exist_ok=True)
+        else:
+            try:
+                os.link(source, copy, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(source, copy, follow_symlinks=False)
+
+
+def _drop_previous(old: Path, target: Path, plan: manifest.RemovalPlan, theirs: list[str]) -> None:
+    """Delete the previous export, now at `old`: the second names of the user's files (each checked to be
+    in the new export first), then its own files (`manifest.carry_out`, those its manifest lists and
+    `_replacement` found unchanged). Anything left is kept under a visible name and said."""
+    for rel in sorted(theirs, key=lambda r: len(Path(r).parts), reverse=True):
+        leftover, kept = old / rel, target / rel
+        if not os.path.lexists(kept):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
+        elif leftover.is_symlink() or os.path.samefile(leftover, kept) or \
+                manifest.file_sha256(leftover) == manifest.file_sha256(kept):
+            leftover.unlink()
+    manifest.carry_out(manifest.RemovalPlan(old, plan.remove, [], plan.manifest))
+    if os.path.lexists(old):
+        visible = target.parent / f"{target.name}.previous-{os.getpid()}"
+        os.replace(old, visible)
+        logging.getLogger(__name__).warning("export: kept %s: it holds files of the previous export's folder that "
+                                            "could not be carried over; look through it and delete it.", visible)
+
+
 def _write_export(target: Path, previous: bool, classifier, processor, readme) -> None:
-    """Write the export through a temporary sibling; a previous export loses only its own files
-    (those its manifest lists), then the new ones move in."""
+    """Write the export through a temporary sibling and put it in place in one step: a previous export
+    is replaced by swapping the two folders (old or new after a kill, never half of each), with the
+    files it holds that it did not write (or that were edited since) carried over, then its own files
+    deleted."""
     if not previous:
         with atomic_directory(target) as tmp:
             classifier.save_pretrained(tmp)
@@ -232,20 +320,26 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
             readme.save(Path(tmp) / CARD_FILE)
             manifest.record_tree(tmp, {"kind": EXPORT_KIND})
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        # Left by a kill: the new export before its swap, or the old one after it, each holding only second
+        # names (hard links or copies) of the files carried over, which are in `target`.
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        follow_umask(tmp, directory=True)
         classifier.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         readme.save(tmp / CARD_FILE)
         settle_files(tmp)
-        manifest.remove_owned(target)
-        target.mkdir(exist_ok=True)
-        for child in sorted(tmp.iterdir()):
-            os.replace(child, manifest.safe_path(target, child.name, final_may_be_link=True))
-        manifest.record_tree(target, {"kind": EXPORT_KIND})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest.record_tree(tmp, {"kind": EXPORT_KIND})  # the new export's files only
+        plan, theirs = _replacement(target)
+        _carry_over(target, tmp, theirs)
+        old = swap_directories(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new export, and second names of files still in `target`
+        raise
+    plan.say_kept("export: ")
+    _drop_previous(old, target, plan, theirs)
 
 
 def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:

@@ -118,8 +118,10 @@ MAX_CLASSES = 1 << 20
 
 
 def _read_json(path: Path) -> Any:
+    """A run's JSON file, read bounded, as a regular file (a FIFO is refused, never waited on) that does
+    not lead out of its folder (`read_json`'s `root`)."""
     try:
-        return read_json(path)
+        return read_json(path, root=path.parent)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found; is {path.parent} the output directory of a finished run?") from None
 
@@ -283,7 +285,7 @@ def _run_seeds(run_dir: Path, class_order_seed: str | None = None) -> tuple[int 
     sources = [run_dir / "run_fingerprint.json", *reversed(sorted(run_dir.glob("task_*/continual_state.json")))]
     for path in sources:
         try:
-            data = read_json(path) if path.is_file() else None
+            data = read_json(path, root=run_dir) if path.is_file() else None
         except (OSError, ValueError):
             continue
         if not isinstance(data, dict):

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import open_regular
 from .files import hash_stream
 
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
@@ -26,7 +27,7 @@ def _stat_key(path: Path) -> tuple:
 
 def _safetensors_header_sha256(path: Path) -> str | None:
     """SHA-256 of a safetensors file's JSON header (tensor names, dtypes, shapes, offsets)."""
-    with path.open("rb") as fh:
+    with open_regular(path, fix="a model folder holds regular files") as fh:
         head = fh.read(8)
         if len(head) != 8:
             return None
@@ -43,7 +44,7 @@ def _hash_file(path: Path, running: Any = None) -> tuple[str | None, str]:
     if running is None and key in _FILE_DIGESTS:
         return _FILE_DIGESTS[key]
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path, fix="a model folder holds regular files") as fh:
         hash_stream(fh, digest, *([running] if running is not None else []))
     header = _safetensors_header_sha256(path) if path.suffix == ".safetensors" else None
     _FILE_DIGESTS[key] = (header, digest.hexdigest())

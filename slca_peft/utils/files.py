@@ -38,6 +38,7 @@ STATISTICS_FILE = "class_statistics.safetensors"
 STATE_FILE = "continual_state.json"
 METRICS_FILE = "metrics.json"  # a run directory's accuracy matrix and timings
 FINGERPRINT_FILE = "run_fingerprint.json"  # a run directory's settings and data digests
+LOCK_FILE = ".slca-run.lock"  # a run directory's advisory lock (`slca_peft.continual.lock`)
 #: A run directory holds one checkpoint folder per learned task, named by `task_dir_name`.
 TASK_DIR_PREFIX = "task_"
 #: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
@@ -108,14 +109,57 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system or the
+    filesystem cannot."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_directories(new: str | Path, target: str | Path) -> Path:
+    """Put the folder `new` in place of the folder `target`; returns where the old `target` is now.
+    Atomic where the system can exchange two names (Linux): after a kill `target` is the old folder or
+    the new one, never missing or half of each. Elsewhere two renames, with `.NAME.old-*` between them
+    (`recover_replaced` undoes a kill there)."""
+    new, target = Path(new), Path(target)
+    if _exchange(new, target):
+        return new
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    return old
+
+
 def settle_files(folder: str | Path) -> None:
     """Flush every regular file written into `folder` to disk and give it the umask's permissions
     (safetensors files are created 0600 whatever the umask), before the folder is renamed into place."""
     for child in Path(folder).iterdir():
         if child.is_file() and not child.is_symlink():
             follow_umask(child)
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
+            fd = os.open(child, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

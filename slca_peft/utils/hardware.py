@@ -12,16 +12,18 @@ where bf16 would be emulated and slower.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import read_own_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,8 @@ _pending_choice: str | None = None
 # ---------------------------------------------------------------------------------------------- bf16 auto
 def _cpuinfo_flags() -> set[str]:
     try:
-        text = CPUINFO.read_text()
-    except OSError:  # not Linux
+        text = read_text(CPUINFO, 16 << 20)
+    except (OSError, ValueError):  # not Linux
         return set()
     for line in text.splitlines():
         if line.startswith("flags"):
@@ -84,49 +86,101 @@ def choose_bf16(use_cpu: bool) -> tuple[bool, str]:
     return False, "the CPU has neither AVX512-BF16 nor AMX, so bfloat16 would be emulated and slower"
 
 
-def _flag_values(argv: Sequence[str], name: str) -> list[tuple[int, int, str | None]]:
-    """Each occurrence of `--name` in argv: (start, number of tokens, value or None when bare)."""
+#: The options the pre-read looks at, by the name their value is stored under.
+_PRE_READ = ("bf16", "fp16", "use_cpu", "output_dir", "resume_from")
+#: Largest run_fingerprint.json the pre-read reads (the fingerprint's own bound).
+_MAX_FINGERPRINT_BYTES = 16 << 20
+
+
+def default_spellings(names: Sequence[str] = _PRE_READ) -> dict[str, str]:
+    """{option string: name} for `--name` and `--name-with-dashes`, the spellings HfArgumentParser gives
+    every field (a parser's full table, with abbreviations, comes from `option_spellings`)."""
+    table = {}
+    for name in names:
+        table[f"--{name}"] = name
+        table[f"--{name.replace('_', '-')}"] = name
+    return table
+
+
+def option_spellings(parser: Any) -> tuple[dict[str, str], bool]:
+    """({option string: destination}, whether abbreviations are accepted) of an argparse parser: what
+    `resolve_bf16_flag` needs to read the command line exactly as that parser will."""
+    table = {option: action.dest for option, action in parser._option_string_actions.items()
+             if option.startswith("--")}
+    return table, bool(getattr(parser, "allow_abbrev", True))
+
+
+def _option_name(token: str, spellings: Mapping[str, str], abbrev: bool) -> tuple[str | None, str | None]:
+    """(destination, inline `=value` or None) of a command-line token, as argparse reads it: an exact
+    option string, else (with `abbrev`) the one option string it is a prefix of; None for anything else
+    (a value, an unknown or ambiguous option)."""
+    if not token.startswith("--") or token == "--":
+        return None, None
+    option, eq, value = token.partition("=")
+    inline = value if eq else None
+    if option in spellings:
+        return spellings[option], inline
+    if abbrev:
+        matches = [o for o in spellings if o.startswith(option)]
+        if len(matches) == 1:
+            return spellings[matches[0]], inline
+    return None, None
+
+
+def _flag_values(argv: Sequence[str], name: str, spellings: Mapping[str, str] | None = None, abbrev: bool = False,
+                 ) -> list[tuple[int, int, str | None]]:
+    """Each occurrence of option `name` in argv, in any spelling the parser accepts: (start, number of
+    tokens, value or None when bare)."""
+    spellings = default_spellings() if spellings is None else spellings
     found = []
     for i, token in enumerate(argv):
-        if token == f"--{name}":
+        dest, inline = _option_name(token, spellings, abbrev)
+        if dest != name:
+            continue
+        if inline is not None:
+            found.append((i, 1, inline))
+        else:
             bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
             found.append((i, 1 if bare else 2, None if bare else argv[i + 1]))
-        elif token.startswith(f"--{name}="):
-            found.append((i, 1, token.partition("=")[2]))
     return found
 
 
-def _last_bool(argv: Sequence[str], name: str) -> bool | None:
-    values = _flag_values(argv, name)
+def _last_bool(argv: Sequence[str], name: str, spellings: Mapping[str, str] | None = None,
+               abbrev: bool = False) -> bool | None:
+    values = _flag_values(argv, name, spellings, abbrev)
     if not values:
         return None
     value = values[-1][2]
     return True if value is None else value.lower() in _TRUE
 
 
-def _recorded_bf16(argv: Sequence[str]) -> bool | None:
-    """The precision a resumed run recorded in its run_fingerprint.json (its own or, with --seeds, a seed's)."""
-    resume = _flag_values(argv, "resume_from")
-    output = _flag_values(argv, "output_dir")
+def _recorded_bf16(argv: Sequence[str], spellings: Mapping[str, str] | None = None, abbrev: bool = False,
+                   ) -> bool | None:
+    """The precision a resumed run recorded in its run_fingerprint.json (its own or, with --seeds, a
+    seed's), read through the bounded reader: a FIFO, a device or a symlink there is refused, never
+    read (`read_own_json`)."""
+    resume = _flag_values(argv, "resume_from", spellings, abbrev)
+    output = _flag_values(argv, "output_dir", spellings, abbrev)
     if not resume or not resume[-1][2]:
         return None
     candidates = []
-    if Path(resume[-1][2]).is_dir():
+    if resume[-1][2] != "auto" and Path(resume[-1][2]).is_dir():
         candidates.append(Path(resume[-1][2]).parent)
     if output and output[-1][2]:
         root = Path(output[-1][2])
-        candidates += [root, *sorted(root.glob("seed_*"))]
+        seeds = sorted(p for p in root.glob("seed_*") if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+        candidates += [root, *seeds]
     for directory in candidates:
-        try:
-            recorded = json.loads((directory / "run_fingerprint.json").read_text()).get("bf16")
-        except (OSError, ValueError, AttributeError):
-            continue
+        data = read_own_json(directory / "run_fingerprint.json", _MAX_FINGERPRINT_BYTES,
+                             "remove it or use --overwrite_output_dir")
+        recorded = data.get("bf16") if isinstance(data, dict) else None
         if isinstance(recorded, bool):
             return recorded
     return None
 
 
-def resolve_bf16_flag(argv: Sequence[str]) -> list[str]:
+def resolve_bf16_flag(argv: Sequence[str], spellings: Mapping[str, str] | None = None,
+                      abbrev: bool = False) -> list[str]:
     """Command-line arguments with `--bf16 auto` (or no `--bf16`, the recipe's default) replaced by
     `--bf16 true` or `--bf16 false` for this machine; explicit true/false pass through unchanged.
 
@@ -134,24 +188,28 @@ def resolve_bf16_flag(argv: Sequence[str]) -> list[str]:
     started elsewhere or before `auto` existed resumes with its own settings. On a machine without
     any GPU, bf16 also sets `--use_cpu true` (transformers runs CPU bf16 only with it; the run is on
     the CPU either way). The choice is logged by `log_bf16_choice` once logging is configured.
+
+    `spellings` ({option string: destination}) and `abbrev` are the parser's (`option_spellings`), so
+    every spelling it accepts (`--output-dir`, `--resume_f auto`, `--bf16=auto`) is read here too; by
+    default `--name` and `--name-with-dashes`.
     """
     global _pending_choice
     argv = list(argv)
-    occurrences = _flag_values(argv, "bf16")
+    occurrences = _flag_values(argv, "bf16", spellings, abbrev)
     if occurrences and (occurrences[-1][2] is None or occurrences[-1][2].lower() != "auto"):
         return argv
     for start, length, _ in reversed(occurrences):
         del argv[start : start + length]
-    use_cpu = bool(_last_bool(argv, "use_cpu")) or _env_use_cpu()
-    recorded = _recorded_bf16(argv)
-    if _last_bool(argv, "fp16"):
+    use_cpu = bool(_last_bool(argv, "use_cpu", spellings, abbrev)) or _env_use_cpu()
+    recorded = _recorded_bf16(argv, spellings, abbrev)
+    if _last_bool(argv, "fp16", spellings, abbrev):
         bf16, why = False, "--fp16 is set"
     elif recorded is not None:
         bf16, why = recorded, "the run being resumed recorded it"
     else:
         bf16, why = choose_bf16(use_cpu)
     if bf16 and not use_cpu and not _has_accelerator():
-        if _last_bool(argv, "use_cpu") is False or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _last_bool(argv, "use_cpu", spellings, abbrev) is False or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             bf16, why = False, "there is no GPU and CPU bfloat16 needs --use_cpu true"
         else:
             argv += ["--use_cpu", "true"]

@@ -3,12 +3,21 @@
 A run directory, a checkpoint or an export holds `.slca-manifest.json`: a JSON object
 `{"format": "slca-manifest", "version": 1, "files": [{"path", "size", "sha256"}, ...]}` listing every
 regular file the library wrote there, by POSIX path relative to the directory. Deletion
-(`remove_owned`), overwriting and uploading (`regular_files_for_upload`) go through it:
+(`plan_removal` then `carry_out`, or `remove_owned`), overwriting and uploading (`copy_verified`) go
+through it, checking each file against its record before acting:
 
-- only listed paths are touched, and only while they are regular files: a symlink is never followed,
-  never counted as ours, and a listed path under a symlinked sub-directory is refused;
-- every path stays inside the directory (no absolute path, no `..`, no NUL);
+- only listed paths are touched, and only while they are regular files with the recorded size and
+  SHA-256, reached without a symlink: a file whose content changed since is the user's (kept, and
+  said so), a symlink is never followed nor counted as ours, and a listed path under a symlinked
+  sub-directory is refused before anything is deleted;
+- every path stays inside the directory (no absolute path, no `..`, no NUL), and a manifest that
+  lists a manifest or the run lock (`.slca-run.lock`, which a run holds while it overwrites) is refused;
 - the manifest itself is read bounded (size, entries, path length) and validated before use.
+
+A manifest is a record of what the library wrote, not a signature: it stops a deletion or upload
+from touching what the library did not write (a file put beside, a file edited since, a link), but
+anyone who can write the directory can write a manifest that lists their own file with its true
+size and SHA-256, and that file is then treated as the library's.
 
 Other top-level fields say what the directory is: `kind` (`"checkpoint"`, `"model"`, `"export"`) and,
 for a checkpoint on a local base model, `base_model` (`{"name", "files": {file: {size, sha256,
@@ -18,14 +27,16 @@ header_sha256}}}`), which `slca_peft.verify_checkpoint` compares on resume.
 components lead out of the root through a symlink is refused, and the final component is opened
 with `O_NOFOLLOW`, so a symlink planted at a file's name cannot redirect the write.
 
-It imports nothing from slca_peft but the leaves `errors` and `files`.
+It imports nothing from slca_peft but `errors`, `files` and `listed` (reading a listed file without symlinks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -33,9 +44,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError, read_own_json
+from .errors import UserError, open_regular, read_json, read_own_json
+from .files import LOCK_FILE, hash_stream
 from .files import atomic_write_bytes as write_file_atomically
-from .files import hash_stream
+from .listed import (  # noqa: F401  (part of this module's API)
+    ManifestEntry,
+    check_listed,
+    copy_verified,
+    is_hub_blob_link,
+    open_listed,
+    parent_fd,
+)
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = ".slca-manifest.json"
 MANIFEST_FORMAT = "slca-manifest"
@@ -44,15 +65,6 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_ENTRIES = 100_000
 MAX_PATH_CHARS = 1024
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One file the library wrote: POSIX path relative to the directory, size in bytes, SHA-256."""
-
-    path: str
-    size: int
-    sha256: str
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -146,11 +158,8 @@ def atomic_write_bytes(root: str | Path, rel: str | os.PathLike[str], data: byte
 
 # ---------------------------------------------------------------------------------------------- entries
 def file_sha256(path: str | Path) -> tuple[int, str]:
-    """(size, SHA-256) of a regular file, read in blocks without following a symlink."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise UserError(f"{path} is not a regular file; slca-peft only records files it wrote.")
+    """(size, SHA-256) of a regular file, read in blocks without following a symlink (`open_regular`)."""
+    with open_regular(path, follow=False, fix="slca-peft only records files it wrote") as fh:
         digest = hashlib.sha256()
         size = hash_stream(fh, digest)
     return size, digest.hexdigest()
@@ -176,7 +185,10 @@ def _parse_entry(item: Any, where: Path) -> ManifestEntry:
 def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dict[str, Any]] | None:
     """({path: entry}, the other top-level fields) of `directory`'s manifest, or None when there is none."""
     where = Path(directory) / MANIFEST_FILE
-    data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
+    if is_hub_blob_link(directory, MANIFEST_FILE):  # a Hub download: the cache links the file to its blob
+        data = read_json(where, MAX_MANIFEST_BYTES)
+    else:
+        data = read_own_json(where, MAX_MANIFEST_BYTES, "remove it")
     if data is None:
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
@@ -189,8 +201,11 @@ def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dic
     entries: dict[str, ManifestEntry] = {}
     for item in data["files"]:
         entry = _parse_entry(item, where)
-        if entry.path == MANIFEST_FILE or entry.path in entries:
-            raise UserError(f"{where} lists {entry.path!r} twice or lists itself; remove it.")
+        if entry.path in entries:
+            raise UserError(f"{where} lists {entry.path!r} twice; remove it.")
+        if PurePosixPath(entry.path).name in (MANIFEST_FILE, LOCK_FILE):
+            raise UserError(f"{where} lists {entry.path!r}, a file slca-peft never records (a manifest, or the lock a "
+                            "run holds); the manifest is damaged or crafted: remove it.")
         entries[entry.path] = entry
     extra = {k: v for k, v in data.items() if k not in ("format", "version", "files")}
     return entries, extra
@@ -260,49 +275,62 @@ def _walk_regular(root: Path) -> list[Path]:
     return found
 
 
-def _listed_regular(root: Path, rel: str) -> Path | None:
-    """The listed file if it is still a regular file reached without symlinks; a symlinked parent is refused."""
-    posix = PurePosixPath(rel)
-    current = root
-    for part in posix.parts[:-1]:
-        current = current / part
-        try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISLNK(info.st_mode):
-            raise UserError(f"{current} is a symbolic link to a directory, which slca-peft never writes, so it will "
-                            f"not touch {rel} through it; remove the link.")
-        if not stat.S_ISDIR(info.st_mode):
-            return None
-    path = current / posix.parts[-1]
-    try:
-        return path if stat.S_ISREG(os.lstat(path).st_mode) else None
-    except FileNotFoundError:
-        return None
-
-
 def owned_files(directory: str | Path) -> list[Path]:
-    """The manifest's files that are still regular files inside `directory` (none without a manifest)."""
+    """The manifest's files that are still the ones slca-peft wrote (`check_listed`); none without a manifest."""
     root = Path(directory)
     entries = read_manifest(root) or {}
-    return [p for p in (_listed_regular(root, rel) for rel in sorted(entries)) if p is not None]
+    return [root / rel for rel, entry in sorted(entries.items()) if check_listed(root, entry) is None]
 
 
-def remove_owned(directory: str | Path) -> list[Path]:
-    """Delete the manifest's regular files, the directories they leave empty, and the manifest.
+@dataclass
+class RemovalPlan:
+    """What deleting a directory's own files will do, decided before anything is deleted: the listed
+    files that are still the library's (`remove`), those kept with the reason (`kept`: edited since,
+    replaced by a link or a folder), and whether the manifest goes too."""
 
-    Nothing else: an unlisted file, a symlink at a listed name (it stays), a listed path under a
-    symlinked sub-directory (refused before anything is deleted). `directory` itself is removed only
-    when it ends up empty. Returns the files removed.
-    """
+    root: Path
+    remove: list[str]
+    kept: list[str]
+    manifest: bool
+
+    def say_kept(self, what: str = "") -> None:
+        """Log each kept file once (a file the library did not write, or no longer wrote, is the user's)."""
+        for item in self.kept:
+            logger.warning("%skept %s: %s; slca-peft deletes only the files it wrote, unchanged.",
+                           what, self.root / item.split(" (", 1)[0], item.split(" (", 1)[1].rstrip(")"))
+
+
+def plan_removal(directory: str | Path) -> RemovalPlan:
+    """Check, before anything is deleted, every file `directory`'s manifest lists (`check_listed`):
+    refused (`UserError`) when the directory is a symlink, the manifest is invalid or lists the lock or
+    a manifest, or a listed path lies under a symlinked sub-directory."""
     root = Path(directory)
     if os.path.islink(root):
         raise UserError(f"{root} is a symbolic link; slca-peft removes files only in a real directory it wrote.")
-    files = owned_files(root)  # raises on a symlinked sub-directory before anything is deleted
-    for path in files:
-        path.unlink(missing_ok=True)
-    parents = sorted({p.parent for p in files if p.parent != root}, key=lambda p: len(p.parts), reverse=True)
+    entries = read_manifest(root)
+    remove, kept = [], []
+    for rel, entry in sorted((entries or {}).items()):
+        state = check_listed(root, entry)
+        if state is None:
+            remove.append(rel)
+        elif state != "missing":
+            kept.append(f"{rel} ({state})")
+    return RemovalPlan(root, remove, kept, entries is not None)
+
+
+def carry_out(plan: RemovalPlan) -> list[Path]:
+    """Delete what `plan` found to be the library's, each file unlinked through folders opened without
+    following a symlink; then the folders it leaves empty, the manifest, and the directory itself
+    when nothing else is left. Returns the files removed."""
+    root = plan.root
+    removed = []
+    for rel in plan.remove:
+        with parent_fd(root, rel) as parent:
+            if parent is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(PurePosixPath(rel).name, dir_fd=parent)
+                    removed.append(root / rel)
+    parents = sorted({p.parent for p in removed if p.parent != root}, key=lambda p: len(p.parts), reverse=True)
     for folder in parents:
         while folder != root and _inside(str(folder), str(root)):
             try:
@@ -311,20 +339,18 @@ def remove_owned(directory: str | Path) -> list[Path]:
                 break
             folder = folder.parent
     manifest = root / MANIFEST_FILE
-    if manifest.is_file() and not manifest.is_symlink():
+    if plan.manifest and manifest.is_file() and not manifest.is_symlink():
         manifest.unlink()
-    try:
-        root.rmdir()
-    except OSError:
-        pass  # files the library did not write stay, and so does their folder
-    return files
+    with contextlib.suppress(OSError):
+        root.rmdir()  # files the library did not write stay, and so does their folder
+    return removed
 
 
-def regular_files_for_upload(directory: str | Path) -> list[Path]:
-    """The files an upload of `directory` may send: the manifest's regular files (never a symlink's
-    target). A directory without a manifest (written before manifests existed) gives its regular files,
-    walked without following symlinks."""
-    root = Path(directory)
-    if read_manifest(root) is None:
-        return [p for p in _walk_regular(root) if p.name != MANIFEST_FILE]
-    return owned_files(root)
+def remove_owned(directory: str | Path) -> list[Path]:
+    """Delete the manifest's files that are still the library's, the folders they leave empty, and the
+    manifest (`plan_removal`, then `carry_out`): an unlisted file, an edited one, a symlink at a listed
+    name stay (a warning names each kept listed file); a listed path under a symlinked sub-directory is
+    refused before anything is deleted. `directory` itself goes only when it ends up empty."""
+    plan = plan_removal(directory)
+    plan.say_kept()
+    return carry_out(plan)

@@ -14,7 +14,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, loads_json
+from .errors import UserError, loads_json, open_regular
 
 #: Largest header accepted (the JSON listing of tensor names, dtypes, shapes, offsets).
 MAX_HEADER_BYTES = 16 << 20
@@ -27,8 +27,8 @@ SPARSE_SLACK = 4
 def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """`({name: {"dtype", "shape", "data_offsets"}}, metadata)`, validated; raises `UserError` naming `path`."""
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
+    with open_regular(path, fix="a safetensors file is a regular file") as fh:
+        size = os.fstat(fh.fileno()).st_size
         prefix = fh.read(8)
         if len(prefix) < 8:
             raise UserError(f"{path} is not a valid safetensors file (shorter than 8 bytes); it may be truncated.")

@@ -67,14 +67,14 @@ def test_remove_owned_never_follows_a_symlink_out(tmp_path):
     (ck / "adapter.safetensors").write_bytes(b"ours")
     (ck / "sub" / "a.json").write_text("{}")
     manifest.record(ck, ["adapter.safetensors", "sub/a.json"])
-    assert [p.name for p in manifest.regular_files_for_upload(ck)] == ["adapter.safetensors", "a.json"]
+    assert [p.name for p in manifest.owned_files(ck)] == ["adapter.safetensors", "a.json"]
     # A listed file replaced by a link to an outside file, an unlisted file and an unlisted link: none is
     # uploaded (the link's target would leave the machine) and none is deleted.
     (ck / "sub" / "a.json").unlink()
     (ck / "sub" / "a.json").symlink_to(outside / "weights.safetensors")
     (ck / "token").symlink_to(outside / "token")
     (ck / "notes.txt").write_text("mine")
-    assert [p.name for p in manifest.regular_files_for_upload(ck)] == ["adapter.safetensors"]
+    assert [p.name for p in manifest.owned_files(ck)] == ["adapter.safetensors"]
     removed = manifest.remove_owned(ck)
     assert [p.name for p in removed] == ["adapter.safetensors"]
     assert listing(ck) == ["notes.txt", "sub", "sub/a.json", "token"]
@@ -253,13 +253,18 @@ def test_the_decode_pass_hashes_the_bytes_it_reads(tmp_path, monkeypatch):
     paths = sorted(str(p) for p in folder.rglob("*.png"))
     data_checks.forget_content_digests()
     opened = []
-    real_open = open
+    real_open, real_os_open = open, os.open
 
     def counting_open(file, *args, **kwargs):
         opened.append(str(file))
         return real_open(file, *args, **kwargs)
 
+    def counting_os_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(os, "open", counting_os_open)  # the bounded reader opens with os.open
     data_checks.check_images(paths, workers=1)
     digests = [data_checks.content_digest(p) for p in paths]
     assert sorted(opened) == paths  # one read per image, by the decode; the fingerprint reads nothing more

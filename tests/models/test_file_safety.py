@@ -59,11 +59,12 @@ def test_push_never_uploads_a_symlink_target_or_an_unlisted_file(tmp_path, base_
     files = hub.uploads[-1]["files"]
     assert "token.json" not in files and "notes.txt" not in files and "adapter_model.safetensors" in files
     assert "hf_secret" not in json.dumps(hub.uploads[-1]["json"])
-    # A checkpoint written before manifests: its regular files, still never a symlink.
+    # A folder without a manifest uploads nothing: which of its files slca-peft wrote is unknown.
     (ck / MANIFEST_FILE).unlink()
-    push_to_hub(ck, "me/ck", base_model_id="me/base")
-    assert "token.json" not in hub.uploads[-1]["files"] and "continual_state.json" in hub.uploads[-1]["files"]
-    assert token.read_text() == "hf_secret"
+    uploads = len(hub.uploads)
+    with pytest.raises(UserError, match=r"has no \.slca-manifest\.json.*slca-peft export"):
+        push_to_hub(ck, "me/ck", base_model_id="me/base")
+    assert len(hub.uploads) == uploads and token.read_text() == "hf_secret"
 
 
 def test_export_refuses_targets_it_does_not_own(tmp_path, base_model_dir):

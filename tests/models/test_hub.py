@@ -86,7 +86,11 @@ def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_d
     assert upload["repo_id"] == "me/slca-tiny" and upload["message"] == "task 2" and upload["revision"] is None
     # Model files only: the learner's run state is not part of the model.
     assert set(upload["files"]) == {"adapter_config.json", "adapter_model.safetensors", "classifier.safetensors",
-                                    "slca_config.json", "README.md"}
+                                    "slca_config.json", "README.md", ".slca-manifest.json"}
+    # The upload carries a manifest of the files as uploaded (edited base model id and card included).
+    listed = {f["path"] for f in upload["json"][".slca-manifest.json"]["files"]}
+    assert listed == set(upload["files"]) - {".slca-manifest.json"}
+    assert "base_model" not in upload["json"][".slca-manifest.json"]
     card = upload["card"]
     assert "library_name: slca-peft" in card and "- continual-learning" in card and "| 2 | 70.0 | 60.0 |" in card
     assert "base_model: me/tiny-vit" in card
