@@ -283,10 +283,12 @@ class HubRecorder:
         assert exist_ok, "pushing to an existing branch must not fail"
         self.branches.append((repo_id, branch))
 
-    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None, create_pr=False):
+    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, repo_type=None, create_pr=False,
+                      commit_description=None):
         folder = Path(folder_path)
         self.uploads.append({
             "repo_id": repo_id, "message": commit_message, "revision": revision, "create_pr": create_pr,
+            "description": commit_description,
             "files": sorted(p.name for p in folder.iterdir()),
             "json": {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")},
             "card": (folder / "README.md").read_text() if (folder / "README.md").is_file() else None,

@@ -46,6 +46,7 @@ from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
 from ..models.config import read_state
 from ..models.model import SLCAModel
+from ..models.public import IMAGE_FOLDERS
 from ..models.saving import resolve_checkpoint
 from ..sharing.report import mean_std
 from ..utils.errors import UserError, run_main
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 def data_source(data_args: DataArguments) -> str | None:
     """What the data is, as each task's history records it: the dataset's Hub id or name, or the image folders."""
     if data_args.train_dir:
-        return f"image folders {data_args.train_dir}, {data_args.test_dir}"
+        return f"{IMAGE_FOLDERS}{data_args.train_dir}, {data_args.test_dir}"
     return dataset_hub_id(data_args.dataset) or data_args.dataset
 
 

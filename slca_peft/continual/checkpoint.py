@@ -14,39 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..method.statistics import ClassStatistics
-from ..models.config import read_state, validate_state
+from ..models.config import read_state
 from ..models.loading import hub_kwargs, loading_kwargs
 from ..models.model import SLCAModel
-from ..models.saving import detached, read_model_config, read_safetensors, resolve_checkpoint, write_model_files
-from ..models.verification import base_model_record, verify_files
-from ..utils import manifest
-from ..utils.files import STATE_FILE, STATISTICS_FILE, UNALIGNED_FILE, atomic_directory, follow_umask, json_text
+from ..models.saving import (
+    read_model_config,
+    read_safetensors,
+    resolve_checkpoint,
+    save_learner_state,
+    write_checkpoint_files,
+)
+from ..models.verification import verify_files
+from ..utils.files import STATISTICS_FILE, UNALIGNED_FILE, atomic_directory
 
-
-def save_learner_state(
-    directory: str | Path,
-    *,
-    statistics: ClassStatistics | None = None,
-    state: dict[str, Any] | None = None,
-    unaligned_head: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write the continual learner's run state beside the model files."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if unaligned_head is not None:
-        manifest.safe_path(directory, UNALIGNED_FILE)
-        save_file(detached(unaligned_head), str(directory / UNALIGNED_FILE))
-        follow_umask(directory / UNALIGNED_FILE)
-    if statistics is not None:
-        manifest.safe_path(directory, STATISTICS_FILE)
-        statistics.save(directory)
-        follow_umask(directory / STATISTICS_FILE)
-    if state is not None:
-        validate_state(state)
-        manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
+__all__ = ["load_checkpoint", "load_learner_state", "save_checkpoint", "save_learner_state", "verify_checkpoint"]
 
 
 def save_checkpoint(
@@ -59,16 +42,11 @@ def save_checkpoint(
     card: dict[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to continue or serve `model`, atomically: the directory is either
-    complete or absent."""
-    if state and state.get("label_names") and not model.label_names:
-        model.label_names = state["label_names"]
+    complete or absent (`slca_peft.models.saving.write_checkpoint_files`)."""
     with atomic_directory(directory) as tmp:
-        write_model_files(model, tmp, state, card)
-        save_learner_state(tmp, statistics=statistics, state=state, unaligned_head=unaligned_head)
-        manifest.record_tree(tmp, base_model_record(model, kind="checkpoint"))
+        write_checkpoint_files(model, tmp, statistics=statistics, state=state, unaligned_head=unaligned_head,
+                               card=card)
     return Path(directory)
-
-
 
 
 def load_learner_state(
@@ -133,4 +111,6 @@ def load_checkpoint(
     if state and state.get("label_names") and not model.label_names:
         model.label_names = state["label_names"]
     model.name_or_path = str(path_or_repo_id)
+    # The model carries its run state: a push uploads a checkpoint that can be continued.
+    model.class_statistics, model.unaligned_head = statistics, unaligned
     return model, statistics, state, unaligned

@@ -243,7 +243,9 @@ class EvaluationStep(ContinualCallback):
             hits = torch.zeros((), dtype=torch.long, device=accelerator.device)
             for batch in tqdm(loader, desc=f"evaluating on task {j + 1}", unit="batch", leave=False,
                               disable=not learner.show_progress):
-                preds = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits.argmax(dim=1)
+                # The heads' position order: the stream's test labels are positions.
+                pixels = batch["pixel_values"].to(accelerator.device)
+                preds = model(pixel_values=pixels, positions=True).logits.argmax(dim=1)
                 preds, labels = accelerator.gather_for_metrics((preds, batch["labels"].to(accelerator.device)))
                 hits += (preds == labels).sum()
                 total[j] += labels.numel()
@@ -300,7 +302,9 @@ class CheckpointStep(ContinualCallback):
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         trainer = learner.trainer
         state = self.state(learner)
-        learner.model.task_history = state  # a push or export of the model in memory keeps these results
+        # The model in memory carries its run state: a push or export keeps these results, and a push can be continued.
+        learner.model.task_history = state
+        learner.model.class_statistics, learner.model.unaligned_head = learner.statistics, learner.unaligned_head
         if trainer is None or trainer.is_world_process_zero():
             # A symlink at task_<t> (or a parent leading out of the run) is refused, never replaced or followed.
             directory = safe_path(directory.parent, directory.name)

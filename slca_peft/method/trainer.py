@@ -37,6 +37,7 @@ from ..utils.hardware import cpu_bf16_training
 from ..utils.logging import progress_bars, shows_progress
 from ..utils.state_files import has_state, load_state, save_state
 from .config import SLCAConfig, as_slca_config
+from .trainer_hub import TrainerHub
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = "training_args.json"
@@ -115,7 +116,7 @@ def unused_trainable_parameters(model: SLCAModel) -> list[str]:
         size, channels = input_size(model.config), getattr(model.config, "num_channels", 3)
         pixels = torch.zeros(1, channels, size, size, device=model.device, dtype=model.dtype)
         with torch.enable_grad():
-            model(pixel_values=pixels).logits.float().sum().backward()
+            model(pixel_values=pixels, positions=True).logits.float().sum().backward()
         return [name for name, p in params.items() if p.grad is None]
     finally:
         for name, p in params.items():
@@ -154,11 +155,13 @@ def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epoc
     return factor
 
 
-class SLCATrainer(Trainer):
+class SLCATrainer(TrainerHub, Trainer):
     """Trains the current task of an `SLCAModel` with slow-learner rates.
 
-    The current task is the classifier's newest head; labels are global class indices and must
-    belong to it while training.
+    The current task is the classifier's newest head; the data's labels are the stream's positions
+    (`TaskSequence` gives them) and must belong to it while training. `evaluate` / `predict` report in
+    class ids, as the model answers; `push_to_hub` / `create_model_card` go the library's way
+    (`slca_peft.method.trainer_hub`).
     """
 
     loss_is_scaled_for_ga = False
@@ -258,11 +261,13 @@ class SLCATrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Loss on the current task's logits only (targets shifted by the known classes)."""
+        """Training: the loss on the current task's logits only (the heads' position order, targets
+        shifted by the known classes). Evaluation: the model's own loss, its labels class ids by then
+        (`prediction_step`)."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        outputs = model(pixel_values=inputs["pixel_values"])
+        outputs = model(pixel_values=inputs["pixel_values"], positions=True)
         known, total = self.known_classes, self.slca_model.classifier.num_classes
         if bool(((labels < known) | (labels >= total)).any()):  # one device sync per step
             raise ValueError(
@@ -279,6 +284,24 @@ class SLCATrainer(Trainer):
             loss = F.cross_entropy(logits.float(), targets)
         outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`evaluate` / `predict` report in class ids, as `SLCAModel.forward` and an export do: the logits
+        are the model's (output k = class id k) and the data's labels (the stream's positions, as
+        training takes them) come back as class ids, so `compute_metrics` compares `argmax` with
+        `label_ids` and names either through `model.config.id2label`."""
+        labels = inputs.get("labels")
+        if labels is not None:
+            inputs = {**inputs, "labels": self.class_id_labels(labels)}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def class_id_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class id of each label (a position of the stream, as its data carries it)."""
+        model = self.slca_model
+        if labels.numel() and int(labels.max()) >= model.classifier.num_classes:
+            raise ValueError(f"label {int(labels.max())} is beyond the {model.classifier.num_classes} classes seen "
+                             "so far; grow the classifier for the task before evaluating on it.")
+        return torch.as_tensor(model.class_ids, device=labels.device)[labels]
 
     # ------------------------------------------------------------------ checkpoints (no pickle)
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):

@@ -8,7 +8,9 @@ from typing import Any
 
 from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
 from ..utils.files import CARD_FILE
+from .config import names_by_class_id
 from .loading import is_local_name
+from .public import base_display, public_name, public_state
 
 #: Where the card names its own repo until an upload knows it (`slca_peft.models.hub.push_to_hub` fills it in).
 REPO_PLACEHOLDER = "<this repo or directory>"
@@ -33,9 +35,11 @@ A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
 
 {{ task_history }}
 
-## Classes
+## Classes (class id: name)
 
 {{ classes }}
+
+{{ id_statement }}
 
 ## Usage
 
@@ -53,8 +57,8 @@ With slca-peft (continue training, inspect the per-task heads):
 ```python
 from slca_peft import SLCAModel, export_model
 
-model = SLCAModel.from_pretrained("{{ repo }}")
-logits = model(pixel_values).logits      # over all classes seen so far
+model = SLCAModel.from_pretrained("{{ repo }}")  # in eval mode
+logits = model(pixel_values).logits      # output k = class id k, named model.config.id2label[k]
 export_model(model, "exported")          # plain transformers checkpoint for pipeline()
 ```
 
@@ -68,10 +72,39 @@ from transformers import AutoModel
 backbone = PeftModel.from_pretrained(AutoModel.from_pretrained("{{ base_model }}"), "{{ repo }}")
 ```
 
-Finish the stream it was cut from: `slca-peft train --resume_from {{ repo }} ...` (same data and split).
-Teach it new classes from new data: `slca-peft train --continue_from {{ repo }} --train_dir new/train
---test_dir new/test ...` (old classes keep their ids; see docs/hub.md, "Continue learning later").
+{{ continuation }}
 """
+
+_CONTINUABLE = """Finish the stream it was cut from: `slca-peft train --resume_from {repo} ...` (same data and split).
+Teach it new classes from new data: `slca-peft train --continue_from {repo} --train_dir new/train
+--test_dir new/test ...` (old classes keep their ids; see docs/hub.md, "Continue learning later")."""
+
+_MODEL_ONLY = """These are the model files only, without the task history and class statistics a continual checkpoint
+keeps beside them: `--resume_from` / `--continue_from` cannot go on from here (a run's `task_<t>` folders,
+or `save_checkpoint`, hold all of it)."""
+
+
+def id_statement(state: dict[str, Any]) -> str:
+    """Whose label ids the outputs are, and how to score other data: output k is class id k of the task
+    history, the first data's own label ids; a continuation on other data gave its new classes the next
+    free ids, so such data is scored by class name through `label2id`."""
+    segments = [s for s in state.get("segments") or [] if isinstance(s, dict)]
+    first = (segments[0].get("data") if segments else None) or (state.get("task_data") or [None])[0] \
+        or state.get("dataset")
+    first = public_name(first)
+    named = f"`{first}`" if first else "the training dataset"
+    text = (f"Output k is the class {named} labels k (its class id), so `(logits.argmax(-1) == batch[\"label\"])` "
+            f"on {named} scores what the run reported, and `config.id2label[k]` names output k.")
+    later = list(dict.fromkeys(public_name(s.get("data")) or "other data" for s in segments[1:]))
+    if later:
+        text += (
+            f"\n\nThe classes learned later, from {', '.join(f'`{d}`' for d in later)} (continued), took the next "
+            f"free class ids after {named}'s: they are not that data's own label ids. Score such data by class "
+            "name, through `label2id`:\n\n```python\nnames = dataset.features[\"label\"].int2str(batch[\"label\"])"
+            "  # the data's own class names\ntarget = torch.tensor([model.config.label2id[n] for n in names])\n"
+            "accuracy = (logits.argmax(-1) == target).float().mean()\n```"
+        )
+    return text
 
 
 def _accuracy_table(state: dict[str, Any]) -> str:
@@ -82,17 +115,24 @@ def _accuracy_table(state: dict[str, Any]) -> str:
     return format_accuracy_table(matrix, seen, markdown=True)
 
 
-def card_metrics(state: dict[str, Any]) -> dict[str, float]:
-    """Last-Acc, Inc-Acc and forgetting of a task history, computed as metrics.json's are."""
+def card_metrics(state: dict[str, Any]) -> dict[str, Any]:
+    """Last-Acc, Inc-Acc and forgetting of a task history, computed as metrics.json's are, and which of
+    them are `partial`: computed over the measured entries only, because a task had no test data (a
+    continuation whose old tasks' test data was not at hand). Last-Acc is whole when the last row is;
+    Inc-Acc and forgetting read every row."""
     matrix = state.get("accuracy_matrix") or []
     if not matrix:
         return {}
     summary = summarize_accuracy_matrix(matrix, state.get("task_test_sizes") or None)
+    last_whole = all(v is not None for v in matrix[-1])
+    whole = not summary["missing_entries"]
     return {
         "last_accuracy": float(summary["last_accuracy"]),
         "average_incremental_accuracy": float(summary["average_incremental_accuracy"]),
         "average_forgetting": float(summary["average_forgetting"]),
         "missing_entries": int(summary["missing_entries"]),
+        "partial": [key for key, ok in (("last_accuracy", last_whole), ("average_incremental_accuracy", whole),
+                                        ("average_forgetting", whole)) if not ok],
     }
 
 
@@ -122,7 +162,8 @@ _METRIC_NAMES = {
 }
 
 
-def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
+def _eval_results(metrics: dict[str, Any], dataset: str | None) -> list:
+    """`model-index` entries of the metrics measured over every class the model knows (never a partial one)."""
     from huggingface_hub import EvalResult
 
     return [
@@ -131,8 +172,21 @@ def _eval_results(metrics: dict[str, float], dataset: str | None) -> list:
             dataset_type=dataset or "custom", dataset_name=dataset or "custom",
             metric_type=metric_type, metric_name=metric_name, metric_value=round(metrics[key], 4),
         )
-        for key, (metric_type, metric_name) in _METRIC_NAMES.items() if key in metrics
+        for key, (metric_type, metric_name) in _METRIC_NAMES.items()
+        if key in metrics and key not in metrics["partial"]
     ]
+
+
+def partial_results(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The card metadata of the partial metrics (kept out of `model-index`), labelled as such."""
+    if not metrics.get("partial"):
+        return None
+    return {
+        "partial": True,
+        "over": "the tasks with test data only (the others' test data was not at hand)",
+        "missing_entries": metrics["missing_entries"],
+        **{_METRIC_NAMES[key][1]: round(metrics[key], 4) for key in metrics["partial"]},
+    }
 
 
 def hub_datasets(state: dict[str, Any]) -> list[str]:
@@ -157,6 +211,7 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
     datasets = list(datasets) if datasets else hub_datasets(state)
     metrics = card_metrics(state)
     eval_results = _eval_results(metrics, dataset)
+    partial = partial_results(metrics)
     data = ModelCardData(
         tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
         license=license or "other",
@@ -164,13 +219,17 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
         datasets=datasets or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
+        **({"partial_results": partial} if partial else {}),
         **fields,
     )
     metrics_line = ""
     if metrics:
-        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}, "
-                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}, "
-                        f"average forgetting {metrics['average_forgetting']:.2f}. {coverage_note(metrics)}").strip()
+        marks = {key: " (partial)" if key in metrics["partial"] else "" for key in _METRIC_NAMES}
+        metrics_line = (f"Last-Acc {metrics['last_accuracy']:.2f}{marks['last_accuracy']}, "
+                        f"Inc-Acc {metrics['average_incremental_accuracy']:.2f}"
+                        f"{marks['average_incremental_accuracy']}, average forgetting "
+                        f"{metrics['average_forgetting']:.2f}{marks['average_forgetting']}. "
+                        f"{coverage_note(metrics)}").strip()
     return data, metrics_line
 
 
@@ -183,28 +242,33 @@ def build_model_card(
     tags: list[str] | None = None,
     model_name: str | None = None,
     repo: str = REPO_PLACEHOLDER,
+    continuable: bool = True,
 ):
-    """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names,
-    `model-index` results equal to the run's metrics) and a usage snippet."""
+    """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names by class id,
+    `model-index` results equal to the run's metrics, partial ones apart) and a usage snippet.
+    `continuable`: the folder also holds the run state `--resume_from` / `--continue_from` need."""
     from huggingface_hub import ModelCard
 
-    state = state or {}
+    state = public_state(state) or {}
     base = settings.get("base_model_name_or_path")
     label_names = settings.get("label_names") or state.get("label_names")
     num_classes = sum(settings.get("task_sizes") or [])
+    ids = settings.get("class_ids") or list(range(num_classes))
+    id2label = names_by_class_id(label_names, ids) if num_classes else {}
     model_name = model_name or "SLCA++ continual checkpoint"
     # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
     data, metrics_line = _card_data(
         state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
-        library_name="slca-peft", label_names=list(label_names[:num_classes]) if label_names else None,
+        library_name="slca-peft", label_names=list(id2label.values()) if label_names else None,
     )
     learned = state.get("tasks_learned", len(settings.get("task_sizes") or []))
-    classes = ", ".join(label_names[:num_classes]) if label_names else "_Not named (class indices only)._"
+    classes = "\n".join(f"- {k}: {name}" for k, name in id2label.items()) or "_No class learned yet._"
     return ModelCard.from_template(
-        data, template_str=_CARD_TEMPLATE, model_name=model_name, base_model=base, method=state.get("method", "slca++"),
-        learned=learned, total=len(state.get("task_sizes") or []) or learned, num_classes=num_classes,
-        accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes, repo=repo,
-        task_history=_task_history(state, label_names),
+        data, template_str=_CARD_TEMPLATE, model_name=model_name, base_model=base_display(base),
+        method=state.get("method", "slca++"), learned=learned, total=len(state.get("task_sizes") or []) or learned,
+        num_classes=num_classes, accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes,
+        repo=repo, task_history=_task_history(state, label_names), id_statement=id_statement(state),
+        continuation=_CONTINUABLE.format(repo=repo) if continuable else _MODEL_ONLY,
     )
 
 
@@ -226,8 +290,7 @@ A plain `{{ architecture }}` exported by slca-peft from the continual checkpoint
 {{ provenance }}: the adapter is merged into the `{{ base_model }}` backbone and the per-task heads are
 folded into one classifier. It needs only `transformers` (no slca-peft, no `trust_remote_code`).
 
-Output k is the class the training dataset labels k (its class id), so
-`(logits.argmax(-1) == batch["label"])` on that dataset scores what the run reported.
+{{ id_statement }}
 
 ## Usage
 
@@ -267,7 +330,7 @@ def build_export_card(
     where it came from (which checkpoint, after which task)."""
     from huggingface_hub import ModelCard
 
-    state = state or {}
+    state = public_state(state) or {}
     model_name = model_name or "SLCA++ continual model (exported)"
     data, metrics_line = _card_data(
         state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
@@ -281,7 +344,7 @@ def build_export_card(
     classes = "\n".join(f"- {k}: {id2label[k]}" for k in sorted(id2label))
     return ModelCard.from_template(
         data, template_str=_EXPORT_TEMPLATE, model_name=model_name, architecture=architecture,
-        source=source or "(built in memory)", provenance=provenance,
-        base_model=data.base_model or f"{Path(str(base_model)).name} (a local copy)",
-        accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes, repo=repo,
+        source=public_name(source, "checkpoint") or "(built in memory)", provenance=provenance,
+        base_model=base_display(base_model), accuracy_table=_accuracy_table(state), metrics_line=metrics_line,
+        classes=classes, repo=repo, id_statement=id_statement(state),
     )

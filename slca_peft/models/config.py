@@ -97,6 +97,15 @@ def fit_class_ids(ids: list[int] | None, num_classes: int) -> list[int] | None:
     return ids + list(range(start, start + num_classes - len(ids)))
 
 
+def names_by_class_id(label_names: list[str] | None, class_ids: list[int]) -> dict[int, str]:
+    """Output k -> the name of class id k, for every id up to the largest (`label_names` in position
+    order, `class_ids` position -> id): a learned class's name (`class_<id>` when none is known), and
+    `class_<k>` for an id no output has yet (a class not learned yet, mid-stream)."""
+    names = label_names or []
+    known = {i: names[p] if p < len(names) else f"class_{i}" for p, i in enumerate(class_ids)}
+    return {k: known.get(k, f"class_{k}") for k in range(max(class_ids, default=-1) + 1)}
+
+
 @dataclass
 class SLCAModelConfig:
     """Settings that rebuild an `SLCAModel` around its referenced base model.

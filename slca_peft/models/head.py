@@ -1,9 +1,35 @@
-"""`ContinualClassifier`: one linear head per task, with SLCA++'s per-task input scales."""
+"""`ContinualClassifier`: one linear head per task, with SLCA++'s per-task input scales, and `by_class_id`,
+the one mapping from the heads' position order to class-id order."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+def by_class_id(values: torch.Tensor, class_ids: Sequence[int], dim: int = 0, fill: float | None = None
+                ) -> torch.Tensor:
+    """`values` with entry p along `dim` (output p of the heads) moved to index `class_ids[p]` (the class
+    the dataset labels so): the result is `max(class_ids) + 1` wide, and an id below the largest that no
+    output has (a class not learned yet, mid-stream) holds `fill` (None: the dtype's lowest value, which
+    never wins an argmax and gets no probability). `SLCAModel.forward` applies it to the logits, an export
+    to the folded head's rows, so both put class k at output k. The identity ids return `values` itself."""
+    ids = tuple(int(i) for i in class_ids)
+    if ids == tuple(range(len(ids))):
+        return values
+    shape = list(values.shape)
+    shape[dim] = max(ids) + 1
+    value = torch.finfo(values.dtype).min if fill is None else fill
+    return values.new_full(shape, value).index_copy(dim, _index(ids, values.device), values)
+
+
+@functools.lru_cache(maxsize=16)
+def _index(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor: a later pass with gradients saves it for backward
+        return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 class ContinualClassifier(nn.Module):

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..utils.errors import UserError, read_json
-from ..utils.files import ADAPTER_CONFIG_FILE, CARD_FILE, CONFIG_FILE, write_json
+from ..utils.files import (
+    ADAPTER_CONFIG_FILE,
+    BACKBONE_CONFIG_FILE,
+    CARD_FILE,
+    CONFIG_FILE,
+    STATE_FILE,
+    STATISTICS_FILE,
+    write_json,
+)
 from ..utils.manifest import MANIFEST_FILE, copy_verified, read_manifest, read_manifest_extra, record_tree
 from .card import REPO_PLACEHOLDER, write_model_card
 from .config import read_state
 from .loading import is_local_name
+from .public import base_display, public_name, public_state
+
+if TYPE_CHECKING:
+    from .model import SLCAModel
+
+logger = logging.getLogger(__name__)
 
 
 def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | None) -> str | None:
@@ -45,29 +60,42 @@ def check_export(directory: str | Path) -> None:
 
 
 def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, tags: list[str] | None) -> None:
-    """Make an upload copy name `base_model_id` as its base model in every file that records it, and
-    its card point at the repo."""
+    """Make an upload copy name `base_model_id` as its base model in every file that records it (a local
+    base of a full fine-tuning, whose weights travel with it, by its folder name), its task history name
+    no path of this machine (`public_state`), and its card point at the repo."""
     settings: dict[str, Any] = {}
     local_base = None
     for name in (CONFIG_FILE, ADAPTER_CONFIG_FILE):
         path = directory / name
         if path.is_file():
             data = read_json(path)
-            if base_model_id is not None:
-                local_base = local_base or data.get("base_model_name_or_path")
-                data["base_model_name_or_path"] = base_model_id
+            base = data.get("base_model_name_or_path")
+            public = base_model_id if base_model_id is not None else public_name(base)
+            if public != base:
+                local_base = local_base or base
+                data["base_model_name_or_path"] = public
                 write_json(path, data)
             settings = data if name == CONFIG_FILE else settings
+    backbone_config = directory / BACKBONE_CONFIG_FILE
+    if backbone_config.is_file():  # a full fine-tuning's backbone config records where the base was loaded from
+        data = read_json(backbone_config)
+        if data.get("_name_or_path") != public_name(data.get("_name_or_path")):
+            write_json(backbone_config, {**data, "_name_or_path": base_model_id or public_name(data["_name_or_path"])})
+    state = read_state(directory)
+    if state is not None:
+        write_json(directory / STATE_FILE, public_state(state))
     card_path = directory / CARD_FILE
     if not card_path.is_file():
-        write_model_card(directory, settings, read_state(directory))
+        write_model_card(directory, settings, state, continuable=state is not None
+                         and (directory / STATISTICS_FILE).is_file())
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(card_path)
     if base_model_id is not None:
         card.data.base_model = base_model_id
-        if local_base:
-            card.text = card.text.replace(str(local_base), base_model_id)
+    if local_base:
+        new = base_model_id or public_name(local_base)
+        card.text = card.text.replace(base_display(local_base), new).replace(str(local_base), new)
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
     card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
     card.save(card_path)
@@ -104,6 +132,7 @@ def push_to_hub(
     *,
     private: bool | None = None,
     commit_message: str = "Upload SLCA++ continual checkpoint",
+    commit_description: str | None = None,
     token: str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
@@ -143,7 +172,33 @@ def push_to_hub(
             repo_id=repo_id,
             folder_path=str(folder),
             commit_message=commit_message,
+            commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
             repo_type="model",
         )
+
+
+def push_model(model: SLCAModel, repo_id: str, *, state: dict[str, Any] | None = None,
+               card: dict[str, Any] | None = None, **upload: Any) -> Any:
+    """`SLCAModel.push_to_hub`: the model staged as a continual checkpoint when it carries its run state
+    (task history and class statistics), else as its model files with a one-line warning saying what
+    it lacks, then uploaded by `push_to_hub` (`upload`: its keywords)."""
+    from .saving import write_checkpoint_files
+
+    state = state if state is not None else model.task_history
+    lacks = [name for name, part in (("task history", state), ("class statistics", model.class_statistics))
+             if part is None]
+    if lacks:
+        logger.warning("push_to_hub: the model carries no %s, so %s gets its model files only, which cannot be "
+                       "continued (load_checkpoint(...) or a ContinualLearner gives a model that carries them).",
+                       " and no ".join(lacks), repo_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model"
+        if lacks:
+            model.save_pretrained(target, state=state, card=card)
+        else:
+            target.mkdir()
+            write_checkpoint_files(model, target, statistics=model.class_statistics, state=state,
+                                   unaligned_head=model.unaligned_head, card=card)
+        return push_to_hub(target, repo_id, **upload)

@@ -23,8 +23,8 @@ from .backbones import (
     pooled_feature,
     reset_final_norm,
 )
-from .config import SLCAModelConfig, fit_class_ids, model_settings, read_state
-from .head import ContinualClassifier
+from .config import SLCAModelConfig, fit_class_ids, model_settings, names_by_class_id, read_state
+from .head import ContinualClassifier, by_class_id
 from .loading import (
     backbone_from_config,
     hub_kwargs,
@@ -35,7 +35,7 @@ from .loading import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from ..method.statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,11 @@ class SLCAModel(nn.Module):
         #: one: cards of a push or an export keep the run's results and say where they come from.
         self.task_history: dict[str, Any] | None = None
         self.name_or_path: str | None = None
+        #: The rest of a continual checkpoint's run state, when the model carries it (`load_checkpoint`,
+        #: `ContinualLearner`): its class statistics and heads before alignment, which `push_to_hub`
+        #: uploads so the repo can be continued.
+        self.class_statistics: ClassStatistics | None = None
+        self.unaligned_head: dict[str, torch.Tensor] | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -136,12 +141,16 @@ class SLCAModel(nn.Module):
         self.slca_config.validate()
 
     @property
+    def num_outputs(self) -> int:
+        """Width of `forward`'s logits: the largest class id + 1 (0 before any head)."""
+        return max(self.class_ids, default=-1) + 1
+
+    @property
     def id2label(self) -> dict[int, str]:
-        """Class id -> class name, by id (names `class_<id>` when the training data named none): what
-        an export's config holds, so `logits.argmax(-1) == batch["label"]` there."""
-        names = self.label_names or []
-        pairs = [(i, names[p] if p < len(names) else f"class_{i}") for p, i in enumerate(self.class_ids)]
-        return dict(sorted(pairs))
+        """Output k -> the name of class id k, for every output `forward` gives (what `config.id2label`
+        and an export's config hold): a learned class's name (`class_<id>` when the training data named
+        none), and `class_<k>` for an id below the largest that is not learned yet (its output never wins)."""
+        return names_by_class_id(self.label_names, self.class_ids)
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -205,26 +214,53 @@ class SLCAModel(nn.Module):
 
     @property
     def config(self) -> PretrainedConfig:
-        return self.base_backbone.config
+        """The backbone's config, its `id2label` / `label2id` (and so `num_labels`) naming the model's
+        outputs, as `forward` orders them: `model.config.id2label[logits.argmax(-1)]` names the prediction."""
+        config = self.base_backbone.config
+        if self.classifier.num_tasks:
+            id2label = self.id2label
+            if getattr(config, "id2label", None) != id2label:
+                config.id2label = id2label
+                config.label2id = {name: i for i, name in id2label.items()}
+        return config
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pooled image feature the backbone table names (ViT family: the class token after the
         final LayerNorm)."""
         return pooled_feature(self.backbone_spec, self.backbone(pixel_values=pixel_values))
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
-        """Logits over all classes seen so far; `loss` is plain cross-entropy over them when labels
-        are given (the trainer replaces it with the current-task loss while training)."""
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, *,
+                positions: bool = False) -> ImageClassifierOutput:
+        """Logits over all classes seen so far in class-id order, as an export's: output k is the class
+        the dataset labels k (`config.id2label[k]`); an id below the largest that is not learned yet gets
+        the dtype's lowest value (never the argmax, no probability). `labels` are class ids and `loss` is
+        cross-entropy over them (the trainer replaces it with the current-task loss while training).
+
+        `positions=True` gives the heads' own order instead (output p is class `class_ids[p]`, each
+        task's outputs contiguous), with `labels` as positions: the internal path of the task loss and
+        the per-task evaluation, whose data carries the stream's labels (positions)."""
         logits = self.classifier(self.features(pixel_values))
+        if not positions:
+            logits = by_class_id(logits, self.class_ids, dim=1)
         loss = None
         if labels is not None:
-            if labels.numel() and int(labels.max()) >= logits.shape[1]:
-                raise ValueError(
-                    f"label {int(labels.max())} is beyond the {logits.shape[1]} classes seen so far; "
-                    "grow the classifier for the task before training or evaluating on it."
-                )
+            self._check_labels(labels, logits.shape[1], positions)
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def _check_labels(self, labels: torch.Tensor, width: int, positions: bool) -> None:
+        if not labels.numel():
+            return
+        if positions:
+            if int(labels.max()) >= width:
+                raise ValueError(f"label {int(labels.max())} is beyond the {width} classes seen so far; grow the "
+                                 "classifier for the task before training or evaluating on it.")
+            return
+        unknown = sorted(set(labels.unique().tolist()) - set(self.class_ids))
+        if unknown:
+            raise ValueError(f"label(s) {unknown[:5]} are not class ids this model has learned (its outputs are class "
+                             f"ids {sorted(self.class_ids)[:10]}{' ...' if len(self.class_ids) > 10 else ''}); labels "
+                             "are class ids, as `config.label2id` gives them (positions need positions=True).")
 
     def merged_adapters(self):
         """Context manager: LoRA merged into the weights for no-grad passes, the exact weights
@@ -276,7 +312,8 @@ class SLCAModel(nn.Module):
 
         Takes transformers' loading keywords (`token`, `cache_dir`, `local_files_only`,
         `force_download` for both the checkpoint and the base model; `dtype` for the backbone);
-        `device_map` and quantization are refused, saying why. The task history beside the files
+        `device_map` and quantization are refused, saying why. The model comes back in eval mode, as
+        transformers' does (`model.train()` before training it by hand). The task history beside the files
         (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
         from .saving import read_model_config
         loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
@@ -285,7 +322,7 @@ class SLCAModel(nn.Module):
         model = cls._from_files(config, root, **loading)
         model.task_history = read_state(root)
         model.name_or_path = str(path_or_repo_id)
-        return model
+        return model.eval()
 
     @classmethod
     def _from_files(cls, config: SLCAModelConfig, root: Path, **loading: Any) -> SLCAModel:
@@ -325,6 +362,7 @@ class SLCAModel(nn.Module):
         repo_id: str,
         *,
         commit_message: str = "Upload SLCA++ model",
+        commit_description: str | None = None,
         private: bool | None = None,
         token: str | None = None,
         revision: str | None = None,
@@ -334,16 +372,17 @@ class SLCAModel(nn.Module):
         state: dict[str, Any] | None = None,
         card: dict[str, Any] | None = None,
     ) -> Any:
-        """Upload the model files as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is
-        created as a branch when missing). The base model is referenced: pass `base_model_id` when
-        it was loaded from a local directory. The card's results come from `state`, else `task_history`."""
-        import tempfile
+        """Upload the model as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is created
+        as a branch when missing; `commit_description` and `create_pr` as huggingface_hub takes them).
 
-        from .hub import push_to_hub
+        A model that carries its run state (task history and class statistics: after `load_checkpoint`,
+        or trained by a `ContinualLearner`) is uploaded as a continual checkpoint, which `--continue_from`
+        / `--resume_from` go on from; one without it as its model files, with a one-line warning saying
+        what it lacks. The base model is referenced: pass `base_model_id` when it was loaded from a local
+        directory (a local base is refused otherwise, as by `slca-peft push`). `state` replaces the task
+        history; `card` sets the card's `license`, `datasets`, `tags` and `model_name`."""
+        from .hub import push_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "model"
-            # A loaded model's own task history keeps the card's results (model-index) without `state=`.
-            self.save_pretrained(target, state=state if state is not None else self.task_history, card=card)
-            return push_to_hub(target, repo_id, private=private, commit_message=commit_message, token=token,
-                               revision=revision, create_pr=create_pr, tags=tags, base_model_id=base_model_id)
+        return push_model(self, repo_id, commit_message=commit_message, commit_description=commit_description,
+                          private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
+                          base_model_id=base_model_id, state=state, card=card)

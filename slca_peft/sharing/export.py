@@ -4,9 +4,10 @@ Each backbone's route (which stock head reads the feature the continual heads we
 in `slca_peft.models.backbones`; backbones with no such head are refused with the reason. The adapter is
 merged into the frozen weights, the trained LayerNorms/biases/class token are taken over, and the
 per-task heads with their scales are folded into one linear layer:
-`head_j(s_j * f) = (s_j W_j) f + b_j`. The folded rows are then put in class-id order, so output k
-is the class the dataset labels k (`SLCAModel.class_ids`; the identity for checkpoints written before
-class ids were recorded) and `logits.argmax(-1) == batch["label"]` scores the export.
+`head_j(s_j * f) = (s_j W_j) f + b_j`. The folded rows are then put in class-id order by the mapping
+`SLCAModel.forward` puts its logits through (`slca_peft.models.head.by_class_id`), so output k is the
+class the dataset labels k (`SLCAModel.class_ids`; the identity for checkpoints written before class
+ids were recorded), the export's logits are the model's, and `config.id2label` is the model's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from ..data.transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
 from ..models.backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
 from ..models.card import build_export_card
+from ..models.head import by_class_id
 from ..utils import manifest
 from ..utils.errors import UserError
 from ..utils.files import (
@@ -51,23 +53,13 @@ if TYPE_CHECKING:
     from ..models.model import SLCAModel
 
 def folded_head(model: SLCAModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """One weight and bias equal to the concatenated, scaled task heads."""
-    clf = model.classifier
-    weight = torch.cat([head.weight.detach() * clf.scales[i] for i, head in enumerate(clf.heads)])
-    bias = torch.cat([head.bias.detach() for head in clf.heads])
-    return weight, bias
-
-
-def rows_by_class_id(weight: torch.Tensor, bias: torch.Tensor, class_ids: list[int]
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The head with row p moved to row `class_ids[p]`, and the ids below the largest that no output
-    has (classes not learned yet, mid-stream): those rows get zero weight and the dtype's lowest bias,
-    so they never win an argmax and get no probability."""
-    size = max(class_ids) + 1
-    index = torch.tensor(class_ids, dtype=torch.long)
-    out_weight = weight.new_zeros(size, weight.shape[1]).index_copy(0, index, weight)
-    out_bias = bias.new_full((size,), torch.finfo(bias.dtype).min).index_copy(0, index, bias)
-    return out_weight, out_bias, sorted(set(range(size)) - set(class_ids))
+    """One weight and bias equal to the concatenated, scaled task heads, with row k the class id k
+    (`slca_peft.models.head.by_class_id`, the mapping `SLCAModel.forward` puts its logits through): ids
+    below the largest that no output has (classes not learned yet, mid-stream) get zero weight and the
+    dtype's lowest bias, so they never win an argmax and get no probability."""
+    weight, bias = (t.detach() for t in model.classifier.fused_weight_and_bias())
+    ids = model.class_ids
+    return by_class_id(weight, ids, fill=0.0), by_class_id(bias, ids)
 
 
 def export_route(model: SLCAModel) -> str:
@@ -140,7 +132,8 @@ def export_model(
     replaced (`check_export_target`)."""
     previous = check_export_target(directory, overwrite=overwrite)
     route = export_route(model)
-    weight, bias, missing = rows_by_class_id(*folded_head(model), model.class_ids)
+    weight, bias = folded_head(model)
+    missing = sorted(set(range(model.num_outputs)) - set(model.class_ids))
     if missing:
         logging.getLogger(__name__).warning(
             "export: class id(s) %s have not been learned yet; their outputs never win (zero weight, lowest "
@@ -148,8 +141,7 @@ def export_model(
         )
     num_outputs = weight.shape[0]
     if label_names is None:
-        id2label = model.id2label
-        names = [id2label.get(k, f"class_{k}") for k in range(num_outputs)]
+        names = list(model.id2label.values())
     else:
         names = list(label_names)
     if len(names) != num_outputs:

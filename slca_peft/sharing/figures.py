@@ -10,6 +10,10 @@ from pathlib import Path
 
 from ..utils.files import atomic_write_bytes
 
+#: How the accuracy-matrix figure marks a partial "all seen" number, and its note.
+PARTIAL_MARK = "*"
+PARTIAL_NOTE = ("* partial: over the tasks with test data only; — no test data (a task learned before a "
+                "continuation whose test data was not at hand)")
 #: Figure size in pixels (width, height) at `DPI`.
 FIGURE_SIZE = (800, 600)
 DPI = 100
@@ -30,7 +34,9 @@ def plot_accuracy_matrix(
 ) -> Path:
     """Heatmap of a lower-triangular accuracy matrix (percent); cells above the diagonal stay blank, a
     missing entry (None: no test data) shows as a dash. `seen` (accuracy over all seen classes after
-    each task) adds the "all seen" column, the number the run reports, beside the per-task accuracies."""
+    each task) adds the "all seen" column, the number the run reports, beside the per-task accuracies;
+    after a row with a missing entry that number is partial (over the tasks with test data only), marked
+    with an asterisk that a note under the figure explains."""
     import numpy as np
 
     n = len(matrix)
@@ -44,12 +50,16 @@ def plot_accuracy_matrix(
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
+    partial = [any(v is None for v in row) for row in matrix]
     if n <= 20:
         for t in range(n):
             for j in [*range(len(matrix[t])), *([n] if extra else [])]:
                 value = grid[t, j]
-                ax.text(j, t, "—" if math.isnan(value) else f"{value:.1f}", ha="center", va="center",
+                mark = PARTIAL_MARK if j == n and partial[t] else ""
+                ax.text(j, t, "—" if math.isnan(value) else f"{value:.1f}{mark}", ha="center", va="center",
                         fontsize=8 if n <= 10 else 6, color="black" if value > 60 else "white")
+    if any(partial):
+        fig.text(0.02, 0.02, PARTIAL_NOTE if extra else PARTIAL_NOTE.split("; ", 1)[1], fontsize=8)
     if extra:
         ax.axvline(n - 0.5, color="white", linewidth=3)  # the "all seen" column is not a task
     ax.set_xticks(list(range(n + extra)), [str(j + 1) for j in range(n)] + ["all seen"] * extra)

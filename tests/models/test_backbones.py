@@ -153,15 +153,15 @@ def _check_save_load_and_export(model, tmp_path, refusal):
     export_model(model, str(tmp_path / "exported"), label_names=names)
     plain = T.AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
-        # Output k of the export is class id k: its column class_ids[p] is the model's output p.
-        torch.testing.assert_close(plain(pixel_values=x).logits[:, model.class_ids], model(x).logits,
+        # Output k of the export is class id k, as the model's output k.
+        torch.testing.assert_close(plain(pixel_values=x).logits, model(x).logits,
                                    rtol=1e-4, atol=1e-4)
     images = [Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()) for _ in range(3)]
     pipe = T.pipeline("image-classification", model=str(tmp_path / "exported"), device="cpu")
     predicted = [r[0]["label"] for r in pipe(images, top_k=1)]
     pixels = T.AutoImageProcessor.from_pretrained(tmp_path / "exported")(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        assert predicted == [names[model.class_ids[i]] for i in model(pixels).logits.argmax(1).tolist()]
+        assert predicted == [names[i] for i in model(pixels).logits.argmax(1).tolist()]
 
 
 def test_a_whole_clip_checkpoint_gives_its_vision_tower(tmp_path):

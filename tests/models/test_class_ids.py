@@ -65,7 +65,10 @@ def test_model_ids_names_and_files(tmp_path, base_model_dir):
     assert model.class_ids == [0, 1] and model.id2label == {0: "class_0", 1: "class_1"}  # identity before ids
     model.class_ids = [3, 1]
     model.label_names = ["three", "one", "zero", "two"]
-    assert model.id2label == {1: "one", 3: "three"} and model.label2id == {"one": 1, "three": 3}
+    # One name per output of forward (output k = class id k); ids not learned yet are placeholders.
+    assert model.id2label == {0: "class_0", 1: "one", 2: "class_2", 3: "three"}
+    assert model.label2id["one"] == 1 and model.label2id["three"] == 3
+    assert model.config.id2label == model.id2label and model.config.num_labels == 4
     model.grow(2)  # grown without new ids: the next free ones, never a change to the old
     assert model.class_ids == [3, 1, 4, 5]
     model.save_pretrained(tmp_path / "m")
@@ -112,6 +115,63 @@ def test_a_mid_stream_export_puts_each_output_at_its_class_id(tmp_path, base_mod
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         logits, expected = plain(pixel_values=x).logits, model(x).logits
-    torch.testing.assert_close(logits[:, [3, 1]], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)  # the model's own logits, in class ids
+    assert plain.config.id2label == model.config.id2label
     probabilities = logits.softmax(-1)
     assert probabilities[:, [0, 2]].max() == 0 and set(logits.argmax(-1).tolist()) <= {1, 3}
+
+
+@pytest.mark.slow
+def test_the_model_answers_in_class_ids_as_its_export_does(tmp_path, make_learner, tiny_image_folders):
+    """`config.id2label[logits.argmax(-1)]` and `argmax == label` on the dataset's own labels score an
+    SLCAModel as they score its export; SLCATrainer.evaluate/predict report in the same ids."""
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import AutoModelForImageClassification
+
+    from slca_peft import EvalTransform, ImageTransformConfig, SLCAConfig, SLCATrainer, collate_fn
+    from slca_peft.data.formats import load_split_image_folders
+
+    tasks = TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=3)
+    assert tasks.class_ids != [0, 1, 2, 3]  # learned in another order than the dataset's ids
+    learner = make_learner(tasks, tmp_path / "run", num_train_epochs=1, ca_epochs=1, per_device_train_batch_size=16)
+    reported = learner.run().seen_accuracy[-1]
+    model = SLCAModel.from_pretrained(tmp_path / "run" / "task_1")
+    assert not model.training  # eval mode, as transformers' from_pretrained
+    raw = load_split_image_folders(*tiny_image_folders)["test"]  # the dataset's own label ids
+    transform = EvalTransform(ImageTransformConfig.from_model_config(model.config))
+    pixels, labels = torch.stack([transform(im) for im in raw["image"]]), torch.tensor(raw["label"])
+    with torch.no_grad():
+        logits = model(pixels).logits
+        positions = model(pixels, positions=True).logits
+    assert logits.shape == (len(raw), 4) and torch.equal(logits[:, model.class_ids], positions)
+    names = raw.features["label"].names
+    predicted = [model.config.id2label[k] for k in logits.argmax(-1).tolist()]
+    by_name = 100.0 * np.mean([p == names[y] for p, y in zip(predicted, raw["label"], strict=True)])
+    by_id = 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+    assert by_name == pytest.approx(reported) and by_id == pytest.approx(reported)
+    export_model(model, tmp_path / "exported")
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(pixel_values=pixels).logits, logits, rtol=1e-5, atol=1e-5)
+    assert plain.config.id2label == model.config.id2label == dict(enumerate(names))
+    assert plain.config.label2id == model.config.label2id
+    # The model's loss takes class ids, as its logits are ordered; a label it never learned is refused.
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels, labels=labels).loss, F.cross_entropy(logits, labels))
+        with pytest.raises(ValueError, match=r"label\(s\) \[7\] are not class ids this model has learned"):
+            model(pixels, labels=torch.full_like(labels, 7))
+    # The trainer takes the stream's data (labels are positions) and reports in class ids.
+    args = SLCAConfig(output_dir=str(tmp_path / "eval"), use_cpu=True, report_to="none", disable_tqdm=True,
+                      per_device_eval_batch_size=3)
+    trainer = SLCATrainer(model=model, args=args, data_collator=collate_fn, compute_metrics=lambda p: {
+        "accuracy": 100.0 * float((p.predictions.argmax(-1) == p.label_ids).mean())})
+    test = tasks.test.with_transform(learner.eval_transform)
+    assert tasks.test["label"] != raw["label"]
+    prediction = trainer.predict(test)
+    assert prediction.label_ids.tolist() == raw["label"]
+    np.testing.assert_allclose(prediction.predictions, logits.numpy(), rtol=1e-5, atol=1e-5)
+    assert prediction.metrics["test_accuracy"] == pytest.approx(reported)
+    evaluated = trainer.evaluate(test)
+    assert evaluated["eval_accuracy"] == pytest.approx(reported)
+    assert evaluated["eval_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)

@@ -381,7 +381,9 @@ def test_the_export_carries_a_pipeline_card_with_results_and_provenance(tmp_path
     assert data["label_names"] == ["ant", "bee", "cat", "dog", "eel"]  # by class id
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results["Last-Acc"] == pytest.approx(64.0)
-    assert str(tmp_path / "run" / "task_1") in card.text and "after task 2 of 2" in card.text
+    # Where it came from, by the checkpoint's folder name: no path of this machine in a card meant for the Hub.
+    assert "`task_1 (a local checkpoint)`" in card.text and "after task 2 of 2" in card.text
+    assert str(tmp_path) not in card.text
     assert "- 4: eel" in card.text
     # One command uploads it, the card pointing at the repo; a checkpoint's files are not needed.
     cli_main(["push", str(tmp_path / "exported"), "me/slca-exported"])

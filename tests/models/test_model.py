@@ -64,8 +64,10 @@ def test_forward_returns_hf_output_over_all_seen_classes(vit_config):
     out = model(torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 4, 2]))
     assert isinstance(out, ImageClassifierOutput)
     assert out.logits.shape == (4, 5) and out.loss.ndim == 0
-    with pytest.raises(ValueError, match="beyond the 5 classes"):
+    with pytest.raises(ValueError, match=r"label\(s\) \[5\] are not class ids this model has learned"):
         model(torch.randn(1, 3, 32, 32), labels=torch.tensor([5]))
+    with pytest.raises(ValueError, match="beyond the 5 classes"):  # the heads' own order takes positions
+        model(torch.randn(1, 3, 32, 32), labels=torch.tensor([5]), positions=True)
 
 
 def test_unknown_lora_target_names_the_available_layers(vit_config):

@@ -50,7 +50,7 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     transform = EvalTransform(eval_transform_config(model))  # what the run evaluated with
     with torch.no_grad():
         logits = model(torch.stack([transform(im) for im in images])).logits
-    ours = [model.label_names[i] for i in logits.argmax(1).tolist()]
+    ours = [model.config.id2label[i] for i in logits.argmax(1).tolist()]  # the transformers idiom
     pipe = pipeline("image-classification", model=str(tmp_path / "exported"), device="cpu")
     theirs = [r[0]["label"] for r in pipe(images, top_k=1, batch_size=64)]
     agreement = np.mean([a == b for a, b in zip(ours, theirs, strict=True)])
@@ -73,3 +73,6 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     scored = 100.0 * (predicted == torch.tensor(test["label"])).float().mean().item()
     reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["seen_accuracy"][-1]
     assert abs(scored - reported) <= 0.5
+    # The same idiom scores the SLCAModel itself: its output k is the dataset's label k too.
+    model_scored = 100.0 * (logits.argmax(-1) == torch.tensor(test["label"])).float().mean().item()
+    assert abs(model_scored - reported) <= 0.5 and abs(model_scored - scored) <= 0.5

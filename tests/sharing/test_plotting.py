@@ -167,3 +167,21 @@ def test_report_names_both_seeds_the_all_seen_column_and_what_each_curve_is(tmp_
     assert {f"{v:.1f}" for v in metrics["seen_accuracy"]} <= shown
     legend = figures["accuracy_curve.png"].axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["class order seed 1993, training seed 42"]
+
+
+def test_a_partial_all_seen_figure_is_marked_on_the_accuracy_matrix(tmp_path, monkeypatch):
+    """A continuation whose old tasks had no test data: the "all seen" number of that row is over the measured
+    tasks only, and the figure says so (an asterisk and a note), not only the dash of the missing entry."""
+    from slca_peft.sharing.figures import PARTIAL_MARK, plot_accuracy_matrix
+
+    figures = captured_figures(monkeypatch)
+    plot_accuracy_matrix([[90.0], [None, 70.0], [60.0, 50.0, 80.0]], tmp_path / "m.png", seen=[90.0, 70.0, 63.3])
+    fig = figures["m.png"]
+    shown = [t.get_text() for t in fig.axes[0].texts]
+    assert "—" in shown and f"70.0{PARTIAL_MARK}" in shown
+    assert "90.0" in shown and "63.3" in shown and f"63.3{PARTIAL_MARK}" not in shown  # whole rows unmarked
+    (note,) = [t.get_text() for t in fig.texts]
+    assert note.startswith(f"{PARTIAL_MARK} partial: over the tasks with test data only")
+    plot_accuracy_matrix([[90.0], [80.0, 70.0]], tmp_path / "whole.png", seen=[90.0, 75.0])
+    whole = figures["whole.png"]
+    assert not whole.texts and not any(PARTIAL_MARK in t.get_text() for t in whole.axes[0].texts)

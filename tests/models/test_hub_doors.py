@@ -1,0 +1,222 @@
+"""What reaches the Hub: cards that say what was measured and whose ids hold, no local path in any uploaded
+file, and one upload path whichever door (`slca-peft push`, `SLCAModel.push_to_hub`, `SLCATrainer.push_to_hub`)."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from slca_peft import (
+    ClassStatistics,
+    SLCAConfig,
+    SLCAModel,
+    SLCATrainer,
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from slca_peft.models.card import build_export_card, build_model_card
+
+SETTINGS = {"base_model_name_or_path": "google/vit-base-patch16-224-in21k", "task_sizes": [2, 2, 2]}
+# A continuation whose old tasks' test data was not at hand after task 2, and was again for task 3.
+CONTINUED = {
+    "accuracy_matrix": [[90.0], [None, 70.0], [60.0, 50.0, 80.0]], "seen_accuracy": [90.0, 70.0, 63.3],
+    "task_test_sizes": [4, 4, 4], "tasks_learned": 3, "task_sizes": [2, 2, 2], "method": "slca++",
+    "label_names": ["a", "b", "c", "d", "e", "f"], "class_ids": [0, 1, 2, 3, 4, 5],
+}
+
+
+def results(card) -> dict[str, float]:
+    return {r.metric_name: r.metric_value for r in card.data.eval_results or []}
+
+
+@pytest.mark.parametrize("build", ["checkpoint", "export"])
+def test_model_index_carries_only_figures_over_every_class_and_labels_partial_ones(build):
+    def card_of(state):
+        if build == "checkpoint":
+            return build_model_card(SETTINGS, state)
+        return build_export_card(SETTINGS["base_model_name_or_path"], dict(enumerate("abcdef")), state)
+
+    # The last row measured every task: Last-Acc is whole; Inc-Acc and forgetting read the partial row.
+    card = card_of(CONTINUED)
+    assert set(results(card)) == {"Last-Acc"}
+    partial = card.data.to_dict()["partial_results"]
+    assert partial["partial"] is True and partial["missing_entries"] == 1
+    assert set(partial) >= {"Inc-Acc", "Forgetting"} and "Last-Acc" not in partial
+    assert "Inc-Acc 74.44 (partial)" in card.text and "Last-Acc 63.33," in card.text
+    # The last row itself is partial: nothing measured over every class, so no model-index at all.
+    cut = {**CONTINUED, "accuracy_matrix": CONTINUED["accuracy_matrix"][:2], "tasks_learned": 2,
+           "seen_accuracy": [90.0, 70.0], "task_test_sizes": [4, 4]}
+    card = card_of(cut)
+    assert results(card) == {} and "model-index" not in card.data.to_dict()
+    assert set(card.data.to_dict()["partial_results"]) >= {"Last-Acc", "Inc-Acc", "Forgetting"}
+    assert "Last-Acc 70.00 (partial)" in card.text
+    # Every entry measured: everything in model-index, nothing labelled partial.
+    whole = {**cut, "accuracy_matrix": [[90.0], [80.0, 70.0]], "seen_accuracy": [90.0, 75.0]}
+    card = card_of(whole)
+    assert set(results(card)) == {"Last-Acc", "Inc-Acc", "Forgetting"}
+    assert "partial_results" not in card.data.to_dict() and "(partial)" not in card.text
+
+
+def test_the_id_statement_names_whose_ids_hold_and_how_to_score_continued_data():
+    one_stream = {**CONTINUED, "segments": [{"first_task": 0, "tasks": 3, "data": "uoft-cs/cifar100"}]}
+    card = build_export_card("google/vit-tiny", dict(enumerate("abcdef")), one_stream)
+    assert "Output k is the class `uoft-cs/cifar100` labels k" in card.text and "label2id" not in card.text
+    continued = {**CONTINUED, "segments": [{"first_task": 0, "tasks": 2, "data": "uoft-cs/cifar100"},
+                                           {"first_task": 2, "tasks": 1, "data": "image folders /data/birds/train, "
+                                            "/data/birds/test", "continued_from": "/runs/cifar/task_1"}]}
+    for card in (build_export_card("google/vit-tiny", dict(enumerate("abcdef")), continued),
+                 build_model_card({**SETTINGS, "class_ids": [0, 1, 2, 3, 4, 5]}, continued)):
+        assert "Output k is the class `uoft-cs/cifar100` labels k" in card.text
+        assert "from `image folders train, test` (continued), took the next free class ids" in card.text
+        assert "model.config.label2id[n] for n in names" in card.text and "/data/birds" not in card.text
+
+
+def trained_model(base_model_dir, **settings) -> SLCAModel:
+    torch.manual_seed(0)
+    model = SLCAModel.from_backbone(str(base_model_dir), **settings)
+    model.grow(2)
+    model.grow(2)
+    return model.eval()
+
+
+def statistics(model) -> ClassStatistics:
+    stats = ClassStatistics(model.feature_dim)
+    stats.update(torch.randn(16, model.feature_dim), torch.arange(4).repeat(4))
+    stats.finalize(0)
+    return stats
+
+
+def local_state(tmp_path) -> dict:
+    """A continued run's history as it is recorded on disk: data folders and checkpoints by their paths."""
+    data = f"image folders {tmp_path}/birds/train, {tmp_path}/birds/test"
+    return {"accuracy_matrix": [[90.0], [80.0, 70.0]], "seen_accuracy": [90.0, 75.0], "task_test_sizes": [4, 4],
+            "tasks_learned": 2, "task_sizes": [2, 2], "method": "slca++", "label_names": ["a", "b", "c", "d"],
+            "class_ids": [0, 1, 2, 3], "task_data": [str(tmp_path / "cifar"), data], "dataset": str(tmp_path / "x"),
+            "segments": [{"first_task": 0, "tasks": 1, "data": str(tmp_path / "cifar")},
+                         {"first_task": 1, "tasks": 1, "data": data, "continued_from": str(tmp_path / "run/task_0")}]}
+
+
+def uploaded_text(upload) -> str:
+    return json.dumps(upload["json"]) + (upload["card"] or "")
+
+
+def test_nothing_uploaded_names_a_path_of_this_machine(tmp_path, base_model_dir, hub):
+    from slca_peft.commands.cli import main as cli_main
+
+    model = trained_model(base_model_dir)
+    save_checkpoint(model, tmp_path / "run" / "task_1", statistics=statistics(model), state=local_state(tmp_path),
+                    unaligned_head=model.classifier.snapshot())
+    cli_main(["push", str(tmp_path / "run" / "task_1"), "me/birds", "--base_model_id", "me/tiny-vit"])
+    export_model(load_checkpoint(tmp_path / "run" / "task_1")[0], tmp_path / "exported")
+    cli_main(["push", str(tmp_path / "exported"), "me/birds-exported"])
+    full = trained_model(base_model_dir, use_lora=False)  # its weights travel: a local base is not refused
+    full.push_to_hub("me/full", state=local_state(tmp_path))
+    checkpoint, exported, full_upload = hub.uploads
+    for upload in hub.uploads:
+        text = uploaded_text(upload)
+        assert str(tmp_path) not in text and str(base_model_dir) not in text
+    state = checkpoint["json"]["continual_state.json"]
+    assert state["task_data"] == ["cifar", "image folders train, test"] and state["dataset"] == "x"
+    assert [s["data"] for s in state["segments"]] == ["cifar", "image folders train, test"]
+    assert state["segments"][1]["continued_from"] == "task_0 (a local checkpoint)"
+    assert "| 2 | c, d | image folders train, test |" in checkpoint["card"]
+    assert "`task_1 (a local checkpoint)`" in exported["card"] and "`tiny-vit` backbone" in full_upload["card"]
+    assert full_upload["json"]["slca_config.json"]["base_model_name_or_path"] == "tiny-vit"
+    # The checkpoint on disk keeps its paths: a resumed continuation still finds what it continued from.
+    on_disk = json.loads((tmp_path / "run" / "task_1" / "continual_state.json").read_text())
+    assert on_disk["segments"][1]["continued_from"] == str(tmp_path / "run/task_0")
+
+
+def keep_uploads(hub, into: Path):
+    """Copy every uploaded folder into `into`/<n> before the recorder sees it."""
+    record = hub.upload_folder
+
+    def upload_folder(repo_id, folder_path, *args, **kwargs):
+        shutil.copytree(folder_path, into / str(len(hub.uploads)))
+        return record(repo_id, folder_path, *args, **kwargs)
+
+    hub.upload_folder = upload_folder
+
+
+def test_a_model_carrying_its_run_state_uploads_a_checkpoint_that_can_be_continued(tmp_path, base_model_dir, hub,
+                                                                                     caplog):
+    from slca_peft.continual.checkpoint import load_learner_state
+
+    keep_uploads(hub, tmp_path / "uploaded")
+    model = trained_model(base_model_dir)
+    state = local_state(tmp_path)
+    save_checkpoint(model, tmp_path / "ckpt", statistics=statistics(model), state=state,
+                    unaligned_head=model.classifier.snapshot())
+    loaded, stats, _, _ = load_checkpoint(tmp_path / "ckpt")
+    loaded.push_to_hub("me/again", base_model_id="me/tiny-vit", commit_description="the birds")
+    (upload,) = hub.uploads
+    assert {"class_statistics.safetensors", "continual_state.json", "classifier_unaligned.safetensors"} <= set(
+        upload["files"]) and upload["description"] == "the birds"
+    assert "--continue_from me/again" in upload["card"]
+    copy = tmp_path / "uploaded" / "0"
+    restored_stats, restored_state, unaligned = load_learner_state(copy, loaded)
+    assert restored_stats.classes == stats.classes and unaligned is not None
+    assert restored_state["task_sizes"] == [2, 2] and restored_state["task_data"][0] == "cifar"
+    # A model without its run state: its model files, and one line saying what it lacks.
+    caplog.set_level(logging.WARNING, logger="slca_peft")
+    bare = SLCAModel.from_pretrained(tmp_path / "ckpt")  # the task history, no statistics
+    bare.push_to_hub("me/bare", base_model_id="me/tiny-vit")
+    assert "continual_state.json" not in hub.uploads[-1]["files"]
+    assert "cannot go on from here" in hub.uploads[-1]["card"]
+    (line,) = [r.getMessage() for r in caplog.records if "push_to_hub" in r.getMessage()]
+    assert "carries no class statistics, so me/bare gets its model files only" in line and "\n" not in line
+
+
+def toy_dataset(n: int = 8) -> datasets.Dataset:
+    rng = np.random.RandomState(0)
+    labels = [i % 2 for i in range(n)]
+    return datasets.Dataset.from_dict({"pixel_values": rng.randn(n, 3, 32, 32).astype(np.float32),
+                                       "labels": labels}).with_format("torch")
+
+
+def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_dir, hub):
+    def trainer(**args):
+        config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                            per_device_train_batch_size=4, num_train_epochs=1, hub_model_id="me/trained", **args)
+        model = SLCAModel.from_backbone(str(base_model_dir), config)
+        model.grow(2)
+        return SLCATrainer(model=model, args=config, train_dataset=toy_dataset())
+
+    # A local base model is refused as `slca-peft push` refuses it: by the explicit push, and before training
+    # when every save would push.
+    with pytest.raises(ValueError, match="push_to_hub: its base model is the local path .*base_model_id"):
+        trainer().push_to_hub()
+    with pytest.raises(ValueError, match="push_to_hub: its base model is the local path"):
+        trainer(push_to_hub=True)
+    assert hub.uploads == []
+    plain = trainer(hub_base_model_id="me/tiny-vit")
+    plain.create_model_card(license="mit", dataset="me/toy")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.library_name == "slca-peft" and card.data.license == "mit" and card.data.datasets == ["me/toy"]
+    assert "trained from scratch" not in card.text
+    with pytest.raises(ValueError, match="create_model_card: finetuned_from is not used"):
+        plain.create_model_card(finetuned_from="x")
+    url = plain.push_to_hub(commit_message="done", license="mit")
+    (upload,) = hub.uploads
+    assert url == upload_url(upload) and upload["message"] == "done" and upload["repo_id"] == "me/trained"
+    assert "library_name: slca-peft" in upload["card"] and "base_model: me/tiny-vit" in upload["card"]
+    assert upload["json"]["slca_config.json"]["base_model_name_or_path"] == "me/tiny-vit"
+    assert not any(name.endswith((".bin", ".pt")) for name in upload["files"]) and "training_args.json" not in \
+        upload["files"]
+    # push_to_hub=True: each save is uploaded the same way (no pickled training_args.bin, the library's card).
+    pushing = trainer(push_to_hub=True, hub_base_model_id="me/tiny-vit", save_strategy="epoch")
+    pushing.train()
+    assert [u["message"] for u in hub.uploads[1:]] == ["Training in progress, epoch 1"]
+    assert "library_name: slca-peft" in hub.uploads[-1]["card"]
+    assert not any(name.endswith(".bin") for name in hub.uploads[-1]["files"])
+
+
+def upload_url(upload) -> str:
+    return f"https://huggingface.co/{upload['repo_id']}/commit/1"
