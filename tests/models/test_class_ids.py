@@ -136,7 +136,7 @@ def test_the_model_answers_in_class_ids_as_its_export_does(tmp_path, make_learne
     assert tasks.class_ids != [0, 1, 2, 3]  # learned in another order than the dataset's ids
     learner = make_learner(tasks, tmp_path / "run", num_train_epochs=1, ca_epochs=1, per_device_train_batch_size=16)
     reported = learner.run().seen_accuracy[-1]
-    model = SLCAModel.from_pretrained(tmp_path / "run" / "task_1")
+    model = SLCAModel.from_pretrained(tmp_path / "run" / task_dir_name(1))
     assert not model.training  # eval mode, as transformers' from_pretrained
     raw = load_split_image_folders(*tiny_image_folders)["test"]  # the dataset's own label ids
     transform = EvalTransform(ImageTransformConfig.from_model_config(model.config))
