@@ -9,8 +9,10 @@ import sys
 
 def _export(ns: argparse.Namespace) -> None:
     from ..continual.checkpoint import load_checkpoint
+    from ..continual.run_dir import task_checkpoint
     from ..sharing.export import check_export_target, export_model
 
+    ns.checkpoint = task_checkpoint(ns.checkpoint, "export")  # a run directory stands for its last task
     check_export_target(ns.output_dir, overwrite=ns.overwrite)  # before the checkpoint is loaded
     model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
     export_model(model, ns.output_dir, overwrite=ns.overwrite)  # the class names and results it has
@@ -36,8 +38,9 @@ def _push(ns: argparse.Namespace) -> None:
 
 def _info(ns: argparse.Namespace) -> None:
     from ..continual.checkpoint import load_checkpoint
+    from ..continual.run_dir import task_checkpoint
 
-    model, stats, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
+    model, stats, state, _ = load_checkpoint(task_checkpoint(ns.checkpoint, "info"), ns.revision)
     print(json.dumps({
         "base_model": model.slca_config.base_model_name_or_path,
         "task_sizes": model.classifier.task_sizes,

@@ -286,3 +286,22 @@ def test_the_known_third_party_warnings_are_filtered_in_the_cli_and_the_api(tmp_
         filters = list(warnings.filters)
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     assert filters == [warnings.filters[0]] or "is_gradient_checkpointing" not in str(filters)  # scoped, not global
+
+
+def test_export_and_info_take_a_run_directory_as_its_last_task(tmp_path, base_model_dir, capsys):
+    from slca_peft import SLCAModel, save_checkpoint
+    from slca_peft.utils.errors import UserError
+
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    save_checkpoint(model, tmp_path / "run" / "task_1", state={"tasks_learned": 1, "accuracy_matrix": [[50.0]]})
+    model.grow(2)
+    state = {"tasks_learned": 2, "accuracy_matrix": [[50.0], [40.0, 30.0]]}
+    save_checkpoint(model, tmp_path / "run" / "task_2", state=state)
+    cli_main(["info", str(tmp_path / "run")])
+    assert json.loads(capsys.readouterr().out)["task_sizes"] == [2, 2]  # task_2, the run's last
+    cli_main(["export", str(tmp_path / "run"), str(tmp_path / "export")])
+    assert len(json.loads((tmp_path / "export" / "config.json").read_text())["id2label"]) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="^export .*empty: a directory with no complete task checkpoint.*RUN/task_N"):
+        cli_main(["export", str(tmp_path / "empty"), str(tmp_path / "export2")])
