@@ -31,7 +31,8 @@ from torch.distributions import MultivariateNormal
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args, gib, mib, peak_memory, setup, synchronize, timed  # noqa: E402
 
-from slca_peft import AlignmentSettings, ClassifierAligner, ClassStatistics, ContinualClassifier  # noqa: E402
+from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
+from slca_peft.models import ContinualClassifier
 
 
 def task_sizes(num_classes: int, num_tasks: int) -> list[int]:

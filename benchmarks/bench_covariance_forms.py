@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args, setup, synchronize  # noqa: E402
 
-from slca_peft import AlignmentSettings, ClassifierAligner, ClassStatistics, ContinualClassifier  # noqa: E402
+from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
+from slca_peft.models import ContinualClassifier
 
 FORMS = [("exact", None), ("full", None), ("low_rank", 64), ("low_rank", 16), ("low_rank", 4), ("diagonal", None)]
 

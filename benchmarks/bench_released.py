@@ -61,16 +61,10 @@ from _common import add_common_args, setup, synchronize  # noqa: E402
 from bench_alignment import synthetic_statistics, task_sizes  # noqa: E402
 from transformers import ViTConfig  # noqa: E402
 
-from slca_peft import (  # noqa: E402
-    AlignmentSettings,
-    ClassifierAligner,
-    ClassStatistics,
-    ContinualClassifier,
-    SLCAConfig,
-    SLCAModel,
-    SLCATrainer,
-)
-from slca_peft.models.inference import merged_adapters  # noqa: E402
+from slca_peft import SLCAConfig, SLCAModel, SLCATrainer
+from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
+from slca_peft.models import ContinualClassifier
+from slca_peft.models.inference import adapters_merged_into_weights  # noqa: E402
 from slca_peft.utils.hardware import cpu_bf16_training  # noqa: E402
 
 TASK_SIZE = 10  # classes per task: two tasks while training (the second one learns), C / 10 when aligning
@@ -261,7 +255,7 @@ def slca_statistics_pass(s, setting: str, bf16: bool, pixels, labels, out: str):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             stats.update(model.features(pixels), labels)
 
-    with merged_adapters(model):  # under no_grad itself; no thread-wide mode held between calls
+    with adapters_merged_into_weights(model):  # under no_grad itself; no thread-wide mode held between calls
         yield run
 
 

@@ -26,7 +26,8 @@ from transformers import ViTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args, mib, setup, synchronize  # noqa: E402
 
-from slca_peft import ClassStatistics, SLCAModel  # noqa: E402
+from slca_peft import SLCAModel
+from slca_peft.method import ClassStatistics
 
 
 def extraction(args, device) -> None:

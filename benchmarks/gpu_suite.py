@@ -37,8 +37,9 @@ from _common import environment, peak_memory, synchronize  # noqa: E402
 from bench_alignment import previous_align, synthetic_statistics, task_sizes  # noqa: E402
 from transformers import ViTConfig  # noqa: E402
 
-from slca_peft import AlignmentSettings, ClassifierAligner, ClassStatistics, SLCAModel  # noqa: E402
+from slca_peft import SLCAModel
 from slca_peft.data.transforms import ImageTransformConfig, TrainTransform, collate_fn  # noqa: E402
+from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
 from slca_peft.models.inference import inference_context  # noqa: E402
 from slca_peft.utils.hardware import MAX_DEFAULT_WORKERS, available_cores  # noqa: E402
 
@@ -168,7 +169,7 @@ def bench_data(s, device, workers: int, paths) -> dict:
 
 def bench_alignment(s, device, num_classes: int) -> dict:
     stats = synthetic_statistics(num_classes, s.dim, s.per_class, 10, device)
-    from slca_peft import ContinualClassifier
+    from slca_peft.models import ContinualClassifier
 
     classifier = ContinualClassifier(s.dim, task_sizes(num_classes, 10)).to(device)
     aligner = ClassifierAligner(AlignmentSettings(epochs=s.epochs))

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from slca_peft.sharing.report import mean_std
-from slca_peft.utils.errors import UserError, read_json, run_main
+from slca_peft.utils.errors import UserError, run_main
+from slca_peft.utils.reading import read_json
 
 METRICS = {"Last-Acc": "last_accuracy", "Inc-Acc": "average_incremental_accuracy"}
 

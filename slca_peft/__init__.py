@@ -1,59 +1,44 @@
-"""slca-peft: SLCA++ continual learning (Slow Learner + Classifier Alignment) for Hugging Face ViTs."""
+"""slca-peft: SLCA++ continual learning (Slow Learner + Classifier Alignment) for Hugging Face ViTs.
 
-from .continual.callbacks import ContinualCallback
-from .continual.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
-from .continual.learner import ContinualLearner, ContinualResult
-from .continual.steps import AlignmentStep, CheckpointStep, EvaluationStep, PushStep, ReportStep, StatisticsStep
-from .continual.tracking import TrackerStep
-from .data.continuation import ContinuedStream
-from .data.domains import DomainSequence
-from .data.tasks import Task, TaskSequence, TaskStream
-from .data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, collate_fn
-from .method.alignment import AlignmentSettings, ClassifierAligner
-from .method.config import SLCAConfig
-from .method.statistics import ClassStatistics
-from .method.trainer import SLCATrainer, symmetric_cross_entropy
-from .models.config import SLCAModelConfig
-from .models.head import ContinualClassifier
-from .models.inference import inference_context, merged_adapters
-from .models.model import SLCAModel
-from .sharing.export import export_model
+The top level holds what a user starts from; each subpackage (`slca_peft.models`, `.data`, `.method`,
+`.continual`, `.export`, `.sharing`, `.artifacts`, `.utils`) exports its own public names."""
+
+from .continual import ContinualCallback, ContinualLearner, ContinualResult, default_steps, verify_checkpoint
+from .data import (
+    ContinuedStream,
+    DomainSequence,
+    EvalTransform,
+    ImageTransformConfig,
+    Task,
+    TaskSequence,
+    TaskStream,
+    TrainTransform,
+    collate_fn,
+)
+from .export import export_model
+from .method import SLCAConfig, SLCATrainer
+from .models import SLCAModel, SLCAModelConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlignmentSettings",
-    "AlignmentStep",
-    "CheckpointStep",
-    "ClassStatistics",
-    "ClassifierAligner",
     "ContinualCallback",
-    "ContinualClassifier",
     "ContinualLearner",
     "ContinualResult",
     "ContinuedStream",
     "DomainSequence",
     "EvalTransform",
-    "EvaluationStep",
     "ImageTransformConfig",
-    "PushStep",
-    "ReportStep",
     "SLCAConfig",
     "SLCAModel",
     "SLCAModelConfig",
     "SLCATrainer",
-    "StatisticsStep",
     "Task",
     "TaskSequence",
     "TaskStream",
-    "TrackerStep",
     "TrainTransform",
     "collate_fn",
+    "default_steps",
     "export_model",
-    "inference_context",
-    "load_checkpoint",
-    "merged_adapters",
-    "save_checkpoint",
-    "symmetric_cross_entropy",
     "verify_checkpoint",
 ]

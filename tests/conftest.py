@@ -77,7 +77,7 @@ def trained_model(base_model_dir):
 
 def stats_for(model):
     """Class statistics of 5 classes over random features of `model`'s width."""
-    from slca_peft import ClassStatistics
+    from slca_peft.method import ClassStatistics
 
     stats = ClassStatistics(model.feature_dim)
     stats.update(torch.randn(20, model.feature_dim), torch.arange(5).repeat(4))

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..artifacts.layout import seed_dirs
+from ..continual.fingerprint import read_fingerprint
 from ..continual.run_dir import check_output_arguments, check_writable, task_checkpoint
 from ..method.config import SLCAConfig
 from ..models.loading import check_backbone_source
 from ..utils.errors import UserError
-from ..utils.hardware import option_spellings, resolve_bf16_flag
 from .config_file import DEMO_CONFIG, read_config, shipped_file, split_config
 
 
@@ -152,6 +154,7 @@ def _argument_parser(prog: str | None = None) -> HfArgumentParser:
              "scripts); flags on the command line override its values. A shipped config can be named without "
              "its folder (e.g. cifar100_in21k_slca++.yaml).",
     )
+    parser.set_defaults(bf16="auto")  # the recipe's default; SLCAConfig resolves it when it is built
     return parser
 
 
@@ -262,6 +265,21 @@ def _resolve_run_directories(model_args: ModelArguments) -> ModelArguments:
     return dataclasses.replace(model_args, **changes)
 
 
+def _recorded_precision(model_args: ModelArguments, args: SLCAConfig) -> bool | None:
+    """The bf16 a resumed run recorded in its run_fingerprint.json (its own or a seed run's), when this run's
+    `--bf16 auto` chose otherwise; None when not resuming, not auto, or the same."""
+    if not model_args.resume_from or args.precision_choice is None:
+        return None
+    root = Path(args.output_dir)
+    candidates = [] if model_args.resume_from == "auto" else [Path(model_args.resume_from).parent]
+    candidates += [root, *seed_dirs(root)]
+    for directory in candidates:
+        recorded = (read_fingerprint(directory) or {}).get("bf16") if directory.is_dir() else None
+        if isinstance(recorded, bool):
+            return recorded if recorded != args.bf16 else None
+    return None
+
+
 def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments, DataArguments, SLCAConfig]:
     """The three argument dataclasses from `argv`: a config file (`--config FILE`, `--config=FILE` or a
     .yaml/.json first argument) supplies defaults that the other flags override. `prog` names the
@@ -276,9 +294,14 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
         if not Path(config).exists() and shipped_file("configs", Path(config).name).is_file():
             config = str(shipped_file("configs", Path(config).name))  # a shipped config by name
         argv = read_config(config, parser) + argv
-    # `--bf16 auto`, the recipe's default: bf16 where the hardware has it (read in every spelling the parser takes)
-    argv = resolve_bf16_flag(argv, *option_spellings(parser))
     model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(args=argv)
+    recorded = _recorded_precision(model_args, args)
+    if recorded is not None:  # a resumed `--bf16 auto` run keeps the precision it started with
+        model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(
+            args=[*argv, "--bf16", str(recorded).lower(),
+                  *(["--use_cpu", "true"] if args.use_cpu or (recorded and not torch.cuda.is_available()) else [])])
+        args.precision_choice = f"--bf16 auto kept {'bfloat16 autocast' if recorded else 'fp32'}: the run being " \
+            "resumed recorded it (--bf16 true/false overrides)"
     model_args = _resolve_run_directories(model_args)
     if model_args.continue_from and not _given(argv, "init_cls", "increment"):
         args.init_cls = args.increment = None  # the new classes as one task (TaskSequence's split)

@@ -10,19 +10,19 @@ import sys
 def _export(ns: argparse.Namespace) -> None:
     from ..continual.checkpoint import load_checkpoint
     from ..continual.run_dir import task_checkpoint
-    from ..sharing.export import check_export_target, export_model
+    from ..export.classifier import check_export_target, export_model
 
     ns.checkpoint = task_checkpoint(ns.checkpoint, "export")  # a run directory stands for its last task
     check_export_target(ns.output_dir, overwrite=ns.overwrite)  # before the checkpoint is loaded
-    model, *_ = load_checkpoint(ns.checkpoint, ns.revision)
-    export_model(model, ns.output_dir, overwrite=ns.overwrite)  # the class names and results it has
+    model, _, state, _ = load_checkpoint(ns.checkpoint, ns.revision)
+    export_model(model, ns.output_dir, card={"state": state}, overwrite=ns.overwrite)  # its names and results
     print(f"exported {ns.checkpoint} -> {ns.output_dir} ({model.classifier.num_classes} classes, output k = class "
           f"id k); upload it with: slca-peft push {ns.output_dir} <repo_id>")
 
 
 def _push(ns: argparse.Namespace) -> None:
     from ..continual.checkpoint import load_checkpoint
-    from ..models.hub import check_export, is_export, push_to_hub
+    from ..sharing.hub import check_export, is_export, push_folder
 
     # Refuse to upload a checkpoint or an export that does not load.
     if is_export(ns.checkpoint):
@@ -31,7 +31,7 @@ def _push(ns: argparse.Namespace) -> None:
         load_checkpoint(ns.checkpoint)
     message = ns.commit_message or ("Upload exported SLCA++ model" if is_export(ns.checkpoint)
                                     else "Upload SLCA++ continual checkpoint")
-    print(push_to_hub(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,
+    print(push_folder(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,
                       base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags,
                       token=ns.token))
 

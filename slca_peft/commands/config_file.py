@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from ..utils.errors import UserError, read_text
+from ..utils.errors import UserError
+from ..utils.reading import read_text
 
 
 def shipped_file(kind: str, name: str) -> Path:

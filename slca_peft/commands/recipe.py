@@ -28,6 +28,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, set_seed
 
+from ..artifacts.atomic import atomic_directory, atomic_write_text
+from ..artifacts.layout import MANIFEST_FILE, METRICS_FILE, SEEDS_FILE, seed_dir_name, task_dir_name
+from ..artifacts.manifest import read_manifest, record_tree
+from ..artifacts.task_history import read_state
 from ..continual.callbacks import load_callback
 from ..continual.checkpoint import verify_checkpoint
 from ..continual.fingerprint import read_fingerprint, run_fingerprint
@@ -44,16 +48,12 @@ from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransfor
 from ..method.config import SLCAConfig
 from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
-from ..models.config import read_state
 from ..models.model import SLCAModel
-from ..models.public import IMAGE_FOLDERS
 from ..models.saving import resolve_checkpoint
+from ..sharing.public import IMAGE_FOLDERS
 from ..sharing.report import mean_std
 from ..utils.errors import UserError, run_main
-from ..utils.files import METRICS_FILE, atomic_directory, atomic_write_text, task_dir_name
-from ..utils.hardware import log_bf16_choice
 from ..utils.logging import LIBRARY_NAME, progress_bars, set_verbosity_from_args, shows_progress
-from ..utils.manifest import MANIFEST_FILE, read_manifest, record_tree
 from .arguments import DataArguments, ModelArguments, parse_args
 
 logger = logging.getLogger(__name__)
@@ -147,13 +147,13 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
     runs = {}
     for seed in data_args.seeds:
         seed_args = copy.copy(args)
-        seed_args.class_order_seed, seed_args.output_dir = seed, str(root / f"seed_{seed}")
+        seed_args.class_order_seed, seed_args.output_dir = seed, str(root / seed_dir_name(seed))
         if args.push_to_hub:  # one repo per seed: each has its own task history
             seed_args.hub_model_id = f"{args.hub_model_id or root.absolute().name}-seed{seed}"
         logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
         summary = train(model_args, data_args, seed_args)
         runs[str(seed)] = {
-            "output_dir": f"seed_{seed}",
+            "output_dir": seed_dir_name(seed),
             "last_accuracy": summary["last_accuracy"],
             "average_incremental_accuracy": summary["average_incremental_accuracy"],
         }
@@ -163,10 +163,10 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
         result[key] = {"mean": mean, "std": std}
     if args.process_index == 0:
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(root / "seeds.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(root / SEEDS_FILE, json.dumps(result, indent=2) + "\n")
         last, inc = result["last_accuracy"], result["average_incremental_accuracy"]
         logger.info(f"seeds {data_args.seeds}: Last-Acc {last['mean']:.2f} ± {last['std']:.2f}  "
-              f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / 'seeds.json'})")
+              f"Inc-Acc {inc['mean']:.2f} ± {inc['std']:.2f}  ({root / SEEDS_FILE})")
         write_plots(root)  # mean heatmap, per-seed curves and the results table over the seeds
     return result
 
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         return run_main(lambda args: main(args, prog), prog=prog)
     model_args, data_args, args = parse_args(argv, prog)
     configure_logging(args)
-    log_bf16_choice()
+    if args.precision_choice:
+        logger.info(args.precision_choice)
     if data_args.seeds:
         return run_seeds(model_args, data_args, args)
     return train(model_args, data_args, args)

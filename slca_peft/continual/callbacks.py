@@ -141,7 +141,7 @@ class CallbackHandler:
                 return
         name = old.__name__ if isinstance(old, type) else type(old).__name__
         held_names = [type(c).__name__ for c in self.callbacks]
-        raise ValueError(f"no callback {name} to replace; the learner runs {held_names}.")
+        raise UserError(f"no callback {name} to replace; the learner runs {held_names}.")
 
     def task_trainer_callbacks(self) -> list[TrainerCallback]:
         """What a task's trainer gets: the `TrainerCallback`s given, then those the callbacks hold."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ..artifacts.atomic import atomic_directory
+from ..artifacts.layout import STATISTICS_FILE, UNALIGNED_FILE
+from ..artifacts.task_history import read_state
 from ..method.statistics import ClassStatistics
-from ..models.config import read_state
 from ..models.loading import hub_kwargs, loading_kwargs
 from ..models.model import SLCAModel
 from ..models.saving import (
@@ -27,9 +29,19 @@ from ..models.saving import (
     write_checkpoint_files,
 )
 from ..models.verification import verify_files
-from ..utils.files import STATISTICS_FILE, UNALIGNED_FILE, atomic_directory
+from ..utils.errors import UserError
 
-__all__ = ["load_checkpoint", "load_learner_state", "save_checkpoint", "save_learner_state", "verify_checkpoint"]
+__all__ = ["Checkpoint", "load_checkpoint", "load_learner_state", "save_checkpoint", "save_learner_state",
+           "verify_checkpoint"]
+
+
+class Checkpoint(NamedTuple):
+    """A continual checkpoint in memory: the model and the learner's run state beside it."""
+
+    model: SLCAModel
+    statistics: ClassStatistics | None
+    task_history: dict[str, Any] | None
+    unaligned_head: dict[str, torch.Tensor] | None
 
 
 def save_checkpoint(
@@ -61,7 +73,7 @@ def load_learner_state(
         outside = [c for c in statistics.classes if c >= model.classifier.num_classes]
         late = [t for t in statistics.task_of_class.values() if t >= len(sizes)]
         if outside or late:
-            raise ValueError(f"{root / STATISTICS_FILE} holds statistics of class {outside[:3]} or task {late[:3]} "
+            raise UserError(f"{root / STATISTICS_FILE} holds statistics of class {outside[:3]} or task {late[:3]} "
                              f"beyond the model's {model.classifier.num_classes} classes in {len(sizes)} tasks; the "
                              "file is damaged or was not written with this checkpoint.")
     state = read_state(root)
@@ -95,9 +107,10 @@ def load_checkpoint(
     revision: str | None = None,
     expected_base: str | Sequence[str | None] | None = None,
     **kwargs: Any,
-) -> tuple[SLCAModel, ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+) -> Checkpoint:
     """Rebuild model, statistics, task history and unaligned head from a checkpoint (directory or Hub
-    repo) that `save_checkpoint` wrote.
+    repo) that `save_checkpoint` wrote: what `ContinualLearner.from_checkpoint` / `from_pretrained`
+    continue from (the model alone loads with `SLCAModel.from_pretrained`).
 
     `expected_base` (a Hub id or path, or several names of the same weights, e.g. a local copy and
     its Hub id) refuses a checkpoint that was trained on another backbone. `kwargs`: the loading
@@ -111,6 +124,4 @@ def load_checkpoint(
     if state and state.get("label_names") and not model.label_names:
         model.label_names = state["label_names"]
     model.name_or_path = str(path_or_repo_id)
-    # The model carries its run state: a push uploads a checkpoint that can be continued.
-    model.class_statistics, model.unaligned_head = statistics, unaligned
-    return model, statistics, state, unaligned
+    return Checkpoint(model, statistics, state, unaligned)

@@ -16,9 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..utils.digests import sha256_files
-from ..utils.errors import UserError, loads_json, read_bytes, read_own_json
-from ..utils.files import FINGERPRINT_FILE
+from ..artifacts.digests import sha256_files
+from ..artifacts.layout import FINGERPRINT_FILE
+from ..utils.errors import UserError
+from ..utils.reading import loads_json, read_bytes, read_own_json
 
 #: Written into every fingerprint: a fingerprint of another version differs in that field.
 FINGERPRINT_VERSION = 2

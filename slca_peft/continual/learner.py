@@ -21,6 +21,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 
+from ..artifacts.layout import checkpoint_dirs
 from ..data.continuation import ContinuedStream
 from ..data.tasks import Task, TaskSequence, TaskStream, stream_class_ids
 from ..data.transforms import collate_fn, make_batch_transform
@@ -28,8 +29,9 @@ from ..method.config import SLCAConfig, as_slca_config
 from ..method.statistics import ClassStatistics
 from ..method.trainer import SLCATrainer
 from ..models.model import SLCAModel
+from ..sharing.hub import push_folder
 from ..utils import logging as logging_utils
-from ..utils.errors import no_exit
+from ..utils.errors import UserError, no_exit
 from ..utils.timing import clock
 from .callbacks import Callback, CallbackHandler, ContinualCallback
 from .checkpoint import load_checkpoint
@@ -127,7 +129,7 @@ class ContinualLearner:
             tasks = ContinuedStream(state, tasks, merge_existing_classes=merge_existing_classes, old_test=old_test,
                                     continued_from=str(path_or_repo_id))
         elif merge_existing_classes or old_test is not None:
-            raise ValueError("merge_existing_classes and old_test are options of the ContinuedStream; set them there.")
+            raise UserError("merge_existing_classes and old_test are options of the ContinuedStream; set them there.")
         check_learned_tasks(path_or_repo_id, model, statistics, tasks)
         model.label_names = tasks.label_names
         result = ContinualResult.from_history(tasks.previous, str(path_or_repo_id))
@@ -176,7 +178,7 @@ class ContinualLearner:
     def statistics(self, statistics: ClassStatistics) -> None:
         step = self.get_callback(StatisticsStep)
         if step is None:
-            raise ValueError("the learner has no StatisticsStep to hold statistics; add one first.")
+            raise UserError("the learner has no StatisticsStep to hold statistics; add one first.")
         step.statistics = statistics
 
     @property
@@ -188,6 +190,22 @@ class ContinualLearner:
     def tracker(self) -> ContinualTracker | None:
         """The run's trackers, which the `TrackerStep` holds while a run lasts (None otherwise)."""
         return getattr(self.get_callback(TrackerStep), "tracker", None)
+
+    def push_to_hub(self, repo_id: str | None = None, *, commit_message: str | None = None, **upload: Any) -> Any:
+        """Upload the last task's checkpoint (model, class statistics, heads before alignment, task
+        history: what `--continue_from` goes on from) as one commit, through the one door every upload
+        takes (`slca_peft.sharing.hub.push_folder`). `repo_id` defaults to `hub_model_id` or the output
+        directory's name; `upload`: `push_folder`'s keywords (`private`, `token`, `revision`, `create_pr`,
+        `tags`, `commit_description`, `base_model_id`, which defaults to `hub_base_model_id`)."""
+        done = checkpoint_dirs(self.output_dir)
+        if not done:
+            raise UserError(f"{self.output_dir} holds no task checkpoint yet; run() the learner first (each task's "
+                            "checkpoint is what push_to_hub uploads).")
+        last = max(done)
+        upload.setdefault("base_model_id", self.args.hub_base_model_id)
+        message = commit_message or f"task {last + 1}/{len(self.tasks)}"
+        return push_folder(done[last], repo_id or self.args.hub_model_id or self.output_dir.absolute().name,
+                           commit_message=message, **upload)
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -206,7 +224,7 @@ class ContinualLearner:
     def run(self) -> ContinualResult:
         """Learn every task not yet learned and return the accuracies."""
         if self.train_transform is None or self.eval_transform is None:
-            raise ValueError("set the train and eval transforms (set_transforms) before run().")
+            raise UserError("set the train and eval transforms (set_transforms) before run().")
         logging_utils.set_verbosity_from_args(self.args)  # each task's result line shows, as Trainer's metrics do
         start = len(self.result.accuracy_matrix)
         try:

@@ -8,8 +8,8 @@ a `seed_<s>` run per class-order seed and, for `--model_config`, its random `bas
 - a symlink at any of those names, a folder where a run writes a file, a manifest that is invalid or
   lists the lock or a manifest, a listed path under a symlinked sub-folder: refused;
 - a checkpoint or `base_model/` folder is deleted by its manifest, each file only with its recorded
-  size and SHA-256 (`slca_peft.utils.manifest.plan_removal`); one written before manifests, by the
-  file names a checkpoint has. Anything else in it (a file put there, a file edited since) would be
+  size and SHA-256 (`slca_peft.artifacts.manifest.plan_removal`); one without a manifest is refused.
+  Anything else in it (a file put there, a file edited since) would be
   lost when the new run writes that folder again, so it is refused, naming it;
 - a file the run directory's manifest lists that changed since is the user's: kept, with a warning
   (refused when it sits at a name the new run writes); a file beside the run (`notes.txt`) is kept.
@@ -28,38 +28,30 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..utils import manifest
-from ..utils.errors import UserError
-from ..utils.files import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_FILE,
-    BACKBONE_CONFIG_FILE,
-    BACKBONE_FILE,
-    CARD_FILE,
-    CLASSIFIER_FILE,
-    CONFIG_FILE,
+from ..artifacts import manifest
+from ..artifacts.layout import (
     FINGERPRINT_FILE,
     LOCK_FILE,
+    MANIFEST_FILE,
     METRICS_FILE,
-    STATE_FILE,
-    STATISTICS_FILE,
-    UNALIGNED_FILE,
+    PLOT_FILES,
+    RESULTS_FILE,
+    SEED_DIR_PREFIX,
+    SEEDS_FILE,
+    TASK_DIR_PREFIX,
+    holds_run,
 )
+from ..artifacts.lock import run_lock
+from ..utils.errors import UserError
 from .fingerprint import read_fingerprint
-from .lock import run_lock
 
 #: Files a run (or a `--seeds` run, or `slca-peft report`) writes at the top of its output directory.
-RUN_FILES = (METRICS_FILE, "results.md", "accuracy_matrix.png", "accuracy_curve.png", "seeds.json",
-             FINGERPRINT_FILE, manifest.MANIFEST_FILE)
+RUN_FILES = (METRICS_FILE, RESULTS_FILE, *PLOT_FILES, SEEDS_FILE, FINGERPRINT_FILE, MANIFEST_FILE)
 #: Directories a run writes: checkpoints (and their temporaries), seed runs, a random backbone.
-TASK_DIR = re.compile(r"task_\d+")
-TASK_TEMP = re.compile(r"\.task_\d+\.(tmp|old)-.*")
-SEED_DIR = re.compile(r"seed_-?\d+")
+TASK_DIR = re.compile(rf"{TASK_DIR_PREFIX}\d+")
+TASK_TEMP = re.compile(rf"\.{TASK_DIR_PREFIX}\d+\.(tmp|old)-.*")
+SEED_DIR = re.compile(rf"{SEED_DIR_PREFIX}-?\d+")
 BASE_MODEL_DIR = "base_model"
-#: The files of a checkpoint written before manifests: the only ones deleted from such a folder.
-CHECKPOINT_FILES = frozenset({CONFIG_FILE, ADAPTER_CONFIG_FILE, ADAPTER_FILE, BACKBONE_FILE, BACKBONE_CONFIG_FILE,
-                              CLASSIFIER_FILE, CARD_FILE, UNALIGNED_FILE, STATISTICS_FILE, STATE_FILE})
-
 logger = logging.getLogger(__name__)
 
 
@@ -73,18 +65,6 @@ def list_entries(root: Path) -> list[os.DirEntry]:
 
 def is_real_dir(entry: os.DirEntry) -> bool:
     return entry.is_dir(follow_symlinks=False)
-
-
-def holds_run(root: Path) -> bool:
-    """A fingerprint, a checkpoint (`task_<t>/continual_state.json`) or a seed run of slca-peft's."""
-    if (root / FINGERPRINT_FILE).is_file():
-        return True
-    for entry in list_entries(root):
-        if is_real_dir(entry) and TASK_DIR.fullmatch(entry.name) and Path(entry.path, STATE_FILE).is_file():
-            return True
-        if is_real_dir(entry) and SEED_DIR.fullmatch(entry.name) and holds_run(Path(entry.path)):
-            return True
-    return False
 
 
 def _in_the_way(root: Path, path: Path | str, why: str) -> UserError:
@@ -106,17 +86,14 @@ def _everything_in(folder: Path) -> list[str]:
 
 def _plan_folder(root: Path, folder: Path) -> manifest.RemovalPlan:
     """A checkpoint or saved backbone the new run may write again, all of it the library's or refused."""
-    if (folder / manifest.MANIFEST_FILE).is_file() or folder.name == BASE_MODEL_DIR:
-        plan = manifest.plan_removal(folder)
-        if plan.kept:
-            raise _in_the_way(root, folder / plan.kept[0].split(" (", 1)[0],
-                              f"is not the file slca-peft wrote ({plan.kept[0].split(' (', 1)[1].rstrip(')')})")
-        ours = set(plan.remove) | {manifest.MANIFEST_FILE}
-    else:  # written before manifests: the names a checkpoint has, as regular files
-        files = [rel for rel in _everything_in(folder) if rel in CHECKPOINT_FILES
-                 and not (folder / rel).is_symlink() and (folder / rel).is_file()]
-        plan = manifest.RemovalPlan(folder, files, [], False)
-        ours = set(files)
+    if not (folder / manifest.MANIFEST_FILE).is_file() and folder.name != BASE_MODEL_DIR:
+        raise _in_the_way(root, folder, f"has no {manifest.MANIFEST_FILE}, so slca-peft cannot tell which of its "
+                          "files it wrote")
+    plan = manifest.plan_removal(folder)
+    if plan.kept:
+        raise _in_the_way(root, folder / plan.kept[0].split(" (", 1)[0],
+                          f"is not the file slca-peft wrote ({plan.kept[0].split(' (', 1)[1].rstrip(')')})")
+    ours = set(plan.remove) | {manifest.MANIFEST_FILE}
     others = [rel for rel in _everything_in(folder) if rel not in ours]
     if others:
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""

@@ -11,9 +11,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..artifacts.atomic import atomic_write_text, json_text
+from ..artifacts.layout import MATRIX_PLOT, METRICS_FILE
+from ..artifacts.manifest import safe_path
 from ..metrics import coverage_note, format_accuracy, format_accuracy_table
-from ..utils.files import METRICS_FILE, atomic_write_text, json_text
-from ..utils.manifest import safe_path
 from ..utils.timing import timing_line, timing_summary, with_rates
 from .callbacks import ContinualCallback
 
@@ -84,7 +85,7 @@ class ReportStep(ContinualCallback):
             f"\n{coverage_note(summary)}" if summary["missing_entries"] else "",
         )
         if write_plots(learner.output_dir) and learner.tracker is not None:
-            learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / "accuracy_matrix.png")
+            learner.tracker.log_image("eval/accuracy_matrix", learner.output_dir / MATRIX_PLOT)
 
 
 def write_plots(output_dir: Path) -> list[Path]:

@@ -18,9 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..artifacts.layout import (
+    CLASSIFIER_FILE,
+    FINGERPRINT_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    UNALIGNED_FILE,
+    task_dir_name,
+)
 from ..models.backbones import lora_targets_for
-from ..utils.errors import UserError, read_json
-from ..utils.files import CLASSIFIER_FILE, FINGERPRINT_FILE, METRICS_FILE, STATE_FILE, UNALIGNED_FILE, task_dir_name
+from ..utils.errors import UserError
+from ..utils.reading import read_json
 from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
 
 if TYPE_CHECKING:
@@ -124,7 +132,7 @@ def check_heads_before(model: SLCAModel, tasks: TaskStream, task_id: int) -> Non
     heads = model.classifier.num_tasks
     expected = sum(1 for j in range(task_id) if tasks[j].head_size > 0)
     if heads != expected:
-        raise RuntimeError(
+        raise UserError(
             f"the classifier has {heads} heads but task {task_id + 1} needs {expected} before it; resume from the "
             f"checkpoint of task {task_id} ({task_dir_name(task_id - 1)}) with its model."
         )

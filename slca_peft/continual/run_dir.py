@@ -12,14 +12,14 @@ check that can fail before training has passed, then
   never a symlink's target, never a user's file beside them) and refuses a directory that holds files
   but no run;
 - refuses to resume when the fingerprint differs, naming the fields (and the classes whose data changed);
-- holds the run's lock (`slca_peft.continual.lock`: `fcntl.flock` on `.slca-run.lock`, the holder's
+- holds the run's lock (`slca_peft.artifacts.lock`: `fcntl.flock` on `.slca-run.lock`, the holder's
   pid written in it) so a second run into the same directory is refused while the first one is alive;
 - restores a task folder whose replacement was interrupted between its two renames;
 - leaves nothing behind when the run fails before finishing a task: the fingerprint, manifest and
   lock it wrote are removed (and the directory, when it created it), so the corrected command runs.
   A fingerprint left by a start killed before its first task is replaced by the next fresh start.
 
-The files a run wrote are listed in `.slca-manifest.json` (`slca_peft.utils.manifest`).
+The files a run wrote are listed in `.slca-manifest.json` (`slca_peft.artifacts.manifest`).
 """
 
 from __future__ import annotations
@@ -32,20 +32,20 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..utils import manifest
-from ..utils.errors import UserError
-from ..utils.files import (
+from ..artifacts import manifest
+from ..artifacts.atomic import json_text, recover_replaced
+from ..artifacts.layout import (
     CONFIG_FILE,
     FINGERPRINT_FILE,
     METRICS_FILE,
+    SEEDS_FILE,
     STATE_FILE,
     TASK_DIR_PREFIX,
     checkpoint_dirs,
-    json_text,
-    recover_replaced,
 )
+from ..artifacts.lock import run_lock
+from ..utils.errors import UserError
 from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
-from .lock import run_lock
 from .overwrite import (  # noqa: F401  (RUN_FILES, BASE_MODEL_DIR, remove_previous_run: importable from here, as before)
     BASE_MODEL_DIR,
     RUN_FILES,
@@ -131,7 +131,7 @@ def _finished_a_task(root: Path) -> bool:
         name = entry.name
         if _TASK_DIR.fullmatch(name) or name.startswith(".task_") and ".old-" in name or _SEED_DIR.fullmatch(name):
             return True
-        if name in (METRICS_FILE, "seeds.json"):
+        if name in (METRICS_FILE, SEEDS_FILE):
             return True
     return False
 

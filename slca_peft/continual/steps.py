@@ -26,14 +26,15 @@ from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..artifacts.layout import task_dir_name
+from ..artifacts.manifest import safe_path
 from ..data.tasks import stream_class_ids
 from ..data.transforms import collate_fn
 from ..method.alignment import AlignmentSettings, ClassifierAligner
 from ..method.statistics import ClassStatistics
-from ..models.hub import local_base_problem, push_to_hub
 from ..models.inference import inference_context
-from ..utils.files import task_dir_name
-from ..utils.manifest import safe_path
+from ..sharing.hub import check_pushable, push_folder
+from ..utils.errors import UserError
 from .callbacks import ContinualCallback
 from .checkpoint import save_checkpoint
 from .reporting import ReportStep, write_plots
@@ -216,9 +217,9 @@ class EvaluationStep(ContinualCallback):
         given = np.array([learner.tasks[j].test is not None for j in range(task_id + 1)])
         if (given & (total == 0)).any():
             empty = [int(j) + 1 for j in np.nonzero(given & (total == 0))[0]]
-            raise ValueError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
+            raise UserError(f"task(s) {empty} have no test images; every task needs test data to be scored.")
         if not given.any():
-            raise ValueError(f"no task up to task {task_id + 1} has test data; give the new data test images.")
+            raise UserError(f"no task up to task {task_id + 1} has test data; give the new data test images.")
         row = [float(100.0 * c / n) if g else None for c, n, g in zip(correct, total, given, strict=True)]
         # A task not measured now keeps the test size it was last measured with (0 if never): the weights
         # of the summaries over earlier rows.
@@ -302,9 +303,6 @@ class CheckpointStep(ContinualCallback):
         """The main process writes; the others wait so nobody reads a checkpoint being written."""
         trainer = learner.trainer
         state = self.state(learner)
-        # The model in memory carries its run state: a push or export keeps these results, and a push can be continued.
-        learner.model.task_history = state
-        learner.model.class_statistics, learner.model.unaligned_head = learner.statistics, learner.unaligned_head
         if trainer is None or trainer.is_world_process_zero():
             # A symlink at task_<t> (or a parent leading out of the run) is refused, never replaced or followed.
             directory = safe_path(directory.parent, directory.name)
@@ -322,7 +320,7 @@ class PushStep(ContinualCallback):
 
     def on_run_begin(self, learner):
         if learner.args.push_to_hub:
-            self.check_pushable(learner.model, learner.args)
+            check_pushable(learner.model.settings(), learner.args.hub_base_model_id, "push_to_hub is on but ")
 
     def on_task_end(self, learner, task):
         if learner.args.push_to_hub:
@@ -335,21 +333,13 @@ class PushStep(ContinualCallback):
         """`hub_model_id`, or the output directory's name."""
         return args.hub_model_id or Path(args.output_dir).absolute().name
 
-    @staticmethod
-    def check_pushable(model: SLCAModel, args: SLCAConfig) -> None:
-        """Fail before any training if the pushed checkpoints could not be loaded elsewhere."""
-        problem = local_base_problem(model.settings()["base_model_name_or_path"], model.slca_config.use_lora,
-                                     args.hub_base_model_id)
-        if problem:
-            raise ValueError(f"push_to_hub is on but {problem}")
-
     def push(self, learner: ContinualLearner, directory: Path, message: str) -> None:
         """Upload a task checkpoint as one commit (main process only)."""
         if not learner.is_main_process:
             return
         args, repo_id = learner.args, self.repo_id(learner.args)
         try:
-            push_to_hub(directory, repo_id, private=args.hub_private_repo, token=args.hub_token,
+            push_folder(directory, repo_id, private=args.hub_private_repo, token=args.hub_token,
                         revision=args.hub_revision, commit_message=message, base_model_id=args.hub_base_model_id)
         except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
             options = "".join(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import get_reporting_integration_callbacks
 
-from ..utils.errors import open_regular
+from ..utils.reading import open_regular
 from .callbacks import ContinualCallback
 
 if TYPE_CHECKING:

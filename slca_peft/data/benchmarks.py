@@ -31,6 +31,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from ..utils.errors import MissingFileError, UserError
 from .formats import (
     IMAGENET_R_SPLIT_SEED,
     IMAGENET_R_TEST_FRACTION,
@@ -138,10 +139,10 @@ def load_benchmark(
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         if key in KNOWN_DATASETS or Path(name).exists():
             raise
-        raise ValueError(unknown_dataset_message(name, err)) from err
+        raise UserError(unknown_dataset_message(name, err)) from err
     if spec.single_split is not None:
         if spec.single_split not in data:
-            raise ValueError(f"{spec.hub_id} has no {spec.single_split!r} split (splits: {list(data)}).")
+            raise UserError(f"{spec.hub_id} has no {spec.single_split!r} split (splits: {list(data)}).")
         data = split_per_class(data[spec.single_split], spec.label_column)
     if revision is not None:
         spec = replace(spec, revision=revision)
@@ -169,7 +170,7 @@ def split_per_class(
 # ---------------------------------------------------------------------------------------------- local
 def _load_local(key: str, root: Path) -> tuple[DatasetDict, DatasetSpec]:
     if not root.is_dir():
-        raise FileNotFoundError(f"data_dir {root} does not exist.")
+        raise MissingFileError(f"data_dir {root} does not exist.")
     spec = KNOWN_DATASETS.get(key, DatasetSpec(key, "image", "label"))
     local = replace(spec, hub_id=str(root), image_column="image", label_column="label", revision=None,
                     config=None, single_split=None, train_split="train", test_split="test")
@@ -197,4 +198,4 @@ def _load_local(key: str, root: Path) -> tuple[DatasetDict, DatasetSpec]:
     expected = "train/<class>/ and test/<class>/ image folders"
     if key in layouts:
         expected = f"{layouts[key]}, or {expected}"
-    raise FileNotFoundError(f"{root} does not hold {key} data: expected {expected}.")
+    raise MissingFileError(f"{root} does not hold {key} data: expected {expected}.")

@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.errors import UserError, open_regular
-from ..utils.files import hash_stream
+from ..artifacts.digests import hash_stream
+from ..utils.errors import UserError
+from ..utils.reading import open_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: Files that `datasets`' imagefolder reads as labels or captions, overriding the folder names.

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from ..models.config import MAX_CLASSES
-from ..utils.errors import open_regular
-from ..utils.files import hash_stream
+from ..artifacts.digests import hash_stream
+from ..artifacts.values import MAX_CLASSES
+from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import open_regular
 from .tasks import Task, TaskSequence, with_labels
 
 
@@ -41,7 +42,7 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
     k = sum(sizes)
     names = list(state.get("label_names") or [])
     if len(sizes) < learned or len(names) < k:
-        raise ValueError(f"the checkpoint's task history names {len(names)} classes in {len(sizes)} tasks but "
+        raise UserError(f"the checkpoint's task history names {len(names)} classes in {len(sizes)} tasks but "
                          f"records {learned} tasks learned; it is damaged or was not written by slca-peft.")
     ids = state.get("class_ids") or state.get("class_order") or list(range(k))
     data = list(state.get("task_data") or [state.get("dataset")] * learned)[:learned]
@@ -103,7 +104,7 @@ class ContinuedStream:
         continued_revision: str | None = None,
     ):
         if previous.get("incremental") == "domain" or previous.get("domains"):
-            raise ValueError("the checkpoint learned a domain-incremental stream; continuing it with new classes is "
+            raise UserError("the checkpoint learned a domain-incremental stream; continuing it with new classes is "
                              "not supported (resume it with --resume_from and the same domains).")
         if not isinstance(new, TaskSequence):
             raise TypeError(f"continue with a TaskSequence of the new data, got {type(new).__name__}.")
@@ -118,7 +119,7 @@ class ContinuedStream:
         known = {name: p for p, name in enumerate(old_names)}
         clashes = sorted(name for name in new.label_names if name in known)
         if clashes and not merge_existing_classes:
-            raise ValueError(
+            raise UserError(
                 f"the new data's class(es) {clashes[:5]} are already learned (class ids "
                 f"{[old_ids[known[n]] for n in clashes[:5]]}); rename them, or add their images to those classes "
                 "with merge_existing_classes=True (--merge_existing_classes)."
@@ -135,7 +136,7 @@ class ContinuedStream:
         new_dataset_ids = [new.order[p] for p in fresh]
         next_id = max(old_ids, default=-1) + 1
         if next_id + len(fresh) > MAX_CLASSES:
-            raise ValueError(f"the checkpoint's largest class id is {next_id - 1}, so the new data's {len(fresh)} "
+            raise UserError(f"the checkpoint's largest class id is {next_id - 1}, so the new data's {len(fresh)} "
                              f"class(es) would take ids beyond the {MAX_CLASSES} slca-peft allows; its task history "
                              "is damaged or crafted (refused before any training).")
         id_of = {d: next_id + i for i, d in enumerate(sorted(new_dataset_ids))}
@@ -150,7 +151,7 @@ class ContinuedStream:
             merged = [int(position[p]) for p in span if new.label_names[p] in known]
             if not added:
                 names = [old_names[c] for c in merged]
-                raise ValueError(f"task {t_old + i + 1} (new task {i + 1}) only adds images to the learned class(es) "
+                raise UserError(f"task {t_old + i + 1} (new task {i + 1}) only adds images to the learned class(es) "
                                  f"{names}; change init_cls/increment so every new task has a new class.")
             self._new_tasks.append((added, merged))
         self.task_sizes = old["task_sizes"] + [len(added) for added, _ in self._new_tasks]
@@ -177,7 +178,7 @@ class ContinuedStream:
     def _old_positions(self, old_test: Dataset, column: str) -> np.ndarray:
         """Positions of the old test images, matched by class name (or by class id for integer labels)."""
         if column not in old_test.column_names or self.image_column not in old_test.column_names:
-            raise ValueError(f"the old test data needs columns {self.image_column!r} and {column!r} "
+            raise UserError(f"the old test data needs columns {self.image_column!r} and {column!r} "
                              f"(it has {old_test.column_names}).")
         feature, raw = old_test.features[column], old_test[column]
         k = self.num_old_classes
@@ -186,13 +187,13 @@ class ContinuedStream:
             lookup = {name: p for p, name in enumerate(self.label_names[:k])}
             unknown = sorted({n for n in names if n not in lookup})
             if unknown:
-                raise ValueError(f"the old test data has class(es) {unknown[:5]} the checkpoint has not learned; "
+                raise UserError(f"the old test data has class(es) {unknown[:5]} the checkpoint has not learned; "
                                  "give test images of learned classes only (new classes' come with the new data).")
             return np.array([lookup[n] for n in names], dtype=np.int64)
         lookup = {cid: p for p, cid in enumerate(self.class_ids[:k])}
         unknown = sorted({int(v) for v in raw if int(v) not in lookup})
         if unknown:
-            raise ValueError(f"the old test data has class id(s) {unknown[:5]} the checkpoint has not learned.")
+            raise UserError(f"the old test data has class id(s) {unknown[:5]} the checkpoint has not learned.")
         return np.array([lookup[int(v)] for v in raw], dtype=np.int64)
 
     # ------------------------------------------------------------------ the TaskStream protocol
@@ -267,10 +268,10 @@ def load_test_folder(directory: str | Path) -> Dataset:
 
     root = Path(directory)
     if not root.is_dir():
-        raise FileNotFoundError(f"--old_test_dir {root} does not exist.")
+        raise MissingFileError(f"--old_test_dir {root} does not exist.")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise ValueError(f"--old_test_dir {root} has no class sub-folder; put each class's test images in a "
+        raise UserError(f"--old_test_dir {root} has no class sub-folder; put each class's test images in a "
                          "sub-folder named as the class.")
     paths, labels = list_class_folder(root, names)
     dataset = image_dataset(paths, labels, names)

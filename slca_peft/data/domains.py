@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from ..utils.errors import read_text
+from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import read_text
 from .formats import LIST_FILE_BYTES, image_dataset, load_split_image_folders
 from .tasks import Task, label_ids, verify_image_folder, with_labels
 
@@ -30,21 +31,21 @@ def _domainnet_split(root: Path, list_file: Path) -> Dataset:
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit() or len(Path(parts[0]).parts) < 3:
-            raise ValueError(f"{list_file}:{number}: expected '<domain>/<class>/<file> <label>', got {line!r}.")
+            raise UserError(f"{list_file}:{number}: expected '<domain>/<class>/<file> <label>', got {line!r}.")
         path, label = root / parts[0], int(parts[1])
         class_name = Path(parts[0]).parts[1]
         if names.setdefault(label, class_name) != class_name:
-            raise ValueError(f"{list_file}:{number}: label {label} is {names[label]!r} on earlier lines, here "
+            raise UserError(f"{list_file}:{number}: label {label} is {names[label]!r} on earlier lines, here "
                              f"{class_name!r}; the list file is inconsistent.")
         if not path.is_file():
-            raise FileNotFoundError(f"{list_file}:{number}: {path} does not exist; is {root} the DomainNet root?")
+            raise MissingFileError(f"{list_file}:{number}: {path} does not exist; is {root} the DomainNet root?")
         paths.append(str(path))
         labels.append(label)
     if not paths:
-        raise ValueError(f"{list_file} lists no images.")
+        raise UserError(f"{list_file} lists no images.")
     missing = sorted(set(range(max(names) + 1)) - set(names))
     if missing:
-        raise ValueError(f"{list_file} has no image of label(s) {missing[:5]}; every class needs images.")
+        raise UserError(f"{list_file} has no image of label(s) {missing[:5]}; every class needs images.")
     return image_dataset(paths, labels, [names[i] for i in range(len(names))])
 
 
@@ -67,7 +68,7 @@ def load_domain_folders(root: str | Path, domains: Sequence[str]) -> list[tuple[
             data = load_split_image_folders(*folders)
             pairs.append((data["train"], data["test"]))
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"domain {name!r}: expected {lists[0].name} and {lists[1].name} (DomainNet's release) or "
                 f"{name}/train/<class>/ and {name}/test/<class>/ folders under {root}."
             )
@@ -90,10 +91,10 @@ class DomainSequence:
         label_column: str = "label",
     ):
         if len(domains) < 2:
-            raise ValueError(f"a domain-incremental sequence needs at least 2 domains, got {len(domains)}.")
+            raise UserError(f"a domain-incremental sequence needs at least 2 domains, got {len(domains)}.")
         names = list(domain_names) if domain_names else [f"domain_{i}" for i in range(len(domains))]
         if len(names) != len(domains):
-            raise ValueError(f"{len(names)} domain names for {len(domains)} domains.")
+            raise UserError(f"{len(names)} domain names for {len(domains)} domains.")
         self.image_column, self.label_column = image_column, label_column
         self.domain_names = names
         self.label_names: list[str] | None = None
@@ -101,14 +102,14 @@ class DomainSequence:
         for name, (train, test) in zip(names, domains, strict=True):
             for split, ds in (("train", train), ("test", test)):
                 if image_column not in ds.column_names or label_column not in ds.column_names:
-                    raise ValueError(f"domain {name!r} {split} split lacks {image_column!r}/{label_column!r}.")
+                    raise UserError(f"domain {name!r} {split} split lacks {image_column!r}/{label_column!r}.")
             labels, train_ids, test_ids = label_ids(train, test, label_column)
             if self.label_names is None:
                 self.label_names = labels
             elif set(labels) != set(self.label_names):
                 extra = sorted(set(labels) - set(self.label_names))
                 missing = sorted(set(self.label_names) - set(labels))
-                raise ValueError(
+                raise UserError(
                     f"domain {name!r} has classes the first domain lacks ({extra[:5]}) or lacks some of its classes "
                     f"({missing[:5]}); every domain must share the same class names."
                 )

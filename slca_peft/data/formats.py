@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
-from ..utils.errors import open_regular, read_text
+from ..utils.errors import MissingFileError, UserError, one_line
+from ..utils.reading import open_regular, read_text
 from .checks import IMAGE_EXTENSIONS, list_class_folder
 
 #: Largest list file of a dataset release read (CUB-200's, DomainNet's are megabytes).
@@ -27,7 +28,7 @@ IMAGENET_R_SPLIT_SEED = 0
 def stratified_split(labels: Sequence, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Row indices (sorted) of a per-class `1 - test_fraction` / `test_fraction` split."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+        raise UserError(f"test_fraction must be in (0, 1), got {test_fraction}.")
     values = np.asarray(labels)
     rng = np.random.RandomState(seed)
     train_idx: list[int] = []
@@ -59,7 +60,10 @@ def _image_files(folder: Path) -> list[Path]:
 def image_dataset(paths: Sequence[str], labels: Sequence[int], names: Sequence[str]) -> Dataset:
     """Image files decoded lazily by `datasets`, with integer labels named by `names`."""
     features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
-    return Dataset.from_dict({"image": list(paths), "label": list(labels)}, features=features)
+    try:
+        return Dataset.from_dict({"image": list(paths), "label": list(labels)}, features=features)
+    except UnicodeEncodeError as err:  # a file or folder name that is not valid UTF-8: named, escaped
+        raise UserError(one_line(err)) from None
 
 
 def load_split_image_folders(train_dir: str | Path, test_dir: str | Path, *, min_classes: int = 2) -> DatasetDict:
@@ -72,19 +76,19 @@ def load_split_image_folders(train_dir: str | Path, test_dir: str | Path, *, min
     train_root, test_root = Path(train_dir), Path(test_dir)
     for root in (train_root, test_root):
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist.")
+            raise MissingFileError(f"image folder {root} does not exist.")
     names = [p.name for p in class_folders(train_root)]
     if len(names) < min_classes:
-        raise ValueError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder (at "
+        raise UserError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder (at "
                          f"least {min_classes}).")
     unknown = sorted({p.name for p in class_folders(test_root)} - set(names))
     if unknown:
-        raise ValueError(f"test class folder(s) {unknown[:5]} have no training folder in {train_root}.")
+        raise UserError(f"test class folder(s) {unknown[:5]} have no training folder in {train_root}.")
     splits = {}
     for split, root in (("train", train_root), ("test", test_root)):
         paths, labels = list_class_folder(root, names, require_all=split == "train")
         if not paths:
-            raise ValueError(f"no images found under {root}.")
+            raise UserError(f"no images found under {root}.")
         splits[split] = image_dataset(paths, labels, names)
     return DatasetDict(splits)
 
@@ -106,7 +110,7 @@ def load_imagenet_r_folder(
         paths.extend(str(p) for p in files)
         labels.extend([label] * len(files))
     if len(names) < 2 or not paths:
-        raise ValueError(f"{root} holds {len(names)} class folder(s) and {len(paths)} image(s); expected <wnid>/*.jpg.")
+        raise UserError(f"{root} holds {len(names)} class folder(s) and {len(paths)} image(s); expected <wnid>/*.jpg.")
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     return DatasetDict(
         train=image_dataset([paths[i] for i in train_idx], [labels[i] for i in train_idx], names),
@@ -121,7 +125,7 @@ def _read_table(path: Path, columns: int) -> list[list[str]]:
             continue
         parts = line.split(maxsplit=columns - 1)
         if len(parts) != columns:
-            raise ValueError(f"{path}:{number}: expected {columns} fields, got {line!r}.")
+            raise UserError(f"{path}:{number}: expected {columns} fields, got {line!r}.")
         rows.append(parts)
     return rows
 
@@ -133,7 +137,7 @@ def load_cub200_folder(folder: str | Path) -> DatasetDict:
     root = Path(folder)
     for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"):
         if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} is missing; expected the CUB_200_2011 release layout.")
+            raise MissingFileError(f"{root / name} is missing; expected the CUB_200_2011 release layout.")
     classes = sorted((int(i), n) for i, n in _read_table(root / "classes.txt", 2))
     names = [n for _, n in classes]
     index = {cid: k for k, (cid, _) in enumerate(classes)}
@@ -142,7 +146,7 @@ def load_cub200_folder(folder: str | Path) -> DatasetDict:
     is_train = {i: s.strip() == "1" for i, s in _read_table(root / "train_test_split.txt", 2)}
     missing = sorted(set(image_path) - set(label) | set(image_path) - set(is_train))
     if missing:
-        raise ValueError(f"image id(s) {missing[:5]} have no class or split entry in {root}.")
+        raise UserError(f"image id(s) {missing[:5]} have no class or split entry in {root}.")
     splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
     for image_id in sorted(image_path, key=int):
         paths, labels = splits["train" if is_train[image_id] else "test"]
@@ -179,7 +183,7 @@ def _unpickle_cifar(path: Path) -> dict:
     with open_regular(path, fix="give the CIFAR archive's batch files") as handle:
         data = _CifarUnpickler(handle, encoding="bytes").load()
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a CIFAR batch (a dict).")
+        raise UserError(f"{path} is not a CIFAR batch (a dict).")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 
@@ -200,7 +204,7 @@ def load_cifar100_python(folder: str | Path) -> DatasetDict:
         pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = [int(v) for v in batch["fine_labels"]]
         if len(labels) != len(pixels):
-            raise ValueError(f"{root / split}: {len(pixels)} images but {len(labels)} labels.")
+            raise UserError(f"{root / split}: {len(pixels)} images but {len(labels)} labels.")
         features = Features({"image": Image(), "label": ClassLabel(names=names)})
         splits[split] = Dataset.from_dict({"image": list(pixels), "label": labels}, features=features)
     return DatasetDict(splits)

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from ..artifacts.layout import task_dir_name
+from ..utils.errors import MissingFileError, UserError
+
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
     """The class permutation of the released `utils/data_manager.py`; `seed=None` keeps the natural order."""
@@ -34,11 +37,11 @@ def split_sizes(num_classes: int, init_cls: int | None, increment: int | None) -
         return [num_classes]
     increment = num_classes if increment is None else increment
     if init_cls > num_classes:
-        raise ValueError(
+        raise UserError(
             f"init_cls={init_cls} is larger than the {num_classes} classes of the dataset; lower init_cls."
         )
     if init_cls < 1 or increment < 1:
-        raise ValueError(f"init_cls and increment must be >= 1, got {init_cls} and {increment}.")
+        raise UserError(f"init_cls and increment must be >= 1, got {init_cls} and {increment}.")
     sizes = [init_cls]
     remaining = num_classes - init_cls
     while remaining > 0:
@@ -88,7 +91,7 @@ class Task:
 
     @property
     def display_name(self) -> str:
-        return self.name or f"task_{self.task_id + 1}"
+        return self.name or task_dir_name(self.task_id)
 
     def statistics_keys(self, labels):
         """Statistics key of each label (a tensor or an int)."""
@@ -151,7 +154,7 @@ class TaskSequence:
         for name, ds in (("train", train), ("test", test)):
             for column in (image_column, label_column):
                 if column not in ds.column_names:
-                    raise ValueError(
+                    raise UserError(
                         f"the {name} split has no column {column!r} (columns: {ds.column_names}); "
                         "set image_column/label_column."
                     )
@@ -159,13 +162,13 @@ class TaskSequence:
         names, train_ids, test_ids = label_ids(train, test, label_column)
         num_classes = len(names)
         if num_classes < min_classes:
-            raise ValueError(f"the training data has {num_classes} class(es); continual learning needs at least "
+            raise UserError(f"the training data has {num_classes} class(es); continual learning needs at least "
                              f"{min_classes}" + (" (new data that continues a checkpoint may have one: "
                                                  "TaskSequence(..., min_classes=1), as --continue_from uses)."
                                                  if min_classes > 1 else "."))
         missing = sorted(set(range(num_classes)) - set(np.unique(train_ids).tolist()))
         if missing:
-            raise ValueError(f"class(es) {[names[i] for i in missing]} have no training image.")
+            raise UserError(f"class(es) {[names[i] for i in missing]} have no training image.")
         self.seed = seed
         self.order = class_order(num_classes, seed)
         position = np.empty(num_classes, dtype=np.int64)
@@ -180,7 +183,7 @@ class TaskSequence:
         tested = np.bincount(self._test_labels, minlength=num_classes)
         untested = [t for t in range(len(self.task_sizes)) if not tested[self.classes_of(t)].any()]
         if untested:
-            raise ValueError(f"task(s) {untested} have no test images, so they cannot be scored; give every class "
+            raise UserError(f"task(s) {untested} have no test images, so they cannot be scored; give every class "
                              "test images (or change init_cls/increment).")
         feature = ClassLabel(names=self.label_names)
         self.train = with_labels(train, label_column, self._train_labels, feature)
@@ -193,7 +196,7 @@ class TaskSequence:
     ) -> TaskSequence:
         for split in (train_split, test_split):
             if split not in data:
-                raise ValueError(f"the dataset has no {split!r} split (splits: {list(data)}).")
+                raise UserError(f"the dataset has no {split!r} split (splits: {list(data)}).")
         return cls(data[train_split], data[test_split], **kwargs)
 
     @classmethod
@@ -285,31 +288,31 @@ def label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np
         if isinstance(test_feature, ClassLabel) and list(test_feature.names) != names:
             unknown = sorted(set(test_feature.names) - set(names))
             if unknown:
-                raise ValueError(f"test class(es) {unknown} are absent from the training data.")
+                raise UserError(f"test class(es) {unknown} are absent from the training data.")
             lookup = {n: i for i, n in enumerate(names)}
             test_raw = [lookup[test_feature.names[i]] for i in test_raw]
         train_ids, test_ids = np.asarray(train_raw, dtype=np.int64), np.asarray(test_raw, dtype=np.int64)
     elif all(isinstance(v, str) for v in train_raw):
         if len(set(train_raw) | set(test_raw)) and not all(isinstance(v, str) for v in test_raw):
-            raise ValueError("train labels are strings but test labels are not; use one label type.")
+            raise UserError("train labels are strings but test labels are not; use one label type.")
         names = sorted(set(train_raw))
         unknown = sorted(set(test_raw) - set(names))
         if unknown:
-            raise ValueError(f"test class(es) {unknown} are absent from the training data.")
+            raise UserError(f"test class(es) {unknown} are absent from the training data.")
         lookup = {n: i for i, n in enumerate(names)}
         train_ids = np.array([lookup[v] for v in train_raw], dtype=np.int64)
         test_ids = np.array([lookup[v] for v in test_raw], dtype=np.int64)
     else:
         train_ids, test_ids = np.asarray(train_raw, dtype=np.int64), np.asarray(test_raw, dtype=np.int64)
         if train_ids.size and train_ids.min() < 0:
-            raise ValueError(f"labels must be >= 0, found {int(train_ids.min())} in the training data.")
+            raise UserError(f"labels must be >= 0, found {int(train_ids.min())} in the training data.")
         num_classes = int(train_ids.max()) + 1 if train_ids.size else 0
         names = [str(i) for i in range(num_classes)]
     if test_ids.size and (test_ids.min() < 0 or test_ids.max() >= len(names)):
         bad = sorted(set(test_ids[(test_ids < 0) | (test_ids >= len(names))].tolist()))
-        raise ValueError(f"test label(s) {bad} are absent from the training data ({len(names)} classes).")
+        raise UserError(f"test label(s) {bad} are absent from the training data ({len(names)} classes).")
     if len(set(names)) != len(names):
-        raise ValueError("duplicate class names in the label feature; make every class name unique.")
+        raise UserError("duplicate class names in the label feature; make every class name unique.")
     return names, train_ids, test_ids
 
 
@@ -327,10 +330,10 @@ def verify_image_folder(directory: str | Path, *, decode: bool = True, min_class
 
     root = Path(directory)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist.")
+        raise MissingFileError(f"image folder {root} does not exist.")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < min_classes:
-        raise ValueError(
+        raise UserError(
             f"image folder {root} has {len(classes)} class sub-folder(s); put each class's images in its "
             f"own sub-folder, with at least {min_classes} classes"
             + (" (one is enough for new data that continues a checkpoint, --continue_from)."

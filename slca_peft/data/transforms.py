@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..utils.errors import UserError
+
 if TYPE_CHECKING:
     from ..models.model import SLCAModel
 
@@ -78,7 +80,7 @@ def _read_size(size: Any) -> int:
         value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
         if value is not None:
             return int(value)
-    raise ValueError(f"processor.size has neither 'height' nor 'shortest_edge': {size!r}")
+    raise UserError(f"processor.size has neither 'height' nor 'shortest_edge': {size!r}")
 
 
 @dataclass
@@ -98,13 +100,13 @@ class ImageTransformConfig:
         self.mean = _as_float_tuple(self.mean)
         self.std = _as_float_tuple(self.std)
         if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
+            raise UserError(f"size must be positive, got {self.size}")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
-            raise ValueError(f"mean/std must both have 1 or 3 entries, got {self.mean} and {self.std}")
+            raise UserError(f"mean/std must both have 1 or 3 entries, got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+            raise UserError(f"std must be positive, got {self.std}")
         if self.brightness < 0:
-            raise ValueError(f"brightness must be >= 0, got {self.brightness}")
+            raise UserError(f"brightness must be >= 0, got {self.brightness}")
 
     @property
     def num_channels(self) -> int:
@@ -260,7 +262,7 @@ class TrainTransform(_BaseTransform):
     ) -> None:
         super().__init__(config)
         if resize is not None and resize < config.size:
-            raise ValueError(
+            raise UserError(
                 f"resize={resize} is smaller than the crop size {config.size}; use resize >= {config.size}."
             )
         self.rng = rng

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.head import ContinualClassifier
+from ..utils.errors import UserError
 from .statistics import ClassStatistics
 
 #: Maps statistics keys (a long tensor) to classifier labels.
@@ -131,7 +132,7 @@ class ClassifierAligner:
         present = set((key_labels(keys) if key_labels is not None else keys).tolist())
         missing = [c for c in range(classifier.num_classes) if c not in present]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"classes {missing} have no statistics; compute them (ClassStatistics.update/finalize) "
                 "for every task before aligning."
             )
@@ -174,7 +175,7 @@ class ClassifierAligner:
                 mean_loss = (total / max(1, batches)).item()  # one device sync per epoch
                 if not math.isfinite(mean_loss):
                     bad = [c for c in stats.classes if not torch.isfinite(stats.means[c]).all()]
-                    raise RuntimeError(
+                    raise UserError(
                         f"classifier alignment loss became {mean_loss} after task {task_id} "
                         f"(classes with non-finite means: {bad or 'none'}); lower ca_lr or check the "
                         "class statistics. The heads were restored to their state before alignment."

@@ -22,7 +22,7 @@ from ..models.config import (
     resolve_released_code,
 )
 from ..utils.errors import UserError, check_choice
-from ..utils.hardware import check_hardware
+from ..utils.hardware import check_hardware, resolve_precision
 
 logger = logging.getLogger(__name__)
 _model_default = SLCAModelConfig.default  # the model settings' defaults are SLCAModelConfig's
@@ -167,6 +167,13 @@ class SLCAConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: images are transformed lazily with `with_transform`."}
     )
+    bf16: str = field(  # type: ignore[assignment]  # a bool or "auto", resolved to a bool in __post_init__
+        default=False,
+        metadata={"help": "bfloat16 autocast: true, false, or auto (bf16 where the device computes it natively: a "
+                  "CUDA GPU of compute capability >= 8.0, a CPU with AVX512-BF16 or AMX; the recipe's default). "
+                  "Resolved to true/false when the config is built; `precision_choice` says why.",
+                  "nargs": "?", "const": "true"},
+    )
     hub_base_model_id: str | None = field(
         default=None,
         metadata={"help": "With --push_to_hub: the Hub id of the base model, recorded in every pushed checkpoint "
@@ -213,6 +220,12 @@ class SLCAConfig(TrainingArguments):
         if self.learning_rate == 0 and self.ca_lr is None and self.align:
             raise UserError("learning_rate=0 leaves classifier alignment at ca_lr = learning_rate = 0; "
                              "set --ca_lr (e.g. 0.01) for alignment alone on frozen features, or --ca_epochs 0.")
+        try:
+            self.bf16, self.use_cpu, choice = resolve_precision(self.bf16, fp16=self.fp16, use_cpu=self.use_cpu)
+        except ValueError as err:
+            raise UserError(f"--{err}") from None
+        #: What `bf16="auto"` resolved to and why (None when bf16 was given as true or false): the recipe logs it.
+        self.precision_choice = choice
         check_hardware(self)  # precision the machine lacks, loader defaults for the device
         method_schedule = self.method_schedule
         if method_schedule:

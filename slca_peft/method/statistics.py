@@ -34,8 +34,8 @@ from types import MappingProxyType
 import torch
 from safetensors.torch import save_file
 
-from ..utils.errors import check_choice
-from ..utils.files import STATISTICS_FILE
+from ..artifacts.layout import STATISTICS_FILE
+from ..utils.errors import UserError, check_choice
 from .covariance import (
     KIND_CHOLESKY,
     KIND_FACTOR,
@@ -81,9 +81,9 @@ class ClassStatistics:
     ):
         check_choice("covariance_form", covariance_form, COVARIANCE_FORMS)
         if covariance_rank is not None and covariance_form != "low_rank":
-            raise ValueError(f"covariance_rank applies to covariance_form='low_rank', not {covariance_form!r}.")
+            raise UserError(f"covariance_rank applies to covariance_form='low_rank', not {covariance_form!r}.")
         if covariance_rank is not None and int(covariance_rank) < 1:
-            raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}.")
+            raise UserError(f"covariance_rank must be >= 1, got {covariance_rank}.")
         covariance_rank = None if covariance_rank is None else int(covariance_rank)
         self.feature_dim = feature_dim
         self.ridge = ridge
@@ -108,15 +108,15 @@ class ClassStatistics:
         """Add a batch of features of the task being learned (float64 accumulation)."""
         d = self.feature_dim
         if features.ndim != 2 or features.shape[1] != d:
-            raise ValueError(f"features must be [batch, {d}], got {tuple(features.shape)}.")
+            raise UserError(f"features must be [batch, {d}], got {tuple(features.shape)}.")
         feats = features.detach().to(torch.float64)
         labels = labels.detach().reshape(-1).to(feats.device)
         if labels.shape[0] != feats.shape[0]:
-            raise ValueError(f"{feats.shape[0]} features but {labels.shape[0]} labels.")
+            raise UserError(f"{feats.shape[0]} features but {labels.shape[0]} labels.")
         finite = torch.isfinite(feats).all(dim=1)
         if not bool(finite.all()):
             bad = sorted({int(c) for c in labels[~finite].tolist()})
-            raise ValueError(f"non-finite features for class(es) {bad}; check the inputs and the backbone.")
+            raise UserError(f"non-finite features for class(es) {bad}; check the inputs and the backbone.")
         if labels.numel() == 0:
             return
         sorted_labels, order = torch.sort(labels)
@@ -124,7 +124,7 @@ class ClassStatistics:
         classes, sizes = [int(c) for c in classes.tolist()], sizes.tolist()
         for cls in classes:
             if cls in self.means:
-                raise ValueError(
+                raise UserError(
                     f"class {cls} already has statistics from task {self.task_of_class[cls]}; statistics of "
                     "old classes are never recomputed. Feed only the current task's classes."
                 )
@@ -170,7 +170,7 @@ class ClassStatistics:
         counts_list = [int(round(c)) for c in counts.tolist()]
         for cls, n in zip(classes, counts_list, strict=True):
             if n == 0:
-                raise ValueError(
+                raise UserError(
                     f"class {cls} of task {task_id} has no training sample; every class of a task needs "
                     "at least one image to get alignment statistics."
                 )
@@ -221,7 +221,7 @@ class ClassStatistics:
         """
         for cls in classes:
             if cls not in self.means:
-                raise ValueError(f"class {cls} has no statistics to add samples to.")
+                raise UserError(f"class {cls} has no statistics to add samples to.")
         d, layout = self.feature_dim, self._layout
         width = layout.b * layout.s
         for cls in classes:

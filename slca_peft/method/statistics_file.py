@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..models.config import MAX_CLASSES, MAX_FEATURE_DIM, MAX_TASKS  # bound what a statistics file may declare
-from ..utils.safetensors_header import check_tensors, read_header
+from ..artifacts.safetensors_header import check_tensors, read_header
+from ..artifacts.values import MAX_CLASSES, MAX_FEATURE_DIM, MAX_TASKS
+from ..utils.errors import MissingFileError, UserError
 from .covariance import KIND_CHOLESKY, KIND_FACTOR, packed_size
 
 #: The tensors of a version-2 statistics file.
@@ -44,17 +45,17 @@ def _check_header(path: Path, feature_dim: int | None) -> None:
                   max_bytes=1 << 62)
     shape = header["means"]["shape"]
     if len(shape) != 2 or shape[0] > MAX_CLASSES or not 0 < shape[1] <= MAX_FEATURE_DIM:
-        raise ValueError(f"{path} declares means of shape {shape}; the file is damaged.")
+        raise UserError(f"{path} declares means of shape {shape}; the file is damaged.")
     num, dim = shape
     if feature_dim is not None and dim != feature_dim:
-        raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
+        raise UserError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
     expected = {"classes": [num], "tasks": [num], "counts": [num], "kinds": [num], "ranks": [num],
                 "noise": [num, dim]}
     bad = [k for k, v in expected.items() if header[k]["shape"] != v]
     factors = header["factors"]["shape"]
     if bad or len(factors) != 1 or factors[0] > num * max(packed_size(dim), dim * dim) \
             or header["ridge"]["shape"] not in ([], [1]):
-        raise ValueError(f"{path} has inconsistent tensor shapes ({bad or ['factors/ridge']}); the file is damaged.")
+        raise UserError(f"{path} has inconsistent tensor shapes ({bad or ['factors/ridge']}); the file is damaged.")
 
 
 def read_statistics_file(path: Path, feature_dim: int | None, *, forms: tuple[str, ...],
@@ -63,31 +64,31 @@ def read_statistics_file(path: Path, feature_dim: int | None, *, forms: tuple[st
     kinds and sizes), with its covariance form (one of `forms`), its recorded rank (`""` for none) and
     each class's number of factor entries. Any inconsistency is a ValueError naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the checkpoint has no class statistics.")
+        raise MissingFileError(f"{path} is missing; the checkpoint has no class statistics.")
     _check_header(path, feature_dim)  # shapes, dtypes and sizes, before any tensor is read
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
+        raise UserError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
     for key, tensor in state.items():
         if tensor.is_floating_point() == (key in _INTEGER_TENSORS):
-            raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}; the file is damaged.")
+            raise UserError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}; the file is damaged.")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
+            raise UserError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
     if set(state) != TENSORS:
-        raise ValueError(f"{path} holds tensors {sorted(state)}, expected {sorted(TENSORS)}.")
+        raise UserError(f"{path} holds tensors {sorted(state)}, expected {sorted(TENSORS)}.")
     means = state["means"]
     if means.ndim != 2:
-        raise ValueError(f"{path} has means of shape {tuple(means.shape)}; the file is damaged.")
+        raise UserError(f"{path} has means of shape {tuple(means.shape)}; the file is damaged.")
     num, dim = means.shape
     if feature_dim is not None and dim != feature_dim:
-        raise ValueError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
+        raise UserError(f"{path} has {dim}-d statistics but the model's feature is {feature_dim}-d.")
     form = metadata.get("covariance_form", "exact")
     rank = metadata.get("covariance_rank", "")
     if form not in forms or (rank and not rank.isdigit()):
-        raise ValueError(f"{path} records covariance_form={form!r}, covariance_rank={rank!r}; not supported.")
+        raise UserError(f"{path} records covariance_form={form!r}, covariance_rank={rank!r}; not supported.")
     kinds, ranks = state["kinds"], state["ranks"]
     if (
         any(state[k].shape != (num,) for k in _INTEGER_TENSORS)
@@ -95,18 +96,18 @@ def read_statistics_file(path: Path, feature_dim: int | None, *, forms: tuple[st
         or state["factors"].ndim != 1
         or state["ridge"].numel() != 1
     ):
-        raise ValueError(f"{path} has inconsistent tensor shapes; the file is damaged.")
+        raise UserError(f"{path} has inconsistent tensor shapes; the file is damaged.")
     if not bool(((kinds == KIND_CHOLESKY) & (ranks == dim) | (kinds == KIND_FACTOR) & (ranks >= 0)
                  & (ranks <= dim)).all()):
-        raise ValueError(f"{path} has invalid factor kinds or ranks; the file is damaged.")
+        raise UserError(f"{path} has invalid factor kinds or ranks; the file is damaged.")
     sizes = torch.where(kinds == KIND_CHOLESKY, packed_size(dim), ranks * dim).tolist()
     if sum(sizes) != state["factors"].numel():
-        raise ValueError(
+        raise UserError(
             f"{path} has {state['factors'].numel()} factor entries, its ranks need {sum(sizes)}; "
             "the file is damaged."
         )
     if len(set(state["classes"].tolist())) != num:
-        raise ValueError(f"{path} lists a class twice; the file is damaged.")
+        raise UserError(f"{path} lists a class twice; the file is damaged.")
     _check_values(path, state)
     return state, form, rank, sizes
 
@@ -124,4 +125,4 @@ def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
             bad = values[(values < low) | (values > high)][0].item()
             problems.append(f"{key} value {bad} (allowed: {low} to {high})")
     if problems:
-        raise ValueError(f"{path} holds {'; '.join(problems)}; the file is damaged or was not written by slca-peft.")
+        raise UserError(f"{path} holds {'; '.join(problems)}; the file is damaged or was not written by slca-peft.")

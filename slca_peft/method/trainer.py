@@ -8,7 +8,7 @@ Anything a `Trainer` accepts still works: datasets, collators, callbacks, `repor
 checkpoint flags of transformers' example scripts (`save_strategy`/`eval_strategy`,
 `load_best_model_at_end` with `metric_for_best_model`, `save_total_limit`, `resume_from_checkpoint`):
 a `checkpoint-N` folder holds the model files and the optimizer, scheduler, gradient scaler and random
-number generator states as safetensors + JSON (`slca_peft.utils.state_files`) where `Trainer` writes
+number generator states as safetensors + JSON (`slca_peft.artifacts.state_files`) where `Trainer` writes
 pickles, so a run killed mid-way resumes to the weights an uninterrupted run reaches. A plain
 `TrainingArguments` is converted to `SLCAConfig` (`slca_peft.method.config.as_slca_config`); a field the
 trainer cannot honour is refused.
@@ -28,19 +28,21 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.training_args import ParallelMode
 
+from ..artifacts.atomic import atomic_write_text
+from ..artifacts.layout import TRAINING_ARGS_FILE
+from ..artifacts.state_files import has_state, load_state, save_state
 from ..models.adapters import ADAPTER, BACKBONE, HEAD
 from ..models.backbones import input_size
 from ..models.model import SLCAModel
 from ..models.saving import load_model_state
-from ..utils.files import atomic_write_text
+from ..utils.errors import UserError
 from ..utils.hardware import cpu_bf16_training
 from ..utils.logging import progress_bars, shows_progress
-from ..utils.state_files import has_state, load_state, save_state
 from .config import SLCAConfig, as_slca_config
 from .trainer_hub import TrainerHub
 
 logger = logging.getLogger(__name__)
-ARGS_FILE = "training_args.json"
+ARGS_FILE = TRAINING_ARGS_FILE
 #: The states a `checkpoint-N` folder holds beside the model files, each as NAME.safetensors + NAME.json.
 OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
 # Optimizers that need more than parameter groups (their own model hooks or per-layer state).
@@ -60,10 +62,10 @@ def symmetric_cross_entropy(
     trainer's hot path).
     """
     if logits.ndim != 2:
-        raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}.")
+        raise UserError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}.")
     num_classes = logits.shape[1]
     if check_labels and bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise ValueError(
+        raise UserError(
             f"labels must lie in [0, {num_classes}) for these logits, got range "
             f"[{int(labels.min())}, {int(labels.max())}]; shift them to the current task's classes."
         )
@@ -78,17 +80,17 @@ def check_honoured(args: SLCAConfig) -> None:
     """Refuse, before training, a `TrainingArguments` value this trainer would otherwise ignore."""
     optim = str(getattr(args.optim, "value", args.optim))
     if any(word in optim for word in _UNSUPPORTED_OPTIM):
-        raise ValueError(
+        raise UserError(
             f"optim={optim!r} is not supported: its optimizer needs more than the slow-learner parameter groups. "
             "Use optim='sgd' (the method's), or a plain torch optimizer such as 'adamw_torch'."
         )
     if args.method_schedule and args.lr_scheduler_kwargs:
-        raise ValueError(
+        raise UserError(
             f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r} is not used by the slca_cosine schedule (its floor is "
             "learning_rate x backbone_lr_scale x lr_floor_decay); set lr_floor_decay, or another lr_scheduler_type."
         )
     if args.label_smoothing_factor:
-        raise ValueError(
+        raise UserError(
             f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the task loss; "
             "drop it (method slca++/sl use symmetric cross-entropy, see sce_alpha/sce_beta)."
         )
@@ -155,6 +157,29 @@ def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epoc
     return factor
 
 
+#: The private `Trainer` methods SLCATrainer overrides, each with why no public hook serves. Everything else
+#: it changes goes through public hooks (`create_optimizer`, `create_scheduler`, `compute_loss`,
+#: `prediction_step`, `train`, `push_to_hub`, `create_model_card`, `init_hf_repo`). pyproject.toml bounds
+#: transformers below its next major version, and tests/method/test_trainer_seam.py fails when one of
+#: these is no longer a method of `Trainer`.
+PRIVATE_TRAINER_OVERRIDES = {
+    "_save": "save_model's file writer: slca-peft model files + arguments as JSON instead of a pickled "
+             "training_args.bin (save_model itself also dispatches to DeepSpeed/FSDP)",
+    "_save_optimizer_and_scheduler": "Trainer writes optimizer/scheduler states with torch.save (pickle); "
+                                     "here safetensors + JSON",
+    "_save_scaler": "the grad scaler's state, as safetensors + JSON instead of a pickle",
+    "_save_rng_state": "the generator states, as safetensors + JSON instead of a pickle",
+    "_load_from_checkpoint": "resume_from_checkpoint reads slca-peft model files (Trainer looks for "
+                             "model.safetensors / pytorch_model.bin)",
+    "_load_best_model": "load_best_model_at_end reads slca-peft model files",
+    "_load_optimizer_and_scheduler": "reads the safetensors + JSON states, checked before torch sees them",
+    "_load_scaler": "reads the safetensors + JSON grad-scaler state",
+    "_load_rng_state": "reads the safetensors + JSON generator states",
+    "_push_from_checkpoint": "push_to_hub=True uploads at each save through the library's one Hub door "
+                             "(slca_peft.sharing.hub.push_folder) instead of Trainer's upload of output_dir",
+}
+
+
 class SLCATrainer(TrainerHub, Trainer):
     """Trains the current task of an `SLCAModel` with slow-learner rates.
 
@@ -177,7 +202,7 @@ class SLCATrainer(TrainerHub, Trainer):
         args = as_slca_config(args)
         check_honoured(args)
         if model is not None and model.classifier.num_tasks == 0:
-            raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
+            raise UserError("the model has no task head; call model.grow(num_classes) before training.")
         self._task_id = task_id
         find_unused = ddp_find_unused(model, args) if model is not None else None
         user_value, args.ddp_find_unused_parameters = args.ddp_find_unused_parameters, find_unused
@@ -270,7 +295,7 @@ class SLCATrainer(TrainerHub, Trainer):
         outputs = model(pixel_values=inputs["pixel_values"], positions=True)
         known, total = self.known_classes, self.slca_model.classifier.num_classes
         if bool(((labels < known) | (labels >= total)).any()):  # one device sync per step
-            raise ValueError(
+            raise UserError(
                 f"task {self.task_id} owns classes [{known}, {total}) but the batch has labels in "
                 f"[{int(labels.min())}, {int(labels.max())}]; train each task on its own classes "
                 "(TaskSequence remaps labels for you)."
@@ -299,7 +324,7 @@ class SLCATrainer(TrainerHub, Trainer):
         """The class id of each label (a position of the stream, as its data carries it)."""
         model = self.slca_model
         if labels.numel() and int(labels.max()) >= model.classifier.num_classes:
-            raise ValueError(f"label {int(labels.max())} is beyond the {model.classifier.num_classes} classes seen "
+            raise UserError(f"label {int(labels.max())} is beyond the {model.classifier.num_classes} classes seen "
                              "so far; grow the classifier for the task before evaluating on it.")
         return torch.as_tensor(model.class_ids, device=labels.device)[labels]
 
@@ -313,7 +338,7 @@ class SLCATrainer(TrainerHub, Trainer):
 
     def _refuse_sharded(self, what: str) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(f"{what} under DeepSpeed or FSDP is not supported: their checkpoints are pickles; set "
+            raise UserError(f"{what} under DeepSpeed or FSDP is not supported: their checkpoints are pickles; set "
                              "save_only_model=True and resume_from_checkpoint=None.")
 
     def _rng_name(self) -> str:

@@ -16,9 +16,11 @@ from typing import Any
 
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 
-from ..models.card import build_model_card
-from ..models.hub import local_base_problem
-from ..utils.files import CARD_FILE, atomic_write_text
+from ..artifacts.atomic import atomic_write_text
+from ..artifacts.layout import CARD_FILE
+from ..sharing.card import build_model_card
+from ..sharing.hub import check_pushable
+from ..utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,7 @@ class TrainerHub:
     def check_pushable(self) -> None:
         """Refuse, as `slca-peft push` does, an upload whose base model is a local directory (unless
         `hub_base_model_id` names it on the Hub)."""
-        model = self.slca_model
-        problem = local_base_problem(model.settings()["base_model_name_or_path"], model.slca_config.use_lora,
-                                     self.args.hub_base_model_id)
-        if problem:
-            raise ValueError(f"push_to_hub: {problem}")
+        check_pushable(self.slca_model.settings(), self.args.hub_base_model_id, "push_to_hub: ")
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """With `push_to_hub=True`: refuse an unloadable upload before training; the repo itself is created
@@ -72,17 +70,17 @@ class TrainerHub:
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
     ) -> None:
-        """`output_dir/README.md`: the library's card of the model (`slca_peft.models.card`: base model,
+        """`output_dir/README.md`: the library's card of the model (`slca_peft.sharing.card`: base model,
         classes by class id, the task history's results), not Trainer's generic one. `dataset` and
         `dataset_tags` are the datasets' Hub ids; keywords the card has no place for are refused."""
         given = {"language": language, "finetuned_from": finetuned_from, "tasks": tasks, "dataset_args": dataset_args}
         for name, value in given.items():
             if value is not None:
-                raise ValueError(f"create_model_card: {name} is not used: {_UNUSED_CARD_KEYWORDS[name]}.")
+                raise UserError(f"create_model_card: {name} is not used: {_UNUSED_CARD_KEYWORDS[name]}.")
         if not self.is_world_process_zero():
             return
         model = self.slca_model
-        card = build_model_card(model.settings(), model.task_history, continuable=False,
+        card = build_model_card(model.settings(), None, continuable=False,
                                 **self._card_fields(license, tags, model_name, dataset_tags, dataset))
         os.makedirs(self.args.output_dir, exist_ok=True)
         atomic_write_text(os.path.join(self.args.output_dir, CARD_FILE), str(card))

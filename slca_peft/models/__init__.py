@@ -1,0 +1,8 @@
+"""The model: a (PEFT-adapted) image backbone and the continual head, its config and label names."""
+
+from .config import SLCAModelConfig
+from .head import ContinualClassifier
+from .inference import inference_context
+from .model import SLCAModel
+
+__all__ = ["ContinualClassifier", "SLCAModel", "SLCAModelConfig", "inference_context"]

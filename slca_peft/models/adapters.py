@@ -29,8 +29,10 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..utils.errors import read_json
+from ..artifacts.layout import ADAPTER_CONFIG_FILE
+from ..utils.errors import MissingFileError, UserError
 from ..utils.logging import known_warnings_filtered
+from ..utils.reading import read_json
 from .backbones import FUSED_QKV_NAMES, QKV_NAMES, backbone_spec, class_token, linear_names, norm_module_names
 from .config import SLCAModelConfig
 from .peft_limits import check_peft_fields, check_peft_sizes
@@ -60,7 +62,7 @@ def peft_config_from_dict(data: dict[str, Any]) -> PeftConfig:
     """Rebuild a `PeftConfig` subclass from its dict (`peft_type` picks the class); its sizes, numbers
     and patterns are checked first (`slca_peft.models.peft_limits`), before PEFT sees them."""
     if "peft_type" not in data:
-        raise ValueError("peft_config lacks the field 'peft_type' (e.g. \"LORA\", \"LOHA\", \"LOKR\", \"IA3\"); "
+        raise UserError("peft_config lacks the field 'peft_type' (e.g. \"LORA\", \"LOHA\", \"LOKR\", \"IA3\"); "
                          "write it with PeftConfig.save_pretrained or config.to_dict().")
     data = dict(data)
     data.pop("runtime_config", None)
@@ -68,7 +70,7 @@ def peft_config_from_dict(data: dict[str, Any]) -> PeftConfig:
     try:
         return PeftConfig.from_peft_type(**data)
     except (TypeError, KeyError) as err:
-        raise ValueError(f"peft_config could not be built ({err}); check its fields against PEFT's "
+        raise UserError(f"peft_config could not be built ({err}); check its fields against PEFT's "
                          f"{data['peft_type']} config.") from err
 
 
@@ -77,17 +79,17 @@ def load_peft_config(path: str | Path) -> PeftConfig:
     holding `adapter_config.json`."""
     path = Path(path)
     if path.is_dir():
-        path = path / "adapter_config.json"
+        path = path / ADAPTER_CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"peft_config file {path} does not exist; pass a JSON file written by "
+        raise MissingFileError(f"peft_config file {path} does not exist; pass a JSON file written by "
                                 "PeftConfig.save_pretrained (adapter_config.json) or config.to_dict().")
     data = read_json(path, max_bytes=1 << 20)
     if not isinstance(data, dict):
-        raise ValueError(f"peft_config file {path} must hold one JSON object (a PEFT config's fields).")
+        raise UserError(f"peft_config file {path} must hold one JSON object (a PEFT config's fields).")
     try:
         return peft_config_from_dict(data)
     except ValueError as err:
-        raise ValueError(f"peft_config file {path}: {err}") from None
+        raise UserError(f"peft_config file {path}: {err}") from None
 
 
 # ---------------------------------------------------------------------- parameter roles
@@ -139,7 +141,7 @@ def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
     check_peft_fields(data)
     check_peft_sizes(data, weight_shapes(backbone), type(backbone).__name__)
     if config.is_prompt_learning:
-        raise ValueError(f"peft_config is {type(config).__name__}, a prompt-learning method: it adds tokens, not "
+        raise UserError(f"peft_config is {type(config).__name__}, a prompt-learning method: it adds tokens, not "
                          "weights the slow learner can train on an image backbone. Use an adapter method "
                          "(LoraConfig, LoHaConfig, LoKrConfig, IA3Config).")
     names = [n for n, _ in backbone.named_modules() if n]
@@ -147,7 +149,7 @@ def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
         value = getattr(config, field_name, None)
         for target in _as_list(value):
             if target.split(".")[0] in CLASSIFIER_NAMES:
-                raise ValueError(
+                raise UserError(
                     f"peft_config.{field_name} names {target!r}, the classifier: slca-peft trains its task heads "
                     "itself (one per task, aligned after each); target backbone modules only."
                 )
@@ -155,12 +157,12 @@ def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
             continue
         if isinstance(value, str):
             if not any(re.fullmatch(value, n) for n in names):
-                raise ValueError(f"peft_config.target_modules regex {value!r} matches no module of "
+                raise UserError(f"peft_config.target_modules regex {value!r} matches no module of "
                                  f"{type(backbone).__name__}; linear layer names: {linear_names(backbone)}.")
             continue
         missing = [t for t in value if t != "all-linear" and not any(_matches(n, t) for n in names)]
         if missing:
-            raise ValueError(f"peft_config.target_modules {missing} match no module of {type(backbone).__name__}; "
+            raise UserError(f"peft_config.target_modules {missing} match no module of {type(backbone).__name__}; "
                              f"linear layer names available: {linear_names(backbone)}.")
 
 
@@ -190,7 +192,7 @@ def check_fused_qkv_backbone(model: nn.Module, target_modules: list[str]) -> lis
     """The q/k/v child names the fused layout adapts; refuses a backbone without them."""
     blocks = attention_projections(model)
     if not blocks:
-        raise ValueError(
+        raise UserError(
             f"lora_layout='fused_qkv' (set by released_code) needs attention blocks with query/key/value "
             f"projections; {type(model).__name__} has no {_looked_for()}. Use lora_layout='per_projection' "
             "and lora_target_modules naming its attention linears."
@@ -198,7 +200,7 @@ def check_fused_qkv_backbone(model: nn.Module, target_modules: list[str]) -> lis
     names = blocks[0][1]
     missing = [n for n in names if n not in target_modules]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"lora_layout='fused_qkv' adapts the concatenated {'/'.join(names)} weight of "
             f"{type(model).__name__}, but lora_target_modules {target_modules} lacks {missing}; add them."
         )
@@ -230,7 +232,7 @@ def svd_init_lora(layers: Sequence[LoraLayer], adapter_name: str = "default") ->
     weight = torch.cat([layer.get_base_layer().weight.detach().to(torch.float32) for layer in layers])
     rank = lora_a.shape[0]
     if rank > min(weight.shape):
-        raise ValueError(f"LoRA rank {rank} exceeds min(weight shape) {tuple(weight.shape)}; lower lora_rank.")
+        raise UserError(f"LoRA rank {rank} exceeds min(weight shape) {tuple(weight.shape)}; lower lora_rank.")
     _, _, vh = torch.linalg.svd(weight, full_matrices=False)
     lora_a.copy_(vh[:rank].to(lora_a.dtype))
     for layer in layers:
@@ -244,7 +246,7 @@ def lora_config(backbone: nn.Module, settings: SLCAModelConfig) -> LoraConfig:
     available = linear_names(backbone)
     missing = [t for t in settings.lora_target_modules if t not in available]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"LoRA target module(s) {missing} match no linear layer of {type(backbone).__name__}. "
             f"Linear layer names available: {available}. Set lora_target_modules to some of them."
         )
@@ -268,10 +270,10 @@ def apply_peft_config(backbone: nn.Module, config: PeftConfig, svd_init: bool,
     """
     check_peft_config(backbone, config)
     if svd_init and not isinstance(config, LoraConfig):
-        raise ValueError(f"lora_svd_init is defined for LoRA only, not {type(config).__name__}; set "
+        raise UserError(f"lora_svd_init is defined for LoRA only, not {type(config).__name__}; set "
                          "lora_svd_init false (--lora_svd_init false) to use this PEFT method.")
     if svd_init and config.init_lora_weights not in (True, False):
-        raise ValueError(f"lora_svd_init would overwrite peft_config.init_lora_weights={config.init_lora_weights!r}; "
+        raise UserError(f"lora_svd_init would overwrite peft_config.init_lora_weights={config.init_lora_weights!r}; "
                          "set lora_svd_init false or drop init_lora_weights.")
     applied = copy.deepcopy(config)
     if applied.modules_to_save is None:
@@ -307,6 +309,6 @@ def adapt_backbone(backbone: nn.Module, settings: SLCAModelConfig, peft_config: 
             check_fused_qkv_backbone(backbone, settings.lora_target_modules)
         peft_config = lora_config(backbone, settings)
     elif settings.lora_layout == "fused_qkv" and not backbone_spec(backbone).fused_qkv:
-        raise ValueError("lora_layout='fused_qkv' (set by released_code) ties slca-peft's own LoRA; with "
+        raise UserError("lora_layout='fused_qkv' (set by released_code) ties slca-peft's own LoRA; with "
                          "peft_config set lora_layout='per_projection' and configure the adapter yourself.")
     return apply_peft_config(backbone, peft_config, svd_init=settings.lora_svd_init, layout=settings.lora_layout)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..utils.errors import UserError
+
 # How the head input is read from the backbone output.
 CLS, POOLER = "cls", "pooler"
 # Export routes: how the folded heads become the classifier of a stock *ForImageClassification.
@@ -227,7 +229,7 @@ def check_pooled_feature(backbone: nn.Module, spec: BackboneSpec) -> None:
     config = backbone.config
     if spec.model_type == "timm_wrapper":
         if getattr(config, "do_pooling", True) is False:
-            raise ValueError("the timm backbone's config sets do_pooling=False, so it returns no pooler_output "
+            raise UserError("the timm backbone's config sets do_pooling=False, so it returns no pooler_output "
                              "(timm's pre-logits feature) for the classifier; set config.do_pooling=True.")
         return
     size = getattr(config, "image_size", 224)
@@ -236,7 +238,7 @@ def check_pooled_feature(backbone: nn.Module, spec: BackboneSpec) -> None:
     with torch.no_grad():
         out = backbone(pixel_values=torch.zeros(1, channels, size, size))
     if getattr(out, "pooler_output", None) is None:
-        raise ValueError(
+        raise UserError(
             f"{type(backbone).__name__} has no class token (embeddings.cls_token) and returns no "
             "pooler_output, so there is no pooled image feature for the classifier. Use a ViT-family "
             "backbone (ViT, DeiT, DINOv2, CLIP vision) or one whose output has pooler_output."
@@ -267,14 +269,14 @@ def reset_final_norm(backbone: nn.Module, eps: float) -> str:
         parent = backbone
         attr = next((a for a in FINAL_NORM_NAMES if getattr(backbone, a, None) is not None), None)
         if attr is None:
-            raise ValueError(
+            raise UserError(
                 f"reset_final_norm (set by released_code) replaces the final LayerNorm, but {type(backbone).__name__} "
                 f"has none of the attributes {list(FINAL_NORM_NAMES)}; set reset_final_norm=false."
             )
         where = f"{type(backbone).__name__}.{attr}"
     norm = getattr(parent, attr)
     if not isinstance(norm, nn.LayerNorm):
-        raise ValueError(f"reset_final_norm (set by released_code) replaces the final LayerNorm, but "
+        raise UserError(f"reset_final_norm (set by released_code) replaces the final LayerNorm, but "
                          f"{where} is a {type(norm).__name__}; set reset_final_norm=false.")
     fresh = nn.LayerNorm(norm.normalized_shape, eps=eps, elementwise_affine=True)
     setattr(parent, attr, fresh.to(device=norm.weight.device, dtype=norm.weight.dtype))

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from ..utils.errors import open_regular
+from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +54,19 @@ SKIPPED = re.compile(r"^(module\.)?(head|fc_norm|pre_logits|momentum_encoder|pre
 def load_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone weights of a timm-style checkpoint file, with wrapper prefixes removed."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
+        raise MissingFileError(f"{path} does not exist.")
     try:
         with open_regular(path, fix="give the checkpoint file") as handle:
             checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "GLOBAL" not in str(err):  # torch names the refused global; anything else is a damaged file
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err
-        raise ValueError(
+            raise UserError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err
+        raise UserError(
             f"{path} holds objects other than tensors and plain containers, so it was not loaded (unpickling "
             "arbitrary objects can run code). Re-save only the state dict from the source you trust."
         ) from err
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err
+        raise UserError(f"{path} is not a readable PyTorch checkpoint; it may be damaged ({err}).") from err
     return extract_backbone(checkpoint)
 
 
@@ -91,7 +92,7 @@ def extract_backbone(checkpoint: Mapping) -> dict[str, torch.Tensor]:
                 break
         weights[name] = value
     if "cls_token" not in weights or "patch_embed.proj.weight" not in weights:
-        raise ValueError(
+        raise UserError(
             "no timm ViT backbone found: expected keys cls_token, pos_embed, patch_embed.proj.weight, blocks.N.* "
             f"(optionally under 'state_dict' with 'module.base_encoder.' prefixes); got e.g. {keys[:5]}."
         )
@@ -116,10 +117,10 @@ def vit_config_from_timm(
     num_patches = int(state_dict["pos_embed"].shape[1]) - 1
     side = math.isqrt(num_patches)
     if side * side != num_patches:
-        raise ValueError(f"pos_embed has {num_patches} patch positions (+1 class token), not a square grid.")
+        raise UserError(f"pos_embed has {num_patches} patch positions (+1 class token), not a square grid.")
     heads = num_attention_heads or max(1, hidden // 64)
     if hidden % heads:
-        raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads.")
+        raise UserError(f"hidden size {hidden} is not divisible by {heads} attention heads.")
     return ViTConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
         image_size=side * patch, patch_size=patch, num_channels=channels, hidden_act="gelu",
@@ -141,7 +142,7 @@ def convert_timm_vit(state_dict: Mapping[str, torch.Tensor], config: ViTConfig |
 
     def take(name: str) -> torch.Tensor:
         if name not in weights:
-            raise ValueError(f"the timm checkpoint has no {name!r}; is it a plain ViT (class token, final norm)?")
+            raise UserError(f"the timm checkpoint has no {name!r}; is it a plain ViT (class token, final norm)?")
         return weights.pop(name)
 
     mapped: dict[str, torch.Tensor] = {
@@ -156,7 +157,7 @@ def convert_timm_vit(state_dict: Mapping[str, torch.Tensor], config: ViTConfig |
         src, dst = f"blocks.{i}.", f"layers.{i}."
         qkv_w = take(src + "attn.qkv.weight")
         if qkv_w.shape != (3 * d, d):
-            raise ValueError(f"{src}attn.qkv.weight has shape {tuple(qkv_w.shape)}, expected {(3 * d, d)}.")
+            raise UserError(f"{src}attn.qkv.weight has shape {tuple(qkv_w.shape)}, expected {(3 * d, d)}.")
         qkv_b = weights.pop(src + "attn.qkv.bias", None)
         for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
             # timm reshapes qkv output to (B, N, 3, heads, head_dim): rows [0,d) are q, [d,2d) k, [2d,3d) v.
@@ -172,16 +173,16 @@ def convert_timm_vit(state_dict: Mapping[str, torch.Tensor], config: ViTConfig |
                 mapped[f"{dst}{new}.{kind}"] = take(f"{src}{old}.{kind}")
     leftover = sorted(k for k in weights if not SKIPPED.match(k))
     if leftover:
-        raise ValueError(f"timm weights not used by a {config.num_hidden_layers}-layer ViT: {leftover[:8]}.")
+        raise UserError(f"timm weights not used by a {config.num_hidden_layers}-layer ViT: {leftover[:8]}.")
 
     model = ViTModel(config, add_pooling_layer=False)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(mapped))
     if missing:
-        raise ValueError(f"the checkpoint has no weights for {missing[:8]}.")
+        raise UserError(f"the checkpoint has no weights for {missing[:8]}.")
     for name, tensor in mapped.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(
+            raise UserError(
                 f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[name].shape)}."
             )
     model.load_state_dict({k: v.detach().to(expected[k].dtype).contiguous() for k, v in mapped.items()}, strict=True)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..utils.errors import UserError
+
 
 def by_class_id(values: torch.Tensor, class_ids: Sequence[int], dim: int = 0, fill: float | None = None
                 ) -> torch.Tensor:
@@ -63,7 +65,7 @@ class ContinualClassifier(nn.Module):
         """Add a head for a new task and freeze the old ones (representation learning only updates
         the current task's head)."""
         if num_new_classes < 1:
-            raise ValueError(f"a task needs at least one class, got {num_new_classes}.")
+            raise UserError(f"a task needs at least one class, got {num_new_classes}.")
         for head in self.heads:
             head.requires_grad_(False)
         ref = self.scales if len(self.heads) == 0 else self.heads[0].weight
@@ -103,7 +105,7 @@ class ContinualClassifier(nn.Module):
         """Load a snapshot taken with the same number of heads."""
         expected = set(self.state_dict())
         if set(snapshot) != expected:
-            raise ValueError(
+            raise UserError(
                 f"snapshot keys {sorted(snapshot)} do not match this classifier {sorted(expected)}; "
                 "restore a snapshot taken after the same number of grow() calls."
             )

@@ -1,7 +1,7 @@
 """No-grad passes at the cost of the plain backbone: LoRA merged into the weights, autocast on.
 
 Training keeps LoRA as a separate low-rank path (cheaper gradients); statistics and evaluation
-only run forward, where the extra path is pure overhead. `merged_adapters` folds it into the
+only run forward, where the extra path is pure overhead. `adapters_merged_into_weights` folds it into the
 base weights for the duration of a pass and puts the saved base weights back afterwards, bit for
 bit (merging and unmerging in floating point would leave rounding residue that training would
 then start from). `inference_context` adds the run's mixed precision.
@@ -24,7 +24,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
+def adapters_merged_into_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Merge the LoRA adapters of `model` (an `SLCAModel` or a `PeftModel`) into its weights inside
     the block; on exit, also after an exception, the exact base weights are restored.
 
@@ -87,6 +87,6 @@ def inference_context(model: nn.Module, args: Any = None) -> Iterator[nn.Module]
         stack.enter_context(torch.inference_mode())
         model.eval()
         stack.callback(model.train, was_training)
-        stack.enter_context(merged_adapters(model))
+        stack.enter_context(adapters_merged_into_weights(model))
         stack.enter_context(torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext())
         yield model

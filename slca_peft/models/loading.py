@@ -16,7 +16,10 @@ from typing import Any
 import transformers
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from ..utils.errors import read_json
+from ..artifacts.layout import ADAPTER_CONFIG_FILE, CONFIG_FILE, EXPORT_CONFIG_FILE, PICKLE_SUFFIXES
+from ..sharing.public import is_local_name
+from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import read_json
 
 #: Multimodal checkpoints whose image tower is the backbone (a Hub id of the whole model loads its tower).
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -49,7 +52,7 @@ def split_loading_kwargs(kwargs: Mapping[str, Any], caller: str = "from_pretrain
     loading, rest = {}, {}
     for name, value in kwargs.items():
         if name in REFUSED_LOADING_KEYWORDS:
-            raise ValueError(f"{caller}: {name} is not supported: {REFUSED_LOADING_KEYWORDS[name]}")
+            raise UserError(f"{caller}: {name} is not supported: {REFUSED_LOADING_KEYWORDS[name]}")
         if name == "torch_dtype":
             name = "dtype"
         if name in LOADING_KEYWORDS:
@@ -81,27 +84,27 @@ def check_backbone_source(name_or_path: str | os.PathLike) -> None:
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "slca_config.json").is_file():
-            raise ValueError(
+        if (path / CONFIG_FILE).is_file():
+            raise UserError(
                 f"{name} is an slca-peft checkpoint, not a base model: load it with SLCAModel.from_pretrained("
                 f"{name!r}), or continue its run with --resume_from {name} (--model_name_or_path names the "
                 "base model it was trained on)."
             )
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        if (path / ADAPTER_CONFIG_FILE).is_file() and not (path / EXPORT_CONFIG_FILE).is_file():
             try:
-                base = read_json(path / "adapter_config.json", 1 << 20).get("base_model_name_or_path")
+                base = read_json(path / ADAPTER_CONFIG_FILE, 1 << 20).get("base_model_name_or_path")
             except (OSError, ValueError, AttributeError):
                 base = None
-            raise ValueError(
+            raise UserError(
                 f"{name} holds a PEFT adapter (adapter_config.json), not a base model: pass its base model"
                 f"{f' ({base})' if base else ''} as the backbone, and the adapter's settings as peft_config "
                 "(--peft_config)."
             )
     elif path.exists():
-        raise ValueError(f"the backbone {name} is a file, not a model folder; pass the folder that holds its "
+        raise UserError(f"the backbone {name} is a file, not a model folder; pass the folder that holds its "
                          "config.json (a config JSON alone, for random weights: --model_config).")
     elif is_local_name(name):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the backbone path {name} does not exist (relative paths resolve from {os.getcwd()}); pass an "
             "existing model folder or a Hub id such as google/vit-base-patch16-224-in21k."
         )
@@ -132,11 +135,6 @@ def backbone_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedM
     return AutoModel.from_config(config, **kwargs)
 
 
-def is_local_name(name: str) -> bool:
-    """A base model name only this machine can resolve (a directory, not a Hub id)."""
-    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or Path(name).exists()
-
-
 def portable_name(name: str | os.PathLike | None) -> str | None:
     """A Hub id as is; an existing local directory as its absolute path."""
     if name is None:
@@ -154,14 +152,16 @@ def load_base_model(name: str, revision: str | None = None, **kwargs) -> PreTrai
     except OSError as err:
         folder = Path(name)
         if folder.is_dir() and not any(folder.glob("*.safetensors")):
-            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            raise ValueError(
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise UserError(
                 f"the base model folder {folder} has no safetensors weights{f' (only {pickles})' if pickles else ''}; "
                 "slca-peft never opens pickle files. Convert it once, in an environment you trust: "
                 "AutoModel.from_pretrained(path, use_safetensors=False).save_pretrained(path) writes "
                 "model.safetensors."
             ) from err
-        raise
+        raise UserError(f"the base model {name!r} could not be loaded ({' '.join(str(err).split())[:300]}); give a "
+                        "local model folder or a Hub id that exists (offline, with HF_HUB_OFFLINE=1, it must be in "
+                        "the local Hub cache).") from err
 
 
 def resolve_recorded_base(
@@ -175,7 +175,7 @@ def resolve_recorded_base(
     for name in alternatives:
         if name and Path(name).expanduser().is_dir():
             return portable_name(name)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{source} references the base model {base!r}, which does not exist. Pass the base model's location: "
         "--model_name_or_path PATH with the recipe, or load_checkpoint(..., expected_base=PATH) from Python."
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -13,6 +14,9 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..sharing.hub import push_folder
+from ..sharing.public import names_by_class_id
+from ..utils.errors import MissingFileError, UserError
 from ..utils.logging import progress_bars, shows_progress
 from .adapters import adapt_backbone, adapter_prefix, parameter_role, peft_config_from_dict, peft_config_to_dict
 from .backbones import (
@@ -23,7 +27,7 @@ from .backbones import (
     pooled_feature,
     reset_final_norm,
 )
-from .config import SLCAModelConfig, fit_class_ids, model_settings, names_by_class_id, read_state
+from .config import SLCAModelConfig, fit_class_ids, model_settings
 from .head import ContinualClassifier, by_class_id
 from .loading import (
     backbone_from_config,
@@ -33,9 +37,6 @@ from .loading import (
     portable_name,
     split_loading_kwargs,
 )
-
-if TYPE_CHECKING:
-    from ..method.statistics import ClassStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class SLCAModel(nn.Module):
         """`config` (or its fields as keywords, e.g. ``use_lora=False``) says how to wrap `backbone`."""
         super().__init__()
         if isinstance(backbone, PeftModel):
-            raise ValueError("pass the plain backbone; SLCAModel adds LoRA itself (use_lora=True).")
+            raise UserError("pass the plain backbone; SLCAModel adds LoRA itself (use_lora=True).")
         values = config.to_dict() if config is not None else {}
         values.pop("format_version", None)
         values.update(overrides)
@@ -79,7 +80,7 @@ class SLCAModel(nn.Module):
         #: A user's PEFT config (LoRA, DoRA, LoHa, LoKr, IA3, ...) in place of the built-in LoRA settings.
         self.peft_config = peft_config_from_dict(config.peft_config) if config.peft_config else None
         if self.peft_config is not None and not config.use_lora:
-            raise ValueError("peft_config is the slow learner of slca++/sl; full fine-tuning (slca, seq_ft) "
+            raise UserError("peft_config is the slow learner of slca++/sl; full fine-tuning (slca, seq_ft) "
                              "trains the whole backbone. Drop peft_config or use method slca++.")
         if self.backbone_spec.drop_pooler and getattr(backbone, "pooler", None) is not None:
             # ViT's pooler is an extra dense+tanh layer: SLCA's feature is the normed class token.
@@ -90,7 +91,7 @@ class SLCAModel(nn.Module):
         )
         width = feature_dim(backbone)
         if config.feature_dim is not None and config.feature_dim != width:
-            raise ValueError(
+            raise UserError(
                 f"the config's feature_dim is {config.feature_dim} but the base model "
                 f"{config.base_model_name_or_path!r} "
                 f"gives {width}; the checkpoint belongs to a different base model."
@@ -102,15 +103,8 @@ class SLCAModel(nn.Module):
             reset_final_norm(backbone, config.final_norm_eps)
         self.backbone = adapt_backbone(backbone, config, self.peft_config)
         self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
-        #: The task history (continual_state.json) and the checkpoint it was loaded from, when loaded from
-        #: one: cards of a push or an export keep the run's results and say where they come from.
-        self.task_history: dict[str, Any] | None = None
+        #: Where the model was loaded from (`from_pretrained`), as transformers' models record it.
         self.name_or_path: str | None = None
-        #: The rest of a continual checkpoint's run state, when the model carries it (`load_checkpoint`,
-        #: `ContinualLearner`): its class statistics and heads before alignment, which `push_to_hub`
-        #: uploads so the repo can be continued.
-        self.class_statistics: ClassStatistics | None = None
-        self.unaligned_head: dict[str, torch.Tensor] | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -184,12 +178,12 @@ class SLCAModel(nn.Module):
         elif isinstance(model, PretrainedConfig):
             extra = set(loading) - {"dtype", "attn_implementation"}
             if revision is not None or extra:
-                raise ValueError(f"SLCAModel.from_backbone: {sorted(extra) or ['revision']} apply when loading by "
+                raise UserError(f"SLCAModel.from_backbone: {sorted(extra) or ['revision']} apply when loading by "
                                  "name; a config builds random weights (only dtype applies).")
             backbone = _load_with_sdpa(backbone_from_config, model, **loading)
         elif isinstance(model, PreTrainedModel):
             if revision is not None or loading:
-                raise ValueError(f"SLCAModel.from_backbone: {sorted(loading) or ['revision']} apply when loading "
+                raise UserError(f"SLCAModel.from_backbone: {sorted(loading) or ['revision']} apply when loading "
                                  "by name; the model passed is already loaded (convert it with model.to(dtype)).")
             backbone = model
         else:
@@ -253,21 +247,21 @@ class SLCAModel(nn.Module):
             return
         if positions:
             if int(labels.max()) >= width:
-                raise ValueError(f"label {int(labels.max())} is beyond the {width} classes seen so far; grow the "
+                raise UserError(f"label {int(labels.max())} is beyond the {width} classes seen so far; grow the "
                                  "classifier for the task before training or evaluating on it.")
             return
         unknown = sorted(set(labels.unique().tolist()) - set(self.class_ids))
         if unknown:
-            raise ValueError(f"label(s) {unknown[:5]} are not class ids this model has learned (its outputs are class "
+            raise UserError(f"label(s) {unknown[:5]} are not class ids this model has learned (its outputs are class "
                              f"ids {sorted(self.class_ids)[:10]}{' ...' if len(self.class_ids) > 10 else ''}); labels "
                              "are class ids, as `config.label2id` gives them (positions need positions=True).")
 
     def merged_adapters(self):
         """Context manager: LoRA merged into the weights for no-grad passes, the exact weights
-        restored on exit (`slca_peft.models.inference.merged_adapters`)."""
-        from .inference import merged_adapters
+        restored on exit (`slca_peft.models.inference.adapters_merged_into_weights`)."""
+        from .inference import adapters_merged_into_weights
 
-        return merged_adapters(self)
+        return adapters_merged_into_weights(self)
 
     def grow(self, num_new_classes: int) -> None:
         """Add the head of a new task (old heads are frozen)."""
@@ -313,14 +307,14 @@ class SLCAModel(nn.Module):
         Takes transformers' loading keywords (`token`, `cache_dir`, `local_files_only`,
         `force_download` for both the checkpoint and the base model; `dtype` for the backbone);
         `device_map` and quantization are refused, saying why. The model comes back in eval mode, as
-        transformers' does (`model.train()` before training it by hand). The task history beside the files
-        (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
+        transformers' does (`model.train()` before training it by hand). The model is the model only: the
+        run state beside it in a continual checkpoint (class statistics, heads before alignment, task
+        history) is the learner's (`ContinualLearner.from_checkpoint` / `from_pretrained`)."""
         from .saving import read_model_config
         loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)
-        model.task_history = read_state(root)
         model.name_or_path = str(path_or_repo_id)
         return model.eval()
 
@@ -330,7 +324,7 @@ class SLCAModel(nn.Module):
         (`loading`: checked loading keywords for the base model)."""
         from transformers import AutoModel
 
-        from ..utils.files import CONFIG_FILE
+        from ..artifacts.layout import CONFIG_FILE
         from .saving import load_model_state, read_backbone_config
 
         config_path = root / CONFIG_FILE
@@ -341,7 +335,7 @@ class SLCAModel(nn.Module):
             except OSError as err:
                 if Path(base).is_absolute() or base.startswith("."):
                     raise
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{config_path} references the base model {base!r}, which is neither a directory here nor a "
                     f"loadable Hub model ({err}); pass the base model's location: --model_name_or_path PATH with "
                     "the recipe, or load_checkpoint(..., expected_base=PATH) from Python."
@@ -353,7 +347,7 @@ class SLCAModel(nn.Module):
         try:
             model = cls(backbone, config)
         except ValueError as err:
-            raise ValueError(f"{config_path}: {err}") from None
+            raise UserError(f"{config_path}: {err}") from None
         load_model_state(model, root)
         return model
 
@@ -372,17 +366,16 @@ class SLCAModel(nn.Module):
         state: dict[str, Any] | None = None,
         card: dict[str, Any] | None = None,
     ) -> Any:
-        """Upload the model as one commit, as `PreTrainedModel.push_to_hub` does (`revision` is created
-        as a branch when missing; `commit_description` and `create_pr` as huggingface_hub takes them).
+        """Upload the model files as one commit, as `PeftModel.push_to_hub` uploads an adapter (`revision`
+        is created as a branch when missing; `commit_description` and `create_pr` as huggingface_hub takes
+        them). The model is the model only: a repo that `--continue_from` can go on from is a continual
+        checkpoint, which `ContinualLearner.push_to_hub` (or `slca-peft push task_<t>`) uploads.
 
-        A model that carries its run state (task history and class statistics: after `load_checkpoint`,
-        or trained by a `ContinualLearner`) is uploaded as a continual checkpoint, which `--continue_from`
-        / `--resume_from` go on from; one without it as its model files, with a one-line warning saying
-        what it lacks. The base model is referenced: pass `base_model_id` when it was loaded from a local
-        directory (a local base is refused otherwise, as by `slca-peft push`). `state` replaces the task
-        history; `card` sets the card's `license`, `datasets`, `tags` and `model_name`."""
-        from .hub import push_model
-
-        return push_model(self, repo_id, commit_message=commit_message, commit_description=commit_description,
-                          private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
-                          base_model_id=base_model_id, state=state, card=card)
+        The base model is referenced: pass `base_model_id` when it was loaded from a local directory (a
+        local base is refused otherwise, as by `slca-peft push`). `state` (a task history) fills the card's
+        results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", state=state, card=card)
+            return push_folder(folder, repo_id, commit_message=commit_message, commit_description=commit_description,
+                               private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
+                               base_model_id=base_model_id)

@@ -21,6 +21,9 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ..artifacts.values import check_int
+from ..utils.errors import UserError
+
 try:  # Python >= 3.11
     from re import _constants as sre_constants
     from re import _parser as sre_parse
@@ -102,11 +105,11 @@ def _walk(items: Iterable[Any], in_repeat: bool, counts: _Counts) -> str | None:
 def check_pattern(name: str, pattern: Any, added_repeats: int = 0) -> str:
     """A module-name regex whose matching time is bounded (see the module docstring), else `ValueError`."""
     if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_LENGTH:
-        raise ValueError(f"{name} must be a string of at most {MAX_PATTERN_LENGTH} characters.")
+        raise UserError(f"{name} must be a string of at most {MAX_PATTERN_LENGTH} characters.")
     try:
         parsed = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as err:
-        raise ValueError(f"{name} {pattern!r} is not a valid regular expression ({err}).") from None
+        raise UserError(f"{name} {pattern!r} is not a valid regular expression ({err}).") from None
     counts = _Counts()
     problem = _walk(parsed, False, counts)
     if problem is None and counts.wide + added_repeats > MAX_WIDE_REPEATS:
@@ -114,7 +117,7 @@ def check_pattern(name: str, pattern: Any, added_repeats: int = 0) -> str:
     if problem is None and counts.repeats > MAX_REPEATS:
         problem = f"more than {MAX_REPEATS} repeats"
     if problem:
-        raise ValueError(f"{name} {pattern!r} has {problem}, which can make regex matching take hours; list the "
+        raise UserError(f"{name} {pattern!r} has {problem}, which can make regex matching take hours; list the "
                          "module names instead (e.g. [\"q_proj\", \"v_proj\"]) or use a pattern like "
                          "'.*\\.(q_proj|v_proj)'.")
     return pattern
@@ -122,37 +125,27 @@ def check_pattern(name: str, pattern: Any, added_repeats: int = 0) -> str:
 
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}.")
+        raise UserError(f"{name} must be a finite number, got {value}.")
 
 
 def _walk_values(name: str, value: Any, depth: int = 0) -> None:
     """Every number finite, every list and string bounded, at any depth."""
     if depth > 8:
-        raise ValueError(f"{name} is nested deeper than any PEFT config field.")
+        raise UserError(f"{name} is nested deeper than any PEFT config field.")
     if isinstance(value, dict):
         if len(value) > MAX_LIST_LENGTH:
-            raise ValueError(f"{name} has {len(value)} entries, more than the {MAX_LIST_LENGTH} allowed.")
+            raise UserError(f"{name} has {len(value)} entries, more than the {MAX_LIST_LENGTH} allowed.")
         for key, item in value.items():
             _walk_values(f"{name}[{key!r}]", item, depth + 1)
     elif isinstance(value, (list, tuple, set)):
         if len(value) > MAX_LIST_LENGTH:
-            raise ValueError(f"{name} has {len(value)} entries, more than the {MAX_LIST_LENGTH} allowed.")
+            raise UserError(f"{name} has {len(value)} entries, more than the {MAX_LIST_LENGTH} allowed.")
         for i, item in enumerate(value):
             _walk_values(f"{name}[{i}]", item, depth + 1)
     elif isinstance(value, str) and len(value) > MAX_PATTERN_LENGTH * 4:
-        raise ValueError(f"{name} is a string of {len(value)} characters, more than {MAX_PATTERN_LENGTH * 4}.")
+        raise UserError(f"{name} is a string of {len(value)} characters, more than {MAX_PATTERN_LENGTH * 4}.")
     else:
         _check_number(name, value)
-
-
-def check_int(name: str, value: Any, low: int, high: int, why: str = "") -> int:
-    """An int (not a bool, not a float such as 2e9) in [low, high]; `why` says where `high` comes from.
-    The integer check of every file field (`slca_peft.models.config`), PEFT sizes included."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}]{why}, got {value}.")
-    return value
 
 
 def _fields(data: dict[str, Any]) -> Iterable[tuple[str, str, Any]]:
@@ -187,7 +180,7 @@ def check_peft_fields(data: dict[str, Any]) -> None:
     for kind, name, value in _fields(data):
         if kind == "effective_rank" and isinstance(value, float):  # OSF: a fraction of the weight's rank
             if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} as a fraction must be in (0, 1], got {value}.")
+                raise UserError(f"{name} as a fraction must be in (0, 1], got {value}.")
         elif kind in RANK_FIELDS or kind in DIM_FIELDS or kind in NUMEL_FIELDS or kind == "num_vectors":
             high = MAX_RANK if kind in RANK_FIELDS else MAX_SIZE if kind in DIM_FIELDS else MAX_ELEMENTS
             check_int(name, value, -1 if kind == "decompose_factor" else 0, high)
@@ -195,7 +188,7 @@ def check_peft_fields(data: dict[str, Any]) -> None:
             check_int(name, value, 0, MAX_COUNT)
         elif kind in SCALE_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_SCALE:
-                raise ValueError(f"{name} must be a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {value!r}.")
+                raise UserError(f"{name} must be a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {value!r}.")
 
 
 def check_peft_sizes(data: dict[str, Any], shapes: dict[str, int], backbone: str) -> None:
@@ -213,5 +206,5 @@ def check_peft_sizes(data: dict[str, Any], shapes: dict[str, int], backbone: str
             check_int(name, value, -1 if kind == "decompose_factor" else 0, *caps[cap])
     vectors, length = data.get("num_vectors"), data.get("vector_length")
     if isinstance(vectors, int) and isinstance(length, int) and vectors * length > shapes["total"]:
-        raise ValueError(f"peft_config.num_vectors x vector_length = {vectors} x {length} makes a vector bank larger "
+        raise UserError(f"peft_config.num_vectors x vector_length = {vectors} x {length} makes a vector bank larger "
                          f"than {backbone} itself ({shapes['total']} parameters); lower num_vectors.")

@@ -1,7 +1,7 @@
 """A model's files on disk: safetensors + JSON only, read and written given a model.
 
 This module never builds a model: `SLCAModel.from_pretrained` builds one from the files read here
-(`read_model_config`, `load_model_state`). The file names are listed in `slca_peft.utils.files`.
+(`read_model_config`, `load_model_state`). The file names are listed in `slca_peft.artifacts.layout`.
 
 Model files (`save_model_files`; `SLCAModel.save_pretrained` / `from_pretrained`): `slca_config.json`,
 the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`: LoRA, biases, LayerNorms and
@@ -26,9 +26,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
-from ..utils import manifest
-from ..utils.errors import read_json
-from ..utils.files import (
+from ..artifacts import manifest
+from ..artifacts.atomic import follow_umask, json_text, settle_files, write_json
+from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
     BACKBONE_CONFIG_FILE,
@@ -39,13 +39,12 @@ from ..utils.files import (
     STATE_FILE,
     STATISTICS_FILE,
     UNALIGNED_FILE,
-    follow_umask,
-    json_text,
-    settle_files,
-    write_json,
 )
-from .card import write_model_card
-from .config import SLCAModelConfig, validate_state
+from ..artifacts.task_history import validate_state
+from ..sharing.card import write_model_card
+from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import read_json
+from .config import SLCAModelConfig
 from .loading import portable_name, resolve_recorded_base
 from .verification import base_model_record
 
@@ -83,7 +82,7 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
     the card then says can be continued)."""
     settings = model.settings()
     if model.slca_config.use_lora and not settings["base_model_name_or_path"]:
-        raise ValueError(
+        raise UserError(
             "this model's backbone was built from a config and has no saved base weights to reference; "
             "save the backbone first (backbone.save_pretrained(path)) and build the model from that path."
         )
@@ -181,18 +180,18 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None,
     path = Path(path_or_repo_id)
     if path.is_file():
         hint = " Pickle files are never loaded." if path.suffix in PICKLE_SUFFIXES else ""
-        raise ValueError(f"{path} is a file; pass the checkpoint directory (or a Hub repo id).{hint}")
+        raise UserError(f"{path} is a file; pass the checkpoint directory (or a Hub repo id).{hint}")
     if path.is_dir():
         return path
     if str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
+        raise MissingFileError(f"checkpoint directory {path} does not exist.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id=str(path_or_repo_id), revision=revision, **hub))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path_or_repo_id} is neither a local checkpoint directory nor a Hub repo that could be fetched "
             f"({type(err).__name__}); check the path, or the repo id and your connection."
         ) from err
@@ -221,43 +220,43 @@ def read_safetensors(path: Path, expected: dict[str, torch.Tensor] | None = None
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete.")
+        raise MissingFileError(f"{path} is missing; the checkpoint is incomplete.")
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
             if expected is not None:
                 unknown = [k for k in keys if k not in expected]
                 if unknown:
-                    raise ValueError(f"{path} holds tensors this model does not have: {unknown[:5]}.")
+                    raise UserError(f"{path} holds tensors this model does not have: {unknown[:5]}.")
                 for key in keys:
                     stored = fh.get_slice(key)
                     shape, reference = tuple(stored.get_shape()), expected[key]
                     if shape != tuple(reference.shape):
-                        raise ValueError(
+                        raise UserError(
                             f"{path}: tensor {key} has shape {shape}, the model expects {tuple(reference.shape)}; "
                             "the checkpoint was made for a different base model or configuration."
                         )
                     dtype = stored.get_dtype()
                     if not _dtype_fits(_SAFETENSORS_DTYPES.get(dtype), reference.dtype):
-                        raise ValueError(
+                        raise UserError(
                             f"{path}: tensor {key} is stored as {dtype}, the model expects {reference.dtype}; "
                             "the file is damaged or was not written by slca-peft."
                         )
             tensors = {k: fh.get_tensor(k) for k in keys}
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
+        raise UserError(f"{path} is not a valid safetensors file ({err}); it may be truncated.") from err
     for key, tensor in tensors.items():
         if not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool)):
-            raise ValueError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}.")
+            raise UserError(f"{path}: tensor {key} has unexpected dtype {tensor.dtype}.")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
+            raise UserError(f"{path}: tensor {key} has non-finite values; the file is damaged.")
     return tensors
 
 
 def _check_no_pickle(root: Path) -> None:
     pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
+        raise UserError(
             f"{root} contains pickle-based files {pickles}; slca-peft only reads safetensors and JSON and "
             "refuses them because loading pickle can run code. Remove them or convert to safetensors."
         )
@@ -283,14 +282,14 @@ def read_model_config(
     _check_no_pickle(root)
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; {root} is not an slca-peft checkpoint.")
+        raise MissingFileError(f"{config_path} is missing; {root} is not an slca-peft checkpoint.")
     # Validated before anything is allocated: a crafted file cannot ask for a huge model.
     config = SLCAModelConfig.from_dict(read_json(config_path), str(config_path))
     accepted = [expected_base] if isinstance(expected_base, (str, Path)) else list(expected_base or [])
     accepted = [str(name) for name in accepted if name]
     base = resolve_recorded_base(config.base_model_name_or_path, config_path, accepted)
     if accepted and base is not None and not any(_same_base(base, name) for name in accepted):
-        raise ValueError(
+        raise UserError(
             f"{config_path}: base_model_name_or_path is {base!r} but this run uses {' / '.join(accepted)!r}; "
             "resume with the base model the checkpoint was trained on."
         )

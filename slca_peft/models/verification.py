@@ -1,6 +1,6 @@
 """Whether a checkpoint's files are the ones slca-peft wrote, and its base model the one it was trained on.
 
-Writing a checkpoint records, in its manifest (`slca_peft.utils.manifest`), the size and SHA-256 of every
+Writing a checkpoint records, in its manifest (`slca_peft.artifacts.manifest`), the size and SHA-256 of every
 file and, for an adapter on a local base model, that model's file digests (`base_model_record`).
 `verify_files` compares both against what is on disk now; `slca_peft.continual.checkpoint.verify_checkpoint`
 runs it with the base model the checkpoint would load.
@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils import manifest
-from ..utils.digests import describe_model_file_changes, model_file_digests
-from ..utils.errors import UserError, open_regular
-from ..utils.files import CARD_FILE, hash_stream
+from ..artifacts import manifest
+from ..artifacts.digests import describe_model_file_changes, hash_stream, model_file_digests
+from ..artifacts.layout import CARD_FILE
+from ..utils.errors import UserError
+from ..utils.reading import open_regular
 
 if TYPE_CHECKING:
     from .model import SLCAModel

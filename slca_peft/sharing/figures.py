@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils.files import atomic_write_bytes
+from ..artifacts.atomic import atomic_write_bytes
 
 #: How the accuracy-matrix figure marks a partial "all seen" number, and its note.
 PARTIAL_MARK = "*"

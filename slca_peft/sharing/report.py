@@ -26,9 +26,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils.errors import UserError, read_json
-from ..utils.files import METRICS_FILE, atomic_write_bytes
-from ..utils.manifest import safe_path
+from ..artifacts.atomic import atomic_write_bytes
+from ..artifacts.layout import (
+    CURVE_PLOT,
+    FINGERPRINT_FILE,
+    MATRIX_PLOT,
+    METRICS_FILE,
+    RESULTS_FILE,
+    SEED_DIR_PREFIX,
+    SEEDS_FILE,
+    STATE_FILE,
+    checkpoint_dirs,
+    seed_dir_name,
+    seed_dirs,
+)
+from ..artifacts.manifest import safe_path
+from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import read_json
 from ..utils.timing import is_timing_record, phases_of
 from .figures import FIGURE_SIZE, plot_accuracy_curve, plot_accuracy_matrix
 
@@ -123,18 +137,18 @@ def _read_json(path: Path) -> Any:
     try:
         return read_json(path, root=path.parent)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found; is {path.parent} the output directory of a finished run?") from None
+        raise MissingFileError(f"{path} not found; is {path.parent} the output directory of a finished run?") from None
 
 
 def _accuracies(name: str, values: Any, missing: bool = False) -> list[float]:
     """`values` checked as accuracies; `missing` allows None (an accuracy-matrix entry without test data)."""
     if not isinstance(values, list) or len(values) > MAX_TASKS:
-        raise ValueError(f"{name} must be a list of at most {MAX_TASKS} accuracies")
+        raise UserError(f"{name} must be a list of at most {MAX_TASKS} accuracies")
     for i, value in enumerate(values):
         if missing and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
-            raise ValueError(f"{name}[{i}] must be an accuracy in [0, 100], got {value!r}")
+            raise UserError(f"{name}[{i}] must be an accuracy in [0, 100], got {value!r}")
     return values
 
 
@@ -144,29 +158,29 @@ def read_metrics(path: Path) -> dict[str, Any]:
     run = _read_json(path)
     try:
         if not isinstance(run, dict):
-            raise ValueError(f"must hold a JSON object, got {type(run).__name__}")
+            raise UserError(f"must hold a JSON object, got {type(run).__name__}")
         missing = [k for k in ("accuracy_matrix", "seen_accuracy", "task_sizes", "last_accuracy",
                                "average_incremental_accuracy") if k not in run]
         if missing:
-            raise ValueError(f"lacks the field(s) {missing}")
+            raise UserError(f"lacks the field(s) {missing}")
         sizes = run["task_sizes"]
         if not isinstance(sizes, list) or not 0 < len(sizes) <= MAX_TASKS or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_CLASSES for s in sizes):
-            raise ValueError(f"task_sizes must be a list of 1 to {MAX_TASKS} positive class counts")
+            raise UserError(f"task_sizes must be a list of 1 to {MAX_TASKS} positive class counts")
         matrix = run["accuracy_matrix"]
         if not isinstance(matrix, list) or not 0 < len(matrix) <= len(sizes):
-            raise ValueError(f"accuracy_matrix must be a list of 1 to {len(sizes)} rows (one per task learned)")
+            raise UserError(f"accuracy_matrix must be a list of 1 to {len(sizes)} rows (one per task learned)")
         for t, row in enumerate(matrix):
             _accuracies(f"accuracy_matrix[{t}]", row, missing=True)
             if len(row) != t + 1:
-                raise ValueError(f"accuracy_matrix[{t}] must hold {t + 1} accuracies (tasks 1 to {t + 1}), "
+                raise UserError(f"accuracy_matrix[{t}] must hold {t + 1} accuracies (tasks 1 to {t + 1}), "
                                  f"got {len(row)}")
         if len(_accuracies("seen_accuracy", run["seen_accuracy"])) != len(matrix):
-            raise ValueError(f"seen_accuracy must hold one accuracy per row of accuracy_matrix ({len(matrix)})")
+            raise UserError(f"seen_accuracy must hold one accuracy per row of accuracy_matrix ({len(matrix)})")
         for key in ("last_accuracy", "average_incremental_accuracy"):
             _accuracies(key, [run[key]])
         if not isinstance(run.get("method", ""), str):
-            raise ValueError("method must be a string")
+            raise UserError("method must be a string")
     except ValueError as err:
         raise UserError(f"{path}: {err}; the file is damaged or was not written by slca-peft.") from None
     return run
@@ -174,24 +188,22 @@ def read_metrics(path: Path) -> dict[str, Any]:
 
 def _seed_dirs(root: Path) -> dict[str, Path]:
     """`seed_<s>` directories holding a metrics.json, from seeds.json if present, else from the folder."""
-    if (root / "seeds.json").is_file():
-        seeds = _read_json(root / "seeds.json")
+    if (root / SEEDS_FILE).is_file():
+        seeds = _read_json(root / SEEDS_FILE)
         runs = seeds.get("runs") if isinstance(seeds, dict) else None
         if not isinstance(runs, dict) or not all(isinstance(run, dict) for run in runs.values()):
-            raise ValueError(f"{root / 'seeds.json'} has no 'runs' mapping; it was not written by slca-peft.")
-        dirs = {str(s): root / str(run.get("output_dir", f"seed_{s}")) for s, run in runs.items()}
+            raise UserError(f"{root / SEEDS_FILE} has no 'runs' mapping; it was not written by slca-peft.")
+        dirs = {str(s): root / str(run.get("output_dir", seed_dir_name(int(s)))) for s, run in runs.items()}
         inside = root.resolve()
         for seed, path in dirs.items():
             # The report writes into each seed's folder: one outside the run directory is refused.
             if not path.resolve().is_relative_to(inside) or path.resolve() == inside:
-                raise ValueError(
-                    f"{root / 'seeds.json'}: seed {seed}'s output_dir {str(runs[seed].get('output_dir', ''))!r} is "
+                raise UserError(
+                    f"{root / SEEDS_FILE}: seed {seed}'s output_dir {str(runs[seed].get('output_dir', ''))!r} is "
                     f"not a folder inside {root}; the report only writes inside the run directory."
                 )
         return dirs
-    found = sorted((p for p in root.glob("seed_*") if (p / METRICS_FILE).is_file()),
-                   key=lambda p: (len(p.name), p.name))
-    return {p.name.removeprefix("seed_"): p for p in found}
+    return {p.name.removeprefix(SEED_DIR_PREFIX): p for p in seed_dirs(root) if (p / METRICS_FILE).is_file()}
 
 
 def _check_inside(root: Path, folder: Path) -> None:
@@ -205,7 +217,7 @@ def _check_inside(root: Path, folder: Path) -> None:
                         "directory: remove the link or give the seed run's own directory.") from None
 
 
-REPORT_FILES = ("accuracy_matrix.png", "accuracy_curve.png", "results.md")
+REPORT_FILES = (MATRIX_PLOT, CURVE_PLOT, RESULTS_FILE)
 
 
 def _targets(root: Path) -> dict[str, Path]:
@@ -238,24 +250,24 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         curves = {_curve_label(seeds[s]): run["seen_accuracy"] for s, run in runs.items()}
         curves["mean"] = mean_seen
         label = ", ".join(runs)
-        written.append(plot_accuracy_matrix(mean_matrix, targets["accuracy_matrix.png"], seen=mean_seen, size=size,
+        written.append(plot_accuracy_matrix(mean_matrix, targets[MATRIX_PLOT], seen=mean_seen, size=size,
                                             title=f"{method} accuracy matrix, mean over class-order seeds {label}"))
-        written.append(plot_accuracy_curve(curves, first["task_sizes"], targets["accuracy_curve.png"], size=size,
+        written.append(plot_accuracy_curve(curves, first["task_sizes"], targets[CURVE_PLOT], size=size,
                                            title=f"{method} on {root.name}, class-order seeds {label}"))
         table = results_table(runs, title=f"{method} — {root.name}", seeds=seeds)
     else:
         run = read_metrics(root / METRICS_FILE)
         method = run.get("method", "")
         seeds = {"run": _run_seeds(root)}
-        written.append(plot_accuracy_matrix(run["accuracy_matrix"], targets["accuracy_matrix.png"],
+        written.append(plot_accuracy_matrix(run["accuracy_matrix"], targets[MATRIX_PLOT],
                                             seen=run["seen_accuracy"], size=size,
                                             title=f"{method} accuracy matrix ({root.name})"))
         written.append(plot_accuracy_curve({_curve_label(seeds["run"]): run["seen_accuracy"]}, run["task_sizes"],
-                                           targets["accuracy_curve.png"], size=size,
+                                           targets[CURVE_PLOT], size=size,
                                            title=f"{method} on {root.name}"))
         table = results_table({"run": run}, title=f"{method} — {root.name}", seeds=seeds)
         table += timing_table(_timings(root / METRICS_FILE, run.get("timings")))
-    written.append(atomic_write_bytes(targets["results.md"], table.encode("utf-8")))
+    written.append(atomic_write_bytes(targets[RESULTS_FILE], table.encode("utf-8")))
     return written
 
 
@@ -282,7 +294,7 @@ def _run_seeds(run_dir: Path, class_order_seed: str | None = None) -> tuple[int 
     checkpoint's task history, else (for a seed run) its folder's seed; None where unknown. A
     domain-incremental run has no class order."""
     training = order = None
-    sources = [run_dir / "run_fingerprint.json", *reversed(sorted(run_dir.glob("task_*/continual_state.json")))]
+    sources = [run_dir / FINGERPRINT_FILE, *(path / STATE_FILE for path in reversed(checkpoint_dirs(run_dir).values()))]
     for path in sources:
         try:
             data = read_json(path, root=run_dir) if path.is_file() else None
@@ -291,7 +303,7 @@ def _run_seeds(run_dir: Path, class_order_seed: str | None = None) -> tuple[int 
         if not isinstance(data, dict):
             continue
         domain = bool(data.get("domains")) or data.get("incremental") == "domain"
-        if path.name == "run_fingerprint.json":
+        if path.name == FINGERPRINT_FILE:
             training, order = _seed(data.get("seed")), None if domain else _seed(data.get("class_order_seed"))
         else:
             training = training if training is not None else _seed(data.get("training_seed"))

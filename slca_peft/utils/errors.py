@@ -1,57 +1,39 @@
-"""User errors end a command with one line on stderr, not a traceback.
+"""User errors end a command with one line on stderr, not a traceback; bugs keep theirs.
 
-`UserError` marks a problem the user can fix (bad argument, data, file). `run_main` runs a command's
-`main` and turns any user error (also `ValueError`, `OSError`, YAML errors and `SystemExit` with a
-message) into `slca-peft: error: <message>` and exit status 2. `--debug` on the command line or
-`SLCA_PEFT_DEBUG=1` keeps the traceback. Other exceptions are bugs and keep their traceback.
-
-`open_regular` is the one way the library opens a file to read it (`read_bytes`, `read_text`,
-`read_json`, `read_own_json` are built on it): a regular file only (a FIFO is opened without
-blocking and refused, so is a device such as `/dev/zero`, a directory or a socket), at most a given
-size, optionally never through a symlink (`follow=False`, for the files the library writes itself)
-and never out of a given directory (`root`: a symlink inside it leading elsewhere is refused). A
-damaged or crafted JSON file (invalid UTF-8, deeply nested, a 10,000-digit number) is a one-line
-error naming the file, never a `RecursionError` traceback. `tests/utils/test_bounded_reads.py` walks the
-package for any other read. `no_exit` makes `sys.exit` inside user code (a callback) an error.
+`UserError` marks a problem the user can fix (bad argument, data, file), with a message that says how;
+library code raises it (`MissingFileError` for a path that does not exist) and wraps the errors of the
+libraries it calls where the cause is the user's input. `run_main` prints a `UserError` (and argparse's
+usage errors) as `slca-peft: error: <message>` and exits 2; every other exception is a bug and keeps its
+traceback. `--debug` on the command line or `SLCA_PEFT_DEBUG=1` keeps the traceback of a user error too.
+`no_exit` makes `sys.exit` inside user code (a callback) an error.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import stat
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 DEBUG_ENV = "SLCA_PEFT_DEBUG"
-#: Largest JSON file read (configs, states, metrics are kilobytes; a label list of a million classes ~30 MB).
-MAX_JSON_BYTES = 64 << 20
 
 
 class UserError(ValueError):
-    """A problem with the user's input (arguments, data, files) that the message says how to fix."""
+    """A problem with the user's input (arguments, data, files) that the message says how to fix: the
+    command line prints it as one line. Any other exception is a bug of the library and keeps its
+    traceback."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a `FileNotFoundError`, as `open` raises)."""
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Refuse a setting that is not one of `choices`, naming them."""
     if value not in choices:
         raise UserError(f"{name}={value!r} is not one of {tuple(choices)}; pick one of them.")
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ValueError, OSError]
-    try:
-        import yaml
-
-        types.append(yaml.YAMLError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
 
 
 def one_line(err: BaseException) -> str:
@@ -66,106 +48,6 @@ def one_line(err: BaseException) -> str:
     return text
 
 
-def loads_json(raw: str | bytes, source: str) -> Any:
-    """Parse JSON text read from `source`; anything unparsable is a `UserError` naming it."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise UserError(f"{source} nests JSON deeper than Python can parse; the file is damaged or crafted.") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, bad UTF-8, an int of > 4300 digits
-        raise UserError(f"{source} is not valid JSON ({one_line(err)}); the file is damaged.") from None
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-@contextmanager
-def open_regular(path: str | Path, max_bytes: int | None = None, *, follow: bool = True,
-                 root: str | Path | None = None, fix: str = "give a regular file") -> Iterator[BinaryIO]:
-    """A regular file opened for reading (binary, blocking), or a `UserError` naming `path` and ending
-    with `fix`: a FIFO (opened without blocking, so it never hangs), a device (`/dev/zero` would read
-    forever), a directory or a socket is refused, and so is a file larger than `max_bytes`; with
-    `follow=False` a symlink at `path` is refused, with `root` a path that leads out of `root` (through
-    a symlink or `..`). A missing file raises `FileNotFoundError` as `open` does."""
-    path = Path(path)
-    if root is not None and not _inside(os.path.realpath(path), os.path.realpath(root)):
-        raise UserError(f"{path} leads outside {root} (through a symbolic link); slca-peft reads a run's or "
-                        f"checkpoint's files only inside it: {fix}.")
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    if not follow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        if err.errno == errno.ELOOP and not follow:
-            raise UserError(f"{path} is a symbolic link, which slca-peft never writes; {fix}.") from None
-        if err.errno in (errno.ENXIO, errno.EISDIR):  # a socket, or a directory opened for reading
-            raise UserError(f"{path} is not a regular file; {fix}.") from None
-        raise UserError(f"{path} is unreadable ({err.strerror}); {fix} or fix its permissions.") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or \
-                stat.S_ISBLK(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise UserError(f"{path} is {kind}, not a regular file, so slca-peft will not read it; {fix}.")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise UserError(f"{path} is larger than {max_bytes} bytes, more than slca-peft reads from such a file; "
-                            f"{fix}.")
-        if root is not None and not _inside(os.path.realpath(path), os.path.realpath(root)):
-            raise UserError(f"{path} leads outside {root} (through a symbolic link); {fix}.")
-        os.set_blocking(fd, True)
-        fh = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with fh:
-        yield fh
-
-
-def read_bytes(path: str | Path, max_bytes: int, *, follow: bool = True, root: str | Path | None = None,
-               fix: str = "give a regular file") -> bytes:
-    """The bytes of a regular file of at most `max_bytes` (`open_regular`'s checks); a file that grows
-    past `max_bytes` while it is read is refused too."""
-    with open_regular(path, max_bytes, follow=follow, root=root, fix=fix) as fh:
-        raw = fh.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise UserError(f"{path} is larger than {max_bytes} bytes, more than slca-peft reads from such a file; {fix}.")
-    return raw
-
-
-def read_text(path: str | Path, max_bytes: int = MAX_JSON_BYTES, *, follow: bool = True,
-              root: str | Path | None = None, fix: str = "give a regular file") -> str:
-    """`read_bytes` decoded as UTF-8 (invalid UTF-8 is a `UserError` naming the file)."""
-    raw = read_bytes(path, max_bytes, follow=follow, root=root, fix=fix)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({one_line(err)}); {fix}.") from None
-
-
-def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES, *, root: str | Path | None = None) -> Any:
-    """The JSON value in `path`, a regular file of at most `max_bytes` (`open_regular`; with `root`, never
-    read through a symlink out of `root`)."""
-    return loads_json(read_bytes(path, max_bytes, root=root,
-                                 fix="the file is damaged or not the one meant"), str(path))
-
-
-def read_own_json(path: str | Path, max_bytes: int, fix: str) -> Any:
-    """The JSON value of a file slca-peft writes itself (a manifest, a fingerprint), or None when there
-    is none. Opened without following a symlink (the library never writes one, and reading through it
-    would trust another file) or blocking on a FIFO, a regular file of at most `max_bytes` only;
-    `fix` (e.g. "remove it") ends every refusal."""
-    try:
-        raw = read_bytes(path, max_bytes, follow=False, fix=fix)
-    except FileNotFoundError:
-        return None
-    try:
-        return loads_json(raw, str(path))
-    except UserError as err:
-        raise UserError(f"{err} {fix[:1].upper()}{fix[1:]}.") from None
 
 
 def _exit_origin(err: BaseException) -> str:
@@ -209,6 +91,6 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, pr
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except _user_error_types() as err:
+    except UserError as err:
         print(f"{prog}: error: {one_line(err)} (run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import read_own_json, read_text
+from .errors import UserError
+from .reading import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ MAX_DEFAULT_WORKERS = 4
 CPUINFO = Path("/proc/cpuinfo")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _TRUE = ("yes", "true", "t", "y", "1")  # what transformers' string_to_bool reads as True
-_pending_choice: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- bf16 auto
@@ -86,145 +85,32 @@ def choose_bf16(use_cpu: bool) -> tuple[bool, str]:
     return False, "the CPU has neither AVX512-BF16 nor AMX, so bfloat16 would be emulated and slower"
 
 
-#: The options the pre-read looks at, by the name their value is stored under.
-_PRE_READ = ("bf16", "fp16", "use_cpu", "output_dir", "resume_from")
-#: Largest run_fingerprint.json the pre-read reads (the fingerprint's own bound).
-_MAX_FINGERPRINT_BYTES = 16 << 20
-
-
-def default_spellings(names: Sequence[str] = _PRE_READ) -> dict[str, str]:
-    """{option string: name} for `--name` and `--name-with-dashes`, the spellings HfArgumentParser gives
-    every field (a parser's full table, with abbreviations, comes from `option_spellings`)."""
-    table = {}
-    for name in names:
-        table[f"--{name}"] = name
-        table[f"--{name.replace('_', '-')}"] = name
-    return table
-
-
-def option_spellings(parser: Any) -> tuple[dict[str, str], bool]:
-    """({option string: destination}, whether abbreviations are accepted) of an argparse parser: what
-    `resolve_bf16_flag` needs to read the command line exactly as that parser will."""
-    table = {option: action.dest for option, action in parser._option_string_actions.items()
-             if option.startswith("--")}
-    return table, bool(getattr(parser, "allow_abbrev", True))
-
-
-def _option_name(token: str, spellings: Mapping[str, str], abbrev: bool) -> tuple[str | None, str | None]:
-    """(destination, inline `=value` or None) of a command-line token, as argparse reads it: an exact
-    option string, else (with `abbrev`) the one option string it is a prefix of; None for anything else
-    (a value, an unknown or ambiguous option)."""
-    if not token.startswith("--") or token == "--":
-        return None, None
-    option, eq, value = token.partition("=")
-    inline = value if eq else None
-    if option in spellings:
-        return spellings[option], inline
-    if abbrev:
-        matches = [o for o in spellings if o.startswith(option)]
-        if len(matches) == 1:
-            return spellings[matches[0]], inline
-    return None, None
-
-
-def _flag_values(argv: Sequence[str], name: str, spellings: Mapping[str, str] | None = None, abbrev: bool = False,
-                 ) -> list[tuple[int, int, str | None]]:
-    """Each occurrence of option `name` in argv, in any spelling the parser accepts: (start, number of
-    tokens, value or None when bare)."""
-    spellings = default_spellings() if spellings is None else spellings
-    found = []
-    for i, token in enumerate(argv):
-        dest, inline = _option_name(token, spellings, abbrev)
-        if dest != name:
-            continue
-        if inline is not None:
-            found.append((i, 1, inline))
-        else:
-            bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
-            found.append((i, 1 if bare else 2, None if bare else argv[i + 1]))
-    return found
-
-
-def _last_bool(argv: Sequence[str], name: str, spellings: Mapping[str, str] | None = None,
-               abbrev: bool = False) -> bool | None:
-    values = _flag_values(argv, name, spellings, abbrev)
-    if not values:
-        return None
-    value = values[-1][2]
-    return True if value is None else value.lower() in _TRUE
-
-
-def _recorded_bf16(argv: Sequence[str], spellings: Mapping[str, str] | None = None, abbrev: bool = False,
-                   ) -> bool | None:
-    """The precision a resumed run recorded in its run_fingerprint.json (its own or, with --seeds, a
-    seed's), read through the bounded reader: a FIFO, a device or a symlink there is refused, never
-    read (`read_own_json`)."""
-    resume = _flag_values(argv, "resume_from", spellings, abbrev)
-    output = _flag_values(argv, "output_dir", spellings, abbrev)
-    if not resume or not resume[-1][2]:
-        return None
-    candidates = []
-    if resume[-1][2] != "auto" and Path(resume[-1][2]).is_dir():
-        candidates.append(Path(resume[-1][2]).parent)
-    if output and output[-1][2]:
-        root = Path(output[-1][2])
-        seeds = sorted(p for p in root.glob("seed_*") if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
-        candidates += [root, *seeds]
-    for directory in candidates:
-        data = read_own_json(directory / "run_fingerprint.json", _MAX_FINGERPRINT_BYTES,
-                             "remove it or use --overwrite_output_dir")
-        recorded = data.get("bf16") if isinstance(data, dict) else None
-        if isinstance(recorded, bool):
-            return recorded
-    return None
-
-
-def resolve_bf16_flag(argv: Sequence[str], spellings: Mapping[str, str] | None = None,
-                      abbrev: bool = False) -> list[str]:
-    """Command-line arguments with `--bf16 auto` (or no `--bf16`, the recipe's default) replaced by
-    `--bf16 true` or `--bf16 false` for this machine; explicit true/false pass through unchanged.
-
-    A resumed run (`--resume_from`) keeps the precision its run_fingerprint.json recorded, so a run
-    started elsewhere or before `auto` existed resumes with its own settings. On a machine without
-    any GPU, bf16 also sets `--use_cpu true` (transformers runs CPU bf16 only with it; the run is on
-    the CPU either way). The choice is logged by `log_bf16_choice` once logging is configured.
-
-    `spellings` ({option string: destination}) and `abbrev` are the parser's (`option_spellings`), so
-    every spelling it accepts (`--output-dir`, `--resume_f auto`, `--bf16=auto`) is read here too; by
-    default `--name` and `--name-with-dashes`.
-    """
-    global _pending_choice
-    argv = list(argv)
-    occurrences = _flag_values(argv, "bf16", spellings, abbrev)
-    if occurrences and (occurrences[-1][2] is None or occurrences[-1][2].lower() != "auto"):
-        return argv
-    for start, length, _ in reversed(occurrences):
-        del argv[start : start + length]
-    use_cpu = bool(_last_bool(argv, "use_cpu", spellings, abbrev)) or _env_use_cpu()
-    recorded = _recorded_bf16(argv, spellings, abbrev)
-    if _last_bool(argv, "fp16", spellings, abbrev):
-        bf16, why = False, "--fp16 is set"
-    elif recorded is not None:
-        bf16, why = recorded, "the run being resumed recorded it"
+def resolve_precision(bf16: bool | str, *, fp16: bool, use_cpu: bool) -> tuple[bool, bool, str | None]:
+    """(bf16, use_cpu, why) for a `bf16` setting of true, false or "auto" (as `SLCAConfig` builds itself,
+    the way it resolves `lr_scheduler_type`): auto picks bf16 autocast where the device computes it
+    natively (`choose_bf16`) and, on a machine without any GPU, also sets `use_cpu` (transformers runs
+    CPU bf16 only with it; the run is on the CPU either way). `why` says what auto chose, None when the
+    value was explicit. Strings are read as transformers' `string_to_bool` reads them."""
+    if isinstance(bf16, str):
+        value = bf16.strip().lower()
+        if value != "auto":
+            if value not in (*_TRUE, "no", "false", "f", "n", "0"):
+                raise UserError(f"bf16={bf16!r} is not one of true, false or auto.")
+            return value in _TRUE, use_cpu, None
     else:
-        bf16, why = choose_bf16(use_cpu)
-    if bf16 and not use_cpu and not _has_accelerator():
-        if _last_bool(argv, "use_cpu", spellings, abbrev) is False or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            bf16, why = False, "there is no GPU and CPU bfloat16 needs --use_cpu true"
+        return bool(bf16), use_cpu, None
+    use_cpu_now = use_cpu or _env_use_cpu()
+    if fp16:
+        chosen, why = False, "--fp16 is set"
+    else:
+        chosen, why = choose_bf16(use_cpu_now)
+    if chosen and not use_cpu_now and not _has_accelerator():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            chosen, why = False, "there is no GPU and CPU bfloat16 needs --use_cpu true"
         else:
-            argv += ["--use_cpu", "true"]
-    argv += ["--bf16", "true" if bf16 else "false"]
-    chosen = "bfloat16 autocast" if bf16 else "fp32"
-    _pending_choice = f"--bf16 auto chose {chosen}: {why} (--bf16 true/false overrides)"
-    return argv
-
-
-def log_bf16_choice() -> None:
-    """Log what the last `resolve_bf16_flag` chose, once."""
-    global _pending_choice
-    if _pending_choice is not None:
-        logger.info(_pending_choice)
-        _pending_choice = None
+            use_cpu = True
+    return chosen, use_cpu, f"--bf16 auto chose {'bfloat16 autocast' if chosen else 'fp32'}: {why} " \
+        "(--bf16 true/false overrides)"
 
 
 def available_cores() -> int:
@@ -248,18 +134,18 @@ def check_hardware(args) -> None:
     `SLCAConfig.__post_init__`, before the Trainer or any data exists)."""
     cuda = uses_cuda(args)
     if args.fp16 and not cuda:
-        raise ValueError(
+        raise UserError(
             "fp16=True needs a CUDA GPU (float16 autocast with loss scaling); this run is on the CPU. "
             "Use --bf16 for mixed precision on the CPU, or drop --fp16."
         )
     if args.bf16 and not args.use_cpu:
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise UserError(
                 "bf16=True but no CUDA GPU is available; add --use_cpu to train in bfloat16 on the CPU, "
                 "or drop --bf16."
             )
         if not torch.cuda.is_bf16_supported():
-            raise ValueError(
+            raise UserError(
                 f"bf16=True but {torch.cuda.get_device_name()} has no bfloat16 support (it needs an Ampere "
                 "or newer GPU); use --fp16 instead."
             )
@@ -267,7 +153,7 @@ def check_hardware(args) -> None:
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = min(MAX_DEFAULT_WORKERS, cores) if cuda else 0
     elif args.dataloader_num_workers < 0:
-        raise ValueError(f"dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+        raise UserError(f"dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     elif args.dataloader_num_workers > cores:
         logger.warning(
             "dataloader_num_workers=%d is more than the %d CPU cores available; using %d.",
@@ -277,7 +163,7 @@ def check_hardware(args) -> None:
     if args.dataloader_persistent_workers is None:
         args.dataloader_persistent_workers = args.dataloader_num_workers > 0
     elif args.dataloader_persistent_workers and args.dataloader_num_workers == 0:
-        raise ValueError(
+        raise UserError(
             "dataloader_persistent_workers=True needs dataloader_num_workers > 0 (there are no worker "
             "processes to keep); set dataloader_num_workers or drop dataloader_persistent_workers."
         )

@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import UserError
+
 #: The phases of a task, in the order they run (the built-in steps' `phase` names after training).
 PHASES = ("training", "statistics", "alignment", "evaluation", "checkpoint")
 
@@ -41,7 +43,7 @@ def checked_timings(value: Any, tasks: int, source: str) -> list[dict[str, float
     """The `timings` of a task history, one record per learned task; missing or damaged ones are one
     error naming `source`."""
     if not isinstance(value, list) or len(value) != tasks or not all(map(is_timing_record, value)):
-        raise ValueError(f"{source}: timings must be a list of {tasks} objects of non-negative numbers; "
+        raise UserError(f"{source}: timings must be a list of {tasks} objects of non-negative numbers; "
                          "the file is damaged or was not written by slca-peft.")
     return [dict(task) for task in value]
 

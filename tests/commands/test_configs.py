@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from slca_peft import AlignmentSettings
+from slca_peft.method import AlignmentSettings
 from slca_peft.utils.errors import UserError
 
 CONFIGS = ROOT / "recipes" / "configs"

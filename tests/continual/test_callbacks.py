@@ -9,9 +9,9 @@ import pytest
 from conftest import ROOT, recipe_argv
 
 from slca_peft import TaskSequence
+from slca_peft.artifacts.layout import task_dir_name
 from slca_peft.continual.callbacks import ContinualCallback, load_callback
 from slca_peft.continual.steps import CheckpointStep, EvaluationStep, ReportStep, StatisticsStep
-from slca_peft.utils.files import task_dir_name
 
 
 class Recorder(ContinualCallback):

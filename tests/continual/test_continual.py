@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slca_peft import TaskSequence
-from slca_peft.utils.files import task_dir_name
+from slca_peft.artifacts.layout import task_dir_name
 
 pytestmark = pytest.mark.slow
 

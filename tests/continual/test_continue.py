@@ -12,13 +12,8 @@ import pytest
 import torch
 from conftest import recipe_argv, write_image_folder
 
-from slca_peft import (
-    EvalTransform,
-    ImageTransformConfig,
-    TaskSequence,
-    export_model,
-    load_checkpoint,
-)
+from slca_peft import EvalTransform, ImageTransformConfig, TaskSequence, export_model
+from slca_peft.continual import load_checkpoint
 from slca_peft.data.continuation import ContinuedStream
 from slca_peft.data.formats import load_split_image_folders
 from slca_peft.method.statistics import ClassStatistics

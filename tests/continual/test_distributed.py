@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-from slca_peft import ClassStatistics, ContinualLearner, EvalTransform, SLCAConfig, TaskSequence
+from slca_peft import ContinualLearner, EvalTransform, SLCAConfig, TaskSequence
 from slca_peft.continual.steps import EvaluationStep, StatisticsStep
 from slca_peft.data.transforms import eval_transform_config
+from slca_peft.method import ClassStatistics
 from slca_peft.utils.errors import UserError
 
 

@@ -171,8 +171,8 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
 
 @pytest.mark.slow
 def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
+    from slca_peft.artifacts.atomic import atomic_directory
     from slca_peft.continual.run_dir import claim_run_directory
-    from slca_peft.utils.files import atomic_directory
 
     run = tmp_path / "run"
     (run / "task_1").mkdir(parents=True)
@@ -205,7 +205,7 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from slca_peft.utils.files import atomic_directory, atomic_write_text
+    from slca_peft.artifacts.atomic import atomic_directory, atomic_write_text
 
     old = os.umask(0o002)
     try:

@@ -10,9 +10,9 @@ import pytest
 from conftest import recipe_argv, write_image_folder
 from PIL import Image
 
-from slca_peft.continual.lock import LOCK_FILE
+from slca_peft.artifacts import manifest
+from slca_peft.artifacts.lock import LOCK_FILE
 from slca_peft.continual.run_dir import claim_run_directory, remove_previous_run
-from slca_peft.utils import manifest
 from slca_peft.utils.errors import UserError
 
 
@@ -100,7 +100,7 @@ def test_a_manifest_is_read_bounded_and_validated(tmp_path):
     entries = manifest.record(root, ["a.bin"])
     assert entries["a.bin"].size == 3 and len(entries["a.bin"].sha256) == 64
     assert manifest.read_manifest(root) == entries
-    bad = {"format": "slca-manifest", "version": 1, "files": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}
+    bad = {"format": "slca-manifest", "format_version": 1, "files": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}
     (root / manifest.MANIFEST_FILE).write_text(json.dumps(bad))
     with pytest.raises(UserError, match="leads outside"):
         manifest.read_manifest(root)
@@ -115,6 +115,7 @@ def fake_run(root, fingerprint=None):
     (root / "task_1").mkdir(parents=True)
     (root / "task_1" / "continual_state.json").write_text("{}")
     (root / "task_1" / "adapter_model.safetensors").write_bytes(b"w")
+    manifest.record_tree(root / "task_1", {"kind": "checkpoint"})
     (root / ".task_2.tmp-abc").mkdir()
     for name in ("metrics.json", "results.md", "accuracy_matrix.png"):
         (root / name).write_text("x")

@@ -3,8 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slca_peft import AlignmentSettings, ClassifierAligner, ClassStatistics, ContinualClassifier
+from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
 from slca_peft.method.alignment import normalized_logits
+from slca_peft.models import ContinualClassifier
+from slca_peft.utils.errors import UserError
 
 
 def gaussian_tasks(task_sizes, dim=16, seed=0, n=200):
@@ -303,7 +305,7 @@ def test_non_finite_alignment_loss_restores_the_heads():
     broken[0][5, 3] = float("nan")  # the first epoch trains, the second one diverges
     calls = iter([good, broken])
     aligner.sample = lambda stats, task_id, generator, num_labels=None: next(calls)
-    with pytest.raises(RuntimeError, match="restored"):
+    with pytest.raises(UserError, match="restored"):
         aligner.align(clf, stats, task_id=1)
     for key, value in before.items():
         torch.testing.assert_close(clf.state_dict()[key], value, rtol=0, atol=0)

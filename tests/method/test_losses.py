@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slca_peft import symmetric_cross_entropy
+from slca_peft.method import symmetric_cross_entropy
 
 
 def hand_sce(logits: list[float], label: int, alpha: float, beta: float) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from slca_peft import ClassStatistics
+from slca_peft.method import ClassStatistics
 from slca_peft.method.statistics import STATISTICS_FILE
 
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slca_peft import ClassStatistics
+from slca_peft.method import ClassStatistics
 
 
 @settings(max_examples=30, deadline=None)

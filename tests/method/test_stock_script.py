@@ -34,7 +34,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from slca_peft import EvalTransform, ImageTransformConfig, SLCAModel, SLCATrainer, TrainTransform
-from slca_peft.utils.files import PICKLE_SUFFIXES
+from slca_peft.artifacts.layout import PICKLE_SUFFIXES
 
 
 @dataclass

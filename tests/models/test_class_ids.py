@@ -7,10 +7,12 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
 from slca_peft import SLCAModel, TaskSequence, export_model
+from slca_peft.artifacts.layout import task_dir_name
+from slca_peft.artifacts.task_history import validate_state
+from slca_peft.artifacts.values import MAX_CLASSES
 from slca_peft.data.domains import DomainSequence
 from slca_peft.data.tasks import class_order, stream_class_ids
-from slca_peft.models.config import MAX_CLASSES, SLCAModelConfig, fit_class_ids, validate_state
-from slca_peft.utils.files import task_dir_name
+from slca_peft.models.config import SLCAModelConfig, fit_class_ids
 
 
 def labelled(labels, names=None) -> Dataset:
@@ -85,12 +87,18 @@ def test_model_ids_names_and_files(tmp_path, base_model_dir):
 
 
 @pytest.mark.slow
-def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path, make_learner, tiny_image_folders):
+def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path, make_learner, tiny_image_folders,
+                                                                        hub):
     tasks = TaskSequence.from_image_folders(*tiny_image_folders, init_cls=2, increment=2, seed=3)
     assert tasks.class_ids != [0, 1, 2, 3]
     learner = make_learner(tasks, tmp_path / "run", num_train_epochs=1, ca_epochs=1, per_device_train_batch_size=16)
     learner.run()
     assert learner.model.class_ids == tasks.class_ids
+    # The learner owns the run state and pushes it: the last task's continual checkpoint, one commit.
+    learner.push_to_hub("me/run", base_model_id="me/tiny-vit")
+    (upload,) = hub.uploads
+    assert upload["message"] == "task 2/2" and {"class_statistics.safetensors", "continual_state.json",
+                                                   "classifier_unaligned.safetensors"} <= set(upload["files"])
     for t in (0, 1):
         folder = tmp_path / "run" / task_dir_name(t)
         config = json.loads((folder / "slca_config.json").read_text())

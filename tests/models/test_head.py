@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slca_peft import ContinualClassifier
+from slca_peft.models import ContinualClassifier
 
 
 def test_grow_initialises_and_freezes_old_heads():

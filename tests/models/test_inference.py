@@ -4,7 +4,7 @@ from conftest import tiny_vit_config
 from peft.tuners.lora import LoraLayer
 
 from slca_peft import SLCAModel
-from slca_peft.models.inference import inference_context, merged_adapters
+from slca_peft.models.inference import adapters_merged_into_weights, inference_context
 
 
 def trained_lora_model(**kwargs):
@@ -35,7 +35,7 @@ def test_merged_features_agree_and_weights_come_back_bit_identical():
     before = bits(model)
     with torch.no_grad():
         unmerged = model.features(pixels)
-    with merged_adapters(model), torch.no_grad():
+    with adapters_merged_into_weights(model), torch.no_grad():
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         assert layers and all(m.merged for m in layers)  # the forward skips the low-rank path
         merged_weight = layers[0].get_base_layer().weight.clone()
@@ -60,7 +60,7 @@ def test_weights_are_restored_after_an_exception_inside():
 def test_full_fine_tuning_is_left_alone():
     model = trained_lora_model(use_lora=False)
     before = bits(model)
-    with merged_adapters(model) as inside:
+    with adapters_merged_into_weights(model) as inside:
         assert inside is model
         assert_bit_identical(before, model)
     assert_bit_identical(before, model)

@@ -12,7 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
-from slca_peft import SLCAModel, load_checkpoint, save_checkpoint
+from slca_peft import SLCAModel
+from slca_peft.continual import load_checkpoint, save_checkpoint
 from slca_peft.models.config import SLCAModelConfig
 
 
@@ -118,7 +119,7 @@ def test_a_crafted_config_is_refused_before_anything_is_allocated(tmp_path, base
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
         for folder in {folders!r}:
             try:
-                slca_peft.load_checkpoint(folder)
+                slca_peft.continual.load_checkpoint(folder)
                 print("LOADED")
             except ValueError as err:
                 print("REFUSED", str(err).replace("\\n", " "))
@@ -152,7 +153,7 @@ def test_a_damaged_task_history_is_refused_naming_the_field(tmp_path, base_model
 
 
 def test_a_missing_checkpoint_that_looks_like_a_repo_id_is_named(tmp_path, monkeypatch):
-    from slca_peft import load_checkpoint
+    from slca_peft.continual import load_checkpoint
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="outputs/nope is neither a local checkpoint directory nor a Hub repo"):

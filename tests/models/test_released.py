@@ -11,8 +11,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AutoModelForImageClassification, ViTModel
 
-from slca_peft import AlignmentSettings, SLCAConfig, SLCAModel, SLCATrainer, export_model
-from slca_peft.models.inference import merged_adapters
+from slca_peft import SLCAConfig, SLCAModel, SLCATrainer, export_model
+from slca_peft.method import AlignmentSettings
+from slca_peft.models.inference import adapters_merged_into_weights
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -111,7 +112,7 @@ def test_fused_update_is_a_rank_r_update_of_w_qkv_and_survives_save_load_export(
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         logits = model(pixels).logits
-    with merged_adapters(model):  # statistics and evaluation passes merge the shared A into each projection
+    with adapters_merged_into_weights(model):  # statistics and evaluation passes merge the shared A in each projection
         torch.testing.assert_close(model(pixels).logits, logits, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert torch.equal(model(pixels).logits, logits)  # and the weights come back exactly

@@ -10,7 +10,7 @@ from PIL import Image
 
 from slca_peft import export_model
 from slca_peft.data.transforms import EvalTransform, ImageTransformConfig
-from slca_peft.sharing.export import eval_image_processor
+from slca_peft.export.classifier import eval_image_processor
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -32,7 +32,7 @@ def test_the_exported_processor_gives_the_eval_transforms_pixels(mode):
 def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recipe):
     from transformers import pipeline
 
-    from slca_peft import load_checkpoint
+    from slca_peft.continual import load_checkpoint
     from slca_peft.data.formats import load_digits_dataset
 
     recipe.main(["--model_name_or_path", str(ROOT / "recipes" / "assets" / "tiny_vit_letters"), "--dataset", "digits",
@@ -45,7 +45,7 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     export_model(model, tmp_path / "exported")  # class names come from the checkpoint
     test = load_digits_dataset()["test"]
     images, truth = list(test["image"]), [str(y) for y in test["label"]]
-    from slca_peft.sharing.export import eval_transform_config
+    from slca_peft.export.classifier import eval_transform_config
 
     transform = EvalTransform(eval_transform_config(model))  # what the run evaluated with
     with torch.no_grad():

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+from slca_peft.artifacts.safetensors_header import read_header
 from slca_peft.models.adapters import load_peft_config
-from slca_peft.utils.errors import UserError, no_exit, read_json, run_main
-from slca_peft.utils.safetensors_header import read_header
+from slca_peft.utils.errors import UserError, no_exit, run_main
+from slca_peft.utils.reading import read_json
 
 
 def test_deeply_nested_json_is_one_error_naming_the_file(tmp_path, capsys):

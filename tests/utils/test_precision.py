@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import recipe_argv, tiny_vit_config
 
-from slca_peft import ClassStatistics, SLCAConfig, SLCAModel, TaskSequence
+from slca_peft import SLCAConfig, SLCAModel, TaskSequence
+from slca_peft.method import ClassStatistics
 from slca_peft.models.inference import inference_context
 from slca_peft.utils import hardware
 from slca_peft.utils.hardware import available_cores, check_hardware
@@ -162,25 +163,19 @@ def test_cuda_bf16_needs_compute_capability_8(monkeypatch, capability, expected)
     assert hardware.choose_bf16(use_cpu=True) == (True, "the CPU computes bfloat16 natively with AMX")
 
 
-def test_resolve_bf16_flag(cpu_only, tmp_path):
-    resolve = hardware.resolve_bf16_flag
+def test_resolve_precision(cpu_only):
+    resolve = hardware.resolve_precision
     cpu_only(["AVX512-BF16"])
-    # Explicit values pass through untouched; auto or nothing resolves, the last occurrence winning.
-    for explicit in (["--bf16", "false"], ["--bf16"], ["--bf16=true"], ["--bf16", "auto", "--bf16", "no"]):
-        assert resolve(explicit) == explicit
-    assert resolve(["--use_cpu", "true"]) == ["--use_cpu", "true", "--bf16", "true"]
-    assert resolve(["--bf16", "false", "--bf16=auto", "--seed", "1"]) == ["--seed", "1", "--use_cpu", "true",
-                                                                           "--bf16", "true"]
-    assert resolve(["--fp16", "true"]) == ["--fp16", "true", "--bf16", "false"]
-    assert resolve(["--use_cpu", "false"]) == ["--use_cpu", "false", "--bf16", "false"]  # no GPU and no CPU bf16
+    # Explicit values pass through (strings as transformers reads them); auto resolves for this machine.
+    for explicit, expected in ((False, False), (True, True), ("false", False), ("yes", True), ("1", True)):
+        assert resolve(explicit, fp16=False, use_cpu=False) == (expected, False, None)
+    bf16, use_cpu, why = resolve("auto", fp16=False, use_cpu=False)
+    assert (bf16, use_cpu) == (True, True) and "AVX512-BF16" in why  # no GPU: CPU bf16 needs use_cpu
+    assert resolve("AUTO", fp16=True, use_cpu=True)[:2] == (False, True)
     cpu_only([])
-    assert resolve(["--bf16", "AUTO", "--use_cpu", "true"]) == ["--use_cpu", "true", "--bf16", "false"]
-    # A resumed run keeps what its fingerprint recorded (a run from before `auto`, or from another machine).
-    (tmp_path / "seed_3").mkdir()
-    (tmp_path / "seed_3" / "run_fingerprint.json").write_text('{"bf16": true}')
-    resumed = ["--output_dir", str(tmp_path), "--resume_from", "auto", "--use_cpu", "true"]
-    assert resolve(resumed)[-2:] == ["--bf16", "true"]
-    assert resolve(resumed[:2] + resumed[4:])[-2:] == ["--bf16", "false"]  # not resuming: this machine decides
+    assert resolve("auto", fp16=False, use_cpu=True)[:2] == (False, True)
+    with pytest.raises(ValueError, match="not one of true, false or auto"):
+        resolve("sometimes", fp16=False, use_cpu=False)
 
 
 def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_only, tmp_path, caplog):
@@ -188,12 +183,10 @@ def test_recipe_resolves_bf16_auto_by_the_hardware_and_logs_it_once(recipe, cpu_
     cpu_only(["AMX"])
     assert recipe.parse_args(argv)[2].bf16 is True  # the default is auto; no --use_cpu needed without a GPU
     assert recipe.parse_args(argv + ["--bf16", "false"])[2].bf16 is False
-    with caplog.at_level(logging.INFO, logger="slca_peft.utils.hardware"):
-        hardware.log_bf16_choice()
-        hardware.log_bf16_choice()
-    assert [r.getMessage() for r in caplog.records] == [
+    assert recipe.parse_args(argv)[2].precision_choice == (
         "--bf16 auto chose bfloat16 autocast: the CPU computes bfloat16 natively with AMX "
-        "(--bf16 true/false overrides)"]
+        "(--bf16 true/false overrides)")
+    assert recipe.parse_args(argv + ["--bf16", "false"])[2].precision_choice is None
     cpu_only([])
     assert recipe.parse_args(argv + ["--bf16", "auto"])[2].bf16 is False
     assert recipe.parse_args(argv + ["--bf16", "true", "--use_cpu", "true"])[2].bf16 is True

@@ -14,7 +14,8 @@ from conftest import stats_for, trained_model
 from peft import PeftModel
 from transformers import AutoModelForImageClassification, ViTModel
 
-from slca_peft import SLCAModel, export_model, load_checkpoint, save_checkpoint
+from slca_peft import SLCAModel, export_model
+from slca_peft.continual import load_checkpoint, save_checkpoint
 
 
 def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_model_dir):
@@ -371,9 +372,9 @@ def test_the_export_carries_a_pipeline_card_with_results_and_provenance(tmp_path
     model.class_ids = [4, 0, 3, 1, 2]
     model.label_names = ["eel", "ant", "dog", "bee", "cat"]
     save_checkpoint(model, tmp_path / "run" / "task_1", state=STATE)
-    loaded, *_ = load_checkpoint(tmp_path / "run" / "task_1")
+    loaded, _, state, _ = load_checkpoint(tmp_path / "run" / "task_1")
     loaded.slca_config.base_model_name_or_path = "google/vit-tiny-test"  # as if loaded by Hub id
-    export_model(loaded, tmp_path / "exported")
+    export_model(loaded, tmp_path / "exported", card={"state": state})
     card = ModelCard.load(tmp_path / "exported" / "README.md")
     data = card.data.to_dict()
     assert data["pipeline_tag"] == "image-classification" and data["library_name"] == "transformers"
@@ -396,18 +397,24 @@ def test_the_export_carries_a_pipeline_card_with_results_and_provenance(tmp_path
         cli_main(["push", str(tmp_path / "exported"), "me/slca-exported"])
 
 
-@pytest.mark.parametrize("loader", ["from_pretrained", "load_checkpoint"])
-def test_a_loaded_checkpoint_pushed_again_keeps_its_results(tmp_path, base_model_dir, hub, loader):
+def test_a_checkpoint_pushed_again_keeps_its_results_and_a_model_push_only_those_it_is_given(tmp_path,
+                                                                                              base_model_dir, hub):
     from huggingface_hub import ModelCard
 
+    from slca_peft.sharing.hub import push_folder
+
     save_checkpoint(trained_model(base_model_dir), tmp_path / "ckpt", state=STATE)
-    if loader == "from_pretrained":
-        loaded = SLCAModel.from_pretrained(tmp_path / "ckpt")
-    else:
-        loaded, *_ = load_checkpoint(tmp_path / "ckpt")
-    loaded.push_to_hub("me/again", base_model_id="me/tiny-vit")  # no state=
+    push_folder(tmp_path / "ckpt", "me/again", base_model_id="me/tiny-vit")  # the folder: its task history
     results = {r.metric_name: r.metric_value for r in ModelCard(hub.uploads[-1]["card"]).data.eval_results}
     assert results["Last-Acc"] == pytest.approx(64.0) and set(results) == {"Last-Acc", "Inc-Acc", "Forgetting"}
+    loaded = SLCAModel.from_pretrained(tmp_path / "ckpt")  # the model only: no run state travels with it
+    assert not hasattr(loaded, "task_history") and not hasattr(loaded, "class_statistics")
+    loaded.push_to_hub("me/model", base_model_id="me/tiny-vit")
+    assert not ModelCard(hub.uploads[-1]["card"]).data.eval_results
+    assert "continual_state.json" not in hub.uploads[-1]["files"]
+    loaded.push_to_hub("me/model", base_model_id="me/tiny-vit", state=STATE)  # results given: on the card
+    results = {r.metric_name: r.metric_value for r in ModelCard(hub.uploads[-1]["card"]).data.eval_results}
+    assert results["Last-Acc"] == pytest.approx(64.0)
 
 
 def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_path, base_model_dir, monkeypatch):
@@ -441,7 +448,7 @@ def test_loading_keywords_reach_the_checkpoint_download_and_the_base_model(tmp_p
 
 
 def test_the_card_names_every_hub_dataset_the_task_history_learned_from():
-    from slca_peft.models.card import build_model_card
+    from slca_peft.sharing.card import build_model_card
 
     settings = {"base_model_name_or_path": "google/vit-base-patch16-224-in21k", "task_sizes": [2, 2, 2]}
     state = {"accuracy_matrix": [[90.0], [80.0, 70.0], [70.0, 60.0, 50.0]], "seen_accuracy": [90.0, 75.0, 60.0],

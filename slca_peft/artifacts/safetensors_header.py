@@ -14,7 +14,8 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, loads_json, open_regular
+from ..utils.errors import UserError
+from ..utils.reading import loads_json, open_regular
 
 #: Largest header accepted (the JSON listing of tensor names, dtypes, shapes, offsets).
 MAX_HEADER_BYTES = 16 << 20

@@ -7,10 +7,25 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from .errors import open_regular
-from .files import hash_stream
+from ..utils.reading import open_regular
+
+#: Block size of the streamed reads that hash a file, so a weight file is never held in memory whole.
+HASH_BLOCK_BYTES = 1 << 20
+
+
+def hash_stream(fh: IO[bytes], *digests: Any) -> int:
+    """Feed the rest of `fh` to every hashlib object in `digests` block by block, so each caller that
+    needs a digest (the manifest, the fingerprint, the data's content) hashes in one bounded read;
+    returns the bytes read."""
+    size = 0
+    for block in iter(lambda: fh.read(HASH_BLOCK_BYTES), b""):
+        for digest in digests:
+            digest.update(block)
+        size += len(block)
+    return size
+
 
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 

@@ -12,13 +12,15 @@ import torch
 from conftest import stats_for, trained_model
 from safetensors.torch import load_file, save_file
 
-from slca_peft import SLCAModel, export_model, save_checkpoint, verify_checkpoint
+from slca_peft import SLCAModel, export_model, verify_checkpoint
+from slca_peft.artifacts.layout import MANIFEST_FILE
+from slca_peft.artifacts.manifest import atomic_write_bytes
 from slca_peft.commands.cli import main as cli_main
+from slca_peft.continual import save_checkpoint
 from slca_peft.continual.callbacks import CallbackHandler, ContinualCallback, load_callback
-from slca_peft.models.hub import push_to_hub
+from slca_peft.sharing.hub import push_folder
 from slca_peft.sharing.report import write_report
 from slca_peft.utils.errors import UserError
-from slca_peft.utils.manifest import MANIFEST_FILE, atomic_write_bytes
 
 STATE = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
          "tasks_learned": 2, "task_sizes": [2, 3], "seed": 1993}
@@ -55,7 +57,7 @@ def test_push_never_uploads_a_symlink_target_or_an_unlisted_file(tmp_path, base_
     token.write_text("hf_secret")
     (ck / "token.json").symlink_to(token)
     (ck / "notes.txt").write_text("private notes")
-    push_to_hub(ck, "me/ck", base_model_id="me/base")
+    push_folder(ck, "me/ck", base_model_id="me/base")
     files = hub.uploads[-1]["files"]
     assert "token.json" not in files and "notes.txt" not in files and "adapter_model.safetensors" in files
     assert "hf_secret" not in json.dumps(hub.uploads[-1]["json"])
@@ -63,7 +65,7 @@ def test_push_never_uploads_a_symlink_target_or_an_unlisted_file(tmp_path, base_
     (ck / MANIFEST_FILE).unlink()
     uploads = len(hub.uploads)
     with pytest.raises(UserError, match=r"has no \.slca-manifest\.json.*slca-peft export"):
-        push_to_hub(ck, "me/ck", base_model_id="me/base")
+        push_folder(ck, "me/ck", base_model_id="me/base")
     assert len(hub.uploads) == uploads and token.read_text() == "hf_secret"
 
 
@@ -185,15 +187,15 @@ def test_callback_mistakes_are_one_line_naming_the_flag(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cases = {
         "broken_callbacks:Step": r"broken_callbacks.py:1 has a syntax error",
-        "test_file_safety:not_a_class": r"is a function, not a callback class",
-        "test_file_safety:NeedsArguments": r"NeedsArguments\(\) cannot be built without arguments",
-        "test_file_safety:Missing": r"cannot be imported: module 'test_file_safety' has no 'Missing'",
+        "test_ownership:not_a_class": r"is a function, not a callback class",
+        "test_ownership:NeedsArguments": r"NeedsArguments\(\) cannot be built without arguments",
+        "test_ownership:Missing": r"cannot be imported: module 'test_ownership' has no 'Missing'",
     }
     for spec, message in cases.items():
         with pytest.raises(UserError, match=rf"^--callbacks '{spec}'.*{message}") as info:
             load_callback(spec)
         assert "\n" not in str(info.value)
-    assert isinstance(load_callback("test_file_safety:Quitter"), Quitter)
+    assert isinstance(load_callback("test_ownership:Quitter"), Quitter)
     handler = CallbackHandler([], [Quitter()])
     with pytest.raises(UserError, match=r"called sys.exit\(0\) during continual callback Quitter.on_task_end"):
         handler.call_event("on_task_end", None, None)

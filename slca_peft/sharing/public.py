@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .loading import is_local_name
-
 #: How a task history records image folders as a task's data (`slca_peft.commands.recipe.data_source`).
 IMAGE_FOLDERS = "image folders "
 
@@ -52,3 +50,17 @@ def base_display(base: str | None) -> str:
     if base is None:
         return "(not recorded)"
     return f"{Path(str(base)).name} (a local copy)" if is_local_name(str(base)) else str(base)
+
+
+def is_local_name(name: str) -> bool:
+    """A base model name only this machine can resolve (a directory, not a Hub id)."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def names_by_class_id(label_names: list[str] | None, class_ids: list[int]) -> dict[int, str]:
+    """Output k -> the name of class id k, for every id up to the largest (`label_names` in position
+    order, `class_ids` position -> id): a learned class's name (`class_<id>` when none is known), and
+    `class_<k>` for an id no output has yet (a class not learned yet, mid-stream)."""
+    names = label_names or []
+    known = {i: names[p] if p < len(names) else f"class_{i}" for p, i in enumerate(class_ids)}
+    return {k: known.get(k, f"class_{k}") for k in range(max(class_ids, default=-1) + 1)}

@@ -1,7 +1,7 @@
 """What the library wrote into a directory, so destructive operations touch nothing else.
 
 A run directory, a checkpoint or an export holds `.slca-manifest.json`: a JSON object
-`{"format": "slca-manifest", "version": 1, "files": [{"path", "size", "sha256"}, ...]}` listing every
+`{"format": "slca-manifest", "format_version": 1, "files": [{"path", "size", "sha256"}, ...]}` listing every
 regular file the library wrote there, by POSIX path relative to the directory. Deletion
 (`plan_removal` then `carry_out`, or `remove_owned`), overwriting and uploading (`copy_verified`) go
 through it, checking each file against its record before acting:
@@ -44,9 +44,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import UserError, open_regular, read_json, read_own_json
-from .files import LOCK_FILE, hash_stream
-from .files import atomic_write_bytes as write_file_atomically
+from ..utils.errors import UserError
+from ..utils.reading import open_regular, read_json, read_own_json
+from .atomic import atomic_write_bytes as write_file_atomically
+from .digests import hash_stream
+from .layout import FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE
 from .listed import (  # noqa: F401  (part of this module's API)
     ManifestEntry,
     check_listed,
@@ -58,9 +60,7 @@ from .listed import (  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = ".slca-manifest.json"
 MANIFEST_FORMAT = "slca-manifest"
-MANIFEST_VERSION = 1
 #: Bounds on what a manifest may hold before any entry is used.
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_ENTRIES = 100_000
@@ -193,9 +193,9 @@ def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dic
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
         raise UserError(f"{where} is not an slca-peft manifest; remove it.")
-    if data.get("version") != MANIFEST_VERSION:
-        raise UserError(f"{where} has manifest version {data.get('version')!r}; this slca-peft reads version "
-                        f"{MANIFEST_VERSION}: upgrade slca-peft.")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{where} has format_version {data.get('format_version')!r}; this slca-peft reads "
+                        f"format_version {FORMAT_VERSION}: use the slca-peft release that wrote it.")
     if len(data["files"]) > MAX_ENTRIES:
         raise UserError(f"{where} lists {len(data['files'])} files, more than {MAX_ENTRIES}; remove it.")
     entries: dict[str, ManifestEntry] = {}
@@ -207,7 +207,7 @@ def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dic
             raise UserError(f"{where} lists {entry.path!r}, a file slca-peft never records (a manifest, or the lock a "
                             "run holds); the manifest is damaged or crafted: remove it.")
         entries[entry.path] = entry
-    extra = {k: v for k, v in data.items() if k not in ("format", "version", "files")}
+    extra = {k: v for k, v in data.items() if k not in ("format", "format_version", "files")}
     return entries, extra
 
 
@@ -231,7 +231,8 @@ def write_manifest(directory: str | Path, entries: Iterable[ManifestEntry],
     """Write the manifest of `directory` atomically (sorted by path), with `extra` top-level fields."""
     unique = {e.path: e for e in entries}
     files = [asdict(unique[k]) for k in sorted(unique)]
-    document = {**(extra or {}), "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
+    document = {**(extra or {}), "format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION,
+                "files": files}
     text = json.dumps(document, indent=1, sort_keys=True)
     return atomic_write_bytes(directory, MANIFEST_FILE, (text + "\n").encode())
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, read_json
-from .files import atomic_write_text, follow_umask, json_text
+from ..utils.errors import UserError
+from ..utils.reading import read_json
+from .atomic import atomic_write_text, follow_umask, json_text
 
 FORMAT = "slca-peft-state"
 VERSION = 1

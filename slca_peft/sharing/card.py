@@ -6,13 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.layout import CARD_FILE
 from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
-from ..utils.files import CARD_FILE
-from .config import names_by_class_id
-from .loading import is_local_name
-from .public import base_display, public_name, public_state
+from .public import base_display, is_local_name, names_by_class_id, public_name, public_state
 
-#: Where the card names its own repo until an upload knows it (`slca_peft.models.hub.push_to_hub` fills it in).
+#: Where the card names its own repo until an upload knows it (`slca_peft.sharing.hub.push_folder` fills it in).
 REPO_PLACEHOLDER = "<this repo or directory>"
 CARD_TAGS = ["continual-learning", "slca", "lora", "image-classification"]
 

@@ -1,30 +1,33 @@
-"""Hub uploads of slca-peft model folders and continual checkpoints (the cards: `slca_peft.models.card`)."""
+"""Hub uploads of slca-peft model folders and continual checkpoints (the cards: `slca_peft.sharing.card`)."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..utils.errors import UserError, read_json
-from ..utils.files import (
+from ..artifacts.atomic import write_json
+from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     BACKBONE_CONFIG_FILE,
     CARD_FILE,
     CONFIG_FILE,
+    EXPORT_CONFIG_FILE,
+    EXPORT_INDEX_FILE,
+    EXPORT_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    PROCESSOR_FILE,
     STATE_FILE,
     STATISTICS_FILE,
-    write_json,
+    folder_kind,
 )
-from ..utils.manifest import MANIFEST_FILE, copy_verified, read_manifest, read_manifest_extra, record_tree
+from ..artifacts.manifest import copy_verified, read_manifest, read_manifest_extra, record_tree
+from ..artifacts.task_history import read_state
+from ..utils.errors import UserError
+from ..utils.reading import read_json
 from .card import REPO_PLACEHOLDER, write_model_card
-from .config import read_state
-from .loading import is_local_name
-from .public import base_display, public_name, public_state
-
-if TYPE_CHECKING:
-    from .model import SLCAModel
+from .public import base_display, is_local_name, public_name, public_state
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +44,30 @@ def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | No
     )
 
 
+def check_pushable(settings: dict[str, Any], base_model_id: str | None, prefix: str) -> None:
+    """Refuse, before anything is uploaded (or trained, when every task is pushed), an upload whose base
+    model is a local directory that nobody who downloads the repo can load; `settings` are the model's
+    (`slca_config.json`); the message starts with `prefix`."""
+    problem = local_base_problem(settings.get("base_model_name_or_path"), bool(settings.get("use_lora")),
+                                 base_model_id)
+    if problem:
+        raise UserError(f"{prefix}{problem}")
+
+
 def is_export(directory: str | Path) -> bool:
     """A folder `export` wrote (a stock transformers model), not an slca-peft checkpoint."""
-    directory = Path(directory)
-    return (directory / "config.json").is_file() and not (directory / CONFIG_FILE).is_file()
+    return folder_kind(directory) == "export"
 
 
 def check_export(directory: str | Path) -> None:
     """Refuse, naming what is missing, an export folder `pipeline()` could not load."""
     directory = Path(directory)
-    config = read_json(directory / "config.json")
-    missing = [name for name in ("preprocessor_config.json", CARD_FILE) if not (directory / name).is_file()]
-    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        missing.append("model.safetensors")
+    config = read_json(directory / EXPORT_CONFIG_FILE)
+    missing = [name for name in (PROCESSOR_FILE, CARD_FILE) if not (directory / name).is_file()]
+    if not any((directory / name).is_file() for name in (EXPORT_WEIGHTS_FILE, EXPORT_INDEX_FILE)):
+        missing.append(EXPORT_WEIGHTS_FILE)
     if not isinstance(config, dict) or not config.get("architectures") or not config.get("id2label") or missing:
-        raise ValueError(f"{directory} is not a complete export (missing {missing or ['config.json fields']}); "
+        raise UserError(f"{directory} is not a complete export (missing {missing or ['config.json fields']}); "
                          "write it again with `slca-peft export CHECKPOINT DIR`.")
 
 
@@ -126,7 +138,7 @@ def _record_upload(folder: Path, extra: dict) -> None:
     record_tree(folder, {k: v for k, v in extra.items() if k != "base_model"})
 
 
-def push_to_hub(
+def push_folder(
     directory: str | Path,
     repo_id: str,
     *,
@@ -154,10 +166,7 @@ def push_to_hub(
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     settings = read_json(config_path) if config_path.is_file() else {}
-    base = settings.get("base_model_name_or_path")
-    problem = local_base_problem(base, settings.get("use_lora", False), base_model_id)
-    if problem:
-        raise ValueError(f"{directory}: {problem}")
+    check_pushable(settings, base_model_id, f"{directory}: ")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / directory.name
@@ -177,28 +186,3 @@ def push_to_hub(
             create_pr=create_pr,
             repo_type="model",
         )
-
-
-def push_model(model: SLCAModel, repo_id: str, *, state: dict[str, Any] | None = None,
-               card: dict[str, Any] | None = None, **upload: Any) -> Any:
-    """`SLCAModel.push_to_hub`: the model staged as a continual checkpoint when it carries its run state
-    (task history and class statistics), else as its model files with a one-line warning saying what
-    it lacks, then uploaded by `push_to_hub` (`upload`: its keywords)."""
-    from .saving import write_checkpoint_files
-
-    state = state if state is not None else model.task_history
-    lacks = [name for name, part in (("task history", state), ("class statistics", model.class_statistics))
-             if part is None]
-    if lacks:
-        logger.warning("push_to_hub: the model carries no %s, so %s gets its model files only, which cannot be "
-                       "continued (load_checkpoint(...) or a ContinualLearner gives a model that carries them).",
-                       " and no ".join(lacks), repo_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "model"
-        if lacks:
-            model.save_pretrained(target, state=state, card=card)
-        else:
-            target.mkdir()
-            write_checkpoint_files(model, target, statistics=model.class_statistics, state=state,
-                                   unaligned_head=model.unaligned_head, card=card)
-        return push_to_hub(target, repo_id, **upload)

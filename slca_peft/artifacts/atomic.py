@@ -1,19 +1,5 @@
-"""File names of a checkpoint and the writes that never leave half a file or folder behind.
-
-The leaf every module that touches the disk shares (it imports nothing from slca_peft), so the
-layout of a checkpoint is written down once:
-
-  slca_config.json                  `SLCAModelConfig`: settings, class names, the referenced base model
-  adapter_config.json,
-  adapter_model.safetensors         PEFT adapter (LoRA or the user's method, plus trained norms/biases)
-  backbone.safetensors,
-  backbone_config.json              the whole backbone, for full fine-tuning
-  classifier.safetensors            aligned heads + scales
-  README.md                         model card
-  classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
-  class_statistics.safetensors      per-class Gaussians
-  continual_state.json              task history: class order, task sizes, names, accuracy matrix
-"""
+"""Writes that never leave half a file or folder behind: one atomic file write, one atomic directory
+write and one directory swap. Every file slca-peft writes goes through here."""
 
 from __future__ import annotations
 
@@ -24,39 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
-
-CONFIG_FILE = "slca_config.json"
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
-ADAPTER_FILE = "adapter_model.safetensors"
-BACKBONE_FILE = "backbone.safetensors"
-BACKBONE_CONFIG_FILE = "backbone_config.json"
-CLASSIFIER_FILE = "classifier.safetensors"
-CARD_FILE = "README.md"
-UNALIGNED_FILE = "classifier_unaligned.safetensors"
-STATISTICS_FILE = "class_statistics.safetensors"
-STATE_FILE = "continual_state.json"
-METRICS_FILE = "metrics.json"  # a run directory's accuracy matrix and timings
-FINGERPRINT_FILE = "run_fingerprint.json"  # a run directory's settings and data digests
-LOCK_FILE = ".slca-run.lock"  # a run directory's advisory lock (`slca_peft.continual.lock`)
-#: A run directory holds one checkpoint folder per learned task, named by `task_dir_name`.
-TASK_DIR_PREFIX = "task_"
-#: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-#: Block size of the streamed reads that hash a file, so a weight file is never held in memory whole.
-HASH_BLOCK_BYTES = 1 << 20
-
-
-def hash_stream(fh: IO[bytes], *digests: Any) -> int:
-    """Feed the rest of `fh` to every hashlib object in `digests` block by block, so each caller that
-    needs a digest (the manifest, the fingerprint, the data's content) hashes in one bounded read;
-    returns the bytes read."""
-    size = 0
-    for block in iter(lambda: fh.read(HASH_BLOCK_BYTES), b""):
-        for digest in digests:
-            digest.update(block)
-        size += len(block)
-    return size
+from typing import Any
 
 
 def current_umask() -> int:
@@ -166,7 +120,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write a file through a temporary sibling and a rename, so readers never see half of it; a
     symlink at `path` is replaced, never written through. Permissions follow the umask.
 
-    The one atomic file write of the library (`slca_peft.utils.manifest.atomic_write_bytes` checks the
+    The one atomic file write of the library (`slca_peft.artifacts.manifest.atomic_write_bytes` checks the
     path's parents against its root, then calls this)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,30 +151,3 @@ def json_text(data: Any, *, sort_keys: bool = True) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """A JSON file in a folder that is itself being written atomically (no rename of its own)."""
     Path(path).write_text(json_text(data))
-
-
-def task_dir_name(task_id: int) -> str:
-    """The checkpoint folder of task `task_id` (0-based, as the code counts) in a run directory, numbered as the
-    logs count tasks, from 1: `task_1` holds the first task ("task 1/5"), `task_5` the fifth."""
-    return f"{TASK_DIR_PREFIX}{task_id + 1}"
-
-
-def task_index(name: str) -> int | None:
-    """The task id (0-based) a checkpoint folder name stands for, or None for any other name."""
-    suffix = name.removeprefix(TASK_DIR_PREFIX)
-    if not (name.startswith(TASK_DIR_PREFIX) and suffix.isdigit() and suffix.isascii()) or int(suffix) < 1:
-        return None
-    return int(suffix) - 1
-
-
-def checkpoint_dirs(output_dir: str | Path) -> dict[int, Path]:
-    """{task id: folder} of the complete task checkpoints (those with a task history) in a run directory."""
-    found = {}
-    root = Path(output_dir)
-    if root.is_dir():
-        for path in root.iterdir():
-            index = task_index(path.name)
-            if index is not None and path.is_dir() and not path.is_symlink() and (path / STATE_FILE).is_file():
-                found[index] = path
-    return dict(sorted(found.items()))
-

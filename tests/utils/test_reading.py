@@ -15,18 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from slca_peft.utils.errors import UserError, open_regular, read_bytes, read_json, read_own_json
+from slca_peft.utils.errors import UserError
+from slca_peft.utils.reading import open_regular, read_bytes, read_json, read_own_json
 
 PACKAGE = Path(__file__).resolve().parents[2] / "slca_peft"
 
 #: (module, function) -> why its read is not `open_regular`'s.
 OWN_READERS = {
-    ("utils/errors.py", "open_regular"): "the bounded reader itself",
-    ("utils/listed.py", "parent_fd"): "opens folders with O_NOFOLLOW, component by component",
-    ("utils/listed.py", "open_listed"): "opens a listed file with O_NOFOLLOW | O_NONBLOCK, regular files only",
-    ("utils/files.py", "settle_files"): "fsyncs files the library just wrote (O_NOFOLLOW), reads nothing",
-    ("utils/manifest.py", "open_for_write"): "opens for writing (O_WRONLY | O_NOFOLLOW), reads nothing",
-    ("continual/lock.py", "_open_lock"): "the lock file, O_RDWR | O_NOFOLLOW | O_NONBLOCK, regular files only",
+    ("utils/reading.py", "open_regular"): "the bounded reader itself",
+    ("artifacts/listed.py", "parent_fd"): "opens folders with O_NOFOLLOW, component by component",
+    ("artifacts/listed.py", "open_listed"): "opens a listed file with O_NOFOLLOW | O_NONBLOCK, regular files only",
+    ("artifacts/atomic.py", "settle_files"): "fsyncs files the library just wrote (O_NOFOLLOW), reads nothing",
+    ("artifacts/manifest.py", "open_for_write"): "opens for writing (O_WRONLY | O_NOFOLLOW), reads nothing",
+    ("artifacts/lock.py", "_open_lock"): "the lock file, O_RDWR | O_NOFOLLOW | O_NONBLOCK, regular files only",
     ("method/statistics_file.py", "read_statistics_file"): "safetensors' loader, after read_header checked the file",
     ("models/saving.py", "read_safetensors"): "safetensors' loader, after read_header checked the file",
     ("data/checks.py", "_decode"): "PIL decodes bytes open_regular read (or the path it checked)",
@@ -129,49 +130,29 @@ def test_the_report_refuses_a_fifo_metrics_json_instead_of_hanging(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
 
 
-def _bf16_argv(*args):
+def _parse(*args):
+    from slca_peft.commands.arguments import parse_args
+
+    return parse_args(["--model_config", "m.json", "--dataset", "digits", *args])
+
+
+def test_a_resumed_auto_run_reads_its_recorded_precision_bounded(tmp_path, monkeypatch):
     from slca_peft.utils import hardware
 
-    return hardware.resolve_bf16_flag(list(args), *hardware.option_spellings(_parser()))
-
-
-def _parser():
-    from slca_peft.commands.arguments import _argument_parser
-
-    return _argument_parser("test")
-
-
-@pytest.mark.parametrize("spelling", [["--output_dir", "{out}", "--resume_from", "auto"],
-                                      ["--output-dir", "{out}", "--resume-from", "auto"],
-                                      ["--output-d={out}", "--resume-from=auto"],
-                                      ["--output_d", "{out}", "--resume_from=auto"]])
-def test_the_bf16_pre_read_reads_every_spelling_and_keeps_the_recorded_precision(tmp_path, spelling):
+    monkeypatch.setattr(hardware, "choose_bf16", lambda use_cpu: (False, "no native bf16"))
     out = tmp_path / "run"
     out.mkdir()
     (out / "run_fingerprint.json").write_text(json.dumps({"bf16": True}))
-    argv = [token.format(out=out) for token in spelling]
-    resolved = _bf16_argv(*argv, "--bf16", "auto", "--use_cpu", "true")
-    assert resolved[-2:] == ["--bf16", "true"]  # what the run recorded, whatever this machine would pick
-    namespace, _ = _parser().parse_known_args(resolved)
-    assert str(namespace.output_dir) == str(out) and namespace.resume_from == "auto" and namespace.bf16 is True
-
-
-def test_the_bf16_pre_read_never_hangs_on_a_fifo_or_reads_a_device(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
+    args = _parse("--output_dir", str(out), "--resume_from", "auto", "--use_cpu", "true")[2]
+    assert args.bf16 is True and "the run being resumed recorded it" in args.precision_choice
+    (out / "run_fingerprint.json").unlink()
     os.mkfifo(out / "run_fingerprint.json")
-    result = hangs(_bf16_argv, "--output_dir", str(out), "--resume_from", "auto", "--bf16", "auto")
+    result = hangs(_parse, "--output_dir", str(out), "--resume_from", "auto", "--use_cpu", "true")
     assert isinstance(result, UserError) and "FIFO" in str(result)
     (out / "run_fingerprint.json").unlink()
     (out / "run_fingerprint.json").symlink_to("/dev/zero")
-    result = hangs(_bf16_argv, "--output-dir", str(out), "--resume-from", "auto")
+    result = hangs(_parse, "--output_dir", str(out), "--resume_from", "auto", "--use_cpu", "true")
     assert isinstance(result, UserError) and "symbolic link" in str(result)
-    (out / "run_fingerprint.json").unlink()
-    seed = out / "seed_1"
-    seed.mkdir()
-    os.mkfifo(seed / "run_fingerprint.json")
-    result = hangs(_bf16_argv, "--output_dir", str(out), "--resume_from", "auto")
-    assert isinstance(result, UserError) and "FIFO" in str(result)
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import pytest
 from conftest import recipe_argv
 
 from slca_peft import TaskSequence
+from slca_peft.artifacts.layout import checkpoint_dirs, task_dir_name, task_index
 from slca_peft.continual.run_dir import latest_checkpoint
 from slca_peft.utils.errors import UserError
-from slca_peft.utils.files import checkpoint_dirs, task_dir_name, task_index
 
 
 def test_task_folders_are_numbered_from_one_as_the_logs_count_tasks(tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..utils.errors import UserError
-from ..utils.files import LOCK_FILE
+from .layout import LOCK_FILE
 
 __all__ = ["LOCK_FILE", "run_lock"]
 

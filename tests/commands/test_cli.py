@@ -57,12 +57,12 @@ def test_relative_paths_in_a_config_resolve_next_to_it_first(recipe, tmp_path, m
 
 
 def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
-    import slca_peft.models.hub
-    import slca_peft.models.model
+    import slca_peft.continual.checkpoint
+    import slca_peft.sharing.hub
 
     calls = []
     monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: None)
-    monkeypatch.setattr(slca_peft.models.hub, "push_to_hub", lambda *a, **k: calls.append(k) or "https://hub/commit")
+    monkeypatch.setattr(slca_peft.sharing.hub, "push_folder", lambda *a, **k: calls.append(k) or "https://hub/commit")
     cli_main(["push", str(tmp_path), "me/model", "--token", "hf_secret"])
     assert calls[0]["token"] == "hf_secret" and "https://hub/commit" in capsys.readouterr().out
 
@@ -274,7 +274,8 @@ def test_disable_tqdm_quiets_every_bar_of_a_python_api_run(tmp_path, base_model_
 def test_the_known_third_party_warnings_are_filtered_in_the_cli_and_the_api(tmp_path, base_model_dir):
     import warnings
 
-    from slca_peft import SLCAModel, save_checkpoint
+    from slca_peft import SLCAModel
+    from slca_peft.continual import save_checkpoint
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -289,7 +290,8 @@ def test_the_known_third_party_warnings_are_filtered_in_the_cli_and_the_api(tmp_
 
 
 def test_export_and_info_take_a_run_directory_as_its_last_task(tmp_path, base_model_dir, capsys):
-    from slca_peft import SLCAModel, save_checkpoint
+    from slca_peft import SLCAModel
+    from slca_peft.continual import save_checkpoint
     from slca_peft.utils.errors import UserError
 
     model = SLCAModel.from_backbone(str(base_model_dir))

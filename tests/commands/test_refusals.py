@@ -19,16 +19,16 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slca_peft import load_checkpoint, save_checkpoint
+from slca_peft.artifacts import manifest
 from slca_peft.commands.arguments import DataArguments, ModelArguments
 from slca_peft.commands.recipe import continuation_fingerprint, continuation_of
+from slca_peft.continual import load_checkpoint, save_checkpoint
 from slca_peft.continual.callbacks import load_callback
 from slca_peft.continual.run_dir import check_output_arguments, claim_run_directory
 from slca_peft.data import checks as data_checks
 from slca_peft.data.checks import check_images, list_class_folder
 from slca_peft.data.continuation import ContinuedStream
 from slca_peft.data.tasks import TaskSequence
-from slca_peft.utils import manifest
 from slca_peft.utils.errors import UserError
 
 STATE = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",

@@ -15,12 +15,13 @@ import pytest
 import torch
 from conftest import stats_for, trained_model
 
-from slca_peft import export_model, save_checkpoint, verify_checkpoint
-from slca_peft.continual.lock import LOCK_FILE
+from slca_peft import export_model, verify_checkpoint
+from slca_peft.artifacts import manifest
+from slca_peft.artifacts.lock import LOCK_FILE
+from slca_peft.continual import save_checkpoint
 from slca_peft.continual.run_dir import claim_run_directory, remove_previous_run
-from slca_peft.models.hub import push_to_hub
-from slca_peft.sharing import export as export_module
-from slca_peft.utils import manifest
+from slca_peft.export import classifier as export_module
+from slca_peft.sharing.hub import push_folder
 from slca_peft.utils.errors import UserError
 
 STATE = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
@@ -94,7 +95,7 @@ def test_a_manifest_listing_the_lock_or_a_manifest_is_refused_before_anything_is
     entries = manifest.read_manifest(run)
     entries[listed] = manifest.ManifestEntry(listed, 0, sha(b""))
     (run / manifest.MANIFEST_FILE).write_text(json.dumps({
-        "format": "slca-manifest", "version": 1, "files": [vars(e) for e in entries.values()]}))
+        "format": "slca-manifest", "format_version": 1, "files": [vars(e) for e in entries.values()]}))
     before = listing(run)
     with pytest.raises(UserError, match="a file slca-peft never records"):
         with claim_run_directory(run, {"method": "slca"}, overwrite=True):
@@ -246,16 +247,16 @@ def test_push_sends_only_unchanged_single_link_files_of_the_manifest(tmp_path, b
     model = trained_model(base_model_dir)
     ck = checkpoint(model, tmp_path / "ck")
     (ck / ".env").write_text("HF_TOKEN=hf_secret")
-    push_to_hub(ck, "me/ck", base_model_id="me/base")
+    push_folder(ck, "me/ck", base_model_id="me/base")
     assert ".env" not in hub.uploads[-1]["files"] and "continual_state.json" in hub.uploads[-1]["files"]
     # The model card may be edited; any other listed file may not.
     (ck / "README.md").write_text("my card")
-    push_to_hub(ck, "me/ck", base_model_id="me/base")
+    push_folder(ck, "me/ck", base_model_id="me/base")
     state = (ck / "continual_state.json").read_bytes()
     (ck / "continual_state.json").write_bytes(state.replace(b"80.0", b"99.0"))
     uploads = len(hub.uploads)
     with pytest.raises(UserError, match="continual_state.json changed since slca-peft wrote it"):
-        push_to_hub(ck, "me/ck", base_model_id="me/base")
+        push_folder(ck, "me/ck", base_model_id="me/base")
     # A hard link to a token at a listed name, with the manifest re-signed to match: still refused.
     token = tmp_path / "token"
     token.write_text("hf_secret")
@@ -263,14 +264,14 @@ def test_push_sends_only_unchanged_single_link_files_of_the_manifest(tmp_path, b
     os.link(token, ck / "continual_state.json")
     manifest.record(ck, ["continual_state.json"])
     with pytest.raises(UserError, match="continual_state.json has 2 hard links"):
-        push_to_hub(ck, "me/ck", base_model_id="me/base")
+        push_folder(ck, "me/ck", base_model_id="me/base")
     assert len(hub.uploads) == uploads and token.read_text() == "hf_secret"
     assert "hf_secret" not in json.dumps([u["json"] for u in hub.uploads])
 
 
 def test_where_names_cannot_be_exchanged_two_renames_and_a_recovery_replace_the_export(tmp_path, base_model_dir,
                                                                                         monkeypatch):
-    from slca_peft.utils import files
+    from slca_peft.artifacts import atomic as files
 
     monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # a system without renameat2(RENAME_EXCHANGE)
     model = trained_model(base_model_dir)
@@ -312,7 +313,7 @@ def test_a_pushed_checkpoint_downloaded_from_the_hub_checks_and_pushes_again(tmp
                                                                            monkeypatch):
     """What push uploads carries its own manifest: the download (the cache's links to blobs) is verified
     and pushed again."""
-    from slca_peft.models import hub as hub_module
+    from slca_peft.sharing import hub as hub_module
 
     captured = {}
     real_record = hub_module._record_upload
@@ -324,7 +325,7 @@ def test_a_pushed_checkpoint_downloaded_from_the_hub_checks_and_pushes_again(tmp
 
     monkeypatch.setattr(hub_module, "_record_upload", keep)
     model = trained_model(base_model_dir)
-    push_to_hub(checkpoint(model, tmp_path / "ck"), "me/ck", base_model_id="me/base")
+    push_folder(checkpoint(model, tmp_path / "ck"), "me/ck", base_model_id="me/base")
     repo = tmp_path / "hub" / "models--me--ck"
     snapshot = repo / "snapshots" / "0123abc"
     (repo / "blobs").mkdir(parents=True)
@@ -334,5 +335,5 @@ def test_a_pushed_checkpoint_downloaded_from_the_hub_checks_and_pushes_again(tmp
         shutil.copyfile(path, blob)
         (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
     assert manifest.read_manifest_extra(snapshot) == {"kind": "checkpoint"}
-    push_to_hub(snapshot, "me/ck2")
+    push_folder(snapshot, "me/ck2")
     assert sorted(hub.uploads[-1]["files"]) == sorted(hub.uploads[0]["files"])

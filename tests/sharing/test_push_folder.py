@@ -2,7 +2,6 @@
 file, and one upload path whichever door (`slca-peft push`, `SLCAModel.push_to_hub`, `SLCATrainer.push_to_hub`)."""
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -12,16 +11,10 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from slca_peft import (
-    ClassStatistics,
-    SLCAConfig,
-    SLCAModel,
-    SLCATrainer,
-    export_model,
-    load_checkpoint,
-    save_checkpoint,
-)
-from slca_peft.models.card import build_export_card, build_model_card
+from slca_peft import SLCAConfig, SLCAModel, SLCATrainer, export_model
+from slca_peft.continual import load_checkpoint, save_checkpoint
+from slca_peft.method import ClassStatistics
+from slca_peft.sharing.card import build_export_card, build_model_card
 
 SETTINGS = {"base_model_name_or_path": "google/vit-base-patch16-224-in21k", "task_sizes": [2, 2, 2]}
 # A continuation whose old tasks' test data was not at hand after task 2, and was again for task 3.
@@ -145,9 +138,9 @@ def keep_uploads(hub, into: Path):
     hub.upload_folder = upload_folder
 
 
-def test_a_model_carrying_its_run_state_uploads_a_checkpoint_that_can_be_continued(tmp_path, base_model_dir, hub,
-                                                                                     caplog):
+def test_a_checkpoint_folder_uploads_its_run_state_and_a_model_its_model_files(tmp_path, base_model_dir, hub):
     from slca_peft.continual.checkpoint import load_learner_state
+    from slca_peft.sharing.hub import push_folder
 
     keep_uploads(hub, tmp_path / "uploaded")
     model = trained_model(base_model_dir)
@@ -155,7 +148,7 @@ def test_a_model_carrying_its_run_state_uploads_a_checkpoint_that_can_be_continu
     save_checkpoint(model, tmp_path / "ckpt", statistics=statistics(model), state=state,
                     unaligned_head=model.classifier.snapshot())
     loaded, stats, _, _ = load_checkpoint(tmp_path / "ckpt")
-    loaded.push_to_hub("me/again", base_model_id="me/tiny-vit", commit_description="the birds")
+    push_folder(tmp_path / "ckpt", "me/again", base_model_id="me/tiny-vit", commit_description="the birds")
     (upload,) = hub.uploads
     assert {"class_statistics.safetensors", "continual_state.json", "classifier_unaligned.safetensors"} <= set(
         upload["files"]) and upload["description"] == "the birds"
@@ -164,14 +157,11 @@ def test_a_model_carrying_its_run_state_uploads_a_checkpoint_that_can_be_continu
     restored_stats, restored_state, unaligned = load_learner_state(copy, loaded)
     assert restored_stats.classes == stats.classes and unaligned is not None
     assert restored_state["task_sizes"] == [2, 2] and restored_state["task_data"][0] == "cifar"
-    # A model without its run state: its model files, and one line saying what it lacks.
-    caplog.set_level(logging.WARNING, logger="slca_peft")
-    bare = SLCAModel.from_pretrained(tmp_path / "ckpt")  # the task history, no statistics
-    bare.push_to_hub("me/bare", base_model_id="me/tiny-vit")
+    # The model is the model: its push sends its model files, and its card says it cannot be continued.
+    loaded.push_to_hub("me/bare", base_model_id="me/tiny-vit")
     assert "continual_state.json" not in hub.uploads[-1]["files"]
+    assert "class_statistics.safetensors" not in hub.uploads[-1]["files"]
     assert "cannot go on from here" in hub.uploads[-1]["card"]
-    (line,) = [r.getMessage() for r in caplog.records if "push_to_hub" in r.getMessage()]
-    assert "carries no class statistics, so me/bare gets its model files only" in line and "\n" not in line
 
 
 def toy_dataset(n: int = 8) -> datasets.Dataset:

@@ -1,5 +1,5 @@
 """A listed file, reached and read without following a symlink: the checks behind every deletion,
-verification and upload of what a manifest lists (`slca_peft.utils.manifest`).
+verification and upload of what a manifest lists (`slca_peft.artifacts.manifest`).
 
 `open_listed` opens a path inside a directory component by component, each folder opened with
 `O_NOFOLLOW` relative to the one before (so nothing can redirect the read between a check and the
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from .errors import UserError, open_regular
-from .files import HASH_BLOCK_BYTES, hash_stream
+from ..utils.errors import UserError
+from ..utils.reading import open_regular
+from .digests import HASH_BLOCK_BYTES, hash_stream
 
 
 @dataclass(frozen=True)

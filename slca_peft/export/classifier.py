@@ -28,26 +28,17 @@ from transformers import AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from ..artifacts import manifest
+from ..artifacts.atomic import atomic_directory, follow_umask, recover_replaced, settle_files, swap_directories
+from ..artifacts.layout import (
+    CARD_FILE,
+    folder_kind,
+)
 from ..data.transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
 from ..models.backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
-from ..models.card import build_export_card
 from ..models.head import by_class_id
-from ..utils import manifest
+from ..sharing.card import build_export_card
 from ..utils.errors import UserError
-from ..utils.files import (
-    CARD_FILE,
-    CONFIG_FILE,
-    FINGERPRINT_FILE,
-    LOCK_FILE,
-    METRICS_FILE,
-    STATE_FILE,
-    atomic_directory,
-    checkpoint_dirs,
-    follow_umask,
-    recover_replaced,
-    settle_files,
-    swap_directories,
-)
 
 if TYPE_CHECKING:
     from ..models.model import SLCAModel
@@ -67,7 +58,7 @@ def export_route(model: SLCAModel) -> str:
     before any work: a stock head reading another feature would silently change every prediction)."""
     spec = model.backbone_spec
     if spec.export_route is None:
-        raise ValueError(
+        raise UserError(
             f"export: a {spec.model_type} backbone cannot become a stock *ForImageClassification model: "
             f"{spec.export_refusal}. Keep it as an slca-peft checkpoint (save_pretrained / from_pretrained)."
         )
@@ -83,7 +74,7 @@ def merged_backbone(model: SLCAModel) -> torch.nn.Module:
     try:
         return backbone.merge_and_unload()
     except (NotImplementedError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(
+        raise UserError(
             f"export: PEFT cannot merge this {method} adapter into the backbone ({err}); a stock model has no "
             "place for unmerged adapter weights. Keep it as an slca-peft checkpoint, or train with a method PEFT "
             "merges (LoRA, DoRA, LoHa, LoKr, IA3)."
@@ -126,7 +117,8 @@ def export_model(
 ) -> Path:
     """Write `directory` for `pipeline("image-classification", model=directory)`: output k is class id
     k. `label_names` (one per output, in class-id order) default to the model's `id2label`; `card`
-    (`source`, `task`, `state`, `license`, `datasets`) feeds the export's model card.
+    (`source`, `task`, `state`: the task history whose results the card reports, `license`, `datasets`)
+    feeds the export's model card.
 
     The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
     replaced (`check_export_target`)."""
@@ -145,7 +137,7 @@ def export_model(
     else:
         names = list(label_names)
     if len(names) != num_outputs:
-        raise ValueError(f"{len(names)} label names for {num_outputs} outputs; pass one name per class id "
+        raise UserError(f"{len(names)} label names for {num_outputs} outputs; pass one name per class id "
                          f"0..{num_outputs - 1}, in class-id order.")
     config = _classifier_config(model, names)
     eps = model.slca_config.final_norm_eps
@@ -172,7 +164,7 @@ def export_model(
     card = dict(card or {})
     readme = build_export_card(
         model.slca_config.base_model_name_or_path, dict(enumerate(names)),
-        card.pop("state", getattr(model, "task_history", None)), architecture=config.architectures[0],
+        card.pop("state", None), architecture=config.architectures[0],
         source=card.pop("source", getattr(model, "name_or_path", None)), **card,
     )
     _write_export(Path(directory), previous, classifier, processor, readme)
@@ -182,19 +174,6 @@ def export_model(
 #: The manifest `kind` of an export folder (what `--overwrite` may replace).
 EXPORT_KIND = "export"
 #: What marks a folder as slca-peft's own: a checkpoint or model folder, or a run directory.
-_CHECKPOINT_MARKERS = (CONFIG_FILE, STATE_FILE)
-_RUN_MARKERS = (FINGERPRINT_FILE, LOCK_FILE, METRICS_FILE, "seeds.json")
-
-
-def _owner(folder: Path) -> str | None:
-    """'checkpoint' or 'run directory' when `folder` is one, else None."""
-    if any((folder / name).is_file() for name in _CHECKPOINT_MARKERS):
-        return "checkpoint"
-    if any((folder / name).is_file() for name in _RUN_MARKERS) or checkpoint_dirs(folder):
-        return "run directory"
-    return None
-
-
 def check_export_target(directory: str | Path, *, overwrite: bool = False) -> bool:
     """Refuse an export target that would delete what is not the export's; returns whether it holds a
     previous export (to be replaced, with `overwrite`).
@@ -212,7 +191,8 @@ def check_export_target(directory: str | Path, *, overwrite: bool = False) -> bo
         raise UserError(f"export: {target} is a file; give the export a new or empty directory.")
     real = Path(os.path.realpath(target))
     for folder in (real, *real.parents):
-        kind = _owner(folder) if folder.is_dir() else None
+        kind = folder_kind(folder)
+        kind = None if kind == "export" else kind
         if kind:
             where = "is" if folder == real else f"lies inside {folder}, which is"
             raise UserError(f"export: {target} {where} a {kind}; writing the export there would delete or mix with "

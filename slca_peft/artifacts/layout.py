@@ -1,0 +1,142 @@
+"""Every file and folder name of a run directory, a checkpoint and an export, defined once.
+
+A checkpoint folder (`task_<t>/` of a run, `SLCAModel.save_pretrained`'s folder, a Hub repo):
+
+  slca_config.json                  `SLCAModelConfig`: settings, class names, the referenced base model
+  adapter_config.json,
+  adapter_model.safetensors         PEFT adapter (LoRA or the user's method, plus trained norms/biases)
+  backbone.safetensors,
+  backbone_config.json              the whole backbone, for full fine-tuning
+  classifier.safetensors            aligned heads + scales
+  README.md                         model card
+  classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
+  class_statistics.safetensors      per-class Gaussians
+  continual_state.json              task history: class order, task sizes, names, accuracy matrix
+  .slca-manifest.json               what slca-peft wrote there (size + SHA-256 of each file)
+
+A run directory: `task_1/` ... `task_T/`, `metrics.json`, `results.md`, the two plots,
+`run_fingerprint.json`, `.slca-run.lock`; a `--seeds` run holds `seed_<s>/` run directories and
+`seeds.json`. `tests/artifacts/test_layout.py` checks that each name is spelled in this module only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The version of the layout every folder slca-peft writes (checkpoint, run directory, export): recorded in
+#: each folder's manifest and in `slca_config.json`, checked when either is read. A future change of the
+#: layout branches on it here, in one place; this release reads its own version only.
+FORMAT_VERSION = 1
+CONFIG_FILE = "slca_config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
+ADAPTER_FILE = "adapter_model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_CONFIG_FILE = "backbone_config.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+CARD_FILE = "README.md"
+UNALIGNED_FILE = "classifier_unaligned.safetensors"
+STATISTICS_FILE = "class_statistics.safetensors"
+STATE_FILE = "continual_state.json"
+METRICS_FILE = "metrics.json"  # a run directory's accuracy matrix and timings
+FINGERPRINT_FILE = "run_fingerprint.json"  # a run directory's settings and data digests
+LOCK_FILE = ".slca-run.lock"  # a run directory's advisory lock (`slca_peft.artifacts.lock`)
+#: A run directory holds one checkpoint folder per learned task, named by `task_dir_name`.
+TASK_DIR_PREFIX = "task_"
+#: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MANIFEST_FILE = ".slca-manifest.json"  # what slca-peft wrote into a folder (`slca_peft.artifacts.manifest`)
+RESULTS_FILE = "results.md"  # a run directory's report
+CURVE_PLOT = "accuracy_curve.png"
+MATRIX_PLOT = "accuracy_matrix.png"
+PLOT_FILES = (CURVE_PLOT, MATRIX_PLOT)
+SEEDS_FILE = "seeds.json"  # a `--seeds` run's summary over its seed runs
+SEED_DIR_PREFIX = "seed_"
+TRAINING_ARGS_FILE = "training_args.json"  # SLCATrainer's arguments (JSON, never a pickle)
+EXPORT_CONFIG_FILE = "config.json"  # an export's (and any transformers model folder's) config
+EXPORT_WEIGHTS_FILE = "model.safetensors"
+EXPORT_INDEX_FILE = "model.safetensors.index.json"
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def task_dir_name(task_id: int) -> str:
+    """The checkpoint folder of task `task_id` (0-based, as the code counts) in a run directory, numbered as the
+    logs count tasks, from 1: `task_1` holds the first task ("task 1/5"), `task_5` the fifth."""
+    return f"{TASK_DIR_PREFIX}{task_id + 1}"
+
+
+def task_index(name: str) -> int | None:
+    """The task id (0-based) a checkpoint folder name stands for, or None for any other name."""
+    suffix = name.removeprefix(TASK_DIR_PREFIX)
+    if not (name.startswith(TASK_DIR_PREFIX) and suffix.isdigit() and suffix.isascii()) or int(suffix) < 1:
+        return None
+    return int(suffix) - 1
+
+
+def checkpoint_dirs(output_dir: str | Path) -> dict[int, Path]:
+    """{task id: folder} of the complete task checkpoints (those with a task history) in a run directory."""
+    found = {}
+    root = Path(output_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            index = task_index(path.name)
+            if index is not None and path.is_dir() and not path.is_symlink() and (path / STATE_FILE).is_file():
+                found[index] = path
+    return dict(sorted(found.items()))
+
+
+
+def seed_dir_name(seed: int) -> str:
+    """The run directory of one seed inside a `--seeds` run."""
+    return f"{SEED_DIR_PREFIX}{seed}"
+
+
+def seed_dirs(output_dir: str | Path) -> list[Path]:
+    """The seed run directories of a `--seeds` run (folders named `seed_<int>`), by seed."""
+    root = Path(output_dir)
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            suffix = path.name.removeprefix(SEED_DIR_PREFIX)
+            if path.name.startswith(SEED_DIR_PREFIX) and suffix.lstrip("-").isdigit() and path.is_dir():
+                found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def holds_run(root: str | Path) -> bool:
+    """A run directory of slca-peft's: a fingerprint, a task checkpoint (`task_<t>/continual_state.json`)
+    or a seed run that holds one. Folders reached through a symlink never count."""
+    root = Path(root)
+    if (root / FINGERPRINT_FILE).is_file():
+        return True
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        if task_index(entry.name) is not None and Path(entry.path, STATE_FILE).is_file():
+            return True
+        suffix = entry.name.removeprefix(SEED_DIR_PREFIX)
+        if entry.name.startswith(SEED_DIR_PREFIX) and suffix.lstrip("-").isdigit() and holds_run(entry.path):
+            return True
+    return False
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """What slca-peft folder `folder` is: "checkpoint" (model files or a task history), "run directory"
+    (a run's files, a task checkpoint, a seed run), "export" (a transformers model folder without
+    slca-peft's config), or None for anything else. The one "is this folder ours" check every command
+    that writes over, deletes or uploads a folder asks."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if any((folder / name).is_file() for name in (CONFIG_FILE, STATE_FILE)):
+        return "checkpoint"
+    if any((folder / name).is_file() for name in (FINGERPRINT_FILE, LOCK_FILE, METRICS_FILE, SEEDS_FILE)) \
+            or checkpoint_dirs(folder) or holds_run(folder):
+        return "run directory"
+    if (folder / EXPORT_CONFIG_FILE).is_file():
+        return "export"
+    return None
