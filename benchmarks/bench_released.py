@@ -63,9 +63,11 @@ from transformers import ViTConfig  # noqa: E402
 
 from slca_peft import SLCAConfig, SLCAModel, SLCATrainer
 from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
-from slca_peft.models import ContinualClassifier
-from slca_peft.models.inference import adapters_merged_into_weights  # noqa: E402
-from slca_peft.utils.hardware import cpu_bf16_training  # noqa: E402
+from slca_peft.models import (
+    ContinualClassifier,
+    adapters_merged_into_weights,  # noqa: E402
+)
+from slca_peft.utils import cpu_bf16_training  # noqa: E402
 
 TASK_SIZE = 10  # classes per task: two tasks while training (the second one learns), C / 10 when aligning
 RELEASED_SETTING = {"lora_rank": 4, "fc_scale_mu": 0.02, "sce_a": 1.0, "sce_b": 0.1, "bcb_lrscale": 0.1,

@@ -38,10 +38,10 @@ from bench_alignment import previous_align, synthetic_statistics, task_sizes  # 
 from transformers import ViTConfig  # noqa: E402
 
 from slca_peft import SLCAModel
-from slca_peft.data.transforms import ImageTransformConfig, TrainTransform, collate_fn  # noqa: E402
+from slca_peft.data import ImageTransformConfig, TrainTransform, collate_fn  # noqa: E402
 from slca_peft.method import AlignmentSettings, ClassifierAligner, ClassStatistics
-from slca_peft.models.inference import inference_context  # noqa: E402
-from slca_peft.utils.hardware import MAX_DEFAULT_WORKERS, available_cores  # noqa: E402
+from slca_peft.models import inference_context  # noqa: E402
+from slca_peft.utils import MAX_DEFAULT_WORKERS, available_cores  # noqa: E402
 
 
 def sizes(quick: bool) -> SimpleNamespace:

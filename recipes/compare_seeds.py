@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slca_peft.sharing.report import mean_std
-from slca_peft.utils.errors import UserError, run_main
-from slca_peft.utils.reading import read_json
+from slca_peft.sharing import mean_std
+from slca_peft.utils import UserError, read_json, run_main
 
 METRICS = {"Last-Acc": "last_accuracy", "Inc-Acc": "average_incremental_accuracy"}
 

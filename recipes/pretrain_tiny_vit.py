@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
 
 from slca_peft import EvalTransform, ImageTransformConfig
-from slca_peft.data.formats import load_digits_dataset
+from slca_peft.data import load_digits_dataset
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_vit.json"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slca_peft.sharing.report import write_report
+from slca_peft.sharing import write_report
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -6,7 +6,7 @@
 Same as `slca-peft train ...`; every SLCAConfig / TrainingArguments field is a flag.
 """
 
-from slca_peft.commands.recipe import main
+from slca_peft.commands import train as main
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,25 @@ def test_the_subpackages_are_layers():
 def test_few_modules_stay_at_the_top():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert top == ["__init__.py"]
+
+
+def test_recipes_benchmarks_and_docs_import_only_the_package_or_a_subpackage():
+    """The public API has levels: `slca_peft` and each subpackage's `__all__`; nothing outside the package
+    reaches into a module (`from slca_peft.data.formats import ...`)."""
+    root = PACKAGE.parent
+    sources = [*root.glob("recipes/*.py"), *root.glob("benchmarks/*.py"), *root.glob("docs/*.md"), root / "README.md"]
+    deep = re.compile(r"^\s*(?:from|import) (slca_peft\.[a-z_]+\.[a-z_.]+)", re.MULTILINE)
+    found = [f"{path.relative_to(root)}: {m}" for path in sources for m in deep.findall(path.read_text())]
+    assert found == []
+    assert deep.findall("from slca_peft.data.formats import x\nfrom slca_peft.data import y\n") == [
+        "slca_peft.data.formats"]
+
+
+def test_the_top_level_holds_at_most_25_names_and_each_subpackage_declares_its_own():
+    import slca_peft
+
+    assert len(slca_peft.__all__) <= 25
+    for sub in ("utils", "artifacts", "metrics", "sharing", "models", "data", "method", "export", "continual",
+                "commands"):
+        module = importlib.import_module(f"slca_peft.{sub}")
+        assert module.__all__ and all(hasattr(module, name) for name in module.__all__), sub

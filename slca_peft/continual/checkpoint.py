@@ -14,21 +14,23 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import save_file
 
-from ..artifacts.atomic import atomic_directory
-from ..artifacts.layout import STATISTICS_FILE, UNALIGNED_FILE
-from ..artifacts.task_history import read_state
+from ..artifacts import manifest
+from ..artifacts.atomic import atomic_directory, follow_umask, json_text
+from ..artifacts.layout import STATE_FILE, STATISTICS_FILE, UNALIGNED_FILE
+from ..artifacts.task_history import read_state, validate_state
 from ..method.statistics import ClassStatistics
 from ..models.loading import hub_kwargs, loading_kwargs
 from ..models.model import SLCAModel
 from ..models.saving import (
+    detached,
     read_model_config,
     read_safetensors,
     resolve_checkpoint,
-    save_learner_state,
-    write_checkpoint_files,
+    write_model_files,
 )
-from ..models.verification import verify_files
+from ..models.verification import base_model_record, verify_files
 from ..utils.errors import UserError
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_learner_state", "save_checkpoint", "save_learner_state",
@@ -44,6 +46,48 @@ class Checkpoint(NamedTuple):
     unaligned_head: dict[str, torch.Tensor] | None
 
 
+def save_learner_state(
+    directory: str | Path,
+    *,
+    statistics: ClassStatistics | None = None,
+    state: dict[str, Any] | None = None,
+    unaligned_head: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the continual learner's run state beside the model files: the class statistics (anything
+    with `save(directory)`, a `ClassStatistics`), the task history and the heads before alignment."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if unaligned_head is not None:
+        manifest.safe_path(directory, UNALIGNED_FILE)
+        save_file(detached(unaligned_head), str(directory / UNALIGNED_FILE))
+        follow_umask(directory / UNALIGNED_FILE)
+    if statistics is not None:
+        manifest.safe_path(directory, STATISTICS_FILE)
+        statistics.save(directory)
+        follow_umask(directory / STATISTICS_FILE)
+    if state is not None:
+        validate_state(state)
+        manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
+
+
+def write_checkpoint_files(
+    model: SLCAModel,
+    folder: Path,
+    *,
+    statistics: ClassStatistics | None = None,
+    state: dict[str, Any] | None = None,
+    unaligned_head: dict[str, torch.Tensor] | None = None,
+    card: dict[str, Any] | None = None,
+) -> None:
+    """A continual checkpoint into a new, empty `folder`: the model files, the run state beside them and
+    the manifest of all (what `save_checkpoint` writes atomically and `SLCAModel.push_to_hub` uploads)."""
+    if state and state.get("label_names") and not model.label_names:
+        model.label_names = state["label_names"]
+    write_model_files(model, folder, state, card, continuable=statistics is not None and state is not None)
+    save_learner_state(folder, statistics=statistics, state=state, unaligned_head=unaligned_head)
+    manifest.record_tree(folder, base_model_record(model, kind="checkpoint"))
+
+
 def save_checkpoint(
     model: SLCAModel,
     directory: str | Path,
@@ -54,7 +98,7 @@ def save_checkpoint(
     card: dict[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to continue or serve `model`, atomically: the directory is either
-    complete or absent (`slca_peft.models.saving.write_checkpoint_files`)."""
+    complete or absent (`write_checkpoint_files`)."""
     with atomic_directory(directory) as tmp:
         write_checkpoint_files(model, tmp, statistics=statistics, state=state, unaligned_head=unaligned_head,
                                card=card)

@@ -40,7 +40,6 @@ from ..artifacts.layout import (
     METRICS_FILE,
     SEEDS_FILE,
     STATE_FILE,
-    TASK_DIR_PREFIX,
     checkpoint_dirs,
 )
 from ..artifacts.lock import run_lock
@@ -262,13 +261,7 @@ def claim_run_directory(
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete task checkpoint in a run's output directory (for `auto`). A directory whose folders
-    are numbered from task_0 (written before they were numbered as the logs count tasks) is refused, saying
-    how to rename them, rather than read one task off."""
-    if (Path(output_dir) / f"{TASK_DIR_PREFIX}0" / STATE_FILE).is_file():
-        raise UserError(f"{output_dir} numbers its checkpoints from {TASK_DIR_PREFIX}0, as slca-peft did before "
-                        f"{TASK_DIR_PREFIX}1 held task 1; rename each {TASK_DIR_PREFIX}N to {TASK_DIR_PREFIX}N+1, "
-                        "highest first, then resume.")
+    """The newest complete task checkpoint in a run's output directory (for `auto`)."""
     found = checkpoint_dirs(output_dir)
     return found[max(found)] if found else None
 

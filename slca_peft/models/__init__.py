@@ -2,7 +2,7 @@
 
 from .config import SLCAModelConfig
 from .head import ContinualClassifier
-from .inference import inference_context
+from .inference import adapters_merged_into_weights, inference_context
 from .model import SLCAModel
 
-__all__ = ["ContinualClassifier", "SLCAModel", "SLCAModelConfig", "inference_context"]
+__all__ = ["ContinualClassifier", "SLCAModel", "SLCAModelConfig", "adapters_merged_into_weights", "inference_context"]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
 from ..artifacts import manifest
-from ..artifacts.atomic import follow_umask, json_text, settle_files, write_json
+from ..artifacts.atomic import settle_files, write_json
 from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -36,11 +36,7 @@ from ..artifacts.layout import (
     CLASSIFIER_FILE,
     CONFIG_FILE,
     PICKLE_SUFFIXES,
-    STATE_FILE,
-    STATISTICS_FILE,
-    UNALIGNED_FILE,
 )
-from ..artifacts.task_history import validate_state
 from ..sharing.card import write_model_card
 from ..utils.errors import MissingFileError, UserError
 from ..utils.reading import read_json
@@ -49,7 +45,6 @@ from .loading import portable_name, resolve_recorded_base
 from .verification import base_model_record
 
 if TYPE_CHECKING:
-    from ..method.statistics import ClassStatistics
     from .model import SLCAModel
 
 logger = logging.getLogger(__name__)
@@ -106,48 +101,6 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
         write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
     save_file(detached(model.classifier.state_dict()), str(folder / CLASSIFIER_FILE))
     write_model_card(folder, settings, state, continuable=continuable, **(card or {}))
-
-
-def save_learner_state(
-    directory: str | Path,
-    *,
-    statistics: ClassStatistics | None = None,
-    state: dict[str, Any] | None = None,
-    unaligned_head: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write the continual learner's run state beside the model files: the class statistics (anything
-    with `save(directory)`, a `ClassStatistics`), the task history and the heads before alignment."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if unaligned_head is not None:
-        manifest.safe_path(directory, UNALIGNED_FILE)
-        save_file(detached(unaligned_head), str(directory / UNALIGNED_FILE))
-        follow_umask(directory / UNALIGNED_FILE)
-    if statistics is not None:
-        manifest.safe_path(directory, STATISTICS_FILE)
-        statistics.save(directory)
-        follow_umask(directory / STATISTICS_FILE)
-    if state is not None:
-        validate_state(state)
-        manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
-
-
-def write_checkpoint_files(
-    model: SLCAModel,
-    folder: Path,
-    *,
-    statistics: ClassStatistics | None = None,
-    state: dict[str, Any] | None = None,
-    unaligned_head: dict[str, torch.Tensor] | None = None,
-    card: dict[str, Any] | None = None,
-) -> None:
-    """A continual checkpoint into a new, empty `folder`: the model files, the run state beside them and
-    the manifest of all (what `save_checkpoint` writes atomically and `SLCAModel.push_to_hub` uploads)."""
-    if state and state.get("label_names") and not model.label_names:
-        model.label_names = state["label_names"]
-    write_model_files(model, folder, state, card, continuable=statistics is not None and state is not None)
-    save_learner_state(folder, statistics=statistics, state=state, unaligned_head=unaligned_head)
-    manifest.record_tree(folder, base_model_record(model, kind="checkpoint"))
 
 
 def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str, Any] | None = None,

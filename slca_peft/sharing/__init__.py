@@ -3,6 +3,6 @@ the names a shared file may carry, and a run's report (results.md and its figure
 
 from .card import build_model_card
 from .hub import check_pushable, push_folder
-from .report import write_report
+from .report import mean_std, write_report
 
-__all__ = ["build_model_card", "check_pushable", "push_folder", "write_report"]
+__all__ = ["build_model_card", "check_pushable", "mean_std", "push_folder", "write_report"]

@@ -1,7 +1,10 @@
 """The leaf layer: one-line user errors, the bounded file readers, logging through transformers.logging,
 hardware probes and timings. It imports nothing else of slca_peft."""
 
-from .errors import UserError, check_choice, run_main
+from .errors import MissingFileError, UserError, check_choice, run_main
+from .hardware import MAX_DEFAULT_WORKERS, available_cores, cpu_bf16_instructions, cpu_bf16_training
 from .reading import open_regular, read_bytes, read_json, read_text
 
-__all__ = ["UserError", "check_choice", "open_regular", "read_bytes", "read_json", "read_text", "run_main"]
+__all__ = ["MAX_DEFAULT_WORKERS", "MissingFileError", "UserError", "available_cores", "check_choice",
+           "cpu_bf16_instructions", "cpu_bf16_training", "open_regular", "read_bytes", "read_json", "read_text",
+           "run_main"]
