@@ -70,15 +70,34 @@ def _weight_files(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
 
 
+def file_sha256(path: str | Path, *, follow: bool = True, fix: str = "give a regular file") -> tuple[int, str]:
+    """(size, SHA-256) of a regular file, read in blocks (`open_regular`; `follow=False`: never through a
+    symlink). The one file hash of the library: manifests, verification, data content."""
+    with open_regular(path, follow=follow, fix=fix) as fh:
+        digest = hashlib.sha256()
+        size = hash_stream(fh, digest)
+    return size, digest.hexdigest()
+
+
+def folder_sha256(files: list[Path], *, hash_file: Any = None) -> str:
+    """The one folder hash: SHA-256 over each file's name and bytes, in the order given (callers sort).
+    `hash_file(path, running)` feeds a file's bytes to `running` (default: a bounded read of it)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        if hash_file is not None:
+            hash_file(path, digest)
+        else:
+            with open_regular(path, fix="a folder slca-peft hashes holds regular files only: remove it") as fh:
+                hash_stream(fh, digest)
+    return digest.hexdigest()
+
+
 def sha256_files(root: Path) -> str | None:
     """Content hash of a local model folder's weights and configs (None for a Hub id)."""
     if not root.is_dir():
         return None
-    digest = hashlib.sha256()
-    for path in _weight_files(root):
-        digest.update(path.name.encode() + b"\0")
-        _hash_file(path, digest)
-    return digest.hexdigest()
+    return folder_sha256(_weight_files(root), hash_file=_hash_file)
 
 
 def model_file_digests(root: str | Path) -> dict[str, dict[str, Any]] | None:

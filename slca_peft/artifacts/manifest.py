@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -45,9 +44,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..utils.errors import UserError
-from ..utils.reading import open_regular, read_json, read_own_json
+from ..utils.reading import read_json, read_own_json
+from . import digests
 from .atomic import atomic_write_bytes as write_file_atomically
-from .digests import hash_stream
 from .layout import FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE
 from .listed import (  # noqa: F401  (part of this module's API)
     ManifestEntry,
@@ -158,11 +157,8 @@ def atomic_write_bytes(root: str | Path, rel: str | os.PathLike[str], data: byte
 
 # ---------------------------------------------------------------------------------------------- entries
 def file_sha256(path: str | Path) -> tuple[int, str]:
-    """(size, SHA-256) of a regular file, read in blocks without following a symlink (`open_regular`)."""
-    with open_regular(path, follow=False, fix="slca-peft only records files it wrote") as fh:
-        digest = hashlib.sha256()
-        size = hash_stream(fh, digest)
-    return size, digest.hexdigest()
+    """(size, SHA-256) of a file the library records, never read through a symlink."""
+    return digests.file_sha256(path, follow=False, fix="slca-peft only records files it wrote")
 
 
 def entry_for(root: str | Path, rel: str | os.PathLike[str]) -> ManifestEntry:

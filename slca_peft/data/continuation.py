@@ -17,7 +17,6 @@ history a checkpoint records (`continual_state.json`), with the class-id rule of
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from ..artifacts.digests import hash_stream
+from ..artifacts.digests import folder_sha256
 from ..artifacts.values import MAX_CLASSES
 from ..utils.errors import MissingFileError, UserError
-from ..utils.reading import open_regular
 from .tasks import Task, TaskSequence, with_labels
 
 
@@ -251,13 +249,8 @@ def checkpoint_digest(directory: str | Path) -> str:
     """Content hash of a checkpoint directory's files (names and bytes): what a continuation's run
     fingerprint records of the checkpoint it started from. Each file is opened as a regular file only
     (`open_regular`: a FIFO or device there is refused, never read forever)."""
-    digest = hashlib.sha256()
     root = Path(directory)
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        digest.update(path.name.encode() + b"\0")
-        with open_regular(path, fix="a checkpoint holds regular files only: remove it") as fh:
-            hash_stream(fh, digest)
-    return digest.hexdigest()
+    return folder_sha256(sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")))
 
 
 def load_test_folder(directory: str | Path) -> Dataset:

@@ -8,17 +8,15 @@ runs it with the base model the checkpoint would load.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..artifacts import manifest
-from ..artifacts.digests import describe_model_file_changes, hash_stream, model_file_digests
+from ..artifacts.digests import describe_model_file_changes, file_sha256, model_file_digests
 from ..artifacts.layout import CARD_FILE
 from ..utils.errors import UserError
-from ..utils.reading import open_regular
 
 if TYPE_CHECKING:
     from .model import SLCAModel
@@ -67,10 +65,7 @@ def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> li
 
 
 def _blob_sha256(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    with open_regular(path, fix="a checkpoint holds regular files") as fh:
-        size = hash_stream(fh, digest)
-    return size, digest.hexdigest()
+    return file_sha256(path, fix="a checkpoint holds regular files")
 
 
 def verify_files(path: str | Path, resolve_base: Callable[[], str | None], *, accept_changed_files: bool = False,
