@@ -243,10 +243,12 @@ def build_model_card(
     model_name: str | None = None,
     repo: str = REPO_PLACEHOLDER,
     continuable: bool = True,
+    card_data: dict[str, Any] | None = None,
 ):
     """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names by class id,
     `model-index` results equal to the run's metrics, partial ones apart) and a usage snippet.
-    `continuable`: the folder also holds the run state `--resume_from` / `--continue_from` need."""
+    `continuable`: the folder also holds the run state `--resume_from` / `--continue_from` need.
+    `card_data`: more metadata fields (e.g. `language`, as `Trainer.create_model_card` takes it)."""
     from huggingface_hub import ModelCard
 
     state = public_state(state) or {}
@@ -260,6 +262,7 @@ def build_model_card(
     data, metrics_line = _card_data(
         state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
         library_name="slca-peft", label_names=list(id2label.values()) if label_names else None,
+        **{k: v for k, v in (card_data or {}).items() if v is not None},
     )
     learned = state.get("tasks_learned", len(settings.get("task_sizes") or []))
     classes = "\n".join(f"- {k}: {name}" for k, name in id2label.items()) or "_No class learned yet._"
