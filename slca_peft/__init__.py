@@ -21,6 +21,10 @@ from .sharing.export import export_model
 
 __version__ = "0.1.0"
 
+from .utils.logging import get_logger as _get_logger  # noqa: E402
+
+_get_logger()  # the library's loggers under transformers' root: its verbosity and handlers apply
+
 __all__ = [
     "AlignmentSettings",
     "AlignmentStep",
