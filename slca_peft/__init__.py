@@ -25,6 +25,10 @@ from .utils.logging import get_logger as _get_logger  # noqa: E402
 
 _get_logger()  # the library's loggers under transformers' root: its verbosity and handlers apply
 
+from .models.auto import register_auto_classes as _register_auto_classes  # noqa: E402
+
+_register_auto_classes()  # AutoModelForImageClassification / pipeline() load slca-peft model folders
+
 __all__ = [
     "AlignmentSettings",
     "AlignmentStep",

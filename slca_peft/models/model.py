@@ -315,8 +315,9 @@ class SLCAModel(nn.Module):
         `device_map` and quantization are refused, saying why. The model comes back in eval mode, as
         transformers' does (`model.train()` before training it by hand). The task history beside the files
         (`continual_state.json`) is kept as `task_history`, so a later push or export keeps its results."""
+        from .auto import without_auto_keywords
         from .saving import read_model_config
-        loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
+        loading = loading_kwargs("SLCAModel.from_pretrained", **without_auto_keywords(kwargs))
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import IO, Any
 
 CONFIG_FILE = "slca_config.json"
+#: transformers' config.json with slca-peft's model type, so the Auto classes load the trained model (models/auto.py)
+AUTO_CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
 ADAPTER_FILE = "adapter_model.safetensors"
 BACKBONE_FILE = "backbone.safetensors"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from transformers import TrainingArguments
 
 from slca_peft import (
     ClassStatistics,
@@ -195,14 +196,31 @@ def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_d
         trainer().push_to_hub()
     with pytest.raises(ValueError, match="push_to_hub: its base model is the local path"):
         trainer(push_to_hub=True)
+    # Given a plain TrainingArguments (an example script's parser has no hub_base_model_id), the refusal
+    # names what that entry point accepts.
+    stock_model = SLCAModel.from_backbone(str(base_model_dir))
+    stock_model.grow(2)
+    stock = SLCATrainer(model=stock_model, args=TrainingArguments(output_dir=str(tmp_path / "stock"), use_cpu=True,
+                                                                   report_to="none"))
+    with pytest.raises(ValueError, match=r"--model_name_or_path me/base.*hub_base_model_id='me/base'"):
+        stock.push_to_hub()
     assert hub.uploads == []
     plain = trainer(hub_base_model_id="me/tiny-vit")
     plain.create_model_card(license="mit", dataset="me/toy")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.library_name == "slca-peft" and card.data.license == "mit" and card.data.datasets == ["me/toy"]
     assert "trained from scratch" not in card.text
-    with pytest.raises(ValueError, match="create_model_card: finetuned_from is not used"):
-        plain.create_model_card(finetuned_from="x")
+    # The keywords transformers' example scripts pass land on the card (a local finetuned_from stays off it).
+    plain.create_model_card(finetuned_from=str(base_model_dir), tasks="image-classification", dataset=None,
+                            tags=["image-classification", "vision"], language="en", dataset_args="full")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"image-classification", "vision", "slca"} <= set(card.data.tags) and card.data.language == "en"
+    assert card.data.dataset_args == ["full"] and str(base_model_dir) not in str(card)
+    plain.create_model_card(finetuned_from="google/vit-base-patch16-224-in21k")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.finetuned_from == "google/vit-base-patch16-224-in21k"
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        plain.push_to_hub(licence="mit")
     url = plain.push_to_hub(commit_message="done", license="mit")
     (upload,) = hub.uploads
     assert url == upload_url(upload) and upload["message"] == "done" and upload["repo_id"] == "me/trained"
