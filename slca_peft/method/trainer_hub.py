@@ -87,10 +87,28 @@ class TrainerHub:
             return
         fields = self._card_fields(license, tags, model_name, dataset_tags, dataset, language=language,
                                    finetuned_from=finetuned_from, tasks=tasks, dataset_args=dataset_args)
-        model = self.slca_model
-        card = build_model_card(self._card_settings(fields), model.task_history, continuable=False, **fields)
+        card = build_model_card(self._card_settings(fields), self.card_state(), continuable=False, **fields)
         os.makedirs(self.args.output_dir, exist_ok=True)
         atomic_write_text(os.path.join(self.args.output_dir, CARD_FILE), str(card))
+
+    def card_state(self) -> dict[str, Any] | None:
+        """The results the card shows: the model's task history when it carries one (loaded from a continual
+        checkpoint), else this run's, as one task of the model's classes scored by the latest `evaluate`
+        (its `eval_accuracy`, the model as it is now, after `load_best_model_at_end`)."""
+        model = self.slca_model
+        if model.task_history is not None:
+            return model.task_history
+        if not model.classifier.num_tasks:
+            return None
+        accuracy = next((entry["eval_accuracy"] for entry in reversed(self.state.log_history)
+                         if isinstance(entry.get("eval_accuracy"), (int, float))), None)
+        sizes = list(model.classifier.task_sizes)
+        return {
+            "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes,
+            "label_names": model.label_names,
+            # `evaluate` scores the classes of a one-task model (Last-Acc); several tasks need per-task scores.
+            "accuracy_matrix": [[100.0 * accuracy]] if accuracy is not None and len(sizes) == 1 else [],
+        }
 
     def _card_settings(self, fields: dict[str, Any]) -> dict[str, Any]:
         """The model's settings as the card shows them: `finetuned_from` (a Hub id) names a local base."""
@@ -150,7 +168,7 @@ class TrainerHub:
             private=args.hub_private_repo if private is None else private,
             token=args.hub_token if token is None else token,
             revision=args.hub_revision if revision is None else revision,
-            base_model_id=args.hub_base_model_id, card=fields,
+            base_model_id=args.hub_base_model_id, card=fields, state=self.card_state(),
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:

@@ -43,9 +43,21 @@ A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
 
 ## Usage
 
-This is a continual checkpoint: its classifier is slca-peft's per-task heads, which
-`transformers.pipeline()` cannot read (it would answer from a fresh, random head). For a
-`pipeline("image-classification")` model, export it (adapter merged, heads folded, output k = class id k):
+This is a continual checkpoint: its classifier is slca-peft's per-task heads. With slca-peft imported,
+transformers loads its folder as it is (its `config.json` has slca-peft's model type, registered on
+import); given a Hub id, transformers reads the adapter alone onto its base (a random head), so pass
+the downloaded folder:
+
+```python
+import slca_peft  # registers model type slca_peft with AutoModelForImageClassification
+from huggingface_hub import snapshot_download
+from transformers import pipeline
+
+classify = pipeline("image-classification", model=snapshot_download("{{ repo }}"))  # or a local folder
+```
+
+Without slca-peft, transformers refuses the model type. For a plain transformers model, export it
+(adapter merged, heads folded, output k = class id k):
 
 ```bash
 slca-peft export {{ repo }} exported/        # or export_model(model, "exported/") in Python
