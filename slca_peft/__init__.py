@@ -27,7 +27,7 @@ _get_logger()  # the library's loggers under transformers' root: its verbosity a
 
 from .models.auto import register_auto_classes as _register_auto_classes  # noqa: E402
 
-_register_auto_classes()  # AutoModelForImageClassification / pipeline() load slca-peft model folders
+_register_auto_classes(SLCAModel)  # AutoModelForImageClassification / pipeline() load slca-peft model folders
 
 __all__ = [
     "AlignmentSettings",

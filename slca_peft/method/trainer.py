@@ -31,7 +31,7 @@ from transformers.training_args import ParallelMode
 
 from ..models.adapters import ADAPTER, BACKBONE, HEAD
 from ..models.backbones import input_size
-from ..models.from_classifier import slow_learner_from_classifier
+from ..models.from_classifier import trainer_model
 from ..models.model import SLCAModel
 from ..models.saving import load_model_state
 from ..utils.files import atomic_write_text
@@ -168,34 +168,15 @@ class SLCATrainer(TrainerHub, Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self,
-        model: SLCAModel | PreTrainedModel | None = None,
-        args: SLCAConfig | None = None,
-        task_id: int | None = None,
-        *,
-        peft_config: PeftConfig | None = None,
-        **kwargs: Any,
-    ):
-        """`model`: an `SLCAModel`, or a transformers image classifier (what
-        `AutoModelForImageClassification.from_pretrained` returns), whose backbone gets the adapters of
-        `args` (or of `peft_config`, as trl's trainers take one) and whose `config.id2label` becomes the
-        classes (`slca_peft.models.from_classifier`): transformers' example scripts run with `Trainer`
-        swapped for `SLCATrainer`. A plain `TrainingArguments` is converted to `SLCAConfig`."""
+    def __init__(self, model: SLCAModel | PreTrainedModel | None = None, args: SLCAConfig | None = None,
+                 task_id: int | None = None, *, peft_config: PeftConfig | None = None, **kwargs: Any):
+        """`model`: an `SLCAModel`, or a transformers image classifier whose backbone gets `args`' adapters (or
+        `peft_config`'s, as trl's trainers take one) and whose `id2label` the classes (`models.from_classifier`)."""
         #: Refusals then name what a plain `TrainingArguments` parser accepts (no SLCAConfig-only flags).
         self._plain_training_arguments = args is not None and not isinstance(args, SLCAConfig)
         args = as_slca_config(args)
         check_honoured(args)
-        if isinstance(model, PreTrainedModel):
-            model = slow_learner_from_classifier(model, args, peft_config)
-        elif model is not None and not isinstance(model, SLCAModel):
-            raise TypeError(
-                f"SLCATrainer trains an SLCAModel or a transformers image classifier, got {type(model).__name__}; "
-                "wrap your backbone with SLCAModel.from_backbone(...)."
-            )
-        elif peft_config is not None:
-            raise ValueError("SLCATrainer: peft_config shapes the model built from a transformers classifier; an "
-                             "SLCAModel has its adapters already (SLCAModel.from_backbone(..., peft_config=...)).")
+        model = trainer_model(model, args, peft_config)
         if model is not None and model.classifier.num_tasks == 0:
             raise ValueError("the model has no task head; call model.grow(num_classes) before training.")
         self._task_id = task_id

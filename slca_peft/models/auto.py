@@ -61,13 +61,11 @@ def auto_config_dict(id2label: dict[int, str]) -> dict[str, Any]:
     return config.to_dict()
 
 
-def register_auto_classes() -> None:
-    """`model_type` `slca_peft` for `AutoConfig` and `AutoModelForImageClassification` (once)."""
+def register_auto_classes(model_class: type) -> None:
+    """`model_type` `slca_peft` for `AutoConfig`, and `model_class` (`SLCAModel`: its class name is what
+    `pipeline()` checks the model against) for it in `AutoModelForImageClassification` (once)."""
     try:
         AutoConfig.register(MODEL_TYPE, SLCAPeftConfig)
     except ValueError:  # registered already
         return
-    from .model import SLCAModel
-
-    # SLCAModel itself (its class name is what pipeline() checks the model against).
-    AutoModelForImageClassification.register(SLCAPeftConfig, SLCAModel, exist_ok=True)
+    AutoModelForImageClassification.register(SLCAPeftConfig, model_class, exist_ok=True)

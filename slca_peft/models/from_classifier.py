@@ -66,3 +66,17 @@ def slow_learner_from_classifier(classifier: PreTrainedModel, args: Any | None =
                 model.slca_config.base_model_name_or_path or "built from a config",
                 "the given peft_config" if peft_config is not None else "the default adapters", len(names))
     return model
+
+
+def trainer_model(model: Any, args: Any, peft_config: Any | None = None) -> SLCAModel | None:
+    """What `SLCATrainer` trains, given its `model` argument: an `SLCAModel` as it is, a transformers image
+    classifier converted (`slow_learner_from_classifier`); anything else is refused."""
+    if isinstance(model, PreTrainedModel):
+        return slow_learner_from_classifier(model, args, peft_config)
+    if model is not None and not isinstance(model, SLCAModel):
+        raise TypeError(f"SLCATrainer trains an SLCAModel or a transformers image classifier, got "
+                        f"{type(model).__name__}; wrap your backbone with SLCAModel.from_backbone(...).")
+    if peft_config is not None:
+        raise ValueError("SLCATrainer: peft_config shapes the model built from a transformers classifier; an "
+                         "SLCAModel has its adapters already (SLCAModel.from_backbone(..., peft_config=...)).")
+    return model
