@@ -182,10 +182,10 @@ def toy_dataset(n: int = 8) -> datasets.Dataset:
                                        "labels": labels}).with_format("torch")
 
 
-def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_dir, hub):
+def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_dir, hub, caplog):
     def trainer(**args):
         config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
-                            per_device_train_batch_size=4, num_train_epochs=1, hub_model_id="me/trained", **args)
+                            per_device_train_batch_size=4, hub_model_id="me/trained", **{"num_train_epochs": 1, **args})
         model = SLCAModel.from_backbone(str(base_model_dir), config)
         model.grow(2)
         return SLCATrainer(model=model, args=config, train_dataset=toy_dataset())
@@ -229,9 +229,13 @@ def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_d
     assert not any(name.endswith((".bin", ".pt")) for name in upload["files"]) and "training_args.json" not in \
         upload["files"]
     # push_to_hub=True: each save is uploaded the same way (no pickled training_args.bin, the library's card).
-    pushing = trainer(push_to_hub=True, hub_base_model_id="me/tiny-vit", save_strategy="epoch")
-    pushing.train()
-    assert [u["message"] for u in hub.uploads[1:]] == ["Training in progress, epoch 1"]
+    pushing = trainer(push_to_hub=True, hub_base_model_id="me/tiny-vit", save_strategy="epoch", num_train_epochs=2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slca_peft"):
+        pushing.train()
+    assert [u["message"] for u in hub.uploads[1:]] == ["Training in progress, epoch 1", "Training in progress, epoch 2"]
+    # The note that these uploads cannot be continued shows once, not at every save.
+    assert sum("cannot be continued" in r.getMessage() for r in caplog.records) == 1
     assert "library_name: slca-peft" in hub.uploads[-1]["card"]
     assert not any(name.endswith(".bin") for name in hub.uploads[-1]["files"])
 
