@@ -10,7 +10,7 @@ from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_m
 from ..utils.files import CARD_FILE
 from .config import names_by_class_id
 from .loading import is_local_name
-from .public import base_display, public_name, public_state
+from .public import IMAGE_FOLDERS, base_display, public_name, public_state
 
 #: Where the card names its own repo until an upload knows it (`slca_peft.models.hub.push_to_hub` fills it in).
 REPO_PLACEHOLDER = "<this repo or directory>"
@@ -105,6 +105,8 @@ def id_statement(state: dict[str, Any]) -> str:
         or state.get("dataset")
     first = public_name(first)
     named = f"`{first}`" if first else "the training dataset"
+    if first and first.startswith(IMAGE_FOLDERS):  # "image folders train, test": the folders' names
+        named = f"the image-folder dataset `{first[len(IMAGE_FOLDERS):]}`"
     text = (f"Output k is the class {named} labels k (its class id), so `(logits.argmax(-1) == batch[\"label\"])` "
             f"on {named} scores what the run reported, and `config.id2label[k]` names output k.")
     later = list(dict.fromkeys(public_name(s.get("data")) or "other data" for s in segments[1:]))
@@ -213,7 +215,7 @@ def hub_datasets(state: dict[str, Any]) -> list[str]:
 
 
 def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] | None, license: str | None,
-               tags: list[str], model_name: str, **fields: Any) -> tuple[Any, str]:
+               tags: list[str], model_name: str, lora: bool = True, **fields: Any) -> tuple[Any, str]:
     """What a checkpoint's and an export's card share: the metadata (results as `model-index`, the
     datasets, license, tags and a base model others can load) and the text's metrics line."""
     from huggingface_hub import ModelCardData
@@ -225,7 +227,7 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
     eval_results = _eval_results(metrics, dataset)
     partial = partial_results(metrics)
     data = ModelCardData(
-        tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
+        tags=list(dict.fromkeys([*(t for t in CARD_TAGS if lora or t != "lora"), *tags])),  # lora: adapter files
         license=license or "other",
         base_model=None if base is None or is_local_name(str(base)) else str(base),
         datasets=datasets or None,
@@ -273,7 +275,8 @@ def build_model_card(
     # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
     data, metrics_line = _card_data(
         state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
-        library_name="slca-peft", label_names=list(id2label.values()) if label_names else None,
+        lora=settings.get("use_lora", True), library_name="slca-peft",
+        label_names=list(id2label.values()) if label_names else None,
         **{k: v for k, v in (card_data or {}).items() if v is not None},
     )
     learned = state.get("tasks_learned", len(settings.get("task_sizes") or []))
@@ -349,7 +352,7 @@ def build_export_card(
     model_name = model_name or "SLCA++ continual model (exported)"
     data, metrics_line = _card_data(
         state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
-        model_name=model_name, library_name="transformers", pipeline_tag="image-classification",
+        model_name=model_name, lora=False, library_name="transformers", pipeline_tag="image-classification",
         label_names=[id2label[k] for k in sorted(id2label)],
     )
     learned = state.get("tasks_learned")

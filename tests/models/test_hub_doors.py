@@ -77,6 +77,14 @@ def test_the_id_statement_names_whose_ids_hold_and_how_to_score_continued_data()
         assert "Output k is the class `uoft-cs/cifar100` labels k" in card.text
         assert "from `image folders train, test` (continued), took the next free class ids" in card.text
         assert "model.config.label2id[n] for n in names" in card.text and "/data/birds" not in card.text
+    # Image folders first: named as a dataset, not as "the class `image folders ...` labels k".
+    folders = {**CONTINUED, "segments": [{"first_task": 0, "tasks": 3, "data": "image folders /d/train, /d/test"}]}
+    card = build_export_card("google/vit-tiny", dict(enumerate("abcdef")), folders)
+    assert "Output k is the class the image-folder dataset `train, test` labels k" in card.text
+    # An export's weights are merged (no adapter), a full fine-tuning has none: neither is tagged lora.
+    assert "lora" not in card.data.tags and "slca" in card.data.tags
+    assert "lora" not in build_model_card({**SETTINGS, "use_lora": False}, folders).data.tags
+    assert "lora" in build_model_card(SETTINGS, folders).data.tags
 
 
 def trained_model(base_model_dir, **settings) -> SLCAModel:
