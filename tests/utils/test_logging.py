@@ -15,17 +15,21 @@ from slca_peft.utils.logging import get_logger, is_progress_bar_enabled, set_ver
 
 @contextlib.contextmanager
 def transformers_handler():
-    """A handler added the transformers way; the library's level and transformers' verbosity restored after."""
+    """A handler added the transformers way, the library's logger as a fresh process has it (no handler of
+    the recipe's, propagating, level unset); all restored after."""
     stream, library = io.StringIO(), get_logger()
-    handler, level, verbosity = logging.StreamHandler(stream), library.level, hf_logging.get_verbosity()
-    hf_logging.add_handler(handler)
+    handler, verbosity = logging.StreamHandler(stream), hf_logging.get_verbosity()
+    saved = library.handlers, library.propagate, library.level
+    library.handlers, library.propagate = [], True
     library.setLevel(logging.NOTSET)
+    hf_logging.add_handler(handler)
     try:
         yield stream
     finally:
         hf_logging.remove_handler(handler)
         hf_logging.set_verbosity(verbosity)
-        library.setLevel(level)
+        library.handlers, library.propagate = saved[:2]
+        library.setLevel(saved[2])
 
 
 def test_library_records_follow_transformers_verbosity_and_reach_its_handlers():
