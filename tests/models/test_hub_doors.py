@@ -229,8 +229,12 @@ def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_d
     assert card.data.finetuned_from == "google/vit-base-patch16-224-in21k"
     with pytest.raises(TypeError, match="unexpected keyword"):
         plain.push_to_hub(licence="mit")
-    url = plain.push_to_hub(commit_message="done", license="mit")
+    url = plain.push_to_hub(commit_message="done", license="mit", finetuned_from="me/tiny-vit",
+                            tasks="image-classification", dataset=None, tags=["image-classification", "vision"])
     (upload,) = hub.uploads
+    assert "- vision" in upload["card"] and "finetuned_from: me/tiny-vit" in upload["card"]
+    # The run's results travel with the push (one task, scored by the latest evaluate: none yet here).
+    assert "1 of 1 tasks (2 classes so far)" in upload["card"]
     assert url == upload_url(upload) and upload["message"] == "done" and upload["repo_id"] == "me/trained"
     assert "library_name: slca-peft" in upload["card"] and "base_model: me/tiny-vit" in upload["card"]
     assert upload["json"]["slca_config.json"]["base_model_name_or_path"] == "me/tiny-vit"
