@@ -21,6 +21,14 @@ from .models import SLCAModel, SLCAModelConfig
 
 __version__ = "0.1.0"
 
+from .utils.logging import get_logger as _get_logger  # noqa: E402
+
+_get_logger()  # the library's loggers under transformers' root: its verbosity and handlers apply
+
+from .models.auto import register_auto_classes as _register_auto_classes  # noqa: E402
+
+_register_auto_classes(SLCAModel)  # AutoModelForImageClassification / pipeline() load slca-peft model folders
+
 __all__ = [
     "ContinualCallback",
     "ContinualLearner",

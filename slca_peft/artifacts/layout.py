@@ -54,6 +54,9 @@ SEEDS_FILE = "seeds.json"  # a `--seeds` run's summary over its seed runs
 SEED_DIR_PREFIX = "seed_"
 TRAINING_ARGS_FILE = "training_args.json"  # SLCATrainer's arguments (JSON, never a pickle)
 EXPORT_CONFIG_FILE = "config.json"  # an export's (and any transformers model folder's) config
+#: transformers' config.json in a model folder, of model type slca_peft: the Auto classes load the trained
+#: model (`slca_peft.models.auto`)
+AUTO_CONFIG_FILE = EXPORT_CONFIG_FILE
 EXPORT_WEIGHTS_FILE = "model.safetensors"
 EXPORT_INDEX_FILE = "model.safetensors.index.json"
 PROCESSOR_FILE = "preprocessor_config.json"

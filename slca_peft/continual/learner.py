@@ -218,8 +218,9 @@ class ContinualLearner:
 
     @property
     def show_progress(self) -> bool:
-        """Progress bars on the main process unless `disable_tqdm`."""
-        return not self.args.disable_tqdm and self.is_main_process
+        """Progress bars on the main process unless `disable_tqdm` or transformers' switch
+        (`transformers.utils.logging.disable_progress_bar()`) turned them off."""
+        return not self.args.disable_tqdm and self.is_main_process and logging_utils.is_progress_bar_enabled()
 
     def run(self) -> ContinualResult:
         """Learn every task not yet learned and return the accuracies."""

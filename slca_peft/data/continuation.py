@@ -117,9 +117,11 @@ class ContinuedStream:
         known = {name: p for p, name in enumerate(old_names)}
         clashes = sorted(name for name in new.label_names if name in known)
         if clashes and not merge_existing_classes:
+            shown = clashes[:10]
+            more = f" and {len(clashes) - len(shown)} more" if len(clashes) > len(shown) else ""
             raise UserError(
-                f"the new data's class(es) {clashes[:5]} are already learned (class ids "
-                f"{[old_ids[known[n]] for n in clashes[:5]]}); rename them, or add their images to those classes "
+                f"the new data's {len(clashes)} class(es) {shown}{more} are already learned (class ids "
+                f"{[old_ids[known[n]] for n in shown]}); rename them, or add their images to those classes "
                 "with merge_existing_classes=True (--merge_existing_classes)."
             )
         # New-stream position -> position in this stream; new classes take the positions after the old ones.

@@ -160,7 +160,7 @@ def export_model(
         else:
             head.weight.copy_(weight)
         head.bias.copy_(bias)
-    processor = image_processor or default_image_processor(model)
+    processor = image_processor or saved_image_processor(model) or default_image_processor(model)
     card = dict(card or {})
     readme = build_export_card(
         model.slca_config.base_model_name_or_path, dict(enumerate(names)),
@@ -341,6 +341,18 @@ def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
         image_std=list(config.std),
         do_convert_rgb=config.num_channels == 3,
     )
+
+
+def saved_image_processor(model: SLCAModel):
+    """The image processor saved beside the model files (`SLCATrainer` saves the run's `processing_class`
+    there), when the model was loaded from a local folder that holds one: the export then preprocesses as
+    the run evaluated. None otherwise."""
+    from transformers import AutoImageProcessor
+
+    source = getattr(model, "name_or_path", None)
+    if not source or not (Path(source) / "preprocessor_config.json").is_file():
+        return None
+    return AutoImageProcessor.from_pretrained(source)
 
 
 def default_image_processor(model: SLCAModel) -> CLIPImageProcessorPil:

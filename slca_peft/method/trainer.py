@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from peft import PeftConfig
+from transformers import PreTrainedModel, Trainer
 from transformers.training_args import ParallelMode
 
 from ..artifacts.atomic import atomic_write_text
@@ -33,6 +34,7 @@ from ..artifacts.layout import TRAINING_ARGS_FILE
 from ..artifacts.state_files import has_state, load_state, save_state
 from ..models.adapters import ADAPTER, BACKBONE, HEAD
 from ..models.backbones import input_size
+from ..models.from_classifier import trainer_model
 from ..models.model import SLCAModel
 from ..models.saving import load_model_state
 from ..utils.errors import UserError
@@ -191,16 +193,15 @@ class SLCATrainer(TrainerHub, Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self, model: SLCAModel | None = None, args: SLCAConfig | None = None, task_id: int | None = None, **kwargs: Any
-    ):
-        if model is not None and not isinstance(model, SLCAModel):
-            raise TypeError(
-                f"SLCATrainer trains an SLCAModel, got {type(model).__name__}; wrap your backbone with "
-                "SLCAModel.from_backbone(...)."
-            )
+    def __init__(self, model: SLCAModel | PreTrainedModel | None = None, args: SLCAConfig | None = None,
+                 task_id: int | None = None, *, peft_config: PeftConfig | None = None, **kwargs: Any):
+        """`model`: an `SLCAModel`, or a transformers image classifier whose backbone gets `args`' adapters (or
+        `peft_config`'s, as trl's trainers take one) and whose `id2label` the classes (`models.from_classifier`)."""
+        #: Refusals then name what a plain `TrainingArguments` parser accepts (no SLCAConfig-only flags).
+        self._plain_training_arguments = args is not None and not isinstance(args, SLCAConfig)
         args = as_slca_config(args)
         check_honoured(args)
+        model = trainer_model(model, args, peft_config)
         if model is not None and model.classifier.num_tasks == 0:
             raise UserError("the model has no task head; call model.grow(num_classes) before training.")
         self._task_id = task_id

@@ -19,19 +19,15 @@ from transformers.trainer_utils import HubStrategy, SaveStrategy
 from ..artifacts.atomic import atomic_write_text
 from ..artifacts.layout import CARD_FILE
 from ..sharing.card import build_model_card
-from ..sharing.hub import check_pushable
+from ..sharing.hub import local_base_problem
+from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-#: `Trainer.create_model_card` keywords the library's card has no place for, and what to do instead.
-_UNUSED_CARD_KEYWORDS = {
-    "finetuned_from": "the card names the base model the checkpoint references (base_model_id / "
-    "hub_base_model_id for a local one)",
-    "language": "an image classifier has none",
-    "tasks": "the card's task is image classification",
-    "dataset_args": "pass the datasets' Hub ids as dataset",
-}
+#: `Trainer.create_model_card`'s keywords, which `push_to_hub` passes on to it.
+_CARD_KEYWORDS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset",
+                  "dataset_args")
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -47,8 +43,21 @@ class TrainerHub:
 
     def check_pushable(self) -> None:
         """Refuse, as `slca-peft push` does, an upload whose base model is a local directory (unless
-        `hub_base_model_id` names it on the Hub)."""
-        check_pushable(self.slca_model.settings(), self.args.hub_base_model_id, "push_to_hub: ")
+        `hub_base_model_id` names it on the Hub), naming the fix the caller's own arguments accept: a
+        plain `TrainingArguments` (transformers' example scripts) has no `hub_base_model_id`."""
+        model = self.slca_model
+        base = model.settings()["base_model_name_or_path"]
+        problem = local_base_problem(base, model.slca_config.use_lora, self.args.hub_base_model_id)
+        if not problem:
+            return
+        if getattr(self, "_plain_training_arguments", False):
+            raise UserError(
+                f"push_to_hub: the base model is the local path {base!r}, which nobody who downloads the repo can "
+                "load. Upload the base model first (e.g. ViTModel.from_pretrained(path).push_to_hub('me/base')) and "
+                "train from its Hub id (--model_name_or_path me/base), or give SLCATrainer "
+                "args=SLCAConfig(..., hub_base_model_id='me/base')."
+            )
+        raise UserError(f"push_to_hub: {problem}")
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """With `push_to_hub=True`: refuse an unloadable upload before training; the repo itself is created
@@ -71,24 +80,53 @@ class TrainerHub:
         dataset_args: str | list[str] | None = None,
     ) -> None:
         """`output_dir/README.md`: the library's card of the model (`slca_peft.sharing.card`: base model,
-        classes by class id, the task history's results), not Trainer's generic one. `dataset` and
-        `dataset_tags` are the datasets' Hub ids; keywords the card has no place for are refused."""
-        given = {"language": language, "finetuned_from": finetuned_from, "tasks": tasks, "dataset_args": dataset_args}
-        for name, value in given.items():
-            if value is not None:
-                raise UserError(f"create_model_card: {name} is not used: {_UNUSED_CARD_KEYWORDS[name]}.")
+        classes by class id, the run's results), not Trainer's generic one, with `Trainer.create_model_card`'s
+        keywords on it: `language`, `license`, `tags` and `tasks` (as tags), `model_name`, `finetuned_from`
+        (the card's base model when it is a Hub id), `dataset` / `dataset_tags` (the datasets' Hub ids) and
+        `dataset_args` (their configurations)."""
         if not self.is_world_process_zero():
             return
-        model = self.slca_model
-        card = build_model_card(model.settings(), None, continuable=False,
-                                **self._card_fields(license, tags, model_name, dataset_tags, dataset))
+        fields = self._card_fields(license, tags, model_name, dataset_tags, dataset, language=language,
+                                   finetuned_from=finetuned_from, tasks=tasks, dataset_args=dataset_args)
+        card = build_model_card(self._card_settings(fields), self.card_state(), continuable=False, **fields)
         os.makedirs(self.args.output_dir, exist_ok=True)
         atomic_write_text(os.path.join(self.args.output_dir, CARD_FILE), str(card))
 
-    def _card_fields(self, license=None, tags=None, model_name=None, dataset_tags=None, dataset=None) -> dict[str, Any]:
+    def card_state(self) -> dict[str, Any] | None:
+        """The results the card shows: this run's, as one task of the model's classes scored by the latest
+        `evaluate` (its `eval_accuracy`, the model as it is now, after `load_best_model_at_end`)."""
+        model = self.slca_model
+        if not model.classifier.num_tasks:
+            return None
+        accuracy = next((entry["eval_accuracy"] for entry in reversed(self.state.log_history)
+                         if isinstance(entry.get("eval_accuracy"), (int, float))), None)
+        sizes = list(model.classifier.task_sizes)
+        return {
+            "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes,
+            "label_names": model.label_names,
+            # `evaluate` scores the classes of a one-task model (Last-Acc); several tasks need per-task scores.
+            "accuracy_matrix": [[100.0 * accuracy]] if accuracy is not None and len(sizes) == 1 else [],
+        }
+
+    def _card_settings(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The model's settings as the card shows them: `finetuned_from` (a Hub id) names a local base."""
+        settings = dict(self.slca_model.settings())
+        finetuned_from = fields.get("card_data", {}).get("finetuned_from")
+        base = settings.get("base_model_name_or_path")
+        if finetuned_from and not is_local_name(finetuned_from) and (base is None or is_local_name(str(base))):
+            settings["base_model_name_or_path"] = finetuned_from
+        return settings
+
+    def _card_fields(self, license=None, tags=None, model_name=None, dataset_tags=None, dataset=None, *,
+                     language=None, finetuned_from=None, tasks=None, dataset_args=None) -> dict[str, Any]:
         datasets = list(dict.fromkeys(_as_list(dataset) + _as_list(dataset_tags)))
-        return {"license": license, "tags": _as_list(tags), "datasets": datasets or None,
-                "model_name": model_name or self.hub_repo_id().split("/")[-1]}
+        # A local `finetuned_from` (a path of this machine) stays off the card, as the local base model does.
+        card_data = {"language": language, "dataset_args": _as_list(dataset_args) or None,
+                     "finetuned_from": None if finetuned_from is None or is_local_name(finetuned_from)
+                     else finetuned_from}
+        return {"license": license, "tags": list(dict.fromkeys(_as_list(tags) + _as_list(tasks))),
+                "datasets": datasets or None, "model_name": model_name or self.hub_repo_id().split("/")[-1],
+                "card_data": {k: v for k, v in card_data.items() if v is not None}}
 
     def push_to_hub(
         self,
@@ -116,16 +154,19 @@ class TrainerHub:
 
     def _upload(self, commit_message: str, *, token: str | None = None, revision: str | None = None,
                 private: bool | None = None, commit_description: str | None = None, **card: Any) -> Any:
-        self.create_model_card(**card)  # refuses the keywords the card has no place for
-        fields = self._card_fields(**{k: card.get(k) for k in ("license", "tags", "model_name", "dataset_tags",
-                                                              "dataset")})
+        unknown = sorted(set(card) - set(_CARD_KEYWORDS))
+        if unknown:
+            raise TypeError(f"push_to_hub got unexpected keyword(s) {unknown}; it takes commit_message, "
+                            f"commit_description, token, revision, private, blocking and {list(_CARD_KEYWORDS)}.")
+        self.create_model_card(**card)
+        fields = self._card_fields(**card)
         args = self.args
         return self.slca_model.push_to_hub(
             self.hub_repo_id(), commit_message=commit_message, commit_description=commit_description,
             private=args.hub_private_repo if private is None else private,
             token=args.hub_token if token is None else token,
             revision=args.hub_revision if revision is None else revision,
-            base_model_id=args.hub_base_model_id, card=fields,
+            base_model_id=args.hub_base_model_id, card=fields, state=self.card_state(),
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -139,8 +180,29 @@ class TrainerHub:
             message = f"Training in progress, step {self.state.global_step}"
         else:
             message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
+        hub_logger = logging.getLogger("slca_peft.sharing.hub")  # its notes on what an upload lacks: once a run
+        if not hasattr(self, "_said_once"):
+            self._said_once = _Once()
+        hub_logger.addFilter(self._said_once)
         try:
             self._upload(message)
         except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
             logger.warning("pushing %s to %s failed (%s); training goes on, the files are in %s.",
                            Path(checkpoint_folder).name, self.hub_repo_id(), err, self.args.output_dir)
+        finally:
+            hub_logger.removeFilter(self._said_once)
+
+
+class _Once(logging.Filter):
+    """Lets each warning through once (the same note at every save of a run says nothing new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING and message in self.seen:
+            return False
+        self.seen.add(message)
+        return True

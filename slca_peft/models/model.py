@@ -310,8 +310,9 @@ class SLCAModel(nn.Module):
         transformers' does (`model.train()` before training it by hand). The model is the model only: the
         run state beside it in a continual checkpoint (class statistics, heads before alignment, task
         history) is the learner's (`ContinualLearner.from_checkpoint` / `from_pretrained`)."""
+        from .auto import without_auto_keywords
         from .saving import read_model_config
-        loading = loading_kwargs("SLCAModel.from_pretrained", **kwargs)
+        loading = loading_kwargs("SLCAModel.from_pretrained", **without_auto_keywords(kwargs))
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)

@@ -31,6 +31,7 @@ from ..artifacts.atomic import settle_files, write_json
 from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
+    AUTO_CONFIG_FILE,
     BACKBONE_CONFIG_FILE,
     BACKBONE_FILE,
     CLASSIFIER_FILE,
@@ -40,6 +41,7 @@ from ..artifacts.layout import (
 from ..sharing.card import write_model_card
 from ..utils.errors import MissingFileError, UserError
 from ..utils.reading import read_json
+from .auto import auto_config_dict
 from .config import SLCAModelConfig
 from .loading import portable_name, resolve_recorded_base
 from .verification import base_model_record
@@ -100,6 +102,8 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
         save_file(detached(backbone.state_dict()), str(folder / BACKBONE_FILE))
         write_json(folder / BACKBONE_CONFIG_FILE, backbone.config.to_dict())
     save_file(detached(model.classifier.state_dict()), str(folder / CLASSIFIER_FILE))
+    # transformers' Auto classes and pipeline() read this instead of the adapter's base (a random head).
+    write_json(folder / AUTO_CONFIG_FILE, auto_config_dict(model.id2label if model.classifier.num_tasks else {}))
     write_model_card(folder, settings, state, continuable=continuable, **(card or {}))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..artifacts.layout import CARD_FILE
 from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
-from .public import base_display, is_local_name, names_by_class_id, public_name, public_state
+from .public import IMAGE_FOLDERS, base_display, is_local_name, names_by_class_id, public_name, public_state
 
 #: Where the card names its own repo until an upload knows it (`slca_peft.sharing.hub.push_folder` fills it in).
 REPO_PLACEHOLDER = "<this repo or directory>"
@@ -41,9 +41,21 @@ A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
 
 ## Usage
 
-This is a continual checkpoint: its classifier is slca-peft's per-task heads, which
-`transformers.pipeline()` cannot read (it would answer from a fresh, random head). For a
-`pipeline("image-classification")` model, export it (adapter merged, heads folded, output k = class id k):
+This is a continual checkpoint: its classifier is slca-peft's per-task heads. With slca-peft imported,
+transformers loads its folder as it is (its `config.json` has slca-peft's model type, registered on
+import); given a Hub id, transformers reads the adapter alone onto its base (a random head), so pass
+the downloaded folder:
+
+```python
+import slca_peft  # registers model type slca_peft with AutoModelForImageClassification
+from huggingface_hub import snapshot_download
+from transformers import pipeline
+
+classify = pipeline("image-classification", model=snapshot_download("{{ repo }}"))  # or a local folder
+```
+
+Without slca-peft, transformers refuses the model type. For a plain transformers model, export it
+(adapter merged, heads folded, output k = class id k):
 
 ```bash
 slca-peft export {{ repo }} exported/        # or export_model(model, "exported/") in Python
@@ -91,6 +103,8 @@ def id_statement(state: dict[str, Any]) -> str:
         or state.get("dataset")
     first = public_name(first)
     named = f"`{first}`" if first else "the training dataset"
+    if first and first.startswith(IMAGE_FOLDERS):  # "image folders train, test": the folders' names
+        named = f"the image-folder dataset `{first[len(IMAGE_FOLDERS):]}`"
     text = (f"Output k is the class {named} labels k (its class id), so `(logits.argmax(-1) == batch[\"label\"])` "
             f"on {named} scores what the run reported, and `config.id2label[k]` names output k.")
     later = list(dict.fromkeys(public_name(s.get("data")) or "other data" for s in segments[1:]))
@@ -199,7 +213,7 @@ def hub_datasets(state: dict[str, Any]) -> list[str]:
 
 
 def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] | None, license: str | None,
-               tags: list[str], model_name: str, **fields: Any) -> tuple[Any, str]:
+               tags: list[str], model_name: str, lora: bool = True, **fields: Any) -> tuple[Any, str]:
     """What a checkpoint's and an export's card share: the metadata (results as `model-index`, the
     datasets, license, tags and a base model others can load) and the text's metrics line."""
     from huggingface_hub import ModelCardData
@@ -211,7 +225,7 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
     eval_results = _eval_results(metrics, dataset)
     partial = partial_results(metrics)
     data = ModelCardData(
-        tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
+        tags=list(dict.fromkeys([*(t for t in CARD_TAGS if lora or t != "lora"), *tags])),  # lora: adapter files
         license=license or "other",
         base_model=None if base is None or is_local_name(str(base)) else str(base),
         datasets=datasets or None,
@@ -241,10 +255,12 @@ def build_model_card(
     model_name: str | None = None,
     repo: str = REPO_PLACEHOLDER,
     continuable: bool = True,
+    card_data: dict[str, Any] | None = None,
 ):
     """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names by class id,
     `model-index` results equal to the run's metrics, partial ones apart) and a usage snippet.
-    `continuable`: the folder also holds the run state `--resume_from` / `--continue_from` need."""
+    `continuable`: the folder also holds the run state `--resume_from` / `--continue_from` need.
+    `card_data`: more metadata fields (e.g. `language`, as `Trainer.create_model_card` takes it)."""
     from huggingface_hub import ModelCard
 
     state = public_state(state) or {}
@@ -257,7 +273,9 @@ def build_model_card(
     # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
     data, metrics_line = _card_data(
         state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
-        library_name="slca-peft", label_names=list(id2label.values()) if label_names else None,
+        lora=settings.get("use_lora", True), library_name="slca-peft",
+        label_names=list(id2label.values()) if label_names else None,
+        **{k: v for k, v in (card_data or {}).items() if v is not None},
     )
     learned = state.get("tasks_learned", len(settings.get("task_sizes") or []))
     classes = "\n".join(f"- {k}: {name}" for k, name in id2label.items()) or "_No class learned yet._"
@@ -332,7 +350,7 @@ def build_export_card(
     model_name = model_name or "SLCA++ continual model (exported)"
     data, metrics_line = _card_data(
         state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
-        model_name=model_name, library_name="transformers", pipeline_tag="image-classification",
+        model_name=model_name, lora=False, library_name="transformers", pipeline_tag="image-classification",
         label_names=[id2label[k] for k in sorted(id2label)],
     )
     learned = state.get("tasks_learned")

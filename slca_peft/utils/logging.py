@@ -1,26 +1,31 @@
-"""The library's logging and progress bars, in the manner of `transformers.utils.logging`.
+"""The library's logging and progress bars, through `transformers.utils.logging`.
 
-Every module logs to a child of the library root logger `slca_peft`. Results are log records (a
-task's accuracies, the run's summary), so they reach whatever the application set up; when it set up
-nothing, they must still show, as Trainer's metrics do. The library root therefore gets a default
-handler that writes only when no other handler would: not once the application configured logging
-(a handler on the root logger, e.g. `logging.basicConfig`, with propagation on), nor beside a
-handler of its own on `slca_peft` (the recipe's). It writes the message alone, INFO and below to
-stdout, warnings and errors to stderr (where Python's last-resort handler put them).
+Every module logs to a child of the library root logger `slca_peft`, and that root hangs under
+transformers' root logger (`transformers`): the library follows transformers' verbosity
+(`transformers.logging.set_verbosity_error()` silences it, `set_verbosity_info()` shows its INFO lines
+such as SLCATrainer's "Loading best model"), and its records reach transformers' handlers (its default
+handler on stderr, `enable_explicit_format`, `add_handler`), then the root logger's when transformers
+propagates. Results are log records (a task's accuracies, the run's summary), so they reach whatever
+the application set up; when nothing would write them (transformers' default handler disabled and no
+root handler), the library root's fallback handler writes the message alone, INFO and below to stdout,
+warnings and errors to stderr. A handler of the application on `slca_peft` itself (the recipe's) takes
+over from the fallback.
 
-Levels: outside a run the standard library decides (WARNING unless configured). A run sets the
+Levels: outside a run transformers' verbosity decides (WARNING unless configured). A run sets the
 library's level from its arguments, as Trainer sets transformers' verbosity from them
 (`set_verbosity_from_args`): `log_level` on the main process and `log_level_replica` on the others;
 "passive" (the default) is INFO on the main process, so each task's result line shows (DEBUG when
-transformers' verbosity is DEBUG), and transformers' verbosity on the others (WARNING by default).
-So `SLCAConfig(log_level="warning")` silences the task lines, and
+transformers' verbosity is DEBUG; transformers' own when the application lowered it to ERROR or
+CRITICAL), and transformers' verbosity on the others. So `SLCAConfig(log_level="warning")` and
+`transformers.logging.set_verbosity_error()` silence the task lines, and
 `transformers.logging.set_verbosity_debug()` adds the library's debug records.
 
 Progress bars go through the libraries' own switches: `progress_bars(False)` turns off transformers',
-`datasets`' and `huggingface_hub`'s for a block, and the library's own (the image check) follow
-transformers' switch. A run turns them off with `disable_tqdm` (and on every process but the main one)
-from the Python API as from the recipe: loading a backbone or checkpoint with those arguments,
-`ContinualLearner.run` and `SLCATrainer.train` run inside `progress_bars(shows_progress(args))`.
+`datasets`' and `huggingface_hub`'s for a block, and the library's own (the image check, class
+statistics, evaluation, alignment) follow transformers' switch (`disable_progress_bar()`). A run turns
+them off with `disable_tqdm` (and on every process but the main one) from the Python API as from the
+recipe: loading a backbone or checkpoint with those arguments, `ContinualLearner.run` and
+`SLCATrainer.train` run inside `progress_bars(shows_progress(args))`.
 """
 
 from __future__ import annotations
@@ -51,8 +56,11 @@ class _DefaultHandler(logging.Handler):
         library = logging.getLogger(LIBRARY_NAME)
         if any(handler is not self for handler in library.handlers):
             return False
-        if library.propagate and logging.getLogger().handlers:
-            return False
+        logger = library
+        while logger.propagate and logger.parent is not None:  # transformers' handlers, then the root's
+            logger = logger.parent
+            if logger.handlers:
+                return False
         return super().filter(record)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -65,11 +73,15 @@ class _DefaultHandler(logging.Handler):
 
 
 def _library_root() -> logging.Logger:
-    """The `slca_peft` logger, with its default handler attached once."""
+    """The `slca_peft` logger under transformers' root logger, with its fallback handler attached once."""
+    from transformers.utils import logging as hf_logging
+
     library = logging.getLogger(LIBRARY_NAME)
     with _lock:
         if not any(isinstance(handler, _DefaultHandler) for handler in library.handlers):
             library.addHandler(_DefaultHandler())
+        # Its level and handlers are transformers' (the logging module resolves both through `parent`).
+        library.parent = hf_logging.get_logger()
     return library
 
 
@@ -98,7 +110,7 @@ def set_verbosity_from_args(args: Any) -> int:
     chosen = trainer_log_levels[args.log_level if main else args.log_level_replica]
     if chosen == -1:  # "passive"
         verbosity = hf_logging.get_verbosity()
-        chosen = min(logging.INFO, verbosity) if main else verbosity
+        chosen = min(logging.INFO, verbosity) if main and verbosity <= logging.WARNING else verbosity
     set_verbosity(chosen)
     return chosen
 

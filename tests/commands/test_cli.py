@@ -139,17 +139,23 @@ def test_image_check_progress_bar_follows_disable_tqdm_and_the_main_process(reci
 
 @contextlib.contextmanager
 def bare_logging():
-    """Logging as in a fresh Python process: no handler on the root logger (pytest adds its own for
-    each test's call), the library's logger untouched; restored afterwards."""
-    root, library = logging.getLogger(), logging.getLogger("slca_peft")
-    saved = root.handlers, library.handlers, library.propagate, library.level
-    root.handlers, library.handlers, library.propagate = [], [], True
+    """Logging as in a fresh Python process whose transformers' default handler is off (so the library's
+    fallback writes, to the current stdout): no handler on the root or transformers' logger (pytest adds its
+    own to both for each test's call), the library's logger untouched; restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from slca_peft.utils.logging import get_logger
+
+    root, library, transformers = logging.getLogger(), get_logger(), hf_logging.get_logger()
+    saved = root.handlers, library.handlers, library.propagate, transformers.handlers, library.level
+    root.handlers, library.handlers, library.propagate, transformers.handlers = [], [], True, []
     library.setLevel(logging.NOTSET)
+    get_logger()  # the fallback handler back
     try:
         yield
     finally:
-        root.handlers, library.handlers, library.propagate = saved[:3]
-        library.setLevel(saved[3])
+        root.handlers, library.handlers, library.propagate, transformers.handlers = saved[:4]
+        library.setLevel(saved[4])
 
 
 def test_a_run_logs_its_results_without_logging_set_up(tmp_path, capsys):
@@ -176,11 +182,24 @@ def _check_run_verbosity(tmp_path, capsys):
         assert "alignment losses" in capsys.readouterr().out
     finally:
         hf_logging.set_verbosity(previous)
-    # Once the application configures logging, the records go to its handlers only (never twice).
+    # Once the application configures logging (transformers' handlers, or the root's when transformers
+    # propagates), the records go to its handlers only (never twice).
     stream = io.StringIO()
-    logging.getLogger().addHandler(logging.StreamHandler(stream))
-    task_line.warning("once")
-    assert stream.getvalue() == "once\n" and "once" not in capsys.readouterr().err
+    handler = logging.StreamHandler(stream)
+    hf_logging.add_handler(handler)
+    try:
+        task_line.warning("once")
+    finally:
+        hf_logging.remove_handler(handler)
+    root_stream = io.StringIO()
+    logging.getLogger().addHandler(logging.StreamHandler(root_stream))
+    hf_logging.enable_propagation()
+    try:
+        task_line.warning("twice")
+    finally:
+        hf_logging.disable_propagation()
+    assert stream.getvalue() == "once\n" and root_stream.getvalue() == "twice\n"
+    assert "once" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

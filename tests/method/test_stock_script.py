@@ -22,9 +22,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_forked, tiny_vit_config, write_image_folder
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
+    AutoModelForImageClassification,
     HfArgumentParser,
     TrainerCallback,
     TrainingArguments,
@@ -59,7 +62,8 @@ def collate_fn(examples):
 
 
 def run_image_classification(argv: list[str], callbacks=()) -> int:
-    """The stock script's main() with SLCATrainer (and an SLCAModel) in place of Trainer (and AutoModel...)."""
+    """The stock script's main() with SLCATrainer in place of Trainer: the model is the script's
+    `AutoModelForImageClassification` with the dataset's labels in its config."""
     from datasets import load_dataset
 
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
@@ -77,9 +81,13 @@ def run_image_classification(argv: list[str], callbacks=()) -> int:
     def compute_metrics(p):
         return {"accuracy": float((np.argmax(p.predictions, axis=1) == p.label_ids).mean())}
 
-    model = SLCAModel.from_backbone(model_args.model_name_or_path, training_args)  # was AutoModelFor...
-    model.grow(len(labels))
-    model.label_names = labels
+    label2id, id2label = {}, {}
+    for i, label in enumerate(labels):
+        label2id[label] = str(i)
+        id2label[str(i)] = label
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(labels), label2id=label2id,
+                                        id2label=id2label, finetuning_task="image-classification")
+    model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
     image_processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_args.model_name_or_path)
     config = ImageTransformConfig.from_image_processor(image_processor)
@@ -98,7 +106,7 @@ def run_image_classification(argv: list[str], callbacks=()) -> int:
     dataset["train"] = dataset["train"].with_transform(train_transforms)
     dataset["validation"] = dataset["validation"].with_transform(val_transforms)
 
-    trainer = SLCATrainer(  # was Trainer
+    trainer = SLCATrainer(  # the one change: was Trainer
         model=model,
         args=training_args,
         train_dataset=dataset["train"] if training_args.do_train else None,
@@ -119,6 +127,12 @@ def run_image_classification(argv: list[str], callbacks=()) -> int:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification", "dataset": None,
+              "tags": ["image-classification", "vision"]}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+    else:
+        trainer.create_model_card(**kwargs)
     return 0
 
 
@@ -212,3 +226,20 @@ def test_stock_script_trains_evaluates_keeps_the_best_and_resumes_a_killed_run_e
     written = [p.name for run in (whole, killed) for p in run.rglob("*") if p.is_file()]
     assert not [n for n in written if n.endswith(PICKLE_SUFFIXES)], written
     assert SLCAModel.from_pretrained(whole / best).classifier.num_classes == 3
+
+    # Plain transformers on the output folder: the trained model, scoring what evaluation reported.
+    from transformers import pipeline
+
+    classify = pipeline("image-classification", model=str(whole))
+    _, _, validation, _ = stock_inputs
+    images = sorted(validation.glob("*/*.png"))
+    answers = classify([str(p) for p in images], top_k=1)
+    accuracy = np.mean([a[0]["label"] == p.parent.name for a, p in zip(answers, images, strict=True)])
+    assert accuracy == pytest.approx(evaluated["eval_accuracy"])
+    assert isinstance(AutoModelForImageClassification.from_pretrained(whole), SLCAModel)
+    card = ModelCard.load(whole / "README.md")
+    assert "vision" in card.data.tags and str(stock_inputs[0]) not in str(card)
+    # The card's results are the run's: one task of the 3 classes, scored as evaluate() reported.
+    (result,) = [r for r in card.data.eval_results if r.metric_name == "Last-Acc"]
+    assert result.metric_value == pytest.approx(round(100 * evaluated["eval_accuracy"], 4))
+    assert "on\n1 of 1 tasks (3 classes so far)" in card.text and "No task has been learned yet" not in card.text

@@ -29,8 +29,8 @@ def test_round_trip_gives_identical_logits_and_keeps_every_part(tmp_path, base_m
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == [".slca-manifest.json", "README.md",
                      "adapter_config.json", "adapter_model.safetensors", "class_statistics.safetensors",
-                     "classifier.safetensors", "classifier_unaligned.safetensors", "continual_state.json",
-                     "slca_config.json"]
+                     "classifier.safetensors", "classifier_unaligned.safetensors", "config.json",
+                     "continual_state.json", "slca_config.json"]
     loaded, stats, state, restored_unaligned = load_checkpoint(tmp_path / "ckpt")
     torch.testing.assert_close(loaded.eval()(x).logits, expected, rtol=0, atol=0)
     assert stats.classes == [0, 1, 2, 3, 4] and state == {"accuracy_matrix": [[90.0]]}
@@ -89,7 +89,7 @@ def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_d
     assert upload["repo_id"] == "me/slca-tiny" and upload["message"] == "task 2" and upload["revision"] is None
     # Model files only: the learner's run state is not part of the model.
     assert set(upload["files"]) == {"adapter_config.json", "adapter_model.safetensors", "classifier.safetensors",
-                                    "slca_config.json", "README.md", ".slca-manifest.json"}
+                                    "slca_config.json", "config.json", "README.md", ".slca-manifest.json"}
     # The upload carries a manifest of the files as uploaded (edited base model id and card included).
     listed = {f["path"] for f in upload["json"][".slca-manifest.json"]["files"]}
     assert listed == set(upload["files"]) - {".slca-manifest.json"}

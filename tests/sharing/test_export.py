@@ -76,3 +76,21 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     # The same idiom scores the SLCAModel itself: its output k is the dataset's label k too.
     model_scored = 100.0 * (logits.argmax(-1) == torch.tensor(test["label"])).float().mean().item()
     assert abs(model_scored - reported) <= 0.5 and abs(model_scored - scored) <= 0.5
+
+
+def test_the_export_of_a_trainer_folder_keeps_the_runs_image_processor(tmp_path, base_model_dir):
+    """SLCATrainer saves its `processing_class` beside the model files; the export carries that processor,
+    so `pipeline()` preprocesses as the run evaluated (not slca-peft's default CLIP-style one)."""
+    from conftest import trained_model
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    from slca_peft import SLCAModel
+
+    folder = tmp_path / "run"
+    trained_model(base_model_dir).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.3] * 3, image_std=[0.2] * 3,
+                      resample=0).save_pretrained(folder)
+    export_model(SLCAModel.from_pretrained(folder), tmp_path / "export")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
+    assert type(processor).__name__.startswith("ViTImageProcessor")
+    assert list(processor.image_mean) == [0.3] * 3 and list(processor.image_std) == [0.2] * 3

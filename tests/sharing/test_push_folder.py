@@ -2,6 +2,7 @@
 file, and one upload path whichever door (`slca-peft push`, `SLCAModel.push_to_hub`, `SLCATrainer.push_to_hub`)."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from transformers import TrainingArguments
 
 from slca_peft import SLCAConfig, SLCAModel, SLCATrainer, export_model
 from slca_peft.continual import load_checkpoint, save_checkpoint
@@ -69,6 +71,14 @@ def test_the_id_statement_names_whose_ids_hold_and_how_to_score_continued_data()
         assert "Output k is the class `uoft-cs/cifar100` labels k" in card.text
         assert "from `image folders train, test` (continued), took the next free class ids" in card.text
         assert "model.config.label2id[n] for n in names" in card.text and "/data/birds" not in card.text
+    # Image folders first: named as a dataset, not as "the class `image folders ...` labels k".
+    folders = {**CONTINUED, "segments": [{"first_task": 0, "tasks": 3, "data": "image folders /d/train, /d/test"}]}
+    card = build_export_card("google/vit-tiny", dict(enumerate("abcdef")), folders)
+    assert "Output k is the class the image-folder dataset `train, test` labels k" in card.text
+    # An export's weights are merged (no adapter), a full fine-tuning has none: neither is tagged lora.
+    assert "lora" not in card.data.tags and "slca" in card.data.tags
+    assert "lora" not in build_model_card({**SETTINGS, "use_lora": False}, folders).data.tags
+    assert "lora" in build_model_card(SETTINGS, folders).data.tags
 
 
 def trained_model(base_model_dir, **settings) -> SLCAModel:
@@ -171,10 +181,10 @@ def toy_dataset(n: int = 8) -> datasets.Dataset:
                                        "labels": labels}).with_format("torch")
 
 
-def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_dir, hub):
+def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_dir, hub, caplog):
     def trainer(**args):
         config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
-                            per_device_train_batch_size=4, num_train_epochs=1, hub_model_id="me/trained", **args)
+                            per_device_train_batch_size=4, hub_model_id="me/trained", **{"num_train_epochs": 1, **args})
         model = SLCAModel.from_backbone(str(base_model_dir), config)
         model.grow(2)
         return SLCATrainer(model=model, args=config, train_dataset=toy_dataset())
@@ -185,25 +195,50 @@ def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_d
         trainer().push_to_hub()
     with pytest.raises(ValueError, match="push_to_hub: its base model is the local path"):
         trainer(push_to_hub=True)
+    # Given a plain TrainingArguments (an example script's parser has no hub_base_model_id), the refusal
+    # names what that entry point accepts.
+    stock_model = SLCAModel.from_backbone(str(base_model_dir))
+    stock_model.grow(2)
+    stock = SLCATrainer(model=stock_model, args=TrainingArguments(output_dir=str(tmp_path / "stock"), use_cpu=True,
+                                                                   report_to="none"))
+    with pytest.raises(ValueError, match=r"--model_name_or_path me/base.*hub_base_model_id='me/base'"):
+        stock.push_to_hub()
     assert hub.uploads == []
     plain = trainer(hub_base_model_id="me/tiny-vit")
     plain.create_model_card(license="mit", dataset="me/toy")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.library_name == "slca-peft" and card.data.license == "mit" and card.data.datasets == ["me/toy"]
     assert "trained from scratch" not in card.text
-    with pytest.raises(ValueError, match="create_model_card: finetuned_from is not used"):
-        plain.create_model_card(finetuned_from="x")
-    url = plain.push_to_hub(commit_message="done", license="mit")
+    # The keywords transformers' example scripts pass land on the card (a local finetuned_from stays off it).
+    plain.create_model_card(finetuned_from=str(base_model_dir), tasks="image-classification", dataset=None,
+                            tags=["image-classification", "vision"], language="en", dataset_args="full")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"image-classification", "vision", "slca"} <= set(card.data.tags) and card.data.language == "en"
+    assert card.data.dataset_args == ["full"] and str(base_model_dir) not in str(card)
+    plain.create_model_card(finetuned_from="google/vit-base-patch16-224-in21k")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.finetuned_from == "google/vit-base-patch16-224-in21k"
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        plain.push_to_hub(licence="mit")
+    url = plain.push_to_hub(commit_message="done", license="mit", finetuned_from="me/tiny-vit",
+                            tasks="image-classification", dataset=None, tags=["image-classification", "vision"])
     (upload,) = hub.uploads
+    assert "- vision" in upload["card"] and "finetuned_from: me/tiny-vit" in upload["card"]
+    # The run's results travel with the push (one task, scored by the latest evaluate: none yet here).
+    assert "1 of 1 tasks (2 classes so far)" in upload["card"]
     assert url == upload_url(upload) and upload["message"] == "done" and upload["repo_id"] == "me/trained"
     assert "library_name: slca-peft" in upload["card"] and "base_model: me/tiny-vit" in upload["card"]
     assert upload["json"]["slca_config.json"]["base_model_name_or_path"] == "me/tiny-vit"
     assert not any(name.endswith((".bin", ".pt")) for name in upload["files"]) and "training_args.json" not in \
         upload["files"]
     # push_to_hub=True: each save is uploaded the same way (no pickled training_args.bin, the library's card).
-    pushing = trainer(push_to_hub=True, hub_base_model_id="me/tiny-vit", save_strategy="epoch")
-    pushing.train()
-    assert [u["message"] for u in hub.uploads[1:]] == ["Training in progress, epoch 1"]
+    pushing = trainer(push_to_hub=True, hub_base_model_id="me/tiny-vit", save_strategy="epoch", num_train_epochs=2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slca_peft"):
+        pushing.train()
+    assert [u["message"] for u in hub.uploads[1:]] == ["Training in progress, epoch 1", "Training in progress, epoch 2"]
+    # The note that these uploads cannot be continued shows once, not at every save.
+    assert sum("cannot be continued" in r.getMessage() for r in caplog.records) == 1
     assert "library_name: slca-peft" in hub.uploads[-1]["card"]
     assert not any(name.endswith(".bin") for name in hub.uploads[-1]["files"])
 
