@@ -50,6 +50,7 @@ from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
 from ..models.model import SLCAModel
 from ..models.saving import resolve_checkpoint
+from ..sharing.hub import default_repo_id
 from ..sharing.public import IMAGE_FOLDERS
 from ..sharing.report import mean_std
 from ..utils.errors import UserError, run_main
@@ -149,7 +150,7 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
         seed_args = copy.copy(args)
         seed_args.class_order_seed, seed_args.output_dir = seed, str(root / seed_dir_name(seed))
         if args.push_to_hub:  # one repo per seed: each has its own task history
-            seed_args.hub_model_id = f"{args.hub_model_id or root.absolute().name}-seed{seed}"
+            seed_args.hub_model_id = f"{default_repo_id(args)}-seed{seed}"
         logger.info("class-order seed %d -> %s", seed, seed_args.output_dir)
         summary = train(model_args, data_args, seed_args)
         runs[str(seed)] = {

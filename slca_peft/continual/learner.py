@@ -29,7 +29,7 @@ from ..method.config import SLCAConfig, as_slca_config
 from ..method.statistics import ClassStatistics
 from ..method.trainer import SLCATrainer
 from ..models.model import SLCAModel
-from ..sharing.hub import push_folder
+from ..sharing.hub import default_repo_id, push_folder
 from ..utils import logging as logging_utils
 from ..utils.errors import UserError, no_exit
 from ..utils.timing import clock
@@ -204,7 +204,7 @@ class ContinualLearner:
         last = max(done)
         upload.setdefault("base_model_id", self.args.hub_base_model_id)
         message = commit_message or f"task {last + 1}/{len(self.tasks)}"
-        return push_folder(done[last], repo_id or self.args.hub_model_id or self.output_dir.absolute().name,
+        return push_folder(done[last], repo_id or default_repo_id(self.args),
                            commit_message=message, **upload)
 
     # ------------------------------------------------------------------ the loop

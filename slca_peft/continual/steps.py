@@ -33,7 +33,7 @@ from ..data.transforms import collate_fn
 from ..method.alignment import AlignmentSettings, ClassifierAligner
 from ..method.statistics import ClassStatistics
 from ..models.inference import inference_context
-from ..sharing.hub import check_pushable, push_folder
+from ..sharing.hub import check_pushable, default_repo_id, push_folder
 from ..utils.errors import UserError
 from .callbacks import ContinualCallback
 from .checkpoint import save_checkpoint
@@ -328,16 +328,11 @@ class PushStep(ContinualCallback):
             self.push(learner, learner.output_dir / task_dir_name(task.task_id),
                       f"task {task.task_id + 1}/{len(learner.tasks)}: seen classes {seen:.2f}%")
 
-    @staticmethod
-    def repo_id(args: SLCAConfig) -> str:
-        """`hub_model_id`, or the output directory's name."""
-        return args.hub_model_id or Path(args.output_dir).absolute().name
-
     def push(self, learner: ContinualLearner, directory: Path, message: str) -> None:
         """Upload a task checkpoint as one commit (main process only)."""
         if not learner.is_main_process:
             return
-        args, repo_id = learner.args, self.repo_id(learner.args)
+        args, repo_id = learner.args, default_repo_id(learner.args)
         try:
             push_folder(directory, repo_id, private=args.hub_private_repo, token=args.hub_token,
                         revision=args.hub_revision, commit_message=message, base_model_id=args.hub_base_model_id)

@@ -32,6 +32,7 @@ from ..artifacts import manifest
 from ..artifacts.atomic import atomic_directory, follow_umask, recover_replaced, settle_files, swap_directories
 from ..artifacts.layout import (
     CARD_FILE,
+    PROCESSOR_FILE,
     folder_kind,
 )
 from ..data.transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
@@ -350,7 +351,7 @@ def saved_image_processor(model: SLCAModel):
     from transformers import AutoImageProcessor
 
     source = getattr(model, "name_or_path", None)
-    if not source or not (Path(source) / "preprocessor_config.json").is_file():
+    if not source or not (Path(source) / PROCESSOR_FILE).is_file():
         return None
     return AutoImageProcessor.from_pretrained(source)
 

@@ -19,7 +19,7 @@ from transformers.trainer_utils import HubStrategy, SaveStrategy
 from ..artifacts.atomic import atomic_write_text
 from ..artifacts.layout import CARD_FILE
 from ..sharing.card import build_model_card
-from ..sharing.hub import local_base_problem
+from ..sharing.hub import default_repo_id, local_base_problem
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 
@@ -39,7 +39,7 @@ class TrainerHub:
 
     def hub_repo_id(self) -> str:
         """`hub_model_id`, or the output directory's name (as `Trainer.init_hf_repo` and `PushStep`)."""
-        return self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        return default_repo_id(self.args)
 
     def check_pushable(self) -> None:
         """Refuse, as `slca-peft push` does, an upload whose base model is a local directory (unless

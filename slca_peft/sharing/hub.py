@@ -54,6 +54,12 @@ def check_pushable(settings: dict[str, Any], base_model_id: str | None, prefix: 
         raise UserError(f"{prefix}{problem}")
 
 
+def default_repo_id(args: Any) -> str:
+    """Where a run's or a trainer's uploads go: `hub_model_id`, else the output directory's name (as
+    `Trainer.init_hf_repo` names it)."""
+    return args.hub_model_id or Path(args.output_dir).absolute().name
+
+
 def is_export(directory: str | Path) -> bool:
     """A folder `export` wrote (a stock transformers model), not an slca-peft checkpoint."""
     return folder_kind(directory) == "export"
