@@ -180,29 +180,8 @@ class TrainerHub:
             message = f"Training in progress, step {self.state.global_step}"
         else:
             message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
-        hub_logger = logging.getLogger("slca_peft.sharing.hub")  # its notes on what an upload lacks: once a run
-        if not hasattr(self, "_said_once"):
-            self._said_once = _Once()
-        hub_logger.addFilter(self._said_once)
         try:
             self._upload(message)
         except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
             logger.warning("pushing %s to %s failed (%s); training goes on, the files are in %s.",
                            Path(checkpoint_folder).name, self.hub_repo_id(), err, self.args.output_dir)
-        finally:
-            hub_logger.removeFilter(self._said_once)
-
-
-class _Once(logging.Filter):
-    """Lets each warning through once (the same note at every save of a run says nothing new)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.levelno >= logging.WARNING and message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
