@@ -232,10 +232,11 @@ class EvaluationStep(ContinualCallback):
         correct = np.zeros(task_id + 1)
         total = np.zeros(task_id + 1)
         for j in range(task_id + 1):
-            if learner.tasks[j].test is None:
+            test = learner.tasks[j].test
+            if test is None:
                 continue
             loader = accelerator.prepare_data_loader(DataLoader(
-                learner.tasks[j].test.with_transform(learner.eval_transform),
+                test.with_transform(learner.eval_transform),
                 batch_size=args.per_device_eval_batch_size,
                 collate_fn=collate_fn,
                 num_workers=args.dataloader_num_workers,
