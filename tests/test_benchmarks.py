@@ -27,3 +27,23 @@ def test_gpu_suite_quick_runs_on_the_cpu_and_writes_json_and_table(tmp_path):
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.count("\n| ") == 2 + 2 + 3 + len(results["data_pipeline"]) + 2 and "| alignment C = 20" in table
     assert table in done.stdout or table.split("\n\n", 1)[1].strip() in done.stdout
+
+
+def test_the_long_stream_and_check_pass_benchmarks_print_their_numbers(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(script, *flags):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--threads", "1", *flags],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    out = run("bench_long_stream.py", "--tasks", "4", "--every", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    for row in rows:  # the phases of a task add up to its wall time
+        assert sum(map(float, row[1:7])) == pytest.approx(float(row[7]), abs=2e-3)
+        assert float(row[7]) == pytest.approx(float(row[8]), rel=0.05, abs=0.01)
+    assert "total ~ T^" in out and "other" in out
+    out = run("bench_check_pass.py", "--sizes", "300", "600")
+    assert "growth" in out and "record of 600 digests" in out

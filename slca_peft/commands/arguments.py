@@ -118,6 +118,12 @@ class DataArguments:
         metadata={"help": "Class-order seeds to run one after another (the paper: 1993 1996 1997), each into "
                   "OUTPUT_DIR/seed_<s>/, with a summary in OUTPUT_DIR/seeds.json. Overrides --class_order_seed."},
     )
+    image_check_record: str | None = field(
+        default=None,
+        metadata={"help": "A file (safetensors, 32 bytes an image) recording the SHA-256 of every image content "
+                  "that decoded in full: later runs with the same file still read and hash every image, and skip "
+                  "the decode of bytes it lists. Created if missing; off by default."},
+    )
 
 
 class RecipeArgumentParser(HfArgumentParser):

@@ -40,7 +40,7 @@ from ..continual.resume import check_checkpoint_matches, check_unaligned_heads, 
 from ..continual.run_dir import claim_run_directory, latest_checkpoint
 from ..continual.steps import CheckpointStep, write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
-from ..data.checks import check_task_data, check_task_splits
+from ..data.checks import check_task_data, check_task_splits, use_decoded_record
 from ..data.continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
 from ..data.domains import DomainSequence
 from ..data.tasks import TaskSequence
@@ -72,6 +72,8 @@ def build_tasks(data_args: DataArguments, args: SLCAConfig, *, min_classes: int 
     the check's progress bars show on the main process unless `--disable_tqdm`. `min_classes`: 1 for the
     new data of a continuation (a task of one class is supported), else 2."""
     progress = shows_progress(args)
+    # The main process writes the record; every process trusts what it lists (after hashing the bytes).
+    use_decoded_record(data_args.image_check_record, write=args.process_index == 0)
     with progress_bars(progress):
         tasks = _load_tasks(data_args, args, min_classes)
         if not data_args.domains:

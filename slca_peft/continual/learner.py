@@ -32,7 +32,7 @@ from ..models.model import SLCAModel
 from ..sharing.hub import default_repo_id, push_folder
 from ..utils import logging as logging_utils
 from ..utils.errors import UserError, no_exit
-from ..utils.timing import clock
+from ..utils.timing import clock, finish_timing
 from .callbacks import Callback, CallbackHandler, ContinualCallback
 from .checkpoint import load_checkpoint
 from .result import ContinualResult
@@ -232,7 +232,13 @@ class ContinualLearner:
             with logging_utils.progress_bars(self.show_progress):  # transformers', datasets' and the Hub's bars too
                 self.call_event("on_run_begin")
                 for t in range(start, len(self.tasks)):
-                    self.learn_task(self.tasks[t])
+                    started = clock()
+                    task = self.tasks[t]
+                    building = clock() - started
+                    self.learn_task(task)
+                    record = self.result.timings[t] if len(self.result.timings) > t else {}
+                    if "other_seconds" in record:  # building the task is part of its `other` phase
+                        record["other_seconds"] += building
                 self.call_event("on_run_end", self.result)
         except BaseException as error:  # Ctrl-C too: the steps close what they hold, then it goes on
             self.call_event("on_exception", error)
@@ -240,7 +246,9 @@ class ContinualLearner:
         return self.result
 
     def learn_task(self, task: Task) -> list[float]:
-        """Grow, train and run the after-task steps; returns the accuracy row."""
+        """Grow, train and run the after-task steps; returns the accuracy row. The task's wall time minus
+        its phases is its `other` phase (`finish_timing`)."""
+        started = clock()
         t = task.task_id
         check_heads_before(self.model, self.tasks, t)
         # Everything a task does is a function of (seed, task id, model state), so a run resumed from a
@@ -265,6 +273,7 @@ class ContinualLearner:
         timing["statistics_images"] = len(task.statistics_data)  # with the images of merged classes
         timing["evaluation_images"] = sum(len(self.tasks[j].test or ()) for j in range(t + 1))  # None: no test data
         self.call_event("on_task_end", task)
+        finish_timing(timing, clock() - started)
         return self.result.accuracy_matrix[-1] if len(self.result.accuracy_matrix) > t else []
 
 

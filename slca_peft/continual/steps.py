@@ -186,12 +186,25 @@ class EvaluationStep(ContinualCallback):
 
     def __init__(self):
         self._accelerator: Accelerator | None = None
+        #: task index -> (its test data, the transform, the data with it): `with_transform` fingerprints the
+        #: transform (a dill pickle, tens of ms), so each seen task's view is made once, not after every task.
+        self._test_views: dict[int, tuple[Any, Any, Any]] = {}
 
     def on_run_end(self, learner, result):
         self._accelerator = None
+        self._test_views = {}
 
     def on_exception(self, learner, error):
         self._accelerator = None
+        self._test_views = {}
+
+    def test_view(self, learner: ContinualLearner, task_id: int, test) -> Any:
+        """`test.with_transform(learner.eval_transform)`, made once per task and kept while both are the same."""
+        held = self._test_views.get(task_id)
+        if held is None or held[0] is not test or held[1] is not learner.eval_transform:
+            view = test.with_transform(learner.eval_transform)
+            held = self._test_views[task_id] = (test, learner.eval_transform, view)
+        return held[2]
 
     def on_task_end(self, learner, task):
         row, seen, sizes = self.evaluate(learner, task.task_id)
@@ -233,10 +246,11 @@ class EvaluationStep(ContinualCallback):
         correct = np.zeros(task_id + 1)
         total = np.zeros(task_id + 1)
         for j in range(task_id + 1):
-            if learner.tasks[j].test is None:
+            test = learner.tasks[j].test
+            if test is None:
                 continue
             loader = accelerator.prepare_data_loader(DataLoader(
-                learner.tasks[j].test.with_transform(learner.eval_transform),
+                self.test_view(learner, j, test),
                 batch_size=args.per_device_eval_batch_size,
                 collate_fn=collate_fn,
                 num_workers=args.dataloader_num_workers,

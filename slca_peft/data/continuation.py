@@ -28,7 +28,7 @@ from datasets import ClassLabel, Dataset
 from ..artifacts.digests import folder_sha256
 from ..artifacts.values import MAX_CLASSES
 from ..utils.errors import MissingFileError, UserError
-from .tasks import Task, TaskSequence, with_labels
+from .tasks import Task, TaskSequence, built_task, with_labels
 
 
 def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,8 +205,12 @@ class ContinuedStream:
         return len(self.task_sizes)
 
     def __getitem__(self, task_id: int) -> Task:
+        """Task `task_id`, built on first use and kept (`built_task`)."""
         if not 0 <= task_id < len(self):
             raise IndexError(f"task {task_id} out of range; the stream has {len(self)} tasks.")
+        return built_task(self, task_id, self._build)
+
+    def _build(self, task_id: int) -> Task:
         if task_id < self.num_old_tasks:
             lo, hi = self._old_offsets[task_id], self._old_offsets[task_id + 1]
             test = None

@@ -8,7 +8,7 @@ contiguous range `[offset_t, offset_t + size_t)`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -239,13 +239,30 @@ class TaskSequence:
         return int(np.searchsorted(self.offsets(), cls, side="right") - 1)
 
     def __getitem__(self, task_id: int) -> Task:
+        """Task `task_id`, built on first use and kept: the loop asks for every seen task after each task
+        (evaluation, checks), so a rebuild per ask would make a long stream's overhead grow with t."""
         if not 0 <= task_id < len(self):
             raise IndexError(f"task {task_id} out of range; the sequence has {len(self)} tasks.")
+        return built_task(self, task_id, self._build)
+
+    def _build(self, task_id: int) -> Task:
         classes = self.classes_of(task_id)
         lo, hi = classes[0], classes[-1] + 1
-        train_idx = np.nonzero((self._train_labels >= lo) & (self._train_labels < hi))[0]
-        test_idx = np.nonzero((self._test_labels >= lo) & (self._test_labels < hi))[0]
+        train_idx = self._rows("_train_labels", lo, hi)
+        test_idx = self._rows("_test_labels", lo, hi)
         return Task(task_id, classes, self.train.select(train_idx), self.test.select(test_idx))
+
+    def _rows(self, labels: str, lo: int, hi: int) -> np.ndarray:
+        """Rows whose label is in `[lo, hi)`, ascending (as `np.nonzero` of the mask gives them), from one
+        stable sort of the labels made on first use instead of a scan of every label per task."""
+        cache = self.__dict__.setdefault("_sorted_rows", {})
+        if labels not in cache:
+            values = getattr(self, labels)
+            rows = np.argsort(values, kind="stable")
+            cache[labels] = (rows, values[rows])
+        rows, sorted_labels = cache[labels]
+        start, stop = np.searchsorted(sorted_labels, [lo, hi], side="left")
+        return np.sort(rows[start:stop])
 
     def __iter__(self) -> Iterator[Task]:
         return (self[t] for t in range(len(self)))
@@ -269,6 +286,17 @@ class TaskSequence:
             "task_sizes": self.task_sizes,
             "label_names": self.label_names,
         }
+
+
+def built_task(stream: object, task_id: int, build: Callable[[int], Task]) -> Task:
+    """`build(task_id)` the first time `stream` is asked for that task, the same `Task` after: a task's
+    data is a view (`Dataset.select`) whose fingerprinting and label scan cost milliseconds to seconds,
+    paid once per task instead of once per ask."""
+    cache = stream.__dict__.setdefault("_built_tasks", {})
+    task = cache.get(task_id)
+    if task is None:
+        task = cache[task_id] = build(task_id)
+    return task
 
 
 def stream_class_ids(tasks: TaskStream) -> list[int]:

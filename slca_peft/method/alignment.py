@@ -29,6 +29,9 @@ class AlignmentSettings:
 
     epochs: int = 5
     samples_per_class: int = 256
+    #: Cap on the samples of an epoch (None: none): each class then gets `samples_per_epoch // C`, at most
+    #: `samples_per_class`, so an epoch's cost grows as cap x C rather than samples_per_class x C^2.
+    samples_per_epoch: int | None = None
     batch_size: int = 256
     lr: float = 0.01
     momentum: float = 0.9
@@ -42,6 +45,7 @@ class AlignmentSettings:
         return cls(
             epochs=args.ca_epochs,
             samples_per_class=args.ca_samples_per_class,
+            samples_per_epoch=getattr(args, "ca_samples_per_epoch", None),
             batch_size=args.ca_batch_size,
             lr=args.learning_rate if args.ca_lr is None else args.ca_lr,
             momentum=args.momentum,
@@ -85,17 +89,24 @@ class ClassifierAligner:
         self.settings = settings or AlignmentSettings()
         self.seed = seed
 
+    def draws_per_class(self, num_classes: int) -> int:
+        """Samples of each class per epoch: `samples_per_class`, capped by `samples_per_epoch` over the classes."""
+        s = self.settings
+        if s.samples_per_epoch is None:
+            return s.samples_per_class
+        return max(1, min(s.samples_per_class, s.samples_per_epoch // max(1, num_classes)))
+
     def sample(
         self, stats: ClassStatistics, task_id: int, generator: torch.Generator, key_labels: KeyLabels | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw `samples_per_class` features of every seen class, scaled as the method requires.
+        """Draw `draws_per_class` features of every seen class, scaled as the method requires.
 
         Factors are stacked once per finalize (`ClassStatistics.sampling_plan`, on the generator's
         device); all classes are drawn in a few batched products, with no loop over classes.
         """
         s = self.settings
         plan = stats.sampling_plan(generator.device)
-        n = s.samples_per_class
+        n = self.draws_per_class(len(plan.classes))
         task_gap = (task_id - plan.tasks).to(plan.means.dtype)
         mean_scale = None
         if not s.slca_plus_plus:

@@ -37,7 +37,8 @@ _BIG = 1 << 20
 _RANGES = (
     *((name, low, True, high) for name, (low, high) in BOUNDS.items()),
     ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
-    ("ca_epochs", 0, True, 1e5), ("ca_samples_per_class", 1, True, 1e7), ("ca_batch_size", 1, True, _BIG),
+    ("ca_epochs", 0, True, 1e5), ("ca_samples_per_class", 1, True, 1e7), ("ca_samples_per_epoch", 1, True, 1e12),
+    ("ca_batch_size", 1, True, _BIG),
     ("ca_covariance_rank", 1, True, 1e5), ("ca_temperature", 0, False, 1e4), ("ca_ridge", 0, True, 1e6),
     ("ca_lr", 0, True, 1e3), ("backbone_lr_scale", 0, True, 1e3), ("first_task_lora_lr_scale", 0, True, 1e3),
     ("sce_alpha", 0, True, 1e3), ("sce_beta", 0, True, 1e3),
@@ -118,6 +119,13 @@ class SLCAConfig(TrainingArguments):
     )
     ca_epochs: int = field(default=5, metadata={"help": "Classifier-alignment epochs (0 disables CA)."})
     ca_samples_per_class: int = field(default=256, metadata={"help": "Gaussian samples per class per CA epoch."})
+    ca_samples_per_epoch: int | None = field(
+        default=None,
+        metadata={"help": "Cap on the Gaussian samples of a CA epoch: with C seen classes each class gets "
+                  "min(ca_samples_per_class, ca_samples_per_epoch // C) (at least 1), so an epoch costs about "
+                  "ca_samples_per_epoch x C instead of ca_samples_per_class x C^2 for very large C. None (the "
+                  "default, the method's setting): no cap."},
+    )
     ca_batch_size: int = field(default=256, metadata={"help": "CA batch size."})
     ca_lr: float | None = field(
         default=None,

@@ -6,7 +6,8 @@ step that names a `phase`; both write into `learner.result.timings[t]`, which ch
 (a resumed run reports its earlier tasks too). Each task's record holds `<phase>_seconds` and, for
 training, statistics and evaluation, `<phase>_images` (training: epochs x training images;
 statistics: the images the statistics pass reads, `task.statistics_data`; evaluation: test images
-of every seen task).
+of every seen task), and `other_seconds`: the rest of the task's wall time (`finish_timing`), so
+the phases of a task add up to its wall time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from .errors import UserError
 
 #: The phases of a task, in the order they run (the built-in steps' `phase` names after training).
 PHASES = ("training", "statistics", "alignment", "evaluation", "checkpoint")
+#: The rest of a task's wall time: growing the classifier, building the task's trainer, the steps and
+#: callbacks without a `phase` (push, report, trackers, yours). Recorded once the task's steps have run,
+#: so metrics.json and results.md have it and a checkpoint has it from the next task's on.
+OTHER_PHASE = "other"
 
 
 def clock() -> float:
@@ -49,9 +54,18 @@ def checked_timings(value: Any, tasks: int, source: str) -> list[dict[str, float
 
 
 def phases_of(record: dict[str, float]) -> list[str]:
-    """The phases `record` timed: the built-in ones in run order, then a callback's own `phase` names."""
+    """The phases `record` timed: the built-in ones in run order, then a callback's own `phase` names,
+    then `other`."""
     timed = [k.removesuffix("_seconds") for k in record if k.endswith("_seconds") and k != "total_seconds"]
-    return [p for p in PHASES if p in timed] + [p for p in timed if p not in PHASES]
+    own = [p for p in timed if p not in PHASES and p != OTHER_PHASE]
+    return [p for p in PHASES if p in timed] + own + ([OTHER_PHASE] if OTHER_PHASE in timed else [])
+
+
+def finish_timing(record: dict[str, float], wall_seconds: float) -> None:
+    """Time what the phases of a task's `record` left of its `wall_seconds` as `other_seconds`, so the
+    phases add up to the task's wall time and a long stream's overhead shows where it grows."""
+    timed = sum(v for k, v in record.items() if k.endswith("_seconds") and k != f"{OTHER_PHASE}_seconds")
+    record[f"{OTHER_PHASE}_seconds"] = max(0.0, wall_seconds - timed)
 
 
 def with_rates(record: dict[str, float]) -> dict[str, float]:

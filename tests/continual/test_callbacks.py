@@ -300,3 +300,26 @@ def test_the_alignment_step_owns_the_unaligned_heads_and_puts_them_back_after_gr
     with pytest.raises(ValueError, match="do not match this classifier"):
         step.unaligned_head = {"other.weight": torch.zeros(1)}
         step.restore(Learner(classifier))
+
+
+def test_the_evaluation_makes_each_seen_task_s_test_view_once(monkeypatch):
+    """`with_transform` fingerprints the transform (tens of ms): made once per task, not after every task."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    made = []
+    original = Dataset.with_transform
+    monkeypatch.setattr(Dataset, "with_transform", lambda self, *a, **k: made.append(1) or original(self, *a, **k))
+    tests = [Dataset.from_dict({"image": [j, j], "label": [j, j]}) for j in range(3)]
+    learner = SimpleNamespace(eval_transform=lambda batch: batch)
+    step = EvaluationStep()
+    views = [[step.test_view(learner, j, tests[j]) for j in range(t + 1)] for t in range(3)]  # after each task
+    assert len(made) == 3 and all(views[2][j] is views[j][j] for j in range(3))
+    assert views[2][1]["image"] == [1, 1]
+    learner.eval_transform = lambda batch: dict(batch)  # another transform, or other data: a new view
+    assert step.test_view(learner, 0, tests[0]) is not views[0][0] and len(made) == 4
+    assert step.test_view(learner, 0, tests[1])["image"] == [1, 1] and len(made) == 5
+    step.on_run_end(learner, None)
+    step.test_view(learner, 0, tests[1])
+    assert len(made) == 6

@@ -140,3 +140,110 @@ def test_unchanged_images_are_decoded_once_per_process_changed_ones_again(tmp_pa
     with pytest.raises(UserError, match=r"unreadable image .*\.png"):
         check_images(sources)
     assert len(opened) == len(sources) + 1  # only the changed file was decoded again
+
+
+def test_the_digest_set_holds_every_digest_it_was_given_through_its_merges(monkeypatch):
+    import hashlib
+
+    from slca_peft.data.checks import DigestSet
+
+    monkeypatch.setattr(DigestSet, "MERGE_EVERY", 7)
+    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(50)]
+    digests += [b"\0" * 32, b"\1" + b"\0" * 31, digests[3][:31] + b"\0"]  # trailing zero bytes are part of it
+    held = DigestSet(np.array(digests[:10], dtype="S32"))
+    for digest in digests[10:]:
+        held.add(digest)
+    assert all(d in held for d in digests) and len(held) == len(set(digests))
+    assert digests[3][:31] + b"\1" not in held and b"\0" * 31 + b"\1" not in held
+    assert sorted(held.array().tolist()) == held.array().tolist() and held.array().view(np.uint8).size == 32 * len(held)
+    held.update(np.array(digests[:5], dtype="S32"))
+    assert len(held) == len(set(digests))
+
+
+def test_check_images_reads_a_generator_a_window_at_a_time(tmp_path, monkeypatch):
+    from slca_peft.data import checks as data_checks
+
+    folder = write_image_folder(tmp_path / "imgs", 2, 6)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    monkeypatch.setattr(data_checks, "CHECK_WINDOW", 4)
+    pulled, ahead = [], []
+    real_decode = data_checks._decode
+    monkeypatch.setattr(data_checks, "_decode", lambda s: ahead.append(len(pulled) - len(ahead)) or real_decode(s))
+
+    def sources():
+        for path in paths:
+            pulled.append(path)
+            yield path
+
+    check_images(sources(), total=len(paths), workers=1)
+    assert len(ahead) == len(paths) and max(ahead) <= 4  # never more than a window read ahead of the decode
+    bad = tmp_path / "imgs" / "class_00" / "zz.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"unreadable image .*zz\.png.* \(and 1 more file\(s\)\)"):
+        check_images(iter([*paths, str(bad), str(bad)]), workers=1)
+
+
+def test_a_decoded_record_spares_a_later_run_the_decode_of_the_same_bytes_only(tmp_path, monkeypatch):
+    from slca_peft.artifacts.safetensors_header import read_header
+    from slca_peft.data import checks as data_checks
+
+    folder = write_image_folder(tmp_path / "imgs", 2, 3)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    record = tmp_path / "decoded.safetensors"
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    try:
+        data_checks.forget_content_digests()
+        assert data_checks.use_decoded_record(record) == 0  # none yet
+        check_images(paths)
+        assert len(opened) == len(paths) and record.is_file()
+        data_checks.forget_content_digests()  # a new process
+        assert data_checks.use_decoded_record(record) == len(paths)
+        check_images(paths)
+        assert len(opened) == len(paths)  # hashed again, decoded never
+        # Changed bytes are not vouched for: a file zeroed in place is decoded, and refused.
+        data = open(paths[0], "rb").read()
+        with open(paths[0], "wb") as fh:
+            fh.write(bytes(len(data)))
+        data_checks.forget_content_digests()
+        data_checks.use_decoded_record(record)
+        with pytest.raises(UserError, match=r"unreadable image .*0\.png"):
+            check_images(paths)
+        assert len(opened) == len(paths) + 1
+        # A record from another Pillow is not trusted: everything is decoded again.
+        from safetensors.numpy import load_file, save_file
+
+        _, metadata = read_header(record)
+        save_file(load_file(str(record)), str(record), metadata={**metadata, "pillow": "0.0"})
+        data_checks.forget_content_digests()
+        assert data_checks.use_decoded_record(record) == 0
+        check_images(paths[1:])
+        assert len(opened) == len(paths) + len(paths)
+        # A file that is not a record is refused, named, and left as it was.
+        other = tmp_path / "notes.safetensors"
+        other.write_text("my notes")
+        with pytest.raises(UserError, match=r"notes\.safetensors is not a decoded-images record.*--image_check_record"):
+            data_checks.use_decoded_record(other)
+        assert other.read_text() == "my notes"
+    finally:
+        data_checks.use_decoded_record(None)
+        data_checks.forget_content_digests()
+
+
+def test_the_recipe_keeps_what_decoded_in_its_image_check_record(recipe, tmp_path, base_model_dir):
+    from slca_peft.data import checks as data_checks
+
+    train_dir, test_dir = folders(tmp_path)
+    (train_dir / "class_03" / "cut.png").write_bytes((train_dir / "class_03" / "0.png").read_bytes()[:40])
+    record = tmp_path / "decoded.safetensors"
+    data_checks.forget_content_digests()
+    try:
+        with pytest.raises(UserError, match=r"unreadable image .*class_03/cut\.png"):
+            recipe.main(recipe_argv(base_model_dir, (train_dir, test_dir), tmp_path / "out", **FLAGS)
+                        + ["--image_check_record", str(record)])
+        # The 12 training images that decoded are recorded, the broken one is not.
+        assert len(data_checks.read_decoded_record(record)) == 12
+    finally:
+        data_checks.use_decoded_record(None)
+        data_checks.forget_content_digests()

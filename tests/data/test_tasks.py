@@ -46,6 +46,28 @@ def test_labels_are_remapped_to_class_order_positions():
     assert seq.task_of_class(5) == 2
 
 
+def test_a_task_is_built_once_with_the_rows_a_label_scan_gives(monkeypatch):
+    rng = np.random.RandomState(0)
+    train_labels, test_labels = rng.randint(0, 30, size=600).tolist(), rng.randint(0, 30, size=200).tolist()
+    seq = TaskSequence(labelled(train_labels), labelled(test_labels), init_cls=4, increment=3, seed=5)
+    selects = []
+    original = Dataset.select
+    monkeypatch.setattr(Dataset, "select", lambda self, *a, **k: selects.append(1) or original(self, *a, **k))
+    position = np.empty(30, dtype=np.int64)
+    position[seq.order] = np.arange(30)
+    for _ in range(3):  # the loop asks for every seen task after each task
+        for t in range(len(seq)):
+            task = seq[t]
+            assert task is seq[t]
+            lo, hi = seq.offsets()[t], seq.offsets()[t + 1]
+            for data, raw in ((task.train, train_labels), (task.test, test_labels)):
+                mapped = position[np.asarray(raw)]
+                # Rows in their order in the data, exactly those of the task's classes.
+                assert data["image"] == np.nonzero((mapped >= lo) & (mapped < hi))[0].tolist()
+    assert len(selects) == 2 * len(seq)  # train and test of each task, once
+    assert [t.task_id for t in seq] == list(range(len(seq)))
+
+
 def test_string_labels_are_accepted():
     train = Dataset.from_dict({"image": [0, 1, 2, 3], "label": ["cat", "dog", "cat", "eel"]})
     test = Dataset.from_dict({"image": [0, 1, 2], "label": ["dog", "eel", "cat"]})

@@ -391,3 +391,37 @@ def test_triangular_factors_are_sampled_blockwise_as_the_dense_product():
     z = torch.randn(2, n, dim, generator=torch.Generator().manual_seed(7))  # the same draws, one dense product
     expected = torch.baddbmm(plan.means[:, None, :], z, plan.chunks[0].factors.mT)
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
+
+
+def test_samples_per_epoch_caps_the_draws_of_an_epoch_and_leaves_the_default_as_it_was():
+    sizes = [3, 3, 3]
+    means, data = gaussian_tasks(sizes)
+    default = AlignmentSettings(epochs=2, samples_per_class=40, batch_size=32)
+    aligner = ClassifierAligner(AlignmentSettings(samples_per_class=256, samples_per_epoch=1000))
+    assert [aligner.draws_per_class(c) for c in (1, 3, 100, 1000, 5000)] == [256, 256, 10, 1, 1]
+    assert ClassifierAligner(default).draws_per_class(5000) == 40  # no cap: the method's setting
+    _, stats = sequential_heads(sizes, data)
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = ClassifierAligner(AlignmentSettings(samples_per_class=40, samples_per_epoch=90)).sample(
+        stats, 2, gen)
+    assert feats.shape == (9 * 10, 16) and torch.bincount(labels).tolist() == [10] * 9
+    heads = []
+    for settings in (default, AlignmentSettings(epochs=2, samples_per_class=40, batch_size=32, samples_per_epoch=360),
+                     AlignmentSettings(epochs=2, samples_per_class=40, batch_size=32, samples_per_epoch=90)):
+        clf, stats = sequential_heads(sizes, data)
+        ClassifierAligner(settings, seed=3).align(clf, stats, task_id=2)
+        heads.append(clf.snapshot())
+    for key in heads[0]:  # a cap the epoch stays under changes nothing, to the bit
+        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=0, atol=0)
+    assert not torch.equal(heads[2]["heads.0.weight"], heads[0]["heads.0.weight"])
+
+
+def test_ca_samples_per_epoch_is_a_checked_setting_that_reaches_the_aligner(tmp_path):
+    from slca_peft import SLCAConfig
+    from slca_peft.utils.errors import UserError
+
+    assert AlignmentSettings.from_config(SLCAConfig(output_dir=str(tmp_path))).samples_per_epoch is None
+    args = SLCAConfig(output_dir=str(tmp_path), ca_samples_per_epoch=50_000)
+    assert AlignmentSettings.from_config(args).samples_per_epoch == 50_000
+    with pytest.raises(UserError, match=r"--ca_samples_per_epoch 0 is out of range"):
+        SLCAConfig(output_dir=str(tmp_path), ca_samples_per_epoch=0)

@@ -11,9 +11,10 @@ import pytest
 from transformers import TrainerCallback
 
 from slca_peft import TaskSequence
+from slca_peft.continual.callbacks import ContinualCallback
 from slca_peft.continual.steps import AlignmentStep
 from slca_peft.sharing.report import write_report
-from slca_peft.utils.timing import PHASES, checked_timings, phases_of, timing_summary, with_rates
+from slca_peft.utils.timing import PHASES, checked_timings, finish_timing, phases_of, timing_summary, with_rates
 
 pytestmark = pytest.mark.usefixtures("frozen_gc")
 
@@ -65,7 +66,7 @@ def test_every_phase_is_timed_where_it_runs_and_reported_everywhere(tmp_path, ma
         for phase in ("training", "statistics", "evaluation"):
             assert saved[f"{phase}_images_per_second"] == pytest.approx(
                 record[f"{phase}_images"] / record[f"{phase}_seconds"])
-        assert saved["total_seconds"] == pytest.approx(sum(record[f"{p}_seconds"] for p in PHASES))
+        assert saved["total_seconds"] == pytest.approx(sum(record[f"{p}_seconds"] for p in (*PHASES, "other")))
     total = metrics["total"]
     assert total["training_seconds"] == pytest.approx(sum(r["training_seconds"] for r in timings))
     assert total["training_images_per_second"] == pytest.approx(32 / total["training_seconds"])
@@ -79,7 +80,9 @@ def test_every_phase_is_timed_where_it_runs_and_reported_everywhere(tmp_path, ma
 
     lines = [r.getMessage() for r in caplog.records if " took " in r.getMessage()]
     assert len(lines) == 2 and lines[1].startswith("task 2/2 took ")
-    assert f"{metrics['per_task'][1]['total_seconds']:.1f} s" in lines[1] and "alignment" in lines[1]
+    # The line is logged by a step, before the task's `other` phase (its own time included) is known.
+    logged = metrics["per_task"][1]["total_seconds"] - metrics["per_task"][1]["other_seconds"]
+    assert f"{logged:.1f} s" in lines[1] and "alignment" in lines[1]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -102,7 +105,8 @@ def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, t
     saved = json.loads((tmp_path / "first" / "task_1" / "continual_state.json").read_text())["timings"]
     # A checkpoint holds its task's times up to its own write.
     assert len(saved) == 1 and set(saved[0]) >= {f"{p}_seconds" for p in PHASES[:-1]}
-    assert saved[0] == {k: v for k, v in first.result.timings[0].items() if k != "checkpoint_seconds"}
+    assert saved[0] == {k: v for k, v in first.result.timings[0].items()
+                        if k not in ("checkpoint_seconds", "other_seconds")}
 
     resumed = make_learner(stream, tmp_path / "first", resume_from=tmp_path / "first" / "task_1", **settings)
     result = resumed.run()
@@ -110,6 +114,43 @@ def test_a_resumed_run_keeps_the_earlier_tasks_timings(tmp_path, make_learner, t
     assert all(result.timings[1][f"{p}_seconds"] > 0 for p in PHASES)
     per_task = json.loads((tmp_path / "first" / "metrics.json").read_text())["timings"]["per_task"]
     assert [r["task"] for r in per_task] == [1, 2] and "checkpoint_seconds" not in per_task[0]
+
+
+class SlowUntimedStep(ContinualCallback):
+    """A step without a `phase`: its time is the task's `other` phase."""
+
+    def on_task_end(self, learner, task):
+        time.sleep(PAUSE)
+
+
+class WallClock(ContinualCallback):
+    """Each task's wall time from before the loop asks for it to after its last step."""
+
+    def __init__(self):
+        self.walls, self.started = [], None
+
+    def on_run_begin(self, learner):
+        self.started = time.perf_counter()
+
+    def on_task_end(self, learner, task):
+        now = time.perf_counter()
+        self.walls.append(now - self.started)
+        self.started = now
+
+
+@pytest.mark.slow
+def test_the_phases_of_a_task_add_up_to_its_wall_time(tmp_path, make_learner, tiny_image_folders):
+    clock = WallClock()
+    learner = make_learner(tasks(tiny_image_folders), tmp_path / "run", [SlowUntimedStep(), clock],
+                           num_train_epochs=1, ca_epochs=1, ca_samples_per_class=16)
+    result = learner.run()
+    for record, wall in zip(result.timings, clock.walls, strict=True):
+        assert record["other_seconds"] >= PAUSE  # the untimed step's pause, not lost
+        phases = sum(v for k, v in record.items() if k.endswith("_seconds"))
+        # The clock callback runs last: only the bookkeeping after it is outside its wall time.
+        assert phases == pytest.approx(wall, rel=0.02, abs=0.01)
+    per_task = json.loads((tmp_path / "run" / "metrics.json").read_text())["timings"]["per_task"]
+    assert list(per_task[0])[-2:] == ["other_seconds", "total_seconds"]
 
 
 
@@ -137,6 +178,13 @@ def test_timing_summary_sums_and_rates():
     assert summary["total"]["total_seconds"] == 6.5
     # A callback's own `phase` counts too, after the built-in ones.
     assert phases_of({"replay_seconds": 1.0, "training_seconds": 2.0}) == ["training", "replay"]
+    assert phases_of({"other_seconds": 1.0, "replay_seconds": 1.0, "training_seconds": 2.0}) == [
+        "training", "replay", "other"]  # the rest of the task's time comes last
+    record = {"training_seconds": 2.0, "training_images": 10, "alignment_seconds": 1.0}
+    finish_timing(record, 3.5)
+    assert record["other_seconds"] == pytest.approx(0.5) and with_rates(record)["total_seconds"] == 3.5
+    finish_timing(record, 3.25)  # timed again: what the phases leave, never counting the old rest
+    assert record["other_seconds"] == pytest.approx(0.25)
     assert timing_summary([{"replay_seconds": 1.0}])["total"]["total_seconds"] == 1.0
     assert with_rates(with_rates(timings[1])) == with_rates(timings[1])  # a record with rates is not counted twice
     assert checked_timings([{"training_seconds": 1}, {}], 2, "x") == [{"training_seconds": 1}, {}]
