@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import logging
 import os
 import shutil
 import stat
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,9 +45,12 @@ from ..utils.files import (
     atomic_directory,
     checkpoint_dirs,
     follow_umask,
+    partial_sibling,
     recover_replaced,
     settle_files,
     swap_directories,
+    sweep_partial,
+    unmark_partial,
 )
 
 if TYPE_CHECKING:
@@ -130,6 +134,12 @@ def export_model(
 
     The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
     replaced (`check_export_target`)."""
+    with export_lock(directory):
+        return _export_locked(model, directory, label_names, image_processor, card, overwrite=overwrite)
+
+
+def _export_locked(model: SLCAModel, directory: str | Path, label_names, image_processor, card, *,
+                   overwrite: bool) -> Path:
     previous = check_export_target(directory, overwrite=overwrite)
     route = export_route(model)
     weight, bias = folded_head(model)
@@ -301,11 +311,58 @@ def _drop_previous(old: Path, target: Path, plan: manifest.RemovalPlan, theirs: 
                 manifest.file_sha256(leftover) == manifest.file_sha256(kept):
             leftover.unlink()
     manifest.carry_out(manifest.RemovalPlan(old, plan.remove, [], plan.manifest))
+    unmark_partial(old)
+    for folder, _, _ in sorted(os.walk(old), key=lambda entry: len(entry[0]), reverse=True):
+        with contextlib.suppress(OSError):  # the user's sub-folders, carried over, leave empty ones behind
+            os.rmdir(folder)
     if os.path.lexists(old):
         visible = target.parent / f"{target.name}.previous-{os.getpid()}"
         os.replace(old, visible)
         logging.getLogger(__name__).warning("export: kept %s: it holds files of the previous export's folder that "
                                             "could not be carried over; look through it and delete it.", visible)
+
+
+@contextlib.contextmanager
+def export_lock(directory: str | Path) -> Iterator[None]:
+    """Hold `.NAME.export-lock` beside the target for the export (an advisory `flock`, released however the
+    process ends): a second export into the same target is refused, naming the first one's pid, instead of
+    both writing and the last one winning. The lock file is removed by its holder."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.export-lock"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
+        | getattr(os, "O_NONBLOCK", 0)
+    while True:
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as err:
+            raise UserError(f"export: {path} cannot be opened as the export's lock ({err.strerror}); remove it, "
+                            "then export again.") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"export: {path} is not a regular file; remove it, then export again.")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"export: another export into {target} is running (pid {holder}); wait for it to end, "
+                            "or export into another directory.") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def _write_export(target: Path, previous: bool, classifier, processor, readme) -> None:
@@ -320,11 +377,11 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
             readme.save(Path(tmp) / CARD_FILE)
             manifest.record_tree(tmp, {"kind": EXPORT_KIND})
         return
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        # Left by a kill: the new export before its swap, or the old one after it, each holding only second
-        # names (hard links or copies) of the files carried over, which are in `target`.
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # Left by a kill: the new export before its swap, or the old one after it, each holding only second names
+    # (hard links or copies) of the files carried over, which are in `target`; a folder slca-peft did not mark
+    # (a user's, named alike) stays.
+    sweep_partial(target)
+    tmp = partial_sibling(target, "tmp")
     try:
         follow_umask(tmp, directory=True)
         classifier.save_pretrained(tmp)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,10 @@ LOCK_FILE = ".slca-run.lock"  # a run directory's advisory lock (`slca_peft.cont
 TASK_DIR_PREFIX = "task_"
 #: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Marks a hidden sibling folder (`.NAME.tmp-*`, `.NAME.old-*`) as one slca-peft made while writing NAME, so
+#: a later write may sweep it; a folder without it (a user's, named alike) is never removed nor renamed.
+PARTIAL_FILE = ".slca-partial"
+_PARTIAL_TEXT = b"slca-peft partial folder: removed or put back by the next write of its sibling\n"
 #: Block size of the streamed reads that hash a file, so a weight file is never held in memory whole.
 HASH_BLOCK_BYTES = 1 << 20
 
@@ -72,13 +77,63 @@ def follow_umask(path: str | Path, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def mark_partial(folder: str | Path) -> None:
+    """Write the marker that makes `folder` sweepable by a later write (`is_partial`)."""
+    fd = os.open(Path(folder) / PARTIAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(_PARTIAL_TEXT)
+
+
+def unmark_partial(folder: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(folder) / PARTIAL_FILE)
+
+
+def is_partial(folder: str | Path) -> bool:
+    """Whether `folder` is a real folder (not a link) holding the marker slca-peft writes (`mark_partial`),
+    read without following a link or blocking on a FIFO."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        fd = os.open(folder / PARTIAL_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(_PARTIAL_TEXT) + 1) == _PARTIAL_TEXT
+    finally:
+        os.close(fd)
+
+
+def partial_sibling(target: str | Path, kind: str) -> Path:
+    """A new, marked hidden sibling folder `.NAME.<kind>-XXXXXXXX` of `target` (`kind`: tmp)."""
+    target = Path(target)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    mark_partial(folder)
+    return folder
+
+
+def sweep_partial(target: str | Path) -> None:
+    """Remove the `.NAME.tmp-*` folders a killed write of `target` left (only those `is_partial` proves ours)."""
+    target = Path(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if is_partial(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def recover_replaced(target: str | Path) -> None:
-    """Undo a replacement killed between its two renames: `.NAME.old-*` goes back to `NAME` when
-    `NAME` is missing, and is removed when `NAME` exists (the replacement completed)."""
+    """Undo a replacement killed between its two renames: a `.NAME.old-*` that slca-peft marked (`is_partial`)
+    goes back to `NAME` when `NAME` is missing, and is removed when `NAME` exists (the replacement
+    completed); an unmarked one (a user's folder named alike) is left alone."""
     target = Path(target)
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if not target.exists():
+        if not is_partial(old):
+            continue
+        if not os.path.lexists(target):
             os.replace(old, target)
+            unmark_partial(target)
         else:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -86,20 +141,22 @@ def recover_replaced(target: str | Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory and move it to `path` only if the block succeeds, so a
-    checkpoint directory is either complete or absent (an older one is replaced at the end)."""
+    checkpoint directory is either complete or absent (an older one is replaced at the end). Leftovers
+    of a killed write are swept only when marked as slca-peft's (`is_partial`)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_replaced(target)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_partial(target)  # left by a writer that was killed
+    tmp = partial_sibling(target, "tmp")
     follow_umask(tmp, directory=True)  # mkdtemp makes 0700; the checkpoint follows the umask
     try:
         yield tmp
+        unmark_partial(tmp)
         settle_files(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
+            mark_partial(target)  # before the rename: a kill after it leaves a folder the next write puts back
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
@@ -132,12 +189,21 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_directories(new: str | Path, target: str | Path) -> Path:
-    """Put the folder `new` in place of the folder `target`; returns where the old `target` is now.
+    """Put the folder `new` in place of the folder `target`; returns where the old `target` is now
+    (marked as slca-peft's partial folder, so a kill before it is deleted leaves it sweepable).
     Atomic where the system can exchange two names (Linux): after a kill `target` is the old folder or
     the new one, never missing or half of each. Elsewhere two renames, with `.NAME.old-*` between them
     (`recover_replaced` undoes a kill there)."""
     new, target = Path(new), Path(target)
-    if _exchange(new, target):
+    mark_partial(target)
+    unmark_partial(new)
+    try:
+        exchanged = _exchange(new, target)
+    except BaseException:
+        unmark_partial(target)
+        mark_partial(new)
+        raise
+    if exchanged:
         return new
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     os.replace(target, old)
@@ -145,6 +211,7 @@ def swap_directories(new: str | Path, target: str | Path) -> Path:
         os.replace(new, target)
     except BaseException:
         os.replace(old, target)
+        unmark_partial(target)
         raise
     return old
 

@@ -8,18 +8,21 @@ from pathlib import Path
 
 import pytest
 
+import slca_peft
 from slca_peft.utils.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(slca_peft.__file__).resolve().parents[1]  # the code under test, in the subprocess too
 BASE = "model_config: m.json\ndataset: digits\noutput_dir: out\n"
 
 
-def alias_bomb(levels: int, key: str) -> str:
-    """A YAML file of a few hundred bytes whose values expand to 9**levels strings."""
-    lines = ['l0: &l0 ["x","x","x","x","x","x","x","x","x"]']
-    for i in range(1, levels):
-        lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]")
-    return BASE + "\n".join(lines).replace("l0:", f"{key}:", 1) + "\n"
+def alias_bomb(levels: int, key: str, mapping: bool = False) -> str:
+    """A YAML file of a few hundred bytes whose one value (a flag's) expands to 9**levels strings."""
+    items = ['&l0 ["x","x","x","x","x","x","x","x","x"]']
+    items += [f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    if mapping:
+        items = [f"k{i}: {item}" for i, item in enumerate(items)]
+        return BASE + f"{key}: {{" + ", ".join(items) + "}\n"
+    return BASE + f"{key}: [" + ", ".join(items) + "]\n"
 
 
 PARSE_UNDER_CAP = """
@@ -47,9 +50,7 @@ def test_yaml_alias_bombs_are_refused_under_an_address_space_cap(tmp_path):
     paths = []
     # A list flag and a mapping flag: each expands through str(v) / json.dumps(v) into gigabytes.
     for name, key in (("list.yaml", "lora_target_modules"), ("dict.yaml", "lr_scheduler_kwargs")):
-        text = alias_bomb(9, key)
-        if key == "lr_scheduler_kwargs":
-            text = text.replace(f"{key}: &l0", "l0: &l0").replace("l8: &l8", f"{key}: {{k: *l7}}\nl8: &l8")
+        text = alias_bomb(9, key, mapping=key == "lr_scheduler_kwargs")
         assert len(text) < 800
         paths.append(tmp_path / name)
         paths[-1].write_text(text)

@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import slca_peft
 from slca_peft import SLCAConfig, SLCAModel, SLCATrainer
 from slca_peft.utils import manifest
 from slca_peft.utils.errors import UserError
 from slca_peft.utils.state_files import load_state
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(slca_peft.__file__).resolve().parents[1]  # the code under test, in the subprocess too
 
 
 def toy_dataset(labels: list[int]) -> datasets.Dataset:
@@ -217,7 +218,7 @@ def test_a_state_file_cannot_ask_numpy_for_a_huge_dtype(checkpoint):
                                                                                  "shape": [1], "data": [0]}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", RNG_BOMB_UNDER_CAP, str(checkpoint)], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=checkpoint)
     assert proc.stdout.startswith("REFUSED") and "rng_state.json" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     for bad in ({"dtype": "<u4", "shape": [3], "data": [1]}, {"dtype": "O", "shape": [1], "data": [1]},
                 {"dtype": "<u4", "shape": [1], "data": ["x"]}):
