@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils.errors import UserError, read_json
+from ..utils.errors import UserError, open_regular, read_json, read_text
 from ..utils.files import (
     ADAPTER_CONFIG_FILE,
     BACKBONE_CONFIG_FILE,
@@ -90,7 +90,7 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
                          and (directory / STATISTICS_FILE).is_file())
     from huggingface_hub import ModelCard
 
-    card = ModelCard.load(card_path)
+    card = ModelCard(read_text(card_path, MAX_CARD_BYTES, fix=_CARD_FIX))  # ModelCard.load reads it whole
     if base_model_id is not None:
         card.data.base_model = base_model_id
     if local_base:
@@ -99,6 +99,20 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
     card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
     card.save(card_path)
+
+
+#: Largest model card read or uploaded (a card is a few kilobytes; a long one with tables, a few hundred).
+MAX_CARD_BYTES = 4 << 20
+_CARD_FIX = "a model card is text of at most 4 MiB: shorten it or write it again"
+
+
+def _check_card(directory: Path) -> None:
+    """Refuse, before anything is copied, a model card that is not a regular file of bounded size."""
+    try:
+        with open_regular(directory / CARD_FILE, MAX_CARD_BYTES, fix=_CARD_FIX):
+            pass
+    except FileNotFoundError:
+        pass
 
 
 def _copy_for_upload(directory: Path, folder: Path) -> dict:
@@ -113,6 +127,7 @@ def _copy_for_upload(directory: Path, folder: Path) -> dict:
                         "and uploads none of them; push a checkpoint or model folder slca-peft wrote (save_checkpoint, "
                         "save_pretrained), or write a stock model with `slca-peft export CHECKPOINT DIR` and push "
                         "that.")
+    _check_card(directory)
     folder.mkdir(parents=True)
     for rel, entry in sorted(entries.items()):
         copy_verified(directory, entry, folder / rel, may_change=rel == CARD_FILE)

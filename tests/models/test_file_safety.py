@@ -220,3 +220,20 @@ def test_ca_ridge_out_of_range_is_refused_when_parsed(recipe, tmp_path, ridge):
     with pytest.raises(ValueError, match=r"--ca_ridge .* is out of range"):
         recipe.parse_args(["--dataset", "digits", "--model_config", str(tmp_path / "c.json"), "--output_dir",
                            str(tmp_path / "out"), "--ca_ridge", ridge])
+
+
+def test_push_refuses_a_huge_model_card_before_copying_it(tmp_path, base_model_dir, hub):
+    """The card is read bounded: a sparse README.md of gigabytes was read whole (MemoryError)."""
+    model = trained_model(base_model_dir)
+    out = tmp_path / "export"
+    export_model(model, out)
+    with open(out / "README.md", "r+b") as fh:
+        fh.truncate(64 << 20)  # sparse: 64 MiB on paper, nothing on disk (the hostile case is 3 GB)
+    uploads = len(hub.uploads)
+    with pytest.raises(UserError, match="README.md is larger than 4194304 bytes"):
+        push_to_hub(out, "me/export")
+    assert len(hub.uploads) == uploads
+    (out / "README.md").unlink()
+    os.mkfifo(out / "README.md")
+    with pytest.raises(UserError, match="README.md is a FIFO"):
+        push_to_hub(out, "me/export")
