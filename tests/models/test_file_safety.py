@@ -237,3 +237,16 @@ def test_push_refuses_a_huge_model_card_before_copying_it(tmp_path, base_model_d
     os.mkfifo(out / "README.md")
     with pytest.raises(UserError, match="README.md is a FIFO"):
         push_to_hub(out, "me/export")
+
+
+def test_damaged_base_weights_are_one_line_naming_the_file(tmp_path, base_model_dir):
+    """A base folder whose model.safetensors is zeros (the hostile case: 2 GB of them) gave a SafetensorError
+    traceback from transformers' loader."""
+    base = tmp_path / "base"
+    shutil.copytree(base_model_dir, base)
+    weights = base / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(0)
+        fh.truncate(1 << 20)  # zeros: an 8-byte header length of 0, then nothing a header can be
+    with pytest.raises(UserError, match="model.safetensors: the base model's safetensors weights are damaged"):
+        SLCAModel.from_backbone(str(base))
