@@ -367,7 +367,7 @@ def test_export_sweeps_only_the_sibling_folders_it_marked(tmp_path, base_model_d
 
 
 def test_a_second_export_into_the_same_target_is_refused_while_the_first_runs(tmp_path, base_model_dir):
-    from slca_peft.sharing.export import export_lock
+    from slca_peft.sharing.export_lock import export_lock
 
     model = trained_model(base_model_dir)
     out = tmp_path / "export"
