@@ -128,6 +128,8 @@ def recover_replaced(target: str | Path) -> None:
     goes back to `NAME` when `NAME` is missing, and is removed when `NAME` exists (the replacement
     completed); an unmarked one (a user's folder named alike) is left alone."""
     target = Path(target)
+    if is_partial(target):  # a kill just before or after a rename left the marker in the live folder: it is stale
+        unmark_partial(target)
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
         if not is_partial(old):
             continue
@@ -151,7 +153,6 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     follow_umask(tmp, directory=True)  # mkdtemp makes 0700; the checkpoint follows the umask
     try:
         yield tmp
-        unmark_partial(tmp)
         settle_files(tmp)
         old = None
         if target.exists():
@@ -159,6 +160,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             mark_partial(target)  # before the rename: a kill after it leaves a folder the next write puts back
             os.replace(target, old)
         os.replace(tmp, target)
+        unmark_partial(target)  # marked until here, so a kill before the rename leaves it sweepable
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -195,15 +197,14 @@ def swap_directories(new: str | Path, target: str | Path) -> Path:
     the new one, never missing or half of each. Elsewhere two renames, with `.NAME.old-*` between them
     (`recover_replaced` undoes a kill there)."""
     new, target = Path(new), Path(target)
-    mark_partial(target)
-    unmark_partial(new)
+    mark_partial(target)  # both marked: whichever name a kill leaves a folder under, it is sweepable
     try:
         exchanged = _exchange(new, target)
     except BaseException:
         unmark_partial(target)
-        mark_partial(new)
         raise
     if exchanged:
+        unmark_partial(target)
         return new
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     os.replace(target, old)
@@ -213,6 +214,7 @@ def swap_directories(new: str | Path, target: str | Path) -> Path:
         os.replace(old, target)
         unmark_partial(target)
         raise
+    unmark_partial(target)
     return old
 
 
