@@ -7,10 +7,15 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .layout import PARTIAL_FILE
+
+_PARTIAL_TEXT = b"slca-peft partial folder: removed or put back by the next write of its sibling\n"
 
 
 def current_umask() -> int:
@@ -26,13 +31,65 @@ def follow_umask(path: str | Path, *, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
-def recover_replaced(target: str | Path) -> None:
-    """Undo a replacement killed between its two renames: `.NAME.old-*` goes back to `NAME` when
-    `NAME` is missing, and is removed when `NAME` exists (the replacement completed)."""
+def mark_partial(folder: str | Path) -> None:
+    """Write the marker that makes `folder` sweepable by a later write (`is_partial`)."""
+    fd = os.open(Path(folder) / PARTIAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(_PARTIAL_TEXT)
+
+
+def unmark_partial(folder: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(folder) / PARTIAL_FILE)
+
+
+def is_partial(folder: str | Path) -> bool:
+    """Whether `folder` is a real folder (not a link) holding the marker slca-peft writes (`mark_partial`),
+    read without following a link or blocking on a FIFO."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        fd = os.open(folder / PARTIAL_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(_PARTIAL_TEXT) + 1) == _PARTIAL_TEXT
+    finally:
+        os.close(fd)
+
+
+def partial_sibling(target: str | Path, kind: str) -> Path:
+    """A new, marked hidden sibling folder `.NAME.<kind>-XXXXXXXX` of `target` (`kind`: tmp)."""
     target = Path(target)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    mark_partial(folder)
+    return folder
+
+
+def sweep_partial(target: str | Path) -> None:
+    """Remove the `.NAME.tmp-*` folders a killed write of `target` left (only those `is_partial` proves ours)."""
+    target = Path(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if is_partial(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def recover_replaced(target: str | Path) -> None:
+    """Undo a replacement killed between its two renames: a `.NAME.old-*` that slca-peft marked (`is_partial`)
+    goes back to `NAME` when `NAME` is missing, and is removed when `NAME` exists (the replacement
+    completed); an unmarked one (a user's folder named alike) is left alone."""
+    target = Path(target)
+    if is_partial(target):  # a kill just before or after a rename left the marker in the live folder: it is stale
+        unmark_partial(target)
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if not target.exists():
+        if not is_partial(old):
+            continue
+        if not os.path.lexists(target):
             os.replace(old, target)
+            unmark_partial(target)
         else:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -40,13 +97,13 @@ def recover_replaced(target: str | Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory and move it to `path` only if the block succeeds, so a
-    checkpoint directory is either complete or absent (an older one is replaced at the end)."""
+    checkpoint directory is either complete or absent (an older one is replaced at the end). Leftovers
+    of a killed write are swept only when marked as slca-peft's (`is_partial`)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_replaced(target)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_partial(target)  # left by a writer that was killed
+    tmp = partial_sibling(target, "tmp")
     follow_umask(tmp, directory=True)  # mkdtemp makes 0700; the checkpoint follows the umask
     try:
         yield tmp
@@ -54,8 +111,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
+            mark_partial(target)  # before the rename: a kill after it leaves a folder the next write puts back
             os.replace(target, old)
         os.replace(tmp, target)
+        unmark_partial(target)  # marked until here, so a kill before the rename leaves it sweepable
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -86,12 +145,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_directories(new: str | Path, target: str | Path) -> Path:
-    """Put the folder `new` in place of the folder `target`; returns where the old `target` is now.
+    """Put the folder `new` in place of the folder `target`; returns where the old `target` is now
+    (marked as slca-peft's partial folder, so a kill before it is deleted leaves it sweepable).
     Atomic where the system can exchange two names (Linux): after a kill `target` is the old folder or
     the new one, never missing or half of each. Elsewhere two renames, with `.NAME.old-*` between them
     (`recover_replaced` undoes a kill there)."""
     new, target = Path(new), Path(target)
-    if _exchange(new, target):
+    mark_partial(target)  # both marked: whichever name a kill leaves a folder under, it is sweepable
+    try:
+        exchanged = _exchange(new, target)
+    except BaseException:
+        unmark_partial(target)
+        raise
+    if exchanged:
+        unmark_partial(target)
         return new
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     os.replace(target, old)
@@ -99,7 +166,9 @@ def swap_directories(new: str | Path, target: str | Path) -> Path:
         os.replace(new, target)
     except BaseException:
         os.replace(old, target)
+        unmark_partial(target)
         raise
+    unmark_partial(target)
     return old
 
 

@@ -41,6 +41,9 @@ STATE_FILE = "continual_state.json"
 METRICS_FILE = "metrics.json"  # a run directory's accuracy matrix and timings
 FINGERPRINT_FILE = "run_fingerprint.json"  # a run directory's settings and data digests
 LOCK_FILE = ".slca-run.lock"  # a run directory's advisory lock (`slca_peft.artifacts.lock`)
+#: Marks a hidden sibling folder (`.NAME.tmp-*`, `.NAME.old-*`) as one slca-peft made while writing NAME, so
+#: a later write may sweep it; a folder without it (a user's, named alike) is never removed nor renamed.
+PARTIAL_FILE = ".slca-partial"
 #: A run directory holds one checkpoint folder per learned task, named by `task_dir_name`.
 TASK_DIR_PREFIX = "task_"
 #: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).

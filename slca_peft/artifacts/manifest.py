@@ -47,7 +47,7 @@ from ..utils.errors import UserError
 from ..utils.reading import read_json, read_own_json
 from . import digests
 from .atomic import atomic_write_bytes as write_file_atomically
-from .layout import FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE
+from .layout import FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, PARTIAL_FILE
 from .listed import (  # noqa: F401  (part of this module's API)
     ManifestEntry,
     check_listed,
@@ -251,9 +251,11 @@ def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]], extra
 
 def record_tree(directory: str | Path, extra: Mapping[str, Any] | None = None) -> dict[str, ManifestEntry]:
     """A fresh manifest of every regular file under `directory` (for a folder the library just wrote
-    in full, e.g. a checkpoint's temporary directory), with `extra` top-level fields; symlinks are not listed."""
+    in full, e.g. a checkpoint's temporary directory), with `extra` top-level fields; symlinks and the marker
+    of a partial folder (`files.PARTIAL_FILE`, removed before the folder is put in place) are not listed."""
     root = Path(directory)
-    rels = [p.relative_to(root).as_posix() for p in _walk_regular(root) if p.name != MANIFEST_FILE]
+    rels = [p.relative_to(root).as_posix() for p in _walk_regular(root)
+            if p.name != MANIFEST_FILE and p.relative_to(root).as_posix() != PARTIAL_FILE]
     entries = {e.path: e for e in (entry_for(root, rel) for rel in rels)}
     write_manifest(root, entries.values(), extra)
     return entries

@@ -3,7 +3,10 @@
 `run_x.py args.json`) or the name of a config shipped with the package.
 
 `read_config` turns the file into the flags it stands for, checked against the parser's fields, so that
-the command line's own flags, which come after them, override them.
+the command line's own flags, which come after them, override them. The file is read bounded, a key
+given twice is refused (YAML and JSON parsers would keep the last value without a word), and so is a
+file whose aliases expand it beyond `MAX_EXPANSION` times its size (an alias bomb of a few hundred
+bytes would otherwise fill memory when its values are turned into flags).
 """
 
 from __future__ import annotations
@@ -56,6 +59,65 @@ def _resolve_config_path(value: str, base: Path) -> str:
     return os.path.normpath(candidate)
 
 
+#: How many times its own size a config file may grow to once its YAML aliases are expanded.
+MAX_EXPANSION = 10
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (merge keys `<<` may still be overridden)."""
+
+    source = ""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the parser's own error says so
+                    continue
+                if first is not None:
+                    raise UserError(f"--config {self.source}: key {str(key)[:80]!r} is given twice (lines {first} and "
+                                    f"{line}); keep one of them.")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _check_expansion(data, limit: int, path: str) -> None:
+    """Refuse `data` whose nodes, walked as flags would expand them (aliases counted each time), exceed `limit`."""
+    budget = limit
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            budget -= 2 * len(value)
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            budget -= 1 + len(value)
+            stack.extend(value)
+        else:
+            budget -= 1 + (len(value) if isinstance(value, (str, bytes)) else 8)
+        if budget < 0:
+            raise UserError(f"--config {path} expands to more than {MAX_EXPANSION} times its size through YAML aliases "
+                            "(&anchor / *alias); write the values out.")
+
+
+def load_config_text(text: str, path: str):
+    """The YAML (or JSON) document of a config file: duplicate keys and alias bombs refused, naming `path`."""
+    loader = _ConfigLoader(text)
+    loader.source = path
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    _check_expansion(data, MAX_EXPANSION * len(text) + 1024, path)
+    return data
+
+
 def _flag_values(key: str, value, base: Path) -> list[str]:
     """The command-line tokens after `--key` for a config file's value (None when the value means the default)."""
     if value is None or value == []:
@@ -79,10 +141,10 @@ def read_config(path: str, parser: HfArgumentParser) -> list[str]:
     (`CONFIG_PATH_KEYS`) resolve against the file's own folder when they exist there, so a config and the
     files beside it work from any working directory."""
     kind = "JSON" if path.lower().endswith(".json") else "YAML"
-    if not Path(path).is_file():
+    if not os.path.lexists(path):
         raise UserError(f"--config {path}: no such file; give the path of a {kind} file of arguments.")
-    try:
-        data = yaml.safe_load(read_text(path, fix=f"give --config a {kind} file")) or {}  # JSON is YAML
+    try:  # a FIFO, a device or a folder is refused by read_text, naming what it is
+        data = load_config_text(read_text(path, fix=f"give --config a {kind} file"), path) or {}  # JSON is YAML
     except yaml.YAMLError as err:
         raise UserError(f"--config {path} is not valid {kind} ({' '.join(str(err).split())}); fix the file.") from None
     if not isinstance(data, dict):

@@ -29,7 +29,7 @@ _TRAINING_FIELDS = ("learning_rate", "weight_decay", "num_train_epochs", "max_st
                     "max_grad_norm", "seed", "optim", "label_smoothing_factor", "bf16", "fp16")
 _NOT_RESULTS = {"hub_base_model_id", "save_strategy", "remove_unused_columns", "global_batch_size",
                 "per_device_eval_batch_size", "overwrite_output_dir", "dataloader_num_workers",
-                "dataloader_persistent_workers"}
+                "dataloader_persistent_workers", "resume_without_optimizer_state"}
 #: Largest fingerprint or PEFT config read.
 _MAX_JSON_BYTES = 16 << 20
 

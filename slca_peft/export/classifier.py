@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,16 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..artifacts import manifest
-from ..artifacts.atomic import atomic_directory, follow_umask, recover_replaced, settle_files, swap_directories
+from ..artifacts.atomic import (
+    atomic_directory,
+    follow_umask,
+    partial_sibling,
+    recover_replaced,
+    settle_files,
+    swap_directories,
+    sweep_partial,
+    unmark_partial,
+)
 from ..artifacts.layout import (
     CARD_FILE,
     PROCESSOR_FILE,
@@ -40,6 +48,7 @@ from ..models.backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
 from ..models.head import by_class_id
 from ..sharing.card import build_export_card
 from ..utils.errors import UserError
+from .lock import export_lock
 
 if TYPE_CHECKING:
     from ..models.model import SLCAModel
@@ -123,6 +132,12 @@ def export_model(
 
     The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
     replaced (`check_export_target`)."""
+    with export_lock(directory):
+        return _export_locked(model, directory, label_names, image_processor, card, overwrite=overwrite)
+
+
+def _export_locked(model: SLCAModel, directory: str | Path, label_names, image_processor, card, *,
+                   overwrite: bool) -> Path:
     previous = check_export_target(directory, overwrite=overwrite)
     route = export_route(model)
     weight, bias = folded_head(model)
@@ -282,6 +297,10 @@ def _drop_previous(old: Path, target: Path, plan: manifest.RemovalPlan, theirs: 
                 manifest.file_sha256(leftover) == manifest.file_sha256(kept):
             leftover.unlink()
     manifest.carry_out(manifest.RemovalPlan(old, plan.remove, [], plan.manifest))
+    unmark_partial(old)
+    for folder, _, _ in sorted(os.walk(old), key=lambda entry: len(entry[0]), reverse=True):
+        with contextlib.suppress(OSError):  # the user's sub-folders, carried over, leave empty ones behind
+            os.rmdir(folder)
     if os.path.lexists(old):
         visible = target.parent / f"{target.name}.previous-{os.getpid()}"
         os.replace(old, visible)
@@ -301,11 +320,11 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
             readme.save(Path(tmp) / CARD_FILE)
             manifest.record_tree(tmp, {"kind": EXPORT_KIND})
         return
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        # Left by a kill: the new export before its swap, or the old one after it, each holding only second
-        # names (hard links or copies) of the files carried over, which are in `target`.
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # Left by a kill: the new export before its swap, or the old one after it, each holding only second names
+    # (hard links or copies) of the files carried over, which are in `target`; a folder slca-peft did not mark
+    # (a user's, named alike) stays.
+    sweep_partial(target)
+    tmp = partial_sibling(target, "tmp")
     try:
         follow_umask(tmp, directory=True)
         classifier.save_pretrained(tmp)

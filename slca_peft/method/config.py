@@ -197,6 +197,12 @@ class SLCAConfig(TrainingArguments):
         metadata={"help": "Trainer checkpoints (checkpoint-N) off: the continual loop checkpoints per task (the "
                   "recipe refuses another value). SLCATrainer alone honours epoch/steps, with resumable states."},
     )
+    resume_without_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "SLCATrainer's resume_from_checkpoint from a checkpoint-N without optimizer and scheduler "
+                  "states (save_only_model=True): go on with a fresh optimizer and schedule, knowing the run will "
+                  "differ from an uninterrupted one. Without it such a checkpoint is refused, naming the file."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace the run already in --output_dir (its task_* checkpoints, metrics and fingerprint); "

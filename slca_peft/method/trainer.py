@@ -9,7 +9,8 @@ checkpoint flags of transformers' example scripts (`save_strategy`/`eval_strateg
 `load_best_model_at_end` with `metric_for_best_model`, `save_total_limit`, `resume_from_checkpoint`):
 a `checkpoint-N` folder holds the model files and the optimizer, scheduler, gradient scaler and random
 number generator states as safetensors + JSON (`slca_peft.artifacts.state_files`) where `Trainer` writes
-pickles, so a run killed mid-way resumes to the weights an uninterrupted run reaches. A plain
+pickles, so a run killed mid-way resumes to the weights an uninterrupted run reaches; a resume checks
+them first (`slca_peft.method.checkpoint_states`). A plain
 `TrainingArguments` is converted to `SLCAConfig` (`slca_peft.method.config.as_slca_config`); a field the
 trainer cannot honour is refused.
 """
@@ -27,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftConfig
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.training_args import ParallelMode
 
 from ..artifacts.atomic import atomic_write_text
 from ..artifacts.layout import TRAINING_ARGS_FILE
-from ..artifacts.state_files import has_state, load_state, save_state
+from ..artifacts.state_files import has_state, save_state
 from ..models.adapters import ADAPTER, BACKBONE, HEAD
 from ..models.backbones import input_size
 from ..models.from_classifier import trainer_model
@@ -40,13 +42,13 @@ from ..models.saving import load_model_state
 from ..utils.errors import UserError
 from ..utils.hardware import cpu_bf16_training
 from ..utils.logging import progress_bars, shows_progress
+from . import checkpoint_states as checks
+from .checkpoint_states import OPTIMIZER_STATE, RNG_STATE, SCALER_STATE, SCHEDULER_STATE
 from .config import SLCAConfig, as_slca_config
 from .trainer_hub import TrainerHub
 
 logger = logging.getLogger(__name__)
 ARGS_FILE = TRAINING_ARGS_FILE
-#: The states a `checkpoint-N` folder holds beside the model files, each as NAME.safetensors + NAME.json.
-OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
 # Optimizers that need more than parameter groups (their own model hooks or per-layer state).
 _UNSUPPORTED_OPTIM = ("galore", "apollo", "lomo", "layerwise", "bnb", "8bit", "4bit", "paged", "torchao", "grokadamw")
 __all__ = ["SLCATrainer", "as_slca_config", "check_honoured", "epoch_cosine_lambda", "symmetric_cross_entropy",
@@ -332,10 +334,22 @@ class SLCATrainer(TrainerHub, Trainer):
     # ------------------------------------------------------------------ checkpoints (no pickle)
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`; `resume_from_checkpoint` (a `checkpoint-N` folder, or True for the newest in
-        `output_dir`) continues from the model files and training states that folder holds."""
+        `output_dir`) continues from the model files and training states there, once they are checked."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # None: Trainer's error
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):  # checked before Trainer or torch reads it
+            checks.check_checkpoint_folder(os.fspath(resume_from_checkpoint), self._rng_name(),
+                                           self.args.resume_without_optimizer_state)
         # eager attention on CPU bf16; `disable_tqdm` also silences transformers', datasets' and the Hub's bars
         with cpu_bf16_training(self.model, self.args), progress_bars(shows_progress(self.args)):
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, then the states are listed in the checkpoint's manifest."""
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            checks.record_states(folder, ARGS_FILE, self.args.world_size)
 
     def _refuse_sharded(self, what: str) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -380,36 +394,26 @@ class SLCATrainer(TrainerHub, Trainer):
         load_model_state(self.slca_model, best)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None:
-            return
-        if not has_state(checkpoint, OPTIMIZER_STATE):
-            logger.warning("%s holds no optimizer state (written with save_only_model=True); training goes on "
-                           "with a fresh optimizer and schedule.", checkpoint)
-            return
-        self.optimizer.load_state_dict(load_state(checkpoint, OPTIMIZER_STATE))
-        self.lr_scheduler.load_state_dict(load_state(checkpoint, SCHEDULER_STATE))
+        if checkpoint is not None and has_state(checkpoint, OPTIMIZER_STATE):  # else resume_without_optimizer_state
+            state, schedule = checks.checked_optimizer_states(checkpoint, self.optimizer, self.lr_scheduler,
+                                                               self.slca_model)
+            self.optimizer.load_state_dict(state)
+            self.lr_scheduler.load_state_dict(schedule)
+        elif checkpoint is not None:
+            logger.warning("%s holds no optimizer state; as resume_without_optimizer_state asks, training goes on "
+                           "with a fresh optimizer and schedule, unlike an uninterrupted run.", checkpoint)
 
     def _load_scaler(self, checkpoint: str | None) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         if checkpoint is not None and scaler is not None and has_state(checkpoint, SCALER_STATE):
-            scaler.load_state_dict(load_state(checkpoint, SCALER_STATE))
+            scaler.load_state_dict(checks.checked_scaler_state(checkpoint, scaler.state_dict()))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        if checkpoint is None:
-            return
-        if not has_state(checkpoint, self._rng_name()):
+        if checkpoint is not None and not has_state(checkpoint, self._rng_name()):
             logger.info("%s holds no random number generator state for this process; the resumed run may differ "
                         "from an uninterrupted one.", checkpoint)
-            return
-        states = load_state(checkpoint, self._rng_name())
-        random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
-        torch.random.set_rng_state(states["cpu"])
-        if torch.cuda.is_available() and "cuda" in states:
-            try:
-                torch.cuda.random.set_rng_state_all(states["cuda"])
-            except (RuntimeError, IndexError) as err:
-                logger.info("CUDA generator states not restored (%s); the resumed run may differ.", err)
+        elif checkpoint is not None:
+            checks.restore_rng_states(checkpoint, self._rng_name())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """`SLCAModel.save_pretrained` files and the arguments as JSON (no training_args.bin pickle)."""

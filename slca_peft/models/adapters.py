@@ -132,6 +132,28 @@ def weight_shapes(backbone: nn.Module) -> dict[str, int]:
     return {"rank": rank, "dim": dim, "numel": numel, "total": sum(p.numel() for p in backbone.parameters())}
 
 
+def check_layer_replication(backbone: nn.Module, value: Any) -> None:
+    """`layer_replication` as PEFT takes it: [start, end) ranges of the backbone's layers, 0 <= start < end <=
+    its layer count, at most 8 times the layers in all (PEFT indexes the layers with them: a range beyond
+    them was an IndexError)."""
+    if value is None:
+        return
+    layers = getattr(getattr(backbone, "config", None), "num_hidden_layers", None)
+    fix = "give [start, end) ranges of the backbone's layers, or drop the field"
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(type(n) is int for n in pair) for pair in value):
+        raise UserError(f"peft_config.layer_replication is {str(value)[:80]}, not a list of [start, end] pairs; {fix}.")
+    if not isinstance(layers, int):
+        raise UserError(f"peft_config.layer_replication needs a backbone with numbered layers, and "
+                        f"{type(backbone).__name__} has no num_hidden_layers; drop the field.")
+    for start, end in value:
+        if not 0 <= start < end <= layers:
+            raise UserError(f"peft_config.layer_replication range [{start}, {end}) lies outside the backbone's "
+                            f"{layers} layers; {fix}.")
+    if sum(end - start for start, end in value) > 8 * layers:
+        raise UserError(f"peft_config.layer_replication repeats more than 8 x {layers} layers; {fix}.")
+
+
 def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
     """Refuse, before any training and naming the field, a config that targets the classifier, names
     modules the backbone does not have, or is not a tuner that wraps backbone modules; and, before PEFT
@@ -140,6 +162,7 @@ def check_peft_config(backbone: nn.Module, config: PeftConfig) -> None:
     data = peft_config_to_dict(config) or {}
     check_peft_fields(data)
     check_peft_sizes(data, weight_shapes(backbone), type(backbone).__name__)
+    check_layer_replication(backbone, data.get("layer_replication"))
     if config.is_prompt_learning:
         raise UserError(f"peft_config is {type(config).__name__}, a prompt-learning method: it adds tokens, not "
                          "weights the slow learner can train on an image backbone. Use an adapter method "

@@ -113,7 +113,21 @@ def check_backbone_source(name_or_path: str | os.PathLike) -> None:
 def load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any) -> PreTrainedModel:
     """The base model loader (safetensors only), except that a CLIP or SigLIP checkpoint gives its
     vision tower. The config is read as JSON, so nothing from the checkpoint runs. `kwargs` are loading
-    keywords (`loading_kwargs`: token, cache_dir, local_files_only, force_download, dtype, ...)."""
+    keywords (`loading_kwargs`: token, cache_dir, local_files_only, force_download, dtype, ...). Damaged
+    weights (a truncated or zeroed safetensors file) are a `UserError` naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_backbone(name_or_path, revision, **kwargs)
+    except SafetensorError as err:
+        files = sorted(p.name for p in Path(name_or_path).glob("*.safetensors")) if Path(name_or_path).is_dir() else []
+        where = f"{Path(name_or_path) / files[0]}" if len(files) == 1 else f"{name_or_path} ({', '.join(files)})" \
+            if files else str(name_or_path)
+        raise UserError(f"{where}: the base model's safetensors weights are damaged ({' '.join(str(err).split())}); "
+                        "download or save the base model again.") from None
+
+
+def _load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any) -> PreTrainedModel:
     check_backbone_source(name_or_path)
     kwargs = loading_kwargs("load_backbone", **kwargs)
     try:

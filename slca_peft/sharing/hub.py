@@ -25,7 +25,7 @@ from ..artifacts.layout import (
 from ..artifacts.manifest import copy_verified, read_manifest, read_manifest_extra, record_tree
 from ..artifacts.task_history import read_state
 from ..utils.errors import UserError
-from ..utils.reading import read_json
+from ..utils.reading import open_regular, read_json, read_text
 from .card import REPO_PLACEHOLDER, write_model_card
 from .public import base_display, is_local_name, public_name, public_state
 
@@ -108,7 +108,7 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
                          and (directory / STATISTICS_FILE).is_file())
     from huggingface_hub import ModelCard
 
-    card = ModelCard.load(card_path)
+    card = ModelCard(read_text(card_path, MAX_CARD_BYTES, fix=_CARD_FIX))  # ModelCard.load reads it whole
     if base_model_id is not None:
         card.data.base_model = base_model_id
     if local_base:
@@ -117,6 +117,20 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
     card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
     card.save(card_path)
+
+
+#: Largest model card read or uploaded (a card is a few kilobytes; a long one with tables, a few hundred).
+MAX_CARD_BYTES = 4 << 20
+_CARD_FIX = "a model card is text of at most 4 MiB: shorten it or write it again"
+
+
+def _check_card(directory: Path) -> None:
+    """Refuse, before anything is copied, a model card that is not a regular file of bounded size."""
+    try:
+        with open_regular(directory / CARD_FILE, MAX_CARD_BYTES, fix=_CARD_FIX):
+            pass
+    except FileNotFoundError:
+        pass
 
 
 def _copy_for_upload(directory: Path, folder: Path) -> dict:
@@ -131,6 +145,7 @@ def _copy_for_upload(directory: Path, folder: Path) -> dict:
                         "and uploads none of them; push a checkpoint or model folder slca-peft wrote (save_checkpoint, "
                         "save_pretrained), or write a stock model with `slca-peft export CHECKPOINT DIR` and push "
                         "that.")
+    _check_card(directory)
     folder.mkdir(parents=True)
     for rel, entry in sorted(entries.items()):
         copy_verified(directory, entry, folder / rel, may_change=rel == CARD_FILE)

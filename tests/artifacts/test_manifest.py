@@ -281,10 +281,16 @@ def test_where_names_cannot_be_exchanged_two_renames_and_a_recovery_replace_the_
     export_model(model, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and not _export_is_whole(out).startswith("broken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    # A kill between the two renames leaves `.export.old-*` and no export: the next export puts it back first.
+    # A kill between the two renames leaves `.export.old-*` (marked as slca-peft's before the first rename) and no
+    # export: the next export puts it back first. A user's folder named alike, unmarked, is neither moved nor deleted.
+    (tmp_path / ".export.old-2").mkdir()
+    (tmp_path / ".export.old-2" / "mine.txt").write_text("mine")
+    files.mark_partial(out)
     os.replace(out, tmp_path / ".export.old-1")
     export_model(model, out, overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.old-2", "export"]
+    assert (tmp_path / ".export.old-2" / "mine.txt").read_text() == "mine"
 
 
 def test_a_hub_download_is_checked_through_the_cache_s_own_links_only(tmp_path, base_model_dir):
@@ -337,3 +343,52 @@ def test_a_pushed_checkpoint_downloaded_from_the_hub_checks_and_pushes_again(tmp
     assert manifest.read_manifest_extra(snapshot) == {"kind": "checkpoint"}
     push_folder(snapshot, "me/ck2")
     assert sorted(hub.uploads[-1]["files"]) == sorted(hub.uploads[0]["files"])
+
+
+def test_export_sweeps_only_the_sibling_folders_it_marked(tmp_path, base_model_dir):
+    """`.NAME.tmp-*` / `.NAME.old-*` beside the target are removed or put back only when slca-peft marked them."""
+    model = trained_model(base_model_dir)
+    out = tmp_path / "export"
+    for name in (".export.tmp-mine", ".export.old-mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.txt").write_text(name)
+    export_model(model, out)  # a new target: the old-* folder is not moved into its name, tmp-* not deleted
+    export_model(model, out, overwrite=True)  # a replacement sweeps its leftovers: still not the user's
+    for name in (".export.tmp-mine", ".export.old-mine"):
+        assert (tmp_path / name / "data.txt").read_text() == name
+    assert not (out / "data.txt").exists()
+    # A leftover slca-peft marked (a killed export) is swept.
+    from slca_peft.artifacts.atomic import partial_sibling
+
+    stale = partial_sibling(out, "tmp")
+    (stale / "weights.safetensors").write_bytes(b"partial")
+    export_model(model, out, overwrite=True)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.old-mine", ".export.tmp-mine", "export"]
+
+
+def test_a_second_export_into_the_same_target_is_refused_while_the_first_runs(tmp_path, base_model_dir):
+    from slca_peft.export.lock import export_lock
+
+    model = trained_model(base_model_dir)
+    out = tmp_path / "export"
+    with export_lock(out):  # the first export, between its check and its rename
+        with pytest.raises(UserError, match=f"another export into {out} is running \\(pid {os.getpid()}\\)"):
+            export_model(model, out)
+        with pytest.raises(UserError, match="another export into"):
+            export_model(model, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock goes with its holder
+    export_model(model, out)
+    with pytest.raises(UserError, match="holds a previous export"):  # the second, once the first ended
+        export_model(model, out)
+
+
+def test_an_overwrite_over_a_users_sub_folder_leaves_no_sibling_behind(tmp_path, base_model_dir):
+    model = trained_model(base_model_dir)
+    out = tmp_path / "export"
+    export_model(model, out)
+    (out / "notes" / "deep").mkdir(parents=True)
+    (out / "notes" / "deep" / "a.txt").write_text("mine")
+    export_model(model, out, overwrite=True)
+    assert (out / "notes" / "deep" / "a.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -222,3 +222,58 @@ def test_ca_ridge_out_of_range_is_refused_when_parsed(recipe, tmp_path, ridge):
     with pytest.raises(ValueError, match=r"--ca_ridge .* is out of range"):
         recipe.parse_args(["--dataset", "digits", "--model_config", str(tmp_path / "c.json"), "--output_dir",
                            str(tmp_path / "out"), "--ca_ridge", ridge])
+
+
+def test_push_refuses_a_huge_model_card_before_copying_it(tmp_path, base_model_dir, hub):
+    """The card is read bounded: a sparse README.md of gigabytes was read whole (MemoryError)."""
+    model = trained_model(base_model_dir)
+    out = tmp_path / "export"
+    export_model(model, out)
+    with open(out / "README.md", "r+b") as fh:
+        fh.truncate(64 << 20)  # sparse: 64 MiB on paper, nothing on disk (the hostile case is 3 GB)
+    uploads = len(hub.uploads)
+    with pytest.raises(UserError, match="README.md is larger than 4194304 bytes"):
+        push_folder(out, "me/export")
+    assert len(hub.uploads) == uploads
+    (out / "README.md").unlink()
+    os.mkfifo(out / "README.md")
+    with pytest.raises(UserError, match="README.md is a FIFO"):
+        push_folder(out, "me/export")
+
+
+def test_damaged_base_weights_are_one_line_naming_the_file(tmp_path, base_model_dir):
+    """A base folder whose model.safetensors is zeros (the hostile case: 2 GB of them) gave a SafetensorError
+    traceback from transformers' loader."""
+    base = tmp_path / "base"
+    shutil.copytree(base_model_dir, base)
+    weights = base / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(0)
+        fh.truncate(1 << 20)  # zeros: an 8-byte header length of 0, then nothing a header can be
+    with pytest.raises(UserError, match="model.safetensors: the base model's safetensors weights are damaged"):
+        SLCAModel.from_backbone(str(base))
+
+
+@pytest.mark.parametrize("ranges", [[[0, 50]], [[3, 1]], [[0, "x"]], "all"])
+def test_info_on_a_checkpoint_with_layer_replication_out_of_range_is_one_line(tmp_path, base_model_dir, capsys,
+                                                                             ranges):
+    from peft import LoraConfig
+
+    model = trained_model(base_model_dir)
+    ck = checkpoint(model, tmp_path / "ck")
+    config = json.loads((ck / "slca_config.json").read_text())
+    targets = json.loads((ck / "adapter_config.json").read_text())["target_modules"]
+    peft = LoraConfig(r=4, lora_alpha=4, target_modules=targets).to_dict()
+    config["peft_config"] = {**peft, "peft_type": "LORA", "layer_replication": ranges}
+    (ck / "slca_config.json").write_text(json.dumps(config, default=list))
+    from slca_peft.artifacts import manifest
+
+    manifest.record(ck, ["slca_config.json"])  # re-recorded: only the content check is left to catch it
+    from slca_peft.utils.errors import run_main
+
+    with pytest.raises(SystemExit) as ended:
+        run_main(cli_main, ["info", str(ck)])  # as the console script runs it
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("slca-peft: error:")]
+    assert ended.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert "slca_config.json: peft_config.layer_replication" in errors[0]

@@ -171,7 +171,7 @@ def test_a_concurrent_second_run_is_refused_naming_the_pid(tmp_path, base_model_
 
 @pytest.mark.slow
 def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
-    from slca_peft.artifacts.atomic import atomic_directory
+    from slca_peft.artifacts.atomic import atomic_directory, mark_partial
     from slca_peft.continual.run_dir import claim_run_directory
 
     run = tmp_path / "run"
@@ -197,11 +197,16 @@ def test_a_kill_between_the_two_renames_keeps_the_task_folder(tmp_path, forked):
     with claim_run_directory(run, {"method": "slca++"}, resume=True):
         assert (run / "task_1" / "weights").read_text() == "old"
     assert not list(run.glob(".task_1.old-*"))
-    # A leftover next to a complete folder is removed at the next write.
+    # A leftover slca-peft marked next to a complete folder is removed at the next write, and so is the killed
+    # write's own temporary folder; a user's folder named alike (unmarked) stays.
     (run / ".task_1.old-1").mkdir()
+    mark_partial(run / ".task_1.old-1")
+    (run / ".task_1.old-mine").mkdir()
     with atomic_directory(run / "task_1") as tmp:
         (tmp / "weights").write_text("new")
-    assert (run / "task_1" / "weights").read_text() == "new" and not list(run.glob(".task_1.*"))
+    assert (run / "task_1" / "weights").read_text() == "new"
+    assert [p.name for p in run.glob(".task_1.*")] == [".task_1.old-mine"]
+    assert sorted(p.name for p in (run / "task_1").iterdir()) == ["weights"]
 
 
 def test_written_files_follow_the_umask(tmp_path):

@@ -28,6 +28,8 @@ OWN_READERS = {
     ("artifacts/atomic.py", "settle_files"): "fsyncs files the library just wrote (O_NOFOLLOW), reads nothing",
     ("artifacts/manifest.py", "open_for_write"): "opens for writing (O_WRONLY | O_NOFOLLOW), reads nothing",
     ("artifacts/lock.py", "_open_lock"): "the lock file, O_RDWR | O_NOFOLLOW | O_NONBLOCK, regular files only",
+    ("export/lock.py", "export_lock"): "the export lock, O_RDWR | O_NOFOLLOW | O_NONBLOCK, regular only",
+    ("artifacts/atomic.py", "is_partial"): "the partial-folder marker, O_NOFOLLOW | O_NONBLOCK, its length only",
     ("method/statistics_file.py", "read_statistics_file"): "safetensors' loader, after read_header checked the file",
     ("models/saving.py", "read_safetensors"): "safetensors' loader, after read_header checked the file",
     ("data/checks.py", "_decode"): "PIL decodes bytes open_regular read (or the path it checked)",
