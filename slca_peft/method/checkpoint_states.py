@@ -19,9 +19,9 @@ import torch
 from transformers.trainer_callback import TrainerState
 
 from ..artifacts import manifest
-from ..artifacts.reading import read_json
 from ..artifacts.state_files import check_like, has_state, load_state, state_files
 from ..utils.errors import UserError
+from ..utils.reading import read_json
 
 #: The states a `checkpoint-N` folder holds beside the model files, each as NAME.safetensors + NAME.json.
 OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
