@@ -173,6 +173,8 @@ PRIVATE_TRAINER_OVERRIDES = {
                                      "here safetensors + JSON",
     "_save_scaler": "the grad scaler's state, as safetensors + JSON instead of a pickle",
     "_save_rng_state": "the generator states, as safetensors + JSON instead of a pickle",
+    "_save_checkpoint": "records the states Trainer just wrote in checkpoint-N's manifest, before any on_save "
+                        "callback sees the folder (the resume checks only trust listed files)",
     "_load_from_checkpoint": "resume_from_checkpoint reads slca-peft model files (Trainer looks for "
                              "model.safetensors / pytorch_model.bin)",
     "_load_best_model": "load_best_model_at_end reads slca-peft model files",
