@@ -1,10 +1,11 @@
-"""`SLCATrainer`'s door to the Hub: the same path as `SLCAModel.push_to_hub` and `slca-peft push`.
+"""`SLCATrainer`'s Hub methods: the same path as `SLCAModel.push_to_hub` and `slca-peft push` (the one door,
+`slca_peft.sharing.hub.push_folder`).
 
 `Trainer.push_to_hub` would upload `output_dir` as it is (with Trainer's generic "trained from scratch"
 card, a pickled `training_args.bin` on checkpoint pushes, and a local base model that nobody who
 downloads the repo can load). Here every upload, explicit or at a save with `push_to_hub=True`, goes
-through `SLCAModel.push_to_hub`: one commit of the library's files and card, a continual checkpoint
-when the model carries its run state, a local base model refused as `slca-peft push` refuses it.
+through `SLCAModel.push_to_hub`: one commit of the model files and the library's card, a local base model
+refused as `slca-peft push` refuses it.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class TrainerHub:
         **kwargs: Any,
     ) -> Any:
         """Save the model to `output_dir` with the library's card and upload it as `SLCAModel.push_to_hub`
-        does: one commit to `hub_model_id` (or the output directory's name), a continual checkpoint when the
-        model carries its run state. `kwargs`: `commit_description`, and `create_model_card`'s keywords.
+        does: one commit of the model files to `hub_model_id` (or the output directory's name).
+        `kwargs`: `commit_description`, and `create_model_card`'s keywords.
         A local base model is refused unless `hub_base_model_id` names it. The upload is one blocking
         commit (`blocking=False` waits too). Returns the commit's URL on the main process, None on others."""
         self.check_pushable()

@@ -293,7 +293,7 @@ class SLCAModel(nn.Module):
         if run_state:
             raise TypeError(
                 f"save_pretrained writes the model files only; {sorted(run_state)} belong to the learner's run "
-                "state: use slca_peft.save_checkpoint(model, directory, statistics=..., state=..., "
+                "state: use slca_peft.continual.save_checkpoint(model, directory, statistics=..., state=..., "
                 "unaligned_head=...) for a resumable checkpoint."
             )
         return save_model_files(self, save_directory, state=state, card=card)
