@@ -48,6 +48,7 @@ from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransfor
 from ..method.config import SLCAConfig
 from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
+from ..models.loading import check_model_config
 from ..models.model import SLCAModel
 from ..models.saving import resolve_checkpoint
 from ..sharing.hub import default_repo_id
@@ -230,6 +231,8 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     # What needs no image decode runs before the decode pass: the callbacks import, and the checkpoint a
     # continuation goes on from is found (or the run refused) and hashed.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+    if model_args.model_config and not model_args.model_name_or_path:  # a FIFO, device, folder or non-config
+        check_model_config(model_args.model_config)
     named_checkpoint, resuming = model_args.resume_from not in (None, "auto"), bool(model_args.resume_from)
     if model_args.resume_from == "auto":  # resolved once, in this run's own output directory
         found = latest_checkpoint(args.output_dir)
