@@ -9,6 +9,7 @@ import io
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -385,3 +386,27 @@ def test_a_link_where_the_run_writes_is_refused_when_the_run_starts(tmp_path, na
         with claim_run_directory(out, recorded, resume=True):
             pytest.fail("the claim let a run start")
     assert "\n" not in str(err.value) and target.exists() and (out / name).is_symlink()
+
+
+@pytest.mark.parametrize("fields, name", [({"r": 0}, r"peft_config\.r"),
+                                          ({"r": 2, "rank_pattern": {"query": 0}}, r"peft_config\.rank_pattern")])
+@pytest.mark.parametrize("peft_type", ["LORA", "LOHA", "LOKR"])
+def test_a_rank_of_0_in_a_peft_config_is_refused_naming_the_field(tmp_path, peft_type, fields, name):
+    """PEFT accepts `r: 0` in the config and fails only when it builds the layers, after the data was checked."""
+    from slca_peft.models.adapters import load_peft_config
+
+    path = tmp_path / "peft.json"
+    path.write_text(json.dumps({"peft_type": peft_type, "target_modules": ["query"], **fields}))
+    with pytest.raises(UserError, match=rf"{path.name}: {name}.* must be in \[1, 4096\], got 0"):
+        load_peft_config(str(path))
+
+
+@pytest.mark.parametrize("field, value, repeated", [("label_names", ["a", "a", "c"], "class name(s) ['a']"),
+                                                     ("class_order", [2, 0, 2], "class(s) [2]")])
+def test_a_task_history_that_repeats_a_class_is_refused_naming_the_file(tmp_path, field, value, repeated):
+    """A crafted continuation whose history lists a class twice (never written: orders are permutations, names
+    unique as datasets' ClassLabel requires) is one line naming continual_state.json, before the stream is built."""
+    state = {**_state({}), field: value}
+    out = _run_with_state(tmp_path / "run", state)
+    with pytest.raises(UserError, match=rf"task_1/continual_state\.json: {field} repeats the {re.escape(repeated)}"):
+        continuation_of(ModelArguments(resume_from=str(out / "task_1")))
