@@ -410,3 +410,34 @@ def test_a_task_history_that_repeats_a_class_is_refused_naming_the_file(tmp_path
     out = _run_with_state(tmp_path / "run", state)
     with pytest.raises(UserError, match=rf"task_1/continual_state\.json: {field} repeats the {re.escape(repeated)}"):
         continuation_of(ModelArguments(resume_from=str(out / "task_1")))
+
+
+# ------------------------------------------------------------------ outside the threat model, pinned
+def test_a_resigned_checkpoint_is_outside_the_threat_model_but_its_values_stay_bounded(tmp_path, base_model_dir):
+    """docs/reliability.md, "Outside the threat model": whoever can write a checkpoint and its manifest can
+    fabricate accuracies, rewrite the task history's segments or tamper with the adapter and re-record the
+    digests. Such a checkpoint loads (a manifest is a record, not a signature); what it carries stays bounded,
+    and the same edits without re-recording are refused."""
+    from safetensors.torch import load_file
+
+    from slca_peft.continual import verify_checkpoint
+
+    model = trained_model(base_model_dir)
+    ck = checkpoint(model, tmp_path / "ck")
+    state = json.loads((ck / "continual_state.json").read_text())
+    state["accuracy_matrix"] = [[100.0], [100.0, 100.0]]  # fake-perfect
+    state["segments"] = [{"first_task": 0, "tasks": 2, "data": "a data set never used"}]  # unsigned provenance
+    (ck / "continual_state.json").write_text(json.dumps(state))
+    weights = load_file(ck / "adapter_model.safetensors")
+    save_file({k: v + 0.5 for k, v in weights.items()}, ck / "adapter_model.safetensors")  # tampered adapter
+    with pytest.raises(UserError, match=r"was edited"):  # not re-recorded: refused, naming the file
+        verify_checkpoint(ck)
+    manifest.record(ck, ["continual_state.json", "adapter_model.safetensors"])  # re-signed
+    assert verify_checkpoint(ck) == []
+    _, _, loaded, _ = load_checkpoint(ck)
+    assert loaded["accuracy_matrix"] == [[100.0], [100.0, 100.0]] and loaded["segments"][0]["data"].startswith("a d")
+    state["accuracy_matrix"] = [[1e9], [100.0, 100.0]]  # bounded even when re-signed
+    (ck / "continual_state.json").write_text(json.dumps(state))
+    manifest.record(ck, ["continual_state.json"])
+    with pytest.raises(UserError, match=r"accuracy_matrix\[0\]\[0\]"):
+        load_checkpoint(ck)
