@@ -1,7 +1,9 @@
 """Weak spots, each answered in one line that names the fix, before any training: values a re-signed
 checkpoint carries, a task history of the wrong types, a continuation stopped or resumed without its
 source, one-class new data, a callback module that exits, an output directory on the base model, a
-dangling image link, an unreadable class folder, and a decode cache fooled by unchanged file stamps."""
+dangling image link, an unreadable class folder, a decode cache fooled by unchanged file stamps, paths that
+are a FIFO, a device or the wrong kind of entry, negative seeds, both model flags, a PEFT rank of 0, links
+where a run writes, a task history listing a class twice; and, pinned, what a re-signed checkpoint can do."""
 
 from __future__ import annotations
 
