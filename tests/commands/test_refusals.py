@@ -301,6 +301,18 @@ def _model_config(path):
     return check_model_config(path)
 
 
+def _converted(path):
+    from slca_peft.models.convert import load_timm_state_dict
+
+    return load_timm_state_dict(path)
+
+
+def _report(path):
+    from slca_peft.sharing.report import write_report
+
+    return write_report(path)
+
+
 @pytest.mark.parametrize("reader, flag, kinds", [
     ("verify_image_folder", "image folder", ("fifo", "device", "file")),  # --train/test_dir
     (_load_local_data, "--data_dir", ("fifo", "device", "file")),
@@ -308,6 +320,8 @@ def _model_config(path):
     (_resolved_checkpoint, "checkpoint directory", ("fifo", "device")),  # --resume_from/--continue_from, export...
     (_backbone, "the backbone", ("fifo", "device", "file", "folder")),
     (_model_config, "--model_config", ("fifo", "device", "folder")),
+    (_converted, "slca-peft convert:", ("fifo", "device", "folder")),
+    (_report, "slca-peft report:", ("fifo", "device", "file")),  # was a NotADirectoryError traceback
 ])
 def test_a_fifo_a_device_or_a_path_of_the_wrong_kind_is_named_for_what_it_is(odd_paths, reader, flag, kinds):
     if reader == "verify_image_folder":
