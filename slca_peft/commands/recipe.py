@@ -37,7 +37,7 @@ from ..continual.checkpoint import verify_checkpoint
 from ..continual.fingerprint import read_fingerprint, run_fingerprint
 from ..continual.learner import ContinualLearner
 from ..continual.resume import check_checkpoint_matches, check_unaligned_heads, finished_run
-from ..continual.run_dir import claim_run_directory, latest_checkpoint
+from ..continual.run_dir import claim_run_directory, latest_checkpoint, refuse_links_where_a_run_writes
 from ..continual.steps import CheckpointStep, write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
 from ..data.checks import check_task_data, check_task_splits, use_decoded_record
@@ -148,6 +148,8 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
     """Train once per class-order seed, each into OUTPUT_DIR/seed_<s>/, then write OUTPUT_DIR/seeds.json
     with every seed's Last-Acc / Inc-Acc and their mean and sample standard deviation."""
     root = Path(args.output_dir)
+    if args.process_index == 0:  # the summary's results.md and plots are written after every seed trained
+        refuse_links_where_a_run_writes(root)
     runs = {}
     for seed in data_args.seeds:
         seed_args = copy.copy(args)

@@ -457,3 +457,18 @@ def test_a_resigned_checkpoint_is_outside_the_threat_model_but_its_values_stay_b
     manifest.record(ck, ["continual_state.json"])
     with pytest.raises(UserError, match=r"accuracy_matrix\[0\]\[0\]"):
         load_checkpoint(ck)
+
+
+def test_a_link_at_a_seeds_run_s_results_is_refused_before_the_first_seed(tmp_path, recipe):
+    """A `--seeds` run writes its summary's results.md and plots after every seed trained."""
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(tmp_path / "thesis.md", out / "results.md")
+    config = tmp_path / "m.json"
+    config.write_text(json.dumps({"model_type": "vit"}))
+    missing = tmp_path / "no_such_images"  # the refusal comes first: no data is read
+    argv = ["--model_config", str(config), "--train_dir", str(missing), "--test_dir", str(missing),
+            "--seeds", "1", "2", "--output_dir", str(out)]
+    with pytest.raises(UserError, match=r"results\.md is a symbolic link"):
+        recipe.main(argv)
+    assert sorted(p.name for p in out.iterdir()) == ["results.md"]
