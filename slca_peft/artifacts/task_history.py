@@ -23,6 +23,13 @@ from .values import (
 )
 
 
+def _refuse_repeats(name: str, items: list[Any], what: str) -> None:
+    seen: set[Any] = set()
+    repeated = [item for item in items if item in seen or seen.add(item)]
+    if repeated:
+        raise fail(name, f"repeats the {what}(s) {sorted(set(repeated), key=str)[:5]}; each class appears once.")
+
+
 def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
     """Check the task history's fields (types, ranges, lengths) before anything uses them."""
     if not isinstance(state, dict):
@@ -31,6 +38,8 @@ def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
         for key in ("class_order", "task_test_sizes"):
             if key in state:
                 check_int_list(key, state[key], 0, MAX_CLASSES * 100, MAX_CLASSES)
+        if "class_order" in state:  # a permutation of the data set's classes, in every stream slca-peft writes
+            _refuse_repeats("class_order", state["class_order"], "class")
         if "task_sizes" in state:
             check_int_list("task_sizes", state["task_sizes"], 1, MAX_CLASSES, MAX_TASKS)
         if "tasks_learned" in state:
@@ -39,7 +48,9 @@ def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
             if state.get(key) is not None:
                 check_int(key, state[key], -(2**63), 2**64)
         if state.get("label_names") is not None:
-            check_str_list("label_names", state["label_names"], MAX_CLASSES)
+            # unique, as datasets' ClassLabel requires: a continuation finds learned classes by name
+            names = check_str_list("label_names", state["label_names"], MAX_CLASSES)
+            _refuse_repeats("label_names", names, "class name")
         if state.get("class_ids") is not None:
             check_class_ids("class_ids", state["class_ids"])
         if state.get("domains") is not None:

@@ -191,6 +191,9 @@ ARGUMENT_RULES: tuple[tuple[Callable[[ModelArguments, DataArguments, SLCAConfig]
     # --continue_from and --resume_from load the model from their checkpoint (--model_name_or_path then guards it).
     (lambda m, d, a: not (m.model_name_or_path or m.model_config or m.continue_from or m.resume_from),
      "give --model_name_or_path (pre-trained backbone) or --model_config (random init)."),
+    (lambda m, d, a: m.model_name_or_path and m.model_config and not m.resume_from,
+     "--model_name_or_path (a pre-trained backbone) and --model_config (a random one from a config) both name the "
+     "model; give one of them."),
     (lambda m, d, a: d.domains and (not d.data_dir or d.dataset or d.train_dir or d.test_dir),
      "--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir."),
     (lambda m, d, a: d.domains and d.seeds,
@@ -203,6 +206,8 @@ ARGUMENT_RULES: tuple[tuple[Callable[[ModelArguments, DataArguments, SLCAConfig]
      "--crop_scale_min sets RandomResizedCrop, which --train_resize replaces; drop one of them."),
     (lambda m, d, a: d.seeds and m.resume_from not in (None, "auto"),
      "with --seeds, --resume_from can only be `auto` (each seed resumes in its own seed_<s>/)."),
+    (lambda m, d, a: d.seeds and not all(0 <= s < 1 << 32 for s in d.seeds),
+     "--seeds {seeds}: each class-order seed must be 0 to 4294967295 (numpy's seeds)."),
     (lambda m, d, a: d.seeds and len(set(d.seeds)) != len(d.seeds),
      "--seeds {seeds} repeats a seed; give each seed once."),
 )

@@ -37,7 +37,7 @@ from ..continual.checkpoint import verify_checkpoint
 from ..continual.fingerprint import read_fingerprint, run_fingerprint
 from ..continual.learner import ContinualLearner
 from ..continual.resume import check_checkpoint_matches, check_unaligned_heads, finished_run
-from ..continual.run_dir import claim_run_directory, latest_checkpoint
+from ..continual.run_dir import claim_run_directory, latest_checkpoint, refuse_links_where_a_run_writes
 from ..continual.steps import CheckpointStep, write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
 from ..data.checks import check_task_data, check_task_splits, use_decoded_record
@@ -48,6 +48,7 @@ from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransfor
 from ..method.config import SLCAConfig
 from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
+from ..models.loading import check_model_config
 from ..models.model import SLCAModel
 from ..models.saving import resolve_checkpoint
 from ..sharing.hub import default_repo_id
@@ -147,6 +148,8 @@ def run_seeds(model_args: ModelArguments, data_args: DataArguments, args: SLCACo
     """Train once per class-order seed, each into OUTPUT_DIR/seed_<s>/, then write OUTPUT_DIR/seeds.json
     with every seed's Last-Acc / Inc-Acc and their mean and sample standard deviation."""
     root = Path(args.output_dir)
+    if args.process_index == 0:  # the summary's results.md and plots are written after every seed trained
+        refuse_links_where_a_run_writes(root)
     runs = {}
     for seed in data_args.seeds:
         seed_args = copy.copy(args)
@@ -230,6 +233,8 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     # What needs no image decode runs before the decode pass: the callbacks import, and the checkpoint a
     # continuation goes on from is found (or the run refused) and hashed.
     callbacks = [load_callback(spec) for spec in model_args.callbacks or []]
+    if model_args.model_config and not model_args.model_name_or_path:  # a FIFO, device, folder or non-config
+        check_model_config(model_args.model_config)
     named_checkpoint, resuming = model_args.resume_from not in (None, "auto"), bool(model_args.resume_from)
     if model_args.resume_from == "auto":  # resolved once, in this run's own output directory
         found = latest_checkpoint(args.output_dir)

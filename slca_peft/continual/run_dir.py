@@ -38,6 +38,8 @@ from ..artifacts.layout import (
     CONFIG_FILE,
     FINGERPRINT_FILE,
     METRICS_FILE,
+    PLOT_FILES,
+    RESULTS_FILE,
     SEEDS_FILE,
     STATE_FILE,
     checkpoint_dirs,
@@ -147,6 +149,19 @@ def _run_artefacts(root: Path) -> list[Path]:
     return found
 
 
+def refuse_links_where_a_run_writes(root: str | Path) -> None:
+    """Refuse, before any training, a symbolic link at a name the run will write or remove: its results
+    (`metrics.json`, `results.md`, the plots) and its task folders (a new checkpoint's name, or an older one
+    `--save_total_limit` removes). slca-peft never writes through or deletes via a link, so without this the
+    refusal would come only once a task had trained."""
+    for entry in _entries(Path(root)):
+        if entry.is_symlink() and (entry.name in (METRICS_FILE, RESULTS_FILE, *PLOT_FILES)
+                                   or _TASK_DIR.fullmatch(entry.name)):
+            raise UserError(f"{entry.path} is a symbolic link (to {os.readlink(entry.path)!r}), where the run writes "
+                            "its own files; slca-peft never writes or deletes through a link: remove the link (its "
+                            "target stays) or choose another --output_dir.")
+
+
 def recover_interrupted_replacements(root: str | Path) -> None:
     """A kill between the two renames of a checkpoint replacement leaves `.task_N.old-*` and no
     `task_N`: put the old folder back; when `task_N` exists, the leftover is removed."""
@@ -208,6 +223,8 @@ def claim_run_directory(
             recover_interrupted_replacements(root)
             old = read_fingerprint(root)
             artefacts = [p for p in _run_artefacts(root) if p.name != FINGERPRINT_FILE]
+            if not overwrite:  # an overwrite refuses them itself, before deleting anything
+                refuse_links_where_a_run_writes(root)
             if overwrite:
                 remove_previous_run(root)
                 old = None

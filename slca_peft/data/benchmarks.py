@@ -32,6 +32,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 
 from ..utils.errors import MissingFileError, UserError
+from ..utils.reading import require_path
 from .formats import (
     IMAGENET_R_SPLIT_SEED,
     IMAGENET_R_TEST_FRACTION,
@@ -169,8 +170,7 @@ def split_per_class(
 
 # ---------------------------------------------------------------------------------------------- local
 def _load_local(key: str, root: Path) -> tuple[DatasetDict, DatasetSpec]:
-    if not root.is_dir():
-        raise MissingFileError(f"data_dir {root} does not exist.")
+    require_path(root, folder=True, what="--data_dir", fix="give the folder that holds the data set's files")
     spec = KNOWN_DATASETS.get(key, DatasetSpec(key, "image", "label"))
     local = replace(spec, hub_id=str(root), image_column="image", label_column="label", revision=None,
                     config=None, single_split=None, train_split="train", test_split="test")

@@ -27,7 +27,8 @@ from datasets import ClassLabel, Dataset
 
 from ..artifacts.digests import folder_sha256
 from ..artifacts.values import MAX_CLASSES
-from ..utils.errors import MissingFileError, UserError
+from ..utils.errors import UserError
+from ..utils.reading import require_path
 from .tasks import Task, TaskSequence, built_task, with_labels
 
 
@@ -266,8 +267,8 @@ def load_test_folder(directory: str | Path) -> Dataset:
     from .formats import image_dataset
 
     root = Path(directory)
-    if not root.is_dir():
-        raise MissingFileError(f"--old_test_dir {root} does not exist.")
+    require_path(root, folder=True, what="--old_test_dir",
+                 fix="give a folder with one sub-folder of test images per learned class")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise UserError(f"--old_test_dir {root} has no class sub-folder; put each class's test images in a "

@@ -13,7 +13,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 from ..utils.errors import MissingFileError, UserError, one_line
-from ..utils.reading import open_regular, read_text
+from ..utils.reading import open_regular, read_text, require_path
 from .checks import IMAGE_EXTENSIONS, list_class_folder
 
 #: Largest list file of a dataset release read (CUB-200's, DomainNet's are megabytes).
@@ -75,8 +75,8 @@ def load_split_image_folders(train_dir: str | Path, test_dir: str | Path, *, min
     """
     train_root, test_root = Path(train_dir), Path(test_dir)
     for root in (train_root, test_root):
-        if not root.is_dir():
-            raise MissingFileError(f"image folder {root} does not exist.")
+        require_path(root, folder=True, what="image folder",
+                     fix="give a folder with one sub-folder of images per class (--train_dir, --test_dir)")
     names = [p.name for p in class_folders(train_root)]
     if len(names) < min_classes:
         raise UserError(f"{train_root} has {len(names)} class folder(s); put each class in its own sub-folder (at "

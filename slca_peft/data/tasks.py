@@ -18,7 +18,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from ..artifacts.layout import task_dir_name
-from ..utils.errors import MissingFileError, UserError
+from ..utils.errors import UserError
+from ..utils.reading import require_path
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
@@ -357,8 +358,8 @@ def verify_image_folder(directory: str | Path, *, decode: bool = True, min_class
     from .checks import check_images, list_class_folder
 
     root = Path(directory)
-    if not root.is_dir():
-        raise MissingFileError(f"image folder {root} does not exist.")
+    require_path(root, folder=True, what="image folder",
+                 fix="give a folder with one sub-folder of images per class (--train_dir, --test_dir)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < min_classes:
         raise UserError(

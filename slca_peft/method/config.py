@@ -34,6 +34,7 @@ SLCA_COSINE = "slca_cosine"
 # Parse-time range checks: (field, lower bound, lower bound allowed, upper bound); the model settings'
 # bounds are `SLCAModelConfig`'s. A bad value fails here rather than after a task has trained.
 _BIG = 1 << 20
+_MAX_SEED = (1 << 32) - 1
 _RANGES = (
     *((name, low, True, high) for name, (low, high) in BOUNDS.items()),
     ("init_cls", 1, True, 1e7), ("increment", 1, True, 1e7),
@@ -46,6 +47,8 @@ _RANGES = (
     ("learning_rate", 0, True, 1e3), ("weight_decay", 0, True, 1e3), ("num_train_epochs", 0, False, 1e6),
     ("per_device_train_batch_size", 1, True, _BIG), ("per_device_eval_batch_size", 1, True, _BIG),
     ("max_grad_norm", 0, True, math.inf), ("global_batch_size", 1, True, _BIG),
+    # numpy's seeds (set_seed, the class order's RandomState) are 0 to 2**32 - 1; -1 would fail after loading.
+    ("seed", 0, True, _MAX_SEED), ("class_order_seed", 0, True, _MAX_SEED), ("data_seed", 0, True, _MAX_SEED),
 )
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from ..utils.errors import MissingFileError, UserError
-from ..utils.reading import open_regular
+from ..utils.errors import UserError
+from ..utils.reading import open_regular, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ SKIPPED = re.compile(r"^(module\.)?(head|fc_norm|pre_logits|momentum_encoder|pre
 
 def load_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone weights of a timm-style checkpoint file, with wrapper prefixes removed."""
-    if not Path(path).is_file():
-        raise MissingFileError(f"{path} does not exist.")
+    require_path(path, folder=False, what="slca-peft convert:",
+                 fix="give the timm-style checkpoint file (.pth, .pt or .bin) to convert")
     try:
         with open_regular(path, fix="give the checkpoint file") as handle:
             checkpoint = torch.load(handle, map_location="cpu", weights_only=True)

@@ -19,7 +19,7 @@ from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from ..artifacts.layout import ADAPTER_CONFIG_FILE, CONFIG_FILE, EXPORT_CONFIG_FILE, PICKLE_SUFFIXES
 from ..sharing.public import is_local_name
 from ..utils.errors import MissingFileError, UserError
-from ..utils.reading import read_json
+from ..utils.reading import path_kind, read_json, require_path
 
 #: Multimodal checkpoints whose image tower is the backbone (a Hub id of the whole model loads its tower).
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -100,14 +100,28 @@ def check_backbone_source(name_or_path: str | os.PathLike) -> None:
                 f"{f' ({base})' if base else ''} as the backbone, and the adapter's settings as peft_config "
                 "(--peft_config)."
             )
-    elif path.exists():
-        raise UserError(f"the backbone {name} is a file, not a model folder; pass the folder that holds its "
+        if not (path / EXPORT_CONFIG_FILE).is_file():
+            raise UserError(f"the backbone {name} is a folder without {EXPORT_CONFIG_FILE}, not a model folder; pass "
+                            f"the folder that holds the model's {EXPORT_CONFIG_FILE} and weights, or a Hub id.")
+    elif (kind := path_kind(path)) is not None:
+        raise UserError(f"the backbone {name} is {kind}, not a model folder; pass the folder that holds its "
                          "config.json (a config JSON alone, for random weights: --model_config).")
     elif is_local_name(name):
         raise MissingFileError(
             f"the backbone path {name} does not exist (relative paths resolve from {os.getcwd()}); pass an "
             "existing model folder or a Hub id such as google/vit-base-patch16-224-in21k."
         )
+
+
+def check_model_config(path: str | os.PathLike) -> None:
+    """Refuse, in one line naming `--model_config PATH`, a config file transformers could not read: not a regular
+    file (a FIFO would block it, `/dev/zero` fill memory), larger than a config, not JSON, or without the
+    `model_type` that picks the architecture. Checked when the arguments are parsed, before any data is read."""
+    fix = "give a model config JSON with a model_type (e.g. a ViT's config.json)"
+    require_path(path, folder=False, what="--model_config", fix=fix)
+    config = read_json(path, 1 << 20)
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UserError(f"--model_config {path} has no \"model_type\" (the architecture to build); {fix}.")
 
 
 def load_backbone(name_or_path: str, revision: str | None = None, **kwargs: Any) -> PreTrainedModel:

@@ -183,7 +183,9 @@ def check_peft_fields(data: dict[str, Any]) -> None:
                 raise UserError(f"{name} as a fraction must be in (0, 1], got {value}.")
         elif kind in RANK_FIELDS or kind in DIM_FIELDS or kind in NUMEL_FIELDS or kind == "num_vectors":
             high = MAX_RANK if kind in RANK_FIELDS else MAX_SIZE if kind in DIM_FIELDS else MAX_ELEMENTS
-            check_int(name, value, -1 if kind == "decompose_factor" else 0, high)
+            # a rank `r` of 0 (or in rank_pattern) is an adapter PEFT refuses only when it builds the layers
+            low = -1 if kind == "decompose_factor" else 1 if kind == "r" else 0
+            check_int(name, value, low, high)
         elif kind in COUNT_FIELDS:
             check_int(name, value, 0, MAX_COUNT)
         elif kind in SCALE_FIELDS:

@@ -40,7 +40,7 @@ from ..artifacts.layout import (
 )
 from ..sharing.card import write_model_card
 from ..utils.errors import MissingFileError, UserError
-from ..utils.reading import read_json
+from ..utils.reading import path_kind, read_json, require_path
 from .auto import auto_config_dict
 from .config import SLCAModelConfig
 from .loading import portable_name, resolve_recorded_base
@@ -140,8 +140,10 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None,
         raise UserError(f"{path} is a file; pass the checkpoint directory (or a Hub repo id).{hint}")
     if path.is_dir():
         return path
-    if str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
-        raise MissingFileError(f"checkpoint directory {path} does not exist.")
+    if path_kind(path) is not None or str(path_or_repo_id).startswith((".", "/")) or \
+            str(path_or_repo_id).count("/") > 1:  # a FIFO or a device is named for what it is
+        require_path(path, folder=True, what="checkpoint directory",
+                     fix="pass a checkpoint directory (task_N) or a Hub repo id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

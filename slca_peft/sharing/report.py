@@ -42,7 +42,7 @@ from ..artifacts.layout import (
 )
 from ..artifacts.manifest import safe_path
 from ..utils.errors import MissingFileError, UserError
-from ..utils.reading import read_json
+from ..utils.reading import read_json, require_path
 from ..utils.timing import is_timing_record, phases_of
 from .figures import FIGURE_SIZE, plot_accuracy_curve, plot_accuracy_matrix
 
@@ -231,6 +231,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
     import numpy as np
 
     root = Path(output_dir)
+    require_path(root, folder=True, what="slca-peft report:", fix="give the output directory of a finished run")
     seed_dirs = _seed_dirs(root)
     targets = _targets(root)
     written: list[Path] = []

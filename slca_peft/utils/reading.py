@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import UserError, one_line
+from .errors import MissingFileError, UserError, one_line
 
 #: Largest JSON file read (configs, states, metrics are kilobytes; a label list of a million classes ~30 MB).
 MAX_JSON_BYTES = 64 << 20
@@ -34,6 +34,45 @@ def loads_json(raw: str | bytes, source: str) -> Any:
         raise UserError(f"{source} nests JSON deeper than Python can parse; the file is damaged or crafted.") from None
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, bad UTF-8, an int of > 4300 digits
         raise UserError(f"{source} is not valid JSON ({one_line(err)}); the file is damaged.") from None
+
+
+def _kind_of_mode(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def path_kind(path: str | Path) -> str | None:
+    """What `path` is, in words ("a regular file", "a directory", "a FIFO", "a device", "a socket", "a symbolic
+    link to X, which does not exist"), or None when nothing is there. Uses `stat` only, so a FIFO never blocks
+    and a device is never read: why a "no such file" message must not stand for any of them."""
+    try:
+        return _kind_of_mode(os.stat(path).st_mode)
+    except FileNotFoundError:
+        try:
+            return f"a symbolic link to {os.readlink(path)!r}, which does not exist"
+        except OSError:
+            return None
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+
+
+def require_path(path: str | Path, *, folder: bool, what: str, fix: str) -> None:
+    """One line naming `what` (e.g. "--train_dir") and `path` unless `path` is a folder (`folder=True`) or a
+    regular file: a missing path is a `MissingFileError`; a FIFO, a device, a file where a folder is meant or a
+    folder where a file is meant a `UserError` saying which it is. Both end with `fix`."""
+    kind = path_kind(path)
+    if kind is None:
+        raise MissingFileError(f"{what} {path} does not exist; {fix}.")
+    wanted = "a directory" if folder else "a regular file"
+    if kind != wanted:
+        raise UserError(f"{what} {path} is {kind}, not {'a folder' if folder else 'a regular file'}; {fix}.")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -68,8 +107,7 @@ def open_regular(path: str | Path, max_bytes: int | None = None, *, follow: bool
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or \
-                stat.S_ISBLK(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            kind = _kind_of_mode(info.st_mode)
             raise UserError(f"{path} is {kind}, not a regular file, so slca-peft will not read it; {fix}.")
         if max_bytes is not None and info.st_size > max_bytes:
             raise UserError(f"{path} is larger than {max_bytes} bytes, more than slca-peft reads from such a file; "

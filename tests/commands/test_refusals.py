@@ -1,7 +1,9 @@
 """Weak spots, each answered in one line that names the fix, before any training: values a re-signed
 checkpoint carries, a task history of the wrong types, a continuation stopped or resumed without its
 source, one-class new data, a callback module that exits, an output directory on the base model, a
-dangling image link, an unreadable class folder, and a decode cache fooled by unchanged file stamps."""
+dangling image link, an unreadable class folder, a decode cache fooled by unchanged file stamps, paths that
+are a FIFO, a device or the wrong kind of entry, negative seeds, both model flags, a PEFT rank of 0, links
+where a run writes, a task history listing a class twice; and, pinned, what a re-signed checkpoint can do."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import io
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +257,218 @@ def test_the_recipe_resumes_a_continuation_whose_source_is_gone_and_continues_wi
     recipe.main(recipe_argv(None, (one["train"].parent, one["test"].parent), single, "--continue_from",
                             str(tmp_path / "phase1" / "task_2"), init_cls=1, increment=1))
     assert json.loads((single / "metrics.json").read_text())["task_sizes"] == [2, 2, 1]
+
+
+# ------------------------------------------------------------------------------ paths of the wrong kind
+@pytest.fixture
+def odd_paths(tmp_path):
+    """A FIFO, a device, a folder and a regular file: none of them "no such file"."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    return {"fifo": (fifo, "a FIFO"), "device": ("/dev/zero", "a device"),
+            "folder": (tmp_path / "folder", "a directory"), "file": (tmp_path / "file.txt", "a regular file")}
+
+
+def _load_local_data(path):
+    from slca_peft.data.benchmarks import _load_local
+
+    return _load_local("cifar100", Path(path))
+
+
+def _continued_old_test_data(path):
+    from slca_peft.data.continuation import load_test_folder
+
+    return load_test_folder(path)
+
+
+def _resolved_checkpoint(path):
+    from slca_peft.models.saving import resolve_checkpoint
+
+    return resolve_checkpoint(path)
+
+
+def _backbone(path):
+    from slca_peft.models.loading import check_backbone_source
+
+    return check_backbone_source(path)
+
+
+def _model_config(path):
+    from slca_peft.models.loading import check_model_config
+
+    return check_model_config(path)
+
+
+def _converted(path):
+    from slca_peft.models.convert import load_timm_state_dict
+
+    return load_timm_state_dict(path)
+
+
+def _report(path):
+    from slca_peft.sharing.report import write_report
+
+    return write_report(path)
+
+
+@pytest.mark.parametrize("reader, flag, kinds", [
+    ("verify_image_folder", "image folder", ("fifo", "device", "file")),  # --train/test_dir
+    (_load_local_data, "--data_dir", ("fifo", "device", "file")),
+    (_continued_old_test_data, "--old_test_dir", ("fifo", "device", "file")),
+    (_resolved_checkpoint, "checkpoint directory", ("fifo", "device")),  # --resume_from/--continue_from, export...
+    (_backbone, "the backbone", ("fifo", "device", "file", "folder")),
+    (_model_config, "--model_config", ("fifo", "device", "folder")),
+    (_converted, "slca-peft convert:", ("fifo", "device", "folder")),
+    (_report, "slca-peft report:", ("fifo", "device", "file")),  # was a NotADirectoryError traceback
+])
+def test_a_fifo_a_device_or_a_path_of_the_wrong_kind_is_named_for_what_it_is(odd_paths, reader, flag, kinds):
+    if reader == "verify_image_folder":
+        from slca_peft.data.tasks import verify_image_folder as reader
+    for kind in kinds:
+        path, words = odd_paths[kind]
+        if kind == "folder" and reader is _backbone:
+            words = "a folder without config.json"
+        with pytest.raises(UserError) as err:
+            reader(path)
+        message = str(err.value)
+        assert f"{flag} {path} is {words}" in message and "does not exist" not in message, message
+        assert "\n" not in message and "; " in message  # one line, with the fix after the problem
+
+
+def test_path_kind_never_opens_what_it_describes(tmp_path):
+    from slca_peft.utils.errors import MissingFileError
+    from slca_peft.utils.reading import path_kind, require_path
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # stat only: a FIFO without a writer would block an open
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    assert path_kind(fifo) == "a FIFO" and path_kind("/dev/zero") == "a device"
+    assert path_kind(tmp_path / "missing") is None
+    assert "which does not exist" in path_kind(tmp_path / "dangling")
+    with pytest.raises(MissingFileError, match=r"--x .*missing does not exist; fix it\.$"):
+        require_path(tmp_path / "missing", folder=False, what="--x", fix="fix it")
+    require_path(tmp_path, folder=True, what="--x", fix="fix it")
+
+
+def test_a_model_config_without_model_type_is_refused_before_the_data_is_read(tmp_path, recipe):
+    config = tmp_path / "m.json"
+    config.write_text(json.dumps({"hidden_size": 32}))
+    missing = tmp_path / "no_such_images"  # the refusal comes first: no data is read
+    argv = ["--model_config", str(config), "--train_dir", str(missing), "--test_dir", str(missing),
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(UserError, match=r"--model_config .*m\.json has no \"model_type\""):
+        recipe.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------- arguments refused when parsed
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], r"--seed -1 is out of range: it must be >= 0 and <= 4294967295"),
+    (["--class_order_seed", "-1"], r"--class_order_seed -1 is out of range"),
+    (["--seed", str(1 << 32)], r"--seed 4294967296 is out of range"),
+    (["--seeds", "1993", "-1"], r"--seeds 1993 -1: each class-order seed must be 0 to 4294967295"),
+    (["--model_name_or_path", "BASE"], r"--model_name_or_path .* and --model_config .* both name the model; give "
+                                       r"one of them"),
+])
+def test_negative_seeds_and_both_model_flags_are_refused_when_parsed(tmp_path, recipe, tiny_image_folders,
+                                                                     base_model_dir, flags, message):
+    config = tmp_path / "m.json"
+    config.write_text(json.dumps({"model_type": "vit"}))
+    flags = [str(base_model_dir) if f == "BASE" else f for f in flags]
+    argv = ["--model_config", str(config), "--train_dir", str(tiny_image_folders[0]), "--test_dir",
+            str(tiny_image_folders[1]), "--output_dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(UserError, match=message):
+        recipe.parse_args(argv)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------ links where a run writes: refused at the start
+@pytest.mark.parametrize("name, folder", [("metrics.json", False), ("results.md", False),
+                                          ("accuracy_curve.png", False), ("task_0", True)])
+def test_a_link_where_the_run_writes_is_refused_when_the_run_starts(tmp_path, name, folder):
+    """A resumed run writes its results again, and `--save_total_limit` removes older task folders: a link at one
+    of those names is refused when the directory is claimed, before any training, not after a task trained."""
+    out = tmp_path / "run"
+    out.mkdir()
+    recorded = {"method": "slca++"}
+    (out / "run_fingerprint.json").write_text(json.dumps(recorded))
+    manifest.record(out, ["run_fingerprint.json"])
+    target = tmp_path / "elsewhere"
+    target.mkdir() if folder else target.write_text("a user's file")
+    os.symlink(target, out / name)
+    with pytest.raises(UserError, match=rf"{name} is a symbolic link .*remove the link \(its target stays\)") as err:
+        with claim_run_directory(out, recorded, resume=True):
+            pytest.fail("the claim let a run start")
+    assert "\n" not in str(err.value) and target.exists() and (out / name).is_symlink()
+
+
+@pytest.mark.parametrize("fields, name", [({"r": 0}, r"peft_config\.r"),
+                                          ({"r": 2, "rank_pattern": {"query": 0}}, r"peft_config\.rank_pattern")])
+@pytest.mark.parametrize("peft_type", ["LORA", "LOHA", "LOKR"])
+def test_a_rank_of_0_in_a_peft_config_is_refused_naming_the_field(tmp_path, peft_type, fields, name):
+    """PEFT accepts `r: 0` in the config and fails only when it builds the layers, after the data was checked."""
+    from slca_peft.models.adapters import load_peft_config
+
+    path = tmp_path / "peft.json"
+    path.write_text(json.dumps({"peft_type": peft_type, "target_modules": ["query"], **fields}))
+    with pytest.raises(UserError, match=rf"{path.name}: {name}.* must be in \[1, 4096\], got 0"):
+        load_peft_config(str(path))
+
+
+@pytest.mark.parametrize("field, value, repeated", [("label_names", ["a", "a", "c"], "class name(s) ['a']"),
+                                                     ("class_order", [2, 0, 2], "class(s) [2]")])
+def test_a_task_history_that_repeats_a_class_is_refused_naming_the_file(tmp_path, field, value, repeated):
+    """A crafted continuation whose history lists a class twice (never written: orders are permutations, names
+    unique as datasets' ClassLabel requires) is one line naming continual_state.json, before the stream is built."""
+    state = {**_state({}), field: value}
+    out = _run_with_state(tmp_path / "run", state)
+    with pytest.raises(UserError, match=rf"task_1/continual_state\.json: {field} repeats the {re.escape(repeated)}"):
+        continuation_of(ModelArguments(resume_from=str(out / "task_1")))
+
+
+# ------------------------------------------------------------------ outside the threat model, pinned
+def test_a_resigned_checkpoint_is_outside_the_threat_model_but_its_values_stay_bounded(tmp_path, base_model_dir):
+    """docs/reliability.md, "Outside the threat model": whoever can write a checkpoint and its manifest can
+    fabricate accuracies, rewrite the task history's segments or tamper with the adapter and re-record the
+    digests. Such a checkpoint loads (a manifest is a record, not a signature); what it carries stays bounded,
+    and the same edits without re-recording are refused."""
+    from safetensors.torch import load_file
+
+    from slca_peft.continual import verify_checkpoint
+
+    model = trained_model(base_model_dir)
+    ck = checkpoint(model, tmp_path / "ck")
+    state = json.loads((ck / "continual_state.json").read_text())
+    state["accuracy_matrix"] = [[100.0], [100.0, 100.0]]  # fake-perfect
+    state["segments"] = [{"first_task": 0, "tasks": 2, "data": "a data set never used"}]  # unsigned provenance
+    (ck / "continual_state.json").write_text(json.dumps(state))
+    weights = load_file(ck / "adapter_model.safetensors")
+    save_file({k: v + 0.5 for k, v in weights.items()}, ck / "adapter_model.safetensors")  # tampered adapter
+    with pytest.raises(UserError, match=r"was edited"):  # not re-recorded: refused, naming the file
+        verify_checkpoint(ck)
+    manifest.record(ck, ["continual_state.json", "adapter_model.safetensors"])  # re-signed
+    assert verify_checkpoint(ck) == []
+    _, _, loaded, _ = load_checkpoint(ck)
+    assert loaded["accuracy_matrix"] == [[100.0], [100.0, 100.0]] and loaded["segments"][0]["data"].startswith("a d")
+    state["accuracy_matrix"] = [[1e9], [100.0, 100.0]]  # bounded even when re-signed
+    (ck / "continual_state.json").write_text(json.dumps(state))
+    manifest.record(ck, ["continual_state.json"])
+    with pytest.raises(UserError, match=r"accuracy_matrix\[0\]\[0\]"):
+        load_checkpoint(ck)
+
+
+def test_a_link_at_a_seeds_run_s_results_is_refused_before_the_first_seed(tmp_path, recipe):
+    """A `--seeds` run writes its summary's results.md and plots after every seed trained."""
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(tmp_path / "thesis.md", out / "results.md")
+    config = tmp_path / "m.json"
+    config.write_text(json.dumps({"model_type": "vit"}))
+    missing = tmp_path / "no_such_images"  # the refusal comes first: no data is read
+    argv = ["--model_config", str(config), "--train_dir", str(missing), "--test_dir", str(missing),
+            "--seeds", "1", "2", "--output_dir", str(out)]
+    with pytest.raises(UserError, match=r"results\.md is a symbolic link"):
+        recipe.main(argv)
+    assert sorted(p.name for p in out.iterdir()) == ["results.md"]
