@@ -68,7 +68,7 @@ def test_peft_size_bombs_are_refused_under_an_address_space_cap(tmp_path):
                           capture_output=True, text=True, timeout=300)
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 and all(line.startswith("REFUSED") for line in lines), proc.stdout + proc.stderr[-2000:]
-    assert "peft_config.rank_pattern['q_proj'] must be in [0, 4096], got 50000000" in lines[0]
+    assert "peft_config.rank_pattern['q_proj'] must be in [1, 4096], got 50000000" in lines[0]
     assert "rank_pattern['q_proj'] must be in [0, 32] (the largest rank of a weight of ViTModel)" in lines[1]
     assert "num_vectors x vector_length = 1073741824 x 4" in lines[2]
     assert "decompose_factor must be in [-1, 65536], got 1048576" in lines[3]
