@@ -10,7 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.slca-peft-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,demo]"
     touch "$stamp"
 fi
