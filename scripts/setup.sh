@@ -10,9 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.slca-peft-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    # --no-compile: byte-compiling every module of torch and transformers at install takes longer than the
-    # installation itself; Python compiles what is imported, when it is first imported.
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet --no-compile "torch==2.13.0" -e ".[test,demo]"
+    .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,demo]"
     touch "$stamp"
 fi
