@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -305,3 +306,20 @@ def hub(monkeypatch) -> HubRecorder:
     recorder = HubRecorder()
     monkeypatch.setattr(huggingface_hub, "HfApi", recorder.api)
     return recorder
+
+
+def hangs(function, *args, timeout: float = 20.0, **kwargs):
+    """Run `function` in a thread; what it raised or returned, or "hung" when it does not return in time (a
+    read that blocks on a FIFO or reads a device forever)."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(function(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - the outcome is what the test looks at
+            outcome.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return "hung" if worker.is_alive() else outcome[0]

@@ -6,13 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import hangs
 from safetensors.torch import load_file, save_file
 
 import slca_peft
@@ -53,22 +53,6 @@ def checkpoint(trained_run, tmp_path) -> Path:
     copy = tmp_path / "checkpoint-2"
     shutil.copytree(trained_run / "checkpoint-2", copy)
     return copy
-
-
-def hangs(function, *args, timeout: float = 20.0):
-    """Run `function` in a thread; what it raised or returned, or "hung" when it does not return in time."""
-    outcome: list = []
-
-    def run():
-        try:
-            outcome.append(function(*args))
-        except BaseException as err:  # noqa: BLE001 - the outcome is what the test looks at
-            outcome.append(err)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return "hung" if worker.is_alive() else outcome[0]
 
 
 def release(fifo: Path) -> None:

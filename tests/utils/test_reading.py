@@ -10,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import hangs
 
 from slca_peft.utils.errors import UserError
 from slca_peft.utils.reading import open_regular, read_bytes, read_json, read_own_json
@@ -76,22 +76,6 @@ def test_the_package_reads_files_only_through_the_bounded_reader():
     met: set = set()
     assert reads_outside_the_reader(met) == []
     assert met == set(OWN_READERS)  # every exception listed still reads (the list does not outlive the code)
-
-
-def hangs(function, *args, timeout: float = 10.0, **kwargs):
-    """Run `function` in a thread; the exception it raised, or "hung" when it does not return in time."""
-    outcome: list = []
-
-    def run():
-        try:
-            outcome.append(function(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 - the outcome is what the test looks at
-            outcome.append(err)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return "hung" if worker.is_alive() else outcome[0]
 
 
 def test_a_fifo_a_device_a_symlink_and_a_large_file_are_refused_without_reading(tmp_path):
