@@ -97,16 +97,20 @@ def seed_dir_name(seed: int) -> str:
     return f"{SEED_DIR_PREFIX}{seed}"
 
 
+def seed_index(name: str) -> int | None:
+    """The seed a seed run's folder name stands for (`seed_<int>`), or None for any other name."""
+    suffix = name.removeprefix(SEED_DIR_PREFIX)
+    if not name.startswith(SEED_DIR_PREFIX) or not suffix.lstrip("-").isdigit() or not suffix.isascii():
+        return None
+    return int(suffix)
+
+
 def seed_dirs(output_dir: str | Path) -> list[Path]:
     """The seed run directories of a `--seeds` run (folders named `seed_<int>`), by seed."""
     root = Path(output_dir)
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            suffix = path.name.removeprefix(SEED_DIR_PREFIX)
-            if path.name.startswith(SEED_DIR_PREFIX) and suffix.lstrip("-").isdigit() and path.is_dir():
-                found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
+    paths = root.iterdir() if root.is_dir() else ()
+    found = sorted((seed, path) for path in paths if (seed := seed_index(path.name)) is not None and path.is_dir())
+    return [path for _, path in found]
 
 
 def holds_run(root: str | Path) -> bool:
@@ -124,8 +128,7 @@ def holds_run(root: str | Path) -> bool:
             continue
         if task_index(entry.name) is not None and Path(entry.path, STATE_FILE).is_file():
             return True
-        suffix = entry.name.removeprefix(SEED_DIR_PREFIX)
-        if entry.name.startswith(SEED_DIR_PREFIX) and suffix.lstrip("-").isdigit() and holds_run(entry.path):
+        if seed_index(entry.name) is not None and holds_run(entry.path):
             return True
     return False
 
@@ -140,8 +143,7 @@ def folder_kind(folder: str | Path) -> str | None:
         return None
     if any((folder / name).is_file() for name in (CONFIG_FILE, STATE_FILE)):
         return "checkpoint"
-    if any((folder / name).is_file() for name in (FINGERPRINT_FILE, LOCK_FILE, METRICS_FILE, SEEDS_FILE)) \
-            or checkpoint_dirs(folder) or holds_run(folder):
+    if any((folder / name).is_file() for name in (LOCK_FILE, METRICS_FILE, SEEDS_FILE)) or holds_run(folder):
         return "run directory"
     if (folder / EXPORT_CONFIG_FILE).is_file():
         return "export"
