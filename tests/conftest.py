@@ -7,7 +7,9 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -236,6 +238,39 @@ def wait_forked(pid: int, timeout: float = 300) -> int:
 def run_forked(child: Callable[[], int], timeout: float = 300) -> int:
     """`child()` in a forked copy of this process, waited for: its exit code, or minus the signal that killed it."""
     return wait_forked(start_forked(child), timeout)
+
+
+def python_forked(script: str, *args: str, cwd: str | os.PathLike | None = None,
+                  timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -c script *args` as `subprocess.run(..., capture_output=True, text=True)` reports it, run in a
+    forked copy of this process: a script that needs a process of its own (a resource limit, a timer) without
+    the seconds a fresh interpreter spends importing torch and transformers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+
+        def child() -> int:
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                os.dup2(stdout.fileno(), 1)
+                os.dup2(stderr.fileno(), 2)
+                sys.stdout, sys.stderr = stdout, stderr
+                sys.argv = ["-c", *args]
+                if cwd is not None:
+                    os.chdir(cwd)
+                code = 0
+                try:
+                    exec(compile(script, "<script>", "exec"), {"__name__": "__main__"})
+                except SystemExit as done:
+                    code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+                except BaseException:  # noqa: BLE001 - reported as a process would, then the child ends
+                    traceback.print_exc()
+                    code = 1
+                sys.stdout.flush()
+                sys.stderr.flush()
+                return code
+
+        code = run_forked(child, timeout)
+        with open(out) as stdout, open(err) as stderr:
+            return subprocess.CompletedProcess(["python", "-c", script, *args], code, stdout.read(), stderr.read())
 
 
 @pytest.fixture

@@ -2,16 +2,13 @@
 a few hundred bytes into gigabytes refused before any value is turned into a flag."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import python_forked
 
-import slca_peft
 from slca_peft.utils.errors import UserError
 
-ROOT = Path(slca_peft.__file__).resolve().parents[1]  # the code under test, in the subprocess too
 BASE = "model_config: m.json\ndataset: digits\noutput_dir: out\n"
 
 
@@ -54,9 +51,7 @@ def test_yaml_alias_bombs_are_refused_under_an_address_space_cap(tmp_path):
         assert len(text) < 800
         paths.append(tmp_path / name)
         paths[-1].write_text(text)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", PARSE_UNDER_CAP, *map(str, paths)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = python_forked(PARSE_UNDER_CAP, *map(str, paths), cwd=tmp_path)
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("REFUSED") and "YAML aliases" in line for line in lines), \
         proc.stdout + proc.stderr[-2000:]

@@ -4,24 +4,19 @@ state files are listed in its manifest, bounded, shaped like the states this run
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import hangs
+from conftest import hangs, python_forked
 from safetensors.torch import load_file, save_file
 
-import slca_peft
 from slca_peft import SLCAConfig, SLCAModel, SLCATrainer
 from slca_peft.artifacts import manifest
 from slca_peft.artifacts.state_files import load_state
 from slca_peft.utils.errors import UserError
-
-ROOT = Path(slca_peft.__file__).resolve().parents[1]  # the code under test, in the subprocess too
 
 
 def toy_dataset(labels: list[int]) -> datasets.Dataset:
@@ -200,9 +195,7 @@ def test_a_state_file_cannot_ask_numpy_for_a_huge_dtype(checkpoint):
     edit_json(checkpoint, "rng_state.json",
               lambda s: s["numpy"]["__tuple__"].__setitem__(1, {"__ndarray__": {"dtype": "V64000000000",
                                                                                  "shape": [1], "data": [0]}}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", RNG_BOMB_UNDER_CAP, str(checkpoint)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=checkpoint)
+    proc = python_forked(RNG_BOMB_UNDER_CAP, str(checkpoint), cwd=checkpoint)
     assert proc.stdout.startswith("REFUSED") and "rng_state.json" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     for bad in ({"dtype": "<u4", "shape": [3], "data": [1]}, {"dtype": "O", "shape": [1], "data": [1]},
                 {"dtype": "<u4", "shape": [1], "data": ["x"]}):

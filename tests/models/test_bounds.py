@@ -2,13 +2,10 @@
 backbone's shapes, NaN and infinity, backtracking regexes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import python_forked
 from peft import LoHaConfig, LoKrConfig, LoraConfig, VBLoRAConfig
 
 import slca_peft.models.adapters as adapters
@@ -16,8 +13,6 @@ from slca_peft.models.adapters import load_peft_config
 from slca_peft.models.config import SLCAModelConfig
 from slca_peft.models.model import SLCAModel
 from slca_peft.models.peft_limits import check_pattern
-
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 BOMBS_UNDER_CAP = """
 import json, resource, sys
@@ -64,8 +59,7 @@ def test_peft_size_bombs_are_refused_under_an_address_space_cap(tmp_path):
     slca.write_text(json.dumps({**SLCA_CONFIG, "peft_config": {**LoraConfig().to_dict(), "peft_type": "LORA",
                                                                "target_modules": ["q_proj"],
                                                                "rank_pattern": {"q_proj": 10**9}}}, default=list))
-    proc = subprocess.run([sys.executable, "-c", BOMBS_UNDER_CAP, *map(str, paths + [slca])], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = python_forked(BOMBS_UNDER_CAP, *map(str, paths + [slca]))
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 and all(line.startswith("REFUSED") for line in lines), proc.stdout + proc.stderr[-2000:]
     assert "peft_config.rank_pattern['q_proj'] must be in [1, 4096], got 50000000" in lines[0]
@@ -138,8 +132,7 @@ print("SAFE", sorted(model.backbone.peft_config["default"].target_modules))
 
 @pytest.mark.slow
 def test_backtracking_regexes_are_refused_within_a_time_limit():
-    proc = subprocess.run([sys.executable, "-c", REGEXES_UNDER_TIMEOUT, *BACKTRACKING], env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    proc = python_forked(REGEXES_UNDER_TIMEOUT, *BACKTRACKING, timeout=120)
     lines = proc.stdout.splitlines()
     assert len(lines) == 4 * len(BACKTRACKING) + 1, proc.stdout + proc.stderr[-2000:]
     assert all(line.startswith("REFUSED") and "can make regex matching take hours" in line for line in lines[:-1])

@@ -1,14 +1,12 @@
 """Model files that load anywhere: portable base names, validated configs, no pickle on load."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import python_forked
 from peft import PeftModel
 from transformers import AutoModel
 
@@ -126,8 +124,7 @@ def test_a_crafted_config_is_refused_before_anything_is_allocated(tmp_path, base
             except MemoryError:
                 print("ALLOCATED")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = python_forked(script)
     lines = out.stdout.splitlines()
     assert len(lines) == len(CRAFTED), out.stdout + out.stderr[-2000:]
     for line, (_, _, message) in zip(lines, CRAFTED, strict=True):

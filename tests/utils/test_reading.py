@@ -8,12 +8,10 @@ from __future__ import annotations
 import ast
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import hangs
+from conftest import hangs, python_forked
 
 from slca_peft.utils.errors import UserError
 from slca_peft.utils.reading import open_regular, read_bytes, read_json, read_own_json
@@ -142,13 +140,13 @@ def test_a_resumed_auto_run_reads_its_recorded_precision_bounded(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_a_fifo_fingerprint_is_one_line_in_a_real_process(tmp_path):
-    """The whole recipe, as a user runs it: a FIFO at run_fingerprint.json ends with one line, exit 2."""
+def test_a_fifo_fingerprint_is_one_line_from_the_command(tmp_path):
+    """The whole command, as a user runs it (`slca-peft train ...`, in a process of its own): a FIFO at
+    run_fingerprint.json ends with one line, exit 2."""
     out = tmp_path / "run"
     out.mkdir()
     os.mkfifo(out / "run_fingerprint.json")
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "slca_peft.commands.cli", "train", "--output-dir", str(out),
-                           "--resume-from", "auto"], capture_output=True, text=True, timeout=300, env=env)
+    done = python_forked("from slca_peft.commands.cli import main; main()", "train", "--output-dir", str(out),
+                         "--resume-from", "auto")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "is a FIFO" in done.stderr and "Traceback" not in done.stderr
