@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .layout import PARTIAL_FILE
+from .layout import OLD_MARK, PARTIAL_FILE, TEMP_MARK, temporary_name
 
 _PARTIAL_TEXT = b"slca-peft partial folder: removed or put back by the next write of its sibling\n"
 
@@ -61,10 +61,10 @@ def is_partial(folder: str | Path) -> bool:
         os.close(fd)
 
 
-def partial_sibling(target: str | Path, kind: str) -> Path:
-    """A new, marked hidden sibling folder `.NAME.<kind>-XXXXXXXX` of `target` (`kind`: tmp)."""
+def partial_sibling(target: str | Path) -> Path:
+    """A new, marked hidden sibling folder `.NAME.tmp-XXXXXXXX` of `target` (`layout.temporary_name`)."""
     target = Path(target)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=temporary_name(target.name, TEMP_MARK, ""), dir=target.parent))
     mark_partial(folder)
     return folder
 
@@ -72,7 +72,7 @@ def partial_sibling(target: str | Path, kind: str) -> Path:
 def sweep_partial(target: str | Path) -> None:
     """Remove the `.NAME.tmp-*` folders a killed write of `target` left (only those `is_partial` proves ours)."""
     target = Path(target)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+    for stale in target.parent.glob(temporary_name(target.name, TEMP_MARK, "*")):
         if is_partial(stale):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -84,7 +84,7 @@ def recover_replaced(target: str | Path) -> None:
     target = Path(target)
     if is_partial(target):  # a kill just before or after a rename left the marker in the live folder: it is stale
         unmark_partial(target)
-    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+    for old in sorted(target.parent.glob(temporary_name(target.name, OLD_MARK, "*"))):
         if not is_partial(old):
             continue
         if not os.path.lexists(target):
@@ -103,14 +103,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_replaced(target)
     sweep_partial(target)  # left by a writer that was killed
-    tmp = partial_sibling(target, "tmp")
+    tmp = partial_sibling(target)
     follow_umask(tmp, directory=True)  # mkdtemp makes 0700; the checkpoint follows the umask
     try:
         yield tmp
         settle_files(tmp)
         old = None
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = target.parent / temporary_name(target.name, OLD_MARK, os.getpid())
             mark_partial(target)  # before the rename: a kill after it leaves a folder the next write puts back
             os.replace(target, old)
         os.replace(tmp, target)
@@ -160,7 +160,7 @@ def swap_directories(new: str | Path, target: str | Path) -> Path:
     if exchanged:
         unmark_partial(target)
         return new
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    old = target.parent / temporary_name(target.name, OLD_MARK, os.getpid())
     os.replace(target, old)
     try:
         os.replace(new, target)

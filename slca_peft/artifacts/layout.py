@@ -44,6 +44,8 @@ LOCK_FILE = ".slca-run.lock"  # a run directory's advisory lock (`slca_peft.arti
 #: Marks a hidden sibling folder (`.NAME.tmp-*`, `.NAME.old-*`) as one slca-peft made while writing NAME, so
 #: a later write may sweep it; a folder without it (a user's, named alike) is never removed nor renamed.
 PARTIAL_FILE = ".slca-partial"
+#: Infixes of the hidden folders an atomic write goes through (`temporary_name`).
+TEMP_MARK, OLD_MARK = ".tmp-", ".old-"
 #: A run directory holds one checkpoint folder per learned task, named by `task_dir_name`.
 TASK_DIR_PREFIX = "task_"
 #: Suffixes of pickle-based weight files, which are never loaded (unpickling can run code).
@@ -77,6 +79,30 @@ def task_index(name: str) -> int | None:
     if not (name.startswith(TASK_DIR_PREFIX) and suffix.isdigit() and suffix.isascii()) or int(suffix) < 1:
         return None
     return int(suffix) - 1
+
+
+def temporary_name(target: str, mark: str, tag: str | int) -> str:
+    """The hidden sibling an atomic write of `target` goes through: `mark` is `TEMP_MARK` (the copy being
+    written) or `OLD_MARK` (the replaced copy, between the two renames of a replacement)."""
+    return f".{target}{mark}{tag}"
+
+
+def temporary_target(name: str) -> str | None:
+    """The name whose atomic write left the hidden folder `name` (`temporary_name`), or None."""
+    for mark in (TEMP_MARK, OLD_MARK):
+        target, found, _ = name[1:].rpartition(mark)
+        if name.startswith(".") and found and target:
+            return target
+    return None
+
+
+def is_task_leftover(name: str, mark: str | None = None) -> bool:
+    """Whether `name` is what an interrupted write of a task checkpoint leaves (`.task_<t>.tmp-*` or
+    `.task_<t>.old-*`; only those of `mark`, `TEMP_MARK` or `OLD_MARK`, when given)."""
+    target = temporary_target(name)
+    if target is None or task_index(target) is None:
+        return False
+    return mark is None or name.startswith(f".{target}{mark}")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> dict[int, Path]:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..utils.errors import UserError
 from ..utils.reading import open_regular, read_json
 from .atomic import atomic_write_text, follow_umask, json_text
+from .layout import TEMP_MARK, temporary_name
 
 FORMAT = "slca-peft-state"
 VERSION = 1
@@ -131,7 +132,7 @@ def save_state(state: Any, folder: str | Path, name: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     body = _encode(state, tensors, name)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensor_path.with_name(f".{tensor_path.name}.tmp-{os.getpid()}")
+    tmp = tensor_path.with_name(temporary_name(tensor_path.name, TEMP_MARK, os.getpid()))
     try:
         save_file(tensors, str(tmp))
         follow_umask(tmp)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,12 @@ from ..artifacts.layout import (
     METRICS_FILE,
     PLOT_FILES,
     RESULTS_FILE,
-    SEED_DIR_PREFIX,
     SEEDS_FILE,
-    TASK_DIR_PREFIX,
+    TEMP_MARK,
     holds_run,
+    is_task_leftover,
+    seed_index,
+    task_index,
 )
 from ..artifacts.lock import run_lock
 from ..utils.errors import UserError
@@ -48,9 +49,6 @@ from .fingerprint import read_fingerprint
 #: Files a run (or a `--seeds` run, or `slca-peft report`) writes at the top of its output directory.
 RUN_FILES = (METRICS_FILE, RESULTS_FILE, *PLOT_FILES, SEEDS_FILE, FINGERPRINT_FILE, MANIFEST_FILE)
 #: Directories a run writes: checkpoints (and their temporaries), seed runs, a random backbone.
-TASK_DIR = re.compile(rf"{TASK_DIR_PREFIX}\d+")
-TASK_TEMP = re.compile(rf"\.{TASK_DIR_PREFIX}\d+\.(tmp|old)-.*")
-SEED_DIR = re.compile(rf"{SEED_DIR_PREFIX}-?\d+")
 BASE_MODEL_DIR = "base_model"
 logger = logging.getLogger(__name__)
 
@@ -160,8 +158,8 @@ def plan_previous_run(root: str | Path) -> RunRemoval | None:
             raise _in_the_way(root, root / rel, f"is not the file slca-peft wrote ({item.split(' (', 1)[1][:-1]})")
     for entry in present:
         name, path = entry.name, Path(entry.path)
-        seed = SEED_DIR.fullmatch(name) and (entry.is_symlink() or holds_run(path))
-        task = TASK_DIR.fullmatch(name) or TASK_TEMP.fullmatch(name)
+        seed = seed_index(name) is not None and (entry.is_symlink() or holds_run(path))
+        task = task_index(name) is not None or is_task_leftover(name)
         used = str((old or {}).get("base_model", ""))  # a random backbone the run saved, unless the run's model
         base = name == BASE_MODEL_DIR and old is not None and os.path.realpath(used) != os.path.realpath(path) \
             and os.path.isfile(used)
@@ -177,7 +175,7 @@ def plan_previous_run(root: str | Path) -> RunRemoval | None:
                 finally:
                     if created:  # planning leaves no lock file behind
                         (path / LOCK_FILE).unlink(missing_ok=True)
-        elif task and name.startswith(".") and ".tmp-" in name:
+        elif is_task_leftover(name, TEMP_MARK):
             plan.temporaries.append(path)
         elif task or base:
             if is_real_dir(entry):

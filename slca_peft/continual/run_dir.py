@@ -38,11 +38,17 @@ from ..artifacts.layout import (
     CONFIG_FILE,
     FINGERPRINT_FILE,
     METRICS_FILE,
+    OLD_MARK,
     PLOT_FILES,
     RESULTS_FILE,
     SEEDS_FILE,
     STATE_FILE,
     checkpoint_dirs,
+    is_task_leftover,
+    seed_index,
+    task_index,
+    temporary_name,
+    temporary_target,
 )
 from ..artifacts.lock import run_lock
 from ..utils.errors import UserError
@@ -50,17 +56,11 @@ from .fingerprint import describe_mismatch, differing_fields, read_fingerprint
 from .overwrite import (  # noqa: F401  (RUN_FILES, BASE_MODEL_DIR, remove_previous_run: importable from here, as before)
     BASE_MODEL_DIR,
     RUN_FILES,
-    SEED_DIR,
-    TASK_DIR,
-    TASK_TEMP,
     holds_run,
     is_real_dir,
     list_entries,
     remove_previous_run,
 )
-
-_TASK_DIR, _TASK_TEMP, _SEED_DIR = TASK_DIR, TASK_TEMP, SEED_DIR
-_entries, _is_dir, _holds_run = list_entries, is_real_dir, holds_run
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
                             "--output_dir.")
         if _within(real, out):
             top = Path(os.path.relpath(real, out)).parts[0]
-            if top in RUN_FILES or top == BASE_MODEL_DIR or _TASK_DIR.fullmatch(top) or _SEED_DIR.fullmatch(top):
+            if top in RUN_FILES or top == BASE_MODEL_DIR or task_index(top) is not None or seed_index(top) is not None:
                 raise UserError(f"--overwrite_output_dir would delete {Path(output_dir) / top}, which holds the model "
                                 f"in use ({model}); move the model or choose another --output_dir.")
 
@@ -128,9 +128,9 @@ def check_output_arguments(output_dir: str | Path, *, overwrite: bool = False, r
 # ---------------------------------------------------------------------------------------------- directory
 def _finished_a_task(root: Path) -> bool:
     """Whether the run in `root` completed anything worth keeping (a checkpoint, metrics, a seed run)."""
-    for entry in _entries(root):
+    for entry in list_entries(root):
         name = entry.name
-        if _TASK_DIR.fullmatch(name) or name.startswith(".task_") and ".old-" in name or _SEED_DIR.fullmatch(name):
+        if task_index(name) is not None or is_task_leftover(name, OLD_MARK) or seed_index(name) is not None:
             return True
         if name in (METRICS_FILE, SEEDS_FILE):
             return True
@@ -140,11 +140,11 @@ def _finished_a_task(root: Path) -> bool:
 def _run_artefacts(root: Path) -> list[Path]:
     """What a start would collide with: checkpoints, seed runs and the files a run writes."""
     found = []
-    for entry in _entries(root):
+    for entry in list_entries(root):
         name = entry.name
         if name in RUN_FILES and name != manifest.MANIFEST_FILE or (
-                _is_dir(entry) and (_TASK_DIR.fullmatch(name) or _TASK_TEMP.fullmatch(name)
-                                    or _SEED_DIR.fullmatch(name) and _holds_run(Path(entry.path)))):
+                is_real_dir(entry) and (task_index(name) is not None or is_task_leftover(name)
+                                    or seed_index(name) is not None and holds_run(Path(entry.path)))):
             found.append(Path(entry.path))
     return found
 
@@ -154,9 +154,9 @@ def refuse_links_where_a_run_writes(root: str | Path) -> None:
     (`metrics.json`, `results.md`, the plots) and its task folders (a new checkpoint's name, or an older one
     `--save_total_limit` removes). slca-peft never writes through or deletes via a link, so without this the
     refusal would come only once a task had trained."""
-    for entry in _entries(Path(root)):
+    for entry in list_entries(Path(root)):
         if entry.is_symlink() and (entry.name in (METRICS_FILE, RESULTS_FILE, *PLOT_FILES)
-                                   or _TASK_DIR.fullmatch(entry.name)):
+                                   or task_index(entry.name) is not None):
             raise UserError(f"{entry.path} is a symbolic link (to {os.readlink(entry.path)!r}), where the run writes "
                             "its own files; slca-peft never writes or deletes through a link: remove the link (its "
                             "target stays) or choose another --output_dir.")
@@ -165,10 +165,11 @@ def refuse_links_where_a_run_writes(root: str | Path) -> None:
 def recover_interrupted_replacements(root: str | Path) -> None:
     """A kill between the two renames of a checkpoint replacement leaves `.task_N.old-*` and no
     `task_N`: put the old folder back; when `task_N` exists, the leftover is removed."""
-    for old in sorted(Path(root).glob(".*.old-*")):
-        if old.is_symlink():
+    for old in sorted(Path(root).glob(temporary_name("*", OLD_MARK, "*"))):
+        target = temporary_target(old.name)
+        if old.is_symlink() or target is None:
             continue
-        recover_replaced(old.parent / old.name[1:].rsplit(".old-", 1)[0])
+        recover_replaced(old.parent / target)
 
 
 def _undo_start(root: Path, *, created_dir: bool) -> None:
@@ -185,8 +186,8 @@ def _undo_start(root: Path, *, created_dir: bool) -> None:
         base = root / BASE_MODEL_DIR
         if base.is_dir() and not base.is_symlink():
             shutil.rmtree(base)
-        for entry in _entries(root):
-            if _TASK_TEMP.fullmatch(entry.name) and _is_dir(entry):
+        for entry in list_entries(root):
+            if is_task_leftover(entry.name) and is_real_dir(entry):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -251,7 +252,7 @@ def claim_run_directory(
                 old = None
             elif artefacts:
                 names = ", ".join(p.name for p in artefacts[:4])
-                if _holds_run(root):
+                if holds_run(root):
                     raise UserError(
                         f"{root} already holds a run ({names}); continue it with --resume_from auto, choose another "
                         "--output_dir, or pass --overwrite_output_dir to replace it."

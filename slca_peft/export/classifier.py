@@ -324,7 +324,7 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
     # (hard links or copies) of the files carried over, which are in `target`; a folder slca-peft did not mark
     # (a user's, named alike) stays.
     sweep_partial(target)
-    tmp = partial_sibling(target, "tmp")
+    tmp = partial_sibling(target)
     try:
         follow_umask(tmp, directory=True)
         classifier.save_pretrained(tmp)

@@ -57,3 +57,18 @@ def test_each_file_name_is_spelled_in_the_layout_module_only():
         if path != Path(layout.__file__).resolve():
             offenders += literal_uses(path, names)
     assert offenders == []
+
+
+def test_folder_names_are_parsed_by_the_layout_alone():
+    assert [layout.task_index(n) for n in ("task_1", "task_12", "task_0", "task_x", "task_١", "task_1b")] == \
+        [0, 11, None, None, None, None]
+    assert [layout.seed_index(n) for n in ("seed_3", "seed_-2", "seed_", "seeds")] == [3, -2, None, None]
+    written = layout.temporary_name("task_3", layout.TEMP_MARK, "a1b2")
+    replaced = layout.temporary_name("task_3", layout.OLD_MARK, 1234)
+    assert (written, replaced) == (".task_3.tmp-a1b2", ".task_3.old-1234")
+    assert layout.temporary_target(written) == layout.temporary_target(replaced) == "task_3"
+    assert layout.is_task_leftover(written) and layout.is_task_leftover(replaced)
+    assert not layout.is_task_leftover(written, layout.OLD_MARK) and layout.is_task_leftover(written, layout.TEMP_MARK)
+    assert layout.is_task_leftover(replaced, layout.OLD_MARK)
+    for other in (".task_0.tmp-1", ".notes.tmp-1", "task_3.tmp-1", ".tmp-1", ".seed_1.old-2", ".task_3.bak-1"):
+        assert not layout.is_task_leftover(other), other

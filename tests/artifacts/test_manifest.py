@@ -62,7 +62,7 @@ def fake_run(root):
     root.mkdir(parents=True)
     write_listed(root, "run_fingerprint.json", json.dumps({"method": "slca++"}).encode())
     (root / "metrics.json").write_text("{}")
-    for task in (0, 1):
+    for task in (1, 2):
         ck = root / f"task_{task}"
         write_listed(ck, "continual_state.json", b"{}")
         write_listed(ck, "sub/adapter_model.safetensors", b"weights")
@@ -77,7 +77,7 @@ def test_an_overwrite_keeps_a_listed_file_whose_content_is_not_what_was_recorded
     with caplog.at_level(logging.WARNING), claim_run_directory(run, {"method": "slca"}, overwrite=True):
         pass
     assert (run / "notes.txt").read_bytes() == b"my notes"
-    assert not (run / "task_0").exists() and not (run / "metrics.json").exists()
+    assert not (run / "task_1").exists() and not (run / "metrics.json").exists()
     assert any("kept" in r.message and "notes.txt" in r.message and "changed" in r.message for r in caplog.records)
 
 
@@ -89,7 +89,7 @@ def test_a_manifest_is_a_record_not_a_signature(tmp_path):
     assert not (run / "notes.txt").exists()
 
 
-@pytest.mark.parametrize("listed", [LOCK_FILE, "task_0/.slca-manifest.json"])
+@pytest.mark.parametrize("listed", [LOCK_FILE, "task_1/.slca-manifest.json"])
 def test_a_manifest_listing_the_lock_or_a_manifest_is_refused_before_anything_is_deleted(tmp_path, listed):
     run = fake_run(tmp_path / "run")
     entries = manifest.read_manifest(run)
@@ -106,26 +106,26 @@ def test_a_manifest_listing_the_lock_or_a_manifest_is_refused_before_anything_is
 
 
 @pytest.mark.parametrize("damage", ["bad manifest", "symlinked sub-folder", "user file", "edited file"])
-def test_a_problem_in_task_1_is_refused_before_the_fingerprint_metrics_or_task_0_go(tmp_path, damage):
+def test_a_problem_in_task_2_is_refused_before_the_fingerprint_metrics_or_task_1_go(tmp_path, damage):
     run = fake_run(tmp_path / "run")
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "adapter_model.safetensors").write_bytes(b"weights")  # same bytes: a checksum alone would pass
-    ck = run / "task_1"
+    ck = run / "task_2"
     if damage == "bad manifest":
         (ck / manifest.MANIFEST_FILE).write_text("{not json")
     elif damage == "symlinked sub-folder":
         shutil.rmtree(ck / "sub")
         (ck / "sub").symlink_to(outside, target_is_directory=True)
     elif damage == "user file":
-        (ck / "notes.txt").write_text("mine")  # the new run's task_1 would replace the folder
+        (ck / "notes.txt").write_text("mine")  # the new run's task_2 would replace the folder
     else:
         (ck / "continual_state.json").write_text('{"edited": true}')
     before = listing(run)
     with pytest.raises(UserError) as err:
         remove_previous_run(run)
     assert "\n" not in str(err.value)
-    assert listing(run) == before  # nothing deleted: fingerprint, metrics and task_0 are all there
+    assert listing(run) == before  # nothing deleted: fingerprint, metrics and task_1 are all there
     assert (outside / "adapter_model.safetensors").read_bytes() == b"weights"
 
 
@@ -134,9 +134,9 @@ def test_a_seed_run_with_a_problem_stops_the_whole_overwrite(tmp_path):
     for seed in (1, 2):
         fake_run(root / f"seed_{seed}")
     (root / "seeds.json").write_text("{}")
-    (root / "seed_2" / "task_0" / "notes.txt").write_text("mine")
+    (root / "seed_2" / "task_1" / "notes.txt").write_text("mine")
     before = listing(root)
-    with pytest.raises(UserError, match=r"seed_2/task_0 holds files slca-peft did not write \(notes.txt\)"):
+    with pytest.raises(UserError, match=r"seed_2/task_1 holds files slca-peft did not write \(notes.txt\)"):
         remove_previous_run(root)
     assert listing(root) == before  # seed_1, the first in order, was not touched either
 
@@ -360,7 +360,7 @@ def test_export_sweeps_only_the_sibling_folders_it_marked(tmp_path, base_model_d
     # A leftover slca-peft marked (a killed export) is swept.
     from slca_peft.artifacts.atomic import partial_sibling
 
-    stale = partial_sibling(out, "tmp")
+    stale = partial_sibling(out)
     (stale / "weights.safetensors").write_bytes(b"partial")
     export_model(model, out, overwrite=True)
     assert not stale.exists()

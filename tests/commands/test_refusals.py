@@ -386,7 +386,7 @@ def test_negative_seeds_and_both_model_flags_are_refused_when_parsed(tmp_path, r
 
 # ------------------------------------------------------------ links where a run writes: refused at the start
 @pytest.mark.parametrize("name, folder", [("metrics.json", False), ("results.md", False),
-                                          ("accuracy_curve.png", False), ("task_0", True)])
+                                          ("accuracy_curve.png", False), ("task_1", True)])
 def test_a_link_where_the_run_writes_is_refused_when_the_run_starts(tmp_path, name, folder):
     """A resumed run writes its results again, and `--save_total_limit` removes older task folders: a link at one
     of those names is refused when the directory is claimed, before any training, not after a task trained."""
