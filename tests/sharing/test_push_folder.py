@@ -243,5 +243,20 @@ def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_d
     assert not any(name.endswith(".bin") for name in hub.uploads[-1]["files"])
 
 
+def test_a_hub_failing_at_every_save_warns_once_per_run(tmp_path, base_model_dir, hub, caplog):
+    hub.fail_uploads = set(range(1, 10))
+    config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                        per_device_train_batch_size=4, hub_model_id="me/trained", hub_base_model_id="me/tiny-vit",
+                        push_to_hub=True, save_strategy="steps", save_steps=1, num_train_epochs=1)
+    model = SLCAModel.from_backbone(str(base_model_dir), config)
+    model.grow(2)
+    with caplog.at_level(logging.INFO, logger="slca_peft"):
+        SLCATrainer(model=model, args=config, train_dataset=toy_dataset()).train()
+    failed = [r for r in caplog.records if "failed (Hub unreachable)" in r.getMessage()]
+    assert len(hub.uploads) == len(failed) == 2  # two saves (8 images, batch 4), each tried and failed
+    assert [r.levelname for r in failed] == ["WARNING", "INFO"]
+    assert "repeats in this run are logged at INFO level" in failed[0].getMessage()
+
+
 def upload_url(upload) -> str:
     return f"https://huggingface.co/{upload['repo_id']}/commit/1"
