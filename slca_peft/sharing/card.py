@@ -378,13 +378,14 @@ def build_export_card(
     repo: str = REPO_PLACEHOLDER,
 ):
     """The card of an export: a `pipeline("image-classification")` model, with the run's results and
-    where it came from (which checkpoint, after which task)."""
+    where it came from (which checkpoint, after which task). Its tags describe a plain transformers
+    classifier (no `lora`: the adapter is merged); `export_model` names it after the export's folder."""
     from huggingface_hub import ModelCard
 
     state = public_state(state) or {}
     model_name = model_name or "SLCA++ continual model (exported)"
     data, metrics_line = _card_data(
-        state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
+        state, base=base_model, datasets=datasets, license=license, tags=["vision", "slca-peft", *(tags or [])],
         model_name=model_name, lora=False, library_name="transformers", pipeline_tag="image-classification",
         label_names=[id2label[k] for k in sorted(id2label)],
     )
