@@ -172,3 +172,15 @@ def test_every_test_the_docs_name_exists():
     missing = [n for n in sorted(named) if not re.search(
         rf"^(async )?def {n.split('::')[1]}\(", (ROOT / n.split("::")[0]).read_text(), re.MULTILINE)]
     assert not missing, f"docs name tests that do not exist: {missing}"
+
+
+def test_the_readme_s_demo_figures_say_which_precision_and_cpu_produced_them():
+    figures = re.compile(r"\d+\.\d+ ?%? / (Inc-Acc )?\d+\.\d+")
+    paragraphs = [" ".join(p.split()) for p in (ROOT / "README.md").read_text().split("\n\n") if figures.search(p)]
+    assert paragraphs, "the pattern no longer finds the README's demo figures"
+    for paragraph in paragraphs:
+        # Every figure sits in a sentence that names its precision and the CPU it was measured on.
+        for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z(])", paragraph):
+            if figures.search(sentence):
+                assert re.search(r"\bfp32\b|\bbf16\b", sentence), sentence
+                assert re.search(r"\bCPU\b", sentence) and re.search(r"any CPU|AVX512|EPYC|Xeon", sentence), sentence
