@@ -35,6 +35,7 @@ from ..method.statistics import ClassStatistics
 from ..models.inference import inference_context
 from ..sharing.hub import check_pushable, default_repo_id, push_folder
 from ..utils.errors import UserError
+from ..utils.logging import RepeatedWarning
 from .callbacks import ContinualCallback
 from .checkpoint import save_checkpoint
 from .reporting import ReportStep, write_plots
@@ -332,7 +333,11 @@ class PushStep(ContinualCallback):
     the command that retries it, not fatal (the local checkpoint is complete). Whether the checkpoints
     could be loaded elsewhere is checked when the run begins, before any training."""
 
+    def __init__(self) -> None:
+        self.failures = RepeatedWarning()  # a Hub that fails at every task warns once per run
+
     def on_run_begin(self, learner):
+        self.failures = RepeatedWarning()
         if learner.args.push_to_hub:
             check_pushable(learner.model.settings(), learner.args.hub_base_model_id, "push_to_hub is on but ")
 
@@ -355,7 +360,8 @@ class PushStep(ContinualCallback):
                 f" {flag} {value}" for flag, value in (("--base_model_id", args.hub_base_model_id),
                                                        ("--revision", args.hub_revision)) if value
             ) + (" --private" if args.hub_private_repo else "")
-            logger.warning(
+            self.failures.log(
+                logger, type(err).__name__,
                 "pushing %s to %s failed (%s); the checkpoint is complete on disk. Push it later with: "
                 "slca-peft push %s %s%s", directory, repo_id, err, directory, repo_id, options,
             )

@@ -127,8 +127,8 @@ def export_model(
 ) -> Path:
     """Write `directory` for `pipeline("image-classification", model=directory)`: output k is class id
     k. `label_names` (one per output, in class-id order) default to the model's `id2label`; `card`
-    (`source`, `task`, `state`: the task history whose results the card reports, `license`, `datasets`)
-    feeds the export's model card.
+    (`source`, `task`, `state`: the task history whose results the card reports, `license`, `datasets`,
+    `tags`, `model_name`: the folder's name unless given) feeds the export's model card.
 
     The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
     replaced (`check_export_target`)."""
@@ -178,6 +178,10 @@ def _export_locked(model: SLCAModel, directory: str | Path, label_names, image_p
         head.bias.copy_(bias)
     processor = image_processor or saved_image_processor(model) or default_image_processor(model)
     card = dict(card or {})
+    # Named after the export's folder (what `slca-peft push` uploads, usually under the same name), tagged with
+    # its architecture: a plain classifier, not the continual checkpoint it came from.
+    card.setdefault("model_name", Path(directory).resolve().name)
+    card["tags"] = [config.model_type, *card.get("tags", [])]
     readme = build_export_card(
         model.slca_config.base_model_name_or_path, dict(enumerate(names)),
         card.pop("state", None), architecture=config.architectures[0],

@@ -5,9 +5,11 @@ Defaults reproduce the paper's CIFAR-100 / ImageNet-21K setting (see docs/method
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
@@ -193,7 +195,9 @@ class SLCAConfig(TrainingArguments):
     optim: str = field(
         default="sgd",
         metadata={"help": "sgd (the method's: momentum, weight decay) or another plain torch optimizer of "
-                  "TrainingArguments (adamw_torch, ...), each with the slow-learner rate groups."},
+                  "TrainingArguments (adamw_torch, ...), each with the slow-learner rate groups. Optimizers that "
+                  "need more than parameter groups (galore, apollo, lomo, layer-wise, bitsandbytes 8-bit/4-bit, "
+                  "paged, torchao, grokadamw) are refused."},
     )
     save_strategy: str = field(
         default="no",
@@ -289,6 +293,39 @@ class SLCAConfig(TrainingArguments):
     def slca_plus_plus_scaling(self) -> bool:
         """SLCA++ scales sampled features and old heads; SLCA decays class means instead."""
         return self.method in ("slca++", "sl")
+
+
+#: TrainingArguments fields that SLCATrainer or `slca-peft train` refuses (or does not use), with why: their
+#: `--help` says so instead of transformers' text. The refusals themselves are `slca_peft.method.trainer.
+#: check_honoured` (the trainer) and `slca_peft.commands.arguments.TRAINER_FLAG_RULES` (the recipe).
+NOT_HONOURED: dict[str, str] = {
+    "label_smoothing_factor": "Refused unless 0: the task loss has no label smoothing (slca++/sl use symmetric "
+                              "cross-entropy: sce_alpha, sce_beta).",
+    "lr_scheduler_kwargs": f"Refused with lr_scheduler_type {SLCA_COSINE}, whose floor is learning_rate x "
+                           "backbone_lr_scale x lr_floor_decay (set lr_floor_decay); passed to any other "
+                           "transformers schedule.",
+    "eval_strategy": "slca-peft train refuses any value but no: the continual loop evaluates every seen task after "
+                     "each task (metrics.json). SLCATrainer honours it (no, steps, epoch).",
+    "load_best_model_at_end": "slca-peft train refuses it: there is no best model across tasks. SLCATrainer honours "
+                              "it (with eval_strategy and metric_for_best_model).",
+    "resume_from_checkpoint": "slca-peft train refuses it: use --resume_from (a task_<t> checkpoint, a run "
+                              "directory, a Hub repo id or auto). SLCATrainer: pass it to train(), as transformers' "
+                              "example scripts do.",
+}
+
+
+def _note_not_honoured(config_class: type, notes: dict[str, str]) -> None:
+    """Give `config_class` its own copy of each inherited field with `notes`' help, so that `--help`
+    (HfArgumentParser reads `metadata["help"]`) says what is refused; `TrainingArguments`' fields stay as
+    they are."""
+    fields = config_class.__dataclass_fields__
+    for name, note in notes.items():
+        own = copy.copy(fields[name])
+        own.metadata = MappingProxyType({**own.metadata, "help": note})
+        fields[name] = own
+
+
+_note_not_honoured(SLCAConfig, NOT_HONOURED)
 
 
 def as_slca_config(args: TrainingArguments | None) -> SLCAConfig:

@@ -23,6 +23,7 @@ from ..sharing.card import build_model_card
 from ..sharing.hub import default_repo_id, local_base_problem
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
+from ..utils.logging import RepeatedWarning
 
 logger = logging.getLogger(__name__)
 
@@ -184,5 +185,8 @@ class TrainerHub:
         try:
             self._upload(message)
         except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
-            logger.warning("pushing %s to %s failed (%s); training goes on, the files are in %s.",
-                           Path(checkpoint_folder).name, self.hub_repo_id(), err, self.args.output_dir)
+            if getattr(self, "_push_failures", None) is None:  # a Hub that fails at every save warns once per run
+                self._push_failures = RepeatedWarning()
+            self._push_failures.log(logger, type(err).__name__,
+                                    "pushing %s to %s failed (%s); training goes on, the files are in %s.",
+                                    Path(checkpoint_folder).name, self.hub_repo_id(), err, self.args.output_dir)

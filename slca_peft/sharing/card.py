@@ -174,19 +174,47 @@ _METRIC_NAMES = {
 }
 
 
-def _eval_results(metrics: dict[str, Any], dataset: str | None) -> list:
-    """`model-index` entries of the metrics measured over every class the model knows (never a partial one)."""
+#: `datasets` loaders that read local files: a name a card may be given for data, but no Hub dataset.
+_LOCAL_LOADERS = frozenset({"imagefolder", "audiofolder", "videofolder", "csv", "json", "parquet", "arrow", "text",
+                            "webdataset", "custom"})
+
+
+def is_hub_dataset(name: Any) -> bool:
+    """Whether `name` can be a Hub dataset id (`owner/name`, or a canonical `name`): not a path of this
+    machine, not a local loader (`imagefolder`), not a recorded image-folder source."""
+    return (isinstance(name, str) and bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name))
+            and name.lower() not in _LOCAL_LOADERS and not is_local_name(name))
+
+
+def _whole_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics measured over every class the model knows (never a partial one), by their card names."""
+    return {metric_name: round(metrics[key], 4) for key, (_, metric_name) in _METRIC_NAMES.items()
+            if key in metrics and key not in metrics["partial"]}
+
+
+def _eval_results(metrics: dict[str, Any], dataset: str) -> list:
+    """`model-index` entries of the whole metrics, on the Hub dataset `dataset`."""
     from huggingface_hub import EvalResult
 
     return [
         EvalResult(
             task_type="image-classification", task_name="Class-incremental image classification",
-            dataset_type=dataset or "custom", dataset_name=dataset or "custom",
+            dataset_type=dataset, dataset_name=dataset,
             metric_type=metric_type, metric_name=metric_name, metric_value=round(metrics[key], 4),
         )
         for key, (metric_type, metric_name) in _METRIC_NAMES.items()
         if key in metrics and key not in metrics["partial"]
     ]
+
+
+def local_results(metrics: dict[str, Any], state: dict[str, Any]) -> dict[str, Any] | None:
+    """The card metadata of the whole metrics of a run on data with no Hub id (image folders, a local
+    copy): `model-index` must name a Hub dataset, and a placeholder id would link to someone else's."""
+    whole = _whole_metrics(metrics)
+    if not whole:
+        return None
+    names = list(dict.fromkeys(d for d in state.get("task_data") or [] if isinstance(d, str) and d))
+    return {"over": "; ".join(names) or "the training data (no Hub dataset id given)", **whole}
 
 
 def partial_results(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -205,9 +233,8 @@ def hub_datasets(state: dict[str, Any]) -> list[str]:
     """The Hub datasets a task history learned from, in task order (a continuation on other data adds
     its own), then the run's `dataset`: each task's data is named as recorded, so only `owner/name` ids
     count (image folders, local paths and bundled data are no Hub datasets)."""
-    recorded = [d for d in state.get("task_data") or []
-                if isinstance(d, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", d) and not is_local_name(d)]
-    if isinstance(state.get("dataset"), str) and state["dataset"]:
+    recorded = [d for d in state.get("task_data") or [] if is_hub_dataset(d) and "/" in d]
+    if is_hub_dataset(state.get("dataset")):
         recorded.append(state["dataset"])
     return list(dict.fromkeys(recorded))
 
@@ -218,12 +245,19 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
     datasets, license, tags and a base model others can load) and the text's metrics line."""
     from huggingface_hub import ModelCardData
 
-    # The results are over every task, so they name the run's own dataset (or "custom"), not the first task's.
-    dataset = (datasets or [None])[0] or state.get("dataset")
-    datasets = list(datasets) if datasets else hub_datasets(state)
+    # The results are over every task, so they name the run's own dataset, not the first task's; data with no
+    # Hub id (image folders, a local path, `imagefolder`) is named by no Hub id at all, in `datasets` or results.
+    given = [d for d in datasets or [] if is_hub_dataset(d)]
+    learned_from = set(hub_datasets({"task_data": state.get("task_data")}))
+    if len(learned_from) != 1 or len(set(state.get("task_data") or [])) != 1:
+        learned_from = set()  # only every task from one Hub dataset makes the results its own
+    candidates = [*given, state.get("dataset"), *learned_from]
+    dataset = next((d for d in candidates if is_hub_dataset(d)), None)
+    datasets = given if datasets else hub_datasets(state)
     metrics = card_metrics(state)
-    eval_results = _eval_results(metrics, dataset)
+    eval_results = _eval_results(metrics, dataset) if dataset else []
     partial = partial_results(metrics)
+    local = None if dataset or not metrics else local_results(metrics, state)
     data = ModelCardData(
         tags=list(dict.fromkeys([*(t for t in CARD_TAGS if lora or t != "lora"), *tags])),  # lora: adapter files
         license=license or "other",
@@ -232,6 +266,7 @@ def _card_data(state: dict[str, Any], *, base: str | None, datasets: list[str] |
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
         **({"partial_results": partial} if partial else {}),
+        **({"local_results": local} if local else {}),
         **fields,
     )
     metrics_line = ""
@@ -343,13 +378,14 @@ def build_export_card(
     repo: str = REPO_PLACEHOLDER,
 ):
     """The card of an export: a `pipeline("image-classification")` model, with the run's results and
-    where it came from (which checkpoint, after which task)."""
+    where it came from (which checkpoint, after which task). Its tags describe a plain transformers
+    classifier (no `lora`: the adapter is merged); `export_model` names it after the export's folder."""
     from huggingface_hub import ModelCard
 
     state = public_state(state) or {}
     model_name = model_name or "SLCA++ continual model (exported)"
     data, metrics_line = _card_data(
-        state, base=base_model, datasets=datasets, license=license, tags=["slca-peft", *(tags or [])],
+        state, base=base_model, datasets=datasets, license=license, tags=["vision", "slca-peft", *(tags or [])],
         model_name=model_name, lora=False, library_name="transformers", pipeline_tag="image-classification",
         label_names=[id2label[k] for k in sorted(id2label)],
     )

@@ -72,6 +72,25 @@ class _DefaultHandler(logging.Handler):
             self.handleError(record)
 
 
+class RepeatedWarning:
+    """A warning that every save of a run could repeat (an upload that fails each time): the first record of
+    each kind is a WARNING, saying that repeats follow at INFO; the repeats are INFO records, so a long run's
+    log shows the problem once and each occurrence is still recorded."""
+
+    NOTE = " (repeats in this run are logged at INFO level)"
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def log(self, logger: logging.Logger, kind: str, message: str, *args: Any) -> None:
+        """`message % args` to `logger`: WARNING (with `NOTE`) the first time `kind` occurs, then INFO."""
+        if kind in self._seen:
+            logger.info(message, *args)
+        else:
+            self._seen.add(kind)
+            logger.warning(message + self.NOTE, *args)
+
+
 def _library_root() -> logging.Logger:
     """The `slca_peft` logger under transformers' root logger, with its fallback handler attached once."""
     from transformers.utils import logging as hf_logging

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import recipe_argv
+from transformers import TrainingArguments
 
 from slca_peft.commands.cli import main as cli_main
 from slca_peft.utils.errors import UserError
@@ -326,3 +327,43 @@ def test_export_and_info_take_a_run_directory_as_its_last_task(tmp_path, base_mo
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="^export .*empty: a directory with no complete task checkpoint.*RUN/task_N"):
         cli_main(["export", str(tmp_path / "empty"), str(tmp_path / "export2")])
+
+
+def _help_of(text: str, flag: str) -> str:
+    """The help paragraph of `--flag` in an argparse `--help` text (its lines up to the next flag)."""
+    start = text.index(f"\n  --{flag} ")
+    end = text.find("\n  --", start + 1)
+    return " ".join(text[start:end].split())
+
+
+# Each TrainingArguments field slca-peft refuses, with a value refused, and who refuses it.
+REFUSED_FLAGS = {
+    "eval_strategy": ("epoch", "recipe"), "save_strategy": ("epoch", "recipe"),
+    "load_best_model_at_end": (True, "recipe"), "resume_from_checkpoint": ("ckpt", "recipe"),
+    "label_smoothing_factor": (0.1, "trainer"), "lr_scheduler_kwargs": ({"num_cycles": 1}, "trainer"),
+    "optim": ("adamw_bnb_8bit", "trainer"),
+}
+
+
+def test_help_of_every_refused_training_argument_says_it_is_refused_and_why(recipe, capsys):
+    import re
+
+    from slca_peft.commands.arguments import TRAINER_FLAG_RULES, refuse_trainer_flags
+    from slca_peft.method.config import SLCAConfig
+    from slca_peft.method.trainer import check_honoured
+
+    # Every flag the recipe's rules name is in the table (a new rule needs its help too).
+    ruled = {re.match(r"--(\w+)", problem).group(1) for _, problem in TRAINER_FLAG_RULES}
+    assert ruled <= set(REFUSED_FLAGS)
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"], prog="slca-peft train")
+    text = capsys.readouterr().out
+    for flag, (value, refuser) in REFUSED_FLAGS.items():
+        args = SLCAConfig(output_dir="out", use_cpu=True, report_to="none", **{flag: value})
+        with pytest.raises(UserError, match=flag):
+            (refuse_trainer_flags if refuser == "recipe" else check_honoured)(args)
+        shown = _help_of(text, flag)
+        assert "refuse" in shown.lower(), f"--{flag}: {shown}"
+        assert ("slca-peft train" in shown or "recipe" in shown) if refuser == "recipe" else True, shown
+    # transformers' own TrainingArguments keep their help.
+    assert "Refused" not in TrainingArguments.__dataclass_fields__["label_smoothing_factor"].metadata["help"]

@@ -357,3 +357,31 @@ def test_new_classes_take_the_next_free_ids_in_their_own_label_order(folders):
     described = stream.describe()
     assert [s["first_task"] for s in described["segments"]] == [0, 1]
     assert described["task_sizes"] == [2, 1, 1] and described["class_ids"] == [2, 0, 4, 3]
+
+
+@pytest.mark.parametrize("clashing", [6, 13])
+def test_the_already_learned_refusal_names_every_clash_or_counts_the_rest_on_one_line(clashing):
+    import datasets
+    from PIL import Image
+
+    def split(names, per_class):
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        image = Image.new("RGB", (4, 4))
+        rows = [(image, k) for k in range(len(names)) for _ in range(per_class)]
+        return datasets.Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]},
+                                          features=features)
+
+    names = [f"c{k:02d}" for k in range(clashing)]
+    previous = {"tasks_learned": 1, "task_sizes": [clashing], "class_order": list(range(clashing)),
+                "label_names": names, "accuracy_matrix": [[80.0]], "seen_accuracy": [80.0],
+                "task_test_sizes": [clashing], "seed": None, "init_cls": clashing, "increment": clashing}
+    new = TaskSequence(split(names, 1), split(names, 1), init_cls=None, increment=None, seed=None)
+    with pytest.raises(UserError) as refused:
+        ContinuedStream(previous, new)
+    message = str(refused.value)
+    assert "\n" not in message and f"the new data's {clashing} class(es)" in message
+    listed = [n for n in names if f"'{n}'" in message.split("are already learned")[0]]
+    if clashing <= 10:  # a few: every one named
+        assert listed == names
+    else:  # many: the first ten named, the rest counted
+        assert listed == names[:10] and f" and {clashing - 10} more are already learned" in message

@@ -350,7 +350,8 @@ def test_a_checkpoint_can_name_its_base_by_any_accepted_name(tmp_path, base_mode
 
 
 STATE = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
-         "task_test_sizes": [10, 15], "tasks_learned": 2, "task_sizes": [2, 3]}
+         "task_test_sizes": [10, 15], "tasks_learned": 2, "task_sizes": [2, 3],
+         "dataset": "me/letters"}  # a Hub dataset: the results go to model-index
 
 
 def test_a_checkpoint_card_claims_no_pipeline_and_says_how_to_get_one(tmp_path, base_model_dir):

@@ -94,3 +94,24 @@ def test_the_export_of_a_trainer_folder_keeps_the_runs_image_processor(tmp_path,
     processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
     assert type(processor).__name__.startswith("ViTImageProcessor")
     assert list(processor.image_mean) == [0.3] * 3 and list(processor.image_std) == [0.2] * 3
+
+
+def test_the_export_card_names_the_export_and_tags_a_plain_classifier(tmp_path, base_model_dir):
+    """No `lora`/`peft` tag (the adapter is merged), the architecture's and `vision` instead, and the export
+    named after its folder (not a generic name); the metadata parses back as huggingface_hub reads it."""
+    from conftest import trained_model
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from slca_peft.commands.cli import main as cli_main
+    from slca_peft.continual import save_checkpoint
+
+    state = {"accuracy_matrix": [[80.0], [70.0, 60.0]], "seen_accuracy": [80.0, 65.0], "method": "slca++",
+             "task_test_sizes": [10, 15], "tasks_learned": 2, "task_sizes": [2, 3], "dataset": "me/letters"}
+    save_checkpoint(trained_model(base_model_dir), tmp_path / "run" / "task_2", state=state)
+    cli_main(["export", str(tmp_path / "run"), str(tmp_path / "letters-vit-tiny")])
+    card = ModelCard.load(tmp_path / "letters-vit-tiny" / "README.md")
+    data = card.data.to_dict()
+    assert ModelCardData(**data).to_dict() == data
+    assert not {"lora", "peft"} & set(data["tags"]) and {"vit", "vision", "image-classification"} <= set(data["tags"])
+    assert data["model-index"][0]["name"] == "letters-vit-tiny" and "# letters-vit-tiny\n" in card.text
+    assert "SLCA++ continual model (exported)" not in str(card)

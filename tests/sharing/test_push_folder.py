@@ -23,12 +23,49 @@ SETTINGS = {"base_model_name_or_path": "google/vit-base-patch16-224-in21k", "tas
 CONTINUED = {
     "accuracy_matrix": [[90.0], [None, 70.0], [60.0, 50.0, 80.0]], "seen_accuracy": [90.0, 70.0, 63.3],
     "task_test_sizes": [4, 4, 4], "tasks_learned": 3, "task_sizes": [2, 2, 2], "method": "slca++",
-    "label_names": ["a", "b", "c", "d", "e", "f"], "class_ids": [0, 1, 2, 3, 4, 5],
+    "label_names": ["a", "b", "c", "d", "e", "f"], "class_ids": [0, 1, 2, 3, 4, 5], "dataset": "me/six",
 }
+
+
+def valid_metadata(card) -> dict:
+    """The card's metadata, after huggingface_hub parsed it back (`model-index` included) as the Hub does."""
+    from huggingface_hub import ModelCardData
+
+    parsed = ModelCard(str(card))
+    data = parsed.data.to_dict()
+    assert ModelCardData(**data).to_dict() == data
+    return data
 
 
 def results(card) -> dict[str, float]:
     return {r.metric_name: r.metric_value for r in card.data.eval_results or []}
+
+
+@pytest.mark.parametrize("build", ["checkpoint", "export"])
+def test_local_data_gives_no_dataset_id_and_a_hub_dataset_its_own(build, tmp_path):
+    """Image folders (or `imagefolder`, a local path) are no Hub dataset: no placeholder id in `datasets` or
+    `model-index`, whose entries must name one; the figures stay in the metadata, saying what they are over."""
+    def card_of(state, given=None):
+        if build == "checkpoint":
+            return build_model_card(SETTINGS, state, datasets=given)
+        return build_export_card(SETTINGS["base_model_name_or_path"], dict(enumerate("abcdef")), state,
+                                 datasets=given)
+
+    folders = f"image folders {tmp_path / 'birds' / 'train'}, {tmp_path / 'birds' / 'test'}"
+    whole = {**CONTINUED, "accuracy_matrix": [[90.0], [80.0, 70.0], [60.0, 50.0, 80.0]], "task_data": [folders] * 3}
+    del whole["dataset"]
+    for given in (None, ["imagefolder"], [str(tmp_path / "birds")]):
+        card = card_of(whole, given)
+        data = valid_metadata(card)
+        assert "datasets" not in data and "model-index" not in data, data
+        assert "custom" not in str(card) and str(tmp_path) not in str(card)
+        assert data["local_results"] == {"over": "image folders train, test", "Last-Acc": 63.3333,
+                                         "Inc-Acc": 76.1111, "Forgetting": 25.0}
+    # Data from the Hub: its id, in `datasets` and in every `model-index` entry.
+    for state, given in (({**whole, "task_data": ["me/birds"] * 3}, None), (whole, ["me/birds"])):
+        data = valid_metadata(card_of(state, given))
+        assert data["datasets"] == ["me/birds"] and "local_results" not in data
+        assert {r["dataset"]["type"] for r in data["model-index"][0]["results"]} == {"me/birds"}
 
 
 @pytest.mark.parametrize("build", ["checkpoint", "export"])
@@ -241,6 +278,21 @@ def test_slca_trainer_pushes_the_library_s_files_and_card(tmp_path, base_model_d
     assert not [r for r in caplog.records if "cannot be continued" in r.getMessage()]
     assert "library_name: slca-peft" in hub.uploads[-1]["card"]
     assert not any(name.endswith(".bin") for name in hub.uploads[-1]["files"])
+
+
+def test_a_hub_failing_at_every_save_warns_once_per_run(tmp_path, base_model_dir, hub, caplog):
+    hub.fail_uploads = set(range(1, 10))
+    config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                        per_device_train_batch_size=4, hub_model_id="me/trained", hub_base_model_id="me/tiny-vit",
+                        push_to_hub=True, save_strategy="steps", save_steps=1, num_train_epochs=1)
+    model = SLCAModel.from_backbone(str(base_model_dir), config)
+    model.grow(2)
+    with caplog.at_level(logging.INFO, logger="slca_peft"):
+        SLCATrainer(model=model, args=config, train_dataset=toy_dataset()).train()
+    failed = [r for r in caplog.records if "failed (Hub unreachable)" in r.getMessage()]
+    assert len(hub.uploads) == len(failed) == 2  # two saves (8 images, batch 4), each tried and failed
+    assert [r.levelname for r in failed] == ["WARNING", "INFO"]
+    assert "repeats in this run are logged at INFO level" in failed[0].getMessage()
 
 
 def upload_url(upload) -> str:
