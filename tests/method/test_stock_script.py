@@ -313,8 +313,8 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
     folders = (new_classes(new, "train", 8, 3), new_classes(new, "test", 3, 4))
     run = tmp_path / "continued"
     recipe.main(recipe_argv(None, folders, run, "--continue_from", str(out), "--old_test_dir", str(validation),
-                            init_cls=2, num_train_epochs=4, learning_rate=0.5, horizontal_flip=False, crop_scale_min=0.8,
-                            ca_samples_per_class=16, ca_epochs=4))
+                            init_cls=2, num_train_epochs=4, learning_rate=0.5, horizontal_flip=False,
+                            crop_scale_min=0.8, ca_samples_per_class=16, ca_epochs=4))
     metrics = json.loads((run / "metrics.json").read_text())
     print("accuracy matrix", metrics["accuracy_matrix"], "Last-Acc", metrics["last_accuracy"])
     assert metrics["task_sizes"] == [3, 2] and [len(row) for row in metrics["accuracy_matrix"]] == [1, 2]
