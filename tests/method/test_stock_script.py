@@ -327,3 +327,48 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
         assert torch.equal(continued.statistics.means[k], statistics.means[k])
         assert torch.equal(continued.statistics.covariance(k), statistics.covariance(k))
     assert sorted(continued.statistics.classes) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_processes_gather_the_statistics_of_one_and_write_one_checkpoint(stock_inputs, tmp_path):
+    """The stock script under torchrun (2 gloo processes): every training image counted once in the class
+    statistics, which equal one process's computation on the saved model; the main process alone writes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    driver = tmp_path / "run_image_classification.py"
+    driver.write_text(f"import sys\nsys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT / 'tests' / 'method')!r}]\n"
+                      "from test_stock_script import run_image_classification\n"
+                      "sys.exit(run_image_classification(sys.argv[1:]))\n")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(driver), *flags(stock_inputs, out, "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+                               "--per_device_eval_batch_size", "1")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert verify_checkpoint(out) == [] and not list(out.glob(".slca-save-*"))
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.statistics.counts == {0: 8, 1: 8, 2: 8}  # 24 images over 2 shards: none padded, none lost
+
+    base, train, _, _ = stock_inputs
+    transform = EvalTransform(ImageTransformConfig.from_image_processor(ViTImageProcessor.from_pretrained(base)))
+    images = sorted(train.glob("*/*.png"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            model = checkpoint.model.eval()
+            feats = torch.cat([model.features(transform(Image.open(p).convert("RGB"))[None]) for p in images])
+    finally:
+        torch.set_num_threads(threads)
+    for k, name in enumerate(checkpoint.task_history["label_names"]):
+        rows = [i for i, p in enumerate(images) if p.parent.name == name]
+        torch.testing.assert_close(checkpoint.statistics.means[k], feats[rows].double().mean(0), rtol=0, atol=1e-6)
