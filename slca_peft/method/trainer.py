@@ -172,7 +172,8 @@ def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epoc
 #: these is no longer a method of `Trainer`.
 PRIVATE_TRAINER_OVERRIDES = {
     "_save": "save_model's file writer: slca-peft model files + arguments as JSON instead of a pickled "
-             "training_args.bin (save_model itself also dispatches to DeepSpeed/FSDP)",
+             "training_args.bin, and the continual checkpoint's run state into output_dir once training ended "
+             "(save_model itself also dispatches to DeepSpeed/FSDP)",
     "_save_optimizer_and_scheduler": "Trainer writes optimizer/scheduler states with torch.save (pickle); "
                                      "here safetensors + JSON",
     "_save_scaler": "the grad scaler's state, as safetensors + JSON instead of a pickle",
