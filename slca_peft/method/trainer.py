@@ -435,8 +435,8 @@ class SLCATrainer(TrainerHub, TrainerCheckpoint, Trainer):
             checks.restore_rng_states(checkpoint, self._rng_name())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The model files, the processor's and the arguments as JSON (no training_args.bin pickle); into
-        output_dir once training ended, the continual checkpoint's run state too (`continual_files`). Each
+        """The model files, the processor's and the arguments as JSON (no training_args.bin pickle); once
+        training ended, the continual checkpoint's run state too (`continual_files`). Each
         file is written whole and the manifest last (`save_checkpoint_into`): output_dir also holds the
         Trainer's own files, so it is never swapped as a whole. The main process writes."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -450,4 +450,4 @@ class SLCATrainer(TrainerHub, TrainerCheckpoint, Trainer):
             atomic_write_text(folder / ARGS_FILE, arguments)
 
         save_checkpoint_into(self.slca_model, output_dir, extra=beside, unlisted=(ARGS_FILE,),
-                             **self.continual_files(output_dir))
+                             **self.continual_files())

@@ -104,9 +104,9 @@ class TrainerCheckpoint:
                         "them); statistics_dataset= chooses other images or another transform.", _size(view))
             return view
         if self.train_dataset is not None:
-            logger.info("class statistics: on train_dataset as given, with its training transform (SLCA uses the "
-                        "evaluation transform); pass statistics_dataset= (the training images with the evaluation "
-                        "transform) to match the method.")
+            logger.info("class statistics: on train_dataset as given, with its training transform if it has one (SLCA "
+                        "uses the evaluation transform); pass statistics_dataset= (the training images with the "
+                        "evaluation transform) to match the method.")
         return self.train_dataset
 
     def gather_class_statistics(self, dataset: Any | None = None) -> ClassStatistics | None:
@@ -162,13 +162,19 @@ class TrainerCheckpoint:
         else:
             found = _latest_accuracy(history[trained:])
             if found is None:
-                step = self.state.global_step
-                best = self.state.best_model_checkpoint
-                if self.args.load_best_model_at_end and best:
-                    step = int(Path(best).name.rpartition("-")[2]) if Path(best).name.rpartition("-")[2].isdigit() \
-                        else -1
-                found = _latest_accuracy([e for e in history[:trained] if e.get("step") == step])
+                step = self._saved_weights_step()
+                found = None if step is None else _latest_accuracy([e for e in history[:trained]
+                                                                    if e.get("step") == step])
         return None if found is None else _as_percent(found)
+
+    def _saved_weights_step(self) -> int | None:
+        """The step whose weights the model holds after training: the best checkpoint's under
+        `load_best_model_at_end` (its folder is `checkpoint-<step>`), else the last step."""
+        best = self.state.best_model_checkpoint
+        if not (self.args.load_best_model_at_end and best):
+            return self.state.global_step
+        step = Path(best).name.rpartition("-")[2]
+        return int(step) if step.isdigit() else None
 
     def task_history(self) -> dict[str, Any]:
         """`continual_state.json` of this run: one task of the model's classes, scored by `evaluated_accuracy`
@@ -187,10 +193,10 @@ class TrainerCheckpoint:
             "timings": [dict(self._timing or {})], "training_seed": self.args.seed,
         }
 
-    def continual_files(self, output_dir: str) -> dict[str, Any]:
-        """What `_save` writes beside the model files into `output_dir`: the run state, when training ended
-        with statistics and `output_dir` is the run's (a checkpoint-N folder holds the model files only)."""
-        if self.class_statistics is None or Path(output_dir).absolute() != Path(self.args.output_dir).absolute():
+    def continual_files(self) -> dict[str, Any]:
+        """What `_save` writes beside the model files: the run state, once training ended with statistics
+        (a checkpoint-N folder, saved while training, holds the model files only)."""
+        if self.class_statistics is None:
             return {}
         return {"statistics": self.class_statistics, "state": self.task_history(),
                 "unaligned_head": self.slca_model.classifier.snapshot()}
