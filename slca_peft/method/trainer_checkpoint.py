@@ -90,7 +90,13 @@ class TrainerCheckpoint:
         self._timing = {"training_seconds": training_seconds}
         if self.gather_statistics:
             started = clock()
-            self.class_statistics = self.gather_class_statistics()
+            try:
+                self.class_statistics = self.gather_class_statistics()
+            except UserError as err:  # the trained model is kept: the script goes on to save it
+                logger.warning("class statistics could not be gathered (%s); output_dir will hold the model files "
+                               "only, which --continue_from cannot go on from. Fix the data, then set "
+                               "trainer.class_statistics = trainer.gather_class_statistics(dataset) and "
+                               "save_model() again.", err)
             self._timing["statistics_seconds"] = clock() - started
 
     def statistics_source(self) -> Any | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from slca_peft import (
     TaskSequence,
     TrainTransform,
 )
-from slca_peft.continual import load_checkpoint
+from slca_peft.artifacts.manifest import read_manifest
+from slca_peft.continual import load_checkpoint, verify_checkpoint
 from slca_peft.data.formats import load_split_image_folders
 from slca_peft.data.transforms import collate_fn, make_batch_transform
 
@@ -94,6 +96,14 @@ def test_a_run_without_evaluation_continues_with_its_task_unscored(base_model_di
     assert state["accuracy_matrix"] == [[None]] and state["seen_accuracy"] == [None]
     assert state["label_names"] == ["class_00", "class_01"] and state["task_sizes"] == [2]
     assert sorted(load_checkpoint(out).statistics.classes) == [0, 1]
+    kept = out.parent / "kept"
+    shutil.copytree(out, kept)
+    # A later save without statistics leaves no stale run state behind (nor in the manifest).
+    trainer.class_statistics = None
+    trainer.save_model()
+    assert not {"class_statistics.safetensors", "continual_state.json"} & {p.name for p in out.iterdir()}
+    assert verify_checkpoint(out) == [] and "continual_state.json" not in read_manifest(out)
+    out = kept
 
     # Classes 2 and 3 from their own folders, the old test images given: the old task is scored from now on.
     new = tmp_path / "new"
@@ -112,3 +122,20 @@ def test_a_run_without_evaluation_continues_with_its_task_unscored(base_model_di
     assert summary["average_incremental_accuracy"] == pytest.approx(summary["last_accuracy"])
     metrics = json.loads((tmp_path / "continued" / "metrics.json").read_text())
     assert metrics["seen_accuracy"][0] is None and metrics["task_sizes"] == [2, 2]
+
+
+def test_statistics_that_cannot_be_gathered_leave_a_model_folder_and_say_why(base_model_dir, folders, tmp_path,
+                                                                             caplog):
+    train, test = first_two_classes(folders)
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(3)  # a class the training data has no image of
+    augmented, _, plain = views(model, train, test)
+    trainer = trainer_for(model, tmp_path / "out", augmented)
+    with caplog.at_level(logging.WARNING, logger="slca_peft"):
+        trainer.train()
+    assert trainer.class_statistics is None
+    assert any("class 2 of task 0 has no training sample" in r.getMessage() and "model files only" in r.getMessage()
+               for r in caplog.records)
+    trainer.save_model()
+    assert not (tmp_path / "out" / "continual_state.json").exists()
+    assert (tmp_path / "out" / "slca_config.json").is_file()
