@@ -112,7 +112,9 @@ def build(kind: str, args, out: str, steps: int, dataset, timer: StepTimer) -> T
             optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
             return Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
                            optimizers=(optimizer, None), callbacks=[timer])
-        return SLCATrainer(model=model, args=slca_args, train_dataset=dataset, callbacks=[timer])
+        # Steps are what is timed: no class statistics pass when each round's training ends.
+        return SLCATrainer(model=model, args=slca_args, train_dataset=dataset, callbacks=[timer],
+                           gather_statistics=False)
     model = plain_peft_vit(ViTConfig(num_labels=NUM_CLASSES))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -14,6 +14,10 @@ A checkpoint folder (`task_<t>/` of a run, `SLCAModel.save_pretrained`'s folder,
   continual_state.json              task history: class order, task sizes, names, accuracy matrix
   .slca-manifest.json               what slca-peft wrote there (size + SHA-256 of each file)
 
+An `SLCATrainer` output_dir is such a checkpoint (plus `preprocessor_config.json` and `training_args.json`)
+with transformers.Trainer's own files beside it: `checkpoint-N/`, `trainer_state.json`, `*_results.json`,
+`runs/` (`is_trainer_output_file`).
+
 A run directory: `task_1/` ... `task_T/`, `metrics.json`, `results.md`, the two plots,
 `run_fingerprint.json`, `.slca-run.lock`; a `--seeds` run holds `seed_<s>/` run directories and
 `seeds.json`. `tests/artifacts/test_layout.py` checks that each name is spelled in this module only.
@@ -65,6 +69,17 @@ AUTO_CONFIG_FILE = EXPORT_CONFIG_FILE
 EXPORT_WEIGHTS_FILE = "model.safetensors"
 EXPORT_INDEX_FILE = "model.safetensors.index.json"
 PROCESSOR_FILE = "preprocessor_config.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers.Trainer's, in its output_dir and each checkpoint-N
+#: What `Trainer.save_metrics` writes into its output_dir beside the model: `<split>_results.json` and this.
+ALL_RESULTS_FILE = "all_results.json"
+RESULTS_SUFFIX = "_results.json"
+
+
+def is_trainer_output_file(name: str) -> bool:
+    """A file a `transformers.Trainer` (or `SLCATrainer`) keeps in its output_dir beside the model that no
+    slca-peft loader reads: its state, its metrics and the run's arguments. An SLCATrainer output_dir is a
+    continual checkpoint with these beside it, so checking or hashing the checkpoint leaves them out."""
+    return name in (TRAINER_STATE_FILE, ALL_RESULTS_FILE, TRAINING_ARGS_FILE) or name.endswith(RESULTS_SUFFIX)
 
 
 def task_dir_name(task_id: int) -> str:

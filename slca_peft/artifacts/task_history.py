@@ -78,7 +78,8 @@ def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
             if segment.get("merged_classes") is not None:
                 check_str_list(f"segments[{i}].merged_classes", segment["merged_classes"], MAX_CLASSES)
         for t, value in enumerate(check_list("seen_accuracy", state.get("seen_accuracy", []), MAX_TASKS)):
-            check_float(f"seen_accuracy[{t}]", value, 0.0, 100.0)
+            if value is not None:  # None: no test data when the row was measured (a trainer run not evaluated)
+                check_float(f"seen_accuracy[{t}]", value, 0.0, 100.0)
     except ValueError as err:
         raise UserError(f"{source}: {err} The file is damaged or was not written by slca-peft.") from None
     return state

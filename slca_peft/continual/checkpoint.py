@@ -2,7 +2,8 @@
 beside them, as a Trainer keeps trainer_state.json beside its model.
 
 Run state: `classifier_unaligned.safetensors` (heads before alignment: the next task learns from them),
-`class_statistics.safetensors` (per-class Gaussians) and `continual_state.json` (the task history).
+`class_statistics.safetensors` (per-class Gaussians) and `continual_state.json` (the task history), written
+and read by `slca_peft.method.learner_state` (an `SLCATrainer` output_dir holds the same files).
 `save_checkpoint` writes model and run state atomically (the directory is complete or absent);
 `load_checkpoint` rebuilds all of it; `verify_checkpoint` refuses files slca-peft did not write.
 """
@@ -14,24 +15,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
-from ..artifacts import manifest
-from ..artifacts.atomic import atomic_directory, follow_umask, json_text
-from ..artifacts.layout import STATE_FILE, STATISTICS_FILE, UNALIGNED_FILE
-from ..artifacts.task_history import read_state, validate_state
+from ..artifacts.atomic import atomic_directory
+from ..method.learner_state import load_learner_state, save_learner_state, write_checkpoint_files
 from ..method.statistics import ClassStatistics
 from ..models.loading import hub_kwargs, loading_kwargs
 from ..models.model import SLCAModel
-from ..models.saving import (
-    detached,
-    read_model_config,
-    read_safetensors,
-    resolve_checkpoint,
-    write_model_files,
-)
-from ..models.verification import base_model_record, verify_files
-from ..utils.errors import UserError
+from ..models.saving import read_model_config, resolve_checkpoint
+from ..models.verification import verify_files
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_learner_state", "save_checkpoint", "save_learner_state",
            "verify_checkpoint"]
@@ -44,48 +35,6 @@ class Checkpoint(NamedTuple):
     statistics: ClassStatistics | None
     task_history: dict[str, Any] | None
     unaligned_head: dict[str, torch.Tensor] | None
-
-
-def save_learner_state(
-    directory: str | Path,
-    *,
-    statistics: ClassStatistics | None = None,
-    state: dict[str, Any] | None = None,
-    unaligned_head: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write the continual learner's run state beside the model files: the class statistics (anything
-    with `save(directory)`, a `ClassStatistics`), the task history and the heads before alignment."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if unaligned_head is not None:
-        manifest.safe_path(directory, UNALIGNED_FILE)
-        save_file(detached(unaligned_head), str(directory / UNALIGNED_FILE))
-        follow_umask(directory / UNALIGNED_FILE)
-    if statistics is not None:
-        manifest.safe_path(directory, STATISTICS_FILE)
-        statistics.save(directory)
-        follow_umask(directory / STATISTICS_FILE)
-    if state is not None:
-        validate_state(state)
-        manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
-
-
-def write_checkpoint_files(
-    model: SLCAModel,
-    folder: Path,
-    *,
-    statistics: ClassStatistics | None = None,
-    state: dict[str, Any] | None = None,
-    unaligned_head: dict[str, torch.Tensor] | None = None,
-    card: dict[str, Any] | None = None,
-) -> None:
-    """A continual checkpoint into a new, empty `folder`: the model files, the run state beside them and
-    the manifest of all (what `save_checkpoint` writes atomically and `SLCAModel.push_to_hub` uploads)."""
-    if state and state.get("label_names") and not model.label_names:
-        model.label_names = state["label_names"]
-    write_model_files(model, folder, state, card, continuable=statistics is not None and state is not None)
-    save_learner_state(folder, statistics=statistics, state=state, unaligned_head=unaligned_head)
-    manifest.record_tree(folder, base_model_record(model, kind="checkpoint"))
 
 
 def save_checkpoint(
@@ -103,28 +52,6 @@ def save_checkpoint(
         write_checkpoint_files(model, tmp, statistics=statistics, state=state, unaligned_head=unaligned_head,
                                card=card)
     return Path(directory)
-
-
-def load_learner_state(
-    directory: str | Path, model: SLCAModel
-) -> tuple[ClassStatistics | None, dict[str, Any] | None, dict[str, torch.Tensor] | None]:
-    """The learner's run state `save_learner_state` wrote beside `model`'s files (each part None
-    when absent)."""
-    root = Path(directory)
-    statistics = ClassStatistics.load(root, model.feature_dim) if (root / STATISTICS_FILE).is_file() else None
-    if statistics is not None:  # each class a position of this model, each task one it learned
-        sizes = model.slca_config.task_sizes
-        outside = [c for c in statistics.classes if c >= model.classifier.num_classes]
-        late = [t for t in statistics.task_of_class.values() if t >= len(sizes)]
-        if outside or late:
-            raise UserError(f"{root / STATISTICS_FILE} holds statistics of class {outside[:3]} or task {late[:3]} "
-                             f"beyond the model's {model.classifier.num_classes} classes in {len(sizes)} tasks; the "
-                             "file is damaged or was not written with this checkpoint.")
-    state = read_state(root)
-    unaligned = None
-    if (root / UNALIGNED_FILE).is_file():
-        unaligned = read_safetensors(root / UNALIGNED_FILE, dict(model.classifier.state_dict()))
-    return statistics, state, unaligned
 
 
 def verify_checkpoint(

@@ -264,6 +264,7 @@ class ContinualLearner:
             data_collator=collate_fn,
             callbacks=self.callback_handler.task_trainer_callbacks(),
             task_id=t,
+            gather_statistics=False,  # the StatisticsStep gathers them, with the task's merged classes
         )
         start = clock()
         with no_exit(f"training of task {t + 1}"):  # a TrainerCallback's sys.exit(0) is not a finished run

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from ..models.model import SLCAModel
 
 #: What a refusal of a checkpoint that is not a learner's asks for instead.
-_WRITTEN_BY_THE_LOOP = "give a task_<t> checkpoint written by ContinualLearner (or the recipe)"
+_WRITTEN_BY_THE_LOOP = ("give a task_<t> checkpoint written by ContinualLearner (or the recipe), or the "
+                        "output_dir of a finished SLCATrainer run")
 
 
 # ---------------------------------------------------------------------- the run directory (before any loading)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -31,6 +30,7 @@ from ..artifacts.manifest import safe_path
 from ..data.tasks import stream_class_ids
 from ..data.transforms import collate_fn
 from ..method.alignment import AlignmentSettings, ClassifierAligner
+from ..method.gathering import add_class_statistics, process_share
 from ..method.statistics import ClassStatistics
 from ..models.inference import inference_context
 from ..sharing.hub import check_pushable, default_repo_id, push_folder
@@ -96,32 +96,21 @@ class StatisticsStep(ContinualCallback):
                                    sums=PartialState().process_index == 0, device=device)
         batches = tqdm(self.loader(learner, task.statistics_data), desc=f"class statistics of task {task.task_id + 1}",
                        unit="batch", leave=False, disable=not learner.show_progress)
-        with inference_context(learner.model, learner.args) as model:
-            for batch in batches:
-                feats = model.features(batch["pixel_values"].to(device))
-                self.statistics.update(feats, task.statistics_keys(batch["labels"].to(device)))
-        keys = [task.statistics_keys(c) for c in task.classes]
-        self.statistics.finalize(task.task_id, keys, reduce=_sum_over_processes)
-        return self.statistics
+        return add_class_statistics(self.statistics, learner.model, learner.args, batches, task.task_id,
+                                    [task.statistics_keys(c) for c in task.classes], task.statistics_keys)
 
     @staticmethod
     def loader(learner: ContinualLearner, dataset) -> DataLoader:
         """This process's exact share (every `world`-th sample): no sampler padding, so sums and
         counts reduced across processes count every sample once."""
-        state = PartialState()
-        shard = dataset.select(range(state.process_index, len(dataset), state.num_processes))
         args = learner.args
         return DataLoader(
-            shard.with_transform(learner.eval_transform),
+            process_share(dataset).with_transform(learner.eval_transform),
             batch_size=args.per_device_eval_batch_size,
             collate_fn=collate_fn,
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-
-
-def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    return reduce(tensor, reduction="sum") if PartialState().num_processes > 1 else tensor
 
 
 class AlignmentStep(ContinualCallback):

@@ -26,6 +26,7 @@ import torch
 from datasets import ClassLabel, Dataset
 
 from ..artifacts.digests import folder_sha256
+from ..artifacts.layout import is_trainer_output_file
 from ..artifacts.values import MAX_CLASSES
 from ..utils.errors import UserError
 from ..utils.reading import require_path
@@ -254,10 +255,12 @@ class ContinuedStream:
 
 def checkpoint_digest(directory: str | Path) -> str:
     """Content hash of a checkpoint directory's files (names and bytes): what a continuation's run
-    fingerprint records of the checkpoint it started from. Each file is opened as a regular file only
-    (`open_regular`: a FIFO or device there is refused, never read forever)."""
+    fingerprint records of the checkpoint it started from; a Trainer's own files beside an SLCATrainer
+    output_dir's checkpoint (its state and metrics, which `evaluate` rewrites) are not part of it. Each file
+    is opened as a regular file only (`open_regular`: a FIFO or device there is refused, never read forever)."""
     root = Path(directory)
-    return folder_sha256(sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")))
+    return folder_sha256(sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                                and not is_trainer_output_file(p.name)))
 
 
 def load_test_folder(directory: str | Path) -> Dataset:

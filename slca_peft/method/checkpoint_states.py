@@ -19,6 +19,7 @@ import torch
 from transformers.trainer_callback import TrainerState
 
 from ..artifacts import manifest
+from ..artifacts.layout import TRAINER_STATE_FILE
 from ..artifacts.state_files import check_like, has_state, load_state, state_files
 from ..utils.errors import UserError
 from ..utils.reading import read_json
@@ -26,7 +27,6 @@ from ..utils.reading import read_json
 #: The states a `checkpoint-N` folder holds beside the model files, each as NAME.safetensors + NAME.json.
 OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
 logger = logging.getLogger(__name__)
-TRAINER_STATE_FILE = "trainer_state.json"
 #: Largest trainer_state.json read (its log history grows with the steps logged; a long run's is a few MB).
 MAX_TRAINER_STATE_BYTES = 64 << 20
 

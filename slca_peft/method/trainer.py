@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,9 +43,12 @@ from ..models.saving import load_model_state
 from ..utils.errors import UserError
 from ..utils.hardware import cpu_bf16_training
 from ..utils.logging import progress_bars, shows_progress
+from ..utils.timing import clock
 from . import checkpoint_states as checks
 from .checkpoint_states import OPTIMIZER_STATE, RNG_STATE, SCALER_STATE, SCHEDULER_STATE
 from .config import SLCAConfig, as_slca_config
+from .learner_state import save_checkpoint_into
+from .trainer_checkpoint import TrainerCheckpoint
 from .trainer_hub import TrainerHub
 
 logger = logging.getLogger(__name__)
@@ -168,7 +172,8 @@ def epoch_cosine_lambda(base_lr: float, floor: float, steps_per_epoch: int, epoc
 #: these is no longer a method of `Trainer`.
 PRIVATE_TRAINER_OVERRIDES = {
     "_save": "save_model's file writer: slca-peft model files + arguments as JSON instead of a pickled "
-             "training_args.bin (save_model itself also dispatches to DeepSpeed/FSDP)",
+             "training_args.bin, and the continual checkpoint's run state into output_dir once training ended "
+             "(save_model itself also dispatches to DeepSpeed/FSDP)",
     "_save_optimizer_and_scheduler": "Trainer writes optimizer/scheduler states with torch.save (pickle); "
                                      "here safetensors + JSON",
     "_save_scaler": "the grad scaler's state, as safetensors + JSON instead of a pickle",
@@ -186,21 +191,29 @@ PRIVATE_TRAINER_OVERRIDES = {
 }
 
 
-class SLCATrainer(TrainerHub, Trainer):
+class SLCATrainer(TrainerHub, TrainerCheckpoint, Trainer):
     """Trains the current task of an `SLCAModel` with slow-learner rates.
 
     The current task is the classifier's newest head; the data's labels are the stream's positions
     (`TaskSequence` gives them) and must belong to it while training. `evaluate` / `predict` report in
     class ids, as the model answers; `push_to_hub` / `create_model_card` go the library's way
-    (`slca_peft.method.trainer_hub`).
+    (`slca_peft.method.trainer_hub`). When training ends, the task's class statistics are gathered and
+    `save_model()` makes output_dir a continual checkpoint that `slca-peft train --continue_from` goes on
+    from (`slca_peft.method.trainer_checkpoint`).
     """
 
     loss_is_scaled_for_ga = False
 
     def __init__(self, model: SLCAModel | PreTrainedModel | None = None, args: SLCAConfig | None = None,
-                 task_id: int | None = None, *, peft_config: PeftConfig | None = None, **kwargs: Any):
+                 task_id: int | None = None, *, peft_config: PeftConfig | None = None, statistics_dataset: Any = None,
+                 gather_statistics: bool = True, **kwargs: Any):
         """`model`: an `SLCAModel`, or a transformers image classifier whose backbone gets `args`' adapters (or
-        `peft_config`'s, as trl's trainers take one) and whose `id2label` the classes (`models.from_classifier`)."""
+        `peft_config`'s, as trl's trainers take one) and whose `id2label` the classes (`models.from_classifier`).
+        `statistics_dataset`: the images (and transform) the class statistics are gathered on when training
+        ends; default the training rows with `eval_dataset`'s transform where it can be borrowed, else
+        `train_dataset` (`slca_peft.method.trainer_checkpoint`). `gather_statistics=False`: none are gathered
+        (`ContinualLearner`, whose StatisticsStep gathers them, turns it off)."""
+        self.statistics_dataset, self.gather_statistics = statistics_dataset, gather_statistics
         #: Refusals then name what a plain `TrainingArguments` parser accepts (no SLCAConfig-only flags).
         self._plain_training_arguments = args is not None and not isinstance(args, SLCAConfig)
         args = as_slca_config(args)
@@ -342,9 +355,13 @@ class SLCATrainer(TrainerHub, Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):  # checked before Trainer or torch reads it
             checks.check_checkpoint_folder(os.fspath(resume_from_checkpoint), self._rng_name(),
                                            self.args.resume_without_optimizer_state)
+        self.class_statistics = None
+        started = clock()
         # eager attention on CPU bf16; `disable_tqdm` also silences transformers', datasets' and the Hub's bars
         with cpu_bf16_training(self.model, self.args), progress_bars(shows_progress(self.args)):
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._end_training(clock() - started)
+        return output
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """`Trainer._save_checkpoint`, then the states are listed in the checkpoint's manifest."""
@@ -418,11 +435,19 @@ class SLCATrainer(TrainerHub, Trainer):
             checks.restore_rng_states(checkpoint, self._rng_name())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """`SLCAModel.save_pretrained` files and the arguments as JSON (no training_args.bin pickle)."""
+        """The model files, the processor's and the arguments as JSON (no training_args.bin pickle); once
+        training ended, the continual checkpoint's run state too (`continual_files`). Each
+        file is written whole and the manifest last (`save_checkpoint_into`): output_dir also holds the
+        Trainer's own files, so it is never swapped as a whole. The main process writes."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        self.slca_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())
+        processor, arguments = self.processing_class, self.args.to_json_string()
+
+        def beside(folder: Path) -> None:
+            if processor is not None:
+                processor.save_pretrained(folder)
+            atomic_write_text(folder / ARGS_FILE, arguments)
+
+        save_checkpoint_into(self.slca_model, output_dir, extra=beside, unlisted=(ARGS_FILE,),
+                             **self.continual_files())

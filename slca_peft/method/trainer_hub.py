@@ -3,9 +3,10 @@
 
 `Trainer.push_to_hub` would upload `output_dir` as it is (with Trainer's generic "trained from scratch"
 card, a pickled `training_args.bin` on checkpoint pushes, and a local base model that nobody who
-downloads the repo can load). Here every upload, explicit or at a save with `push_to_hub=True`, goes
-through `SLCAModel.push_to_hub`: one commit of the model files and the library's card, a local base model
-refused as `slca-peft push` refuses it.
+downloads the repo can load). Here every upload, explicit or at a save with `push_to_hub=True`, is one
+commit with the library's card, a local base model refused as `slca-peft push` refuses it: the model files
+(`SLCAModel.push_to_hub`) while training, the continual checkpoint output_dir holds once training ended
+(`push_folder`, the files its manifest lists), which `--continue_from REPO` goes on from.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 
 from ..artifacts.atomic import atomic_write_text
-from ..artifacts.layout import CARD_FILE
+from ..artifacts.layout import CARD_FILE, STATISTICS_FILE
 from ..sharing.card import build_model_card
-from ..sharing.hub import default_repo_id, local_base_problem
+from ..sharing.hub import default_repo_id, local_base_problem, push_folder
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
@@ -90,24 +91,29 @@ class TrainerHub:
             return
         fields = self._card_fields(license, tags, model_name, dataset_tags, dataset, language=language,
                                    finetuned_from=finetuned_from, tasks=tasks, dataset_args=dataset_args)
-        card = build_model_card(self._card_settings(fields), self.card_state(), continuable=False, **fields)
+        card = build_model_card(self._card_settings(fields), self.card_state(), continuable=self.holds_checkpoint(),
+                                **fields)
         os.makedirs(self.args.output_dir, exist_ok=True)
         atomic_write_text(os.path.join(self.args.output_dir, CARD_FILE), str(card))
 
+    def holds_checkpoint(self) -> bool:
+        """Whether output_dir holds this run's continual checkpoint (statistics gathered, then saved)."""
+        return self.class_statistics is not None and os.path.isfile(
+            os.path.join(self.args.output_dir, STATISTICS_FILE))
+
     def card_state(self) -> dict[str, Any] | None:
-        """The results the card shows: this run's, as one task of the model's classes scored by the latest
-        `evaluate` (its `eval_accuracy`, the model as it is now, after `load_best_model_at_end`)."""
+        """The results the card shows: this run's, as one task of the model's classes scored by its
+        evaluation (`evaluated_accuracy`: the model as it is now, after `load_best_model_at_end`)."""
         model = self.slca_model
         if not model.classifier.num_tasks:
             return None
-        accuracy = next((entry["eval_accuracy"] for entry in reversed(self.state.log_history)
-                         if isinstance(entry.get("eval_accuracy"), (int, float))), None)
+        accuracy = self.evaluated_accuracy()
         sizes = list(model.classifier.task_sizes)
         return {
             "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes,
             "label_names": model.label_names,
             # `evaluate` scores the classes of a one-task model (Last-Acc); several tasks need per-task scores.
-            "accuracy_matrix": [[100.0 * accuracy]] if accuracy is not None and len(sizes) == 1 else [],
+            "accuracy_matrix": [[accuracy]] if accuracy is not None and len(sizes) == 1 else [],
         }
 
     def _card_settings(self, fields: dict[str, Any]) -> dict[str, Any]:
@@ -139,8 +145,10 @@ class TrainerHub:
         private: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Save the model to `output_dir` with the library's card and upload it as `SLCAModel.push_to_hub`
-        does: one commit of the model files to `hub_model_id` (or the output directory's name).
+        """Save the model to `output_dir` with the library's card and upload it as one commit to `hub_model_id`
+        (or the output directory's name): once training ended, the continual checkpoint output_dir holds (the
+        files its manifest lists: model, class statistics, task history; `slca-peft push`'s way), before that
+        the model files (`SLCAModel.push_to_hub`).
         `kwargs`: `commit_description`, and `create_model_card`'s keywords.
         A local base model is refused unless `hub_base_model_id` names it. The upload is one blocking
         commit (`blocking=False` waits too). Returns the commit's URL on the main process, None on others."""
@@ -161,20 +169,21 @@ class TrainerHub:
             raise TypeError(f"push_to_hub got unexpected keyword(s) {unknown}; it takes commit_message, "
                             f"commit_description, token, revision, private, blocking and {list(_CARD_KEYWORDS)}.")
         self.create_model_card(**card)
-        fields = self._card_fields(**card)
         args = self.args
-        return self.slca_model.push_to_hub(
-            self.hub_repo_id(), commit_message=commit_message, commit_description=commit_description,
-            private=args.hub_private_repo if private is None else private,
-            token=args.hub_token if token is None else token,
-            revision=args.hub_revision if revision is None else revision,
-            base_model_id=args.hub_base_model_id, card=fields, state=self.card_state(),
-        )
+        upload = {"commit_message": commit_message, "commit_description": commit_description,
+                  "private": args.hub_private_repo if private is None else private,
+                  "token": args.hub_token if token is None else token,
+                  "revision": args.hub_revision if revision is None else revision,
+                  "base_model_id": args.hub_base_model_id}
+        if self.holds_checkpoint():  # the continual checkpoint, with the card just written
+            return push_folder(args.output_dir, self.hub_repo_id(), **upload)
+        return self.slca_model.push_to_hub(self.hub_repo_id(), card=self._card_fields(**card),
+                                           state=self.card_state(), **upload)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """With `push_to_hub=True`, each save uploads the model the way `push_to_hub` does (checkpoint-N
-        folders are not uploaded: they hold the model files only and cannot be resumed). A Hub failure is
-        logged, not fatal: training goes on and the files are on disk."""
+        """With `push_to_hub=True`, each save during training uploads the model files the way `push_to_hub`
+        does (checkpoint-N folders are not uploaded; the class statistics come when training ends). A Hub
+        failure is logged, not fatal: training goes on and the files are on disk."""
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)

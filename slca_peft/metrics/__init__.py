@@ -70,7 +70,7 @@ def format_accuracy(value: float | None, width: int = 0) -> str:
     return f"{MISSING:>{width}}" if value is None else f"{value:>{width}.1f}"
 
 
-def format_accuracy_table(matrix: Sequence[Sequence[float | None]], seen: Sequence[float], *,
+def format_accuracy_table(matrix: Sequence[Sequence[float | None]], seen: Sequence[float | None], *,
                           markdown: bool = False) -> str:
     """The accuracy matrix as a table: rows after task t, columns task j, last column all seen classes
     (over the measured tasks). A task without test data shows as `MISSING`.
@@ -83,12 +83,12 @@ def format_accuracy_table(matrix: Sequence[Sequence[float | None]], seen: Sequen
         lines = [header, "|---" * (n + 2) + "|"]
         lines += [
             f"| {t + 1} | " + " | ".join(map(format_accuracy, row)) + " |" * (n - len(row))
-            + f" | {seen[t]:.1f} |"
+            + f" | {format_accuracy(seen[t])} |"
             for t, row in enumerate(matrix)
         ]
         return "\n".join(lines)
     lines = ["after \\ on " + " ".join(f"T{j + 1:<5d}" for j in range(n)) + "  all seen"]
     for t, row in enumerate(matrix):
         cells = " ".join(format_accuracy(a, 6) for a in row) + "       " * (n - len(row))
-        lines.append(f"task {t + 1:<6d}" + cells + f"  {seen[t]:8.1f}")
+        lines.append(f"task {t + 1:<6d}" + cells + f"  {format_accuracy(seen[t], 8)}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..artifacts import manifest
 from ..artifacts.digests import describe_model_file_changes, file_sha256, model_file_digests
-from ..artifacts.layout import CARD_FILE
+from ..artifacts.layout import CARD_FILE, is_trainer_output_file
 from ..utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -38,9 +38,10 @@ def base_model_record(model: SLCAModel, *, kind: str) -> dict[str, Any]:
 
 
 def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> list[str]:
-    """Each listed file missing, replaced or edited, and each safetensors/JSON file added since. Every
-    listed file is read through folders opened without following a symlink (`manifest.check_listed`):
-    a symlinked sub-folder on the way is a difference, never followed."""
+    """Each listed file missing, replaced or edited, and each safetensors/JSON file added since (a Trainer's
+    own files in an SLCATrainer output_dir, which nothing loads, excepted). Every listed file is read
+    through folders opened without following a symlink (`manifest.check_listed`): a symlinked sub-folder
+    on the way is a difference, never followed."""
     problems = []
     for rel, entry in sorted(entries.items()):
         if rel in UNCHECKED_FILES:
@@ -59,8 +60,8 @@ def _changed_files(root: Path, entries: dict[str, manifest.ManifestEntry]) -> li
             problems.append(f"{rel} was edited (sha256 {entry.sha256[:12]} -> {_blob_sha256(root / rel)[1][:12]})")
         elif state is not None:
             problems.append(f"{rel} is not a regular file")
-    added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
-                   and p.name not in entries and p.name != manifest.MANIFEST_FILE)
+    added = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json") and p.name not in entries
+                   and p.name != manifest.MANIFEST_FILE and not is_trainer_output_file(p.name))
     return problems + [f"{name} was added" for name in added]
 
 

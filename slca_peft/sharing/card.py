@@ -133,7 +133,7 @@ def card_metrics(state: dict[str, Any]) -> dict[str, Any]:
     continuation whose old tasks' test data was not at hand). Last-Acc is whole when the last row is;
     Inc-Acc and forgetting read every row."""
     matrix = state.get("accuracy_matrix") or []
-    if not matrix:
+    if not matrix or all(v is None for v in matrix[-1]):  # nothing scored after the last task (no evaluation)
         return {}
     summary = summarize_accuracy_matrix(matrix, state.get("task_test_sizes") or None)
     last_whole = all(v is not None for v in matrix[-1])

@@ -175,7 +175,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
             if len(row) != t + 1:
                 raise UserError(f"accuracy_matrix[{t}] must hold {t + 1} accuracies (tasks 1 to {t + 1}), "
                                  f"got {len(row)}")
-        if len(_accuracies("seen_accuracy", run["seen_accuracy"])) != len(matrix):
+        if len(_accuracies("seen_accuracy", run["seen_accuracy"], missing=True)) != len(matrix):
             raise UserError(f"seen_accuracy must hold one accuracy per row of accuracy_matrix ({len(matrix)})")
         for key in ("last_accuracy", "average_incremental_accuracy"):
             _accuracies(key, [run[key]])
@@ -228,8 +228,6 @@ def _targets(root: Path) -> dict[str, Path]:
 
 def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE) -> list[Path]:
     """Write accuracy_matrix.png, accuracy_curve.png and results.md into `output_dir`; returns the paths."""
-    import numpy as np
-
     root = Path(output_dir)
     require_path(root, folder=True, what="slca-peft report:", fix="give the output directory of a finished run")
     seed_dirs = _seed_dirs(root)
@@ -247,7 +245,7 @@ def write_report(output_dir: str | Path, *, size: tuple[int, int] = FIGURE_SIZE)
         method = first.get("method", "")
         n = min(len(run["accuracy_matrix"]) for run in runs.values())
         mean_matrix = [_mean_row([run["accuracy_matrix"][t] for run in runs.values()]) for t in range(n)]
-        mean_seen = np.mean([run["seen_accuracy"][:n] for run in runs.values()], axis=0).tolist()
+        mean_seen = _mean_row([run["seen_accuracy"][:n] for run in runs.values()])
         curves = {_curve_label(seeds[s]): run["seen_accuracy"] for s, run in runs.items()}
         curves["mean"] = mean_seen
         label = ", ".join(runs)

@@ -168,6 +168,9 @@ def test_summaries_are_over_the_measured_entries():
     assert summary["backward_transfer"] == pytest.approx(((50 - 80) + (40 - 60)) / 2)
     with pytest.raises(ValueError, match="no measured entry"):
         summarize_accuracy_matrix([[90.0], [None, None]], [1, 1])
+    # A step scored on no task (a trainer run without evaluation, continued): left out of Inc-Acc.
+    summary = summarize_accuracy_matrix([[None], [60.0, 80.0]], [10, 10])
+    assert summary["accuracy_per_step"] == [None, 70.0] and summary["average_incremental_accuracy"] == 70.0
 
 
 def phase1_state(runs):

@@ -267,7 +267,8 @@ def test_a_checkpoint_without_history_is_refused_in_one_line_naming_the_fix(tmp_
             check_run_state(tmp_path / "ckpt", statistics, state)
         message = str(err.value)
         assert "\n" not in message and "cannot be resumed" in message
-        assert message.endswith("give a task_<t> checkpoint written by ContinualLearner (or the recipe).")
+        assert message.endswith("give a task_<t> checkpoint written by ContinualLearner (or the recipe), or the "
+                                "output_dir of a finished SLCATrainer run.")
 
 
 def test_one_function_reads_a_result_from_a_task_history():

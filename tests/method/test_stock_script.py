@@ -13,7 +13,9 @@ optimizer, scheduler and random number generator states are saved as safetensors
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_forked, tiny_vit_config, write_image_folder
+from conftest import recipe_argv, run_forked, tiny_vit_config, write_image_folder
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -36,8 +39,11 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from slca_peft import EvalTransform, ImageTransformConfig, SLCAModel, SLCATrainer, TrainTransform
+from slca_peft import EvalTransform, ImageTransformConfig, SLCAModel, SLCATrainer, TrainTransform, verify_checkpoint
 from slca_peft.artifacts.layout import PICKLE_SUFFIXES
+from slca_peft.artifacts.manifest import read_manifest
+from slca_peft.continual import load_checkpoint
+from slca_peft.utils.errors import UserError
 
 
 @dataclass
@@ -244,3 +250,126 @@ def test_stock_script_trains_evaluates_keeps_the_best_and_resumes_a_killed_run_e
     assert card.data.eval_results is None and "datasets" not in card.data.to_dict()
     assert card.data.local_results["Last-Acc"] == pytest.approx(round(100 * evaluated["eval_accuracy"], 4))
     assert "on\n1 of 1 tasks (3 classes so far)" in card.text and "No task has been learned yet" not in card.text
+
+
+def new_classes(root: Path, split: str, per_class: int, seed: int) -> Path:
+    """Two classes the stock run did not learn (class_03, class_04: squares at other places)."""
+    folder = write_image_folder(root / split, num_classes=5, per_class=per_class, seed=seed)
+    for old in ("class_00", "class_01", "class_02"):
+        shutil.rmtree(folder / old)
+    return folder
+
+
+def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_path, recipe, caplog):
+    """The stock script (Trainer swapped, nothing else) leaves a continual checkpoint in output_dir: the
+    class statistics of its classes (gathered on the training images with the validation split's eval
+    transform), its task history, the heads; `slca-peft train --continue_from OUTPUT_DIR` teaches new
+    classes from new folders and scores Last-Acc over old and new."""
+    base, train, validation, _ = stock_inputs
+    out = tmp_path / "stock"
+    with caplog.at_level(logging.INFO, logger="slca_peft"):
+        assert run_image_classification(flags(stock_inputs, out)) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("class statistics")]
+    assert said == ["class statistics: on the 24 training images with eval_dataset's transform (as SLCA computes "
+                    "them); statistics_dataset= chooses other images or another transform."]
+    trainer_files = {"trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+                     "training_args.json", "README.md"}
+    assert trainer_files | {"class_statistics.safetensors", "continual_state.json", "classifier_unaligned.safetensors",
+                            "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    assert list(out.glob("checkpoint-*")) and verify_checkpoint(out) == []
+    listed = read_manifest(out)
+    assert "class_statistics.safetensors" in listed and not trainer_files - {"README.md"} & set(listed)
+    state = json.loads((out / "continual_state.json").read_text())
+    evaluated = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
+    assert state["task_sizes"] == [3] and state["class_ids"] == [0, 1, 2] and state["tasks_learned"] == 1
+    assert state["label_names"] == ["class_00", "class_01", "class_02"]
+    assert state["accuracy_matrix"] == [[pytest.approx(100 * evaluated)]] and state["task_test_sizes"] == [9]
+    assert "--continue_from" in (out / "README.md").read_text()  # the card says the folder continues
+
+    # The statistics are the training images' features under the evaluation transform (SLCA's choice).
+    checkpoint = load_checkpoint(out)
+    model, statistics = checkpoint.model, checkpoint.statistics
+    transform = EvalTransform(ImageTransformConfig.from_image_processor(ViTImageProcessor.from_pretrained(base)))
+    images = sorted(train.glob("*/*.png"))
+    with torch.no_grad():
+        model.eval()
+        feats = model.features(torch.stack([transform(Image.open(p).convert("RGB")) for p in images]))
+    for k, name in enumerate(state["label_names"]):
+        rows = [i for i, p in enumerate(images) if p.parent.name == name]
+        assert torch.allclose(statistics.means[k].float(), feats[rows].mean(0), atol=1e-4)
+    assert statistics.counts == {0: 8, 1: 8, 2: 8} and statistics.task_of_class == {0: 0, 1: 0, 2: 0}
+
+    # A damaged slca-peft file is still refused; the Trainer's files beside them are not looked at.
+    damaged = shutil.copytree(out, tmp_path / "damaged")
+    (damaged / "trainer_state.json").write_text("{}")
+    assert verify_checkpoint(damaged) == []
+    raw = bytearray((damaged / "class_statistics.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (damaged / "class_statistics.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="class_statistics.safetensors was edited"):
+        verify_checkpoint(damaged)
+
+    # slca-peft train --continue_from OUTPUT_DIR: two new classes, the old test images to keep scoring the old.
+    new = tmp_path / "new"
+    folders = (new_classes(new, "train", 8, 3), new_classes(new, "test", 3, 4))
+    run = tmp_path / "continued"
+    recipe.main(recipe_argv(None, folders, run, "--continue_from", str(out), "--old_test_dir", str(validation),
+                            init_cls=2, num_train_epochs=4, learning_rate=0.5, horizontal_flip=False,
+                            crop_scale_min=0.8, ca_samples_per_class=16, ca_epochs=4))
+    metrics = json.loads((run / "metrics.json").read_text())
+    print("accuracy matrix", metrics["accuracy_matrix"], "Last-Acc", metrics["last_accuracy"])
+    assert metrics["task_sizes"] == [3, 2] and [len(row) for row in metrics["accuracy_matrix"]] == [1, 2]
+    assert metrics["accuracy_matrix"][0] == state["accuracy_matrix"][0] and None not in metrics["accuracy_matrix"][1]
+    old, fresh = metrics["accuracy_matrix"][1]  # Last-Acc: over the 9 old and 6 new test images
+    assert metrics["last_accuracy"] == pytest.approx((9 * old + 6 * fresh) / 15)
+    continued = load_checkpoint(run / "task_2")
+    assert continued.task_history["label_names"] == ["class_00", "class_01", "class_02", "class_03", "class_04"]
+    for k in range(3):  # the old classes' statistics are the trainer run's, carried over
+        assert torch.equal(continued.statistics.means[k], statistics.means[k])
+        assert torch.equal(continued.statistics.covariance(k), statistics.covariance(k))
+    assert sorted(continued.statistics.classes) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_processes_gather_the_statistics_of_one_and_write_one_checkpoint(stock_inputs, tmp_path):
+    """The stock script under torchrun (2 gloo processes): every training image counted once in the class
+    statistics, which equal one process's computation on the saved model; the main process alone writes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    driver = tmp_path / "run_image_classification.py"
+    driver.write_text(f"import sys\nsys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT / 'tests' / 'method')!r}]\n"
+                      "from test_stock_script import run_image_classification\n"
+                      "sys.exit(run_image_classification(sys.argv[1:]))\n")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(driver), *flags(stock_inputs, out, "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+                               "--per_device_eval_batch_size", "1")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert verify_checkpoint(out) == [] and not list(out.glob(".slca-save-*"))
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.statistics.counts == {0: 8, 1: 8, 2: 8}  # 24 images over 2 shards: none padded, none lost
+
+    base, train, _, _ = stock_inputs
+    transform = EvalTransform(ImageTransformConfig.from_image_processor(ViTImageProcessor.from_pretrained(base)))
+    images = sorted(train.glob("*/*.png"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            model = checkpoint.model.eval()
+            feats = torch.cat([model.features(transform(Image.open(p).convert("RGB"))[None]) for p in images])
+    finally:
+        torch.set_num_threads(threads)
+    for k, name in enumerate(checkpoint.task_history["label_names"]):
+        rows = [i for i, p in enumerate(images) if p.parent.name == name]
+        torch.testing.assert_close(checkpoint.statistics.means[k], feats[rows].double().mean(0), rtol=0, atol=1e-6)

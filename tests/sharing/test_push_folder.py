@@ -297,3 +297,32 @@ def test_a_hub_failing_at_every_save_warns_once_per_run(tmp_path, base_model_dir
 
 def upload_url(upload) -> str:
     return f"https://huggingface.co/{upload['repo_id']}/commit/1"
+
+
+def test_a_finished_trainer_run_pushes_its_continual_checkpoint(tmp_path, base_model_dir, hub, caplog):
+    """Saves while training push the model files; once training ended, output_dir is a continual checkpoint
+    (class statistics, task history) and `push_to_hub` sends it, with a card saying how to continue it."""
+    config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                        per_device_train_batch_size=4, num_train_epochs=2, save_strategy="epoch", push_to_hub=True,
+                        hub_model_id="me/trained", hub_base_model_id="me/tiny-vit")
+    model = SLCAModel.from_backbone(str(base_model_dir), config)
+    model.grow(2)
+    trainer = SLCATrainer(model=model, args=config, train_dataset=toy_dataset())
+    with caplog.at_level(logging.INFO, logger="slca_peft"):
+        trainer.train()
+        trainer.push_to_hub(commit_message="done")
+    assert [u["message"] for u in hub.uploads] == ["Training in progress, epoch 1", "Training in progress, epoch 2",
+                                                   "done"]
+    for upload in hub.uploads[:2]:  # while training: the model files, no statistics yet
+        assert "class_statistics.safetensors" not in upload["files"]
+    final = hub.uploads[-1]
+    assert {"class_statistics.safetensors", "continual_state.json", "classifier_unaligned.safetensors"} <= set(
+        final["files"])
+    assert not {"trainer_state.json", "training_args.json"} & set(final["files"])
+    assert "--continue_from me/trained" in final["card"] and "cannot go on from here" not in final["card"]
+    assert final["json"]["continual_state.json"]["task_sizes"] == [2]
+    assert final["json"]["slca_config.json"]["base_model_name_or_path"] == "me/tiny-vit"
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "cannot be continued" in m or "cannot go on" in m]
+    # No eval_dataset: the statistics used the training data as given, and said so once.
+    assert len([m for m in messages if m.startswith("class statistics: on train_dataset as given")]) == 1

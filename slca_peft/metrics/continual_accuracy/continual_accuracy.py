@@ -57,7 +57,7 @@ A[t][j] is the accuracy (in percent) on the test classes of task j after trainin
 - accuracy_per_step[t] = sum_j A[t][j] * n_j / sum_j n_j, the micro accuracy over all classes seen so
   far (what SLCA++ calls the accuracy after step t);
 - last_accuracy = accuracy_per_step[T-1];
-- average_incremental_accuracy = mean_t accuracy_per_step[t];
+- average_incremental_accuracy = mean_t accuracy_per_step[t] (over the steps scored);
 - average_forgetting = mean_{j<T-1} (max_{l in [j, T-2]} A[l][j] - A[T-1][j]) (Chaudhry et al., 2018);
 - backward_transfer = mean_{j<T-1} (A[T-1][j] - A[j][j]) (Lopez-Paz & Ranzato, 2017).
 
@@ -68,7 +68,8 @@ An entry may be missing (None): a task whose test data was not at hand when the 
 the measured entries only: a step's accuracy over its measured tasks, forgetting and backward transfer
 over the old tasks measured at the end (and, for forgetting, at least once before). `missing_entries`
 counts the None entries and `forgetting_tasks` lists the tasks forgetting and BWT are averaged over,
-so a report can say what its numbers cover.
+so a report can say what its numbers cover. A step may be scored on no task at all (a model trained
+without an evaluation, continued later): its accuracy_per_step is None; the last step must be scored.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -81,7 +82,8 @@ Args:
         every task measured at least once, 0 for a task never measured). Required: `evaluate` needs
         every declared input. Pass the same value for every task (e.g. all 1s) to weight tasks equally.
 Returns:
-    accuracy_per_step (`list` of `float`): micro accuracy over all seen classes after each step.
+    accuracy_per_step (`list` of `float`): micro accuracy over all seen classes after each step (None for a
+        step scored on no task).
     last_accuracy (`float`): accuracy after the final step.
     average_incremental_accuracy (`float`): mean of `accuracy_per_step`.
     average_forgetting (`float`): mean drop from the best earlier accuracy to the final accuracy over
@@ -125,8 +127,8 @@ def _validate(rows: list[list[float]], sizes: list[int]) -> None:
         for j, value in enumerate(row):
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"accuracy_row {t} entry {j} must be a finite number or None, got {value!r}.")
-        if all(value is None for value in row):
-            raise ValueError(f"accuracy_row {t} has no measured entry; a step is scored on at least one task.")
+        if t == len(rows) - 1 and all(value is None for value in row):
+            raise ValueError(f"accuracy_row {t} has no measured entry; the last step is scored on at least one task.")
     for t, size in enumerate(sizes):
         measured = any(row[t] is not None for row in rows[t:])
         if size is None or size < 0 or (measured and size == 0):
@@ -165,7 +167,8 @@ class ContinualAccuracy(evaluate.Metric):
         per_step = []
         for t, row in enumerate(rows):
             measured = [(a, n) for a, n in zip(row, sizes[: t + 1], strict=True) if a is not None]
-            per_step.append(sum(a * n for a, n in measured) / sum(n for _, n in measured))
+            per_step.append(sum(a * n for a, n in measured) / sum(n for _, n in measured) if measured else None)
+        scored = [a for a in per_step if a is not None]
 
         final = rows[-1]
         forgetting, bwt, tasks = [], [], []
@@ -181,7 +184,7 @@ class ContinualAccuracy(evaluate.Metric):
         return {
             "accuracy_per_step": per_step,
             "last_accuracy": per_step[-1],
-            "average_incremental_accuracy": sum(per_step) / num_tasks,
+            "average_incremental_accuracy": sum(scored) / len(scored),
             "average_forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
             "backward_transfer": sum(bwt) / len(bwt) if bwt else 0.0,
             "missing_entries": sum(v is None for row in rows for v in row),
