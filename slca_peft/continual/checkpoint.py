@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..artifacts import manifest
 from ..artifacts.atomic import atomic_directory, follow_umask, json_text
-from ..artifacts.layout import STATE_FILE, STATISTICS_FILE, UNALIGNED_FILE
+from ..artifacts.layout import FORMAT_VERSION, STATE_FILE, STATISTICS_FILE, UNALIGNED_FILE
 from ..artifacts.task_history import read_state, validate_state
 from ..method.statistics import ClassStatistics
 from ..models.loading import hub_kwargs, loading_kwargs
@@ -66,7 +66,7 @@ def save_learner_state(
         statistics.save(directory)
         follow_umask(directory / STATISTICS_FILE)
     if state is not None:
-        validate_state(state)
+        state = validate_state({**state, "format_version": FORMAT_VERSION})  # a history's names are by class id
         manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
 
 
