@@ -7,7 +7,8 @@ history a checkpoint records (`continual_state.json`), with the class-id rule of
 - old classes keep their positions, ids and names; the new data's classes take the positions after
   them (the classifier grows, old heads and statistics are kept) and the next free class ids, in the
   new data's own label-id order; `label_names` (class-id order) name the learned classes and the new
-  ones, and an id the checkpoint skipped (a class of its data it had not learned) is `class_<k>`;
+  ones, and an id the checkpoint skipped (a class of its data it had not learned) keeps its name
+  (`class_<k>` if a learned or new class has that name);
 - a new class named like a learned one is refused, unless `merge_existing_classes`: its images then
   add to that class's statistics (exact sums, `ClassStatistics.reopen`) and it gets no second output;
 - old tasks' data is gone: they have no training data, and test data only when the user still has it
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from ..artifacts.class_names import names_at, names_by_id, placeholder_name
+from ..artifacts.class_names import name_of, names_at, names_by_id, placeholder_name
 from ..artifacts.digests import folder_sha256
 from ..artifacts.values import MAX_CLASSES
 from ..utils.errors import UserError
@@ -43,10 +44,9 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
     k = sum(sizes)
     names = list(state.get("label_names") or [])  # by class id
     ids = list(state.get("class_ids") or state.get("class_order") or range(k))
-    if len(sizes) < learned or len(ids) < k or any(i >= len(names) for i in ids[:k]):
-        raise UserError(f"the checkpoint's task history names {len(names)} class ids and records {len(ids)} "
-                         f"classes in {len(sizes)} tasks, but {learned} tasks ({k} classes) learned; it is "
-                         "damaged or was not written by slca-peft.")
+    if len(sizes) < learned or len(ids) < k:
+        raise UserError(f"the checkpoint's task history records {len(ids)} classes in {len(sizes)} tasks but "
+                         f"{learned} tasks learned; it is damaged or was not written by slca-peft.")
     data = list(state.get("task_data") or [state.get("dataset")] * learned)[:learned]
     timings = state.get("timings") or []
     segments = [dict(s) for s in state.get("segments") or [] if s.get("first_task", 0) < learned]
@@ -55,9 +55,11 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
     else:
         segments = [{"first_task": 0, "tasks": learned, "seed": state.get("seed"), "init_cls": state.get("init_cls"),
                      "increment": state.get("increment"), "data": state.get("dataset")}]
-    # label_names: the learned classes' names by class id; position_names: the same in learning order.
+    # label_names: by class id, up to the largest learned (the next ids go to new classes);
+    # position_names: the learned classes' names in learning order.
     return {"tasks_learned": learned, "task_sizes": sizes, "class_ids": list(ids[:k]),
-            "label_names": names_by_id({i: names[i] for i in ids[:k]}), "position_names": names_at(names, ids[:k]),
+            "label_names": [name_of(names, i) for i in range(max(ids[:k], default=-1) + 1)],
+            "position_names": names_at(names, ids[:k]),
             "task_data": data, "segments": segments, "accuracy_matrix": matrix[:learned],
             "seen_accuracy": list(state.get("seen_accuracy") or [])[:learned],
             "task_test_sizes": list(state.get("task_test_sizes") or [])[:learned],
@@ -151,13 +153,17 @@ class ContinuedStream:
         self.position_names = old_names + [new_names[p] for p in fresh]
         self.class_ids = old_ids + [id_of[d] for d in new_dataset_ids]
         self.order = list(self.class_ids)
+        # An id the checkpoint skipped (a class of its data not learned) keeps the name it had, unless a
+        # class of this stream took that name since.
+        learned_names, skipped = set(self.position_names), set(range(next_id)) - set(old_ids)
+        named = {i: old["label_names"][i] for i in skipped if old["label_names"][i] not in learned_names}
+        named.update(zip(self.class_ids, self.position_names, strict=True))
         #: Class id k -> its name (class-id order, as the model's outputs).
-        self.label_names = names_by_id(dict(zip(self.class_ids, self.position_names, strict=True)))
-        taken = sorted(set(self.position_names) & {placeholder_name(i) for i in set(range(len(self.label_names)))
-                                                   - set(self.class_ids)})
+        self.label_names = names_by_id(named)
+        taken = sorted(learned_names & {placeholder_name(i) for i in skipped if i not in named})
         if taken:
-            raise UserError(f"the new data names a class {taken[0]!r}, the name of a class id the checkpoint "
-                             "skipped; rename that class.")
+            raise UserError(f"the new data names a class {taken[0]!r}, the name slca-peft gives a class id the "
+                             "checkpoint skipped; rename that class.")
         new_offsets = new.offsets()
         self._new_tasks: list[tuple[list[int], list[int]]] = []  # (new positions, merged old positions)
         for i in range(len(new)):
