@@ -49,7 +49,6 @@ from ..utils.reading import read_json, read_own_json
 from . import digests
 from .atomic import atomic_write_bytes as write_file_atomically
 from .layout import FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, PARTIAL_FILE
-from .upgrade import check_version
 from .listed import (  # noqa: F401  (part of this module's API)
     ManifestEntry,
     check_listed,
@@ -58,6 +57,7 @@ from .listed import (  # noqa: F401  (part of this module's API)
     open_listed,
     parent_fd,
 )
+from .upgrade import check_version
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.class_names import names_at
 from ..artifacts.layout import CARD_FILE
 from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
-from ..artifacts.class_names import names_at
 from .public import IMAGE_FOLDERS, base_display, is_local_name, names_by_class_id, public_name, public_state
 
 #: Where the card names its own repo until an upload knows it (`slca_peft.sharing.hub.push_folder` fills it in).

@@ -110,7 +110,8 @@ def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path,
         assert config["class_ids"] == tasks.class_ids[: 2 * (t + 1)]
         assert state["class_ids"] == tasks.class_ids
         # Names by class id in both files (the dataset's), whatever the learning order.
-        assert config["label_names"] == state["label_names"] == tasks.label_names == [f"class_{k:02d}" for k in range(4)]
+        names = [f"class_{k:02d}" for k in range(4)]
+        assert config["label_names"] == state["label_names"] == tasks.label_names == names
         assert config["format_version"] == state["format_version"] == 2
 
 
