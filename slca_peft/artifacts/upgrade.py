@@ -33,21 +33,22 @@ def check_version(version: Any, where: str) -> int:
     return version
 
 
-def _by_class_id(names: list[str], class_ids: list[int] | None) -> list[str]:
+def _by_class_id(names: list[str], class_ids: list[int] | None, where: str) -> list[str]:
     """Version-1 position-ordered `names` in class-id order (positions without a recorded id are dropped)."""
     if class_ids is None:
         return list(names)
     if any(int(i) >= MAX_CLASSES for i in class_ids[: len(names)]):
-        raise UserError(f"a version-1 file names a class id of {MAX_CLASSES} or more; it is damaged or was not "
-                        "written by slca-peft.")
+        raise UserError(f"{where} (format_version 1) names a class id of {MAX_CLASSES} or more; it is damaged or "
+                        "was not written by slca-peft.")
     return names_by_id({int(i): name for i, name in zip(class_ids, names, strict=False)})
 
 
-def upgrade_label_names(label_names: list[str] | None, class_ids: list[int] | None, version: int) -> list[str] | None:
+def upgrade_label_names(label_names: list[str] | None, class_ids: list[int] | None, version: int,
+                        where: str) -> list[str] | None:
     """`slca_config.json`'s `label_names` of file version `version` in class-id order, from its validated
     `label_names` and `class_ids` (ids bounded, so the list is too)."""
     if version == 1 and label_names is not None:
-        return _by_class_id(label_names, class_ids)
+        return _by_class_id(label_names, class_ids, where)
     return label_names
 
 
@@ -58,5 +59,5 @@ def upgrade_state(state: dict[str, Any], where: str) -> dict[str, Any]:
     state = {**state, "format_version": FORMAT_VERSION}
     if version == 1 and isinstance(state.get("label_names"), list):
         ids = state.get("class_ids") or state.get("class_order")
-        state["label_names"] = _by_class_id(state["label_names"], list(ids) if isinstance(ids, list) else None)
+        state["label_names"] = _by_class_id(state["label_names"], list(ids) if isinstance(ids, list) else None, where)
     return state

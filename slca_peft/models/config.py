@@ -164,7 +164,7 @@ class SLCAModelConfig:
         try:
             config = cls(**data)
             if version != FORMAT_VERSION:  # validated first: the ids bound the names' list
-                config.label_names = upgrade_label_names(config.label_names, config.class_ids, version)
+                config.label_names = upgrade_label_names(config.label_names, config.class_ids, version, source)
                 config.validate()
             return config
         except ValueError as err:

@@ -158,3 +158,9 @@ def test_a_run_fingerprinted_by_version_1_still_resumes():
     digest, per_class = _data_digests(stream()[0])
     assert digest == "1dc2545ca5ffcde81e4760c83470b84baad658bd7a0deff2c7f6a6712726bbd2"
     assert per_class["dog"] == "bac2eab4600e9ad6" and per_class["ant"] == "0123457da1d314f2"
+
+
+def test_a_version_1_history_with_an_impossible_class_id_is_refused_naming_the_file(tmp_path):
+    (tmp_path / STATE_FILE).write_text(json.dumps({"class_order": [0, 1 << 21], "label_names": ["a", "b"]}))
+    with pytest.raises(UserError, match=r"continual_state.json \(format_version 1\) names a class id of"):
+        read_state(tmp_path)
