@@ -29,9 +29,10 @@ import os
 from pathlib import Path
 
 #: The version of the layout every folder slca-peft writes (checkpoint, run directory, export): recorded in
-#: each folder's manifest and in `slca_config.json`, checked when either is read. A future change of the
-#: layout branches on it here, in one place; this release reads its own version only.
-FORMAT_VERSION = 1
+#: each folder's manifest, in `slca_config.json` and in `continual_state.json`, checked when any is read.
+#: Version 2 records class names in class-id order; what an older version wrote is converted on read in
+#: one place, `slca_peft.artifacts.upgrade`.
+FORMAT_VERSION = 2
 CONFIG_FILE = "slca_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, which also names the base model
 ADAPTER_FILE = "adapter_model.safetensors"

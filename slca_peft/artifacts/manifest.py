@@ -1,7 +1,7 @@
 """What the library wrote into a directory, so destructive operations touch nothing else.
 
 A run directory, a checkpoint or an export holds `.slca-manifest.json`: a JSON object
-`{"format": "slca-manifest", "format_version": 1, "files": [{"path", "size", "sha256"}, ...]}` listing every
+`{"format": "slca-manifest", "format_version": 2, "files": [{"path", "size", "sha256"}, ...]}` listing every
 regular file the library wrote there, by POSIX path relative to the directory. Deletion
 (`plan_removal` then `carry_out`, or `remove_owned`), overwriting and uploading (`copy_verified`) go
 through it, checking each file against its record before acting:
@@ -27,7 +27,8 @@ header_sha256}}}`), which `slca_peft.verify_checkpoint` compares on resume.
 components lead out of the root through a symlink is refused, and the final component is opened
 with `O_NOFOLLOW`, so a symlink planted at a file's name cannot redirect the write.
 
-It imports nothing from slca_peft but `errors`, `files` and `listed` (reading a listed file without symlinks).
+It imports nothing from slca_peft but `errors`, `files`, `listed` (reading a listed file without symlinks) and
+`upgrade` (the format versions it reads).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from .listed import (  # noqa: F401  (part of this module's API)
     open_listed,
     parent_fd,
 )
+from .upgrade import check_version
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +191,7 @@ def _read_document(directory: str | Path) -> tuple[dict[str, ManifestEntry], dic
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
         raise UserError(f"{where} is not an slca-peft manifest; remove it.")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{where} has format_version {data.get('format_version')!r}; this slca-peft reads "
-                        f"format_version {FORMAT_VERSION}: use the slca-peft release that wrote it.")
+    check_version(data.get("format_version"), str(where))  # a manifest's fields are the same in every version
     if len(data["files"]) > MAX_ENTRIES:
         raise UserError(f"{where} lists {len(data['files'])} files, more than {MAX_ENTRIES}; remove it.")
     entries: dict[str, ManifestEntry] = {}

@@ -1,5 +1,6 @@
-"""The task history (`continual_state.json`): class order, task sizes, names, accuracy matrix, the
-data each task came from. Written beside a checkpoint's model files, read and checked here."""
+"""The task history (`continual_state.json`): class order, task sizes, names (`label_names`, in class-id
+order), accuracy matrix, the data each task came from. Written beside a checkpoint's model files, read
+and checked here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from ..utils.errors import UserError
 from ..utils.reading import read_json
 from .layout import STATE_FILE
+from .upgrade import check_version, upgrade_state
 from .values import (
     MAX_CLASSES,
     MAX_TASKS,
@@ -34,6 +36,8 @@ def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
     """Check the task history's fields (types, ranges, lengths) before anything uses them."""
     if not isinstance(state, dict):
         raise UserError(f"{source} must hold a JSON object, got {type(state).__name__}.")
+    if "format_version" in state:
+        check_version(state["format_version"], source)
     try:
         for key in ("class_order", "task_test_sizes"):
             if key in state:
@@ -86,6 +90,9 @@ def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
 
 
 def read_state(directory: str | Path) -> dict[str, Any] | None:
-    """The task history (`continual_state.json`) beside a checkpoint's files, checked; None without one."""
+    """The task history (`continual_state.json`) beside a checkpoint's files, checked, in this release's
+    format (an older file's converted, `upgrade_state`); None without one."""
     path = Path(directory) / STATE_FILE
-    return validate_state(read_json(path), str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return upgrade_state(validate_state(read_json(path), str(path)), str(path))

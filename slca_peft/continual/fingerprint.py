@@ -18,6 +18,7 @@ from typing import Any
 
 from ..artifacts.digests import sha256_files
 from ..artifacts.layout import FINGERPRINT_FILE
+from ..data.tasks import stream_position_names
 from ..utils.errors import UserError
 from ..utils.reading import loads_json, read_bytes, read_own_json
 
@@ -45,8 +46,13 @@ def _data_digests(tasks: Any) -> tuple[str, dict[str, str]]:
 
     from ..data.checks import content_digest
 
-    digest = hashlib.sha256(json.dumps(tasks.describe(), sort_keys=True, default=str).encode())
-    names = list(tasks.describe().get("label_names") or [])
+    described = tasks.describe()
+    if described.get("label_names"):
+        # The names in stream (position) order, as the data's labels are: the digest a run recorded before
+        # `label_names` went by class id, so such a run still resumes.
+        described = {**described, "label_names": stream_position_names(tasks)}
+    names = list(described.get("label_names") or [])
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     per_class: dict[str, Any] = {}
     image_column, label_column = tasks.image_column, tasks.label_column
     for task in tasks:

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts.class_names import names_at
 from ..artifacts.digests import hash_stream
 from ..utils.errors import UserError
 from ..utils.reading import open_regular
@@ -430,7 +431,10 @@ def check_task_splits(tasks: Any) -> None:
         raise UserError(f"task(s) {empty} have no test images, so they cannot be scored; give every class test "
                         "images (or change init_cls/increment).")
     if untested:
-        names = getattr(tasks, "label_names", None) or []
+        # The tasks' data is labelled by position (`stream_position_names`, which imports this module).
+        ids = getattr(tasks, "class_ids", None)
+        names = getattr(tasks, "position_names", None) or names_at(
+            getattr(tasks, "label_names", None), range(tasks.num_classes) if ids is None else ids)
         shown = [names[c] if c < len(names) else c for c in untested[:5]]
         warnings.warn(f"class(es) {shown} have no test image; accuracies are over the other classes.",
                       UserWarning, stacklevel=2)

@@ -6,7 +6,9 @@ history a checkpoint records (`continual_state.json`), with the class-id rule of
 
 - old classes keep their positions, ids and names; the new data's classes take the positions after
   them (the classifier grows, old heads and statistics are kept) and the next free class ids, in the
-  new data's own label-id order;
+  new data's own label-id order; `label_names` (class-id order) name the learned classes and the new
+  ones, and an id the checkpoint skipped (a class of its data it had not learned) keeps its name
+  (`class_<k>` if a learned or new class has that name);
 - a new class named like a learned one is refused, unless `merge_existing_classes`: its images then
   add to that class's statistics (exact sums, `ClassStatistics.reopen`) and it gets no second output;
 - old tasks' data is gone: they have no training data, and test data only when the user still has it
@@ -25,12 +27,13 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
+from ..artifacts.class_names import name_of, names_at, names_by_id, placeholder_name
 from ..artifacts.digests import folder_sha256
 from ..artifacts.layout import is_trainer_output_file
 from ..artifacts.values import MAX_CLASSES
 from ..utils.errors import UserError
 from ..utils.reading import require_path
-from .tasks import Task, TaskSequence, built_task, with_labels
+from .tasks import Task, TaskSequence, built_task, stream_position_names, with_labels
 
 
 def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -40,11 +43,11 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
     learned = int(state.get("tasks_learned", len(matrix)))
     sizes = list(state.get("task_sizes") or [])[:learned]
     k = sum(sizes)
-    names = list(state.get("label_names") or [])
-    if len(sizes) < learned or len(names) < k:
-        raise UserError(f"the checkpoint's task history names {len(names)} classes in {len(sizes)} tasks but "
-                         f"records {learned} tasks learned; it is damaged or was not written by slca-peft.")
-    ids = state.get("class_ids") or state.get("class_order") or list(range(k))
+    names = list(state.get("label_names") or [])  # by class id
+    ids = list(state.get("class_ids") or state.get("class_order") or range(k))
+    if len(sizes) < learned or len(ids) < k:
+        raise UserError(f"the checkpoint's task history records {len(ids)} classes in {len(sizes)} tasks but "
+                         f"{learned} tasks learned; it is damaged or was not written by slca-peft.")
     data = list(state.get("task_data") or [state.get("dataset")] * learned)[:learned]
     timings = state.get("timings") or []
     segments = [dict(s) for s in state.get("segments") or [] if s.get("first_task", 0) < learned]
@@ -53,7 +56,11 @@ def learned_part(state: Mapping[str, Any]) -> dict[str, Any]:
     else:
         segments = [{"first_task": 0, "tasks": learned, "seed": state.get("seed"), "init_cls": state.get("init_cls"),
                      "increment": state.get("increment"), "data": state.get("dataset")}]
-    return {"tasks_learned": learned, "task_sizes": sizes, "label_names": names[:k], "class_ids": list(ids[:k]),
+    # label_names: by class id, up to the largest learned (the next ids go to new classes);
+    # position_names: the learned classes' names in learning order.
+    return {"tasks_learned": learned, "task_sizes": sizes, "class_ids": list(ids[:k]),
+            "label_names": [name_of(names, i) for i in range(max(ids[:k], default=-1) + 1)],
+            "position_names": names_at(names, ids[:k]),
             "task_data": data, "segments": segments, "accuracy_matrix": matrix[:learned],
             "seen_accuracy": list(state.get("seen_accuracy") or [])[:learned],
             "task_test_sizes": list(state.get("task_test_sizes") or [])[:learned],
@@ -115,9 +122,10 @@ class ContinuedStream:
         self.source = source if source is not None else getattr(new, "source", None)
         self.continued_from = continued_from
         t_old, k = old["tasks_learned"], sum(old["task_sizes"])
-        old_names, old_ids = old["label_names"], old["class_ids"]
+        old_names, old_ids = old["position_names"], old["class_ids"]
+        new_names = stream_position_names(new)  # the new data's positions, as its tasks are labelled
         known = {name: p for p, name in enumerate(old_names)}
-        clashes = sorted(name for name in new.label_names if name in known)
+        clashes = sorted(name for name in new_names if name in known)
         if clashes and not merge_existing_classes:
             shown = clashes[:10]
             more = f" and {len(clashes) - len(shown)} more" if len(clashes) > len(shown) else ""
@@ -127,11 +135,11 @@ class ContinuedStream:
                 "with merge_existing_classes=True (--merge_existing_classes)."
             )
         # New-stream position -> position in this stream; new classes take the positions after the old ones.
-        fresh = [p for p, name in enumerate(new.label_names) if name not in known]
+        fresh = [p for p, name in enumerate(new_names) if name not in known]
         position = np.empty(new.num_classes, dtype=np.int64)
         for rank, p in enumerate(fresh):
             position[p] = k + rank
-        for p, name in enumerate(new.label_names):
+        for p, name in enumerate(new_names):
             if name in known:
                 position[p] = known[name]
         # Next free class ids, in the new data's own label-id order.
@@ -142,15 +150,27 @@ class ContinuedStream:
                              f"class(es) would take ids beyond the {MAX_CLASSES} slca-peft allows; its task history "
                              "is damaged or crafted (refused before any training).")
         id_of = {d: next_id + i for i, d in enumerate(sorted(new_dataset_ids))}
-        self.label_names = old_names + [new.label_names[p] for p in fresh]
+        #: Position p -> the name of the class learned there (the relabelled data's `ClassLabel` names).
+        self.position_names = old_names + [new_names[p] for p in fresh]
         self.class_ids = old_ids + [id_of[d] for d in new_dataset_ids]
         self.order = list(self.class_ids)
+        # An id the checkpoint skipped (a class of its data not learned) keeps the name it had, unless a
+        # class of this stream took that name since.
+        learned_names, skipped = set(self.position_names), set(range(next_id)) - set(old_ids)
+        named = {i: old["label_names"][i] for i in skipped if old["label_names"][i] not in learned_names}
+        named.update(zip(self.class_ids, self.position_names, strict=True))
+        #: Class id k -> its name (class-id order, as the model's outputs).
+        self.label_names = names_by_id(named)
+        taken = sorted(learned_names & {placeholder_name(i) for i in skipped if i not in named})
+        if taken:
+            raise UserError(f"the new data names a class {taken[0]!r}, the name slca-peft gives a class id the "
+                             "checkpoint skipped; rename that class.")
         new_offsets = new.offsets()
         self._new_tasks: list[tuple[list[int], list[int]]] = []  # (new positions, merged old positions)
         for i in range(len(new)):
             span = range(new_offsets[i], new_offsets[i + 1])
-            added = [int(position[p]) for p in span if new.label_names[p] not in known]
-            merged = [int(position[p]) for p in span if new.label_names[p] in known]
+            added = [int(position[p]) for p in span if new_names[p] not in known]
+            merged = [int(position[p]) for p in span if new_names[p] in known]
             if not added:
                 names = [old_names[c] for c in merged]
                 raise UserError(f"task {t_old + i + 1} (new task {i + 1}) only adds images to the learned class(es) "
@@ -159,7 +179,7 @@ class ContinuedStream:
         self.task_sizes = old["task_sizes"] + [len(added) for added, _ in self._new_tasks]
         self._old_offsets = np.concatenate([[0], np.cumsum(old["task_sizes"])]).astype(int).tolist()
         self.num_old_tasks, self.num_old_classes = t_old, k
-        feature = ClassLabel(names=self.label_names)
+        feature = ClassLabel(names=self.position_names)  # the data is labelled by position
         col = new.label_column
         self._train_labels = position[np.asarray(new.train[col], dtype=np.int64)]
         self._test_labels = position[np.asarray(new.test[col], dtype=np.int64)]
@@ -186,7 +206,7 @@ class ContinuedStream:
         k = self.num_old_classes
         if isinstance(feature, ClassLabel) or all(isinstance(v, str) for v in raw):
             names = [feature.int2str(v) for v in raw] if isinstance(feature, ClassLabel) else raw
-            lookup = {name: p for p, name in enumerate(self.label_names[:k])}
+            lookup = {name: p for p, name in enumerate(self.position_names[:k])}
             unknown = sorted({n for n in names if n not in lookup})
             if unknown:
                 raise UserError(f"the old test data has class(es) {unknown[:5]} the checkpoint has not learned; "
@@ -201,7 +221,7 @@ class ContinuedStream:
     # ------------------------------------------------------------------ the TaskStream protocol
     @property
     def num_classes(self) -> int:
-        return len(self.label_names)
+        return len(self.position_names)
 
     def __len__(self) -> int:
         return len(self.task_sizes)

@@ -116,7 +116,7 @@ class DomainSequence:
             elif labels != self.label_names:  # same names, another id order: map ids through the names
                 lookup = np.array([self.label_names.index(n) for n in labels], dtype=np.int64)
                 train_ids, test_ids = lookup[train_ids], lookup[test_ids]
-            feature = ClassLabel(names=labels)
+            feature = ClassLabel(names=self.label_names)  # the ids were mapped to the first domain's
             self._domains.append(
                 (
                     with_labels(train, label_column, train_ids, feature),
@@ -139,6 +139,11 @@ class DomainSequence:
     def class_ids(self) -> list[int]:
         """One head over the first domain's label ids, in their order: positions are the class ids."""
         return list(range(self.num_classes))
+
+    @property
+    def position_names(self) -> list[str]:
+        """The names in position order: `label_names`, positions being the class ids here."""
+        return list(self.label_names)
 
     def __len__(self) -> int:
         return len(self._domains)

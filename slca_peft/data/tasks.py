@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from ..artifacts.class_names import names_at
 from ..artifacts.layout import task_dir_name
 from ..utils.errors import UserError
 from ..utils.reading import require_path
@@ -106,11 +107,14 @@ class TaskStream(Protocol):
     `statistics_labels` maps statistics keys back to classifier labels, so alignment trains the
     right output from every stored Gaussian. A stream may also have `class_ids` (position -> the
     dataset's label id, what exports and `id2label` key classes by); without it the positions are the
-    ids (`stream_class_ids`), so streams written before keep working.
+    ids (`stream_class_ids`), so streams written before keep working. `label_names` are in class-id order
+    (`label_names[k]` names class id k, as the model's); the tasks' data is labelled by position, and
+    `stream_position_names` gives the names in that order.
     """
 
     image_column: str
     label_column: str
+    #: Class id k -> its name (class-id order, the dataset's).
     label_names: list[str]
     order: list[int]
     task_sizes: list[int]
@@ -135,6 +139,12 @@ class TaskSequence:
     Each dataset needs an image column and an integer (or `ClassLabel`) or string label column. The classes,
     in `seed`'s order, are split into tasks of `init_cls`, then `increment` classes (`split_sizes`);
     `init_cls=None` puts every class in one task.
+
+    Two orders, each named: `label_names` are the dataset's class names in class-id order (its
+    `features["label"].names`; what the model's outputs, `id2label` and every file use), `order` (=
+    `class_ids`) the class id learned at each position. The relabelled `train`/`test` (and each task's
+    data) carry positions, what the continual head trains on: their `ClassLabel` names are
+    `position_names` (`position_names[p] == label_names[order[p]]`).
     """
 
     #: What the data is (a Hub dataset id, image folders): each task's history records it.
@@ -174,7 +184,10 @@ class TaskSequence:
         self.order = class_order(num_classes, seed)
         position = np.empty(num_classes, dtype=np.int64)
         position[self.order] = np.arange(num_classes)
-        self.label_names = [names[c] for c in self.order]
+        #: Class id k -> its name: the dataset's names, in its label-id order.
+        self.label_names = list(names)
+        #: Position p -> the name of the class learned there (the relabelled data's `ClassLabel` names).
+        self.position_names = [names[c] for c in self.order]
         self.task_sizes = split_sizes(num_classes, init_cls, increment)
         # As recorded in each task history: the sizes used (None, every class in one task, as that one size).
         self.init_cls = self.task_sizes[0]
@@ -186,7 +199,7 @@ class TaskSequence:
         if untested:
             raise UserError(f"task(s) {untested} have no test images, so they cannot be scored; give every class "
                              "test images (or change init_cls/increment).")
-        feature = ClassLabel(names=self.label_names)
+        feature = ClassLabel(names=self.position_names)
         self.train = with_labels(train, label_column, self._train_labels, feature)
         self.test = with_labels(test, label_column, self._test_labels, feature)
 
@@ -218,7 +231,7 @@ class TaskSequence:
     # ------------------------------------------------------------------ access
     @property
     def num_classes(self) -> int:
-        return len(self.label_names)
+        return len(self.position_names)
 
     @property
     def class_ids(self) -> list[int]:
@@ -305,6 +318,13 @@ def stream_class_ids(tasks: TaskStream) -> list[int]:
     has none (a custom stream written before class ids existed)."""
     ids = getattr(tasks, "class_ids", None)
     return [int(i) for i in ids] if ids is not None else list(range(tasks.num_classes))
+
+
+def stream_position_names(tasks: TaskStream) -> list[str]:
+    """The class names of a stream in position order, the order its tasks' data is labelled in: its
+    `position_names`, else `label_names` (class-id order) read through `stream_class_ids`."""
+    names = getattr(tasks, "position_names", None)
+    return list(names) if names is not None else names_at(tasks.label_names, stream_class_ids(tasks))
 
 
 def label_ids(train: Dataset, test: Dataset, column: str) -> tuple[list[str], np.ndarray, np.ndarray]:

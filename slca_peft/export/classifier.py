@@ -126,9 +126,10 @@ def export_model(
     card: dict | None = None, *, overwrite: bool = False,
 ) -> Path:
     """Write `directory` for `pipeline("image-classification", model=directory)`: output k is class id
-    k. `label_names` (one per output, in class-id order) default to the model's `id2label`; `card`
-    (`source`, `task`, `state`: the task history whose results the card reports, `license`, `datasets`,
-    `tags`, `model_name`: the folder's name unless given) feeds the export's model card.
+    k. `label_names` (in class-id order, at least one per output: a dataset's `features["label"].names`
+    will do) default to the model's `id2label`; `card` (`source`, `task`, `state`: the task history whose
+    results the card reports, `license`, `datasets`, `tags`, `model_name`: the folder's name unless given)
+    feeds the export's model card.
 
     The target must be new, empty, or (with `overwrite`) a previous export, whose files alone are
     replaced (`check_export_target`)."""
@@ -150,11 +151,11 @@ def _export_locked(model: SLCAModel, directory: str | Path, label_names, image_p
     num_outputs = weight.shape[0]
     if label_names is None:
         names = list(model.id2label.values())
-    else:
-        names = list(label_names)
+    else:  # a dataset's whole class list is fine: the ids past the last output are not learned yet
+        names = list(label_names)[:num_outputs]
     if len(names) != num_outputs:
         raise UserError(f"{len(names)} label names for {num_outputs} outputs; pass one name per class id "
-                         f"0..{num_outputs - 1}, in class-id order.")
+                         f"0..{num_outputs - 1} (at least), in class-id order.")
     config = _classifier_config(model, names)
     eps = model.slca_config.final_norm_eps
     if model.slca_config.reset_final_norm and getattr(config, "layer_norm_eps", eps) != eps:

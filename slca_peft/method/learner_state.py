@@ -28,6 +28,7 @@ from ..artifacts.layout import (
     ADAPTER_FILE,
     BACKBONE_CONFIG_FILE,
     BACKBONE_FILE,
+    FORMAT_VERSION,
     STATE_FILE,
     STATISTICS_FILE,
     UNALIGNED_FILE,
@@ -67,7 +68,7 @@ def save_learner_state(
         statistics.save(directory)
         follow_umask(directory / STATISTICS_FILE)
     if state is not None:
-        validate_state(state)
+        state = validate_state({**state, "format_version": FORMAT_VERSION})  # a history's names are by class id
         manifest.atomic_write_bytes(directory, STATE_FILE, json_text(state).encode())
 
 

@@ -111,7 +111,7 @@ class TrainerHub:
         sizes = list(model.classifier.task_sizes)
         return {
             "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes,
-            "label_names": model.label_names,
+            "label_names": model.label_names, "class_ids": model.class_ids,  # names by class id
             # `evaluate` scores the classes of a one-task model (Last-Acc); several tasks need per-task scores.
             "accuracy_matrix": [[accuracy]] if accuracy is not None and len(sizes) == 1 else [],
         }

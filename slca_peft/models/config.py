@@ -14,6 +14,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..artifacts.layout import CONFIG_FILE, FORMAT_VERSION
+from ..artifacts.upgrade import check_version, upgrade_label_names
 from ..artifacts.values import (
     MAX_CLASSES,
     MAX_FEATURE_DIM,
@@ -58,9 +59,11 @@ class SLCAModelConfig:
     """Settings that rebuild an `SLCAModel` around its referenced base model.
 
     `base_model_name_or_path` is a Hub id or an absolute path (never relative, so the files load from
-    any working directory). `label_names` are the class names in position (output) order, when known;
-    `class_ids` the class id of each output position (the dataset's label id, see `stream_class_ids`),
-    None for files written before class ids existed (read as the identity).
+    any working directory). `label_names` are the class names in class-id order, when known
+    (`label_names[k]` names class id k, as `config.id2label` and the model's outputs order them; a
+    dataset's whole class list, classes not learned yet included, is fine); `class_ids` the class id of
+    each output position (the dataset's label id, see `stream_class_ids`), None for files written before
+    class ids existed (read as the identity).
     """
 
     base_model_name_or_path: str | None = None
@@ -76,6 +79,7 @@ class SLCAModelConfig:
     task_sizes: list[int] = field(default_factory=list)
     feature_dim: int | None = None
     feature_source: str | None = None
+    #: Class id k -> its name (class-id order, not the learning order).
     label_names: list[str] | None = None
     #: Position -> class id: output p of the model is the class the dataset labels `class_ids[p]`.
     class_ids: list[int] | None = None
@@ -148,9 +152,7 @@ class SLCAModelConfig:
         if not isinstance(data, dict):
             raise UserError(f"{source} must hold a JSON object, got {type(data).__name__}.")
         data = dict(data)
-        version = data.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise UserError(f"{source}: format_version {version!r} is not {FORMAT_VERSION}; upgrade slca-peft.")
+        version = check_version(data.pop("format_version", FORMAT_VERSION), source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -160,7 +162,11 @@ class SLCAModelConfig:
         if missing:
             raise UserError(f"{source} lacks the field(s) {missing}.")
         try:
-            return cls(**data)
+            config = cls(**data)
+            if version != FORMAT_VERSION:  # validated first: the ids bound the names' list
+                config.label_names = upgrade_label_names(config.label_names, config.class_ids, version, source)
+                config.validate()
+            return config
         except ValueError as err:
             raise UserError(f"{source}: {err}") from None
 

@@ -113,7 +113,10 @@ class SLCAModel(nn.Module):
 
     @property
     def label_names(self) -> list[str] | None:
-        """Class names in class-index order, when the training data named its classes."""
+        """Class names in class-id order (`label_names[k]` names class id k, output k of `forward`), when
+        the training data named its classes: `label_names[logits.argmax(-1)]` names the prediction, and a
+        dataset's `features["label"].names` may be set here as is (classes not learned yet included).
+        The learning order is `class_ids` (position p of the head is class id `class_ids[p]`)."""
         return self.slca_config.label_names
 
     @label_names.setter
@@ -142,8 +145,8 @@ class SLCAModel(nn.Module):
     @property
     def id2label(self) -> dict[int, str]:
         """Output k -> the name of class id k, for every output `forward` gives (what `config.id2label`
-        and an export's config hold): a learned class's name (`class_<id>` when the training data named
-        none), and `class_<k>` for an id below the largest that is not learned yet (its output never wins)."""
+        and an export's config hold): `label_names[k]`, or `class_<k>` where it names none (an id below the
+        largest that is not learned yet has an output too; it never wins)."""
         return names_by_class_id(self.label_names, self.class_ids)
 
     @property

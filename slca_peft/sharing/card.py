@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.class_names import names_at
 from ..artifacts.layout import CARD_FILE
 from ..metrics import coverage_note, format_accuracy_table, summarize_accuracy_matrix
 from .public import IMAGE_FOLDERS, base_display, is_local_name, names_by_class_id, public_name, public_state
@@ -148,9 +149,9 @@ def card_metrics(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _task_history(state: dict[str, Any], label_names: list[str] | None) -> str:
-    """One row per learned task: its classes and the data it was learned from (grows with every
-    continuation on new data)."""
+def _task_history(state: dict[str, Any], label_names: list[str] | None, class_ids: list[int]) -> str:
+    """One row per learned task: its classes (`label_names` in class-id order, `class_ids` the id learned
+    at each position) and the data it was learned from (grows with every continuation on new data)."""
     learned = int(state.get("tasks_learned", len(state.get("accuracy_matrix") or [])))
     sizes = list(state.get("task_sizes") or [])[:learned]
     if not sizes:
@@ -159,7 +160,8 @@ def _task_history(state: dict[str, Any], label_names: list[str] | None) -> str:
     lines = ["| task | classes | data |", "|---|---|---|"]
     start = 0
     for t, size in enumerate(sizes):
-        names = label_names[start : start + size] if label_names and len(label_names) >= start + size else None
+        ids = class_ids[start : start + size]
+        names = names_at(label_names, ids) if label_names and len(ids) == size else None
         shown = ", ".join(names[:8]) + (f" (+{size - 8})" if size > 8 else "") if names else f"{size} classes"
         source = data[t] if t < len(data) and data[t] else "not recorded"
         lines.append(f"| {t + 1} | {shown} | {source} |")
@@ -303,6 +305,8 @@ def build_model_card(
     label_names = settings.get("label_names") or state.get("label_names")
     num_classes = sum(settings.get("task_sizes") or [])
     ids = settings.get("class_ids") or list(range(num_classes))
+    # The id learned at each position of the history: the model's (its learned classes), else the history's.
+    history_ids = settings.get("class_ids") or state.get("class_ids") or state.get("class_order") or ids
     id2label = names_by_class_id(label_names, ids) if num_classes else {}
     model_name = model_name or "SLCA++ continual checkpoint"
     # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
@@ -318,7 +322,7 @@ def build_model_card(
         data, template_str=_CARD_TEMPLATE, model_name=model_name, base_model=base_display(base),
         method=state.get("method", "slca++"), learned=learned, total=len(state.get("task_sizes") or []) or learned,
         num_classes=num_classes, accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes,
-        repo=repo, task_history=_task_history(state, label_names), id_statement=id_statement(state),
+        repo=repo, task_history=_task_history(state, label_names, history_ids), id_statement=id_statement(state),
         continuation=_CONTINUABLE.format(repo=repo) if continuable else _MODEL_ONLY,
     )
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.class_names import name_of
+
 #: How a task history records image folders as a task's data (`slca_peft.commands.recipe.data_source`).
 IMAGE_FOLDERS = "image folders "
 
@@ -58,9 +60,6 @@ def is_local_name(name: str) -> bool:
 
 
 def names_by_class_id(label_names: list[str] | None, class_ids: list[int]) -> dict[int, str]:
-    """Output k -> the name of class id k, for every id up to the largest (`label_names` in position
-    order, `class_ids` position -> id): a learned class's name (`class_<id>` when none is known), and
-    `class_<k>` for an id no output has yet (a class not learned yet, mid-stream)."""
-    names = label_names or []
-    known = {i: names[p] if p < len(names) else f"class_{i}" for p, i in enumerate(class_ids)}
-    return {k: known.get(k, f"class_{k}") for k in range(max(class_ids, default=-1) + 1)}
+    """Output k -> the name of class id k, for every id up to the largest of `class_ids` (`label_names` in
+    class-id order): its name, or `class_<k>` where `label_names` names none (an id past its end)."""
+    return {k: name_of(label_names, k) for k in range(max(class_ids, default=-1) + 1)}

@@ -346,12 +346,15 @@ def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders,
 def test_new_classes_take_the_next_free_ids_in_their_own_label_order(folders):
     # A history cut with a class-order seed, written mid-stream: 1 of 2 tasks learned.
     previous = {"tasks_learned": 1, "task_sizes": [2, 2], "class_order": [2, 0, 3, 1],
-                "label_names": ["class_02", "class_00", "class_03", "class_01"], "accuracy_matrix": [[80.0]],
+                "label_names": ["class_00", "class_01", "class_02", "class_03"], "accuracy_matrix": [[80.0]],
                 "seen_accuracy": [80.0], "task_test_sizes": [6], "seed": 1993, "init_cls": 2, "increment": 2}
     new = TaskSequence.from_image_folders(*folders["b"], init_cls=1, increment=1, seed=0)  # order [1, 0]
     stream = ContinuedStream(previous, new)
     assert new.order == [1, 0]
-    assert stream.label_names == ["class_02", "class_00", "class_05", "class_04"]
+    # By class id: the learned 0 and 2, the skipped 1 (not learned, never will be), the new 3 and 4.
+    assert stream.label_names == ["class_00", "class_01", "class_02", "class_04", "class_05"]
+    assert stream.position_names == ["class_02", "class_00", "class_05", "class_04"]
+    assert stream.train.features["label"].names == stream.position_names  # the data is labelled by position
     assert stream.class_ids == stream.order == [2, 0, 4, 3]  # next free after max(2, 0) = 2: ids 3, 4
     assert stream.task_sizes == [2, 1, 1] and stream.num_old_tasks == 1 and len(stream) == 3
     old, first_new = stream[0], stream[1]

@@ -34,7 +34,7 @@ def test_labels_are_remapped_to_class_order_positions():
     names = [f"c{i}" for i in range(6)]
     seq = TaskSequence(labelled(train_labels, names), labelled(test_labels, names), init_cls=2, increment=2, seed=7)
     order = class_order(6, 7)
-    assert seq.order == order and seq.label_names == [names[c] for c in order]
+    assert seq.order == order and seq.label_names == names and seq.position_names == [names[c] for c in order]
     assert len(seq) == 3 and seq.offsets() == [0, 2, 4, 6]
     for task in seq:
         assert sorted(set(task.train["label"])) == task.classes

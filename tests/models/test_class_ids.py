@@ -29,7 +29,9 @@ def test_a_task_sequence_s_class_ids_are_the_dataset_label_of_each_position():
     # Position p's images carry dataset label class_ids[p], and its name is that label's name.
     for image, position in zip(seq.train["image"], seq.train["label"], strict=True):
         assert seq.class_ids[position] == train["label"][image]
-    assert [names[i] for i in seq.class_ids] == seq.label_names
+    # Names by class id, as the dataset's; the relabelled data's ClassLabel names the positions.
+    assert seq.label_names == names and seq.position_names == [names[i] for i in seq.class_ids]
+    assert seq.train.features["label"].names == seq.position_names
     assert stream_class_ids(seq) == seq.class_ids
 
 
@@ -66,9 +68,11 @@ def test_model_ids_names_and_files(tmp_path, base_model_dir):
     model.grow(2)
     assert model.class_ids == [0, 1] and model.id2label == {0: "class_0", 1: "class_1"}  # identity before ids
     model.class_ids = [3, 1]
-    model.label_names = ["three", "one", "zero", "two"]
-    # One name per output of forward (output k = class id k); ids not learned yet are placeholders.
-    assert model.id2label == {0: "class_0", 1: "one", 2: "class_2", 3: "three"}
+    model.label_names = ["zero", "one"]  # by class id: ids 3 (learned) and 2 (not yet) are unnamed
+    # One name per output of forward (output k = class id k); an id with no name is a placeholder.
+    assert model.id2label == {0: "zero", 1: "one", 2: "class_2", 3: "class_3"}
+    model.label_names = ["zero", "one", "two", "three", "four"]  # a dataset's whole class list
+    assert model.id2label == {0: "zero", 1: "one", 2: "two", 3: "three"}
     assert model.label2id["one"] == 1 and model.label2id["three"] == 3
     assert model.config.id2label == model.id2label and model.config.num_labels == 4
     model.grow(2)  # grown without new ids: the next free ones, never a change to the old
@@ -105,6 +109,10 @@ def test_a_run_records_the_class_ids_in_the_model_and_the_task_history(tmp_path,
         state = json.loads((folder / "continual_state.json").read_text())
         assert config["class_ids"] == tasks.class_ids[: 2 * (t + 1)]
         assert state["class_ids"] == tasks.class_ids
+        # Names by class id in both files (the dataset's), whatever the learning order.
+        names = [f"class_{k:02d}" for k in range(4)]
+        assert config["label_names"] == state["label_names"] == tasks.label_names == names
+        assert config["format_version"] == state["format_version"] == 2
 
 
 def test_a_mid_stream_export_puts_each_output_at_its_class_id(tmp_path, base_model_dir):
@@ -116,10 +124,10 @@ def test_a_mid_stream_export_puts_each_output_at_its_class_id(tmp_path, base_mod
     with torch.no_grad():
         model.classifier.heads[0].weight.add_(torch.randn_like(model.classifier.heads[0].weight))
     model.class_ids = [3, 1]  # the first task of a stream learned labels 3 and 1; 0 and 2 come later
-    model.label_names = ["three", "one", "zero", "two"]
+    model.label_names = ["zero", "one", "two", "three", "four"]  # by class id, the dataset's whole list
     export_model(model.eval(), tmp_path / "exported")
     plain = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
-    assert plain.config.id2label == {0: "class_0", 1: "one", 2: "class_2", 3: "three"}
+    assert plain.config.id2label == {0: "zero", 1: "one", 2: "two", 3: "three"}
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         logits, expected = plain(pixel_values=x).logits, model(x).logits
