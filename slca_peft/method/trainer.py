@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftConfig
 from transformers import PreTrainedModel, Trainer
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.training_args import ParallelMode
 
@@ -422,7 +423,10 @@ class SLCATrainer(TrainerHub, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
+        image_processor = isinstance(self.processing_class, ImageProcessingMixin)
+        if image_processor:  # written with the model files and listed in their manifest, so every push carries it
+            self.slca_model.image_processor = self.processing_class
         self.slca_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
+        if self.processing_class is not None and not image_processor:
             self.processing_class.save_pretrained(output_dir)
         atomic_write_text(os.path.join(output_dir, ARGS_FILE), self.args.to_json_string())

@@ -105,6 +105,9 @@ class SLCAModel(nn.Module):
         self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
         #: Where the model was loaded from (`from_pretrained`), as transformers' models record it.
         self.name_or_path: str | None = None
+        #: The image processor that computes the run's evaluation transform: saved beside the model files
+        #: (`preprocessor_config.json`) so `pipeline()` preprocesses as the run evaluated; loaded back with them.
+        self.image_processor: Any | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -311,12 +314,13 @@ class SLCAModel(nn.Module):
         run state beside it in a continual checkpoint (class statistics, heads before alignment, task
         history) is the learner's (`ContinualLearner.from_checkpoint` / `from_pretrained`)."""
         from .auto import without_auto_keywords
-        from .saving import read_model_config
+        from .saving import read_image_processor, read_model_config
         loading = loading_kwargs("SLCAModel.from_pretrained", **without_auto_keywords(kwargs))
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)
         model.name_or_path = str(path_or_repo_id)
+        model.image_processor = read_image_processor(root)
         return model.eval()
 
     @classmethod
