@@ -107,8 +107,10 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
         # PEFT records the name the backbone was loaded by; make it the portable one (absolute path or Hub id).
         for peft_config in model.backbone.peft_config.values():
             peft_config.base_model_name_or_path = settings["base_model_name_or_path"]
-        model.backbone.save_pretrained(str(folder))
-        adapter_state = get_peft_model_state_dict(model.backbone)
+        # An image backbone has no token embeddings: PEFT's "auto" would look the base model up on the Hub
+        # (a request per save and load, a warning offline) to learn what is known.
+        model.backbone.save_pretrained(str(folder), save_embedding_layers=False)
+        adapter_state = get_peft_model_state_dict(model.backbone, save_embedding_layers=False)
         extras = _backbone_extras(model, adapter_state)
         stored = load_file(str(folder / ADAPTER_FILE))
         tensors = without_duplicates(stored)
@@ -313,7 +315,8 @@ def load_model_state(model: SLCAModel, root: str | Path) -> None:
         for key, value in model.base_backbone.state_dict().items():
             for variant in (key, key.replace(".default.", "."), key.replace(".modules_to_save.default.", ".")):
                 expected[f"base_model.model.{variant}"] = value
-        expected.update(get_peft_model_state_dict(model.backbone))  # any tuner's own key names (DoRA, LoHa, ...)
+        # Any tuner's own key names (DoRA, LoHa, ...).
+        expected.update(get_peft_model_state_dict(model.backbone, save_embedding_layers=False))
         set_peft_model_state_dict(model.backbone, read_safetensors(root / ADAPTER_FILE, expected))
     else:
         expected = dict(model.base_backbone.state_dict())
