@@ -104,7 +104,7 @@ def test_every_push_of_a_run_carries_its_image_processor(run, hub, tmp_path, bas
 
 
 def test_a_trainers_output_folder_answers_in_pipeline_as_its_evaluation_scored(tmp_path, base_model_dir,
-                                                                               image_folders, hub):
+                                                                               image_folders, hub, hub_cache):
     train_dir, test_dir = image_folders
     names = sorted(p.name for p in train_dir.iterdir())
 
@@ -115,7 +115,8 @@ def test_a_trainers_output_folder_answers_in_pipeline_as_its_evaluation_scored(t
 
     args = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, num_train_epochs=3, learning_rate=0.05,
                       per_device_train_batch_size=8, seed=0, disable_tqdm=True, report_to="none",
-                      remove_unused_columns=False, save_strategy="no", hub_base_model_id="me/tiny-vit")
+                      remove_unused_columns=False, save_strategy="no", hub_model_id="me/out",
+                      hub_base_model_id="me/tiny-vit")
     model = SLCAModel.from_backbone(str(base_model_dir), args)
     model.grow(len(names))
     model.label_names = names
@@ -139,6 +140,16 @@ def test_a_trainers_output_folder_answers_in_pipeline_as_its_evaluation_scored(t
     assert answers == own_answers(model, images, config)
     trainer.push_to_hub()
     assert PROCESSOR_FILE in hub.uploads[-1]["files"]
+    # The pushed repo, loaded back, scores what its card reports (model-index) and what the run evaluated.
+    from huggingface_hub import ModelCard
+
+    shown = {r.metric_name: r.metric_value for r in ModelCard(hub.uploads[-1]["card"]).data.eval_results}
+    assert shown["Last-Acc"] == pytest.approx(reported)
+    hub_cache("me/tiny-vit", base_model_dir)
+    hub_cache("me/out", hub.uploads[-1]["folder"])
+    loaded = SLCAModel.from_pretrained("me/out")
+    assert own_answers(loaded, images, config) == answers
+    assert pipeline_answers("me/out", images) == answers
 
 
 @pytest.fixture
