@@ -288,9 +288,9 @@ class SLCAModel(nn.Module):
     def save_pretrained(self, save_directory: str | Path, *, state: dict[str, Any] | None = None,
                         card: dict[str, Any] | None = None, **run_state: Any) -> Path:
         """Write the model files: `slca_config.json`, the PEFT adapter (or the whole backbone), the
-        classifier and a model card. The learner's run state is written by
-        `slca_peft.continual.checkpoint.save_learner_state`. `state` (a task history) only feeds the card's
-        results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
+        classifier, `config.json`, `model.image_processor` when set and a model card. The learner's run
+        state is written by `slca_peft.continual.checkpoint.save_learner_state`. `state` (a task history)
+        only feeds the card's results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
         from .saving import save_model_files
 
         if run_state:
