@@ -6,6 +6,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,7 +303,9 @@ class HubRecorder:
     `fail_uploads` holds the 1-based numbers of uploads that raise a network error.
     """
 
-    def __init__(self):
+    def __init__(self, root: Path | None = None):
+        #: Where a copy of each uploaded folder is kept (`uploads[i]["folder"]`), to load it as a repo.
+        self.root = root
         self.repos: list[tuple[str, bool | None]] = []
         self.branches: list[tuple[str, str]] = []
         self.uploads: list[dict] = []
@@ -329,16 +332,19 @@ class HubRecorder:
             "json": {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")},
             "card": (folder / "README.md").read_text() if (folder / "README.md").is_file() else None,
         })
+        if self.root is not None:
+            self.uploads[-1]["folder"] = self.root / str(len(self.uploads))
+            shutil.copytree(folder, self.uploads[-1]["folder"])
         if len(self.uploads) in self.fail_uploads:
             raise ConnectionError("Hub unreachable")
         return f"https://huggingface.co/{repo_id}/commit/{len(self.uploads)}"
 
 
 @pytest.fixture
-def hub(monkeypatch) -> HubRecorder:
+def hub(monkeypatch, tmp_path_factory) -> HubRecorder:
     import huggingface_hub
 
-    recorder = HubRecorder()
+    recorder = HubRecorder(tmp_path_factory.mktemp("uploaded"))
     monkeypatch.setattr(huggingface_hub, "HfApi", recorder.api)
     return recorder
 

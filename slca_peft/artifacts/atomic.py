@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .layout import OLD_MARK, PARTIAL_FILE, TEMP_MARK, temporary_name
+from .layout import OLD_MARK, PARTIAL_FILE, PROCESSOR_FILE, TEMP_MARK, temporary_name
 
 _PARTIAL_TEXT = b"slca-peft partial folder: removed or put back by the next write of its sibling\n"
 
@@ -210,6 +210,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """`atomic_write_bytes` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_image_processor(processor: Any, folder: str | Path) -> Path:
+    """A transformers image processor's `preprocessor_config.json` in `folder`, written atomically (what its
+    `save_pretrained` writes, without a half-written file)."""
+    return atomic_write_text(Path(folder) / PROCESSOR_FILE, processor.to_json_string())
 
 
 def json_text(data: Any, *, sort_keys: bool = True) -> str:

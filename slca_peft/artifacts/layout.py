@@ -8,6 +8,8 @@ A checkpoint folder (`task_<t>/` of a run, `SLCAModel.save_pretrained`'s folder,
   backbone.safetensors,
   backbone_config.json              the whole backbone, for full fine-tuning
   classifier.safetensors            aligned heads + scales
+  config.json                       transformers' config, model type slca_peft: the Auto classes and pipeline()
+  preprocessor_config.json          the image processor of the run's evaluation transform (pipeline() uses it)
   README.md                         model card
   classifier_unaligned.safetensors  heads before alignment (the next task aligns from them)
   class_statistics.safetensors      per-class Gaussians

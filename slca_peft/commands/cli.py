@@ -22,18 +22,22 @@ def _export(ns: argparse.Namespace) -> None:
 
 def _push(ns: argparse.Namespace) -> None:
     from ..continual.checkpoint import load_checkpoint
+    from ..data.transforms import default_image_processor
     from ..sharing.hub import check_export, is_export, push_folder
 
     # Refuse to upload a checkpoint or an export that does not load.
+    processor = None
     if is_export(ns.checkpoint):
         check_export(ns.checkpoint)
     else:
-        load_checkpoint(ns.checkpoint)
+        # A checkpoint whose manifest lists no processor (saved before slca-peft kept the run's) gets, in the
+        # uploaded copy, the one slca-peft evaluates it with; a listed one is uploaded as it is.
+        processor = default_image_processor(load_checkpoint(ns.checkpoint).model)
     message = ns.commit_message or ("Upload exported SLCA++ model" if is_export(ns.checkpoint)
                                     else "Upload SLCA++ continual checkpoint")
     print(push_folder(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,
                       base_model_id=ns.base_model_id, revision=ns.revision, create_pr=ns.create_pr, tags=ns.tags,
-                      token=ns.token))
+                      token=ns.token, image_processor=processor))
 
 
 def _info(ns: argparse.Namespace) -> None:

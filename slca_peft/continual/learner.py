@@ -24,7 +24,7 @@ from transformers import TrainerCallback, set_seed
 from ..artifacts.layout import checkpoint_dirs
 from ..data.continuation import ContinuedStream
 from ..data.tasks import Task, TaskSequence, TaskStream, stream_class_ids
-from ..data.transforms import collate_fn, make_batch_transform
+from ..data.transforms import EvalTransform, collate_fn, eval_image_processor, make_batch_transform
 from ..method.config import SLCAConfig, as_slca_config
 from ..method.statistics import ClassStatistics
 from ..method.trainer import SLCATrainer
@@ -84,8 +84,12 @@ class ContinualLearner:
         self._trainer_args.report_to, self._trainer_args.push_to_hub = "none", False
 
     def set_transforms(self, train_transform, eval_transform) -> None:
-        """Image -> tensor callables for training and for statistics/evaluation."""
+        """Image -> tensor callables for training and for statistics/evaluation. An `EvalTransform`'s image
+        processor (`eval_image_processor`) goes into every checkpoint, so `pipeline()` preprocesses as the
+        run evaluated."""
         cols = (self.tasks.image_column, self.tasks.label_column)
+        if isinstance(eval_transform, EvalTransform):
+            self.model.image_processor = eval_image_processor(eval_transform.config)
         self.train_transform = make_batch_transform(train_transform, *cols) if train_transform else None
         self.eval_transform = make_batch_transform(eval_transform, *cols) if eval_transform else None
 
@@ -203,6 +207,7 @@ class ContinualLearner:
                             "checkpoint is what push_to_hub uploads).")
         last = max(done)
         upload.setdefault("base_model_id", self.args.hub_base_model_id)
+        upload.setdefault("image_processor", self.model.image_processor)  # for a checkpoint saved without one
         message = commit_message or f"task {last + 1}/{len(self.tasks)}"
         return push_folder(done[last], repo_id or default_repo_id(self.args),
                            commit_message=message, **upload)

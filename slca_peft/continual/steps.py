@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..artifacts.layout import task_dir_name
 from ..artifacts.manifest import safe_path
 from ..data.tasks import stream_class_ids
-from ..data.transforms import collate_fn
+from ..data.transforms import collate_fn, default_image_processor
 from ..method.alignment import AlignmentSettings, ClassifierAligner
 from ..method.gathering import add_class_statistics, process_share
 from ..method.statistics import ClassStatistics
@@ -310,6 +310,8 @@ class CheckpointStep(ContinualCallback):
         if trainer is None or trainer.is_world_process_zero():
             # A symlink at task_<t> (or a parent leading out of the run) is refused, never replaced or followed.
             directory = safe_path(directory.parent, directory.name)
+            if learner.model.image_processor is None:  # no EvalTransform given: the one slca-peft evaluates with
+                learner.model.image_processor = default_image_processor(learner.model)
             save_checkpoint(learner.model, directory, statistics=learner.statistics, state=state,
                             unaligned_head=learner.unaligned_head)
             prune_checkpoints(directory.parent, learner.args.save_total_limit)  # only once the new one is whole

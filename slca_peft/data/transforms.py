@@ -30,6 +30,8 @@ from PIL import Image
 from ..utils.errors import UserError
 
 if TYPE_CHECKING:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     from ..models.model import SLCAModel
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "ImageTransformConfig",
     "TrainTransform",
     "collate_fn",
+    "default_image_processor",
+    "eval_image_processor",
     "eval_transform_config",
     "make_batch_transform",
     "random_resized_crop_params",
@@ -152,6 +156,35 @@ def eval_transform_config(model: SLCAModel) -> ImageTransformConfig:
         except (OSError, ValueError, TypeError):
             pass
     return ImageTransformConfig.from_model_config(model.config)
+
+
+def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
+    """A transformers image processor that computes `EvalTransform(config)`: shorter side to
+    round(size * 256 / 224) with PIL's bicubic (the longer side truncated), centre crop, rescale
+    by 1/255, normalise. Saved as `CLIPImageProcessor`; the PIL backend (the one used where
+    torchvision is not installed, or with `backend="pil"`) gives the same pixels."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = config.size
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": round(size * EVAL_RESIZE_RATIO)},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(config.mean),
+        image_std=list(config.std),
+        do_convert_rgb=config.num_channels == 3,
+    )
+
+
+def default_image_processor(model: SLCAModel) -> CLIPImageProcessorPil:
+    """The processor matching the transform slca-peft evaluates `model` with (`EvalTransform` of
+    `eval_transform_config(model)`)."""
+    return eval_image_processor(eval_transform_config(model))
 
 
 def _to_model_mode(img: Image.Image, num_channels: int) -> Image.Image:

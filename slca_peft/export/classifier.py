@@ -25,7 +25,6 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..artifacts import manifest
 from ..artifacts.atomic import (
@@ -38,12 +37,8 @@ from ..artifacts.atomic import (
     sweep_partial,
     unmark_partial,
 )
-from ..artifacts.layout import (
-    CARD_FILE,
-    PROCESSOR_FILE,
-    folder_kind,
-)
-from ..data.transforms import EVAL_RESIZE_RATIO, ImageTransformConfig, eval_transform_config
+from ..artifacts.layout import CARD_FILE, folder_kind
+from ..data.transforms import default_image_processor
 from ..models.backbones import CLS_MEAN_HEAD, POOLER_HEAD, TIMM_HEAD
 from ..models.head import by_class_id
 from ..sharing.card import build_export_card
@@ -177,7 +172,8 @@ def _export_locked(model: SLCAModel, directory: str | Path, label_names, image_p
         else:
             head.weight.copy_(weight)
         head.bias.copy_(bias)
-    processor = image_processor or saved_image_processor(model) or default_image_processor(model)
+    # The run's own processor (saved with the model, loaded with it), else the one slca-peft evaluates with.
+    processor = image_processor or model.image_processor or default_image_processor(model)
     card = dict(card or {})
     # Named after the export's folder (what `slca-peft push` uploads, usually under the same name), tagged with
     # its architecture: a plain classifier, not the continual checkpoint it came from.
@@ -345,41 +341,3 @@ def _write_export(target: Path, previous: bool, classifier, processor, readme) -
         raise
     plan.say_kept("export: ")
     _drop_previous(old, target, plan, theirs)
-
-
-def eval_image_processor(config: ImageTransformConfig) -> CLIPImageProcessorPil:
-    """A transformers image processor that computes `EvalTransform(config)`: shorter side to
-    round(size * 256 / 224) with PIL's bicubic (the longer side truncated), centre crop, rescale
-    by 1/255, normalise. Saved as `CLIPImageProcessor`; the PIL backend (the one used where
-    torchvision is not installed, or with `backend="pil"`) gives the same pixels."""
-    size = config.size
-    return CLIPImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": round(size * EVAL_RESIZE_RATIO)},
-        resample=3,  # PIL.Image.BICUBIC
-        do_center_crop=True,
-        crop_size={"height": size, "width": size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(config.mean),
-        image_std=list(config.std),
-        do_convert_rgb=config.num_channels == 3,
-    )
-
-
-def saved_image_processor(model: SLCAModel):
-    """The image processor saved beside the model files (`SLCATrainer` saves the run's `processing_class`
-    there), when the model was loaded from a local folder that holds one: the export then preprocesses as
-    the run evaluated. None otherwise."""
-    from transformers import AutoImageProcessor
-
-    source = getattr(model, "name_or_path", None)
-    if not source or not (Path(source) / PROCESSOR_FILE).is_file():
-        return None
-    return AutoImageProcessor.from_pretrained(source)
-
-
-def default_image_processor(model: SLCAModel) -> CLIPImageProcessorPil:
-    """The processor matching the transform slca-peft evaluates `model` with."""
-    return eval_image_processor(eval_transform_config(model))

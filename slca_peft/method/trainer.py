@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftConfig
 from transformers import PreTrainedModel, Trainer
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.training_args import ParallelMode
 
@@ -442,7 +443,11 @@ class SLCATrainer(TrainerHub, TrainerCheckpoint, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        processor, arguments = self.processing_class, self.args.to_json_string()
+        image_processor = isinstance(self.processing_class, ImageProcessingMixin)
+        if image_processor:  # written with the model files and listed in their manifest, so every push carries it
+            self.slca_model.image_processor = self.processing_class
+        processor = None if image_processor else self.processing_class
+        arguments = self.args.to_json_string()
 
         def beside(folder: Path) -> None:
             if processor is not None:

@@ -105,6 +105,9 @@ class SLCAModel(nn.Module):
         self.classifier = ContinualClassifier(self.feature_dim, config.task_sizes or None)
         #: Where the model was loaded from (`from_pretrained`), as transformers' models record it.
         self.name_or_path: str | None = None
+        #: The image processor that computes the run's evaluation transform: saved beside the model files
+        #: (`preprocessor_config.json`) so `pipeline()` preprocesses as the run evaluated; loaded back with them.
+        self.image_processor: Any | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -288,9 +291,9 @@ class SLCAModel(nn.Module):
     def save_pretrained(self, save_directory: str | Path, *, state: dict[str, Any] | None = None,
                         card: dict[str, Any] | None = None, **run_state: Any) -> Path:
         """Write the model files: `slca_config.json`, the PEFT adapter (or the whole backbone), the
-        classifier and a model card. The learner's run state is written by
-        `slca_peft.method.learner_state.save_learner_state`. `state` (a task history) only feeds the card's
-        results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
+        classifier, `config.json`, `model.image_processor` when set and a model card. The learner's run
+        state is written by `slca_peft.method.learner_state.save_learner_state`. `state` (a task history)
+        only feeds the card's results; `card` sets its `license`, `datasets`, `tags` and `model_name`."""
         from .saving import save_model_files
 
         if run_state:
@@ -314,12 +317,13 @@ class SLCAModel(nn.Module):
         run state beside it in a continual checkpoint (class statistics, heads before alignment, task
         history) is the learner's (`ContinualLearner.from_checkpoint` / `from_pretrained`)."""
         from .auto import without_auto_keywords
-        from .saving import read_model_config
+        from .saving import read_image_processor, read_model_config
         loading = loading_kwargs("SLCAModel.from_pretrained", **without_auto_keywords(kwargs))
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)
         model.name_or_path = str(path_or_repo_id)
+        model.image_processor = read_image_processor(root)
         return model.eval()
 
     @classmethod

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
 from ..artifacts import manifest
-from ..artifacts.atomic import settle_files, write_json
+from ..artifacts.atomic import settle_files, write_image_processor, write_json
 from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -37,6 +37,7 @@ from ..artifacts.layout import (
     CLASSIFIER_FILE,
     CONFIG_FILE,
     PICKLE_SUFFIXES,
+    PROCESSOR_FILE,
 )
 from ..sharing.card import write_model_card
 from ..utils.errors import MissingFileError, UserError
@@ -69,6 +70,24 @@ def _backbone_extras(model: SLCAModel, adapter_state: dict[str, torch.Tensor]) -
     return extras
 
 
+#: Where PEFT's `bias="all"` files a LayerNorm's bias a second time: the trained copy of a `modules_to_save`
+#: module (saved once more under the module's own name) and the frozen original (the base model's value).
+_DUPLICATE_PARTS = (".modules_to_save.", ".original_module.")
+
+
+def without_duplicates(adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors less the second copies PEFT's `bias="all"` adds for a `modules_to_save`
+    module (`layernorm.modules_to_save.bias`, `layernorm.original_module.bias` beside `layernorm.bias`).
+    `PeftModel.from_pretrained` has no place for them ("Found unexpected adapter keys"); the trained value
+    is the module's own key, which stays."""
+    kept = {}
+    for key, value in adapter_state.items():
+        part = next((p for p in _DUPLICATE_PARTS if p in key), None)
+        if part is None or key.replace(part, ".") not in adapter_state:
+            kept[key] = value
+    return kept
+
+
 def detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -88,15 +107,18 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
         # PEFT records the name the backbone was loaded by; make it the portable one (absolute path or Hub id).
         for peft_config in model.backbone.peft_config.values():
             peft_config.base_model_name_or_path = settings["base_model_name_or_path"]
-        model.backbone.save_pretrained(str(folder))
-        adapter_state = get_peft_model_state_dict(model.backbone)
+        # An image backbone has no token embeddings: PEFT's "auto" would look the base model up on the Hub
+        # (a request per save and load, a warning offline) to learn what is known.
+        model.backbone.save_pretrained(str(folder), save_embedding_layers=False)
+        adapter_state = get_peft_model_state_dict(model.backbone, save_embedding_layers=False)
         extras = _backbone_extras(model, adapter_state)
-        if extras:
-            # PEFT loads any key of the adapter file that names a model tensor, so the class token
-            # rides along and `PeftModel.from_pretrained` restores the whole trained backbone.
-            merged = load_file(str(folder / ADAPTER_FILE))
-            merged.update({f"base_model.model.{k}": v for k, v in extras.items()})
-            save_file(merged, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+        stored = load_file(str(folder / ADAPTER_FILE))
+        tensors = without_duplicates(stored)
+        # PEFT loads any key of the adapter file that names a model tensor, so the class token
+        # rides along and `PeftModel.from_pretrained` restores the whole trained backbone.
+        tensors.update({f"base_model.model.{k}": v for k, v in extras.items()})
+        if tensors.keys() != stored.keys():
+            save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
     else:
         backbone = model.base_backbone
         save_file(detached(backbone.state_dict()), str(folder / BACKBONE_FILE))
@@ -104,7 +126,26 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
     save_file(detached(model.classifier.state_dict()), str(folder / CLASSIFIER_FILE))
     # transformers' Auto classes and pipeline() read this instead of the adapter's base (a random head).
     write_json(folder / AUTO_CONFIG_FILE, auto_config_dict(model.id2label if model.classifier.num_tasks else {}))
+    if model.image_processor is not None:  # pipeline() preprocesses with it, as the run evaluated
+        write_image_processor(model.image_processor, folder)
     write_model_card(folder, settings, state, continuable=continuable, **(card or {}))
+
+
+def read_image_processor(root: Path) -> Any | None:
+    """The image processor a model folder holds (`preprocessor_config.json`), or None when it holds none (a
+    folder written before slca-peft saved one). A file that is not a processor transformers reads is refused,
+    naming it: the model would be served with other pixels than it was evaluated on."""
+    path = root / PROCESSOR_FILE
+    if not path.is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    read_json(path)  # a regular file of bounded size holding JSON, before transformers opens it
+    try:
+        return AutoImageProcessor.from_pretrained(str(root), trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path} is not an image processor transformers can read ({' '.join(str(err).split())[:200]}); "
+                         "delete it and save the model with its image processor again.") from err
 
 
 def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str, Any] | None = None,
@@ -274,7 +315,8 @@ def load_model_state(model: SLCAModel, root: str | Path) -> None:
         for key, value in model.base_backbone.state_dict().items():
             for variant in (key, key.replace(".default.", "."), key.replace(".modules_to_save.default.", ".")):
                 expected[f"base_model.model.{variant}"] = value
-        expected.update(get_peft_model_state_dict(model.backbone))  # any tuner's own key names (DoRA, LoHa, ...)
+        # Any tuner's own key names (DoRA, LoHa, ...).
+        expected.update(get_peft_model_state_dict(model.backbone, save_embedding_layers=False))
         set_peft_model_state_dict(model.backbone, read_safetensors(root / ADAPTER_FILE, expected))
     else:
         expected = dict(model.base_backbone.state_dict())

@@ -7,9 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..artifacts.atomic import write_json
+from ..artifacts.atomic import write_image_processor, write_json
 from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
+    AUTO_CONFIG_FILE,
     BACKBONE_CONFIG_FILE,
     CARD_FILE,
     CONFIG_FILE,
@@ -92,6 +93,12 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
             if public != base:
                 local_base = local_base or base
                 data["base_model_name_or_path"] = public
+            if name == ADAPTER_CONFIG_FILE and (directory / AUTO_CONFIG_FILE).is_file():
+                # transformers' Auto classes and pipeline() given a repo id that holds an adapter load the base
+                # this names with a random head; naming the repo sends them to its config.json (the trained
+                # model, `slca_peft.models.auto`). slca_config.json and the card keep naming the base model.
+                data["base_model_name_or_path"] = repo_id
+            if data.get("base_model_name_or_path") != base:
                 write_json(path, data)
             settings = data if name == CONFIG_FILE else settings
     backbone_config = directory / BACKBONE_CONFIG_FILE
@@ -171,6 +178,7 @@ def push_folder(
     create_pr: bool = False,
     tags: list[str] | None = None,
     base_model_id: str | None = None,
+    image_processor: Any | None = None,
 ) -> Any:
     """Create the repo (and the `revision` branch) if needed and upload a model folder or checkpoint
     as one commit, or as one pull request with `create_pr`. Only the files slca-peft wrote there (its
@@ -181,6 +189,9 @@ def push_folder(
     A LoRA checkpoint refers to its base model by name; one built on a local directory would load
     nowhere else, so it is refused unless `base_model_id` names the same weights on the Hub (the
     uploaded copy then records that id; the local directory is left as it is).
+
+    `image_processor` goes into the uploaded copy when the folder holds none of its own (one written before
+    slca-peft saved the run's processor with the model), so `pipeline()` can load the repo.
     """
     from huggingface_hub import HfApi
 
@@ -192,6 +203,8 @@ def push_folder(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / directory.name
         extra = _copy_for_upload(directory, folder)
+        if image_processor is not None and not (folder / PROCESSOR_FILE).is_file():
+            write_image_processor(image_processor, folder)
         _prepare_upload(folder, repo_id, base_model_id, tags)
         _record_upload(folder, extra)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -58,11 +58,15 @@ def test_relative_paths_in_a_config_resolve_next_to_it_first(recipe, tmp_path, m
 
 
 def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
     import slca_peft.continual.checkpoint
+    import slca_peft.data.transforms
     import slca_peft.sharing.hub
 
     calls = []
-    monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: SimpleNamespace(model=None))
+    monkeypatch.setattr(slca_peft.data.transforms, "default_image_processor", lambda model: None)
     monkeypatch.setattr(slca_peft.sharing.hub, "push_folder", lambda *a, **k: calls.append(k) or "https://hub/commit")
     cli_main(["push", str(tmp_path), "me/model", "--token", "hf_secret"])
     assert calls[0]["token"] == "hf_secret" and "https://hub/commit" in capsys.readouterr().out

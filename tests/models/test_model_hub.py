@@ -97,8 +97,9 @@ def test_push_to_hub_uploads_the_checkpoint_in_one_commit(tmp_path, base_model_d
     card = upload["card"]
     assert "library_name: slca-peft" in card and "- continual-learning" in card and "| 2 | 70.0 | 60.0 |" in card
     assert "base_model: me/tiny-vit" in card
+    # The adapter config names the repo, so transformers' Auto classes given its id read its config.json.
     bases = [upload["json"][f]["base_model_name_or_path"] for f in ("slca_config.json", "adapter_config.json")]
-    assert bases == ["me/tiny-vit", "me/tiny-vit"]
+    assert bases == ["me/tiny-vit", "me/slca-tiny"]
     # A saved checkpoint pushed from the command line: same check, and the directory itself is unchanged.
     from slca_peft.commands.cli import main as cli_main
 

@@ -9,8 +9,7 @@ from conftest import ROOT
 from PIL import Image
 
 from slca_peft import export_model
-from slca_peft.data.transforms import EvalTransform, ImageTransformConfig
-from slca_peft.export.classifier import eval_image_processor
+from slca_peft.data.transforms import EvalTransform, ImageTransformConfig, eval_image_processor
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
