@@ -44,7 +44,7 @@ def test_pipeline_on_the_export_predicts_what_the_model_predicts(tmp_path, recip
     export_model(model, tmp_path / "exported")  # class names come from the checkpoint
     test = load_digits_dataset()["test"]
     images, truth = list(test["image"]), [str(y) for y in test["label"]]
-    from slca_peft.export.classifier import eval_transform_config
+    from slca_peft.data.transforms import eval_transform_config
 
     transform = EvalTransform(eval_transform_config(model))  # what the run evaluated with
     with torch.no_grad():
