@@ -38,8 +38,10 @@ import errno
 import json
 import logging
 import os
+import shutil
 import stat
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -48,6 +50,7 @@ from ..utils.errors import UserError
 from ..utils.reading import read_json, read_own_json
 from . import digests
 from .atomic import atomic_write_bytes as write_file_atomically
+from .atomic import settle_files
 from .layout import FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, PARTIAL_FILE
 from .listed import (  # noqa: F401  (part of this module's API)
     ManifestEntry,
@@ -247,6 +250,33 @@ def record(directory: str | Path, paths: Iterable[str | os.PathLike[str]], extra
         entries[entry.path] = entry
     write_manifest(root, entries.values(), kept if extra is None else extra)
     return entries
+
+
+def write_in_place(directory: str | Path, write: Callable[[Path], None], *, replaces: Iterable[str] = (),
+                   unlisted: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> list[str]:
+    """Write a set of files into `directory` whose other files stay (a model folder beside a user's files, a
+    Trainer's output_dir): `write(folder)` fills a hidden folder beside them, each file is renamed into place
+    (each whole), the names in `replaces` this set lacks are removed (files of an earlier set), and the
+    manifest is written last, so a reader checking the files against it never takes a mix of two sets.
+    Names in `unlisted` are put in place but left out of the manifest. Returns the names written."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".slca-save-", dir=root))
+    try:
+        write(tmp)
+        settle_files(tmp)  # safetensors files are created 0600: they follow the umask like the JSON
+        written = sorted(child.name for child in tmp.iterdir() if child.is_file())
+        stale = [name for name in replaces if name not in written]
+        for name in stale:
+            safe_path(root, name)  # never delete through a symlink
+            (root / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(tmp / name, safe_path(root, name, final_may_be_link=True))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    unlisted = set(unlisted)
+    record(root, [name for name in written if name not in unlisted], extra, drop=[*stale, *unlisted])
+    return written
 
 
 def record_tree(directory: str | Path, extra: Mapping[str, Any] | None = None) -> dict[str, ManifestEntry]:

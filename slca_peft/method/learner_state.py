@@ -11,9 +11,6 @@ rename, the manifest last. `load_learner_state` reads the run state back, checke
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifacts import manifest
-from ..artifacts.atomic import follow_umask, json_text, settle_files
+from ..artifacts.atomic import follow_umask, json_text
 from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -107,37 +104,22 @@ def save_checkpoint_into(
     unlisted: tuple[str, ...] = (),
 ) -> list[str]:
     """The files of `write_checkpoint_files` (the model files alone without `statistics` and `state`) into
-    `directory`, whose other files stay (a Trainer's output_dir: its checkpoint-N folders, state, metrics).
-
-    Everything is written into a hidden folder beside them first, then each file is renamed into place (each
-    whole), stale ones removed (the other kind of backbone file; run-state files this save has none of), and
-    the manifest written last: a reader that checks the files against it never takes a mix of two saves for
-    a checkpoint. `extra(folder)` writes more files to list with them (the processor's); those named in
-    `unlisted` are put in place but left out of the manifest (neither checked nor uploaded). Returns the
+    `directory`, whose other files stay (a Trainer's output_dir: its checkpoint-N folders, state, metrics),
+    through `manifest.write_in_place`: the other kind of backbone file and run-state files this save has none
+    of are removed, the manifest comes last. `extra(folder)` writes more files to list with them; those named
+    in `unlisted` are put in place but left out of the manifest (neither checked nor uploaded). Returns the
     names written."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".slca-save-", dir=directory))
-    try:
-        _write_files(model, tmp, statistics, state, unaligned_head, card)
+
+    def write(folder: Path) -> None:
+        _write_files(model, folder, statistics, state, unaligned_head, card)
         if extra is not None:
-            extra(tmp)
-        settle_files(tmp)  # safetensors files are created 0600: they follow the umask like the JSON
-        written = sorted(child.name for child in tmp.iterdir() if child.is_file())
-        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if model.slca_config.use_lora else (ADAPTER_FILE,
-                                                                                         ADAPTER_CONFIG_FILE)
-        stale = [name for name in (*stale, *LEARNER_STATE_FILES) if name not in written]
-        for name in stale:
-            manifest.safe_path(directory, name)  # never delete through a symlink
-            (directory / name).unlink(missing_ok=True)
-        for name in written:
-            os.replace(tmp / name, manifest.safe_path(directory, name, final_may_be_link=True))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            extra(folder)
+
+    other_backbone = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if model.slca_config.use_lora else (ADAPTER_FILE,
+                                                                                               ADAPTER_CONFIG_FILE)
     kind = "checkpoint" if statistics is not None and state is not None else "model"
-    listed = [name for name in written if name not in unlisted]
-    manifest.record(directory, listed, base_model_record(model, kind=kind), drop=[*stale, *unlisted])
-    return written
+    return manifest.write_in_place(directory, write, replaces=(*other_backbone, *LEARNER_STATE_FILES),
+                                   unlisted=unlisted, extra=base_model_record(model, kind=kind))
 
 
 def load_learner_state(

@@ -14,9 +14,6 @@ heads + scales) and the model card. The learner's run state beside them is
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig
 
 from ..artifacts import manifest
-from ..artifacts.atomic import settle_files, write_image_processor, write_json
+from ..artifacts.atomic import write_image_processor, write_json
 from ..artifacts.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -152,24 +149,10 @@ def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str
                      card: dict[str, Any] | None = None) -> Path:
     """Write the model files into `directory` (other files there are kept, like
     `PreTrainedModel.save_pretrained`); each file appears whole, through a rename."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".slca-save-", dir=directory))
-    try:
-        write_model_files(model, tmp, state, card)
-        adapted = model.slca_config.use_lora
-        stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if adapted else (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
-        settle_files(tmp)  # safetensors files are created 0600: they follow the umask like the JSON
-        written = sorted(child.name for child in tmp.iterdir())
-        for name in stale:
-            manifest.safe_path(directory, name)  # never delete through a symlink
-            (directory / name).unlink(missing_ok=True)
-        for name in written:
-            os.replace(tmp / name, manifest.safe_path(directory, name, final_may_be_link=True))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    manifest.record(directory, written, base_model_record(model, kind="model"), drop=stale)
-    return directory
+    stale = (BACKBONE_FILE, BACKBONE_CONFIG_FILE) if model.slca_config.use_lora else (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
+    manifest.write_in_place(directory, lambda folder: write_model_files(model, folder, state, card), replaces=stale,
+                            extra=base_model_record(model, kind="model"))
+    return Path(directory)
 
 
 def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None, **hub: Any) -> Path:
