@@ -144,7 +144,8 @@ def seed_dir_name(seed: int) -> str:
 def seed_index(name: str) -> int | None:
     """The seed a seed run's folder name stands for (`seed_<int>`), or None for any other name."""
     suffix = name.removeprefix(SEED_DIR_PREFIX)
-    if not name.startswith(SEED_DIR_PREFIX) or not suffix.lstrip("-").isdigit() or not suffix.isascii():
+    digits = suffix[1:] if suffix.startswith("-") else suffix
+    if not name.startswith(SEED_DIR_PREFIX) or not digits.isdigit() or not digits.isascii():
         return None
     return int(suffix)
 

@@ -62,7 +62,8 @@ def test_each_file_name_is_spelled_in_the_layout_module_only():
 def test_folder_names_are_parsed_by_the_layout_alone():
     assert [layout.task_index(n) for n in ("task_1", "task_12", "task_0", "task_x", "task_١", "task_1b")] == \
         [0, 11, None, None, None, None]
-    assert [layout.seed_index(n) for n in ("seed_3", "seed_-2", "seed_", "seeds")] == [3, -2, None, None]
+    assert [layout.seed_index(n) for n in ("seed_3", "seed_-2", "seed_", "seeds", "seed_--3", "seed_-", "seed_3-")] == \
+        [3, -2, None, None, None, None, None]
     written = layout.temporary_name("task_3", layout.TEMP_MARK, "a1b2")
     replaced = layout.temporary_name("task_3", layout.OLD_MARK, 1234)
     assert (written, replaced) == (".task_3.tmp-a1b2", ".task_3.old-1234")
