@@ -30,9 +30,11 @@ def _push(ns: argparse.Namespace) -> None:
     if is_export(ns.checkpoint):
         check_export(ns.checkpoint)
     else:
-        # A checkpoint whose manifest lists no processor (saved before slca-peft kept the run's) gets, in the
-        # uploaded copy, the one slca-peft evaluates it with; a listed one is uploaded as it is.
-        processor = default_image_processor(load_checkpoint(ns.checkpoint).model)
+        # A checkpoint whose manifest lists no processor (saved before slca-peft listed the run's) gets, in the
+        # uploaded copy, the one its model loads with (a processor file beside it), else the one slca-peft
+        # evaluates it with; a listed one is uploaded as it is.
+        model = load_checkpoint(ns.checkpoint).model
+        processor = model.image_processor or default_image_processor(model)
     message = ns.commit_message or ("Upload exported SLCA++ model" if is_export(ns.checkpoint)
                                     else "Upload SLCA++ continual checkpoint")
     print(push_folder(ns.checkpoint, ns.repo_id, private=ns.private, commit_message=message,

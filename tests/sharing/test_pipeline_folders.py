@@ -101,6 +101,15 @@ def test_every_push_of_a_run_carries_its_image_processor(run, hub, tmp_path, bas
     cli_main(["push", str(tmp_path / "old"), "me/old", "--base_model_id", "me/tiny-vit"])
     assert hub.uploads[-1]["json"][PROCESSOR_FILE] == json.loads(default_image_processor(model).to_json_string())
     assert not (tmp_path / "old" / PROCESSOR_FILE).exists()  # the folder itself is left as it is
+    # One whose processor file sits beside it, unlisted (a trainer's output_dir before processors were listed):
+    # the upload carries that processor, the one the model loads with, not the default.
+    from transformers import ViTImageProcessor
+
+    save_checkpoint(model, tmp_path / "older", statistics=stats_for(model), state={"accuracy_matrix": [[90.0]]})
+    own = ViTImageProcessor(size={"height": 32, "width": 32}, resample=2)
+    own.save_pretrained(tmp_path / "older")
+    cli_main(["push", str(tmp_path / "older"), "me/older", "--base_model_id", "me/tiny-vit"])
+    assert hub.uploads[-1]["json"][PROCESSOR_FILE] == json.loads(own.to_json_string())
 
 
 def test_a_trainers_output_folder_answers_in_pipeline_as_its_evaluation_scored(tmp_path, base_model_dir,
