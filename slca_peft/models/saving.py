@@ -137,12 +137,16 @@ def read_image_processor(root: Path) -> Any | None:
         return None
     from transformers import AutoImageProcessor
 
-    read_json(path)  # a regular file of bounded size holding JSON, before transformers opens it
+    fix = "delete it and save the model with its image processor again."
+    data = read_json(path)  # a regular file of bounded size holding JSON, before transformers opens it
+    kinds = [data.get(key) for key in ("image_processor_type", "processor_class")] if isinstance(data, dict) else []
+    if not isinstance(data, dict) or any(kind is not None and not isinstance(kind, str) for kind in kinds):
+        raise UserError(f"{path} is not an image processor's settings (a JSON object naming its type); {fix}")
     try:
         return AutoImageProcessor.from_pretrained(str(root), trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # what a malformed file makes it raise
         raise UserError(f"{path} is not an image processor transformers can read ({' '.join(str(err).split())[:200]}); "
-                         "delete it and save the model with its image processor again.") from err
+                         f"{fix}") from err
 
 
 def save_model_files(model: SLCAModel, directory: str | Path, *, state: dict[str, Any] | None = None,

@@ -155,3 +155,18 @@ def test_a_missing_checkpoint_that_looks_like_a_repo_id_is_named(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="outputs/nope is neither a local checkpoint directory nor a Hub repo"):
         load_checkpoint("outputs/nope")
+
+
+@pytest.mark.parametrize("text", ["[]", '{"image_processor_type": 5}', '{"processor_class": ["x"]}',
+                                  '{"image_processor_type": "NoSuchImageProcessor"}', "{not json"])
+def test_a_damaged_processor_file_is_refused_in_one_line_naming_it(tmp_path, base_model_dir, text):
+    from slca_peft.artifacts.layout import PROCESSOR_FILE
+    from slca_peft.utils.errors import UserError
+
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / PROCESSOR_FILE).write_text(text)
+    with pytest.raises(UserError, match=PROCESSOR_FILE) as err:
+        SLCAModel.from_pretrained(tmp_path / "m")
+    assert "\n" not in str(err.value)
