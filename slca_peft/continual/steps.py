@@ -33,7 +33,7 @@ from ..method.alignment import AlignmentSettings, ClassifierAligner
 from ..method.gathering import add_class_statistics, process_share
 from ..method.statistics import ClassStatistics
 from ..models.inference import inference_context
-from ..sharing.hub import check_pushable, default_repo_id, push_folder
+from ..sharing.hub import UPLOAD_ERRORS, check_pushable, default_repo_id, push_folder
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
 from .callbacks import ContinualCallback
@@ -346,7 +346,7 @@ class PushStep(ContinualCallback):
         try:
             push_folder(directory, repo_id, private=args.hub_private_repo, token=args.hub_token,
                         revision=args.hub_revision, commit_message=message, base_model_id=args.hub_base_model_id)
-        except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
+        except UPLOAD_ERRORS as err:  # the Hub or the network (a bug of slca-peft keeps its traceback)
             options = "".join(
                 f" {flag} {value}" for flag, value in (("--base_model_id", args.hub_base_model_id),
                                                        ("--revision", args.hub_revision)) if value

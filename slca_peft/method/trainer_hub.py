@@ -21,7 +21,7 @@ from transformers.trainer_utils import HubStrategy, SaveStrategy
 from ..artifacts.atomic import atomic_write_text
 from ..artifacts.layout import CARD_FILE, STATISTICS_FILE
 from ..sharing.card import build_model_card
-from ..sharing.hub import default_repo_id, local_base_problem, push_folder
+from ..sharing.hub import UPLOAD_ERRORS, default_repo_id, local_base_problem, push_folder
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
@@ -193,7 +193,7 @@ class TrainerHub:
             message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
         try:
             self._upload(message)
-        except Exception as err:  # noqa: BLE001 - any Hub/network error; training goes on
+        except UPLOAD_ERRORS as err:  # the Hub or the network (a bug of slca-peft keeps its traceback)
             if getattr(self, "_push_failures", None) is None:  # a Hub that fails at every save warns once per run
                 self._push_failures = RepeatedWarning()
             self._push_failures.log(logger, type(err).__name__,

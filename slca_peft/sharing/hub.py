@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import tempfile
 from pathlib import Path
@@ -31,6 +33,21 @@ from .card import REPO_PLACEHOLDER, write_model_card
 from .public import base_display, is_local_name, public_name, public_state
 
 logger = logging.getLogger(__name__)
+
+
+def _upload_errors() -> tuple[type[BaseException], ...]:
+    """What an upload can meet that is not a bug of slca-peft: the network and the Hub (OSErrors, and the
+    HTTP client's own errors, which huggingface_hub lets through for a broken connection) and a folder the
+    user can fix (`UserError`). Anything else is a bug and keeps its traceback."""
+    errors: list[type[BaseException]] = [OSError, UserError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        with contextlib.suppress(ImportError):
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
+
+
+#: The errors after which a run's upload is logged and training goes on (`PushStep`, `SLCATrainer` saves).
+UPLOAD_ERRORS = _upload_errors()
 
 
 def local_base_problem(base: str | None, use_lora: bool, base_model_id: str | None) -> str | None:

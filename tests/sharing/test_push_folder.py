@@ -326,3 +326,21 @@ def test_a_finished_trainer_run_pushes_its_continual_checkpoint(tmp_path, base_m
     assert not [m for m in messages if "cannot be continued" in m or "cannot go on" in m]
     # No eval_dataset: the statistics used the training data as given, and said so once.
     assert len([m for m in messages if m.startswith("class statistics: on train_dataset as given")]) == 1
+
+
+def test_a_bug_in_an_upload_is_not_taken_for_the_hub_failing(tmp_path, base_model_dir, hub, monkeypatch):
+    """Only the network, the Hub and a folder the user can fix are logged and let training go on; anything else
+    is a bug of slca-peft and keeps its traceback."""
+    import slca_peft.method.trainer_hub as trainer_hub
+
+    def broken(*args, **kwargs):
+        raise TypeError("build_model_card() got an unexpected keyword")
+
+    monkeypatch.setattr(trainer_hub.TrainerHub, "_upload", broken)
+    config = SLCAConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                        per_device_train_batch_size=4, hub_model_id="me/trained", hub_base_model_id="me/tiny-vit",
+                        push_to_hub=True, save_strategy="steps", save_steps=1, num_train_epochs=1)
+    model = SLCAModel.from_backbone(str(base_model_dir), config)
+    model.grow(2)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SLCATrainer(model=model, args=config, train_dataset=toy_dataset()).train()
