@@ -44,11 +44,24 @@ def add_class_statistics(statistics: ClassStatistics, model: SLCAModel, args: An
                          task_id: int, keys: list[int], key_of: Callable[[Any], Any] = lambda labels: labels,
                          ) -> ClassStatistics:
     """Add the Gaussians of `keys` (task `task_id`'s classes) from `batches` of this process's share
-    (`pixel_values`, `labels`; `key_of` maps labels to statistics keys), then finalize across processes."""
+    (`pixel_values`, `labels`; `key_of` maps labels to statistics keys), then finalize across processes.
+
+    A problem with the data seen by one process only (a label outside the task) is raised on every process:
+    the others would otherwise wait for it in the sum forever."""
     device = args.device
+    problem: UserError | None = None
     with inference_context(model, args) as frozen:
-        for batch in batches:
-            feats = frozen.features(batch["pixel_values"].to(device))
-            statistics.update(feats, key_of(batch["labels"].to(device)))
+        try:
+            for batch in batches:
+                feats = frozen.features(batch["pixel_values"].to(device))
+                statistics.update(feats, key_of(batch["labels"].to(device)))
+        except UserError as err:
+            problem = err
+    failed = int(sum_over_processes(torch.tensor([float(problem is not None)], device=device)).item())
+    if problem is not None:
+        raise problem
+    if failed:
+        raise UserError(f"the class statistics could not be gathered: {failed} other process(es) found a problem "
+                        "in their share of the data (their log says which); fix the data and gather them again.")
     statistics.finalize(task_id, keys, reduce=sum_over_processes)
     return statistics

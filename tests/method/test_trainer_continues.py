@@ -139,3 +139,34 @@ def test_statistics_that_cannot_be_gathered_leave_a_model_folder_and_say_why(bas
     trainer.save_model()
     assert not (tmp_path / "out" / "continual_state.json").exists()
     assert (tmp_path / "out" / "slca_config.json").is_file()
+
+
+def test_a_data_problem_of_one_process_stops_every_process_instead_of_hanging(base_model_dir, tmp_path, monkeypatch):
+    """The other processes learn of it in one sum before the statistics' own sums (where they would wait)."""
+    from slca_peft.method import gathering
+    from slca_peft.method.statistics import ClassStatistics
+    from slca_peft.utils.errors import UserError
+
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(2)
+    args = SLCAConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    batches = [{"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 0, 1])}]
+    sums = []
+
+    def another_process_failed(tensor):  # this process's flag, plus one process that failed
+        sums.append(tensor.clone())
+        return tensor + 1
+
+    monkeypatch.setattr(gathering, "sum_over_processes", another_process_failed)
+    statistics = ClassStatistics(model.feature_dim)
+    with pytest.raises(UserError, match="1 other process"):
+        gathering.add_class_statistics(statistics, model, args, batches, 0, [0, 1])
+    assert len(sums) == 1 and statistics.classes == []  # nothing finalized, no further sum to wait in
+
+    def outside(labels):
+        raise UserError("label 7 is outside the task")
+
+    sums.clear()
+    with pytest.raises(UserError, match="label 7"):  # the process that found it raises its own error, after the sum
+        gathering.add_class_statistics(ClassStatistics(model.feature_dim), model, args, batches, 0, [0, 1], outside)
+    assert len(sums) == 1 and sums[0].item() == 1.0
