@@ -256,7 +256,8 @@ def write_in_place(directory: str | Path, write: Callable[[Path], None], *, repl
                    unlisted: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> list[str]:
     """Write a set of files into `directory` whose other files stay (a model folder beside a user's files, a
     Trainer's output_dir): `write(folder)` fills a hidden folder beside them, each file is renamed into place
-    (each whole), the names in `replaces` this set lacks are removed (files of an earlier set), and the
+    (each whole), the names in `replaces` this set lacks are removed where the manifest lists them unchanged
+    (files of an earlier set; a user's file of that name is kept, with a warning), and the
     manifest is written last, so a reader checking the files against it never takes a mix of two sets.
     Names in `unlisted` are put in place but left out of the manifest. Returns the names written."""
     root = Path(directory)
@@ -267,9 +268,16 @@ def write_in_place(directory: str | Path, write: Callable[[Path], None], *, repl
         settle_files(tmp)  # safetensors files are created 0600: they follow the umask like the JSON
         written = sorted(child.name for child in tmp.iterdir() if child.is_file())
         stale = [name for name in replaces if name not in written]
+        listed = read_manifest(root) or {}
         for name in stale:
-            safe_path(root, name)  # never delete through a symlink
-            (root / name).unlink(missing_ok=True)
+            path = safe_path(root, name)  # never delete through a symlink
+            if not path.exists():
+                continue
+            if name in listed and entry_for(root, name) == listed[name]:
+                path.unlink()
+            else:
+                logger.warning("kept %s: slca-peft did not write it (or it changed since), and deletes only the files "
+                               "it wrote, unchanged; it is not part of the new save.", path)
         for name in written:
             os.replace(tmp / name, safe_path(root, name, final_may_be_link=True))
     finally:

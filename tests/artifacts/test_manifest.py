@@ -392,3 +392,24 @@ def test_an_overwrite_over_a_users_sub_folder_leaves_no_sibling_behind(tmp_path,
     export_model(model, out, overwrite=True)
     assert (out / "notes" / "deep" / "a.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_an_in_place_save_removes_only_its_own_earlier_files(tmp_path, caplog):
+    root = tmp_path / "out"
+
+    def files(*names):
+        def write(folder):
+            for name in names:
+                (folder / name).write_text(f"{name} of this save")
+        return write
+
+    manifest.write_in_place(root, files("model.json", "state.json", "stats.bin"))
+    (root / "notes.txt").write_text("the user's")  # a file of a name the next save lacks, not slca-peft's
+    (root / "stats.bin").write_text("edited by the user")  # slca-peft's once, changed since
+    with caplog.at_level(logging.WARNING):
+        manifest.write_in_place(root, files("model.json"), replaces=("state.json", "stats.bin", "notes.txt"))
+    assert sorted(p.name for p in root.iterdir()) == [".slca-manifest.json", "model.json", "notes.txt", "stats.bin"]
+    assert (root / "stats.bin").read_text() == "edited by the user"
+    assert sorted(manifest.read_manifest(root)) == ["model.json"]
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept")]
+    assert len(kept) == 2 and any("notes.txt" in m for m in kept) and any("stats.bin" in m for m in kept)
