@@ -59,9 +59,11 @@ def eval_transform_view(train: Any, evaluation: Any) -> Any | None:
                                 output_all_columns=wanted.get("output_all_columns", False))
 
 
-def _as_percent(accuracy: float) -> float | None:
-    """An accuracy as `compute_metrics` reports it (a fraction, or already a percentage) in percent."""
-    value = 100.0 * accuracy if 0.0 <= accuracy <= 1.0 else accuracy
+def _as_percent(accuracy: float, history: list[dict[str, Any]]) -> float | None:
+    """An accuracy as `compute_metrics` reports it in percent: a fraction, unless one of the run's evaluations
+    reported more than 1 (then every one is a percentage already: 0.8 is 0.8 %, not 80 %)."""
+    percent = any(isinstance(v, (int, float)) and v > 1.0 for v in (e.get("eval_accuracy") for e in history))
+    value = accuracy if percent else 100.0 * accuracy
     return value if 0.0 <= value <= 100.0 else None
 
 
@@ -171,7 +173,7 @@ class TrainerCheckpoint:
                 step = self._saved_weights_step()
                 found = None if step is None else _latest_accuracy([e for e in history[:trained]
                                                                     if e.get("step") == step])
-        return None if found is None else _as_percent(found)
+        return None if found is None else _as_percent(found, history)
 
     def _saved_weights_step(self) -> int | None:
         """The step whose weights the model holds after training: the best checkpoint's under
@@ -190,7 +192,7 @@ class TrainerCheckpoint:
         accuracy = self.evaluated_accuracy()
         evaluated = self.eval_dataset if accuracy is not None and hasattr(self.eval_dataset, "__len__") else None
         ids = list(model.class_ids)
-        names = model.label_names or [model.id2label[c] for c in ids]
+        names = model.label_names or [model.id2label[k] for k in range(model.num_outputs)]  # class-id order
         return {
             "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes, "class_order": ids,
             "class_ids": ids, "label_names": list(names), "task_data": [None] * len(sizes),

@@ -170,3 +170,26 @@ def test_a_data_problem_of_one_process_stops_every_process_instead_of_hanging(ba
     with pytest.raises(UserError, match="label 7"):  # the process that found it raises its own error, after the sum
         gathering.add_class_statistics(ClassStatistics(model.feature_dim), model, args, batches, 0, [0, 1], outside)
     assert len(sums) == 1 and sums[0].item() == 1.0
+
+
+def test_the_task_history_names_classes_by_id_when_the_model_has_no_names(base_model_dir, folders, tmp_path):
+    train, _ = first_two_classes(folders)
+    model = SLCAModel.from_backbone(str(base_model_dir))
+    model.grow(3)
+    model.class_ids = [2, 0, 1]  # learned in another order than the ids
+    assert trainer_for(model, tmp_path / "a", train).task_history()["label_names"] == ["class_0", "class_1",
+                                                                                       "class_2"]
+    gaps = SLCAModel.from_backbone(str(base_model_dir))
+    gaps.grow(2)
+    gaps.class_ids = [7, 5]
+    names = trainer_for(gaps, tmp_path / "b", train).task_history()["label_names"]
+    assert names == [f"class_{k}" for k in range(8)]  # entry k names id k, each once
+
+
+def test_an_accuracy_reported_in_percent_stays_in_percent():
+    from slca_peft.method.trainer_checkpoint import _as_percent
+
+    assert _as_percent(0.8, [{"eval_accuracy": 0.8}, {"eval_accuracy": 0.5}]) == pytest.approx(80.0)
+    assert _as_percent(0.8, [{"eval_accuracy": 55.0}, {"eval_accuracy": 0.8}]) == pytest.approx(0.8)
+    assert _as_percent(1.0, [{"eval_accuracy": 1.0}]) == pytest.approx(100.0)
+    assert _as_percent(120.0, [{"eval_accuracy": 120.0}]) is None
