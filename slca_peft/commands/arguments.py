@@ -198,6 +198,9 @@ ARGUMENT_RULES: tuple[tuple[Callable[[ModelArguments, DataArguments, SLCAConfig]
      "--domains reads every domain from --data_dir; drop --dataset/--train_dir/--test_dir."),
     (lambda m, d, a: d.domains and d.seeds,
      "--seeds varies the class order, which a domain-incremental run lacks; use --seed."),
+    (lambda m, d, a: m.resume_from and not (d.domains or d.dataset or d.train_dir or d.test_dir),
+     "--resume_from goes on with the run's own data: give its flags again (--dataset NAME, --train_dir and "
+     "--test_dir, or --domains with --data_dir; the offline demo: --config demo_digits.yaml)."),
     (lambda m, d, a: not (d.domains or d.dataset or (d.train_dir and d.test_dir)),
      "give --dataset NAME, both --train_dir and --test_dir, or --domains with --data_dir."),
     (lambda m, d, a: d.data_dir and not (d.dataset or d.domains),
@@ -232,6 +235,9 @@ def check_continue_arguments(model_args: ModelArguments, data_args: DataArgument
             raise UserError(f"{' and '.join(options)} go with --continue_from (new classes from new data); add "
                              "--continue_from CHECKPOINT_OR_REPO or drop them.")
         return
+    if not (data_args.dataset or data_args.train_dir or data_args.test_dir or data_args.domains):
+        raise UserError("--continue_from needs the new data whose classes it teaches the checkpoint: give "
+                        "--train_dir DIR --test_dir DIR (image folders, one sub-folder per class) or --dataset NAME.")
     if model_args.resume_from:
         raise UserError("--continue_from teaches a checkpoint new classes from new data; --resume_from finishes an "
                          "interrupted run of the same stream: give one of them (an interrupted --continue_from run "
@@ -269,6 +275,32 @@ def _given(argv: list[str], *names: str) -> bool:
     return any(token.split("=", 1)[0] in flags for token in argv)
 
 
+#: Flags that name the user's own data, model or checkpoint: any of them switches the offline demo's config off.
+USER_RUN_FLAGS = ("dataset", "data_dir", "dataset_revision", "train_dir", "test_dir", "domains", "model_name_or_path",
+                  "model_config", "continue_from", "continue_revision", "old_test_dir", "merge_existing_classes")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value of `--name` on the command line (`--name V` or `--name=V`), if given."""
+    value = None
+    for i, token in enumerate(argv):
+        flag, eq, rest = token.partition("=")
+        if flag in (f"--{name}", f"--{name.replace('_', '-')}"):
+            value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return value
+
+
+def _runs_the_demo(argv: list[str]) -> bool:
+    """Whether a command line without a config file is the offline demo (`slca-peft train` and flags that
+    only tune it): not when it names data, a model or a checkpoint of the user's. `--resume_from auto`
+    resumes the demo in its own output directory only (no `--output_dir`); with another output directory
+    or a named checkpoint it resumes the user's run, whose data must be given again."""
+    if "-h" in argv or "--help" in argv or _given(argv, *USER_RUN_FLAGS):
+        return False
+    resume = _flag_value(argv, "resume_from")
+    return resume is None or (resume == "auto" and not _given(argv, "output_dir"))
+
+
 def _resolve_run_directories(model_args: ModelArguments) -> ModelArguments:
     """`--resume_from RUN` and `--continue_from RUN` given a run directory: its last complete task."""
     changes = {name: task_checkpoint(value, f"--{name}") for name in ("resume_from", "continue_from")
@@ -296,9 +328,7 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
     .yaml/.json first argument) supplies defaults that the other flags override. `prog` names the
     command in the usage line."""
     config, argv = split_config(argv)
-    chosen = {"--dataset", "--train_dir", "--domains", "--model_name_or_path", "--model_config"}
-    if config is None and not chosen & {a.split("=", 1)[0] for a in argv} and "-h" not in argv \
-            and "--help" not in argv:
+    if config is None and _runs_the_demo(argv):
         config = str(DEMO_CONFIG)  # the offline demo, with any other flag overriding its settings
     parser = _argument_parser(prog)
     if config is not None:

@@ -215,7 +215,12 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.25, seed:
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as upscaled grayscale images,
     split per class so every digit is in both splits."""
     from PIL import Image as PILImage
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise UserError("the digits dataset (the offline demo, --dataset digits) comes from scikit-learn, which is "
+                        "not installed: pip install 'slca-peft[demo]' (or scikit-learn).") from err
 
     digits = load_digits()
     rng = np.random.RandomState(seed)

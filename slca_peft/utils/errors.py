@@ -3,7 +3,8 @@
 `UserError` marks a problem the user can fix (bad argument, data, file), with a message that says how;
 library code raises it (`MissingFileError` for a path that does not exist) and wraps the errors of the
 libraries it calls where the cause is the user's input. `run_main` prints a `UserError` (and argparse's
-usage errors) as `slca-peft: error: <message>` and exits 2; every other exception is a bug and keeps its
+usage errors, and an optional dependency that is not installed, `OPTIONAL_DEPENDENCIES`) as
+`slca-peft: error: <message>` and exits 2; every other exception is a bug and keeps its
 traceback. `--debug` on the command line or `SLCA_PEFT_DEBUG=1` keeps the traceback of a user error too.
 `no_exit` makes `sys.exit` inside user code (a callback) an error.
 """
@@ -72,6 +73,29 @@ def no_exit(what: str) -> Iterator[None]:
         ) from None
 
 
+#: Optional dependencies (import name -> the pip install that provides it): a command that needs a missing one
+#: ends with one line naming the install, not a traceback.
+OPTIONAL_DEPENDENCIES = {
+    "sklearn": "pip install 'slca-peft[demo]' (or scikit-learn)",
+    "matplotlib": "pip install 'slca-peft[plot]' (or matplotlib)",
+    "timm": "pip install 'slca-peft[timm]' (or timm)",
+}
+
+
+def missing_optional_dependency(err: BaseException) -> str | None:
+    """The one-line message for an `ImportError` of an optional dependency (anywhere in its cause chain), else
+    None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name = (getattr(err, "name", None) or "").split(".")[0] if isinstance(err, ImportError) else ""
+        if name in OPTIONAL_DEPENDENCIES:
+            return f"this command needs the optional package {name!r}, which is not installed: " \
+                   f"{OPTIONAL_DEPENDENCIES[name]}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, prog: str = "slca-peft") -> Any:
     """Run `main(argv)`; report a user error as one line and exit 2 unless debugging."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -93,4 +117,10 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None, pr
         raise SystemExit(130) from None
     except UserError as err:
         print(f"{prog}: error: {one_line(err)} (run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ImportError as err:
+        message = missing_optional_dependency(err)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message} (run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -272,6 +272,25 @@ def test_reopened_statistics_equal_those_of_the_union():
             torch.testing.assert_close(merged.covariances[0], union.covariances[0], rtol=0, atol=1e-10)
 
 
+def test_a_continuation_without_new_data_is_refused_in_one_line_not_given_the_demo(recipe, tmp_path):
+    out = ["--output_dir", str(tmp_path / "e8"), "--use_cpu", "true", "--num_train_epochs", "1"]
+    for flags in (["--continue_from", "me/model"], ["--continue_from=me/model", "--old_test_dir", "old/test"]):
+        with pytest.raises(UserError, match=r"--continue_from needs the new data .*--train_dir DIR --test_dir DIR"
+                                            r".* or --dataset NAME") as refused:
+            recipe.parse_args(flags + out)
+        assert "\n" not in str(refused.value)
+    # Any flag naming the user's data, model or checkpoint switches the demo off; its refusal names the fix.
+    with pytest.raises(UserError, match="--resume_from goes on with the run's own data"):
+        recipe.parse_args(["--resume_from", "auto", *out])
+    for flag in ("--data_dir", "--test-dir"):
+        with pytest.raises(UserError, match="give --dataset NAME, both --train_dir and --test_dir"):
+            recipe.parse_args([flag, str(tmp_path), "--model_name_or_path", "google/vit-base-patch16-224", *out])
+    # The demo itself, tuned by flags or resumed in its own output directory, still loads its config.
+    for argv in (["--num_train_epochs", "1"], ["--resume_from", "auto"]):
+        _, data_args, args = recipe.parse_args(argv)
+        assert data_args.dataset == "digits" and args.output_dir == "outputs/demo_digits"
+
+
 #: Tasks of one class; no --model_name_or_path: a continuation takes the checkpoint's base model.
 FLAGS = dict(init_cls=1, increment=1, learning_rate=0.05, ca_samples_per_class=16, ca_batch_size=None,
              crop_scale_min=0.8, horizontal_flip=False, seed=0)

@@ -93,3 +93,29 @@ def test_sys_exit_in_a_callback_is_an_error_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(main, [])
     assert exit_info.value.code == 2 and "called sys.exit(0) during training" in capsys.readouterr().err
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_the_install(capsys, monkeypatch):
+    from slca_peft.data.formats import load_digits_dataset
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(UserError, match=r"scikit-learn, which is not installed: pip install 'slca-peft\[demo\]'"):
+        load_digits_dataset()
+
+    def needs_matplotlib(argv):
+        import matplotlib.pyplot  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(needs_matplotlib, [])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "optional package 'matplotlib'" in err and "slca-peft[plot]" in err
+
+    def bug(argv):
+        import a_module_nobody_ships  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):  # not an optional dependency: a bug, with its traceback
+        run_main(bug, [])
