@@ -354,7 +354,8 @@ def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders,
     with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
         recipe.main(base + ["--released_code", "true"])
     other = shutil.copytree(base_model_dir, tmp_path / "other-vit")
-    with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses"):
+    with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses .*; leave out "
+                                         "--model_name_or_path"):
         recipe.main(base + ["--model_name_or_path", str(other)])
     clash = recipe_argv(None, folders["full"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)
     with pytest.raises(ValueError, match=r"\['class_00', 'class_01', 'class_02', 'class_03'\] are already learned"):
@@ -410,3 +411,35 @@ def test_the_already_learned_refusal_names_every_clash_or_counts_the_rest_on_one
         assert listed == names
     else:  # many: the first ten named, the rest counted
         assert listed == names[:10] and f" and {clashing - 10} more are already learned" in message
+
+
+def test_new_data_of_learned_classes_only_is_refused_as_adding_no_class():
+    import datasets
+    from PIL import Image
+
+    def split(names):
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * len(names),
+                                           "label": list(range(len(names)))}, features=features)
+
+    names = ["c0", "c1", "c2"]
+    previous = {"tasks_learned": 1, "task_sizes": [3], "class_order": [0, 1, 2], "label_names": names,
+                "accuracy_matrix": [[80.0]], "seen_accuracy": [80.0], "task_test_sizes": [3], "seed": None,
+                "init_cls": 3, "increment": 3}
+    new = TaskSequence(split(names[1:]), split(names[1:]), init_cls=None, increment=None, seed=None)
+    with pytest.raises(UserError, match=r"the new data holds no new class: its 2 class\(es\) \['c1', 'c2'\] are all "
+                                        "already learned") as refused:
+        ContinuedStream(previous, new, merge_existing_classes=True)
+    assert "init_cls" not in str(refused.value)
+
+
+def test_a_run_fingerprint_without_a_base_model_records_null(tmp_path):
+    from slca_peft import SLCAConfig
+    from slca_peft.artifacts.layout import FINGERPRINT_FILE
+    from slca_peft.continual.fingerprint import read_fingerprint, run_fingerprint
+
+    fingerprint = run_fingerprint(SLCAConfig(output_dir=str(tmp_path), use_cpu=True), base_model=None)
+    assert fingerprint["base_model"] is None and fingerprint["base_model_sha256"] is None
+    # A run directory written when a missing base was the string "None" still matches it.
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({**fingerprint, "base_model": "None"}))
+    assert read_fingerprint(tmp_path) == fingerprint
