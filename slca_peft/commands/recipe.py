@@ -41,7 +41,13 @@ from ..continual.run_dir import claim_run_directory, latest_checkpoint, refuse_l
 from ..continual.steps import CheckpointStep, write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
 from ..data.checks import check_task_data, check_task_splits, use_decoded_record
-from ..data.continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
+from ..data.continuation import (
+    ContinuedStream,
+    before_last_continuation,
+    checkpoint_digest,
+    learned_part,
+    load_test_folder,
+)
 from ..data.domains import DomainSequence
 from ..data.tasks import TaskSequence
 from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, eval_transform_config
@@ -251,7 +257,7 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
                                                      "horizontal_flip")}, **continuation},
     )
     done = None if args.overwrite_output_dir or named_checkpoint else \
-        finished_run(args.output_dir, fingerprint, len(tasks))
+        finished_run(args.output_dir, fingerprint, learned_before(model_args) + len(tasks))
     if done is not None:
         return _finished(args, done)
     with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
@@ -362,6 +368,20 @@ def continuation_fingerprint(model_args: ModelArguments, data_args: DataArgument
         digest = recorded
     return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": digest,
             "merge_existing_classes": model_args.merge_existing_classes, "old_test_dir": data_args.old_test_dir}
+
+
+def learned_before(model_args: ModelArguments) -> int:
+    """How many tasks the stream had learned before this run's data: those of the checkpoint `--continue_from`
+    goes on from, or, resuming an interrupted continuation, those its history records before the new data;
+    0 for a run of one stream. A continuation's metrics hold a row for each of them too."""
+    if model_args.continue_from:
+        try:
+            state = read_state(resolve_checkpoint(model_args.continue_from, model_args.continue_revision))
+            return learned_part(state)["tasks_learned"] if state else 0
+        except (OSError, ValueError):  # refused, naming the file, when the checkpoint is loaded
+            return 0
+    segment = _continued_segment(model_args)
+    return int(segment["first_task"]) if segment else 0
 
 
 def _recorded_source(output_dir: str, checkpoint: str) -> str | None:

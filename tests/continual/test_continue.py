@@ -302,7 +302,7 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     out = tmp_path / "next"
     args = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]),
                        "--old_test_dir", str(folders["a"][1]), "--class_order_seed", "7", **FLAGS)
-    recipe.main(args)
+    summary = recipe.main(args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2, 3, 4]
     assert None not in metrics["accuracy_matrix"][-1]  # the old test data was given
@@ -315,14 +315,26 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     fingerprint = json.loads((out / "run_fingerprint.json").read_text())
     assert fingerprint["continue_from"] == str(runs["checkpoint"]) and len(fingerprint["continue_sha256"]) == 64
 
-    # An interrupted continuation resumes with --resume_from and the same new data, exactly.
+    assert fingerprint["base_model"] is None  # the checkpoint names its base
+
+    # The same command again reports the finished continuation (all its tasks, old and new), as does
+    # --resume_from auto; nothing is trained or written.
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    without_source = list(args)
+    i = without_source.index("--continue_from")
+    del without_source[i : i + 2]
+    for again in (args, without_source + ["--resume_from", "auto"]):
+        assert recipe.main(again) == summary
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
+
+    # An interrupted continuation: the same command says how to resume it, which resumes it exactly.
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
     shutil.rmtree(partial / "task_4")
     (partial / "metrics.json").unlink()
-    resumed = [a if a != str(out) else str(partial) for a in args]
-    i = resumed.index("--continue_from")
-    del resumed[i : i + 2]
+    with pytest.raises(UserError, match="continue it with --resume_from auto in place of --continue_from"):
+        recipe.main([a if a != str(out) else str(partial) for a in args])
+    resumed = [a if a != str(out) else str(partial) for a in without_source]
     recipe.main(resumed + ["--resume_from", "auto"])
     assert json.loads((partial / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
 
