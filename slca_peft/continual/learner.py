@@ -24,7 +24,13 @@ from transformers import TrainerCallback, set_seed
 from ..artifacts.layout import checkpoint_dirs
 from ..data.continuation import ContinuedStream
 from ..data.tasks import Task, TaskSequence, TaskStream, stream_class_ids
-from ..data.transforms import EvalTransform, collate_fn, eval_image_processor, make_batch_transform
+from ..data.transforms import (
+    EvalTransform,
+    ProcessorTransform,
+    collate_fn,
+    eval_image_processor,
+    make_batch_transform,
+)
 from ..method.config import SLCAConfig, as_slca_config
 from ..method.statistics import ClassStatistics
 from ..method.trainer import SLCATrainer
@@ -85,11 +91,13 @@ class ContinualLearner:
 
     def set_transforms(self, train_transform, eval_transform) -> None:
         """Image -> tensor callables for training and for statistics/evaluation. An `EvalTransform`'s image
-        processor (`eval_image_processor`) goes into every checkpoint, so `pipeline()` preprocesses as the
-        run evaluated."""
+        processor (`eval_image_processor`), or a `ProcessorTransform`'s processor, goes into every checkpoint, so
+        `pipeline()` preprocesses as the run evaluated."""
         cols = (self.tasks.image_column, self.tasks.label_column)
         if isinstance(eval_transform, EvalTransform):
             self.model.image_processor = eval_image_processor(eval_transform.config)
+        elif isinstance(eval_transform, ProcessorTransform):  # a checkpoint's own processor: kept as it is
+            self.model.image_processor = eval_transform.processor
         self.train_transform = make_batch_transform(train_transform, *cols) if train_transform else None
         self.eval_transform = make_batch_transform(eval_transform, *cols) if eval_transform else None
 

@@ -340,6 +340,65 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
 
 
 @pytest.mark.slow
+def test_a_continuation_preprocesses_as_the_checkpoint_s_image_processor(recipe, folders, tmp_path, make_learner,
+                                                                          monkeypatch):
+    """A checkpoint whose image processor is not the recipe's (a stock script's ViTImageProcessor: resize to
+    32 x 32, bilinear, its own normalisation) computed its statistics on that processor's pixels: the
+    continuation's statistics, evaluation and written processor follow it, and the log says so."""
+    import logging
+
+    from transformers import ViTImageProcessor
+
+    from slca_peft import ContinualLearner, TrainTransform
+    from slca_peft.data.transforms import ProcessorTransform
+
+    vit = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4] * 3, image_std=[0.3] * 3)
+    first = make_learner(TaskSequence.from_image_folders(*folders["a"], init_cls=4, increment=4, seed=None),
+                         tmp_path / "stock", **{**SETTINGS, "init_cls": 4, "increment": 4, "num_train_epochs": 1})
+    first.set_transforms(TrainTransform(ImageTransformConfig.from_image_processor(vit), scale=(0.8, 1.0), flip_p=0.0),
+                         ProcessorTransform(vit))
+    first.run()
+    checkpoint = tmp_path / "stock" / "task_1"
+    written = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    assert written["image_processor_type"] == "ViTImageProcessor" and written["size"] == {"height": 32, "width": 32}
+
+    used, original = [], ContinualLearner.set_transforms
+    monkeypatch.setattr(ContinualLearner, "set_transforms",
+                        lambda self, train, evaluation: (used.append((train, evaluation)),
+                                                         original(self, train, evaluation))[1])
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logging.getLogger("slca_peft").addHandler(handler)
+    out = tmp_path / "next"
+    try:
+        recipe.main(recipe_argv(None, folders["b"], out, "--continue_from", str(checkpoint),
+                                "--brightness_jitter", "0.1", "--bf16", "false", **FLAGS))
+    finally:
+        logging.getLogger("slca_peft").removeHandler(handler)
+    for task in ("task_2", "task_3"):
+        assert json.loads((out / task / "preprocessor_config.json").read_text()) == written
+    train, evaluation = used[-1]
+    assert isinstance(evaluation, ProcessorTransform) and evaluation.processor.to_dict() == vit.to_dict()
+    expected = ImageTransformConfig(size=32, mean=(0.4,) * 3, std=(0.3,) * 3)
+    assert evaluation.config == expected and train.config == ImageTransformConfig(**{**vars(expected),
+                                                                                     "brightness": 0.1})
+    said = [r.getMessage() for r in records if r.getMessage().startswith("preprocessing:")]
+    assert len(said) == 1 and "the checkpoint's image processor (ViTImageProcessor, resize" in said[0], said
+    # The first new class's statistics are its training images' features under the checkpoint's processor.
+    model, stats, state, _ = load_checkpoint(out / "task_2")
+    class_id = state["class_ids"][4]
+    train_images = load_split_image_folders(*folders["b"])["train"]
+    label = train_images.features["label"].names.index(state["label_names"][class_id])
+    images = [im for im, y in zip(train_images["image"], train_images["label"], strict=True) if y == label]
+    with torch.no_grad():
+        model.eval()
+        feats = model.features(torch.stack([vit(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                                            for im in images])).double()
+    torch.testing.assert_close(stats.means[class_id], feats.mean(0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, base_model_dir, tmp_path):
     edited = tmp_path / "edited"
     shutil.copytree(runs["checkpoint"], edited)
@@ -455,3 +514,21 @@ def test_a_run_fingerprint_without_a_base_model_records_null(tmp_path):
     # A run directory written when a missing base was the string "None" still matches it.
     (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({**fingerprint, "base_model": "None"}))
     assert read_fingerprint(tmp_path) == fingerprint
+
+
+def test_the_checkpoint_s_processor_gives_the_eval_transform_of_its_pixels():
+    from transformers import ViTImageProcessor
+
+    from slca_peft.data.transforms import ProcessorTransform, checkpoint_eval_transform, eval_image_processor
+
+    config = ImageTransformConfig(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    own = checkpoint_eval_transform(eval_image_processor(config))  # the processor slca-peft writes: its transform
+    assert type(own) is EvalTransform and own.config == config
+    vit = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    other = checkpoint_eval_transform(vit)  # another resize (32 x 32, bilinear): the processor itself
+    assert isinstance(other, ProcessorTransform) and other.processor is vit and other.config == config
+    from PIL import Image
+
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 50, 3)).astype(np.uint8))
+    assert torch.equal(other(image), vit(images=image, return_tensors="pt")["pixel_values"][0])
+    assert not torch.allclose(other(image), own(image))
