@@ -28,8 +28,10 @@ from ..data.transforms import (
     EvalTransform,
     ProcessorTransform,
     collate_fn,
+    describe_image_processor,
     eval_image_processor,
     make_batch_transform,
+    same_pixels,
 )
 from ..method.config import SLCAConfig, as_slca_config
 from ..method.statistics import ClassStatistics
@@ -79,6 +81,8 @@ class ContinualLearner:
     ):
         args = as_slca_config(args)  # a plain TrainingArguments is converted, as SLCATrainer does
         self.model, self.args, self.tasks = model, args, tasks
+        #: The image processor the model came with (a checkpoint's): its statistics were computed on its pixels.
+        self._loaded_processor = model.image_processor
         self.set_transforms(train_transform, eval_transform)
         self.result = result or ContinualResult()
         self.trainer: SLCATrainer | None = None
@@ -98,6 +102,13 @@ class ContinualLearner:
             self.model.image_processor = eval_image_processor(eval_transform.config)
         elif isinstance(eval_transform, ProcessorTransform):  # a checkpoint's own processor: kept as it is
             self.model.image_processor = eval_transform.processor
+        loaded, now = self._loaded_processor, self.model.image_processor
+        if loaded is not None and now is not None and not same_pixels(loaded, now):
+            logger.warning("the eval transform preprocesses otherwise than the image processor the model came with "
+                           "(%s; now %s), which its class statistics were computed with: old and new statistics "
+                           "and scores would come from different pixels; pass "
+                           "checkpoint_eval_transform(model.image_processor) to keep it.",
+                           describe_image_processor(loaded), describe_image_processor(now))
         self.train_transform = make_batch_transform(train_transform, *cols) if train_transform else None
         self.eval_transform = make_batch_transform(eval_transform, *cols) if eval_transform else None
 

@@ -48,6 +48,7 @@ __all__ = [
     "eval_transform_config",
     "make_batch_transform",
     "random_resized_crop_params",
+    "same_pixels",
 ]
 
 _BICUBIC = Image.Resampling.BICUBIC
@@ -378,6 +379,12 @@ def _pixel_settings(processor: Any) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))  # tuples and lists alike
 
 
+def same_pixels(a: Any, b: Any) -> bool:
+    """Whether two image processors compute the same pixels (the same settings, whatever their class name or
+    backend)."""
+    return _pixel_settings(a) == _pixel_settings(b)
+
+
 def describe_image_processor(processor: Any) -> str:
     """A processor in a few words for a log line: its type, resize, crop and normalisation."""
     d = processor.to_dict()
@@ -398,7 +405,7 @@ def checkpoint_eval_transform(processor: Any) -> EvalTransform | ProcessorTransf
     itself (`ProcessorTransform`). Going on from a checkpoint with it keeps its class statistics, the new
     ones and every score on the same preprocessing, and the processor the new checkpoints hold the same."""
     config = ImageTransformConfig.from_image_processor(processor)
-    if _pixel_settings(processor) == _pixel_settings(eval_image_processor(config)):
+    if same_pixels(processor, eval_image_processor(config)):
         return EvalTransform(config)
     return ProcessorTransform(processor)
 

@@ -397,6 +397,22 @@ def test_a_continuation_preprocesses_as_the_checkpoint_s_image_processor(recipe,
                                             for im in images])).double()
     torch.testing.assert_close(stats.means[class_id], feats.mean(0), rtol=0, atol=1e-5)
 
+    # In Python, an eval transform of other pixels than the checkpoint's processor is named in a warning.
+    from slca_peft import SLCAConfig
+    from slca_peft.data.transforms import checkpoint_eval_transform
+
+    records.clear()
+    logging.getLogger("slca_peft").addHandler(handler)
+    try:
+        for transform in (checkpoint_eval_transform(vit), EvalTransform(expected)):
+            ContinualLearner.from_pretrained(checkpoint, SLCAConfig(output_dir=str(tmp_path / "py"), use_cpu=True),
+                                             sequence(folders["b"]), eval_transform=transform)
+    finally:
+        logging.getLogger("slca_peft").removeHandler(handler)
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING and "preprocesses otherwise" in
+              r.getMessage()]
+    assert len(warned) == 1 and "ViTImageProcessor" in warned[0] and "CLIPImageProcessor" in warned[0], warned
+
 
 @pytest.mark.slow
 def test_continuing_from_an_edited_checkpoint_is_refused(recipe, runs, folders, base_model_dir, tmp_path):
