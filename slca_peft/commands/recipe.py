@@ -41,10 +41,24 @@ from ..continual.run_dir import claim_run_directory, latest_checkpoint, refuse_l
 from ..continual.steps import CheckpointStep, write_plots
 from ..data.benchmarks import KNOWN_DATASETS, canonical_name, load_benchmark
 from ..data.checks import check_task_data, check_task_splits, use_decoded_record
-from ..data.continuation import ContinuedStream, before_last_continuation, checkpoint_digest, load_test_folder
+from ..data.continuation import (
+    ContinuedStream,
+    before_last_continuation,
+    checkpoint_digest,
+    learned_part,
+    load_test_folder,
+)
 from ..data.domains import DomainSequence
 from ..data.tasks import TaskSequence
-from ..data.transforms import EvalTransform, ImageTransformConfig, TrainTransform, eval_transform_config
+from ..data.transforms import (
+    EvalTransform,
+    ImageTransformConfig,
+    ProcessorTransform,
+    TrainTransform,
+    checkpoint_eval_transform,
+    describe_image_processor,
+    eval_transform_config,
+)
 from ..method.config import SLCAConfig
 from ..metrics import summarize_accuracy_matrix
 from ..models.adapters import load_peft_config
@@ -251,7 +265,7 @@ def _start(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
                                                      "horizontal_flip")}, **continuation},
     )
     done = None if args.overwrite_output_dir or named_checkpoint else \
-        finished_run(args.output_dir, fingerprint, len(tasks))
+        finished_run(args.output_dir, fingerprint, learned_before(model_args) + len(tasks))
     if done is not None:
         return _finished(args, done)
     with claim_run_directory(args.output_dir, fingerprint, overwrite=args.overwrite_output_dir,
@@ -310,16 +324,37 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: SLCAConfi
     else:
         learner = ContinualLearner(build_model(model_args, args), args, tasks, train_transform=None,
                                    eval_transform=None, callbacks=callbacks)
-    tc = transform_config_for(learner.model, data_args.brightness_jitter)
+    tc, eval_transform = eval_transforms_for(learner.model, data_args, from_checkpoint=bool(
+        resume or model_args.continue_from))
     dataset_id = dataset_hub_id(data_args.dataset)
     if dataset_id:  # each checkpoint's task history names it
         learner.get_callback(CheckpointStep).run_metadata["dataset"] = dataset_id
     learner.set_transforms(
         TrainTransform(tc, scale=(data_args.crop_scale_min, 1.0), flip_p=0.5 if data_args.horizontal_flip else 0.0,
                        resize=data_args.train_resize or None),
-        EvalTransform(tc),
+        eval_transform,
     )
     return learner.run().summary()
+
+
+def eval_transforms_for(model: SLCAModel, data_args: DataArguments, *, from_checkpoint: bool
+                        ) -> tuple[ImageTransformConfig, EvalTransform | ProcessorTransform]:
+    """The training transform's size and normalisation and the evaluation transform. A run that goes on from a
+    checkpoint carrying an image processor (`model.image_processor`) follows it: the class statistics it
+    holds were computed on its pixels, so the new statistics, every score and the processor each new
+    checkpoint holds are too (logged when it is not the one the recipe would build); training crops to its
+    size with its normalisation. Otherwise both come from the base model (`transform_config_for`)."""
+    default = transform_config_for(model, data_args.brightness_jitter)
+    processor = model.image_processor if from_checkpoint else None
+    if processor is None:
+        return default, EvalTransform(default)
+    eval_transform = checkpoint_eval_transform(processor)
+    tc = dataclasses.replace(eval_transform.config, brightness=data_args.brightness_jitter)
+    if isinstance(eval_transform, ProcessorTransform) or tc != default:
+        logger.info("preprocessing: the checkpoint's image processor (%s), with which its class statistics were "
+                    "computed, for the statistics, evaluation and the processor of every new checkpoint; training "
+                    "crops to %d pixels with its normalisation.", describe_image_processor(processor), tc.size)
+    return tc, eval_transform
 
 
 # ------------------------------------------------------------------------------------------ continuations
@@ -362,6 +397,20 @@ def continuation_fingerprint(model_args: ModelArguments, data_args: DataArgument
         digest = recorded
     return {"continue_from": checkpoint, "continue_revision": revision, "continue_sha256": digest,
             "merge_existing_classes": model_args.merge_existing_classes, "old_test_dir": data_args.old_test_dir}
+
+
+def learned_before(model_args: ModelArguments) -> int:
+    """How many tasks the stream had learned before this run's data: those of the checkpoint `--continue_from`
+    goes on from, or, resuming an interrupted continuation, those its history records before the new data;
+    0 for a run of one stream. A continuation's metrics hold a row for each of them too."""
+    if model_args.continue_from:
+        try:
+            state = read_state(resolve_checkpoint(model_args.continue_from, model_args.continue_revision))
+            return learned_part(state)["tasks_learned"] if state else 0
+        except (OSError, ValueError):  # refused, naming the file, when the checkpoint is loaded
+            return 0
+    segment = _continued_segment(model_args)
+    return int(segment["first_task"]) if segment else 0
 
 
 def _recorded_source(output_dir: str, checkpoint: str) -> str | None:

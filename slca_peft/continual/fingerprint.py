@@ -115,7 +115,7 @@ def run_fingerprint(args: Any, *, base_model: str | None, base_revision: str | N
         value = getattr(args, name, None)
         fingerprint[name] = value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
     base = Path(base_model) if base_model else None
-    fingerprint["base_model"] = str(base_model)
+    fingerprint["base_model"] = str(base_model) if base_model else None  # None: the checkpoint's (a continuation)
     fingerprint["base_model_revision"] = base_revision
     if base is not None and base.is_file():
         fingerprint["base_model_sha256"] = hashlib.sha256(read_bytes(base, _MAX_JSON_BYTES, fix="give --model_config "
@@ -141,6 +141,8 @@ def read_fingerprint(directory: str | Path) -> dict[str, Any] | None:
     data = read_own_json(path, _MAX_JSON_BYTES, "remove it or use --overwrite_output_dir")
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; remove it or use --overwrite_output_dir.")
+    if data is not None and data.get("base_model") == "None":  # older versions wrote a missing base as a string
+        data["base_model"] = None
     return data
 
 

@@ -24,7 +24,15 @@ from transformers import TrainerCallback, set_seed
 from ..artifacts.layout import checkpoint_dirs
 from ..data.continuation import ContinuedStream
 from ..data.tasks import Task, TaskSequence, TaskStream, stream_class_ids
-from ..data.transforms import EvalTransform, collate_fn, eval_image_processor, make_batch_transform
+from ..data.transforms import (
+    EvalTransform,
+    ProcessorTransform,
+    collate_fn,
+    describe_image_processor,
+    eval_image_processor,
+    make_batch_transform,
+    same_pixels,
+)
 from ..method.config import SLCAConfig, as_slca_config
 from ..method.statistics import ClassStatistics
 from ..method.trainer import SLCATrainer
@@ -73,6 +81,8 @@ class ContinualLearner:
     ):
         args = as_slca_config(args)  # a plain TrainingArguments is converted, as SLCATrainer does
         self.model, self.args, self.tasks = model, args, tasks
+        #: The image processor the model came with (a checkpoint's): its statistics were computed on its pixels.
+        self._loaded_processor = model.image_processor
         self.set_transforms(train_transform, eval_transform)
         self.result = result or ContinualResult()
         self.trainer: SLCATrainer | None = None
@@ -85,11 +95,20 @@ class ContinualLearner:
 
     def set_transforms(self, train_transform, eval_transform) -> None:
         """Image -> tensor callables for training and for statistics/evaluation. An `EvalTransform`'s image
-        processor (`eval_image_processor`) goes into every checkpoint, so `pipeline()` preprocesses as the
-        run evaluated."""
+        processor (`eval_image_processor`), or a `ProcessorTransform`'s processor, goes into every checkpoint, so
+        `pipeline()` preprocesses as the run evaluated."""
         cols = (self.tasks.image_column, self.tasks.label_column)
         if isinstance(eval_transform, EvalTransform):
             self.model.image_processor = eval_image_processor(eval_transform.config)
+        elif isinstance(eval_transform, ProcessorTransform):  # a checkpoint's own processor: kept as it is
+            self.model.image_processor = eval_transform.processor
+        loaded, now = self._loaded_processor, self.model.image_processor
+        if loaded is not None and now is not None and not same_pixels(loaded, now):
+            logger.warning("the eval transform preprocesses otherwise than the image processor the model came with "
+                           "(%s; now %s), which its class statistics were computed with: old and new statistics "
+                           "and scores would come from different pixels; pass "
+                           "checkpoint_eval_transform(model.image_processor) to keep it.",
+                           describe_image_processor(loaded), describe_image_processor(now))
         self.train_transform = make_batch_transform(train_transform, *cols) if train_transform else None
         self.eval_transform = make_batch_transform(eval_transform, *cols) if eval_transform else None
 

@@ -253,8 +253,10 @@ def claim_run_directory(
             elif artefacts:
                 names = ", ".join(p.name for p in artefacts[:4])
                 if holds_run(root):
+                    how = "--resume_from auto in place of --continue_from (with the same new data flags)" \
+                        if fingerprint.get("continue_from") else "--resume_from auto"
                     raise UserError(
-                        f"{root} already holds a run ({names}); continue it with --resume_from auto, choose another "
+                        f"{root} already holds a run ({names}); continue it with {how}, choose another "
                         "--output_dir, or pass --overwrite_output_dir to replace it."
                     )
                 raise UserError(f"{root} holds files a run writes ({names}) but no slca-peft run; move them or choose "

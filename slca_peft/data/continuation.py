@@ -165,6 +165,12 @@ class ContinuedStream:
         if taken:
             raise UserError(f"the new data names a class {taken[0]!r}, the name slca-peft gives a class id the "
                              "checkpoint skipped; rename that class.")
+        if not fresh:  # every class of the new data merges into a learned one: nothing to learn
+            shown = clashes[:10]
+            more = f" and {len(clashes) - len(shown)} more" if len(clashes) > len(shown) else ""
+            raise UserError(f"the new data holds no new class: its {len(clashes)} class(es) {shown}{more} are all "
+                             "already learned, so continuing would add no output; give data with at least one class "
+                             "the checkpoint has not learned (a folder named after it).")
         new_offsets = new.offsets()
         self._new_tasks: list[tuple[list[int], list[int]]] = []  # (new positions, merged old positions)
         for i in range(len(new)):

@@ -16,6 +16,7 @@ which reseed :mod:`random` per worker, get independent streams.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import warnings
@@ -37,13 +38,17 @@ if TYPE_CHECKING:
 __all__ = [
     "EvalTransform",
     "ImageTransformConfig",
+    "ProcessorTransform",
     "TrainTransform",
     "collate_fn",
+    "checkpoint_eval_transform",
     "default_image_processor",
+    "describe_image_processor",
     "eval_image_processor",
     "eval_transform_config",
     "make_batch_transform",
     "random_resized_crop_params",
+    "same_pixels",
 ]
 
 _BICUBIC = Image.Resampling.BICUBIC
@@ -344,6 +349,65 @@ class EvalTransform(_BaseTransform):
         left = (new_w - size) // 2
         img = img.crop((left, top, left + size, top + size))
         return self._normalize(self._to_unit_tensor(img))
+
+
+class ProcessorTransform:
+    """Evaluation pipeline that is a transformers image processor itself (a checkpoint's own, e.g. the
+    `ViTImageProcessor` of a stock script's run: resize to ``size``, bilinear): the pixels the checkpoint's
+    class statistics and scores were computed on. `config` holds its crop size and normalisation, for a
+    training transform of the same input."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.config = ImageTransformConfig.from_image_processor(processor)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = _to_model_mode(img, self.config.num_channels)
+        pixels = self.processor(images=img, return_tensors="pt")["pixel_values"][0]
+        return pixels.to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({describe_image_processor(self.processor)})"
+
+
+#: Processor fields that change no pixel (its class name and backend, transformers' bookkeeping).
+_PROCESSOR_BOOKKEEPING = ("image_processor_type", "processor_class", "_processor_class", "backend")
+
+
+def _pixel_settings(processor: Any) -> dict[str, Any]:
+    settings = {k: v for k, v in processor.to_dict().items() if k not in _PROCESSOR_BOOKKEEPING}
+    return json.loads(json.dumps(settings, default=str))  # tuples and lists alike
+
+
+def same_pixels(a: Any, b: Any) -> bool:
+    """Whether two image processors compute the same pixels (the same settings, whatever their class name or
+    backend)."""
+    return _pixel_settings(a) == _pixel_settings(b)
+
+
+def describe_image_processor(processor: Any) -> str:
+    """A processor in a few words for a log line: its type, resize, crop and normalisation."""
+    d = processor.to_dict()
+    parts = [str(d.get("image_processor_type") or type(processor).__name__)]
+    if d.get("do_resize", True) and d.get("size"):
+        resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(d.get("resample"), d.get("resample"))
+        parts.append(f"resize {d['size']} {resample}")
+    if d.get("do_center_crop") and d.get("crop_size"):
+        parts.append(f"centre crop {d['crop_size']}")
+    if d.get("do_normalize", True) and "image_mean" in d:
+        parts.append(f"mean {list(d['image_mean'])} std {list(d.get('image_std', []))}")
+    return ", ".join(parts)
+
+
+def checkpoint_eval_transform(processor: Any) -> EvalTransform | ProcessorTransform:
+    """The evaluation transform that gives the pixels of a checkpoint's image processor: `EvalTransform`
+    when the processor is the one slca-peft writes for it (`eval_image_processor`), else the processor
+    itself (`ProcessorTransform`). Going on from a checkpoint with it keeps its class statistics, the new
+    ones and every score on the same preprocessing, and the processor the new checkpoints hold the same."""
+    config = ImageTransformConfig.from_image_processor(processor)
+    if same_pixels(processor, eval_image_processor(config)):
+        return EvalTransform(config)
+    return ProcessorTransform(processor)
 
 
 def make_batch_transform(

@@ -278,7 +278,8 @@ def read_model_config(
     if accepted and base is not None and not any(_same_base(base, name) for name in accepted):
         raise UserError(
             f"{config_path}: base_model_name_or_path is {base!r} but this run uses {' / '.join(accepted)!r}; "
-            "resume with the base model the checkpoint was trained on."
+            "leave out --model_name_or_path (the checkpoint names its base model; in Python, expected_base), "
+            "or give the base model it was trained on."
         )
     config.base_model_name_or_path = base
     return config, root

@@ -302,7 +302,7 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     out = tmp_path / "next"
     args = recipe_argv(None, folders["b"], out, "--continue_from", str(runs["checkpoint"]),
                        "--old_test_dir", str(folders["a"][1]), "--class_order_seed", "7", **FLAGS)
-    recipe.main(args)
+    summary = recipe.main(args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(row) for row in metrics["accuracy_matrix"]] == [1, 2, 3, 4]
     assert None not in metrics["accuracy_matrix"][-1]  # the old test data was given
@@ -315,16 +315,103 @@ def test_the_recipe_continues_a_checkpoint_and_resumes_the_continuation(recipe, 
     fingerprint = json.loads((out / "run_fingerprint.json").read_text())
     assert fingerprint["continue_from"] == str(runs["checkpoint"]) and len(fingerprint["continue_sha256"]) == 64
 
-    # An interrupted continuation resumes with --resume_from and the same new data, exactly.
+    assert fingerprint["base_model"] is None  # the checkpoint names its base
+
+    # The same command again reports the finished continuation (all its tasks, old and new), as does
+    # --resume_from auto; nothing is trained or written.
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    without_source = list(args)
+    i = without_source.index("--continue_from")
+    del without_source[i : i + 2]
+    for again in (args, without_source + ["--resume_from", "auto"]):
+        assert recipe.main(again) == summary
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
+
+    # An interrupted continuation: the same command says how to resume it, which resumes it exactly.
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
     shutil.rmtree(partial / "task_4")
     (partial / "metrics.json").unlink()
-    resumed = [a if a != str(out) else str(partial) for a in args]
-    i = resumed.index("--continue_from")
-    del resumed[i : i + 2]
+    with pytest.raises(UserError, match="continue it with --resume_from auto in place of --continue_from"):
+        recipe.main([a if a != str(out) else str(partial) for a in args])
+    resumed = [a if a != str(out) else str(partial) for a in without_source]
     recipe.main(resumed + ["--resume_from", "auto"])
     assert json.loads((partial / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+@pytest.mark.slow
+def test_a_continuation_preprocesses_as_the_checkpoint_s_image_processor(recipe, folders, tmp_path, make_learner,
+                                                                          monkeypatch):
+    """A checkpoint whose image processor is not the recipe's (a stock script's ViTImageProcessor: resize to
+    32 x 32, bilinear, its own normalisation) computed its statistics on that processor's pixels: the
+    continuation's statistics, evaluation and written processor follow it, and the log says so."""
+    import logging
+
+    from transformers import ViTImageProcessor
+
+    from slca_peft import ContinualLearner, TrainTransform
+    from slca_peft.data.transforms import ProcessorTransform
+
+    vit = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4] * 3, image_std=[0.3] * 3)
+    first = make_learner(TaskSequence.from_image_folders(*folders["a"], init_cls=4, increment=4, seed=None),
+                         tmp_path / "stock", **{**SETTINGS, "init_cls": 4, "increment": 4, "num_train_epochs": 1})
+    first.set_transforms(TrainTransform(ImageTransformConfig.from_image_processor(vit), scale=(0.8, 1.0), flip_p=0.0),
+                         ProcessorTransform(vit))
+    first.run()
+    checkpoint = tmp_path / "stock" / "task_1"
+    written = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    assert written["image_processor_type"] == "ViTImageProcessor" and written["size"] == {"height": 32, "width": 32}
+
+    used, original = [], ContinualLearner.set_transforms
+    monkeypatch.setattr(ContinualLearner, "set_transforms",
+                        lambda self, train, evaluation: (used.append((train, evaluation)),
+                                                         original(self, train, evaluation))[1])
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logging.getLogger("slca_peft").addHandler(handler)
+    out = tmp_path / "next"
+    try:
+        recipe.main(recipe_argv(None, folders["b"], out, "--continue_from", str(checkpoint),
+                                "--brightness_jitter", "0.1", "--bf16", "false", **FLAGS))
+    finally:
+        logging.getLogger("slca_peft").removeHandler(handler)
+    for task in ("task_2", "task_3"):
+        assert json.loads((out / task / "preprocessor_config.json").read_text()) == written
+    train, evaluation = used[-1]
+    assert isinstance(evaluation, ProcessorTransform) and evaluation.processor.to_dict() == vit.to_dict()
+    expected = ImageTransformConfig(size=32, mean=(0.4,) * 3, std=(0.3,) * 3)
+    assert evaluation.config == expected and train.config == ImageTransformConfig(**{**vars(expected),
+                                                                                     "brightness": 0.1})
+    said = [r.getMessage() for r in records if r.getMessage().startswith("preprocessing:")]
+    assert len(said) == 1 and "the checkpoint's image processor (ViTImageProcessor, resize" in said[0], said
+    # The first new class's statistics are its training images' features under the checkpoint's processor.
+    model, stats, state, _ = load_checkpoint(out / "task_2")
+    class_id = state["class_ids"][4]
+    train_images = load_split_image_folders(*folders["b"])["train"]
+    label = train_images.features["label"].names.index(state["label_names"][class_id])
+    images = [im for im, y in zip(train_images["image"], train_images["label"], strict=True) if y == label]
+    with torch.no_grad():
+        model.eval()
+        feats = model.features(torch.stack([vit(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                                            for im in images])).double()
+    torch.testing.assert_close(stats.means[class_id], feats.mean(0), rtol=0, atol=1e-5)
+
+    # In Python, an eval transform of other pixels than the checkpoint's processor is named in a warning.
+    from slca_peft import SLCAConfig
+    from slca_peft.data.transforms import checkpoint_eval_transform
+
+    records.clear()
+    logging.getLogger("slca_peft").addHandler(handler)
+    try:
+        for transform in (checkpoint_eval_transform(vit), EvalTransform(expected)):
+            ContinualLearner.from_pretrained(checkpoint, SLCAConfig(output_dir=str(tmp_path / "py"), use_cpu=True),
+                                             sequence(folders["b"]), eval_transform=transform)
+    finally:
+        logging.getLogger("slca_peft").removeHandler(handler)
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING and "preprocesses otherwise" in
+              r.getMessage()]
+    assert len(warned) == 1 and "ViTImageProcessor" in warned[0] and "CLIPImageProcessor" in warned[0], warned
 
 
 @pytest.mark.slow
@@ -354,7 +441,8 @@ def test_the_recipe_refuses_a_continuation_it_cannot_make(recipe, runs, folders,
     with pytest.raises(ValueError, match="lora_layout='per_projection', this run asks for 'fused_qkv'"):
         recipe.main(base + ["--released_code", "true"])
     other = shutil.copytree(base_model_dir, tmp_path / "other-vit")
-    with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses"):
+    with pytest.raises(ValueError, match="base_model_name_or_path is .* but this run uses .*; leave out "
+                                         "--model_name_or_path"):
         recipe.main(base + ["--model_name_or_path", str(other)])
     clash = recipe_argv(None, folders["full"], out, "--continue_from", str(runs["checkpoint"]), **FLAGS)
     with pytest.raises(ValueError, match=r"\['class_00', 'class_01', 'class_02', 'class_03'\] are already learned"):
@@ -410,3 +498,53 @@ def test_the_already_learned_refusal_names_every_clash_or_counts_the_rest_on_one
         assert listed == names
     else:  # many: the first ten named, the rest counted
         assert listed == names[:10] and f" and {clashing - 10} more are already learned" in message
+
+
+def test_new_data_of_learned_classes_only_is_refused_as_adding_no_class():
+    import datasets
+    from PIL import Image
+
+    def split(names):
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * len(names),
+                                           "label": list(range(len(names)))}, features=features)
+
+    names = ["c0", "c1", "c2"]
+    previous = {"tasks_learned": 1, "task_sizes": [3], "class_order": [0, 1, 2], "label_names": names,
+                "accuracy_matrix": [[80.0]], "seen_accuracy": [80.0], "task_test_sizes": [3], "seed": None,
+                "init_cls": 3, "increment": 3}
+    new = TaskSequence(split(names[1:]), split(names[1:]), init_cls=None, increment=None, seed=None)
+    with pytest.raises(UserError, match=r"the new data holds no new class: its 2 class\(es\) \['c1', 'c2'\] are all "
+                                        "already learned") as refused:
+        ContinuedStream(previous, new, merge_existing_classes=True)
+    assert "init_cls" not in str(refused.value)
+
+
+def test_a_run_fingerprint_without_a_base_model_records_null(tmp_path):
+    from slca_peft import SLCAConfig
+    from slca_peft.artifacts.layout import FINGERPRINT_FILE
+    from slca_peft.continual.fingerprint import read_fingerprint, run_fingerprint
+
+    fingerprint = run_fingerprint(SLCAConfig(output_dir=str(tmp_path), use_cpu=True), base_model=None)
+    assert fingerprint["base_model"] is None and fingerprint["base_model_sha256"] is None
+    # A run directory written when a missing base was the string "None" still matches it.
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({**fingerprint, "base_model": "None"}))
+    assert read_fingerprint(tmp_path) == fingerprint
+
+
+def test_the_checkpoint_s_processor_gives_the_eval_transform_of_its_pixels():
+    from transformers import ViTImageProcessor
+
+    from slca_peft.data.transforms import ProcessorTransform, checkpoint_eval_transform, eval_image_processor
+
+    config = ImageTransformConfig(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    own = checkpoint_eval_transform(eval_image_processor(config))  # the processor slca-peft writes: its transform
+    assert type(own) is EvalTransform and own.config == config
+    vit = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    other = checkpoint_eval_transform(vit)  # another resize (32 x 32, bilinear): the processor itself
+    assert isinstance(other, ProcessorTransform) and other.processor is vit and other.config == config
+    from PIL import Image
+
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 50, 3)).astype(np.uint8))
+    assert torch.equal(other(image), vit(images=image, return_tensors="pt")["pixel_values"][0])
+    assert not torch.allclose(other(image), own(image))

@@ -323,6 +323,9 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
     old, fresh = metrics["accuracy_matrix"][1]  # Last-Acc: over the 9 old and 6 new test images
     assert metrics["last_accuracy"] == pytest.approx((9 * old + 6 * fresh) / 15)
     continued = load_checkpoint(run / "task_2")
+    # The continuation preprocessed with the stock run's own processor (resize to 32 x 32, bilinear) and wrote it.
+    assert json.loads((run / "task_2" / "preprocessor_config.json").read_text()) == json.loads(
+        (out / "preprocessor_config.json").read_text())
     assert continued.task_history["label_names"] == ["class_00", "class_01", "class_02", "class_03", "class_04"]
     for k in range(3):  # the old classes' statistics are the trainer run's, carried over
         assert torch.equal(continued.statistics.means[k], statistics.means[k])
