@@ -296,6 +296,18 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
     assert state["label_names"] == ["class_00", "class_01", "class_02"]
     assert state["accuracy_matrix"] == [[pytest.approx(100 * evaluated)]] and state["task_test_sizes"] == [9]
     assert "--continue_from" in (out / "README.md").read_text()  # the card says the folder continues
+    # The card: titled as a checkpoint, the one task's "all seen" is its accuracy, and its figures say they are
+    # over the evaluation data (the script's --validation_dir); the export's card says the same.
+    card = ModelCard.load(out / "README.md")
+    shown = f"{100 * evaluated:.1f}"
+    assert card.text.startswith("\n# SLCA++ continual checkpoint\n") and f"| 1 | {shown} | {shown} |" in card.text
+    assert "nan" not in card.text and state["seen_accuracy"] == [pytest.approx(100 * evaluated)]
+    assert card.data.local_results["over"] == "the eval_dataset given to SLCATrainer"
+    from slca_peft.commands.cli import main as cli_main
+
+    cli_main(["export", str(out), str(tmp_path / "exported")])
+    assert ModelCard.load(tmp_path / "exported" / "README.md").data.local_results["over"] == (
+        "the eval_dataset given to SLCATrainer")
 
     # The statistics are the training images' features under the evaluation transform (SLCA's choice).
     checkpoint = load_checkpoint(out)
@@ -339,6 +351,10 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
         assert torch.equal(continued.statistics.means[k], statistics.means[k])
         assert torch.equal(continued.statistics.covariance(k), statistics.covariance(k))
     assert sorted(continued.statistics.classes) == [0, 1, 2, 3, 4]
+    # The continued card's figures: task 1 on the trainer's eval_dataset, then re-scored on --old_test_dir's.
+    over = ModelCard.load(run / "task_2" / "README.md").data.local_results["over"]
+    assert over == ("task 1: the eval_dataset given to SLCATrainer; task 2: the test data of image folders train, "
+                    "test; the earlier tasks after a continuation: the old test data it was given (--old_test_dir)")
 
 
 @pytest.mark.slow
