@@ -184,3 +184,21 @@ def test_the_readme_s_demo_figures_say_which_precision_and_cpu_produced_them():
             if figures.search(sentence):
                 assert re.search(r"\bfp32\b|\bbf16\b", sentence), sentence
                 assert re.search(r"\bCPU\b", sentence) and re.search(r"any CPU|AVX512|EPYC|Xeon", sentence), sentence
+
+
+def test_the_error_lines_docs_reliability_shows_are_what_the_cli_prints(tmp_path):
+    """docs/reliability.md quotes the command line's error lines: a user error's, and argparse's own."""
+    text = " ".join((ROOT / "docs" / "reliability.md").read_text().split())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("SLCA_PEFT_DEBUG", None)
+    lines = []
+    for value in ("0", "x"):
+        done = subprocess.run([sys.executable, "-m", "slca_peft.commands.cli", "train", "--ca_batch_size", value,
+                               "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 2
+        lines.append(done.stderr.strip().splitlines()[-1])
+    user_error, parse_error = lines
+    assert user_error.startswith("slca-peft: error: --ca_batch_size 0 is out of range")
+    assert "`slca-peft: error: <problem and fix>`" in text
+    assert f"`{parse_error}`" in text, parse_error

@@ -73,7 +73,7 @@ def validate_state(state: Any, source: str = STATE_FILE) -> dict[str, Any]:
                 raise fail(f"segments[{i}]", "must be a JSON object of a few fields.")
             for key in ("first_task", "tasks"):
                 check_int(f"segments[{i}].{key}", segment.get(key), 0, MAX_TASKS)
-            for key in ("data", "continued_from", "continued_revision"):
+            for key in ("data", "test_data", "continued_from", "continued_revision"):
                 check_str(f"segments[{i}].{key}", segment.get(key), optional=True)
             bounds = (("seed", -(2**63), 2**64), ("init_cls", 0, MAX_CLASSES), ("increment", 0, MAX_CLASSES))
             for key, low, high in bounds:

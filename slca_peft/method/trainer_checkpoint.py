@@ -196,6 +196,7 @@ class TrainerCheckpoint:
         return {
             "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes, "class_order": ids,
             "class_ids": ids, "label_names": list(names), "task_data": [None] * len(sizes),
+            "segments": [trainer_segment(len(sizes))],
             "accuracy_matrix": [[accuracy]], "seen_accuracy": [accuracy],
             "task_test_sizes": [len(evaluated) if evaluated is not None else 0],
             "timings": [dict(self._timing or {})], "training_seed": self.args.seed,
@@ -208,6 +209,16 @@ class TrainerCheckpoint:
             return {}
         return {"statistics": self.class_statistics, "state": self.task_history(),
                 "unaligned_head": self.slca_model.classifier.snapshot()}
+
+
+#: What a trainer run's accuracy was measured on (the card's `local_results.over`).
+TRAINER_TEST_DATA = "the eval_dataset given to SLCATrainer"
+
+
+def trainer_segment(tasks: int) -> dict[str, Any]:
+    """The one part of a trainer run's task history: its tasks, learned from data it records no name of, scored
+    on its `eval_dataset` (which a continuation's card keeps saying)."""
+    return {"first_task": 0, "tasks": tasks, "data": None, "test_data": TRAINER_TEST_DATA}
 
 
 def _size(dataset: Any) -> str:

@@ -20,11 +20,13 @@ from transformers.trainer_utils import HubStrategy, SaveStrategy
 
 from ..artifacts.atomic import atomic_write_text
 from ..artifacts.layout import CARD_FILE, STATISTICS_FILE
+from ..models.saving import card_backbone
 from ..sharing.card import build_model_card
 from ..sharing.hub import UPLOAD_ERRORS, default_repo_id, local_base_problem, push_folder
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
+from .trainer_checkpoint import trainer_segment
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class TrainerHub:
         fields = self._card_fields(license, tags, model_name, dataset_tags, dataset, language=language,
                                    finetuned_from=finetuned_from, tasks=tasks, dataset_args=dataset_args)
         card = build_model_card(self._card_settings(fields), self.card_state(), continuable=self.holds_checkpoint(),
-                                **fields)
+                                backbone=card_backbone(self.slca_model), **fields)
         os.makedirs(self.args.output_dir, exist_ok=True)
         atomic_write_text(os.path.join(self.args.output_dir, CARD_FILE), str(card))
 
@@ -109,11 +111,14 @@ class TrainerHub:
             return None
         accuracy = self.evaluated_accuracy()
         sizes = list(model.classifier.task_sizes)
+        # `evaluate` scores the classes of a one-task model (Last-Acc, and "all seen"); several tasks need
+        # per-task scores.
+        scored = accuracy is not None and len(sizes) == 1
         return {
             "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes,
             "label_names": model.label_names, "class_ids": model.class_ids,  # names by class id
-            # `evaluate` scores the classes of a one-task model (Last-Acc); several tasks need per-task scores.
-            "accuracy_matrix": [[accuracy]] if accuracy is not None and len(sizes) == 1 else [],
+            "segments": [trainer_segment(len(sizes))],
+            "accuracy_matrix": [[accuracy]] if scored else [], "seen_accuracy": [accuracy] if scored else [],
         }
 
     def _card_settings(self, fields: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +138,7 @@ class TrainerHub:
                      "finetuned_from": None if finetuned_from is None or is_local_name(finetuned_from)
                      else finetuned_from}
         return {"license": license, "tags": list(dict.fromkeys(_as_list(tags) + _as_list(tasks))),
-                "datasets": datasets or None, "model_name": model_name or self.hub_repo_id().split("/")[-1],
+                "datasets": datasets or None, "model_name": model_name,  # else the card's own title
                 "card_data": {k: v for k, v in card_data.items() if v is not None}}
 
     def push_to_hub(

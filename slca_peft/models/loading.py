@@ -41,16 +41,28 @@ REFUSED_LOADING_KEYWORDS = {
     "use_safetensors": "slca-peft always reads safetensors (never pickles); drop the keyword.",
     "from_tf": "slca-peft reads safetensors weights only; convert the checkpoint and drop the keyword.",
     "from_flax": "slca-peft reads safetensors weights only; convert the checkpoint and drop the keyword.",
+    "ignore_mismatched_sizes": "slca-peft loads every tensor at the shape it was saved with; new classes are "
+    "learned by continuing the model (slca-peft train --continue_from), not by resizing its heads.",
 }
+#: The value of a refused keyword that asks for what slca-peft does anyway (transformers' example scripts
+#: always pass `from_tf=False`, `trust_remote_code=False`, `ignore_mismatched_sizes=False`): accepted, and
+#: dropped. Any keyword at None is unset.
+DEFAULT_LOADING_VALUES = {"from_tf": False, "from_flax": False, "use_safetensors": True, "trust_remote_code": False,
+                          "ignore_mismatched_sizes": False, "load_in_8bit": False, "load_in_4bit": False}
 
 
 def split_loading_kwargs(kwargs: Mapping[str, Any], caller: str = "from_pretrained"
                          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the loading keywords among `kwargs`, the rest). A refused one (`device_map`, quantization,
-    `trust_remote_code`) raises, saying why and what to do; `torch_dtype` is read as `dtype`, as
-    transformers v5 does; unset (None) keywords are dropped so transformers' defaults apply."""
+    `trust_remote_code=True`, `from_tf=True`, ...) raises, saying why and what to do, unless its value asks
+    for what slca-peft does anyway (`from_tf=False`: `DEFAULT_LOADING_VALUES`, or None); `torch_dtype` is
+    read as `dtype`, as transformers v5 does; unset (None) keywords are dropped so transformers' defaults
+    apply."""
     loading, rest = {}, {}
     for name, value in kwargs.items():
+        if name in REFUSED_LOADING_KEYWORDS and (value is None or (
+                name in DEFAULT_LOADING_VALUES and value is DEFAULT_LOADING_VALUES[name])):
+            continue  # the default behaviour, which slca-peft gives
         if name in REFUSED_LOADING_KEYWORDS:
             raise UserError(f"{caller}: {name} is not supported: {REFUSED_LOADING_KEYWORDS[name]}")
         if name == "torch_dtype":

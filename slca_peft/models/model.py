@@ -316,12 +316,23 @@ class SLCAModel(nn.Module):
         transformers' does (`model.train()` before training it by hand). The model is the model only: the
         run state beside it in a continual checkpoint (class statistics, heads before alignment, task
         history) is the learner's (`ContinualLearner.from_checkpoint` / `from_pretrained`)."""
-        from .auto import without_auto_keywords
+        from .auto import SLCAPeftConfig, without_auto_keywords
         from .saving import read_image_processor, read_model_config
+
+        given = kwargs.get("config")
         loading = loading_kwargs("SLCAModel.from_pretrained", **without_auto_keywords(kwargs))
         config, root = read_model_config(path_or_repo_id, revision, expected_base=base_model_name_or_path,
                                          **hub_kwargs(loading))
         model = cls._from_files(config, root, **loading)
+        if isinstance(given, SLCAPeftConfig) and given.id2label:
+            named = {int(k): v for k, v in given.id2label.items()}
+            if named != model.id2label:
+                # A config whose labels were set for other data (a script's `AutoConfig.from_pretrained(DIR,
+                # id2label=...)`) would score that data against outputs that mean other classes.
+                raise UserError(
+                    f"SLCAModel.from_pretrained: the config passed names the outputs {_few(named)} but "
+                    f"{path_or_repo_id} was trained on {_few(model.id2label)}; evaluate it on data of its own "
+                    "classes (config.id2label), or teach it new classes with slca-peft train --continue_from.")
         model.name_or_path = str(path_or_repo_id)
         model.image_processor = read_image_processor(root)
         return model.eval()
@@ -387,3 +398,9 @@ class SLCAModel(nn.Module):
             return push_folder(folder, repo_id, commit_message=commit_message, commit_description=commit_description,
                                private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
                                base_model_id=base_model_id)
+
+
+def _few(id2label: dict[int, str]) -> str:
+    """The first few outputs' names, for a message."""
+    shown = ", ".join(f"{k}: {v}" for k, v in list(id2label.items())[:4])
+    return "{" + shown + (", ...}" if len(id2label) > 4 else "}")

@@ -41,7 +41,7 @@ from ..utils.errors import MissingFileError, UserError
 from ..utils.reading import path_kind, read_json, require_path
 from .auto import auto_config_dict
 from .config import SLCAModelConfig
-from .loading import portable_name, resolve_recorded_base
+from .loading import VISION_TOWERS, portable_name, resolve_recorded_base
 from .verification import base_model_record
 
 if TYPE_CHECKING:
@@ -125,7 +125,16 @@ def write_model_files(model: SLCAModel, folder: Path, state: dict[str, Any] | No
     write_json(folder / AUTO_CONFIG_FILE, auto_config_dict(model.id2label if model.classifier.num_tasks else {}))
     if model.image_processor is not None:  # pipeline() preprocesses with it, as the run evaluated
         write_image_processor(model.image_processor, folder)
-    write_model_card(folder, settings, state, continuable=continuable, **(card or {}))
+    write_model_card(folder, settings, state, continuable=continuable, backbone=card_backbone(model), **(card or {}))
+
+
+def card_backbone(model: SLCAModel) -> dict[str, Any]:
+    """How plain transformers loads `model`'s base model as slca-peft does, for the card's PEFT snippet: the
+    class (a CLIP or SigLIP checkpoint's vision tower; `AutoModel` else) and its keywords (ViT's and DeiT's
+    pooler left out: it is no part of SLCA's feature)."""
+    name = type(model.base_backbone).__name__
+    return {"class": name if name in VISION_TOWERS.values() else "AutoModel",
+            "kwargs": {"add_pooling_layer": False} if model.backbone_spec.drop_pooler else {}}
 
 
 def read_image_processor(root: Path) -> Any | None:

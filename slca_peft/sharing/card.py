@@ -42,17 +42,15 @@ A `{{ base_model }}` backbone trained with slca-peft (method `{{ method }}`) on
 
 ## Usage
 
-This is a continual checkpoint: its classifier is slca-peft's per-task heads. With slca-peft imported,
-transformers loads its folder as it is (its `config.json` has slca-peft's model type, registered on
-import); given a Hub id, transformers reads the adapter alone onto its base (a random head), so pass
-the downloaded folder:
+Its classifier is slca-peft's per-task heads. With slca-peft imported, transformers' Auto classes and
+`pipeline()` load it as the trained model, from its folder or from its Hub id once pushed (its
+`config.json` has slca-peft's model type, registered on import):
 
 ```python
 import slca_peft  # registers model type slca_peft with AutoModelForImageClassification
-from huggingface_hub import snapshot_download
 from transformers import pipeline
 
-classify = pipeline("image-classification", model=snapshot_download("{{ repo }}"))  # or a local folder
+classify = pipeline("image-classification", model="{{ repo }}")  # a Hub id or a local folder
 ```
 
 Without slca-peft, transformers refuses the model type. For a plain transformers model, export it
@@ -73,18 +71,52 @@ logits = model(pixel_values).logits      # output k = class id k, named model.co
 export_model(model, "exported")          # plain transformers checkpoint for pipeline()
 ```
 
-Without slca-peft, the backbone's adapted features with PEFT (the classifier needs slca-peft or an
-export):
-
-```python
-from peft import PeftModel
-from transformers import AutoModel
-
-backbone = PeftModel.from_pretrained(AutoModel.from_pretrained("{{ base_model }}"), "{{ repo }}")
-```
+{{ peft_usage }}
 
 {{ continuation }}
 """
+
+#: Where the card's PEFT snippet names a base model that is a local copy (a path only its machine knows).
+LOCAL_BASE_PLACEHOLDER = "path/to/base-model"
+
+_PEFT_USAGE = """Without slca-peft, the backbone's adapted features with PEFT (the classifier needs slca-peft or an
+export){local_note}:
+
+```python
+from peft import PeftModel
+from transformers import {base_class}
+
+base = {base_class}.from_pretrained("{base}"{base_kwargs})
+backbone = PeftModel.from_pretrained(base, "{repo}").eval()
+features = backbone(pixel_values=pixel_values).{feature}  # SLCA's feature
+```"""
+
+_FULL_BACKBONE = """The backbone is fully fine-tuned (no adapter): its features need slca-peft
+(`SLCAModel.from_pretrained(...).features(pixel_values)`) or an export."""
+
+
+def local_base_note(display: str) -> str:
+    """The sentence the PEFT snippet gets when its base model is a local copy (`slca_peft.sharing.hub.push_folder`
+    removes it when the upload names the base model's Hub id)."""
+    return f". The base model is `{display}`: replace `{LOCAL_BASE_PLACEHOLDER}` with its path (or its Hub id)"
+
+
+def peft_usage(settings: dict[str, Any], backbone: dict[str, Any] | None, repo: str) -> str:
+    """The card's plain-PEFT snippet: the base model loaded as slca-peft loads it (`backbone`: its `class`, e.g.
+    a CLIP checkpoint's vision tower, and `kwargs`, e.g. ViT's `add_pooling_layer=False`), the adapter on it,
+    and SLCA's feature read from its output. It runs as written for a Hub base; a local base is a placeholder
+    that says so."""
+    if not settings.get("use_lora", True):
+        return _FULL_BACKBONE
+    backbone = backbone or {}
+    base = settings.get("base_model_name_or_path")
+    local = base is None or is_local_name(str(base))
+    feature = "pooler_output" if settings.get("feature_source") == "pooler" else "last_hidden_state[:, 0]"
+    kwargs = "".join(f", {k}={v!r}" for k, v in (backbone.get("kwargs") or {}).items())
+    return _PEFT_USAGE.format(local_note=local_base_note(base_display(base)) if local else "",
+                              base_class=backbone.get("class") or "AutoModel", base_kwargs=kwargs,
+                              base=LOCAL_BASE_PLACEHOLDER if local else base, repo=repo, feature=feature)
+
 
 _CONTINUABLE = """Finish the stream it was cut from: `slca-peft train --resume_from {repo} ...` (same data and split).
 Teach it new classes from new data: `slca-peft train --continue_from {repo} --train_dir new/train
@@ -209,14 +241,45 @@ def _eval_results(metrics: dict[str, Any], dataset: str) -> list:
     ]
 
 
+def _task_span(first: int, count: int) -> str:
+    return f"task {first + 1}" if count == 1 else f"tasks {first + 1}-{first + count}"
+
+
+def results_over(state: dict[str, Any]) -> str:
+    """What a history's figures were measured on, in a few words: each part's test data (image folders by
+    their names; a run that recorded no data name, e.g. `SLCATrainer`'s, on the evaluation data it was given),
+    and, after a continuation, the old tasks on the old test data it was given (`--old_test_dir`)."""
+    learned = int(state.get("tasks_learned", len(state.get("accuracy_matrix") or [])))
+    segments = [s for s in state.get("segments") or [] if isinstance(s, dict)]
+    if not segments:
+        data = list(state.get("task_data") or [])
+        segments = [{"first_task": 0, "tasks": learned,
+                     "data": next((d for d in data if d), None) or state.get("dataset")}]
+
+    def test_data(segment: dict[str, Any]) -> str:
+        if isinstance(segment.get("test_data"), str):  # what the run scored on, as it recorded it
+            return segment["test_data"]
+        data = segment.get("data")
+        return f"the test data of {data}" if data else "the evaluation data the run was given (no name recorded)"
+
+    if len(segments) == 1:
+        return test_data(segments[0])
+    parts = [f"{_task_span(int(s.get('first_task', 0)), int(s.get('tasks', 1)))}: {test_data(s)}"
+             for s in segments]
+    matrix = state.get("accuracy_matrix") or []
+    first_new = int(segments[1].get("first_task", 0))
+    if any(v is not None for row in matrix[first_new:] for v in row[:first_new]):
+        parts.append("the earlier tasks after a continuation: the old test data it was given (--old_test_dir)")
+    return "; ".join(parts)
+
+
 def local_results(metrics: dict[str, Any], state: dict[str, Any]) -> dict[str, Any] | None:
     """The card metadata of the whole metrics of a run on data with no Hub id (image folders, a local
     copy): `model-index` must name a Hub dataset, and a placeholder id would link to someone else's."""
     whole = _whole_metrics(metrics)
     if not whole:
         return None
-    names = list(dict.fromkeys(d for d in state.get("task_data") or [] if isinstance(d, str) and d))
-    return {"over": "; ".join(names) or "the training data (no Hub dataset id given)", **whole}
+    return {"over": results_over(state), **whole}
 
 
 def partial_results(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -293,11 +356,16 @@ def build_model_card(
     repo: str = REPO_PLACEHOLDER,
     continuable: bool = True,
     card_data: dict[str, Any] | None = None,
+    backbone: dict[str, Any] | None = None,
 ):
     """A `huggingface_hub.ModelCard`: metadata (base model, datasets, license, class names by class id,
-    `model-index` results equal to the run's metrics, partial ones apart) and a usage snippet.
+    `model-index` results equal to the run's metrics, partial ones apart) and usage snippets.
     `continuable`: the folder also holds the run state `--resume_from` / `--continue_from` need.
-    `card_data`: more metadata fields (e.g. `language`, as `Trainer.create_model_card` takes it)."""
+    `card_data`: more metadata fields (e.g. `language`, as `Trainer.create_model_card` takes it).
+    `backbone`: how plain transformers loads the base model as slca-peft does (`class`, `kwargs`:
+    `slca_peft.models.saving.card_backbone`), for the PEFT snippet.
+    The title is `model_name`, else what the folder is ("SLCA++ continual checkpoint", or "SLCA++ continual
+    model" for the model files alone)."""
     from huggingface_hub import ModelCard
 
     state = public_state(state) or {}
@@ -308,7 +376,7 @@ def build_model_card(
     # The id learned at each position of the history: the model's (its learned classes), else the history's.
     history_ids = settings.get("class_ids") or state.get("class_ids") or state.get("class_order") or ids
     id2label = names_by_class_id(label_names, ids) if num_classes else {}
-    model_name = model_name or "SLCA++ continual checkpoint"
+    model_name = model_name or ("SLCA++ continual checkpoint" if continuable else "SLCA++ continual model")
     # No pipeline_tag: pipeline() cannot serve the per-task heads (the export can, and its card says so).
     data, metrics_line = _card_data(
         state, base=base, datasets=datasets, license=license, tags=tags or [], model_name=model_name,
@@ -324,6 +392,7 @@ def build_model_card(
         num_classes=num_classes, accuracy_table=_accuracy_table(state), metrics_line=metrics_line, classes=classes,
         repo=repo, task_history=_task_history(state, label_names, history_ids), id_statement=id_statement(state),
         continuation=_CONTINUABLE.format(repo=repo) if continuable else _MODEL_ONLY,
+        peft_usage=peft_usage(settings, backbone, repo),
     )
 
 

@@ -29,7 +29,7 @@ from ..artifacts.manifest import copy_verified, read_manifest, read_manifest_ext
 from ..artifacts.task_history import read_state
 from ..utils.errors import UserError
 from ..utils.reading import open_regular, read_json, read_text
-from .card import REPO_PLACEHOLDER, write_model_card
+from .card import LOCAL_BASE_PLACEHOLDER, REPO_PLACEHOLDER, local_base_note, write_model_card
 from .public import base_display, is_local_name, public_name, public_state
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,9 @@ def _prepare_upload(directory: Path, repo_id: str, base_model_id: str | None, ta
         card.data.base_model = base_model_id
     if local_base:
         new = base_model_id or public_name(local_base)
+        if base_model_id is not None:  # the card's PEFT snippet loads the base by its Hub id now
+            card.text = card.text.replace(local_base_note(base_display(local_base)), "").replace(
+                f'"{LOCAL_BASE_PLACEHOLDER}"', f'"{base_model_id}"')
         card.text = card.text.replace(base_display(local_base), new).replace(str(local_base), new)
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
     card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)

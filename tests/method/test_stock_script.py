@@ -57,8 +57,13 @@ class DataTrainingArguments:
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="google/vit-base-patch16-224-in21k")
-    image_processor_name: str | None = field(default=None)
+    config_name: str | None = field(default=None)
     cache_dir: str | None = field(default=None)
+    model_revision: str = field(default="main")
+    image_processor_name: str | None = field(default=None)
+    token: str | None = field(default=None)
+    trust_remote_code: bool = field(default=False)
+    ignore_mismatched_sizes: bool = field(default=False)
 
 
 def collate_fn(examples):
@@ -91,11 +96,17 @@ def run_image_classification(argv: list[str], callbacks=()) -> int:
     for i, label in enumerate(labels):
         label2id[label] = str(i)
         id2label[str(i)] = label
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(labels), label2id=label2id,
-                                        id2label=id2label, finetuning_task="image-classification")
-    model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
+    # The keywords the stock script passes, with its defaults (from_tf=False, revision "main", ...).
+    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
+           "trust_remote_code": model_args.trust_remote_code}
+    config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
+                                        num_labels=len(labels), label2id=label2id, id2label=id2label,
+                                        finetuning_task="image-classification", **hub)
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path, from_tf=bool(".ckpt" in model_args.model_name_or_path), config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub)
     image_processor = AutoImageProcessor.from_pretrained(
-        model_args.image_processor_name or model_args.model_name_or_path)
+        model_args.image_processor_name or model_args.model_name_or_path, **hub)
     config = ImageTransformConfig.from_image_processor(image_processor)
     _train_transforms, _val_transforms = TrainTransform(config, scale=(0.5, 1.0)), EvalTransform(config)
 
@@ -285,6 +296,18 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
     assert state["label_names"] == ["class_00", "class_01", "class_02"]
     assert state["accuracy_matrix"] == [[pytest.approx(100 * evaluated)]] and state["task_test_sizes"] == [9]
     assert "--continue_from" in (out / "README.md").read_text()  # the card says the folder continues
+    # The card: titled as a checkpoint, the one task's "all seen" is its accuracy, and its figures say they are
+    # over the evaluation data (the script's --validation_dir); the export's card says the same.
+    card = ModelCard.load(out / "README.md")
+    shown = f"{100 * evaluated:.1f}"
+    assert card.text.startswith("\n# SLCA++ continual checkpoint\n") and f"| 1 | {shown} | {shown} |" in card.text
+    assert "nan" not in card.text and state["seen_accuracy"] == [pytest.approx(100 * evaluated)]
+    assert card.data.local_results["over"] == "the eval_dataset given to SLCATrainer"
+    from slca_peft.commands.cli import main as cli_main
+
+    cli_main(["export", str(out), str(tmp_path / "exported")])
+    assert ModelCard.load(tmp_path / "exported" / "README.md").data.local_results["over"] == (
+        "the eval_dataset given to SLCATrainer")
 
     # The statistics are the training images' features under the evaluation transform (SLCA's choice).
     checkpoint = load_checkpoint(out)
@@ -331,6 +354,10 @@ def test_the_stock_script_s_output_continues_with_new_classes(stock_inputs, tmp_
         assert torch.equal(continued.statistics.means[k], statistics.means[k])
         assert torch.equal(continued.statistics.covariance(k), statistics.covariance(k))
     assert sorted(continued.statistics.classes) == [0, 1, 2, 3, 4]
+    # The continued card's figures: task 1 on the trainer's eval_dataset, then re-scored on --old_test_dir's.
+    over = ModelCard.load(run / "task_2" / "README.md").data.local_results["over"]
+    assert over == ("task 1: the eval_dataset given to SLCATrainer; task 2: the test data of image folders train, "
+                    "test; the earlier tasks after a continuation: the old test data it was given (--old_test_dir)")
 
 
 @pytest.mark.slow
@@ -376,3 +403,23 @@ def test_two_processes_gather_the_statistics_of_one_and_write_one_checkpoint(sto
     for k, name in enumerate(checkpoint.task_history["label_names"]):
         rows = [i for i, p in enumerate(images) if p.parent.name == name]
         torch.testing.assert_close(checkpoint.statistics.means[k], feats[rows].double().mean(0), rtol=0, atol=1e-6)
+
+
+def test_the_stock_script_loads_its_own_output_again(stock_inputs, tmp_path):
+    """The stock script run on its own output (`--model_name_or_path OUT --do_eval`): its keywords at their
+    defaults (`from_tf=False`, `revision="main"`, `trust_remote_code=False`, `ignore_mismatched_sizes=False`,
+    ...) load the trained model, which scores what the first run's final evaluation reported."""
+    base, train, validation, cache = stock_inputs
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert run_image_classification(flags(stock_inputs, out, "--num_train_epochs", "2")) == 0
+    first = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
+    argv = ["--model_name_or_path", str(out), "--train_dir", str(train), "--validation_dir", str(validation),
+            "--cache_dir", str(cache), "--output_dir", str(again), "--do_eval", "--remove_unused_columns", "false",
+            "--per_device_eval_batch_size", "4", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
+    assert run_image_classification(argv) == 0
+    assert json.loads((again / "eval_results.json").read_text())["eval_accuracy"] == pytest.approx(first)
+    # Data of other classes: the config the script builds names outputs the model was not trained on.
+    other = new_classes(tmp_path / "other", "train", 2, 5)
+    argv[argv.index("--train_dir") + 1] = argv[argv.index("--validation_dir") + 1] = str(other)
+    with pytest.raises(UserError, match="the config passed names the outputs"):
+        run_image_classification(argv)

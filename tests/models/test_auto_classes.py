@@ -42,6 +42,16 @@ def test_the_auto_class_loads_the_trained_model_of_a_model_folder(model_folder):
     assert AutoModelForImageClassification.from_pretrained(folder, dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="device_map is not supported"):
         AutoModelForImageClassification.from_pretrained(folder, device_map="cpu")
+    # A refused keyword at the value that asks for the default behaviour (what transformers' example scripts
+    # always pass) loads; a value slca-peft cannot honour is refused, naming the keyword.
+    defaults = {"from_tf": False, "from_flax": False, "use_safetensors": True, "trust_remote_code": False,
+                "ignore_mismatched_sizes": False, "device_map": None, "revision": "main", "cache_dir": None}
+    assert isinstance(AutoModelForImageClassification.from_pretrained(folder, **defaults), SLCAModel)
+    assert isinstance(SLCAModel.from_pretrained(folder, **defaults), SLCAModel)
+    for name, value in (("from_tf", True), ("use_safetensors", False), ("trust_remote_code", True),
+                        ("ignore_mismatched_sizes", True)):
+        with pytest.raises(ValueError, match=f"{name} is not supported"):
+            SLCAModel.from_pretrained(folder, **{name: value})
 
 
 def test_pipeline_on_a_model_folder_answers_as_the_model(model_folder):

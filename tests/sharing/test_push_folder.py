@@ -59,7 +59,7 @@ def test_local_data_gives_no_dataset_id_and_a_hub_dataset_its_own(build, tmp_pat
         data = valid_metadata(card)
         assert "datasets" not in data and "model-index" not in data, data
         assert "custom" not in str(card) and str(tmp_path) not in str(card)
-        assert data["local_results"] == {"over": "image folders train, test", "Last-Acc": 63.3333,
+        assert data["local_results"] == {"over": "the test data of image folders train, test", "Last-Acc": 63.3333,
                                          "Inc-Acc": 76.1111, "Forgetting": 25.0}
     # Data from the Hub: its id, in `datasets` and in every `model-index` entry.
     for state, given in (({**whole, "task_data": ["me/birds"] * 3}, None), (whole, ["me/birds"])):
@@ -116,6 +116,67 @@ def test_the_id_statement_names_whose_ids_hold_and_how_to_score_continued_data()
     assert "lora" not in card.data.tags and "slca" in card.data.tags
     assert "lora" not in build_model_card({**SETTINGS, "use_lora": False}, folders).data.tags
     assert "lora" in build_model_card(SETTINGS, folders).data.tags
+
+
+def test_local_results_say_what_the_figures_were_measured_on():
+    """`over` names the test data of each part of the history: a trainer run's eval_dataset, image folders by
+    their names, and after a continuation the old tasks' test data it was given (--old_test_dir)."""
+    from slca_peft.method.trainer_checkpoint import trainer_segment
+    from slca_peft.sharing.card import results_over
+
+    folders = "image folders /data/birds/train, /data/birds/test"
+    trainer = {**CONTINUED, "accuracy_matrix": [[90.0]], "tasks_learned": 1, "task_sizes": [2], "task_data": [None],
+               "segments": [trainer_segment(1)]}
+    assert results_over(trainer) == "the eval_dataset given to SLCATrainer"
+    continued = {**CONTINUED, "accuracy_matrix": [[90.0], [80.0, 70.0], [60.0, 50.0, 80.0]],
+                 "task_data": [None, folders, folders],
+                 "segments": [trainer_segment(1), {"first_task": 1, "tasks": 2, "data": folders}], "dataset": None}
+    card = build_model_card(SETTINGS, continued)
+    assert valid_metadata(card)["local_results"]["over"] == (
+        "task 1: the eval_dataset given to SLCATrainer; tasks 2-3: the test data of image folders train, test; "
+        "the earlier tasks after a continuation: the old test data it was given (--old_test_dir)")
+    # No old test data at the continuation: the old tasks were not scored again, and `over` does not say so.
+    unscored = {**continued, "accuracy_matrix": [[90.0], [None, 70.0], [None, None, 80.0]]}
+    assert "--old_test_dir" not in results_over(unscored)
+    # A run that recorded no data name.
+    assert results_over({"accuracy_matrix": [[1.0]], "tasks_learned": 1}) == (
+        "the evaluation data the run was given (no name recorded)")
+
+
+def test_the_card_s_usage_offers_the_hub_id_and_a_peft_snippet_that_runs(tmp_path, base_model_dir, hub):
+    """pipeline() on the Hub id gives the trained model (a push names the repo in adapter_config.json), so the card
+    offers it; the PEFT snippet, run as written (a local base: its path for the placeholder), gives the model's
+    features; a push naming the base's Hub id makes the snippet runnable as written."""
+    import re
+
+    from slca_peft.sharing.card import LOCAL_BASE_PLACEHOLDER
+
+    model = trained_model(base_model_dir)
+    model.save_pretrained(tmp_path / "model")
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert "random head" not in card.text and "snapshot_download" not in card.text
+    assert 'pipeline("image-classification", model="<this repo or directory>")' in card.text
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", card.text, re.S) if "PeftModel" in b]
+    assert f'"{LOCAL_BASE_PLACEHOLDER}"' in snippet and "add_pooling_layer=False" in snippet
+    assert f"replace `{LOCAL_BASE_PLACEHOLDER}` with its path" in card.text
+    code = snippet.replace(LOCAL_BASE_PLACEHOLDER, str(base_model_dir)).replace(
+        "<this repo or directory>", str(tmp_path / "model"))
+    pixel_values = torch.randn(2, 3, 32, 32)
+    scope = {"pixel_values": pixel_values}
+    exec(code, scope)  # noqa: S102 - the card's own snippet
+    with torch.no_grad():
+        torch.testing.assert_close(scope["features"].detach(), model.features(pixel_values))
+    # A Hub base: the snippet names it, as written; a full fine-tuning has no adapter to load with PEFT.
+    hub_card = build_model_card(SETTINGS, None, backbone={"class": "AutoModel", "kwargs": {"add_pooling_layer": False}})
+    assert ('AutoModel.from_pretrained("google/vit-base-patch16-224-in21k", add_pooling_layer=False)' in hub_card.text
+            and LOCAL_BASE_PLACEHOLDER not in hub_card.text)
+    assert "PeftModel" not in build_model_card({**SETTINGS, "use_lora": False}, None).text
+    # Pushed with the base model's Hub id: the snippet loads that, and says nothing of a local copy.
+    model.push_to_hub("me/tiny-slca", base_model_id="me/tiny-vit")
+    pushed = hub.uploads[-1]["card"]
+    assert 'AutoModel.from_pretrained("me/tiny-vit", add_pooling_layer=False)' in pushed
+    assert LOCAL_BASE_PLACEHOLDER not in pushed and "a local copy" not in pushed
+    assert 'PeftModel.from_pretrained(base, "me/tiny-slca")' in pushed
 
 
 def trained_model(base_model_dir, **settings) -> SLCAModel:
