@@ -65,7 +65,8 @@ def test_push_takes_a_token(tmp_path, monkeypatch, capsys):
     import slca_peft.sharing.hub
 
     calls = []
-    monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: SimpleNamespace(model=SimpleNamespace(image_processor=None)))
+    loaded = SimpleNamespace(model=SimpleNamespace(image_processor=None))
+    monkeypatch.setattr(slca_peft.continual.checkpoint, "load_checkpoint", lambda *a, **k: loaded)
     monkeypatch.setattr(slca_peft.data.transforms, "default_image_processor", lambda model: None)
     monkeypatch.setattr(slca_peft.sharing.hub, "push_folder", lambda *a, **k: calls.append(k) or "https://hub/commit")
     cli_main(["push", str(tmp_path), "me/model", "--token", "hf_secret"])
