@@ -335,7 +335,10 @@ def parse_args(argv: list[str], prog: str | None = None) -> tuple[ModelArguments
         if not Path(config).exists() and shipped_file("configs", Path(config).name).is_file():
             config = str(shipped_file("configs", Path(config).name))  # a shipped config by name
         argv = read_config(config, parser) + argv
-    model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # argparse's own one-line usage error, as for a bad value
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (--help lists the flags)")
+    model_args, data_args, args = parsed[:3]
     recorded = _recorded_precision(model_args, args)
     if recorded is not None:  # a resumed `--bf16 auto` run keeps the precision it started with
         model_args, data_args, args, *_ = parser.parse_args_into_dataclasses(

@@ -372,3 +372,11 @@ def test_help_of_every_refused_training_argument_says_it_is_refused_and_why(reci
         assert ("slca-peft train" in shown or "recipe" in shown) if refuser == "recipe" else True, shown
     # transformers' own TrainingArguments keep their help.
     assert "Refused" not in TrainingArguments.__dataclass_fields__["label_smoothing_factor"].metadata["help"]
+
+
+def test_an_unknown_flag_is_argparse_s_one_usage_line(recipe, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        recipe.parse_args(["--model_config", "m.json", "--dataset", "digits", "--output_dir", str(tmp_path / "o"),
+                           "--no_such_flag", "1"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "unrecognized arguments: --no_such_flag 1" in err and "Traceback" not in err
