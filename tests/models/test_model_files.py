@@ -110,11 +110,14 @@ def test_a_crafted_config_is_refused_before_anything_is_allocated(tmp_path, base
         config[field] = value
         (folder / "slca_config.json").write_text(json.dumps(config))
         folders.append(str(folder))
-    # Under a 3 GiB address-space cap, allocating what a file asks for would raise MemoryError.
+    # Under an address-space cap of 2 GiB above what the process holds, allocating what a file asks for would
+    # raise MemoryError.
     script = textwrap.dedent(f"""
         import resource
         import slca_peft.models.model
-        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
+        with open("/proc/self/status") as fh:
+            used = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2 * 2**30, resource.RLIM_INFINITY))
         for folder in {folders!r}:
             try:
                 slca_peft.continual.load_checkpoint(folder)
