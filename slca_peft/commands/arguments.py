@@ -298,7 +298,22 @@ def _runs_the_demo(argv: list[str]) -> bool:
     if "-h" in argv or "--help" in argv or _given(argv, *USER_RUN_FLAGS):
         return False
     resume = _flag_value(argv, "resume_from")
-    return resume is None or (resume == "auto" and not _given(argv, "output_dir"))
+    if resume is None:
+        return True
+    output_dir = _flag_value(argv, "output_dir")
+    return resume == "auto" and (output_dir is None or _holds_the_demo(output_dir))
+
+
+def _holds_the_demo(directory: str) -> bool:
+    """Whether `directory` holds a run of the demo (its fingerprint names the demo's base model): `--resume_from
+    auto --output_dir D` with no data flags then resumes it as the demo; any other run needs its flags again."""
+    try:
+        recorded = read_fingerprint(directory) if Path(directory).is_dir() else None
+    except UserError:
+        return False
+    base = (recorded or {}).get("base_model")
+    demo_base = _flag_value(read_config(str(DEMO_CONFIG), _argument_parser()), "model_name_or_path")
+    return isinstance(base, str) and demo_base is not None and os.path.realpath(base) == os.path.realpath(demo_base)
 
 
 def _resolve_run_directories(model_args: ModelArguments) -> ModelArguments:

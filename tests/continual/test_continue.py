@@ -289,6 +289,17 @@ def test_a_continuation_without_new_data_is_refused_in_one_line_not_given_the_de
     for argv in (["--num_train_epochs", "1"], ["--resume_from", "auto"]):
         _, data_args, args = recipe.parse_args(argv)
         assert data_args.dataset == "digits" and args.output_dir == "outputs/demo_digits"
+    # A demo run in another output directory resumes as the demo with the same command; another run there does not.
+    from conftest import ROOT
+
+    demo, other = tmp_path / "demo_run", tmp_path / "other_run"
+    for folder, base in ((demo, ROOT / "recipes" / "assets" / "tiny_vit_letters"), (other, tmp_path / "mine")):
+        folder.mkdir()
+        (folder / "run_fingerprint.json").write_text(json.dumps({"base_model": str(base)}))
+    _, data_args, args = recipe.parse_args(["--resume_from", "auto", "--output_dir", str(demo)])
+    assert data_args.dataset == "digits" and args.output_dir == str(demo)
+    with pytest.raises(UserError, match="--resume_from goes on with the run's own data"):
+        recipe.parse_args(["--resume_from", "auto", "--output_dir", str(other)])
 
 
 #: Tasks of one class; no --model_name_or_path: a continuation takes the checkpoint's base model.
