@@ -33,7 +33,7 @@ from ..method.alignment import AlignmentSettings, ClassifierAligner
 from ..method.gathering import add_class_statistics, process_share
 from ..method.statistics import ClassStatistics
 from ..models.inference import inference_context
-from ..sharing.hub import UPLOAD_ERRORS, check_pushable, default_repo_id, push_folder
+from ..sharing.hub import UPLOAD_ERRORS, check_pushable, check_run_repo_id, default_repo_id, push_folder
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
 from .callbacks import ContinualCallback
@@ -331,6 +331,7 @@ class PushStep(ContinualCallback):
         self.failures = RepeatedWarning()
         if learner.args.push_to_hub:
             check_pushable(learner.model.settings(), learner.args.hub_base_model_id, "push_to_hub is on but ")
+            check_run_repo_id(learner.args)  # a repo id the Hub would refuse is refused before any training
 
     def on_task_end(self, learner, task):
         if learner.args.push_to_hub:

@@ -22,7 +22,7 @@ from ..artifacts.atomic import atomic_write_text
 from ..artifacts.layout import CARD_FILE, STATISTICS_FILE
 from ..models.saving import card_backbone
 from ..sharing.card import build_model_card
-from ..sharing.hub import UPLOAD_ERRORS, default_repo_id, local_base_problem, push_folder
+from ..sharing.hub import UPLOAD_ERRORS, check_run_repo_id, default_repo_id, local_base_problem, push_folder
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
@@ -69,7 +69,7 @@ class TrainerHub:
         by the first upload (one commit, `SLCAModel.push_to_hub`)."""
         if self.model is not None:
             self.check_pushable()
-        self.hub_model_id = self.hub_repo_id()
+        self.hub_model_id = check_run_repo_id(self.args)
         self.push_in_progress = None
 
     def create_model_card(

@@ -72,10 +72,32 @@ def check_pushable(settings: dict[str, Any], base_model_id: str | None, prefix: 
         raise UserError(f"{prefix}{problem}")
 
 
+def check_repo_id(repo_id: str, fix: str = "give another repo id, e.g. me/my-model") -> str:
+    """Refuse, before anything is trained or uploaded, a repo id the Hub would refuse (huggingface_hub's own
+    rules: `name` or `namespace/name` of letters, digits, `-`, `_`, `.`)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"{repo_id!r} is not a valid Hub repo id ({' '.join(str(err).split())[:160]}); {fix}.") from err
+    return repo_id
+
+
 def default_repo_id(args: Any) -> str:
     """Where a run's or a trainer's uploads go: `hub_model_id`, else the output directory's name (as
     `Trainer.init_hf_repo` names it)."""
     return args.hub_model_id or Path(args.output_dir).absolute().name
+
+
+def check_run_repo_id(args: Any) -> str:
+    """`default_repo_id(args)`, refused when the Hub would refuse it: what a run that pushes checks before any
+    training (an output directory named `runs/cifar100_slca++` is no repo id)."""
+    if args.hub_model_id:
+        return check_repo_id(args.hub_model_id, "give --hub_model_id a valid one, e.g. me/my-model")
+    name = default_repo_id(args)
+    return check_repo_id(name, "it is the output directory's name; give --hub_model_id, e.g. me/my-model")
 
 
 def is_export(directory: str | Path) -> bool:
@@ -216,6 +238,7 @@ def push_folder(
     from huggingface_hub import HfApi
 
     directory = Path(directory)
+    check_repo_id(repo_id)
     config_path = directory / CONFIG_FILE
     settings = read_json(config_path) if config_path.is_file() else {}
     check_pushable(settings, base_model_id, f"{directory}: ")

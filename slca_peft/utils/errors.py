@@ -12,6 +12,7 @@ traceback. `--debug` on the command line or `SLCA_PEFT_DEBUG=1` keeps the traceb
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +90,9 @@ def missing_optional_dependency(err: BaseException) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         name = (getattr(err, "name", None) or "").split(".")[0] if isinstance(err, ImportError) else ""
+        if isinstance(err, ImportError) and not name:  # transformers' `requires_backends` names it in the text
+            found = re.search(r"requires the (\w+) library", str(err))
+            name = found.group(1) if found else ""
         if name in OPTIONAL_DEPENDENCIES:
             return f"this command needs the optional package {name!r}, which is not installed: " \
                    f"{OPTIONAL_DEPENDENCIES[name]}"

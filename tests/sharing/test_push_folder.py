@@ -405,3 +405,22 @@ def test_a_bug_in_an_upload_is_not_taken_for_the_hub_failing(tmp_path, base_mode
     model.grow(2)
     with pytest.raises(TypeError, match="unexpected keyword"):
         SLCATrainer(model=model, args=config, train_dataset=toy_dataset()).train()
+
+
+def test_a_repo_id_the_hub_would_refuse_is_refused_before_training(tmp_path, base_model_dir, hub):
+    from slca_peft.sharing.hub import check_run_repo_id, push_folder
+    from slca_peft.utils.errors import UserError
+
+    out = tmp_path / "cifar100_slca++"  # the default repo id is the output directory's name
+    config = SLCAConfig(output_dir=str(out), use_cpu=True, report_to="none", push_to_hub=True,
+                        hub_base_model_id="me/tiny-vit")
+    model = SLCAModel.from_backbone(str(base_model_dir), config)
+    model.grow(2)
+    with pytest.raises(UserError, match=r"'cifar100_slca\+\+' is not a valid Hub repo id .*--hub_model_id") as err:
+        SLCATrainer(model=model, args=config, train_dataset=toy_dataset())
+    assert "\n" not in str(err.value)
+    config.hub_model_id = "me/cifar100-slca"
+    assert check_run_repo_id(config) == "me/cifar100-slca"
+    with pytest.raises(UserError, match="not a valid Hub repo id"):
+        push_folder(tmp_path, "me/a b")
+    assert hub.uploads == []

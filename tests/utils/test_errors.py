@@ -114,6 +114,14 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_install(capsys, mo
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "optional package 'matplotlib'" in err and "slca-peft[plot]" in err
 
+    def needs_timm(argv):  # transformers' requires_backends: an ImportError naming the package in its text only
+        raise ImportError("TimmWrapperConfig requires the timm library but it was not found in your environment.")
+
+    with pytest.raises(SystemExit):
+        run_main(needs_timm, [])
+    err = capsys.readouterr().err
+    assert "optional package 'timm'" in err and "slca-peft[timm]" in err and "Traceback" not in err, err
+
     def bug(argv):
         import a_module_nobody_ships  # noqa: F401
 
