@@ -16,18 +16,20 @@ fi
 pip=(.venv/bin/python -m pip install --quiet)
 # uv installs what pip would, downloading and byte-compiling in parallel: a fresh install in ~30 s instead
 # of ~60-90 s. Byte-compiling at install matters: without it every test process compiles torch on import.
-if "${pip[@]}" uv >/dev/null 2>&1 && [ -x .venv/bin/uv ]; then
-    uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode)
+with_uv() {
+    "${pip[@]}" uv >/dev/null 2>&1 && [ -x .venv/bin/uv ] || return 1
+    local uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode)
     # uv reads no pip configuration: a CPU torch wheel that pip finds in a local folder is handed to uv,
     # anything else (PyPI's builds, a pip cap on versions) stays pip's to install.
+    local links
     links=$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)
     if [ -n "$links" ] && compgen -G "$links/${TORCH/==/-}+cpu-*.whl" >/dev/null; then
         "${uv[@]}" --find-links "$links" "$TORCH" -e ".[test,demo]"
     else
-        "${pip[@]}" "$TORCH"
-        "${uv[@]}" -e ".[test,demo]"
+        "${pip[@]}" "$TORCH" && "${uv[@]}" -e ".[test,demo]"
     fi
-else
+}
+if ! with_uv; then  # no uv to be had, or it could not install (an index only pip is set up for): pip does it all
     "${pip[@]}" --upgrade pip
     "${pip[@]}" "$TORCH" -e ".[test,demo]"
 fi
