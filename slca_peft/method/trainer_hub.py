@@ -26,7 +26,6 @@ from ..sharing.hub import UPLOAD_ERRORS, check_run_repo_id, default_repo_id, loc
 from ..sharing.public import is_local_name
 from ..utils.errors import UserError
 from ..utils.logging import RepeatedWarning
-from .trainer_checkpoint import trainer_segment
 
 logger = logging.getLogger(__name__)
 
@@ -104,22 +103,15 @@ class TrainerHub:
             os.path.join(self.args.output_dir, STATISTICS_FILE))
 
     def card_state(self) -> dict[str, Any] | None:
-        """The results the card shows: this run's, as one task of the model's classes scored by its
-        evaluation (`evaluated_accuracy`: the model as it is now, after `load_best_model_at_end`)."""
-        model = self.slca_model
-        if not model.classifier.num_tasks:
+        """The results the card shows: the run's task history (`task_history`: one task of the model's
+        classes scored by its evaluation, the model as it is now, after `load_best_model_at_end`)."""
+        if not self.slca_model.classifier.num_tasks:
             return None
-        accuracy = self.evaluated_accuracy()
-        sizes = list(model.classifier.task_sizes)
-        # `evaluate` scores the classes of a one-task model (Last-Acc, and "all seen"); several tasks need
-        # per-task scores.
-        scored = accuracy is not None and len(sizes) == 1
-        return {
-            "method": self.args.method, "tasks_learned": len(sizes), "task_sizes": sizes,
-            "label_names": model.label_names, "class_ids": model.class_ids,  # names by class id
-            "segments": [trainer_segment(len(sizes))],
-            "accuracy_matrix": [[accuracy]] if scored else [], "seen_accuracy": [accuracy] if scored else [],
-        }
+        state = self.task_history()
+        if len(state["task_sizes"]) != 1 or state["accuracy_matrix"] == [[None]]:
+            # `evaluate` scores the classes of a one-task model; several tasks need per-task scores.
+            state.update(accuracy_matrix=[], seen_accuracy=[])
+        return state
 
     def _card_settings(self, fields: dict[str, Any]) -> dict[str, Any]:
         """The model's settings as the card shows them: `finetuned_from` (a Hub id) names a local base."""
